@@ -1,0 +1,285 @@
+"""Schedules: pure functions of the step.
+
+Every schedule here is one shape, ``warmup_decay``: a linear warm-up from
+``start`` to ``peak`` over ``warmup_steps``, then a decay from ``peak`` to
+``final`` that ends at ``total_steps``. With ``W = warmup_steps``,
+``T = total_steps - W`` and ``u = clamp((t - W) / T, 0, 1)``::
+
+    t <  W      start + (peak - start) * t / W
+    t >= W      cosine    final + (peak - final) * (1 + cos(pi * u)) / 2
+                linear    peak + (final - peak) * u
+                step      peak * gamma ** floor((t - W) / every), never past final
+                constant  peak
+
+The warm-up reaches ``peak`` exactly at ``t = W``, where the decay starts, so
+the schedule is continuous there (optax's and timm's convention). Past
+``total_steps`` the value stays at ``final``. DINO's teacher momentum (cosine
+from ``base`` to 1 over the run, no warm-up) is the cosine case with
+``start = peak = base`` and ``final = 1``: ``1 - (1 - base) * (1 + cos(pi t/T)) / 2``.
+
+Pass a Python ``int`` step and get a ``float``; pass a 0-d tensor step (for a
+compiled step, where a changing Python float would recompile) and get a
+float64 tensor on the step's device, computed with the same formula.
+
+The dataclasses (``LRSchedule``, ``WDSchedule``, ``MomentumSchedule``) are what
+a recipe's tyro CLI exposes (``--optim.lr``, ``--optim.warmup-steps``); they
+validate at construction. The run's length comes from the caller
+(``--train.steps``), so there is one source of truth for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar, get_args
+
+import torch
+from torch import Tensor, nn
+
+from stepkit import _check
+
+Decay = Literal["cosine", "linear", "step", "constant"]
+DECAYS: tuple[str, ...] = get_args(Decay)
+
+Step = TypeVar("Step", int, Tensor)
+
+
+def warmup_decay(
+    step: int | Tensor,
+    *,
+    peak: float,
+    total_steps: int,
+    final: float = 0.0,
+    warmup_steps: int = 0,
+    start: float = 0.0,
+    decay: Decay = "cosine",
+    step_every: int = 1,
+    step_gamma: float = 0.1,
+) -> float | Tensor:
+    """The value at ``step`` of a linear warm-up then a decay (formula in the module doc)."""
+    _check.integer_at_least("total_steps", total_steps, 1)
+    _check.integer_at_least("warmup_steps", warmup_steps, 0)
+    if warmup_steps > total_steps:
+        _check.fail("warmup_steps", warmup_steps, f"at most the run's length, total_steps={total_steps}")
+    _check.one_of("decay", decay, DECAYS)
+    if isinstance(step, Tensor):
+        return _warmup_decay_tensor(
+            step, peak, total_steps, final, warmup_steps, start, decay, step_every, step_gamma
+        )
+    if step < warmup_steps:
+        return start + (peak - start) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    u = 1.0 if decay_steps == 0 else min(step - warmup_steps, decay_steps) / decay_steps
+    if decay == "cosine":
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * u))
+    if decay == "linear":
+        return peak + (final - peak) * u
+    if decay == "step":
+        value = peak * step_gamma ** ((min(step, total_steps) - warmup_steps) // step_every)
+        return max(final, value) if final <= peak else min(final, value)
+    return peak
+
+
+def _warmup_decay_tensor(
+    step: Tensor,
+    peak: float,
+    total_steps: int,
+    final: float,
+    warmup_steps: int,
+    start: float,
+    decay: str,
+    step_every: int,
+    step_gamma: float,
+) -> Tensor:
+    t = step.to(torch.float64)
+    decay_steps = total_steps - warmup_steps
+    if decay_steps == 0:
+        u = torch.ones_like(t)
+    else:
+        u = ((t - warmup_steps) / decay_steps).clamp(0.0, 1.0)
+    if decay == "cosine":
+        decayed = final + (peak - final) * 0.5 * (1.0 + torch.cos(math.pi * u))
+    elif decay == "linear":
+        decayed = peak + (final - peak) * u
+    elif decay == "step":
+        k = torch.floor((t.clamp(max=total_steps) - warmup_steps) / step_every).clamp(min=0)
+        decayed = peak * torch.pow(torch.full_like(t, step_gamma), k)
+        decayed = decayed.clamp(min=final) if final <= peak else decayed.clamp(max=final)
+    else:
+        decayed = torch.full_like(t, peak)
+    if warmup_steps == 0:
+        return decayed
+    warm = start + (peak - start) * t / warmup_steps
+    return torch.where(t < warmup_steps, warm, decayed)
+
+
+def _post_init_next(obj: object, cls: type) -> None:
+    # Lets a recipe mix several schedule dataclasses into one config class
+    # (``class Optim(LRSchedule, WDSchedule)``): each validates, then the next.
+    after = getattr(super(cls, obj), "__post_init__", None)
+    if after is not None:
+        after()
+
+
+@dataclass
+class LRSchedule:
+    """Learning rate: linear warm-up from ``warmup_start_lr`` to ``lr``, then ``decay`` to ``min_lr``."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the run (ignored by ``decay='constant'``)."""
+    warmup_steps: int = 0
+    """Optimizer updates of linear warm-up."""
+    warmup_start_lr: float = 0.0
+    """Learning rate at step 0."""
+    decay: Decay = "cosine"
+    """Shape after the warm-up."""
+    step_every: int = 1000
+    """For ``decay='step'``: updates between two multiplications by ``step_gamma``."""
+    step_gamma: float = 0.1
+    """For ``decay='step'``: the factor applied every ``step_every`` updates."""
+
+    def __post_init__(self) -> None:
+        _check.at_least("lr", self.lr, 0.0)
+        _check.in_range("min_lr", self.min_lr, 0.0, self.lr)
+        _check.integer_at_least("warmup_steps", self.warmup_steps, 0)
+        _check.at_least("warmup_start_lr", self.warmup_start_lr, 0.0)
+        _check.one_of("decay", self.decay, DECAYS)
+        _check.integer_at_least("step_every", self.step_every, 1)
+        _check.finite("step_gamma", self.step_gamma)
+        if not 0.0 < self.step_gamma <= 1.0:
+            _check.fail("step_gamma", self.step_gamma, "a number in (0, 1]")
+        _post_init_next(self, LRSchedule)
+
+
+@dataclass
+class WDSchedule:
+    """Weight decay: ``decay`` from ``wd`` to ``wd_final`` over the run (DINO: 0.04 -> 0.4)."""
+
+    wd: float = 0.05
+    """Weight decay at step 0."""
+    wd_final: float | None = None
+    """Weight decay at the end of the run; None keeps ``wd`` throughout."""
+    wd_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape from ``wd`` to ``wd_final``."""
+
+    def __post_init__(self) -> None:
+        _check.at_least("wd", self.wd, 0.0)
+        if self.wd_final is not None:
+            _check.at_least("wd_final", self.wd_final, 0.0)
+        _check.one_of("wd_decay", self.wd_decay, ("cosine", "linear", "constant"))
+        _post_init_next(self, WDSchedule)
+
+
+@dataclass
+class MomentumSchedule:
+    """EMA momentum of a target network: cosine from ``momentum`` to ``momentum_final``."""
+
+    momentum: float = 0.996
+    """Momentum at step 0 (the weight kept from the target at each update)."""
+    momentum_final: float = 1.0
+    """Momentum at the end of the run."""
+    momentum_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape from ``momentum`` to ``momentum_final``."""
+
+    def __post_init__(self) -> None:
+        _check.in_range("momentum", self.momentum, 0.0, 1.0)
+        _check.in_range("momentum_final", self.momentum_final, 0.0, 1.0)
+        _check.one_of("momentum_decay", self.momentum_decay, ("cosine", "linear", "constant"))
+        _post_init_next(self, MomentumSchedule)
+
+
+def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
+    """Learning rate after ``step`` optimizer updates of a ``total_steps`` run."""
+    return warmup_decay(
+        step,
+        peak=schedule.lr,
+        final=schedule.min_lr,
+        total_steps=total_steps,
+        warmup_steps=schedule.warmup_steps,
+        start=schedule.warmup_start_lr,
+        decay=schedule.decay,
+        step_every=schedule.step_every,
+        step_gamma=schedule.step_gamma,
+    )
+
+
+def wd_at(step: Step, schedule: WDSchedule, total_steps: int) -> float | Tensor:
+    """Weight decay after ``step`` optimizer updates of a ``total_steps`` run."""
+    final = schedule.wd if schedule.wd_final is None else schedule.wd_final
+    return warmup_decay(
+        step, peak=schedule.wd, final=final, total_steps=total_steps, decay=schedule.wd_decay
+    )
+
+
+def momentum_at(step: Step, schedule: MomentumSchedule, total_steps: int) -> float | Tensor:
+    """EMA momentum after ``step`` optimizer updates: ``1 - (1 - m0)(1 + cos(pi t/T))/2`` for DINO."""
+    return warmup_decay(
+        step,
+        peak=schedule.momentum,
+        final=schedule.momentum_final,
+        total_steps=total_steps,
+        decay=schedule.momentum_decay,
+    )
+
+
+# --- per-parameter-group scales ------------------------------------------------
+
+
+def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
+    """Layer-wise lr decay (BEiT, timm): scale ``decay ** (num_layers + 1 - i)`` for layer id i.
+
+    Layer id 0 is the embedding, 1..num_layers the blocks, ``num_layers + 1``
+    the head (scale 1). Returns ``num_layers + 2`` scales.
+    """
+    _check.integer_at_least("num_layers", num_layers, 0)
+    _check.in_range("decay", decay, 0.0, 1.0)
+    return [decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
+
+
+def no_decay_by_default(name: str, param: Tensor) -> bool:
+    """Biases, norm weights and other 0-d/1-d tensors are usually excluded from weight decay."""
+    return param.ndim <= 1
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    no_weight_decay: Callable[[str, Tensor], bool] = no_decay_by_default,
+    layer_of: Callable[[str], int] | None = None,
+    layer_scales: Sequence[float] | None = None,
+) -> list[dict]:
+    """Optimizer parameter groups carrying ``lr_scale`` and ``wd_scale`` for ``apply_update``.
+
+    Parameters are split by weight decay (``wd_scale`` 1 or 0) and, when
+    ``layer_of`` maps a parameter name to a layer id, by layer (``lr_scale =
+    layer_scales[id]``). Frozen parameters (``requires_grad=False``) are left
+    out. Group order is deterministic (first appearance), so a checkpoint's
+    optimizer state lines up on resume.
+    """
+    if (layer_of is None) != (layer_scales is None):
+        raise ValueError("layer_of and layer_scales go together: give both or neither")
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = 0 if layer_of is None else layer_of(name)
+        if layer_scales is not None and not 0 <= layer < len(layer_scales):
+            _check.fail(f"layer_of({name!r})", layer, f"a layer id in [0, {len(layer_scales) - 1}]")
+        decays = not no_weight_decay(name, param)
+        group = groups.setdefault(
+            (layer, decays),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": 1.0 if layer_scales is None else float(layer_scales[layer]),
+                "wd_scale": 1.0 if decays else 0.0,
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+

@@ -1,0 +1,189 @@
+"""``TrainState``: what the user's loop threads through stepkit's functions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stepkit import _check
+
+Target = nn.Module | dict[str, Tensor] | None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+@dataclass
+class TrainState:
+    """The loop's state, in one place.
+
+    ``step`` counts optimizer updates (skipped non-finite ones included, so
+    schedules keep moving); ``micro_step`` counts backward passes; ``accum``
+    is how many micro-steps make one update. ``target`` holds the EMA
+    weights: a module, or a dict of tensors to evaluate with
+    ``torch.func.functional_call``. ``extras`` holds method state (DINO's
+    center, a learnable temperature's history...): tensors or plain Python
+    values. ``data_position`` is how many batches the loop has consumed;
+    ``run_id`` is the experiment tracker's id, so a resumed run continues it.
+    ``skipped_steps`` is a 0-d tensor (no host sync to count), created on
+    the model's device on first use.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    target: Target = None
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    micro_step: int = 0
+    accum: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+    data_position: int = 0
+    run_id: str | None = None
+    skipped_steps: Tensor | None = None
+    grad_norm: Tensor | None = field(default=None, repr=False)
+    """The last pre-clip gradient norm ``clip`` computed for the update in progress; not saved."""
+
+    def __post_init__(self) -> None:
+        _check.integer_at_least("accum", self.accum, 1)
+        _check.integer_at_least("step", self.step, 0)
+        _check.integer_at_least("micro_step", self.micro_step, 0)
+        if self.skipped_steps is None:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything resume needs, RNG states included, as tensors and plain Python values.
+
+        Loadable with ``torch.load(weights_only=True)``: numpy's RNG state is
+        stored as a tensor, not an array.
+        """
+        out: dict[str, Any] = {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "accum": self.accum,
+            "extras": dict(self.extras),
+            "data_position": self.data_position,
+            "run_id": self.run_id,
+            "skipped_steps": self.skipped_steps,
+            "rng": rng_state(),
+        }
+        if self.target is not None:
+            out["target"] = target_state_dict(self.target)
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
+        """Restore what ``state_dict`` saved, in place; strict about model and target keys."""
+        missing = {"model", "optimizer", "step", "micro_step"} - state.keys()
+        if missing:
+            raise ValueError(f"train state is missing {sorted(missing)}: not a TrainState.state_dict()")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (self.target is None) != ("target" not in state):
+            raise ValueError(
+                "target: the saved state "
+                + ("has" if "target" in state else "has no")
+                + " EMA target weights but this TrainState "
+                + ("has none" if self.target is None else "has them")
+            )
+        if self.target is not None:
+            load_target_state_dict(self.target, state["target"])
+        if (self.scaler is None) != ("scaler" not in state):
+            raise ValueError(
+                "scaler: the saved state "
+                + ("has" if "scaler" in state else "has no")
+                + " GradScaler but this TrainState "
+                + ("has none" if self.scaler is None else "has one")
+            )
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.micro_step = int(state["micro_step"])
+        self.accum = int(state.get("accum", self.accum))
+        self.extras = load_extras(self.extras, state.get("extras", {}))
+        self.data_position = int(state.get("data_position", 0))
+        self.run_id = state.get("run_id")
+        if "skipped_steps" in state:
+            self.skipped_steps.copy_(state["skipped_steps"])
+        self.grad_norm = None
+        if restore_rng and "rng" in state:
+            set_rng_state(state["rng"])
+
+
+def target_state_dict(target: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(target, nn.Module):
+        return unwrap(target).state_dict()
+    return dict(target)
+
+
+def load_target_state_dict(target: nn.Module | dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    if isinstance(target, nn.Module):
+        unwrap(target).load_state_dict(saved)
+        return
+    missing, unexpected = target.keys() - saved.keys(), saved.keys() - target.keys()
+    if missing or unexpected:
+        raise ValueError(
+            f"target: saved EMA weights do not match: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    with torch.no_grad():
+        for name, tensor in target.items():
+            if tensor.shape != saved[name].shape:
+                raise ValueError(
+                    f"target[{name!r}]: saved shape {tuple(saved[name].shape)} "
+                    f"!= current {tuple(tensor.shape)}"
+                )
+            tensor.copy_(saved[name])
+
+
+def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved extras; a tensor already in ``current`` is copied into in place (it may be on a device)."""
+    out = dict(current)
+    for key, value in saved.items():
+        here = current.get(key)
+        if isinstance(here, Tensor) and isinstance(value, Tensor) and here.shape == value.shape:
+            with torch.no_grad():
+                here.copy_(value)
+        else:
+            out[key] = value
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

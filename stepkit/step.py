@@ -1,0 +1,261 @@
+"""The pieces of one training step: forward, backward with accumulation, clip, update.
+
+Each function reads what it needs from the ``TrainState`` it is given and
+changes only that state (gradients, parameters, counters), in place. None of
+them reads a tensor's value on the host, so a step composed of them does not
+wait for the device (two documented exceptions: PyTorch's own GradScaler
+reads its inf check for non-fused optimizers, and ``apply_update``'s
+non-finite skip for non-fused optimizers without a scaler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stepkit import _check
+from stepkit.state import TrainState
+
+AMP_MODES: tuple[str | None, ...] = (None, "none", "bf16", "fp16")
+_AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+LossFn = Callable[[TrainState, Any], "Tensor | tuple[Tensor, dict[str, Any]]"]
+
+
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` mode (``None``/``"none"`` -> no autocast)."""
+    _check.one_of("amp", amp, AMP_MODES)
+    return _AMP_DTYPES[amp]
+
+
+def forward_loss(
+    loss_fn: LossFn, state: TrainState, batch: Any, *, amp: str | None = None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Run ``loss_fn(state, batch)`` under autocast; return ``(loss, aux)``.
+
+    ``loss_fn`` returns a scalar loss, or ``(loss, aux)`` with ``aux`` a dict of
+    metrics. The loss comes back as float32, the aux tensors detached; nothing
+    is read on the host. ``amp``: ``None``/``"none"``, ``"bf16"`` or ``"fp16"``
+    (fp16 needs ``state.scaler``). Under DDP this also decides, before the
+    forward pass as DDP requires, whether the coming backward all-reduces:
+    only on the micro-step that completes an update (``state.accum``).
+    """
+    dtype = amp_dtype(amp)
+    if dtype is torch.float16 and state.scaler is None:
+        raise ValueError(
+            "amp='fp16' needs a GradScaler: TrainState(scaler=torch.amp.GradScaler(device)); "
+            "or use amp='bf16', which needs none"
+        )
+    ddp = _ddp_of(state.model)
+    if ddp is not None:
+        ddp.require_backward_grad_sync = (state.micro_step + 1) % state.accum == 0
+    context = (
+        nullcontext() if dtype is None else torch.autocast(_device_type(state.model), dtype=dtype)
+    )
+    with context:
+        out = loss_fn(state, batch)
+    loss, aux = (out, {}) if isinstance(out, Tensor) else out
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError(
+            "loss_fn must return a scalar tensor or (scalar tensor, dict); "
+            f"got {type(loss).__name__}" + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+        )
+    aux = {k: v.detach() if isinstance(v, Tensor) else v for k, v in aux.items()}
+    return loss.float(), aux
+
+
+def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> bool:
+    """Backpropagate ``loss / every``; True when this micro-step completes an update.
+
+    ``every`` (default ``state.accum``; giving it sets ``state.accum``) micro-
+    steps of equal-sized batches give the same gradient as one batch of
+    their union. The loss goes through ``state.scaler`` when there is one.
+    Gradients are synchronised across ranks only at the boundary: FSDP2 via
+    ``set_requires_gradient_sync``, DDP via ``require_backward_grad_sync``
+    (what ``no_sync`` sets), which DDP reads in the forward pass, so this
+    sets it for the next micro-step and ``forward_loss`` for the current one.
+    """
+    if every is not None:
+        _check.integer_at_least("every", every, 1)
+        state.accum = every
+    state.micro_step += 1
+    boundary = state.micro_step % state.accum == 0
+    fsdp = _fsdp_of(state.model)
+    if fsdp is not None:
+        fsdp.set_requires_gradient_sync(boundary)
+    scaled = loss / state.accum
+    if state.scaler is not None:
+        scaled = state.scaler.scale(scaled)
+    scaled.backward()
+    ddp = _ddp_of(state.model)
+    if ddp is not None:
+        ddp.require_backward_grad_sync = (state.micro_step + 1) % state.accum == 0
+    return boundary
+
+
+def clip(
+    state: TrainState, *, max_norm: float | None = None, max_value: float | None = None
+) -> Tensor:
+    """Clip gradients in place; return their global L2 norm before clipping (a 0-d tensor).
+
+    Unscales through ``state.scaler`` first, so the norm is the true one.
+    ``max_norm``: scale all gradients by ``min(1, max_norm / (norm + 1e-6))``
+    (torch's ``clip_grad_norm_``). ``max_value``: then clamp each element to
+    ``[-max_value, max_value]``. Either may be None; with both None this
+    only measures. Multi-tensor (foreach) kernels, no host sync.
+    """
+    if max_norm is not None:
+        _check.at_least("max_norm", max_norm, 0.0)
+    if max_value is not None:
+        _check.at_least("max_value", max_value, 0.0)
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    grads = _grads(state.optimizer)
+    norm = grad_norm(grads)
+    by_device = _by_device(grads)
+    if max_norm is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for device, tensors in by_device.items():
+            torch._foreach_mul_(tensors, coef.to(device))
+    if max_value is not None:
+        for tensors in by_device.values():
+            torch._foreach_clamp_min_(tensors, -max_value)
+            torch._foreach_clamp_max_(tensors, max_value)
+    state.grad_norm = norm
+    return norm
+
+
+def apply_update(
+    state: TrainState,
+    *,
+    lr: float | Tensor,
+    wd: float | Tensor | None = None,
+    group_scales: Sequence[float] | None = None,
+    skip_nonfinite: bool = True,
+) -> None:
+    """Set each group's lr and weight decay, step the optimizer, zero the grads, count the step.
+
+    Group ``i`` gets ``lr * group["lr_scale"] * group_scales[i]`` and
+    ``wd * group["wd_scale"]`` (scales default to 1; see
+    ``schedules.param_groups``; ``wd=None`` leaves weight decay alone). A
+    group whose lr is a tensor (for compiled steps) is filled in place.
+
+    With ``state.scaler`` the step goes through it, which skips non-finite
+    steps. Without one, ``skip_nonfinite`` skips a step whose gradient norm
+    is not finite: sync-free for fused optimizers (the kernel reads a
+    ``found_inf`` flag), with one host read otherwise. Skipped steps are
+    counted in ``state.skipped_steps`` (a tensor) and still advance
+    ``state.step``, so the schedules move on as in the reference loops.
+    """
+    optimizer = state.optimizer
+    groups = optimizer.param_groups
+    if group_scales is not None and len(group_scales) != len(groups):
+        _check.fail("group_scales", list(group_scales), f"one scale per param group ({len(groups)})")
+    for i, group in enumerate(groups):
+        scale = group.get("lr_scale", 1.0) * (1.0 if group_scales is None else group_scales[i])
+        _assign(group, "lr", lr * scale)
+        if wd is not None:
+            _assign(group, "weight_decay", wd * group.get("wd_scale", 1.0))
+    if state.scaler is not None:
+        state.scaler.step(optimizer)
+        found_inf = _scaler_found_inf(state.scaler, optimizer, state.skipped_steps.device)
+        state.scaler.update()
+    elif skip_nonfinite:
+        norm = state.grad_norm if state.grad_norm is not None else grad_norm(_grads(optimizer))
+        found_inf = (~torch.isfinite(norm)).float()
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = found_inf  # fused kernels skip the whole update when set
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif not bool(found_inf):
+            optimizer.step()
+    else:
+        found_inf = None
+        optimizer.step()
+    if found_inf is not None:
+        state.skipped_steps += found_inf.to(state.skipped_steps)
+    optimizer.zero_grad(set_to_none=True)
+    state.grad_norm = None
+    state.step += 1
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    """Global L2 norm of ``grads`` as a float32 0-d tensor (multi-tensor kernels; DTensors reduced)."""
+    if not grads:
+        return torch.zeros(())
+    norms = [
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)).float())
+        for tensors in _by_device_dtype(grads).values()
+    ]
+    device = grads[0].device
+    norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    full = getattr(norm, "full_tensor", None)  # FSDP2: sharded gradients give a DTensor
+    return full() if full is not None else norm
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[Tensor]]:
+    out: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
+
+
+def _by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[Tensor]]:
+    out: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault((t.device, t.dtype), []).append(t)
+    return out
+
+
+def _assign(group: dict, key: str, value: float | Tensor) -> None:
+    current = group.get(key)
+    if isinstance(current, Tensor):
+        current.fill_(value)
+    else:
+        group[key] = value
+
+
+def _scaler_found_inf(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, device: torch.device
+) -> Tensor:
+    # GradScaler keeps its per-device inf flags until update(); summing them
+    # counts a skipped step without reading the value on the host.
+    per_device = scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})
+    found = torch.zeros((), device=device)
+    for flag in per_device.values():
+        found = found + flag.to(device)
+    return found.clamp(max=1.0)
+
+
+def _device_type(model: nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return "cpu" if param is None else param.device.type
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    while hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    return model
+
+
+def _ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    model = _inner(model)
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+
+def _fsdp_of(model: nn.Module) -> nn.Module | None:
+    model = _inner(model)
+    return model if hasattr(model, "set_requires_gradient_sync") else None
