@@ -8,7 +8,7 @@ Every schedule here is one shape, ``warmup_decay``: a linear warm-up from
     t <  W      start + (peak - start) * t / W
     t >= W      cosine    final + (peak - final) * (1 + cos(pi * u)) / 2
                 linear    peak + (final - peak) * u
-                step      peak * gamma ** floor((t - W) / every), never past final
+                step      max(final, peak * gamma ** floor((t - W) / every))
                 constant  peak
 
 The warm-up reaches ``peak`` exactly at ``t = W``, where the decay starts, so
@@ -63,6 +63,12 @@ def warmup_decay(
     if warmup_steps > total_steps:
         _check.fail("warmup_steps", warmup_steps, f"at most the run's length, total_steps={total_steps}")
     _check.one_of("decay", decay, DECAYS)
+    if decay == "step":
+        _check.integer_at_least("step_every", step_every, 1)
+        if not 0.0 < step_gamma <= 1.0:
+            _check.fail("step_gamma", step_gamma, "a number in (0, 1]")
+        if final > peak:
+            _check.fail("final", final, f"at most peak={peak}: decay='step' only decreases")
     if isinstance(step, Tensor):
         return _warmup_decay_tensor(
             step, peak, total_steps, final, warmup_steps, start, decay, step_every, step_gamma
@@ -77,7 +83,7 @@ def warmup_decay(
         return peak + (final - peak) * u
     if decay == "step":
         value = peak * step_gamma ** ((min(step, total_steps) - warmup_steps) // step_every)
-        return max(final, value) if final <= peak else min(final, value)
+        return max(final, value)
     return peak
 
 
@@ -105,7 +111,7 @@ def _warmup_decay_tensor(
     elif decay == "step":
         k = torch.floor((t.clamp(max=total_steps) - warmup_steps) / step_every).clamp(min=0)
         decayed = peak * torch.pow(torch.full_like(t, step_gamma), k)
-        decayed = decayed.clamp(min=final) if final <= peak else decayed.clamp(max=final)
+        decayed = decayed.clamp(min=final)
     else:
         decayed = torch.full_like(t, peak)
     if warmup_steps == 0:

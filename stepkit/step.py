@@ -168,11 +168,12 @@ def apply_update(
         norm = state.grad_norm if state.grad_norm is not None else grad_norm(_grads(optimizer))
         found_inf = (~torch.isfinite(norm)).float()
         if getattr(optimizer, "_step_supports_amp_scaling", False):
-            optimizer.found_inf = found_inf  # fused kernels skip the whole update when set
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf
+            # Fused kernels skip the whole update when this flag is 1. No
+            # try/finally: dynamo cannot resume after the optimizer's own
+            # graph break inside one.
+            optimizer.found_inf = found_inf
+            optimizer.step()
+            optimizer.found_inf = None
         elif not bool(found_inf):
             optimizer.step()
     else:
@@ -180,7 +181,10 @@ def apply_update(
         optimizer.step()
     if found_inf is not None:
         state.skipped_steps += found_inf.to(state.skipped_steps)
-    optimizer.zero_grad(set_to_none=True)
+    # What zero_grad(set_to_none=True) does, without its @_disable_dynamo break.
+    for group in groups:
+        for param in group["params"]:
+            param.grad = None
     state.grad_norm = None
     state.step += 1
 
@@ -223,6 +227,18 @@ def _by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[Tensor]]:
 def _assign(group: dict, key: str, value: float | Tensor) -> None:
     current = group.get(key)
     if isinstance(current, Tensor):
+        if (
+            current.ndim == 0
+            and current.dtype == torch.float64
+            and current.device.type == "cpu"
+            and torch.compiler.is_compiling()
+        ):
+            # Dynamo turns 0-d float64 CPU inputs into Python floats and drops
+            # in-place writes to them (torch 2.13): the lr would never change.
+            raise ValueError(
+                f"param group {key!r} is a 0-d float64 CPU tensor, which torch.compile "
+                "cannot update in place; create it with dtype=torch.float32"
+            )
         current.fill_(value)
     else:
         group[key] = value

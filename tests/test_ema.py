@@ -1,0 +1,114 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+from stepkit import ema_copy, ema_update
+
+
+def net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double()
+
+
+def train_bn_stats(model):
+    model.train()
+    model(torch.randn(8, 4, dtype=torch.float64))  # moves running stats, counts a batch
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_momentum_one_keeps_the_target():
+    target, online = net(0), net(1)
+    before = params(target)
+    ema_update(target, online, 1.0)
+    for p, b in zip(target.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_momentum_zero_copies_the_online_weights_and_buffers():
+    target, online = net(0), net(1)
+    train_bn_stats(online)
+    ema_update(target, online, 0.0)
+    for (name, t), o in zip(target.state_dict().items(), online.state_dict().values()):
+        assert torch.equal(t, o), name
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.floats(0.0, 1.0))
+def test_ema_matches_the_formula(m):
+    target, online = net(0), net(1)
+    expected = [m * t + (1 - m) * o for t, o in zip(params(target), params(online))]
+    ema_update(target, online, m)
+    for p, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-15)
+
+
+def test_buffers_are_copied_not_averaged():
+    target, online = net(0), net(1)
+    train_bn_stats(online)
+    ema_update(target, online, 0.9)
+    bn_t, bn_o = target[1], online[1]
+    assert torch.equal(bn_t.running_mean, bn_o.running_mean)
+    assert bn_t.num_batches_tracked.item() == 1
+
+
+def test_tensor_momentum_equals_float_momentum():
+    a, b, online = net(0), net(0), net(1)
+    ema_update(a, online, 0.7)
+    ema_update(b, online, torch.tensor(0.7, dtype=torch.float64))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+
+
+def test_dict_target_evaluated_with_functional_call():
+    online = net(1)
+    train_bn_stats(online)
+    target = ema_copy(online)
+    module_target = copy.deepcopy(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    train_bn_stats(online)
+    ema_update(target, online, 0.9)
+    ema_update(module_target, online, 0.9)
+    online.eval()
+    module_target.eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(functional_call(online, target, (x,)), module_target(x), rtol=0, atol=0)
+
+
+def test_ddp_and_compile_wrappers_are_seen_through():
+    target, online = net(0), net(1)
+    wrapped = torch.compile(online)  # lazy: nothing is compiled until called
+    ema_update(target, wrapped, 0.0)
+    for p, q in zip(target.parameters(), online.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_mismatched_models_are_refused_with_the_names():
+    target = net(0)
+    other = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()).double()
+    with pytest.raises(ValueError, match=r"missing in target \[\], not in online \['3.bias', '3.weight'\]"):
+        ema_update(target, other, 0.5)
+    with pytest.raises(ValueError, match="'extra'"):
+        ema_update(dict(ema_copy(target), extra=torch.zeros(1)), target, 0.5)
+
+
+def test_momentum_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError, match=r"momentum=1.5 .* \[0.0, 1.0\]"):
+        ema_update(net(0), net(1), 1.5)
+
+
+def test_ema_of_a_lower_precision_target_from_float_online():
+    online = net(1).float()
+    target = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ema_copy(online).items()}
+    ema_update(target, online, 0.0)
+    assert target["0.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(target["0.weight"], online[0].weight.detach().to(torch.bfloat16))
