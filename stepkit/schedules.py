@@ -13,7 +13,8 @@ Every schedule here is one shape, ``warmup_decay``: a linear warm-up from
 
 The warm-up reaches ``peak`` exactly at ``t = W``, where the decay starts, so
 the schedule is continuous there (optax's and timm's convention). Past
-``total_steps`` the value stays at ``final``. DINO's teacher momentum (cosine
+``total_steps`` the value stays at ``final``; a warm-up as long as the run
+has no decay phase and ends at ``peak``. DINO's teacher momentum (cosine
 from ``base`` to 1 over the run, no warm-up) is the cosine case with
 ``start = peak = base`` and ``final = 1``: ``1 - (1 - base) * (1 + cos(pi t/T)) / 2``.
 
@@ -76,7 +77,7 @@ def warmup_decay(
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     decay_steps = total_steps - warmup_steps
-    u = 1.0 if decay_steps == 0 else min(step - warmup_steps, decay_steps) / decay_steps
+    u = 0.0 if decay_steps == 0 else min(step - warmup_steps, decay_steps) / decay_steps
     if decay == "cosine":
         return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * u))
     if decay == "linear":
@@ -101,7 +102,7 @@ def _warmup_decay_tensor(
     t = step.to(torch.float64)
     decay_steps = total_steps - warmup_steps
     if decay_steps == 0:
-        u = torch.ones_like(t)
+        u = torch.zeros_like(t)
     else:
         u = ((t - warmup_steps) / decay_steps).clamp(0.0, 1.0)
     if decay == "cosine":

@@ -193,16 +193,23 @@ def apply_update(
 
 
 def grad_norm(grads: Sequence[Tensor]) -> Tensor:
-    """Global L2 norm of ``grads`` as a float32 0-d tensor (multi-tensor kernels; DTensors reduced)."""
+    """Global L2 norm of ``grads`` as a 0-d tensor, at least float32 (multi-tensor kernels).
+
+    Under FSDP2 the gradients are sharded DTensors; the norm is reduced
+    across ranks (a collective, not a host read).
+    """
     if not grads:
         return torch.zeros(())
+    dtype = torch.float32
+    for t in grads:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device = grads[0].device
     norms = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)).float())
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)).to(dtype)).to(device)
         for tensors in _by_device_dtype(grads).values()
     ]
-    device = grads[0].device
-    norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-    full = getattr(norm, "full_tensor", None)  # FSDP2: sharded gradients give a DTensor
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
 
 
@@ -226,22 +233,20 @@ def _by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple, list[Tensor]]:
 
 def _assign(group: dict, key: str, value: float | Tensor) -> None:
     current = group.get(key)
-    if isinstance(current, Tensor):
-        if (
-            current.ndim == 0
-            and current.dtype == torch.float64
-            and current.device.type == "cpu"
-            and torch.compiler.is_compiling()
-        ):
-            # Dynamo turns 0-d float64 CPU inputs into Python floats and drops
-            # in-place writes to them (torch 2.13): the lr would never change.
-            raise ValueError(
-                f"param group {key!r} is a 0-d float64 CPU tensor, which torch.compile "
-                "cannot update in place; create it with dtype=torch.float32"
-            )
-        current.fill_(value)
-    else:
+    if not isinstance(current, Tensor):
         group[key] = value
+    elif current.ndim == 0 and current.dtype == torch.float64 and current.device.type == "cpu":
+        _fill_outside_graph(current, value)
+    else:
+        current.fill_(value)
+
+
+@torch.compiler.disable
+def _fill_outside_graph(tensor: Tensor, value: float | Tensor) -> None:
+    # Dynamo turns 0-d float64 CPU inputs into Python scalars and drops
+    # in-place writes to them (torch 2.13), so the lr would silently freeze.
+    # Filling eagerly costs one graph break; a float32 lr tensor avoids it.
+    tensor.fill_(value)
 
 
 def _scaler_found_inf(

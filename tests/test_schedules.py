@@ -62,9 +62,10 @@ def test_constant_holds_the_peak():
     assert sched(TOTAL, "constant") == PEAK
 
 
-def test_no_warmup_starts_at_peak_and_warmup_equal_to_run_ends_at_final():
+def test_no_warmup_starts_at_peak_and_warmup_as_long_as_the_run_ends_at_peak():
     assert warmup_decay(0, peak=2.0, final=1.0, total_steps=10) == 2.0
-    assert warmup_decay(10, peak=2.0, final=1.0, total_steps=10, warmup_steps=10) == 1.0
+    assert warmup_decay(10, peak=2.0, final=1.0, total_steps=10, warmup_steps=10) == 2.0
+    assert warmup_decay(10, peak=2.0, final=1.0, total_steps=10, warmup_steps=10, start=0.0) == 2.0
 
 
 def test_dino_teacher_momentum_formula():
