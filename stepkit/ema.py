@@ -8,6 +8,11 @@ from torch import Tensor, nn
 from stepkit import _check
 from stepkit.state import unwrap
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5, or a build without torch.distributed
+    DTensor = None
+
 
 @torch.no_grad()
 def ema_update(
@@ -44,12 +49,16 @@ def ema_update(
 
     pairs: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for name, t in target_params.items():
-        t, o = _local(t), _local(online_params[name])
+        o = online_params[name]
+        if DTensor is not None and isinstance(t, DTensor):
+            t, o = t.to_local(), o.to_local()
         if t.shape != o.shape:
-            raise ValueError(f"ema_update: {name!r} has shape {tuple(t.shape)} in target, {tuple(o.shape)} online")
+            raise ValueError(
+                f"ema_update: {name!r} has shape {tuple(t.shape)} in target, {tuple(o.shape)} online"
+            )
         ts, os_ = pairs.setdefault((t.device, t.dtype), ([], []))
         ts.append(t)
-        os_.append(o.detach().to(t.dtype) if o.dtype != t.dtype else o.detach())
+        os_.append(o if o.dtype == t.dtype else o.to(t.dtype))
     for (device, _), (ts, os_) in pairs.items():
         if isinstance(momentum, Tensor):
             weight = (1.0 - momentum).to(device=device, dtype=ts[0].dtype)
@@ -83,6 +92,5 @@ def _check_same_names(kind: str, target: dict, online: dict) -> None:
 
 
 def _local(t: Tensor) -> Tensor:
-    # FSDP2 parameters are DTensors; the EMA is elementwise, so each rank's shard suffices.
-    local = getattr(t, "_local_tensor", None)
-    return t if local is None else local
+    # FSDP2 shards are DTensors; the EMA is elementwise, so each rank's shard suffices.
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t

@@ -60,9 +60,10 @@ def forward_loss(
         out = loss_fn(state, batch)
     loss, aux = (out, {}) if isinstance(out, Tensor) else out
     if not isinstance(loss, Tensor) or loss.ndim != 0:
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""
         raise ValueError(
             "loss_fn must return a scalar tensor or (scalar tensor, dict); "
-            f"got {type(loss).__name__}" + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+            f"got {type(loss).__name__}{shape}"
         )
     aux = {k: v.detach() if isinstance(v, Tensor) else v for k, v in aux.items()}
     return loss.float(), aux

@@ -31,7 +31,9 @@ from stepkit import (
 )
 
 TOTAL = 6
-LR, WD, EMA = LRSchedule(lr=1e-2, warmup_steps=2), WDSchedule(wd=0.04, wd_final=0.4), MomentumSchedule(momentum=0.9)
+LR = LRSchedule(lr=1e-2, warmup_steps=2)
+WD = WDSchedule(wd=0.04, wd_final=0.4)
+EMA = MomentumSchedule(momentum=0.9)
 
 
 def make_state():
@@ -61,10 +63,8 @@ def train_step(state, batch, t):
 
 def batches():
     g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64))
-        for _ in range(TOTAL)
-    ]
+    shape = dict(generator=g, dtype=torch.float64)
+    return [(torch.randn(16, 4, **shape), torch.randn(16, 2, **shape)) for _ in range(TOTAL)]
 
 
 @pytest.fixture(autouse=True)
