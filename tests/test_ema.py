@@ -92,6 +92,23 @@ def test_ddp_and_compile_wrappers_are_seen_through():
         assert torch.equal(p, q)
 
 
+def test_fsdp2_sharded_target_is_updated_shard_by_shard(gloo_world_of_one):
+    from torch.distributed.fsdp import fully_shard
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+
+    plain_target, plain_online = mlp(0), mlp(1)
+    target, online = mlp(0), mlp(1)
+    for model in (target, online):
+        fully_shard(model)
+    ema_update(plain_target, plain_online, 0.75)
+    ema_update(target, online, 0.75)
+    for p, q in zip(plain_target.parameters(), target.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=0, atol=1e-15)
+
+
 def test_mismatched_models_are_refused_with_the_names():
     target = net(0)
     other = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()).double()

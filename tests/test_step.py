@@ -144,17 +144,6 @@ def test_fsdp2_gradient_sync_only_on_the_boundary_micro_step():
     assert model.calls == [False, False, True, False, False, True]
 
 
-@pytest.fixture
-def gloo_world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("accum, expected_reduces", [(4, 2), (1, 8)])
 def test_ddp_all_reduces_once_per_update(gloo_world_of_one, accum, expected_reduces):
     model = nn.parallel.DistributedDataParallel(mlp())
@@ -177,6 +166,29 @@ def test_ddp_all_reduces_once_per_update(gloo_world_of_one, accum, expected_redu
             updates += 1
     assert updates == 8 // accum
     assert len(reduces) == expected_reduces
+
+
+def test_fsdp2_accumulate_clip_and_update_match_the_unsharded_model(gloo_world_of_one):
+    from torch.distributed.fsdp import fully_shard
+
+    plain, sharded = mlp(), mlp()
+    fully_shard(sharded[0])
+    fully_shard(sharded)
+    x, y = data(12)
+    norms, states = [], []
+    for model in (plain, sharded):
+        state = sgd_state(model)
+        for i in range(3):
+            loss, _ = forward_loss(mse, state, (x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]))
+            boundary = accumulate(state, loss, every=3)
+        assert boundary
+        norms.append(clip(state, max_norm=0.05))
+        apply_update(state, lr=0.1)
+        states.append(state)
+    assert type(norms[1]) is torch.Tensor  # reduced from the DTensor shards to a plain tensor
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-12, atol=0)
+    for p, q in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-12, atol=0)
 
 
 # --- clip -------------------------------------------------------------------------------------
