@@ -1,0 +1,92 @@
+"""What to watch while training: representation collapse, per-layer norms, memory.
+
+The tensor-valued metrics stay on the device (no host sync); hand them to
+``log`` and they are read once per log interval.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from stepkit.state import unwrap
+
+
+@torch.no_grad()
+def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
+    """Collapse indicators of a batch of embeddings (rows are samples, the last dim features).
+
+    - ``std``: per-dimension standard deviation across the batch, averaged
+      over dimensions (0 for a constant batch: complete collapse; about
+      ``1/sqrt(d)`` for L2-normalised embeddings spread evenly);
+    - ``norm``: mean L2 norm of the embeddings;
+    - ``effective_rank``: ``exp(H(p))`` with ``p = s / sum(s)`` the normalised
+      singular values of the (uncentered) batch matrix and ``H`` the entropy
+      (Roy & Vetterli 2007; RankMe). A rank-k batch with equal singular
+      values gives exactly k; dimensional collapse drives it towards 1.
+    """
+    z = embeddings.detach().float().reshape(-1, embeddings.shape[-1])
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
+    entropy = -torch.special.xlogy(p, p).sum()
+    return {
+        f"{prefix}std": z.std(dim=0, unbiased=z.shape[0] > 1).mean(),
+        f"{prefix}norm": z.norm(dim=-1).mean(),
+        f"{prefix}effective_rank": entropy.exp(),
+    }
+
+
+def layer_group(name: str, depth: int = 1) -> str:
+    """A parameter name's group: its first ``depth`` dotted parts (``blocks.3.attn.qkv.weight``,
+    depth 2 -> ``blocks.3``)."""
+    return ".".join(name.split(".")[:depth])
+
+
+@torch.no_grad()
+def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
+    """Gradient and weight L2 norms per layer group (``grad_norm/<group>``, ``weight_norm/<group>``).
+
+    Call after the backward pass and before ``apply_update`` (which sets
+    gradients to None). Multi-tensor kernels; nothing read on the host.
+    """
+    groups: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for name, param in unwrap(model).named_parameters():
+        weights, grads = groups.setdefault(layer_group(name, depth), ([], []))
+        weights.append(param.detach())
+        if param.grad is not None:
+            grads.append(param.grad)
+    out: dict[str, Tensor] = {}
+    for group, (weights, grads) in groups.items():
+        out[f"weight_norm/{group}"] = _norm(weights)
+        if grads:
+            out[f"grad_norm/{group}"] = _norm(grads)
+    return out
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    norms = torch._foreach_norm(tensors, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def system_metrics(device: torch.device | str | None = None) -> dict[str, float]:
+    """Host resident memory (``host_rss_gb``) and, on CUDA, allocated and peak device memory (GB)."""
+    out = {"host_rss_gb": host_rss_bytes() / 1e9}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        out["device_mem_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        out["device_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def host_rss_bytes() -> int:
+    """This process's resident set size now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

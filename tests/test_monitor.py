@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from stepkit.monitor import collapse_metrics, layer_group, norms_by_group, system_metrics
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 16])
+def test_rank_k_batch_with_equal_singular_values_has_effective_rank_k(k):
+    torch.manual_seed(k)
+    u, _ = torch.linalg.qr(torch.randn(64, k))
+    v, _ = torch.linalg.qr(torch.randn(32, k))
+    z = 3.0 * u @ v.T  # rank k, all singular values 3
+    assert collapse_metrics(z)["effective_rank"].item() == pytest.approx(k, rel=1e-4)
+
+
+def test_random_rank_k_batch_is_close_to_k():
+    torch.manual_seed(0)
+    z = torch.randn(256, 5) @ torch.randn(5, 64)
+    assert 4.0 < collapse_metrics(z)["effective_rank"].item() <= 5.0 + 1e-4
+
+
+def test_constant_batch_has_zero_std_and_rank_one():
+    m = collapse_metrics(torch.full((16, 8), 2.0), prefix="z_")
+    assert m["z_std"].item() == 0.0
+    assert m["z_norm"].item() == pytest.approx(2.0 * math.sqrt(8))
+    assert m["z_effective_rank"].item() == pytest.approx(1.0)
+
+
+def test_std_and_norm_match_their_definitions():
+    torch.manual_seed(1)
+    z = torch.randn(10, 4, 6)  # leading dims are flattened into the batch
+    flat = z.reshape(-1, 6)
+    m = collapse_metrics(z)
+    assert m["std"].item() == pytest.approx(flat.std(dim=0).mean().item(), rel=1e-6)
+    assert m["norm"].item() == pytest.approx(flat.norm(dim=1).mean().item(), rel=1e-6)
+    assert all(t.ndim == 0 for t in m.values())
+
+
+def test_norms_by_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    norms = norms_by_group(model)
+    for i in (0, 2):
+        layer = model[i]
+        w = torch.cat([layer.weight.flatten(), layer.bias]).norm()
+        g = torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()
+        assert norms[f"weight_norm/{i}"].item() == pytest.approx(w.item(), rel=1e-6)
+        assert norms[f"grad_norm/{i}"].item() == pytest.approx(g.item(), rel=1e-6)
+    assert layer_group("blocks.3.attn.qkv.weight", 2) == "blocks.3"
+
+
+def test_system_metrics_reads_host_memory():
+    m = system_metrics("cpu")
+    assert 0.001 < m["host_rss_gb"] < 1000 and "device_mem_gb" not in m
