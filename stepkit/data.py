@@ -1,0 +1,132 @@
+"""Data the recipes train on: embedded defaults that work offline, and loaders for users' own.
+
+Stimulus / fMRI data (the autoencoder recipe): a dict of 2-D float32 arrays,
+time first, ``video``, ``audio``, ``text`` (features per time point) and
+``fmri`` (voxels per time point), all of the same length.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from stepkit import _check
+
+MODALITIES = ("video", "audio", "text")
+FMRI_ARRAYS = (*MODALITIES, "fmri")
+
+# A canonical haemodynamic response sampled once per TR: it peaks 2-3 TRs after the stimulus.
+HRF = np.array([0.0, 0.3, 1.0, 0.8, 0.4, 0.1]) / 2.6
+
+
+def synthetic_fmri(
+    *,
+    seed: int = 0,
+    time_points: int = 3000,
+    voxels: int = 100,
+    latent_dim: int = 8,
+    dims: tuple[int, int, int] = (64, 32, 48),
+    stimulus_noise: float = 0.5,
+    fmri_noise: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Stimulus features and voxel responses driven by one shared latent time series (seeded).
+
+    The structure is known: a smooth latent ``z_t`` (AR(1), coefficient
+    0.95) drives each modality through its own random one-hidden-layer tanh
+    map plus Gaussian noise (features standardised, then ``stimulus_noise``
+    added). Each voxel's neural signal is the product of two random tanh maps
+    of ``z_t`` (an interaction a linear model of the features cannot
+    express), convolved in time with ``HRF``, standardised, plus
+    ``fmri_noise``. ``fmri_clean`` (no noise) is included, so the noise
+    ceiling can be reported.
+    """
+    _check.integer_at_least("time_points", time_points, 100)
+    _check.integer_at_least("voxels", voxels, 1)
+    _check.integer_at_least("latent_dim", latent_dim, 1)
+    rng = np.random.default_rng(seed)
+    z = np.zeros((time_points, latent_dim))
+    shocks = rng.standard_normal((time_points, latent_dim))
+    for t in range(1, time_points):
+        z[t] = 0.95 * z[t - 1] + np.sqrt(1 - 0.95**2) * shocks[t]
+
+    def random_map(n_out: int, hidden: int):
+        w1 = rng.standard_normal((latent_dim, hidden)) * 1.5 / np.sqrt(latent_dim)
+        b1 = rng.standard_normal(hidden) * 0.5
+        w2 = rng.standard_normal((hidden, n_out)) / np.sqrt(hidden)
+        return np.tanh(z @ w1 + b1) @ w2
+
+    out: dict[str, np.ndarray] = {}
+    for name, dim in zip(MODALITIES, dims, strict=True):
+        features = _standardise(random_map(dim, 32))
+        out[name] = (features + stimulus_noise * rng.standard_normal(features.shape)).astype(np.float32)
+    neural = random_map(voxels, 16) * random_map(voxels, 16)
+    bold = np.stack([np.convolve(neural[:, v], HRF)[:time_points] for v in range(voxels)], axis=1)
+    bold = _standardise(bold)
+    out["fmri"] = (bold + fmri_noise * rng.standard_normal(bold.shape)).astype(np.float32)
+    out["fmri_clean"] = bold.astype(np.float32)
+    return out
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+
+
+def load_fmri_npz(path: str | os.PathLike, *, min_time_points: int = 50) -> dict[str, np.ndarray]:
+    """Load and check a user's ``.npz`` with ``video``, ``audio``, ``text`` and ``fmri``, time first.
+
+    Raises ``ValueError`` naming the file and the array for a missing file or
+    array, an array that is not 2-D (time, features), lengths that differ,
+    too few time points, or NaN / infinite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data.path={str(path)!r} is not allowed: no such file (expected an .npz)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    with archive:
+        missing = [name for name in FMRI_ARRAYS if name not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; expected {list(FMRI_ARRAYS)}, "
+                             f"found {sorted(archive.files)}")
+        arrays = {name: archive[name] for name in FMRI_ARRAYS}
+    for name, array in arrays.items():
+        if array.ndim != 2:
+            raise ValueError(f"{path}: array {name!r} has shape {array.shape}; expected 2-D (time, features)")
+        if not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"{path}: array {name!r} has dtype {array.dtype}; expected numbers")
+        bad = ~np.isfinite(array)
+        if bad.any():
+            t, f = np.argwhere(bad)[0]
+            raise ValueError(f"{path}: array {name!r} has {int(bad.sum())} NaN or infinite values "
+                             f"(first at time {t}, column {f})")
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{path}: arrays differ in length (time points): {lengths}")
+    if lengths["fmri"] < min_time_points:
+        raise ValueError(f"{path}: {lengths['fmri']} time points; expected at least {min_time_points}")
+    return {name: a.astype(np.float32) for name, a in arrays.items()}
+
+
+def time_blocks(
+    time_points: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), window: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation / test time indices as three consecutive blocks, in that order.
+
+    A sample at time t reads the features of ``t - window + 1 .. t``, so each
+    block drops its first ``window - 1`` points: no sample of one block sees
+    a time point of another, and no split leaks into the next.
+    """
+    _check.integer_at_least("window", window, 1)
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        _check.fail("fractions", fractions, "three positive numbers that sum to 1")
+    edges = np.round(np.cumsum((0.0, *fractions)) * time_points).astype(int)
+    blocks = tuple(np.arange(a + window - 1, b) for a, b in zip(edges[:-1], edges[1:], strict=True))
+    for name, block in zip(("train", "validation", "test"), blocks, strict=True):
+        if len(block) < 2:
+            raise ValueError(f"the {name} block holds {len(block)} samples: too few time points "
+                             f"({time_points}) for fractions {fractions} and window {window}")
+    return blocks

@@ -1,0 +1,48 @@
+"""Reconstruction losses for autoencoders over several modalities."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def weighted_mse(
+    recon: Mapping[str, Tensor], target: Mapping[str, Tensor], weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_m w_m * mean((recon_m - target_m)^2)`` over the modalities named in ``weights``.
+
+    Returns the weighted total and each modality's unweighted MSE
+    (``recon_<m>``), so a log shows which modality is learned. A modality
+    with weight 0 is still measured.
+    """
+    missing = [m for m in weights if m not in recon or m not in target]
+    if missing:
+        raise ValueError(f"weighted_mse: no reconstruction or target for {missing}; "
+                         f"have {sorted(recon)} and {sorted(target)}")
+    parts = {f"recon_{m}": F.mse_loss(recon[m].float(), target[m].float()) for m in weights}
+    total = sum(w * parts[f"recon_{m}"] for m, w in weights.items())
+    return total, parts
+
+
+def autoencoder_fmri_loss(
+    recon: Mapping[str, Tensor],
+    inputs: Mapping[str, Tensor],
+    fmri_pred: Tensor,
+    fmri: Tensor,
+    *,
+    recon_weights: Mapping[str, float],
+    fmri_weight: float = 1.0,
+    fmri_kind: str = "correlation",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``fmri_weight * match(fmri_pred, fmri) + sum_m w_m * MSE_m``; returns the total and each part.
+
+    Parts: ``fmri`` (the matching term, unweighted), ``recon`` (the weighted
+    reconstruction sum) and ``recon_<modality>`` for each modality.
+    """
+    from stepkit.losses.correlation import fmri_matching_loss
+
+    recon_total, parts = weighted_mse(recon, inputs, recon_weights)
+    match = fmri_matching_loss(fmri_pred, fmri, fmri_kind)
+    return fmri_weight * match + recon_total, {"fmri": match, "recon": recon_total, **parts}

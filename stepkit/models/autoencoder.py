@@ -1,0 +1,62 @@
+"""Multimodal autoencoder whose bottleneck units are matched to fMRI voxels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class TemporalEncoder(nn.Module):
+    """One modality's window ``(B, W, d)`` -> ``(B, hidden)``: a temporal conv, then a linear."""
+
+    def __init__(self, dim: int, window: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(dim, hidden, kernel_size=3, padding=1)
+        self.proj = nn.Sequential(
+            nn.GELU(), nn.Dropout(dropout), nn.Flatten(), nn.Linear(hidden * window, hidden)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.conv(x.transpose(1, 2)))
+
+
+class MultimodalAutoencoder(nn.Module):
+    """Per-modality encoders -> fused bottleneck of ``voxels`` units -> per-modality decoders.
+
+    ``forward(windows)`` takes ``{modality: (B, W, d)}`` and returns the
+    bottleneck ``(B, voxels)``, which the loss matches to the measured voxel
+    responses, and each modality's reconstructed window ``(B, W, d)``.
+    """
+
+    def __init__(
+        self, dims: Mapping[str, int], *, window: int, voxels: int, hidden: int = 128, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.dims, self.window = dict(dims), window
+        self.encoders = nn.ModuleDict(
+            {m: TemporalEncoder(d, window, hidden, dropout) for m, d in dims.items()}
+        )
+        self.fuse = nn.Sequential(
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden * len(dims), hidden),
+            nn.GELU(),
+            nn.Linear(hidden, voxels),
+        )
+        self.decoders = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(voxels, hidden), nn.GELU(), nn.Linear(hidden, window * d))
+                for m, d in dims.items()
+            }
+        )
+
+    def forward(self, windows: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        missing = self.dims.keys() - windows.keys()
+        if missing:
+            raise ValueError(f"MultimodalAutoencoder: no input for {sorted(missing)}")
+        hidden = torch.cat([self.encoders[m](windows[m]) for m in self.dims], dim=-1)
+        bottleneck = self.fuse(hidden)
+        recon = {m: dec(bottleneck).view(-1, self.window, self.dims[m]) for m, dec in self.decoders.items()}
+        return bottleneck, recon

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from stepkit.data import load_fmri_npz, synthetic_fmri, time_blocks
+
+
+def test_synthetic_fmri_is_seeded_and_shaped():
+    a, b = (synthetic_fmri(seed=3, time_points=400, voxels=7) for _ in range(2))
+    assert {k: v.shape for k, v in a.items()} == {
+        "video": (400, 64), "audio": (400, 32), "text": (400, 48), "fmri": (400, 7), "fmri_clean": (400, 7)
+    }
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["fmri"], synthetic_fmri(seed=4, time_points=400, voxels=7)["fmri"])
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
+
+
+def test_synthetic_fmri_noise_ceiling_is_below_one():
+    d = synthetic_fmri(time_points=2000, voxels=20)
+    r = [np.corrcoef(d["fmri"][:, v], d["fmri_clean"][:, v])[0, 1] for v in range(20)]
+    assert 0.8 < np.mean(r) < 0.95  # fmri_noise 0.5 on unit-variance responses: r = 1/sqrt(1.25)
+
+
+def test_time_blocks_are_ordered_and_never_share_a_time_point():
+    train, val, test = time_blocks(1000, (0.7, 0.15, 0.15), window=6)
+    assert train[0] == 5 and train[-1] == 699
+    assert val[0] == 705 and val[-1] == 849 and test[0] == 855 and test[-1] == 999
+    seen = [set(range(t - 5, t + 1)) for block in (train, val, test) for t in block[[0, -1]]]
+    reach = [set().union(*(set(range(t - 5, t + 1)) for t in block)) for block in (train, val, test)]
+    assert not (reach[0] & reach[1]) and not (reach[1] & reach[2]) and seen
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.7, 0.2, 0.2), (0.9, 0.1, 0.0)])
+def test_time_blocks_reject_bad_fractions(fractions):
+    with pytest.raises(ValueError, match="fractions=.*three positive numbers that sum to 1"):
+        time_blocks(100, fractions)
+
+
+def save(tmp_path, **arrays):
+    path = tmp_path / "subject.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def good(t=60):
+    rng = np.random.default_rng(0)
+    return {"video": rng.random((t, 4)), "audio": rng.random((t, 3)), "text": rng.random((t, 2)),
+            "fmri": rng.random((t, 5))}
+
+
+def test_load_fmri_npz_reads_a_good_file(tmp_path):
+    data = load_fmri_npz(save(tmp_path, **good()))
+    assert data["fmri"].shape == (60, 5) and data["video"].dtype == np.float32
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"data.path='.*nope.npz' is not allowed: no such file"):
+        load_fmri_npz(tmp_path / "nope.npz")
+
+
+def test_missing_array(tmp_path):
+    arrays = good()
+    del arrays["audio"]
+    with pytest.raises(ValueError, match=r"subject.npz: missing arrays \['audio'\]"):
+        load_fmri_npz(save(tmp_path, **arrays))
+
+
+def test_mismatched_lengths(tmp_path):
+    arrays = good()
+    arrays["fmri"] = arrays["fmri"][:50]
+    with pytest.raises(ValueError, match=r"differ in length .*'fmri': 50"):
+        load_fmri_npz(save(tmp_path, **arrays))
+
+
+def test_nans_are_located(tmp_path):
+    arrays = good()
+    arrays["text"][7, 1] = np.nan
+    expected = r"array 'text' has 1 NaN or infinite values \(first at time 7, column 1\)"
+    with pytest.raises(ValueError, match=expected):
+        load_fmri_npz(save(tmp_path, **arrays))
+
+
+def test_wrong_rank_and_too_short(tmp_path):
+    arrays = good()
+    arrays["fmri"] = arrays["fmri"][:, 0]
+    with pytest.raises(ValueError, match=r"array 'fmri' has shape \(60,\); expected 2-D"):
+        load_fmri_npz(save(tmp_path, **arrays))
+    with pytest.raises(ValueError, match="10 time points; expected at least 50"):
+        load_fmri_npz(save(tmp_path, **good(10)))
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "x.npz"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_fmri_npz(path)

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+
+from stepkit.tools import ridge_regression
+
+
+def problem(seed=0, n=200, d=10, k=3, noise=0.5):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3, d) + rng.standard_normal(d)
+    y = x @ rng.standard_normal((d, k)) + 2.0 + noise * rng.standard_normal((n, k))
+    return torch.tensor(x), torch.tensor(y)
+
+
+def test_ridge_matches_scikit_learn_on_standardised_features():
+    x, y = problem()
+    fit = ridge_regression(x[:150], y[:150], x[150:], y[150:], alphas=[7.0])
+    z = (x[:150] - x[:150].mean(0)) / x[:150].std(0)
+    reference = Ridge(alpha=7.0).fit(z.numpy(), y[:150].numpy())
+    np.testing.assert_allclose(fit.weights.numpy(), reference.coef_.T, rtol=1e-8, atol=1e-10)
+    z_test = (x[150:] - x[:150].mean(0)) / x[:150].std(0)
+    np.testing.assert_allclose(fit(x[150:]).numpy(), reference.predict(z_test.numpy()), rtol=1e-8, atol=1e-8)
+
+
+def test_alpha_is_chosen_on_validation():
+    x, y = problem(n=60, d=40, noise=3.0)  # few samples, many features: strong shrinkage wins
+    alphas = [1e-3, 1.0, 10.0, 100.0]
+    fit = ridge_regression(x[:40], y[:40], x[40:], y[40:], alphas=alphas)
+    scores = {a: ridge_regression(x[:40], y[:40], x[40:], y[40:], alphas=[a]).val_corr for a in alphas}
+    assert fit.alpha == max(scores, key=scores.get) and fit.val_corr == max(scores.values())
+
+
+def test_bad_alphas_are_refused():
+    x, y = problem()
+    with pytest.raises(ValueError, match=r"alphas=\[0.0\]"):
+        ridge_regression(x, y, x, y, alphas=[0.0])
