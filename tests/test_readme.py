@@ -22,6 +22,12 @@ def test_readme_setup_block_has_the_install_and_the_test_command():
     assert block_after("<!-- ci:setup").splitlines() == ['pip install -e ".[dev]"', "pytest"]
 
 
+def test_readme_run_block_is_one_recipe_command():
+    (command,) = block_after("<!-- ci:run").splitlines()
+    script = command.split()[1]
+    assert command.startswith("python recipes/") and (ROOT / script).is_file()
+
+
 def test_example_learns_on_the_embedded_digits():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "minimal.py")],
