@@ -174,17 +174,23 @@ def main(cfg: Config) -> dict:
     state.run_id = log.run_id
     recon_weights = {m: getattr(cfg.loss, f"{m}_weight") for m in MODALITIES}
 
-    def loss_fn(state, t):
+    def losses(model, t):
         inputs = windows(series, t, cfg.data.window)
-        fmri_pred, recon = state.model(inputs)
-        return autoencoder_fmri_loss(recon, inputs, fmri_pred, series["fmri"][t], recon_weights=recon_weights,
-                                     fmri_weight=cfg.loss.fmri_weight, fmri_kind=cfg.loss.fmri)
+        fmri_pred, recon = model(inputs)
+        loss, parts = autoencoder_fmri_loss(
+            recon, inputs, fmri_pred, series["fmri"][t],
+            recon_weights=recon_weights, fmri_weight=cfg.loss.fmri_weight, fmri_kind=cfg.loss.fmri,
+        )
+        return loss, parts, fmri_pred
+
+    def loss_fn(state, t):
+        loss, parts, _ = losses(state.model, t)
+        return loss, parts
 
     @torch.no_grad()
     def evaluate(t: torch.Tensor) -> dict[str, float]:
         model.eval()
-        loss, parts = loss_fn(state, t)  # the whole block at once: r over all its time points
-        fmri_pred, _ = model(windows(series, t, cfg.data.window))
+        loss, parts, fmri_pred = losses(model, t)  # the whole block at once: r over all its time points
         r = pearson_per_voxel(fmri_pred, series["fmri"][t])
         model.train()
         return {k: float(v) for k, v in {"loss": loss, **parts, **voxel_corr_summary(r)}.items()}

@@ -85,6 +85,7 @@ class Logger:
         self._sums: dict[str, Tensor | float] = {}
         self._counts: dict[str, int] = {}
         self._last_time, self._last_step = time.perf_counter(), start_step
+        self._seen_step = start_step
         self._sinks: list[_Sink] = []
         if not self.main:
             return
@@ -108,6 +109,7 @@ class Logger:
                 continue
             self._sums[key] = self._sums[key] + value if key in self._sums else value
             self._counts[key] = self._counts.get(key, 0) + 1
+        self._seen_step = step
         for sink in self._sinks:
             sink.tick(step)
         at_end = self.total_steps is not None and step >= self.total_steps
@@ -153,6 +155,9 @@ class Logger:
                 sink.image(name, image, step)
 
     def close(self) -> None:
+        """Write what the current interval holds (a run that stopped early), then close the sinks."""
+        if self._sums:
+            self.flush(self._seen_step)
         for sink in self._sinks:
             sink.close()
         self._sinks = []

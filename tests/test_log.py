@@ -163,3 +163,10 @@ def test_console_prints_a_line_per_interval(tmp_path, capsys):
             log({"loss": torch.tensor(0.5)}, step)
     out = capsys.readouterr().out
     assert "step 2/4" in out and "step 4/4" in out and "loss 0.5" in out and "step 1/4" not in out
+
+
+def test_close_writes_the_unfinished_interval(tmp_path):
+    with Logger(tmp_path, quiet(every=10)) as log:
+        for step in range(1, 4):  # a run that stops before its first log event
+            log({"loss": torch.tensor(float(step))}, step)
+    assert [(r["step"], r["loss"]) for r in read_history(tmp_path)] == [(3, 2.0)]
