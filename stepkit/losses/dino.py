@@ -1,0 +1,103 @@
+"""DINO's self-distillation loss and the pieces around it (centering, temperatures, Sinkhorn, KoLeo)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from stepkit import _check
+
+
+def dino_loss(
+    student_out: Tensor,
+    teacher_probs: Tensor,
+    *,
+    student_temp: float = 0.1,
+    n_student_views: int,
+    n_teacher_views: int = 2,
+) -> Tensor:
+    """Cross-entropy of every student view against every teacher view but its own.
+
+    ``student_out``: ``(S * B, K)`` logits, view-major; ``teacher_probs``:
+    ``(T * B, K)`` target distributions (``teacher_softmax`` or
+    ``sinkhorn_knopp``), views ``0..T-1`` being the same global crops as the
+    student's first ``T``. With ``p_j = softmax(s_j / student_temp)``::
+
+        loss = mean over pairs (i, j), i != j, of  mean_b  -sum_k q_i[b, k] log p_j[b, k]
+
+    computed as one matrix of all pairs' cross-entropies.
+    """
+    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_student_views)
+    q = teacher_probs.float().chunk(n_teacher_views)
+    ce = -torch.einsum("ibk,jbk->ij", torch.stack(q), torch.stack(log_p)) / q[0].shape[0]
+    pairs = ~torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)
+    return ce[pairs].mean()
+
+
+def teacher_softmax(teacher_out: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
+    """DINO's teacher targets: ``softmax((t - center) / teacher_temp)``, without gradient."""
+    return F.softmax((teacher_out.detach().float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> None:
+    """``center = m * center + (1 - m) * mean(teacher_out)`` in place; the mean is over all ranks."""
+    batch = teacher_out.detach().float().sum(dim=0, keepdim=True)
+    count = teacher_out.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch)
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(batch / count, alpha=1.0 - momentum)
+
+
+def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps: int) -> float:
+    """DINO's teacher temperature: ``np.linspace(warmup_temp, temp, warmup_steps)``, then ``temp``.
+
+    The reference builds the schedule per epoch with ``linspace`` (the last
+    warm-up entry already equals ``temp``); this is the same array, read at
+    ``step``.
+    """
+    _check.integer_at_least("warmup_steps", warmup_steps, 0)
+    if step >= warmup_steps:
+        return temp
+    if warmup_steps == 1:  # linspace(a, b, 1) == [a]
+        return warmup_temp
+    return warmup_temp + (temp - warmup_temp) * step / (warmup_steps - 1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3) -> Tensor:
+    """Balanced teacher targets (SwAV, DINOv2): rows sum to 1, every prototype used equally.
+
+    Alternately normalises ``exp(t / temp)`` over prototypes and over the
+    batch (all ranks' samples together) ``iterations`` times. Computed in
+    float64 after subtracting each sample's max logit (the normalisations
+    cancel both), so sharp temperatures neither overflow nor leave a sample
+    without mass; a prototype whose mass underflows stays at 0.
+    """
+    logits = teacher_out.detach().double() / teacher_temp
+    q = torch.exp(logits - logits.max(dim=1, keepdim=True).values).t()  # (K, B)
+    k, b = q.shape
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    total = q.sum()
+    if world > 1:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        if world > 1:
+            dist.all_reduce(rows)
+        q /= rows.clamp_min(torch.finfo(q.dtype).tiny) * k
+        q /= q.sum(dim=0, keepdim=True) * (b * world)
+    return (q * (b * world)).t().float()
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo spreading term (DINOv2): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` on L2-normalised rows."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-2.0)  # never one's own neighbour
+    nearest = x[dots.argmax(dim=1)]
+    return -torch.log((x - nearest).norm(dim=-1) + eps).mean()

@@ -1,0 +1,163 @@
+"""A Vision Transformer: SDPA attention, stochastic depth, keep-indices, any input size.
+
+Shapes follow the ViT/DeiT/DINO models (pre-norm blocks, class token,
+learned position embeddings, truncated-normal init with std 0.02), so
+the presets match the papers' parameter counts (ViT-S/16: 21.7M).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stepkit import _check
+
+PRESETS: dict[str, dict] = {
+    "toy": dict(dim=64, depth=4, heads=4, patch_size=4),
+    "tiny": dict(dim=192, depth=12, heads=3, patch_size=16),
+    "small": dict(dim=384, depth=12, heads=6, patch_size=16),
+    "base": dict(dim=768, depth=12, heads=12, patch_size=16),
+}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels when available
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token; ``forward`` gives the class token's features, ``tokens`` all of them.
+
+    ``img_size`` fixes the learned position grid; other input sizes (DINO's
+    local crops) interpolate it bicubically. ``keep`` (``(B, K)`` patch
+    indices) encodes only those patches (I-JEPA's context encoder); the
+    position embeddings are added before the others are dropped.
+    ``return_layers`` in ``tokens`` also returns the normed outputs of those
+    blocks (hierarchical JEPA's targets).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        dim: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check.integer_at_least("patch_size", patch_size, 1)
+        if img_size % patch_size:
+            _check.fail("img_size", img_size, f"a multiple of patch_size={patch_size}")
+        if dim % heads:
+            _check.fail("dim", dim, f"a multiple of heads={heads}")
+        _check.in_range("drop_path", drop_path, 0.0, 1.0)
+        self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
+        self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks dropped more often
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> VisionTransformer:
+        """``toy`` (CPU), ``tiny``, ``small`` (ViT-S/16), ``base`` (ViT-B/16); keywords override."""
+        _check.one_of("preset", name, tuple(PRESETS))
+        return cls(**{**PRESETS[name], **overrides})
+
+    def pos_embed_for(self, h: int, w: int) -> Tensor:
+        """Position embeddings for an ``h x w`` patch grid (bicubic interpolation of the learned grid)."""
+        if h == w == self.grid:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patch_pos.reshape(1, self.grid, self.grid, self.dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.dim)], 1)
+
+    def tokens(
+        self, x: Tensor, keep: Tensor | None = None, return_layers: tuple[int, ...] = ()
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Normed tokens ``(B, 1 + K, dim)``, class token first; K = all patches or ``keep``'s."""
+        b, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input {h}x{w} is not a multiple of patch_size={self.patch_size}")
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        pos = self.pos_embed_for(h // self.patch_size, w // self.patch_size)
+        patches = patches + pos[:, 1:]
+        if keep is not None:
+            patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, self.dim))
+        out = torch.cat([(self.cls_token + pos[:, :1]).expand(b, -1, -1), patches], dim=1)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            out = block(out)
+            if i in return_layers:
+                layers.append(self.norm(out))
+        out = self.norm(out)
+        return (out, layers) if return_layers else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The class token's features ``(B, dim)``."""
+        return self.tokens(x)[:, 0]
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):  # the patch embedding, initialised like a linear layer
+        fan_in = module.in_channels * math.prod(module.kernel_size)
+        nn.init.trunc_normal_(module.weight, std=1.0 / math.sqrt(fan_in))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,112 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stepkit.losses.dino import (
+    dino_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_softmax,
+    teacher_temp_at,
+    update_center,
+)
+from stepkit.models.dino import DINOHead, cancel_last_layer_gradients, multi_crop_forward, resolution_groups
+
+
+def reference_dino_loss(student, teacher, center, s_temp, t_temp, n_crops):
+    """The loop of the DINO paper's pseudo-code, written out."""
+    s = (student / s_temp).chunk(n_crops)
+    t = F.softmax((teacher - center) / t_temp, dim=-1).chunk(2)
+    total, pairs = 0.0, 0
+    for iq, q in enumerate(t):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            total += torch.sum(-q * F.log_softmax(s[v], dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("n_crops", [2, 6])
+def test_dino_loss_equals_the_formula(n_crops):
+    torch.manual_seed(n_crops)
+    b, k = 5, 17
+    student, teacher, center = torch.randn(n_crops * b, k), torch.randn(2 * b, k), torch.randn(1, k)
+    got = dino_loss(student, teacher_softmax(teacher, center, 0.04), student_temp=0.1, n_student_views=n_crops)
+    want = reference_dino_loss(student, teacher, center, 0.1, 0.04, n_crops)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_dino_loss_gradient_flows_only_to_the_student():
+    student = torch.randn(8, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    dino_loss(student, teacher_softmax(teacher, torch.zeros(1, 5), 0.04), n_student_views=4).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_centering_is_an_ema_of_the_batch_mean():
+    center = torch.ones(1, 3)
+    out = torch.tensor([[0.0, 2.0, 4.0], [2.0, 2.0, 0.0]])
+    update_center(center, out, momentum=0.9)
+    torch.testing.assert_close(center, 0.9 * torch.ones(1, 3) + 0.1 * torch.tensor([[1.0, 2.0, 2.0]]))
+
+
+def test_teacher_temperature_schedule_matches_dinos_linspace():
+    for warmup in (0, 1, 2, 30):
+        ref = np.concatenate((np.linspace(0.04, 0.07, warmup), np.ones(40 - warmup) * 0.07))
+        got = [teacher_temp_at(t, warmup_temp=0.04, temp=0.07, warmup_steps=warmup) for t in range(40)]
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-15)
+
+
+def test_sinkhorn_knopp_balances_prototypes():
+    torch.manual_seed(0)
+    q = sinkhorn_knopp(torch.randn(64, 8), teacher_temp=0.5, iterations=50)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 64 / 8), rtol=1e-3, atol=1e-3)
+    sharp = sinkhorn_knopp(torch.randn(16, 4) * 3, teacher_temp=0.001)  # logits of thousands
+    assert torch.isfinite(sharp).all()
+    torch.testing.assert_close(sharp.sum(dim=1), torch.ones(16))
+
+
+def test_koleo_on_known_points():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # neighbours sqrt(2) apart
+    assert koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
+    spread, clumped = torch.randn(64, 8), torch.randn(64, 8) * 0.01 + torch.ones(8)
+    assert koleo_loss(spread) < koleo_loss(clumped)
+
+
+def test_dino_head_outputs_cosines_with_a_fixed_norm_last_layer():
+    head = DINOHead(16, 32, hidden=24, bottleneck=8)
+    out = head(torch.randn(5, 16))
+    assert out.shape == (5, 32) and out.abs().max() <= 1.0 + 1e-6
+    assert not head.last_layer.weight_g.requires_grad
+    assert DINOHead(16, 32, norm_last_layer=False).last_layer.weight_g.requires_grad
+    linears = [m for m in DINOHead(16, 32, nlayers=3, batch_norm=True).mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 2048), (2048, 2048), (2048, 256)]
+
+
+def test_last_layer_is_frozen_for_the_first_steps():
+    head = DINOHead(4, 6, hidden=8, bottleneck=3)
+    for step, frozen in [(0, True), (2, True), (3, False)]:
+        head(torch.randn(2, 4)).sum().backward()
+        cancel_last_layer_gradients(head, step, freeze_steps=3)
+        assert (head.last_layer.weight_v.grad is None) == frozen
+        assert head.mlp[0].weight.grad is not None
+        head.zero_grad()
+
+
+def test_crops_are_grouped_by_resolution_and_run_once_per_group():
+    views = [torch.randn(2, 1, 8, 8)] * 2 + [torch.randn(2, 1, 4, 4)] * 3
+    assert resolution_groups(views) == [(0, 2), (2, 5)]
+    calls = []
+
+    def backbone(x):
+        calls.append(tuple(x.shape))
+        return x.flatten(1)[:, :3]
+
+    out = multi_crop_forward(backbone, None, views)
+    assert calls == [(4, 1, 8, 8), (6, 1, 4, 4)] and out.shape == (10, 3)
+    torch.testing.assert_close(out[4:6], views[2].flatten(1)[:, :3])

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from stepkit.models.vit import DropPath, VisionTransformer
+
+
+def toy(**kw):
+    torch.manual_seed(0)
+    return VisionTransformer.preset("toy", img_size=32, in_chans=1, **kw)
+
+
+def test_vit_small_has_the_papers_parameter_count():
+    model = VisionTransformer.preset("small")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(21.67e6, rel=0.01)
+
+
+def test_class_features_and_tokens():
+    model = toy().eval()
+    x = torch.randn(3, 1, 32, 32)
+    assert model(x).shape == (3, 64)
+    assert model.tokens(x).shape == (3, 1 + 64, 64)
+
+
+def test_other_sizes_interpolate_the_position_grid():
+    model = toy().eval()
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 64)  # a local crop: 4x4 patches
+    assert model.pos_embed_for(8, 8) is model.pos_embed
+    small = model.pos_embed_for(4, 4)
+    assert small.shape == (1, 17, 64) and torch.equal(small[:, 0], model.pos_embed[:, 0])
+    with pytest.raises(ValueError, match="not a multiple of patch_size=4"):
+        model(torch.randn(1, 1, 30, 30))
+
+
+def test_keep_indices_encode_only_those_patches():
+    model = toy().eval()
+    x = torch.randn(2, 1, 32, 32)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 63]])
+    out = model.tokens(x, keep=keep)
+    assert out.shape == (2, 4, 64)
+    # same as feeding only those patch tokens: independent of the dropped patches
+    x2 = x.clone()
+    x2[:, :, 16:, :16] += 5.0  # patches 32..35, 40..43, ... (none kept in row 0 except none)
+    keep0 = torch.tensor([[0, 5, 9]])
+    torch.testing.assert_close(model.tokens(x[:1], keep=keep0), model.tokens(x2[:1], keep=keep0))
+
+
+def test_return_layers_gives_intermediate_normed_outputs():
+    model = toy().eval()
+    out, layers = model.tokens(torch.randn(2, 1, 32, 32), return_layers=(1, 3))
+    assert len(layers) == 2 and torch.equal(layers[1], out)
+
+
+def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
+    layer = DropPath(0.5)
+    x = torch.ones(20000, 3)
+    assert torch.equal(layer.eval()(x), x)
+    y = layer.train()(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0} and y.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="img_size=30"):
+        VisionTransformer(img_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="dim=10"):
+        VisionTransformer(dim=10, heads=3)
+    with pytest.raises(ValueError, match="preset='huge'"):
+        VisionTransformer.preset("huge")
