@@ -120,7 +120,8 @@ class VisionTransformer(nn.Module):
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = patch_pos.reshape(1, self.grid, self.grid, self.dim).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.dim)], 1)
+        patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.dim)
+        return torch.cat([cls_pos, patch_pos], dim=1)
 
     def tokens(
         self, x: Tensor, keep: Tensor | None = None, return_layers: tuple[int, ...] = ()
