@@ -93,3 +93,30 @@ def test_not_an_npz(tmp_path):
     path.write_text("hello")
     with pytest.raises(ValueError, match="not a readable .npz"):
         load_fmri_npz(path)
+
+
+def test_digits_canvas_is_seeded_split_and_in_range():
+    from stepkit.data import digits_canvas
+
+    a, b = digits_canvas(seed=1, size=24), digits_canvas(seed=1, size=24)
+    assert a["train_images"].shape == (1438, 1, 24, 24) and a["test_images"].shape == (359, 1, 24, 24)
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert 0 <= a["train_images"].min() and a["train_images"].max() <= 1
+    assert not torch_equal(a["train_images"], digits_canvas(seed=2, size=24)["train_images"])
+    assert sorted(a["train_labels"].unique().tolist()) == list(range(10))
+
+
+def test_digits_canvas_is_hard_for_raw_pixels():
+    from stepkit.data import digits_canvas
+    from stepkit.tools import knn_accuracy
+
+    d = digits_canvas()
+    train, test = d["train_images"].flatten(1), d["test_images"].flatten(1)
+    acc = knn_accuracy(train, d["train_labels"], test, d["test_labels"])
+    assert 0.3 < acc < 0.75  # plain 8x8 digits give 0.98: learning has room to show
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)

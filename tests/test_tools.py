@@ -35,3 +35,34 @@ def test_bad_alphas_are_refused():
     x, y = problem()
     with pytest.raises(ValueError, match=r"alphas=\[0.0\]"):
         ridge_regression(x, y, x, y, alphas=[0.0])
+
+
+def test_knn_votes_by_weighted_similarity():
+    from stepkit.tools import knn_accuracy
+
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1]), k=1) == 1.0
+    # k=5: class 1 has more neighbours, but the two very close class-0 points outweigh them at T=0.07
+    assert knn_accuracy(train, labels, test[:1], torch.tensor([0]), k=5, temperature=0.07) == 1.0
+    assert knn_accuracy(train, labels, test[:1], torch.tensor([1]), k=5, temperature=100.0) == 1.0
+    with pytest.raises(ValueError, match="k=6"):
+        knn_accuracy(train, labels, test, torch.tensor([0, 1]), k=6)
+
+
+def test_linear_probe_separates_separable_features():
+    from stepkit.tools import linear_probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 5, generator=g) + 3 * y[:, None].float()
+    assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:]) > 0.95
+
+
+def test_extract_features_restores_training_mode():
+    from stepkit.tools import extract_features
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).train()
+    feats = extract_features(model, torch.randn(10, 3), batch_size=4)
+    assert feats.shape == (10, 2) and model.training
