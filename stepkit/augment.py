@@ -162,7 +162,11 @@ class MultiCrop:
     hue: float = 0.1
     grayscale_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur sigma range in pixels of the view (DINO's, for 224 px views)."""
+    """Gaussian blur sigma range in pixels of a 224 px view (scaled down for smaller views)."""
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Blur probability for global view 1, global view 2, local views (DINO's)."""
+    solarize_p: float = 0.2
+    """Solarisation probability of global view 2 (DINO's; it erases white-on-black strokes)."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("global_size", self.global_size, 1)
@@ -172,16 +176,22 @@ class MultiCrop:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 _check.fail(name, getattr(self, name), "(low, high) with 0 < low <= high <= 1")
-        for name in ("jitter_p", "grayscale_p"):
+        for name in ("jitter_p", "grayscale_p", "solarize_p"):
             _check.in_range(name, getattr(self, name), 0.0, 1.0)
+        for p in self.blur_p:
+            _check.in_range("blur_p", p, 0.0, 1.0)
 
 
 def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None = None) -> list[Tensor]:
-    """``2 + cfg.local_crops`` augmented views of a batch, global ones first (DINO's probabilities:
+    """``2 + cfg.local_crops`` augmented views of a batch, global ones first (DINO's defaults:
     blur 1.0 / 0.1 / 0.5 and solarisation 0 / 0.2 / 0 for global 1 / global 2 / locals)."""
     views = []
-    plan = [(cfg.global_size, cfg.global_scale, 1.0, 0.0), (cfg.global_size, cfg.global_scale, 0.1, 0.2)]
-    plan += [(cfg.local_size, cfg.local_scale, 0.5, 0.0)] * cfg.local_crops
+    g1, g2, local = cfg.blur_p
+    plan = [
+        (cfg.global_size, cfg.global_scale, g1, 0.0),
+        (cfg.global_size, cfg.global_scale, g2, cfg.solarize_p),
+    ]
+    plan += [(cfg.local_size, cfg.local_scale, local, 0.0)] * cfg.local_crops
     for size, scale, blur_p, solarize_p in plan:
         x = random_resized_crop(images, size, scale=scale, generator=generator)
         x = color_jitter(x, p=cfg.jitter_p, brightness=cfg.brightness, contrast=cfg.contrast,

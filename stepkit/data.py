@@ -180,3 +180,92 @@ def digits_canvas(
         "test_images": images[order[cut:]],
         "test_labels": labels[order[cut:]],
     }
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder:
+    """``root/<class>/<image>``: images decoded with Pillow, as ``(uint8 (3, size, size), label)``.
+
+    Classes are the sub-folder names in sorted order. Each image is converted
+    to RGB, its shorter side resized to ``size`` (bilinear), then centre-
+    cropped square; augmentation happens later, batched on the device.
+    Decoding runs in DataLoader workers. A missing folder, a folder without
+    class sub-folders or without images, is refused with a clear error.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"data.root={str(root)!r} is not allowed: no such folder")
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise ValueError(
+                f"data.root={str(root)!r} is not allowed: expected one sub-folder per class, found none"
+            )
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.samples:
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise ValueError(
+                f"data.root={str(root)!r} is not allowed: no images ({kinds}) in its class folders"
+            )
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        import torch
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = self.size / min(w, h)
+            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                 Image.BILINEAR)
+            w, h = image.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.view(self.size, self.size, 3).permute(2, 0, 1).contiguous(), label
+
+
+class ResumableSampler:
+    """Indices of an epoch-seeded permutation, this rank's share, starting ``start`` samples in.
+
+    Epoch ``e`` draws ``randperm(n)`` from a generator seeded with ``seed``
+    and ``e``, so every rank and every resumed run sees the same order; rank
+    ``r`` of ``world`` takes every ``world``-th index (the epoch is cut to a
+    multiple of ``world``). Infinite: it runs over epoch after epoch.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        _check.integer_at_least("n", n, 1)
+        _check.integer_at_least("start", start, 0)
+        if not 0 <= rank < world:
+            _check.fail("rank", rank, f"an integer in [0, {world - 1}]")
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+        self.per_rank = n // world
+        if self.per_rank == 0:
+            raise ValueError(f"{n} samples cannot be shared by {world} ranks")
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
+        return order[self.rank :: self.world].tolist()
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            yield from self.epoch_order(epoch)[offset:]
+            epoch, offset = epoch + 1, 0

@@ -1,0 +1,400 @@
+"""DINO: self-distillation with no labels, a student matching an EMA teacher across multi-crop views.
+
+    python recipes/dino.py --run-dir runs/dino                     # embedded digits, CPU, minutes
+    python recipes/dino.py --run-dir runs/dino --optim.lr 1e-3
+    python recipes/dino.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # GPU, paper
+    python recipes/dino.py --help
+
+The student (backbone + DINO head) sees 2 global and N local crops; the
+teacher, an exponential moving average of the student, sees the global
+ones; the loss is the cross-entropy between the teacher's sharpened,
+centred (or Sinkhorn-Knopp balanced) distribution and the student's, over
+every pair of different views. The run ends with a k-NN evaluation of the
+frozen backbone on held-out images, beside the same architecture untrained
+and raw pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stepkit import (
+    LRSchedule,
+    MomentumSchedule,
+    TrainState,
+    WDSchedule,
+    accumulate,
+    apply_update,
+    clip,
+    ema_update,
+    forward_loss,
+    lr_at,
+    momentum_at,
+    param_groups,
+    wd_at,
+)
+from stepkit._check import at_least, fail, integer_at_least
+from stepkit.augment import MultiCrop, multi_crop, normalize
+from stepkit.checkpoint import maybe_save, resume, save_last
+from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
+from stepkit.log import LogConfig, Logger
+from stepkit.losses.dino import (
+    dino_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_softmax,
+    teacher_temp_at,
+    update_center,
+)
+from stepkit.models import DINOHead, SmallCNN, VisionTransformer, cancel_last_layer_gradients
+from stepkit.monitor import collapse_metrics
+from stepkit.run import (
+    Amp,
+    CkptConfig,
+    Device,
+    TrainConfig,
+    params_digest,
+    pick_device,
+    seed_everything,
+    start_run,
+    to_jsonable,
+    write_summary,
+)
+from stepkit.tools import knn_accuracy
+
+
+@dataclass
+class Data:
+    root: Path | None = None
+    """An image folder with one sub-folder per class (held-out: a sibling 'val' folder or
+    --data.val-root); None: the embedded digits."""
+    val_root: Path | None = None
+    image_size: int = 32
+    """Images are decoded and resized to this square size before the on-device crops."""
+    seed: int = 0
+    """Embedded digits: the seed that draws each digit's placement."""
+    workers: int = 4
+    """DataLoader workers decoding image files (image folders only)."""
+
+
+@dataclass
+class Model:
+    arch: Literal["cnn", "vit-toy", "vit-tiny", "vit-small", "vit-base"] = "cnn"
+    cnn_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    """CNN channels per stage (the first at stride 1, then stride 2: five stages see a 32 px digit whole)."""
+    patch_size: int = 0
+    """ViT patch size (0: the preset's)."""
+    drop_path: float = 0.1
+    out_dim: int = 128
+    """Prototypes of the DINO head."""
+    head_hidden: int = 512
+    bottleneck: int = 64
+    head_batch_norm: bool = True
+    norm_last_layer: bool = True
+    freeze_last_layer_steps: int = 0
+
+    def __post_init__(self) -> None:
+        integer_at_least("out_dim", self.out_dim, 2)
+        integer_at_least("head_hidden", self.head_hidden, 1)
+        integer_at_least("bottleneck", self.bottleneck, 1)
+        integer_at_least("freeze_last_layer_steps", self.freeze_last_layer_steps, 0)
+
+
+@dataclass
+class Loss:
+    targets: Literal["centering", "sinkhorn"] = "sinkhorn"
+    """Teacher targets: DINO's centred softmax, or Sinkhorn-Knopp balanced (DINOv2)."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.02
+    warmup_teacher_temp: float = 0.02
+    teacher_temp_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    koleo_weight: float = 0.3
+    """KoLeo spreading term on the student's global-view features (DINOv2; 0: off)."""
+
+    def __post_init__(self) -> None:
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            at_least(name, getattr(self, name), 1e-4)
+        integer_at_least("teacher_temp_warmup_steps", self.teacher_temp_warmup_steps, 0)
+        at_least("koleo_weight", self.koleo_weight, 0.0)
+        if not 0.0 <= self.center_momentum <= 1.0:
+            fail("center_momentum", self.center_momentum, "a number in [0, 1]")
+
+
+@dataclass
+class Optim(LRSchedule, WDSchedule):
+    lr: float = 3e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 30
+    wd: float = 0.04
+    wd_final: float | None = 0.4
+    clip: float | None = 3.0
+    """Largest global gradient norm (None: no clipping)."""
+
+
+@dataclass
+class Eval:
+    every: int = 0
+    """Updates between k-NN evaluations during training (0: only at the end)."""
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    run_dir: Path = Path("runs/dino")
+    resume: bool = False
+    device: Device = "auto"
+    amp: Amp = "none"
+    batch_size: int = 64
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    crops: MultiCrop = field(
+        default_factory=lambda: MultiCrop(global_size=32, local_size=16, local_crops=4,
+                                          global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+    )
+    loss: Loss = field(default_factory=Loss)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=700))
+    optim: Optim = field(default_factory=Optim)
+    ema: MomentumSchedule = field(default_factory=lambda: MomentumSchedule(momentum=0.99))
+    eval: Eval = field(default_factory=Eval)
+    log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
+    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
+
+    def __post_init__(self) -> None:
+        integer_at_least("batch_size", self.batch_size, 2)
+        if self.optim.warmup_steps > self.train.steps:
+            fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
+
+
+# The paper's ViT-S/16 run (DINO, Caron et al. 2021), for GPUs: lr 5e-4 x batch/256.
+PRESETS = {
+    "tiny-cpu": (
+        "The CPU default: a small CNN on the embedded digits, Sinkhorn-Knopp targets and KoLeo.",
+        Config(),
+    ),
+    "vit-s16": (
+        "The paper's ViT-S/16 settings (100 epochs of ImageNet at batch 1024: set --train.steps).",
+        Config(
+            device="cuda", amp="bf16", batch_size=1024,
+            data=Data(image_size=256),
+            model=Model(arch="vit-small", out_dim=65536, head_hidden=2048, bottleneck=256,
+                        head_batch_norm=False, freeze_last_layer_steps=1250),
+            crops=MultiCrop(global_size=224, local_size=96, local_crops=8),
+            loss=Loss(targets="centering", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                      teacher_temp_warmup_steps=37500, koleo_weight=0.0),
+            train=TrainConfig(steps=125000),
+            optim=Optim(lr=5e-4 * 1024 / 256, min_lr=1e-6, warmup_steps=12500, wd=0.04, wd_final=0.4,
+                        clip=3.0),
+            ema=MomentumSchedule(momentum=0.996),
+            log=LogConfig(every=50),
+            ckpt=CkptConfig(every=2500, keep_best=0),
+        ),
+    ),
+}
+
+
+class DinoModel(nn.Module):
+    """Backbone + head over a list of views: ``(backbone features, head logits)``, view-major."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        features, start = [], 0
+        while start < len(views):  # one backbone call per run of same-sized views
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))
+            start = end
+        features = torch.cat(features)
+        return features, self.head(features)
+
+
+def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
+    if cfg.model.arch == "cnn":
+        net = SmallCNN(in_chans, cfg.model.cnn_widths)
+        return net, net.dim
+    preset = cfg.model.arch.removeprefix("vit-")
+    overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
+    net = VisionTransformer.preset(preset, img_size=cfg.crops.global_size, in_chans=in_chans,
+                                   drop_path=cfg.model.drop_path, **overrides)
+    return net, net.dim
+
+
+class TensorSet(torch.utils.data.Dataset):
+    """Images and labels already in memory (the embedded digits)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Decoded uint8 images to floats in [0, 1]; float images pass through."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(dim=-1).mean()
+
+
+def main(cfg: Config) -> dict:
+    device = pick_device(cfg.device)
+    if cfg.data.root is None:  # the embedded digits, held in memory
+        digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
+        train_set = TensorSet(digits["train_images"], digits["train_labels"])
+        test_set = TensorSet(digits["test_images"], digits["test_labels"])
+        mean, std = (0.5,), (0.5,)
+    else:  # image files, decoded by DataLoader workers
+        train_set = ImageFolder(cfg.data.root, cfg.data.image_size)
+        test_set = ImageFolder(cfg.data.val_root or cfg.data.root.parent / "val", cfg.data.image_size)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    in_chans = train_set[0][0].shape[0]
+
+    seed_everything(cfg.train.seed)
+    backbone, dim = build_backbone(cfg, in_chans)
+    head = DINOHead(dim, cfg.model.out_dim, hidden=cfg.model.head_hidden, bottleneck=cfg.model.bottleneck,
+                    batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer)
+    model = DinoModel(backbone, head).to(device)
+    prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
+
+    def loader(dataset, **kw) -> DataLoader:
+        # Its own generator: a DataLoader iterator otherwise draws its seed from the
+        # global RNG, and a resumed run would draw it at another point of the stream.
+        workers = cfg.data.workers if isinstance(dataset, ImageFolder) else 0
+        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+                          pin_memory=device.type == "cuda",
+                          generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
+
+    @torch.no_grad()
+    def embed(net: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = net.training
+        net.eval()
+        feats, labels = zip(*[(net(prep(to_unit(x))).float().cpu(), y) for x, y in loader(dataset)])
+        net.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    def knn(net: nn.Module) -> float:
+        (train_f, train_y), (test_f, test_y) = embed(net, train_set), embed(net, test_set)
+        return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
+
+    backbone.eval()
+    knn_random_init = knn(backbone)  # same architecture and seed, untrained
+    backbone.train()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    state = TrainState(
+        model=model,
+        optimizer=torch.optim.AdamW(param_groups(model)),
+        target=teacher,
+        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+        accum=cfg.train.accum,
+        extras={"center": torch.zeros(1, cfg.model.out_dim, device=device), "wall_s": 0.0},
+    )
+    if cfg.resume and resume(ckpt_dir, state):
+        print(f"resumed from {ckpt_dir / 'last.pt'} at step {state.step}")
+    steps = cfg.train.steps
+    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
+                 run_id=state.run_id, config=to_jsonable(cfg))
+    state.run_id = log.run_id
+
+    def loss_fn(state: TrainState, views: list[torch.Tensor]):
+        features, student_out = state.model(views)
+        with torch.no_grad():
+            _, teacher_out = state.target(views[:2])
+        temp = teacher_temp_at(state.step, warmup_temp=cfg.loss.warmup_teacher_temp,
+                               temp=cfg.loss.teacher_temp, warmup_steps=cfg.loss.teacher_temp_warmup_steps)
+        if cfg.loss.targets == "sinkhorn":
+            targets = sinkhorn_knopp(teacher_out, temp)
+        else:
+            targets = teacher_softmax(teacher_out, state.extras["center"], temp)
+            update_center(state.extras["center"], teacher_out, cfg.loss.center_momentum)
+        distill = dino_loss(student_out, targets, student_temp=cfg.loss.student_temp,
+                            n_student_views=len(views))
+        n_global = 2 * len(views[0])
+        koleo = sum(koleo_loss(f) for f in features[:n_global].chunk(2)) / 2
+        student_p = torch.softmax(student_out[:n_global].float() / cfg.loss.student_temp, dim=-1)
+        aux = {"dino": distill, "koleo": koleo, "teacher_entropy": entropy(targets),
+               "student_entropy": entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
+        return distill + cfg.loss.koleo_weight * koleo, aux
+
+    # An epoch-seeded order that starts where the checkpoint left off; crops draw
+    # from the global RNG, which the checkpoint restores too.
+    start = state.data_position * cfg.batch_size
+    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, start=start)
+    batches = iter(loader(train_set, sampler=sampler, drop_last=True))
+    started = time.perf_counter() - state.extras["wall_s"]
+    while state.step < steps:
+        images, _ = next(batches)
+        state.data_position += 1
+        views = [normalize(v, mean, std) for v in multi_crop(to_unit(images.to(device)), cfg.crops)]
+        loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
+        if not accumulate(state, loss):
+            continue
+        cancel_last_layer_gradients(model.head, state.step, cfg.model.freeze_last_layer_steps)
+        grad_norm = clip(state, max_norm=cfg.optim.clip)
+        lr = lr_at(state.step, cfg.optim, steps)
+        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+        momentum = momentum_at(state.step, cfg.ema, steps)
+        ema_update(state.target, state.model, momentum)
+        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
+        if cfg.eval.every and state.step % cfg.eval.every == 0:
+            log.write({"knn_acc": knn(model.backbone), "knn_acc_teacher": knn(teacher.backbone)}, state.step)
+        state.extras["wall_s"] = time.perf_counter() - started
+        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    save_last(ckpt_dir, state)
+    train_s = time.perf_counter() - started
+
+    summary = {
+        "steps": state.step,
+        "wall_s": round(train_s, 3),
+        "knn_acc": knn(model.backbone),
+        "knn_acc_teacher": knn(teacher.backbone),
+        "knn_acc_random_init": knn_random_init,
+        "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
+        "skipped_steps": int(state.skipped_steps),
+        "params_digest": params_digest(model),
+        "run_id": state.run_id,
+    }
+    log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
+    log.close()
+    write_summary(cfg.run_dir, summary)
+    print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (teacher {summary['knn_acc_teacher']:.3f}), "
+          f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
+          f"summary in {cfg.run_dir / 'summary.json'}")
+    return summary
+
+
+def parse(argv: list[str]) -> Config:
+    """``[PRESET] [--flags]``: a preset name first picks the defaults the flags then override."""
+    name = argv[0] if argv and argv[0] in PRESETS else "tiny-cpu"
+    args = argv[1:] if argv and argv[0] in PRESETS else argv
+    presets = "; ".join(f"{k}: {doc}" for k, (doc, _) in PRESETS.items())
+    description = f"{__doc__.splitlines()[0]}\n\nPresets (optional first argument) - {presets}"
+    return tyro.cli(Config, default=copy.deepcopy(PRESETS[name][1]), args=args, description=description)
+
+
+if __name__ == "__main__":
+    try:
+        config = parse(sys.argv[1:])
+        main(config)
+    except ValueError as err:  # bad config or data: say which field or file, no traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,164 @@
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the image-folder helper of test_data
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "recipes" / "dino.py"
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("dino_recipe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def small(recipe, run_dir, *flags):
+    return recipe.parse(
+        [
+            "--run-dir",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--log.no-console",
+            "--train.steps",
+            "6",
+            "--optim.warmup-steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--crops.local-crops",
+            "2",
+            "--model.out-dim",
+            "32",
+            "--model.head-hidden",
+            "32",
+            *flags,
+        ]
+    )
+
+
+def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
+    summary = recipe.main(small(recipe, tmp_path / "run", "--model.freeze-last-layer-steps", "3"))
+    assert summary["steps"] == 6
+    assert {
+        "knn_acc",
+        "knn_acc_teacher",
+        "knn_acc_random_init",
+        "knn_acc_pixels",
+        "params_digest",
+    } <= summary.keys()
+    assert all(0.0 <= summary[k] <= 1.0 for k in summary if k.startswith("knn"))
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "summary.json",
+    }
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"dino", "koleo", "teacher_entropy", "feat_effective_rank", "momentum"} <= records[0].keys()
+
+
+def test_centering_targets_and_a_vit_backbone_run(recipe, tmp_path):
+    cfg = small(
+        recipe,
+        tmp_path / "run",
+        "--loss.targets",
+        "centering",
+        "--model.arch",
+        "vit-toy",
+        "--loss.teacher-temp-warmup-steps",
+        "4",
+        "--loss.warmup-teacher-temp",
+        "0.04",
+    )
+    summary = recipe.main(cfg)
+    assert summary["steps"] == 6
+
+
+def test_presets_and_flags(recipe, tmp_path):
+    paper = recipe.parse(["vit-s16", "--optim.lr", "1e-3"])
+    assert paper.model.arch == "vit-small" and paper.model.out_dim == 65536 and paper.optim.lr == 1e-3
+    assert paper.crops.global_size == 224 and paper.crops.local_crops == 8 and paper.optim.clip == 3.0
+    assert recipe.parse([]).model.arch == "cnn"
+    assert recipe.PRESETS["tiny-cpu"][1].optim.lr == recipe.Config().optim.lr  # parse() did not mutate it
+
+
+def test_cli_lr_reaches_the_optimizer(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--run-dir",
+            str(run),
+            "--log.no-console",
+            "--train.steps",
+            "3",
+            "--optim.lr",
+            "0.0123",
+            "--optim.warmup-steps",
+            "0",
+            "--optim.decay",
+            "constant",
+            "--batch-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    import torch
+
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {g["lr"] for g in saved["state"]["optimizer"]["param_groups"]} == {0.0123}
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "r"), "--loss.student-temp", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "student_temp=0.0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_image_folder_data(recipe, tmp_path):
+    from test_data import make_folder
+
+    make_folder(tmp_path / "train", per_class=10, size=(40, 30))
+    make_folder(tmp_path / "val", per_class=3, size=(30, 40))
+    cfg = small(recipe, tmp_path / "run", "--data.root", str(tmp_path / "train"), "--data.workers", "0")
+    summary = recipe.main(cfg)
+    assert summary["steps"] == 6 and 0.0 <= summary["knn_acc"] <= 1.0
+
+
+def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
+    flags = ("--ckpt.every", "3")
+    straight = recipe.main(small(recipe, tmp_path / "straight", *flags))
+
+    real_maybe_save = recipe.maybe_save
+
+    def crash_after_step_3(ckpt_dir, state, **kw):
+        saved = real_maybe_save(ckpt_dir, state, **kw)
+        if state.step == 3:
+            raise RuntimeError("simulated crash")
+        return saved
+
+    monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(small(recipe, tmp_path / "crashed", *flags))
+    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
+    resumed = recipe.main(small(recipe, tmp_path / "crashed", *flags, "--resume"))
+    assert resumed["params_digest"] == straight["params_digest"]
