@@ -56,7 +56,13 @@ from stepkit.losses.dino import (
     teacher_temp_at,
     update_center,
 )
-from stepkit.models import DINOHead, SmallCNN, VisionTransformer, cancel_last_layer_gradients
+from stepkit.models import (
+    DINOHead,
+    SmallCNN,
+    VisionTransformer,
+    cancel_last_layer_gradients,
+    multi_crop_forward,
+)
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
     Amp,
@@ -212,14 +218,7 @@ class DinoModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        features, start = [], 0
-        while start < len(views):  # one backbone call per run of same-sized views
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        features = torch.cat(features)
+        features = multi_crop_forward(self.backbone, None, views)  # one backbone call per crop size
         return features, self.head(features)
 
 

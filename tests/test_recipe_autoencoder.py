@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -6,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_recipe
 
 from stepkit.data import synthetic_fmri
 from stepkit.log import metric_history, read_history, should_stop
@@ -16,11 +16,7 @@ SCRIPT = ROOT / "recipes" / "autoencoder.py"
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("autoencoder_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("autoencoder")
 
 
 def config(recipe, run_dir, **train):

@@ -1,12 +1,10 @@
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # the image-folder helper of test_data
+from conftest import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "dino.py"
@@ -14,11 +12,7 @@ SCRIPT = ROOT / "recipes" / "dino.py"
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("dino_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("dino")
 
 
 def small(recipe, run_dir, *flags):
