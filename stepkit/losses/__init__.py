@@ -7,10 +7,13 @@ from stepkit.losses.correlation import (
     voxel_corr_summary,
 )
 from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
+from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
 
 __all__ = [
+    "UncertaintyWeighting",
     "autoencoder_fmri_loss",
     "correlation_loss",
+    "fixed_weighting",
     "fmri_matching_loss",
     "pearson_per_voxel",
     "voxel_corr_summary",
