@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 from stepkit import (
     LRSchedule,
@@ -50,6 +49,7 @@ from stepkit.run import (
     CkptConfig,
     Device,
     TrainConfig,
+    cli,
     params_digest,
     pick_device,
     seed_everything,
@@ -136,6 +136,12 @@ class Config:
         integer_at_least("patience", self.patience, 0)
         if self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
+
+
+PRESETS = {
+    "tiny-cpu": ("The default: the embedded synthetic set, correlation matching, early stopping.", Config()),
+    "mse": ("Match the voxels by mean squared error instead of correlation.", Config(loss=Loss(fmri="mse"))),
+}
 
 
 def windows(series: dict[str, torch.Tensor], t: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
@@ -262,7 +268,6 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     try:
-        config = tyro.cli(Config)
-        main(config)
+        main(cli(Config, PRESETS, description=__doc__.splitlines()[0]))
     except ValueError as err:  # bad config or data: say which field or file, no traceback
         sys.exit(f"error: {err}")

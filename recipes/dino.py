@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -69,6 +68,7 @@ from stepkit.run import (
     CkptConfig,
     Device,
     TrainConfig,
+    cli,
     params_digest,
     pick_device,
     seed_everything,
@@ -382,18 +382,13 @@ def main(cfg: Config) -> dict:
     return summary
 
 
-def parse(argv: list[str]) -> Config:
-    """``[PRESET] [--flags]``: a preset name first picks the defaults the flags then override."""
-    name = argv[0] if argv and argv[0] in PRESETS else "tiny-cpu"
-    args = argv[1:] if argv and argv[0] in PRESETS else argv
-    presets = "; ".join(f"{k}: {doc}" for k, (doc, _) in PRESETS.items())
-    description = f"{__doc__.splitlines()[0]}\n\nPresets (optional first argument) - {presets}"
-    return tyro.cli(Config, default=copy.deepcopy(PRESETS[name][1]), args=args, description=description)
+def parse(argv: list[str] | None = None) -> Config:
+    return cli(Config, PRESETS, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
     try:
-        config = parse(sys.argv[1:])
+        config = parse()
         main(config)
     except ValueError as err:  # bad config or data: say which field or file, no traceback
         sys.exit(f"error: {err}")

@@ -151,3 +151,25 @@ def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Pat
     path = Path(run_dir) / SUMMARY_FILE
     atomic_write_bytes(path, json.dumps(to_jsonable(summary), indent=2).encode() + b"\n")
     return path
+
+
+def cli(config_type: type, presets: Mapping[str, tuple[str, Any]], argv: list[str] | None = None,
+        description: str | None = None) -> Any:
+    """Parse ``[PRESET] [--flags]``: an optional preset name first picks the defaults, flags override.
+
+    ``presets`` maps a name to ``(one-line description, config instance)``;
+    the first is the default. ``--help`` lists them. The presets are not
+    modified.
+    """
+    import copy
+    import sys
+
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = list(presets)
+    chosen = argv.pop(0) if argv and argv[0] in presets else names[0]
+    listing = "\n".join(f"  {name}: {doc}" for name, (doc, _) in presets.items())
+    text = f"{description or ''}\n\nPresets (an optional first argument; default {names[0]}):\n{listing}"
+    default = copy.deepcopy(presets[chosen][1])
+    return tyro.cli(config_type, default=default, args=argv, description=text.strip())

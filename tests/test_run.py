@@ -146,3 +146,19 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and last_logged >= 300  # one history, no step logged twice
     assert len([s for s in steps if s == 3000]) == 2  # the training line and the val_acc line
+
+
+def test_cli_presets_pick_defaults_that_flags_override():
+    from dataclasses import dataclass
+
+    from stepkit.run import cli
+
+    @dataclass
+    class Cfg:
+        lr: float = 1.0
+        steps: int = 10
+
+    presets = {"small": ("a small run", Cfg()), "long": ("a long run", Cfg(steps=1000))}
+    assert cli(Cfg, presets, []) == Cfg()
+    assert cli(Cfg, presets, ["long", "--lr", "0.5"]) == Cfg(lr=0.5, steps=1000)
+    assert presets["long"][1] == Cfg(steps=1000)  # the preset itself is untouched

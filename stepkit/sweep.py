@@ -1,0 +1,257 @@
+"""Grid and random search over any recipe's flags, each trial in its own run directory.
+
+    python -m stepkit.sweep recipes/dino.py --grid optim.lr=1e-4,5e-4 --random train.seed=0:100 \\
+        --trials 8 --metric knn_acc --mode max --sweep-dir runs/sweep -- --train.steps 300
+
+``--grid KEY=V1,V2,...`` lists values; ``--random KEY=LOW:HIGH`` draws
+uniformly (integers when both ends are integers, ``HIGH`` excluded), and
+``KEY=log:LOW:HIGH`` log-uniformly. Keys are the recipe's flags without the
+dashes (``optim.lr``, ``train.warmup_steps``). Trial ``i`` takes grid point
+``i mod G`` (G = number of grid points) and fresh random draws; ``--trials``
+defaults to G. Each trial runs ``python RECIPE [PRESET] --run-dir
+SWEEP_DIR/trial_NNN --key value ... [args after --]``; its summary.json
+gives the metric. The table, sorted best first, is printed and written to
+``SWEEP_DIR/results.json``. ``--wandb-config FILE`` writes the same search
+as a wandb sweep configuration instead of running it; its command runs
+``python -m stepkit.sweep trial RECIPE SWEEP_DIR ...``, which gives each
+wandb trial its own run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RandomSpec:
+    low: float
+    high: float
+    kind: str  # "int", "uniform" or "log"
+
+    def draw(self, rng: random.Random) -> float | int:
+        if self.kind == "int":
+            return rng.randrange(int(self.low), int(self.high))
+        if self.kind == "log":
+            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        return rng.uniform(self.low, self.high)
+
+    def wandb(self) -> dict[str, Any]:
+        if self.kind == "int":
+            return {"distribution": "int_uniform", "min": int(self.low), "max": int(self.high) - 1}
+        if self.kind == "log":
+            return {"distribution": "log_uniform_values", "min": self.low, "max": self.high}
+        return {"distribution": "uniform", "min": self.low, "max": self.high}
+
+
+def parse_grid(spec: str) -> tuple[str, list[str]]:
+    """``KEY=V1,V2`` -> ``(KEY, [V1, V2])``."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise ValueError(f"--grid {spec!r} is not allowed: expected KEY=V1,V2,...")
+    return key, values.split(",")
+
+
+def parse_random(spec: str) -> tuple[str, RandomSpec]:
+    """``KEY=LOW:HIGH`` (integers or floats) or ``KEY=log:LOW:HIGH``."""
+    key, sep, rest = spec.partition("=")
+    parts = rest.split(":")
+    log = parts[0] == "log"
+    parts = parts[1:] if log else parts
+    try:
+        if not sep or not key or len(parts) != 2:
+            raise ValueError
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        expected = "KEY=LOW:HIGH or KEY=log:LOW:HIGH"
+        raise ValueError(f"--random {spec!r} is not allowed: expected {expected}") from None
+    if not low < high or (log and low <= 0):
+        raise ValueError(f"--random {spec!r} is not allowed: expected LOW < HIGH (and LOW > 0 for log)")
+    is_int = not log and all(p.lstrip("-").isdigit() for p in parts)
+    return key, RandomSpec(low, high, "log" if log else "int" if is_int else "uniform")
+
+
+def plan_trials(
+    grid: dict[str, list[str]], randoms: dict[str, RandomSpec], trials: int | None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Each trial's parameters: grid point ``i mod G`` plus this trial's random draws."""
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] or [{}]
+    count = len(points) if trials is None else trials
+    if count < 1:
+        raise ValueError(f"--trials {count} is not allowed: expected at least 1")
+    rng = random.Random(seed)
+    return [{**points[i % len(points)], **{k: s.draw(rng) for k, s in randoms.items()}} for i in range(count)]
+
+
+def flags(params: dict[str, Any]) -> list[str]:
+    """``{"optim.lr": 1e-3}`` -> ``["--optim.lr", "0.001"]`` (tyro's dashes for underscores)."""
+    out = []
+    for key, value in params.items():
+        out += ["--" + key.replace("_", "-"), str(value)]
+    return out
+
+
+def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], log: Path) -> int:
+    command = [sys.executable, str(recipe), *preset, "--run-dir", str(run_dir), *args]
+    with open(log, "w") as out:
+        out.write(" ".join(command) + "\n")
+        out.flush()
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def sweep(
+    recipe: Path,
+    sweep_dir: Path,
+    trials: list[dict[str, Any]],
+    *,
+    metric: str,
+    mode: str,
+    preset: str | None = None,
+    extra: list[str] = (),
+) -> list[dict[str, Any]]:
+    """Run every trial in turn; return the results sorted best first (failed ones last)."""
+    if not recipe.is_file():
+        raise ValueError(f"recipe={str(recipe)!r} is not allowed: no such file")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r} is not allowed: expected 'max' or 'min'")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, params in enumerate(trials):
+        run_dir = sweep_dir / f"trial_{i:03d}"
+        if run_dir.exists():
+            raise ValueError(f"{run_dir} already exists: choose another --sweep-dir, nothing was overwritten")
+        started = time.perf_counter()
+        code = run_trial(recipe, run_dir, [preset] if preset else [], [*flags(params), *extra],
+                         sweep_dir / f"trial_{i:03d}.log")
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        value = summary.get(metric)
+        results.append({
+            "trial": i, "params": params, metric: value, "returncode": code,
+            "status": "ok" if code == 0 and value is not None else "failed",
+            "wall_s": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
+        })
+        print(f"trial {i}: {params} -> {metric}={value} ({results[-1]['status']})", flush=True)
+    ranked = sorted(results, key=lambda r: (r["status"] != "ok",
+                                            -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+    (sweep_dir / "results.json").write_text(json.dumps(
+        {"recipe": str(recipe), "metric": metric, "mode": mode, "results": ranked}, indent=2) + "\n")
+    return ranked
+
+
+def print_table(results: list[dict[str, Any]], metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep results, best {metric} first")
+    for column in ("rank", "trial", "params", metric, "status", "wall s"):
+        table.add_column(column)
+    for rank, r in enumerate(results, 1):
+        value = r[metric]
+        table.add_row(str(rank), str(r["trial"]), " ".join(f"{k}={v}" for k, v in r["params"].items()),
+                      "-" if value is None else f"{value:.4g}", r["status"], str(r["wall_s"]))
+    Console(width=140).print(table)
+
+
+def wandb_config(
+    recipe: Path, sweep_dir: Path, grid: dict[str, list[str]], randoms: dict[str, RandomSpec], *,
+    metric: str, mode: str, preset: str | None, extra: list[str],
+) -> dict[str, Any]:
+    """The same search as a wandb sweep configuration (grid alone: method grid; else random)."""
+    parameters: dict[str, Any] = {k: {"values": [_number(v) for v in vs]} for k, vs in grid.items()}
+    parameters.update({k: s.wandb() for k, s in randoms.items()})
+    return {
+        "program": str(recipe),
+        "method": "random" if randoms else "grid",
+        "metric": {"name": metric, "goal": "maximize" if mode == "max" else "minimize"},
+        "parameters": parameters,
+        "command": ["${env}", "${interpreter}", "-m", "stepkit.sweep", "trial", "${program}", str(sweep_dir),
+                    *([preset] if preset else []), *extra, "${args}"],
+    }
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def trial_main(argv: list[str]) -> int:
+    """``trial RECIPE SWEEP_DIR [recipe args]``: one trial in a new run directory (for wandb agents)."""
+    if len(argv) < 2:
+        raise SystemExit("usage: python -m stepkit.sweep trial RECIPE SWEEP_DIR [recipe args...]")
+    recipe, sweep_dir, args = Path(argv[0]), Path(argv[1]), argv[2:]
+    preset = [args.pop(0)] if args and not args[0].startswith("-") else []
+    # wandb passes --key=value; tyro wants dashes in the flag names
+    args = [_dashes(a) for a in args]
+    run_dir = sweep_dir / f"trial_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(recipe), *preset, "--run-dir", str(run_dir), *args]
+    return subprocess.run(command).returncode
+
+
+def _dashes(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("_", "-") + sep + value
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "trial":
+        raise SystemExit(trial_main(argv[1:]))
+    extra: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, extra = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(prog="python -m stepkit.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("recipe", type=Path, help="the recipe script, e.g. recipes/dino.py")
+    parser.add_argument("--preset", default=None, help="the recipe's preset to start from")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to try")
+    parser.add_argument("--random", action="append", default=[], metavar="KEY=LOW:HIGH",
+                        help="a range to draw from (log:LOW:HIGH for log-uniform)")
+    parser.add_argument("--trials", type=int, default=None, help="number of trials (default: grid size)")
+    parser.add_argument("--metric", default="loss", help="summary.json key that ranks trials")
+    parser.add_argument("--mode", choices=("max", "min"), default="min")
+    parser.add_argument("--sweep-dir", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    parser.add_argument("--wandb-config", type=Path, default=None,
+                        help="write a wandb sweep configuration (JSON) here instead of running")
+    args = parser.parse_args(argv)
+    try:
+        grid = dict(parse_grid(g) for g in args.grid)
+        randoms = dict(parse_random(r) for r in args.random)
+        if not grid and not randoms:
+            raise ValueError("nothing to search: give at least one --grid or --random")
+        if args.wandb_config is not None:
+            config = wandb_config(args.recipe, args.sweep_dir, grid, randoms, metric=args.metric,
+                                  mode=args.mode, preset=args.preset, extra=extra)
+            args.wandb_config.write_text(json.dumps(config, indent=2) + "\n")
+            print(f"wrote {args.wandb_config}; start it with: wandb sweep {args.wandb_config}")
+            return
+        trials = plan_trials(grid, randoms, args.trials, args.seed)
+        results = sweep(args.recipe, args.sweep_dir, trials, metric=args.metric, mode=args.mode,
+                        preset=args.preset, extra=extra)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print_table(results, args.metric)
+    print(f"results in {args.sweep_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
