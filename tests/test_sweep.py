@@ -147,13 +147,10 @@ def test_the_trial_entry_gives_each_wandb_trial_its_own_run_dir(tmp_path):
 
 
 def test_sweep_cli_errors(tmp_path):
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "stepkit.sweep", *a],
-        capture_output=True,  # noqa: E731
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    def run(*args):
+        command = [sys.executable, "-m", "stepkit.sweep", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
     result = run(str(ROOT / "recipes" / "dino.py"), "--sweep-dir", str(tmp_path / "s"))
     assert result.returncode != 0 and "nothing to search" in result.stderr
     result = run("recipes/none.py", "--grid", "optim.lr=1", "--sweep-dir", str(tmp_path / "s"))
