@@ -57,7 +57,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import ridge_regression
+from stepkit.tools import TuneConfig, ridge_regression, tune
 
 
 @dataclass
@@ -130,6 +130,7 @@ class Config:
     optim: Optim = field(default_factory=Optim)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=16))
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=160, metric="val_loss", mode="min"))
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)  # a correlation needs two time points
@@ -200,6 +201,13 @@ def main(cfg: Config) -> dict:
         r = pearson_per_voxel(fmri_pred, series["fmri"][t])
         model.train()
         return {k: float(v) for k, v in {"loss": loss, **parts, **voxel_corr_summary(r)}.items()}
+
+    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+        def make_batch(size: int) -> torch.Tensor:
+            return train_t[torch.randint(0, len(train_t), (size,), device=device)]
+
+        log.close()
+        return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     # Epochs: a fresh permutation of the training time points each, seeded by the
     # epoch, so a resumed run draws the same batches (data_position counts batches).

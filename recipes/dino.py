@@ -76,7 +76,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import knn_accuracy
+from stepkit.tools import TuneConfig, knn_accuracy, tune
 
 
 @dataclass
@@ -176,6 +176,7 @@ class Config:
     eval: Eval = field(default_factory=Eval)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)
@@ -334,6 +335,15 @@ def main(cfg: Config) -> dict:
         aux = {"dino": distill, "koleo": koleo, "teacher_entropy": entropy(targets),
                "student_entropy": entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
         return distill + cfg.loss.koleo_weight * koleo, aux
+
+    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+        def make_batch(size: int) -> list[torch.Tensor]:
+            idx = torch.randint(0, len(train_set), (size,)).tolist()
+            images = torch.stack([train_set[i][0] for i in idx]).to(device)
+            return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
+
+        log.close()
+        return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     # An epoch-seeded order that starts where the checkpoint left off; crops draw
     # from the global RNG, which the checkpoint restores too.

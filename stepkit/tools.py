@@ -156,6 +156,8 @@ class LRRangeResult:
         ax.plot(self.lrs, self.smoothed, label="smoothed")
         ax.axvline(self.suggested_lr, color="k", ls="--", label=f"suggested {self.suggested_lr:.2g}")
         ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="LR range test")
+        low, start = min(self.smoothed), self.smoothed[0]
+        ax.set_ylim(low - 0.05 * (start - low + 1e-12), start + 0.5 * (start - low + 1e-12))  # not the blow-up
         ax.legend()
         fig.tight_layout()
         fig.savefig(path)
@@ -324,3 +326,65 @@ class MemoryCap(TorchDispatchMode):
                 f"MemoryCap: {self.allocated} bytes allocated, over the cap of {self.limit_bytes}"
             )
         return out
+
+
+# --- the tuning entry points every recipe exposes -----------------------------------------
+
+
+@dataclass
+class TuneConfig:
+    """``--tune.find-lr`` / ``--tune.find-batch``: measure instead of training."""
+
+    find_lr: bool = False
+    """Run an LR range test on a copy of the model; write RUN_DIR/lr_range.png and tune.json, then stop."""
+    find_batch: bool = False
+    """Find the largest batch size that fits; write RUN_DIR/tune.json, then stop."""
+    min_lr: float = 1e-7
+    max_lr: float = 10.0
+    lr_steps: int = 100
+    max_batch: int = 1 << 14
+    memory_cap_gb: float = 0.0
+    """On the CPU, treat this many GB allocated in one step as out of memory (0: only real OOM)."""
+
+    def __post_init__(self) -> None:
+        _check.integer_at_least("lr_steps", self.lr_steps, 3)
+        _check.integer_at_least("max_batch", self.max_batch, 1)
+        _check.at_least("memory_cap_gb", self.memory_cap_gb, 0.0)
+
+
+def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: int, amp=None) -> dict:
+    """Run what ``cfg`` asks for with a recipe's ``loss_fn`` and ``make_batch(size)``; write tune.json."""
+    import itertools
+    import json
+
+    from stepkit.step import accumulate, forward_loss
+
+    out: dict = {}
+    if cfg.find_lr:
+        result = lr_range_test(loss_fn, state, (make_batch(batch_size) for _ in itertools.count()),
+                               min_lr=cfg.min_lr, max_lr=cfg.max_lr, steps=cfg.lr_steps, amp=amp)
+        result.plot(Path(run_dir) / "lr_range.png")
+        out.update(suggested_lr=result.suggested_lr, diverged_at=result.diverged_at,
+                   lrs=result.lrs, smoothed_loss=result.smoothed)
+        print(f"suggested lr {result.suggested_lr:.3g} (loss diverged at {result.diverged_at}); "
+              f"plot in {Path(run_dir) / 'lr_range.png'}")
+    if cfg.find_batch:
+        cap = int(cfg.memory_cap_gb * 1e9)
+
+        def one_step(size: int) -> None:
+            with MemoryCap(cap) if cap else _nothing():
+                loss, _ = forward_loss(loss_fn, state, make_batch(size), amp=amp)
+                accumulate(state, loss, every=1)
+
+        out["largest_batch"] = largest_batch_size(one_step, state=state, max_size=cfg.max_batch)
+        print(f"largest batch that fits: {out['largest_batch']}")
+    Path(run_dir, "tune.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -84,3 +84,15 @@ def test_cli_takes_the_shared_flags_and_refuses_bad_data(tmp_path):
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
     bad = run_cli("--run-dir", str(tmp_path / "bad"), "--loss.fmri-weight", "-1")
     assert bad.returncode != 0 and "fmri_weight=-1.0" in bad.stderr
+
+
+def test_tune_entry_points_measure_instead_of_training(recipe, tmp_path):
+    from stepkit.tools import TuneConfig
+
+    cfg = config(recipe, tmp_path / "run")
+    cfg.tune = TuneConfig(find_lr=True, lr_steps=20, find_batch=True, memory_cap_gb=0.01, max_batch=2048)
+    out = recipe.main(cfg)
+    saved = json.loads((tmp_path / "run" / "tune.json").read_text())
+    assert saved["suggested_lr"] == out["suggested_lr"] > 0 and len(saved["lrs"]) >= 3
+    assert 1 <= saved["largest_batch"] < 2048
+    assert (tmp_path / "run" / "lr_range.png").exists() and not (tmp_path / "run" / "summary.json").exists()
