@@ -156,8 +156,8 @@ class LRRangeResult:
         ax.plot(self.lrs, self.smoothed, label="smoothed")
         ax.axvline(self.suggested_lr, color="k", ls="--", label=f"suggested {self.suggested_lr:.2g}")
         ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="LR range test")
-        low, start = min(self.smoothed), self.smoothed[0]
-        ax.set_ylim(low - 0.05 * (start - low + 1e-12), start + 0.5 * (start - low + 1e-12))  # not the blow-up
+        low, span = min(self.smoothed), self.smoothed[0] - min(self.smoothed) + 1e-12
+        ax.set_ylim(low - 0.05 * span, low + 1.5 * span)  # the useful range, not the blow-up
         ax.legend()
         fig.tight_layout()
         fig.savefig(path)
