@@ -138,7 +138,7 @@ def sweep(
         value = summary.get(metric)
         results.append({
             "trial": i, "params": params, metric: value, "returncode": code,
-            "status": "ok" if code == 0 and value is not None else "failed",
+            "status": "failed" if code != 0 else "ok" if value is not None else f"no {metric} in summary",
             "wall_s": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
         })
         print(f"trial {i}: {params} -> {metric}={value} ({results[-1]['status']})", flush=True)
