@@ -96,8 +96,11 @@ class Data:
 @dataclass
 class Model:
     arch: Literal["cnn", "vit-toy", "vit-tiny", "vit-small", "vit-base"] = "cnn"
-    cnn_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    """CNN channels per stage (the first at stride 1, then stride 2: five stages see a 32 px digit whole)."""
+    cnn_widths: tuple[int, ...] = (32, 64, 128)
+    """CNN channels per stage (the first at stride 1, then stride 2)."""
+    cnn_pool: int = 4
+    """CNN output: average-pooled to a pool x pool grid and flattened. A 4 x 4 grid keeps the
+    coarse layout that tells digits apart (global pooling, 1, lost it: k-NN 0.41 instead of 0.67)."""
     patch_size: int = 0
     """ViT patch size (0: the preset's)."""
     drop_path: float = 0.1
@@ -166,8 +169,9 @@ class Config:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     crops: MultiCrop = field(
+        # no solarisation: it erases the white strokes of the embedded digits
         default_factory=lambda: MultiCrop(global_size=32, local_size=16, local_crops=4,
-                                          global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+                                          global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0)
     )
     loss: Loss = field(default_factory=Loss)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=700))
@@ -225,7 +229,7 @@ class DinoModel(nn.Module):
 
 def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     if cfg.model.arch == "cnn":
-        net = SmallCNN(in_chans, cfg.model.cnn_widths)
+        net = SmallCNN(in_chans, cfg.model.cnn_widths, cfg.model.cnn_pool)
         return net, net.dim
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
@@ -366,17 +370,17 @@ def main(cfg: Config) -> dict:
         ema_update(state.target, state.model, momentum)
         log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
         if cfg.eval.every and state.step % cfg.eval.every == 0:
-            log.write({"knn_acc": knn(model.backbone), "knn_acc_teacher": knn(teacher.backbone)}, state.step)
+            log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)}, state.step)
         state.extras["wall_s"] = time.perf_counter() - started
         maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
     save_last(ckpt_dir, state)
     train_s = time.perf_counter() - started
 
-    summary = {
+    summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
         "steps": state.step,
         "wall_s": round(train_s, 3),
-        "knn_acc": knn(model.backbone),
-        "knn_acc_teacher": knn(teacher.backbone),
+        "knn_acc": knn(teacher.backbone),
+        "knn_acc_student": knn(model.backbone),
         "knn_acc_random_init": knn_random_init,
         "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
         "skipped_steps": int(state.skipped_steps),
@@ -386,7 +390,7 @@ def main(cfg: Config) -> dict:
     log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
     log.close()
     write_summary(cfg.run_dir, summary)
-    print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (teacher {summary['knn_acc_teacher']:.3f}), "
+    print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
           f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
           f"summary in {cfg.run_dir / 'summary.json'}")
     return summary

@@ -45,7 +45,7 @@ def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
     assert summary["steps"] == 6
     assert {
         "knn_acc",
-        "knn_acc_teacher",
+        "knn_acc_student",
         "knn_acc_random_init",
         "knn_acc_pixels",
         "params_digest",
