@@ -174,7 +174,7 @@ class Config:
                                           global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0)
     )
     loss: Loss = field(default_factory=Loss)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=700))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1100))
     optim: Optim = field(default_factory=Optim)
     ema: MomentumSchedule = field(default_factory=lambda: MomentumSchedule(momentum=0.99))
     eval: Eval = field(default_factory=Eval)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -19,8 +20,21 @@ class SmallCNN(nn.Module):
         for i, (a, b) in enumerate(zip((in_chans, *widths[:-1]), widths, strict=True)):
             layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
                        nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten())
-        self.dim = widths[-1] * pool * pool
+        self.features = nn.Sequential(*layers)
+        self.pool, self.dim = pool, widths[-1] * pool * pool
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
+        return grid_mean(self.features(x), self.pool).flatten(1)
+
+
+def grid_mean(x: Tensor, grid: int) -> Tensor:
+    """Average ``(B, C, H, W)`` over a ``grid x grid`` partition: ``(B, C, grid, grid)``.
+
+    When the grid divides H and W this is a reshape and a mean, which is
+    bit-reproducible on the CPU; ``adaptive_avg_pool2d`` (the fallback for
+    other sizes) was not, and a resumed run must match the uninterrupted one.
+    """
+    b, c, h, w = x.shape
+    if h % grid or w % grid:
+        return F.adaptive_avg_pool2d(x, grid)
+    return x.view(b, c, grid, h // grid, grid, w // grid).mean(dim=(3, 5))
