@@ -111,3 +111,9 @@ def test_crops_are_grouped_by_resolution_and_run_once_per_group():
     out = multi_crop_forward(backbone, None, views)
     assert calls == [(4, 1, 8, 8), (6, 1, 4, 4)] and out.shape == (10, 3)
     torch.testing.assert_close(out[4:6], views[2].flatten(1)[:, :3])
+
+
+def test_koleo_gradient_is_finite_for_duplicate_points():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    koleo_loss(x).backward()
+    assert torch.isfinite(x.grad).all()

@@ -95,9 +95,16 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """KoLeo spreading term (DINOv2): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` on L2-normalised rows."""
+    """KoLeo spreading term (DINOv2): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` on L2-normalised rows.
+
+    For unit vectors ``||x_i - x_j|| = sqrt(2 - 2 x_i . x_j)``, so the nearest
+    distance comes from each row's largest dot product. Written that way the
+    backward pass writes one element per row; gathering the neighbours
+    (``x[argmax]``) instead accumulates into shared rows, which made CPU
+    training differ from run to run.
+    """
     x = F.normalize(x.float(), dim=-1, eps=eps)
     dots = x @ x.t()
-    dots.fill_diagonal_(-2.0)  # never one's own neighbour
-    nearest = x[dots.argmax(dim=1)]
-    return -torch.log((x - nearest).norm(dim=-1) + eps).mean()
+    dots = dots - 4.0 * torch.eye(len(x), device=x.device, dtype=dots.dtype)  # never one's own neighbour
+    nearest_sq = (2.0 - 2.0 * dots.max(dim=1).values).clamp_min(eps * eps)  # no infinite slope at 0
+    return -torch.log(nearest_sq.sqrt() + eps).mean()
