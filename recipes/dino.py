@@ -281,6 +281,10 @@ def main(cfg: Config) -> dict:
     model = DinoModel(backbone, head).to(device)
     prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
 
+    def views_of(images: torch.Tensor) -> list[torch.Tensor]:
+        """A batch of decoded images -> its normalised multi-crop views, on the device."""
+        return [normalize(v, mean, std) for v in multi_crop(to_unit(images.to(device)), cfg.crops)]
+
     def loader(dataset, **kw) -> DataLoader:
         # Its own generator: a DataLoader iterator otherwise draws its seed from the
         # global RNG, and a resumed run would draw it at another point of the stream.
@@ -343,8 +347,7 @@ def main(cfg: Config) -> dict:
     if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
         def make_batch(size: int) -> list[torch.Tensor]:
             idx = torch.randint(0, len(train_set), (size,)).tolist()
-            images = torch.stack([train_set[i][0] for i in idx]).to(device)
-            return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
+            return views_of(torch.stack([train_set[i][0] for i in idx]))
 
         log.close()
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
@@ -358,7 +361,7 @@ def main(cfg: Config) -> dict:
     while state.step < steps:
         images, _ = next(batches)
         state.data_position += 1
-        views = [normalize(v, mean, std) for v in multi_crop(to_unit(images.to(device)), cfg.crops)]
+        views = views_of(images)
         loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
         if not accumulate(state, loss):
             continue

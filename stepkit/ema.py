@@ -49,9 +49,7 @@ def ema_update(
 
     pairs: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for name, t in target_params.items():
-        o = online_params[name]
-        if DTensor is not None and isinstance(t, DTensor):
-            t, o = t.to_local(), o.to_local()
+        t, o = _local(t), _local(online_params[name])
         if t.shape != o.shape:
             raise ValueError(
                 f"ema_update: {name!r} has shape {tuple(t.shape)} in target, {tuple(o.shape)} online"

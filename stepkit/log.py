@@ -136,7 +136,7 @@ class Logger:
         """Write numbers as they are (evaluation results, summaries): no averaging."""
         if not self.main:
             return
-        numbers = {k: float(v) for k, v in _to_numbers(dict(metrics)).items()}
+        numbers = _to_numbers(metrics)
         for sink in self._sinks:
             sink.write(numbers, step)
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit.state import unwrap
+from stepkit.step import grad_norm
 
 
 @torch.no_grad()
@@ -61,15 +62,10 @@ def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
             grads.append(param.grad)
     out: dict[str, Tensor] = {}
     for group, (weights, grads) in groups.items():
-        out[f"weight_norm/{group}"] = _norm(weights)
+        out[f"weight_norm/{group}"] = grad_norm(weights)  # any tensors' global L2 norm
         if grads:
-            out[f"grad_norm/{group}"] = _norm(grads)
+            out[f"grad_norm/{group}"] = grad_norm(grads)
     return out
-
-
-def _norm(tensors: list[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(tensors, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def system_metrics(device: torch.device | str | None = None) -> dict[str, float]:

@@ -97,8 +97,13 @@ def flags(params: dict[str, Any]) -> list[str]:
     """``{"optim.lr": 1e-3}`` -> ``["--optim.lr", "0.001"]`` (tyro's dashes for underscores)."""
     out = []
     for key, value in params.items():
-        out += ["--" + key.replace("_", "-"), str(value)]
+        out += [flag_name(key), str(value)]
     return out
+
+
+def flag_name(key: str) -> str:
+    """``train.warmup_steps`` -> ``--train.warmup-steps``: tyro spells flags with dashes."""
+    return "--" + key.replace("_", "-")
 
 
 def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], log: Path) -> int:
@@ -207,7 +212,7 @@ def _dashes(arg: str) -> str:
     if not arg.startswith("--"):
         return arg
     name, sep, value = arg[2:].partition("=")
-    return "--" + name.replace("_", "-") + sep + value
+    return flag_name(name) + sep + value
 
 
 def main(argv: list[str] | None = None) -> None:

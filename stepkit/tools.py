@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -372,7 +373,7 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
         cap = int(cfg.memory_cap_gb * 1e9)
 
         def one_step(size: int) -> None:
-            with MemoryCap(cap) if cap else _nothing():
+            with MemoryCap(cap) if cap else contextlib.nullcontext():
                 loss, _ = forward_loss(loss_fn, state, make_batch(size), amp=amp)
                 accumulate(state, loss, every=1)
 
@@ -381,10 +382,3 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
     Path(run_dir, "tune.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
