@@ -26,14 +26,15 @@ from typing import Any, Literal
 
 import torch
 
-from stepkit import _check
+from stepkit import _check, dist
 from stepkit._atomic import atomic_save, atomic_write_bytes
-from stepkit.state import TrainState, target_state_dict, unwrap
+from stepkit.state import TrainState, load_extras, rng_state, set_rng_state, target_state_dict, unwrap
 
 FORMAT = "stepkit.checkpoint/1"
 LAST = "last.pt"
+SHARDED_SUFFIX = ".dcp"
 BEST_INDEX = "best.json"
-_PERIODIC = re.compile(r"step_(\d{8,})\.pt")
+_PERIODIC = re.compile(r"step_(\d{8,})(?:\.rank\d+\.rng)?\.(?:pt|dcp)")
 
 
 class CheckpointError(ValueError):
@@ -41,8 +42,30 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
-    """Atomically save ``state`` (and JSON-like ``meta``) to ``path``."""
-    return atomic_save({"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}, path)
+    """Atomically save ``state`` (and JSON-like ``meta``) to ``path``.
+
+    Under torch.distributed every rank calls it: a replicated model (DDP)
+    is written by rank 0 alone, and each other rank writes only its own RNG
+    state beside it (``last.rank1.rng.pt``), so a resumed run continues every
+    rank's augmentation stream; a sharded model (FSDP2) goes to a
+    ``torch.distributed.checkpoint`` folder instead (``last.dcp/``, see
+    ``save_sharded``). In a world of one it is a plain file.
+    """
+    if dist.is_sharded(state.model):
+        return save_sharded(Path(path).with_suffix(SHARDED_SUFFIX), state, meta=meta)
+    if dist.world_size() == 1:
+        return atomic_save({"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}, path)
+    path = Path(path)
+    if dist.is_main():
+        atomic_save({"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}, path)
+    else:
+        atomic_save({"format": FORMAT, "rng": rng_state()}, _rank_rng_path(path, dist.rank()))
+    dist.barrier()
+    return path
+
+
+def _rank_rng_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}.rng.pt")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,11 +104,32 @@ def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike 
 
 
 def resume(ckpt_dir: str | os.PathLike, state: TrainState) -> bool:
-    """Restore ``state`` from ``ckpt_dir/last.pt`` if there is one; return whether it did."""
+    """Restore ``state`` from ``ckpt_dir/last.pt`` (or the sharded ``last.dcp/``) if there is one;
+    return whether it did. Under torch.distributed every rank calls it and gets its own RNG back.
+    A sharded checkpoint loads into FSDP on any world size DCP can reshard to, or into a single
+    process."""
     last = Path(ckpt_dir) / LAST
+    sharded = last.with_suffix(SHARDED_SUFFIX)
+    if dist.is_sharded(state.model):
+        if not sharded.exists():
+            if last.exists():
+                raise CheckpointError(f"{last}: a single-file checkpoint, but this model is sharded (FSDP): "
+                                      "resume it with the strategy it was saved under")
+            return False
+        load_sharded(sharded, state)
+        return True
     if not last.exists():
+        if sharded.exists() and dist.world_size() == 1:  # an FSDP run continued in one process
+            load_sharded(sharded, state)
+            return True
+        if sharded.exists():
+            raise CheckpointError(f"{sharded}: a sharded (FSDP) checkpoint, but this model is replicated: "
+                                  "resume it with --dist.strategy fsdp, or in a single process")
         return False
     restore(state, load_checkpoint(last), last)
+    rank_rng = _rank_rng_path(last, dist.rank())
+    if dist.rank() > 0 and rank_rng.exists():
+        set_rng_state(load_checkpoint(rank_rng)["rng"])
     return True
 
 
@@ -126,7 +170,9 @@ def save_periodic(
     """Save ``step_<step>.pt`` and delete the periodic saves older than the last ``keep_last``."""
     _check.integer_at_least("keep_last", keep_last, 1)
     path = save_checkpoint(_periodic_path(ckpt_dir, state.step), state, meta=meta)
-    _prune_periodic(Path(ckpt_dir), keep_last)
+    if dist.is_main():
+        _prune_periodic(Path(ckpt_dir), keep_last)
+    dist.barrier()
     return path
 
 
@@ -135,11 +181,17 @@ def _periodic_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
 
 
 def _prune_periodic(ckpt_dir: Path, keep_last: int) -> None:
-    periodic = sorted(
-        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _PERIODIC.fullmatch(p.name))
-    )
-    for _, old in periodic[:-keep_last]:
-        old.unlink(missing_ok=True)
+    import shutil
+
+    periodic = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _PERIODIC.fullmatch(p.name))]
+    kept = sorted({step for step, _ in periodic})[-keep_last:]
+    for step, old in periodic:
+        if step in kept:
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -183,9 +235,11 @@ def save_best(
     if candidate not in kept:
         return None
     path = save_checkpoint(ckpt_dir / candidate["file"], state, meta=meta)
-    atomic_write_bytes(ckpt_dir / BEST_INDEX, json.dumps(kept, indent=1).encode())
-    for dropped in ranked[keep_best:]:
-        (ckpt_dir / dropped["file"]).unlink(missing_ok=True)
+    if dist.is_main():
+        atomic_write_bytes(ckpt_dir / BEST_INDEX, json.dumps(kept, indent=1).encode())
+        for dropped in ranked[keep_best:]:
+            (ckpt_dir / dropped["file"]).unlink(missing_ok=True)
+    dist.barrier()  # every rank reads the same index next time
     return path
 
 
@@ -215,6 +269,184 @@ def maybe_save(
         return False
     last = save_last(ckpt_dir, state, meta=meta)
     if keep_last > 0:
-        _link_or_copy(last, _periodic_path(ckpt_dir, state.step))
-        _prune_periodic(Path(ckpt_dir), keep_last)
+        if dist.is_sharded(state.model):  # a folder per rank's shards: saved again, not linked
+            save_checkpoint(_periodic_path(ckpt_dir, state.step), state, meta=meta)
+        elif dist.is_main():
+            _link_or_copy(last, _periodic_path(ckpt_dir, state.step))
+        else:  # this rank's RNG beside the periodic copy, so that one resumes every rank too
+            periodic = _periodic_path(ckpt_dir, state.step)
+            _link_or_copy(_rank_rng_path(last, dist.rank()), _rank_rng_path(periodic, dist.rank()))
+        if dist.is_main():
+            _prune_periodic(Path(ckpt_dir), keep_last)
+        dist.barrier()
     return True
+
+
+# --- sharded checkpoints (FSDP2), with torch.distributed.checkpoint ------------------------------
+
+_SAFE_METADATA_MODULES = ("torch.distributed.checkpoint.",)
+_SAFE_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: rebuild only DCP's own records, torch dtypes and sizes."""
+
+    def find_class(self, module: str, name: str):
+        if (module.startswith(_SAFE_METADATA_MODULES) or (module, name) in _SAFE_METADATA_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                with open(Path(self.path) / ".metadata", "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, OSError) as err:
+                raise CheckpointError(
+                    f"{path}: refused: its metadata is not a plain checkpoint index ({err})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        # DCP's own load_bytes unpickles non-tensor values (optimizer hyper-parameters)
+        # with weights_only=False; the same, restricted to plain data.
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            fqn = read_item.dest_index.fqn
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    return SafePlanner()
+
+
+def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
+    """Save a sharded (FSDP2) ``state`` into the folder ``path`` with ``torch.distributed.checkpoint``.
+
+    Every rank writes its own shards of the model, optimizer and EMA target
+    (never gathered on one rank) and its RNG state; buffers are first made
+    equal to rank 0's (``dist.broadcast_buffers``); rank 0 writes
+    ``state.json`` (counters, non-tensor extras, the world size). The
+    folder is written under a temporary name and renamed into place, so an
+    interrupted save leaves the previous checkpoint whole.
+    """
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    # DCP keeps one copy of a replicated tensor, taken from whichever rank it picks; FSDP2
+    # lets buffers (BatchNorm statistics) differ per rank, so agree on rank 0's first.
+    dist.broadcast_buffers(state.model)
+    if isinstance(state.target, torch.nn.Module):
+        dist.broadcast_buffers(state.target)
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    tensors: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "skipped_steps": state.skipped_steps,
+        "extras": {k: v for k, v in state.extras.items() if isinstance(v, torch.Tensor)},
+    }
+    if isinstance(state.target, torch.nn.Module):
+        tensors["target"] = get_model_state_dict(state.target)
+    elif state.target is not None:
+        tensors["target"] = dict(state.target)
+    dcp.save(tensors, checkpoint_id=tmp)
+    atomic_save({"format": FORMAT, "rng": rng_state()}, tmp / f"rng_rank{dist.rank()}.pt")
+    if dist.is_main():
+        info = {
+            "format": FORMAT, "sharded": True, "world_size": dist.world_size(),
+            "step": state.step, "micro_step": state.micro_step, "accum": state.accum,
+            "data_position": state.data_position, "run_id": state.run_id, "meta": meta or {},
+            "extras": {k: v for k, v in state.extras.items() if not isinstance(v, torch.Tensor)},
+        }
+        atomic_write_bytes(tmp / "state.json", json.dumps(info).encode())
+    dist.barrier()
+    if dist.is_main():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
+    """Load a ``save_sharded`` folder into a sharded ``state`` (any world size DCP can reshard to)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(path)
+    try:
+        info = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a complete sharded checkpoint ({err})") from None
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a stepkit checkpoint (format {info.get('format')!r})")
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    tensors: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "skipped_steps": state.skipped_steps,
+        "extras": {k: v for k, v in state.extras.items() if isinstance(v, torch.Tensor)},
+    }
+    if isinstance(state.target, torch.nn.Module):
+        tensors["target"] = get_model_state_dict(state.target)
+    elif state.target is not None:
+        tensors["target"] = dict(state.target)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(tensors, storage_reader=_safe_reader(path), planner=_safe_planner())
+    except CheckpointError:
+        raise
+    except (CheckpointException, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        refused = re.search(r"refused: [^\n]*", str(err))  # DCP wraps the reader's error in its own
+        if refused:
+            raise CheckpointError(f"{path}: {refused.group(0)}") from None
+        raise CheckpointError(f"{path}: does not fit this run: {err}") from None
+    set_state_dict(state.model, state.optimizer, model_state_dict=tensors["model"],
+                   optim_state_dict=tensors["optimizer"])
+    if isinstance(state.target, torch.nn.Module):
+        set_model_state_dict(state.target, tensors["target"])
+    state.step, state.micro_step = int(info["step"]), int(info["micro_step"])
+    state.accum, state.data_position = int(info["accum"]), int(info["data_position"])
+    state.run_id = info["run_id"]
+    state.extras = load_extras(state.extras, {**info["extras"], **tensors["extras"]})
+    state.grad_norm = None
+    rng = path / f"rng_rank{dist.rank()}.pt"
+    if rng.exists():  # a different world size: the new ranks keep their seeds
+        set_rng_state(load_checkpoint(rng)["rng"])

@@ -182,6 +182,66 @@ def digits_canvas(
     }
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SIZE_WORDS = {"small": 0.3, "medium": 0.45, "large": 0.6}  # half-width of the digit, in canvas half-widths
+PLACE_WORDS = {  # (column, row) of a 3 x 3 layout: -1 left/top, 0 middle, 1 right/bottom
+    "in the upper left": (-1, -1), "at the top": (0, -1), "in the upper right": (1, -1),
+    "on the left": (-1, 0), "in the middle": (0, 0), "on the right": (1, 0),
+    "in the lower left": (-1, 1), "at the bottom": (0, 1), "in the lower right": (1, 1),
+}
+
+
+def digits_captioned(
+    *, seed: int = 0, size: int = 32, jitter: float = 0.1, noise: float = 0.05, train_fraction: float = 0.8
+) -> dict:
+    """scikit-learn's handwritten digits placed in a canvas, each paired with a caption that says
+    the digit, where it is and how big: "a small seven in the upper left".
+
+    Each digit gets a seeded size (small / medium / large) and place (a cell
+    of a 3 x 3 layout, moved by up to ``jitter`` canvas half-widths), so a
+    caption names one of 270 combinations and retrieval needs more than the
+    digit's class. Returns ``train_images``/``test_images`` ``(N, 1, size,
+    size)`` float32, ``train_captions``/``test_captions`` (lists of str),
+    ``train_caption_ids``/``test_caption_ids`` (int64; equal ids = equal
+    captions, across both splits) and ``train_labels``/``test_labels``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    _check.integer_at_least("size", size, 8)
+    _check.in_range("jitter", jitter, 0.0, 0.5)
+    _check.in_range("train_fraction", train_fraction, 0.0, 1.0)
+    x, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    n = len(y)
+    digits = torch.tensor(x / 16.0, dtype=torch.float32).view(n, 1, 8, 8)
+    size_idx = torch.randint(len(SIZE_WORDS), (n,), generator=g)
+    place_idx = torch.randint(len(PLACE_WORDS), (n,), generator=g)
+    half = torch.tensor(list(SIZE_WORDS.values()))[size_idx]
+    cell = torch.tensor(list(PLACE_WORDS.values()), dtype=torch.float32)[place_idx]
+    centre = cell * (1 - half[:, None]) + (torch.rand(n, 2, generator=g) * 2 - 1) * jitter
+    zeros = torch.zeros(n)
+    theta = torch.stack([torch.stack([1 / half, zeros, -centre[:, 0] / half], 1),
+                         torch.stack([zeros, 1 / half, -centre[:, 1] / half], 1)], 1)
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    images = F.grid_sample(digits, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    images = (images + noise * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    sizes, places = list(SIZE_WORDS), list(PLACE_WORDS)
+    captions = [f"a {sizes[s]} {DIGIT_WORDS[d]} {places[p]}"
+                for s, d, p in zip(size_idx.tolist(), y.tolist(), place_idx.tolist())]
+    ids = (torch.tensor(y) * len(sizes) + size_idx) * len(places) + place_idx
+    order = torch.randperm(n, generator=g)
+    cut = int(round(train_fraction * n))
+    out = {}
+    for split, rows in (("train", order[:cut]), ("test", order[cut:])):
+        out[f"{split}_images"] = images[rows]
+        out[f"{split}_captions"] = [captions[i] for i in rows.tolist()]
+        out[f"{split}_caption_ids"] = ids[rows]
+        out[f"{split}_labels"] = torch.tensor(y)[rows]
+    return out
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

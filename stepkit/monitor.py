@@ -86,3 +86,35 @@ def host_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _Saved:
+    """A tensor saved for backward, counted while the autograd graph holds it."""
+
+    __slots__ = ("tensor", "meter")
+
+    def __init__(self, tensor: Tensor, meter: SavedActivations) -> None:
+        self.tensor, self.meter = tensor, meter
+        meter.current += tensor.numel() * tensor.element_size()
+        meter.peak = max(meter.peak, meter.current)
+
+    def __del__(self) -> None:
+        self.meter.current -= self.tensor.numel() * self.tensor.element_size()
+
+
+class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of tensors autograd keeps for the backward pass, now (``current``) and at most (``peak``).
+
+    Activation memory on any device, the CPU included (where torch has no
+    allocator statistics): a tensor counts from the forward op that saves it
+    until its graph is freed. Parameters saved by an op count too; a tensor
+    that two ops save counts twice. ``with SavedActivations() as meter: ...; meter.peak``.
+    """
+
+    def __init__(self) -> None:
+        self.current = self.peak = 0
+        super().__init__(lambda t: _Saved(t, self), lambda saved: saved.tensor)
+
+    def __enter__(self) -> SavedActivations:
+        super().__enter__()
+        return self

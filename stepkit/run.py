@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stepkit import _check
+from stepkit import _check, dist
 from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint import LAST
 from stepkit.state import unwrap
@@ -129,16 +129,24 @@ def start_run(run_dir: str | os.PathLike, config: Any, *, resume: bool) -> Path:
             f"run_dir={str(run_dir)!r} is not allowed: it already holds a run; "
             "pass --resume to continue it, or choose another --run-dir"
         )
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")
+    # Every rank checks (and so raises alike); rank 0 writes, the others wait for the folder.
+    if dist.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")
+    dist.barrier()
     return ckpt_dir
 
 
 def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the state_dict's names and tensors' bytes in key order: equal iff bit-identical."""
+    """SHA-256 over the state_dict's names and tensors' bytes in key order: equal iff bit-identical.
+
+    FSDP2 shards are gathered first (a collective: call it on every rank).
+    """
     state = unwrap(model).state_dict() if isinstance(model, nn.Module) else model
     digest = hashlib.sha256()
     for name, tensor in state.items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
         t = tensor.detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
@@ -147,9 +155,10 @@ def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
 
 
 def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
-    """Write ``run_dir/summary.json`` atomically."""
+    """Write ``run_dir/summary.json`` atomically (rank 0 only under torch.distributed)."""
     path = Path(run_dir) / SUMMARY_FILE
-    atomic_write_bytes(path, json.dumps(to_jsonable(summary), indent=2).encode() + b"\n")
+    if dist.is_main():
+        atomic_write_bytes(path, json.dumps(to_jsonable(summary), indent=2).encode() + b"\n")
     return path
 
 

@@ -382,3 +382,63 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
     Path(run_dir, "tune.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
+
+
+# --- retrieval ------------------------------------------------------------------------------
+
+
+def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor:
+    if (query_ids is None) != (key_ids is None):
+        raise ValueError("give both query_ids and key_ids, or neither (then key i is query i's match)")
+    if query_ids is None:
+        if n_queries != n_keys:
+            raise ValueError(f"{n_queries} queries and {n_keys} keys: without ids they must pair one to one")
+        return torch.eye(n_queries, dtype=torch.bool)
+    if len(query_ids) != n_queries or len(key_ids) != n_keys:
+        raise ValueError(f"query_ids ({len(query_ids)}) and key_ids ({len(key_ids)}) must match the "
+                         f"similarity matrix's {n_queries} x {n_keys}")
+    return query_ids.reshape(-1, 1).cpu() == key_ids.reshape(1, -1).cpu()
+
+
+@torch.no_grad()
+def recall_at_k(
+    similarity: Tensor, ks: Sequence[int] = (1, 5, 10), *,
+    query_ids: Tensor | None = None, key_ids: Tensor | None = None,
+) -> dict[int, float]:
+    """Recall@k of a ``(queries, keys)`` similarity matrix: the fraction of queries with a relevant key
+    among their ``k`` most similar.
+
+    Key j is relevant to query i when ``query_ids[i] == key_ids[j]`` (e.g.
+    the same caption, or the image a caption was written for); without ids,
+    key i is query i's only match.
+    """
+    relevant = _relevance(*similarity.shape, query_ids, key_ids)
+    out = {}
+    for k in ks:
+        _check.integer_at_least("k", k, 1)
+        top = similarity.float().cpu().topk(min(k, similarity.shape[1]), dim=1).indices
+        out[k] = relevant.gather(1, top).any(dim=1).float().mean().item()
+    return out
+
+
+def chance_recall_at_k(
+    n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None, key_ids: Tensor | None = None
+) -> float:
+    """Expected recall@k of a random ranking: mean over queries of ``1 - C(K - r, k) / C(K, k)``,
+    with ``r`` the query's relevant keys among ``K``."""
+    relevant = _relevance(n_queries, n_keys, query_ids, key_ids).sum(dim=1).tolist()
+    return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in relevant) / n_queries
+
+
+def retrieval_metrics(
+    image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), *, ids: Tensor | None = None
+) -> dict[str, float]:
+    """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
+    ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
+    (the same caption): any row with the query's id counts as a hit."""
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    similarity = image @ text.T
+    kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
+    i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
+    return {**{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
+            **{f"recall_at_{k}_t2i": v for k, v in t2i.items()}}

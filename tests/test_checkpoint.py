@@ -189,3 +189,39 @@ def test_maybe_save_writes_last_and_periodic_every_n_steps(tmp_path):
 def test_meta_travels_with_the_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", make_state(), meta={"val_acc": 0.5, "note": "x"})
     assert load_checkpoint(path)["meta"] == {"val_acc": 0.5, "note": "x"}
+
+
+def test_sharded_format_round_trips_in_one_process_and_refuses_code(tmp_path):
+    import pickle
+
+    from stepkit.checkpoint import CheckpointError, load_sharded, save_sharded
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        return TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                          extras={"center": torch.zeros(2), "wall_s": 0.0})
+
+    state = fresh(0)
+    state.model(torch.randn(4, 3)).sum().backward()
+    state.optimizer.step()
+    state.step, state.data_position, state.extras["wall_s"] = 7, 11, 2.5
+    state.extras["center"].fill_(3.0)
+    path = save_sharded(tmp_path / "last.dcp", state)
+    other = fresh(1)
+    load_sharded(path, other)
+    assert (other.step, other.data_position, other.extras["wall_s"]) == (7, 11, 2.5)
+    assert torch.equal(other.extras["center"], torch.full((2,), 3.0))
+    for a, b in zip(state.model.parameters(), other.model.parameters()):
+        assert torch.equal(a, b)
+    saved_adam = state.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"], saved_adam)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_sharded(path, fresh(2))
+    assert not (tmp_path / "pwned").exists()

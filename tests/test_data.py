@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from stepkit.data import load_fmri_npz, synthetic_fmri, time_blocks
 
@@ -187,3 +188,27 @@ def torch_uint8():
     import torch
 
     return torch.uint8
+
+
+def test_captioned_digits_say_what_where_and_how_big():
+    from stepkit.data import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
+
+    d = digits_captioned(seed=3)
+    assert d["train_images"].shape[1:] == (1, 32, 32)
+    assert len(d["train_images"]) + len(d["test_images"]) == 1797
+    for split in ("train", "test"):
+        rows = zip(d[f"{split}_captions"], d[f"{split}_labels"], d[f"{split}_caption_ids"])
+        for caption, label, cid in rows:
+            size, digit = caption.split()[1:3]
+            place = " ".join(caption.split()[3:])
+            assert digit == DIGIT_WORDS[label] and size in SIZE_WORDS and place in PLACE_WORDS
+            s, p = list(SIZE_WORDS).index(size), list(PLACE_WORDS).index(place)
+            assert cid == (label * 3 + s) * 9 + p  # equal ids <=> equal captions
+    # a digit "in the upper left" has its ink there: the mean row/column of the ink is up and left
+    img = d["train_images"][[i for i, c in enumerate(d["train_captions"]) if c.endswith("upper left")]]
+    ink = img.clamp_min(0.3) - 0.3
+    rows = (ink.sum(dim=(1, 3)) * torch.arange(32)).sum(1) / ink.sum(dim=(1, 2, 3))
+    assert (rows < 16).float().mean() > 0.95
+    again = digits_captioned(seed=3)
+    assert torch.equal(again["test_images"], d["test_images"])
+    assert again["test_captions"] == d["test_captions"]

@@ -5,26 +5,36 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stepkit import _check
+
 
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU stages (the first at stride 1, the rest at stride 2), then global average pooling.
+    """Conv-norm-ReLU stages (the first at stride 1, the rest at stride 2), then average pooling.
+
+    ``norm``: ``"batch"`` (BatchNorm), or ``"group"`` (GroupNorm, 8 groups),
+    which keeps every row of a batch independent of the others, as gradient
+    caching and per-chunk encoding need.
 
     ``forward(x)`` -> ``(B, widths[-1] * pool**2)``: adaptive average
     pooling to a ``pool x pool`` grid, flattened, so it takes DINO's global
     and local crops alike; ``pool > 1`` keeps a coarse spatial layout.
     """
 
-    def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), pool: int = 1) -> None:
+    def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), pool: int = 1,
+                 norm: str = "batch") -> None:
         super().__init__()
+        _check.one_of("norm", norm, ("batch", "group"))
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip((in_chans, *widths[:-1]), widths, strict=True)):
             layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                       nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+                       nn.BatchNorm2d(b) if norm == "batch" else nn.GroupNorm(min(8, b), b),
+                       nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.pool, self.dim = pool, widths[-1] * pool * pool
 
     def forward(self, x: Tensor) -> Tensor:
-        return grid_mean(self.features(x), self.pool).flatten(1)
+        # a copy, not a view: FSDP2 cannot hook the backward of a module's view output safely
+        return grid_mean(self.features(x), self.pool).flatten(1).clone()
 
 
 def grid_mean(x: Tensor, grid: int) -> Tensor:

@@ -1,0 +1,420 @@
+"""Contrastive embedding training: an image tower and a text tower matched by in-batch InfoNCE.
+
+    python recipes/contrastive.py --run-dir runs/contrastive             # MiniLM + LoRA, CPU, minutes
+    python recipes/contrastive.py tiny --run-dir runs/c-tiny              # from-scratch text tower
+    python recipes/contrastive.py --run-dir runs/c --gradcache.chunk 16 --batch-size 256
+    python recipes/contrastive.py tiny --run-dir runs/c-kd --distill.teacher-run runs/contrastive
+    python recipes/contrastive.py --help
+
+Images (the embedded captioned digits, or your own tensors) go through a
+small CNN, captions through pretrained all-MiniLM-L6-v2 fine-tuned with LoRA
+(or a small text encoder trained from scratch); both are projected to a
+shared space and L2-normalised. The loss is CLIP's symmetric InfoNCE with a
+learnable, clamped logit scale, over every pair of the batch (gathered
+across ranks under torchrun). Gradient caching lets the batch outgrow
+activation memory; a frozen teacher run can be distilled in. The run ends
+with held-out retrieval recall@1/5/10 both ways, before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stepkit import (
+    LRSchedule,
+    TrainState,
+    WDSchedule,
+    accumulate,
+    apply_update,
+    clip,
+    dist,
+    forward_loss,
+    lr_at,
+    param_groups,
+    wd_at,
+)
+from stepkit._check import at_least, fail, integer_at_least
+from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, resume, save_last
+from stepkit.data import ResumableSampler, digits_captioned
+from stepkit.gradcache import gradcache
+from stepkit.log import LogConfig, Logger
+from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
+from stepkit.models import SmallCNN
+from stepkit.models.text import (
+    PretrainedTextEncoder,
+    TinyTextEncoder,
+    WordTokenizer,
+    add_lora,
+    pretrained_tokenizer,
+)
+from stepkit.monitor import collapse_metrics
+from stepkit.run import (
+    Amp,
+    CkptConfig,
+    Device,
+    TrainConfig,
+    cli,
+    params_digest,
+    pick_device,
+    seed_everything,
+    start_run,
+    to_jsonable,
+    write_summary,
+)
+from stepkit.tools import TuneConfig, chance_recall_at_k, retrieval_metrics, tune
+
+
+@dataclass
+class Data:
+    seed: int = 0
+    """The seed that draws each digit's size and place (and so its caption)."""
+    image_size: int = 32
+
+
+@dataclass
+class Model:
+    text: Literal["minilm", "scratch"] = "minilm"
+    """Text tower: pretrained all-MiniLM-L6-v2 (the 'text' extra) or a small encoder from scratch."""
+    embed_dim: int = 128
+    """The shared embedding space both towers project to."""
+    cnn_widths: tuple[int, ...] = (32, 64, 128)
+    cnn_pool: int = 2
+    """Image tower output: a pool x pool grid of CNN features (it must see where the digit is)."""
+    cnn_norm: Literal["group", "batch"] = "group"
+    """GroupNorm keeps rows independent, so gradient caching gives the plain gradient
+    (BatchNorm would not)."""
+    text_dim: int = 64
+    """From-scratch text tower: width (depth 2)."""
+    text_dropout: float = 0.1
+    """From-scratch text tower: dropout."""
+    lora: bool = True
+    """MiniLM: train LoRA adapters only (False: fine-tune every weight)."""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("query", "value")
+    """Names of the linear layers that get adapters."""
+    grad_checkpointing: bool = False
+    """Recompute each tower's activations in the backward pass instead of keeping them."""
+    max_len: int = 32
+
+    def __post_init__(self) -> None:
+        integer_at_least("embed_dim", self.embed_dim, 1)
+        integer_at_least("text_dim", self.text_dim, 4)
+        integer_at_least("max_len", self.max_len, 4)
+        if not 0.0 <= self.text_dropout < 1.0:
+            fail("text_dropout", self.text_dropout, "a number in [0, 1)")
+
+
+@dataclass
+class Loss:
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    local_loss: bool = True
+    """Under torchrun: each rank's rows against all gathered columns (False: the full matrix on
+    every rank)."""
+
+
+@dataclass
+class Distill:
+    teacher_run: Path | None = None
+    """A finished run of this recipe (any model settings) whose last checkpoint is the frozen teacher."""
+    kind: Literal["kl", "mse"] = "kl"
+    """KL between the in-batch image-text similarity distributions, or MSE between embeddings."""
+    weight: float = 1.0
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        at_least("weight", self.weight, 0.0)
+        at_least("temperature", self.temperature, 1e-4)
+
+
+@dataclass
+class GradCache:
+    chunk: int = 0
+    """Rows per encoder pass with gradient caching (0: off, the whole batch at once)."""
+
+    def __post_init__(self) -> None:
+        integer_at_least("chunk", self.chunk, 0)
+
+
+@dataclass
+class Optim(LRSchedule, WDSchedule):
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    wd: float = 0.05
+    clip: float | None = 1.0
+    """Largest global gradient norm (None: no clipping)."""
+
+
+@dataclass
+class Config:
+    run_dir: Path = Path("runs/contrastive")
+    resume: bool = False
+    device: Device = "auto"
+    amp: Amp = "none"
+    batch_size: int = 64
+    """Pairs per update on each rank; under torchrun every rank's pairs are negatives for all."""
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    loss: Loss = field(default_factory=Loss)
+    distill: Distill = field(default_factory=Distill)
+    gradcache: GradCache = field(default_factory=GradCache)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
+    optim: Optim = field(default_factory=Optim)
+    log: LogConfig = field(default_factory=lambda: LogConfig(every=20))
+    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    dist: dist.DistConfig = field(default_factory=dist.DistConfig)
+
+    def __post_init__(self) -> None:
+        integer_at_least("batch_size", self.batch_size, 2)
+        if self.optim.warmup_steps > self.train.steps:
+            fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
+
+
+PRESETS = {
+    "minilm-lora": ("The default: pretrained MiniLM text tower with LoRA, CNN image tower, CPU.", Config()),
+    "tiny": (
+        "Both towers from scratch (no pretrained model, no extra packages); fastest.",
+        Config(model=Model(text="scratch"), train=TrainConfig(steps=400), optim=Optim(lr=3e-3)),
+    ),
+}
+
+
+class Tower(nn.Module):
+    """An encoder and a linear projection to the shared space, L2-normalised."""
+
+    def __init__(self, encoder: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        self.encoder, self.proj = encoder, nn.Linear(encoder.dim, embed_dim)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return F.normalize(self.proj(self.encoder(*args, **kwargs)), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
+    checkpoints carry it (the loss, not the forward, uses it)."""
+
+    def __init__(self, image: nn.Module, text: nn.Module, embed_dim: int, loss: Loss) -> None:
+        super().__init__()
+        self.image, self.text = Tower(image, embed_dim), Tower(text, embed_dim)
+        self.logit_scale = LogitScale(loss.init_temperature, loss.max_logit_scale)
+
+    def forward(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]):
+        return self.image(images), self.text(**tokens)
+
+
+class CheckpointedCNN(SmallCNN):
+    """SmallCNN whose stages recompute their activations in the backward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint_sequential
+
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        from stepkit.models.cnn import grid_mean
+
+        stages = len(self.features) // 3
+        features = checkpoint_sequential(self.features, stages, x, use_reentrant=False)
+        return grid_mean(features, self.pool).flatten(1)
+
+
+def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int) -> tuple[TwoTower, Callable]:
+    """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``)."""
+    cnn = CheckpointedCNN if cfg.grad_checkpointing else SmallCNN
+    image = cnn(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm)
+    if cfg.text == "minilm":
+        text = PretrainedTextEncoder()
+        if cfg.lora:
+            text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  targets=cfg.lora_targets)
+        if cfg.grad_checkpointing:
+            text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tokenize = pretrained_tokenizer(max_len=cfg.max_len)
+    else:
+        words = WordTokenizer(captions)
+        text = TinyTextEncoder(len(words), dim=cfg.text_dim, max_len=cfg.max_len, dropout=cfg.text_dropout)
+        tokenize = words
+    return TwoTower(image, text, cfg.embed_dim, loss), tokenize
+
+
+def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple[TwoTower, Callable]:
+    """A finished run's model, rebuilt from its own config.json and frozen."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+        model_cfg = Model(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
+        teacher, tokenize = build(model_cfg, Loss(), captions, in_chans)
+        teacher.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["state"]["model"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, CheckpointError, RuntimeError) as err:
+        fail("distill.teacher_run", str(run), f"a finished run of this recipe ({err})")
+    return teacher.to(device).eval().requires_grad_(False), tokenize
+
+
+def main(cfg: Config) -> dict:
+    device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
+    data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    in_chans = data["train_images"].shape[1]
+    seed_everything(cfg.train.seed)
+    model, tokenize = build(cfg.model, cfg.loss, data["train_captions"], in_chans)
+    model = model.to(device)
+    teacher = None
+    if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
+        teacher, teacher_tokenize = load_teacher(cfg.distill.teacher_run, data["train_captions"], in_chans,
+                                                 device)
+        teacher_tokens = teacher_tokenize(data["train_captions"])
+    tokens = tokenize(data["train_captions"])  # every caption once, padded to the longest
+    train_set = TensorDataset(data["train_images"], tokens["input_ids"], tokens["attention_mask"],
+                              torch.arange(len(data["train_images"])))
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        test_tokens = {k: v.to(device) for k, v in tokenize(data["test_captions"]).items()}
+        image = torch.cat([model.image(x.to(device)) for x in data["test_images"].split(256)])
+        text = model.text(**test_tokens)
+        model.train()
+        return retrieval_metrics(image, text, (1, 5, 10), ids=data["test_caption_ids"])
+
+    before = evaluate()
+    # Under torchrun: DDP, or FSDP2 with each tower sharded on its own (evaluation calls them
+    # alone). The logit scale only the loss uses: left out of both, its gradient averaged below.
+    scale_param = ["logit_scale.log_scale"]
+    wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=lambda m: [m.image, m.text],
+                               param_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, ignore=scale_param)
+    if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own dropout
+        seed_everything(cfg.train.seed + dist.rank())
+    state = TrainState(
+        model=wrapped,
+        optimizer=torch.optim.AdamW(param_groups(model)),
+        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+        accum=cfg.train.accum,
+        extras={"wall_s": 0.0},
+    )
+    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
+        print(f"resumed from {ckpt_dir} at step {state.step}")
+    steps = cfg.train.steps
+    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
+                 run_id=state.run_id, config=to_jsonable(cfg))
+    state.run_id = log.run_id
+
+    def to_device(batch):
+        images, input_ids, mask, rows = batch
+        return images.to(device), {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, rows
+
+    def objective(image: torch.Tensor, text: torch.Tensor, images: torch.Tensor, rows: torch.Tensor):
+        """The loss of the batch's embeddings; ``images`` and ``rows`` (dataset indices) feed the teacher."""
+        scale = model.logit_scale()
+        contrastive = clip_loss(image, text, scale, local_loss=cfg.loss.local_loss)
+        aux = {"contrastive": contrastive, "logit_scale": scale.detach(), **collapse_metrics(image, "image_")}
+        loss = contrastive
+        if teacher is not None:
+            with torch.no_grad():
+                t_tokens = {k: v[rows].to(device) for k, v in teacher_tokens.items()}
+                t_image, t_text = teacher(images, t_tokens)
+            if cfg.distill.kind == "kl":
+                distill = similarity_distillation_loss(image, text, t_image, t_text, cfg.distill.temperature)
+            else:
+                distill = embedding_mse(torch.cat([image, text]), torch.cat([t_image, t_text]))
+            aux["distill"] = distill
+            loss = loss + cfg.distill.weight * distill
+        return loss, aux
+
+    def loss_fn(state: TrainState, batch):
+        images, toks, rows = batch
+        return objective(*state.model(images, toks), images, rows)
+
+    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+        def make_batch(size: int):
+            idx = torch.randint(0, len(train_set), (size,))
+            return to_device(train_set[idx])
+
+        log.close()
+        return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
+
+    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
+                               start=state.data_position * cfg.batch_size, rank=dist.rank(),
+                               world=dist.world_size())
+    batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.train.seed)))
+    started = time.perf_counter() - state.extras["wall_s"]
+    while state.step < steps:
+        batch = to_device(next(batches))
+        state.data_position += 1
+        if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
+            images, _, rows = batch
+            loss, aux, due = gradcache(state, lambda part: state.model(*part), batch[:2],
+                                       lambda i, t, images=images, rows=rows: objective(i, t, images, rows),
+                                       chunk=cfg.gradcache.chunk, amp=cfg.amp)
+        else:
+            loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
+            due = accumulate(state, loss)
+        if not due:
+            continue
+        if model.logit_scale.log_scale.grad is not None:
+            dist.all_reduce_mean(model.logit_scale.log_scale.grad)
+        grad_norm = clip(state, max_norm=cfg.optim.clip)
+        lr = lr_at(state.step, cfg.optim, steps)
+        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+        state.extras["wall_s"] = time.perf_counter() - started
+        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    save_last(ckpt_dir, state)
+    train_s = time.perf_counter() - started
+
+    after = evaluate()
+    ids = data["test_caption_ids"]
+    n = len(ids)
+    summary = {
+        "steps": state.step,
+        "wall_s": round(train_s, 3),
+        **after,
+        **{f"{k}_before": v for k, v in before.items()},
+        "recall_at_1_chance": chance_recall_at_k(n, n, 1, query_ids=ids, key_ids=ids),
+        "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
+        "logit_scale": float(model.logit_scale().detach()),
+        "skipped_steps": int(state.skipped_steps),
+        "params_digest": params_digest(model),
+        "ranks": dist.world_size(),
+        "run_id": state.run_id,
+    }
+    if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
+        weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
+        summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
+    log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
+    log.close()
+    write_summary(cfg.run_dir, summary)
+    main_process = dist.is_main()
+    dist.shutdown()
+    if not main_process:
+        return summary
+    print(f"held-out recall@1 image->text {after['recall_at_1_i2t']:.3f}, text->image "
+          f"{after['recall_at_1_t2i']:.3f} (before training {before['recall_at_1_i2t']:.3f} / "
+          f"{before['recall_at_1_t2i']:.3f}, chance {summary['recall_at_1_chance']:.3f}); "
+          f"summary in {cfg.run_dir / 'summary.json'}")
+    return summary
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    return cli(Config, PRESETS, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    try:
+        main(parse())
+    except ValueError as err:  # bad config or data: say which field or file, no traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,206 @@
+"""torch.distributed, the few calls a training loop needs.
+
+``init_from_env()`` reads what ``torchrun`` sets (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``...) and starts the process group: nccl on
+CUDA, gloo on the CPU. Without torchrun it does nothing, and every other
+function here behaves as in a world of one, so a recipe calls them
+unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from stepkit import _check
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+@dataclass
+class DistConfig:
+    """``--dist.strategy``: how a run launched by torchrun shares the work (ignored otherwise)."""
+
+    strategy: Strategy = "ddp"
+    """ddp: a full replica per rank, gradients all-reduced; fsdp: FSDP2, parameters, gradients and
+    optimizer state sharded across ranks (fully_shard)."""
+
+    def __post_init__(self) -> None:
+        _check.one_of("strategy", self.strategy, ("ddp", "fsdp"))
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment holds torchrun's rank variables."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device_type: str = "cpu") -> torch.device:
+    """Join the process group torchrun describes; return this process's device.
+
+    ``device_type``: ``"cuda"`` binds the process to GPU ``LOCAL_RANK`` and
+    uses nccl; ``"cpu"`` uses gloo. Not under torchrun (or already
+    initialised): no process group is created and the device is returned.
+    """
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    if launched_by_torchrun() and not is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                device_id=device if device_type == "cuda" else None)
+    return device
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that logs and writes the run's files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (after a last barrier, so no rank exits while others still talk)."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def same_on_all_ranks(text: str) -> bool:
+    """Whether every rank passed the same string (compared through its SHA-256; True in a world of one)."""
+    if not is_initialized() or world_size() == 1:
+        return True
+    import hashlib
+
+    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64)
+    low, high = digest.clone(), digest.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics) to every rank, in place.
+
+    DDP does this before each forward; FSDP2 leaves each rank's buffers to
+    drift apart on its own data, so a checkpoint or an evaluation needs
+    one agreed copy.
+    """
+    if is_initialized() and world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over ranks, in place (and returned); a no-op in a world of one."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size())
+    return tensor
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank's loss saw this rank's rows: their gradient is the sum over ranks.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate every rank's ``x`` (equal shapes) along dim 0, keeping the autograd graph.
+
+    The backward pass sums, over ranks, the gradient each rank's loss sends
+    to this rank's rows, so after DDP averages the parameter gradients they
+    are those of the mean of all ranks' losses, as if one process had seen
+    the whole gathered batch. A world of one returns ``x`` itself.
+    """
+    if not is_initialized() or world_size() == 1:
+        return x
+    return _AllGather.apply(x)
+
+
+def parallelize(
+    model: nn.Module,
+    strategy: Strategy,
+    device: torch.device,
+    *,
+    shard: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
+    param_dtype: torch.dtype | None = None,
+    ignore: Iterable[str] = (),
+) -> nn.Module:
+    """Wrap ``model`` for the process group: DDP, or FSDP2's ``fully_shard``; unchanged in a world of one.
+
+    FSDP2: each module ``shard(model)`` yields (inner ones first: transformer
+    blocks, then towers) is sharded on its own, so it gathers its parameters
+    just for its own forward and can also be called alone (evaluation of a
+    backbone), then the root. ``param_dtype`` (e.g. bf16) is the mixed-
+    precision compute dtype; gradients are reduced in float32. A module with
+    no trainable parameter (an EMA teacher) is sharded the same way, never
+    wrapped in DDP (it has no gradient to all-reduce: keep it as is).
+    ``ignore``: names of parameters neither DDP nor FSDP2 may touch (ones a
+    loss uses outside the module's forward, like a logit scale): they stay
+    plain replicated tensors; average their gradients yourself with
+    ``all_reduce_mean`` before the update.
+    """
+    _check.one_of("strategy", strategy, ("ddp", "fsdp"))
+    if not is_initialized() or world_size() == 1:
+        return model
+    trainable = any(p.requires_grad for p in model.parameters())
+    ignore = list(ignore)
+    unknown = sorted(set(ignore) - {n for n, _ in model.named_parameters()})
+    if unknown:
+        _check.fail("ignore", unknown, "names of the model's parameters")
+    if strategy == "ddp":
+        if not trainable:
+            return model
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        device_ids = [device] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    reduce_dtype = torch.float32 if param_dtype else None
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for module in (shard(model) if shard else ()):
+        fully_shard(module, mp_policy=policy)
+    named = dict(model.named_parameters())
+    fully_shard(model, mp_policy=policy, ignored_params={named[n] for n in ignore} or None)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -1,0 +1,104 @@
+"""In-batch contrastive losses for two towers, and distillation between embedding models.
+
+Embeddings are L2-normalised before they arrive here; similarities are dot
+products scaled by a learnable logit scale (CLIP, Radford et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stepkit import _check
+from stepkit.dist import all_gather_with_grad, rank, world_size
+
+
+class LogitScale(nn.Module):
+    """A learnable temperature: ``forward()`` = ``exp(min(log_scale, log(max_scale)))``.
+
+    Starts at ``1 / init_temperature`` (CLIP: 1/0.07) and is clamped at
+    ``max_scale`` (CLIP: 100), past which its gradient is zero, so a long run
+    cannot sharpen the softmax without bound.
+    """
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        _check.in_range("init_temperature", init_temperature, 1e-4, 1e4)
+        _check.at_least("max_scale", max_scale, 1.0)
+        self.max_log = math.log(max_scale)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def forward(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+def _fp32_or_wider(x: Tensor) -> Tensor:
+    """Half-precision embeddings (autocast) to float32 for the softmax; float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def info_nce(queries: Tensor, keys: Tensor, logit_scale: Tensor | float, offset: int = 0) -> Tensor:
+    """Mean cross-entropy of ``softmax(scale * queries @ keys.T)``, row i's positive at key ``offset + i``.
+
+    ``-1/B sum_i log( exp(s q_i.k_{o+i}) / sum_j exp(s q_i.k_j) )``; ``offset``
+    places this rank's rows among keys gathered from all ranks.
+    """
+    logits = logit_scale * _fp32_or_wider(queries) @ _fp32_or_wider(keys).T
+    targets = torch.arange(offset, offset + len(queries), device=queries.device)
+    return F.cross_entropy(logits, targets)
+
+
+def clip_loss(
+    image: Tensor, text: Tensor, logit_scale: Tensor | float, *, gather: bool = True, local_loss: bool = True
+) -> Tensor:
+    """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropies.
+
+    Row i of ``image`` and of ``text`` are a pair; every other row of the
+    batch is a negative. Under torch.distributed with ``gather`` the other
+    ranks' rows are gathered with their gradient, so every rank's negatives
+    count. ``local_loss`` (OpenCLIP's): each rank scores only its own rows
+    against all gathered columns (``B x W*B`` logits), which gives the same
+    gradient as the full ``W*B x W*B`` matrix on every rank, for ``1/W`` of
+    its cost; ``local_loss=False`` computes the full matrix.
+    """
+    if gather and world_size() > 1:
+        all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
+        if local_loss:
+            offset = rank() * len(image)
+            return (info_nce(image, all_text, logit_scale, offset)
+                    + info_nce(text, all_image, logit_scale, offset)) / 2
+        image, text = all_image, all_text
+    return (info_nce(image, text, logit_scale) + info_nce(text, image, logit_scale)) / 2
+
+
+def similarity_distillation_loss(
+    student_queries: Tensor,
+    student_keys: Tensor,
+    teacher_queries: Tensor,
+    teacher_keys: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """KL(teacher || student) between in-batch similarity distributions, times ``temperature**2``.
+
+    Each query's distribution over the batch's keys is ``softmax(q.k / T)``;
+    the loss is ``T^2 / B sum_i KL(p_teacher_i || p_student_i)`` (Hinton et
+    al. 2015: the ``T^2`` keeps gradients comparable across temperatures).
+    Zero when the student's similarities equal the teacher's.
+    """
+    _check.at_least("temperature", temperature, 1e-6)
+    student = (_fp32_or_wider(student_queries) @ _fp32_or_wider(student_keys).T) / temperature
+    teacher = (_fp32_or_wider(teacher_queries) @ _fp32_or_wider(teacher_keys).T) / temperature
+    kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error between the student's and the teacher's embeddings (same shape)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
+                         f"{tuple(teacher.shape)} must have the same shape")
+    return F.mse_loss(_fp32_or_wider(student), _fp32_or_wider(teacher))

