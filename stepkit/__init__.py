@@ -11,6 +11,7 @@ from stepkit.checkpoint import (
     save_last,
 )
 from stepkit.ema import ema_copy, ema_update
+from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig, Logger, read_history, should_stop
 from stepkit.monitor import collapse_metrics, norms_by_group, system_metrics
 from stepkit.run import CkptConfig, TrainConfig, params_digest, pick_device, seed_everything, start_run
@@ -48,6 +49,7 @@ __all__ = [
     "ema_update",
     "forward_loss",
     "grad_norm",
+    "gradcache",
     "layer_decay_scales",
     "load_checkpoint",
     "lr_at",

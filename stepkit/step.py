@@ -167,16 +167,19 @@ def apply_update(
         state.scaler.update()
     elif skip_nonfinite:
         norm = state.grad_norm if state.grad_norm is not None else grad_norm(_grads(optimizer))
-        found_inf = (~torch.isfinite(norm)).float()
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # Fused kernels skip the whole update when this flag is 1. No
             # try/finally: dynamo cannot resume after the optimizer's own
             # graph break inside one.
+            found_inf = (~torch.isfinite(norm)).float()
             optimizer.found_inf = found_inf
             optimizer.step()
             optimizer.found_inf = None
-        elif not bool(found_inf):
+        elif bool(torch.isfinite(norm)):  # the one host read; nothing to count on the device
+            found_inf = None
             optimizer.step()
+        else:
+            found_inf = torch.ones((), device=state.skipped_steps.device)
     else:
         found_inf = None
         optimizer.step()

@@ -1,9 +1,16 @@
-"""torch.distributed helpers, in real 2-process gloo groups on the CPU."""
+"""torch.distributed helpers, in real 2-process gloo groups on the CPU.
+
+The 2-rank parts run this file under torchrun (``python -m torch.distributed.run
+--nproc_per_node=2 tests/test_dist.py MODE OUT_DIR ARG``): fresh processes that
+join the group from torchrun's environment, as the recipes do.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from stepkit import dist as sk_dist
@@ -19,8 +26,15 @@ def batch(seed):
     return image, text
 
 
-def _clip_worker(rank, store, out_dir, local_loss):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def two_ranks(tmp_path, mode: str, arg: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           __file__, mode, str(tmp_path), arg]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _clip_worker(out_dir, local_loss):
+    rank = sk_dist.rank()
     try:
         image, text = batch(0)
         mine = slice(rank * ROWS, (rank + 1) * ROWS)
@@ -31,11 +45,11 @@ def _clip_worker(rank, store, out_dir, local_loss):
                     "mean": sk_dist.all_reduce_mean(torch.tensor([float(rank)]))},
                    f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        sk_dist.shutdown()
 
 
 def run_clip(tmp_path, local_loss):
-    mp.spawn(_clip_worker, args=(str(tmp_path / "store"), str(tmp_path), local_loss), nprocs=WORLD)
+    two_ranks(tmp_path, "clip", "local" if local_loss else "full")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -80,12 +94,11 @@ def test_world_of_one_without_torchrun():
 STEPS, ACCUM, B = 3, 2, 4
 
 
-def _train(rank, world, store, out_dir, strategy):
+def _train(out_dir, strategy):
     from stepkit import TrainState, accumulate, apply_update, clip, forward_loss, param_groups
     from stepkit.state import unwrap
 
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rank, world = sk_dist.rank(), sk_dist.world_size()
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)).double()
@@ -115,14 +128,13 @@ def _train(rank, world, store, out_dir, strategy):
         if rank == 0:
             torch.save({"params": params, "allreduces": len(allreduces)}, f"{out_dir}/{strategy}_{world}.pt")
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        sk_dist.shutdown()  # a barrier first: no rank tears down while another still talks
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_with_batch_b_equal_one_rank_with_2b(strategy, tmp_path):
-    _train(0, 1, None, str(tmp_path), strategy)
-    mp.spawn(_train, args=(WORLD, str(tmp_path / "store"), str(tmp_path), strategy), nprocs=WORLD)
+    _train(str(tmp_path), strategy)  # one process, batch 2B
+    two_ranks(tmp_path, "train", strategy)
     one, two = torch.load(tmp_path / f"{strategy}_1.pt"), torch.load(tmp_path / f"{strategy}_2.pt")
     assert one["params"].keys() == two["params"].keys()
     for name, p in one["params"].items():
@@ -130,3 +142,12 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_2b(strategy, tmp_path):
     assert any((p != 0).any() for p in one["params"].values())
     if strategy == "ddp":  # one bucket, all-reduced once per update, not once per micro-batch
         assert two["allreduces"] == STEPS
+
+
+if __name__ == "__main__":  # a rank under torchrun
+    mode, out_dir, arg = sys.argv[1:4]
+    sk_dist.init_from_env("cpu")
+    if mode == "clip":
+        _clip_worker(out_dir, arg == "local")
+    else:
+        _train(out_dir, arg)

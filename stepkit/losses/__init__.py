@@ -1,5 +1,12 @@
 """Losses, one module per family; each returns tensors and reads nothing on the host."""
 
+from stepkit.losses.contrastive import (
+    LogitScale,
+    clip_loss,
+    embedding_mse,
+    info_nce,
+    similarity_distillation_loss,
+)
 from stepkit.losses.correlation import (
     correlation_loss,
     fmri_matching_loss,
@@ -10,7 +17,12 @@ from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
 
 __all__ = [
+    "LogitScale",
     "UncertaintyWeighting",
+    "clip_loss",
+    "embedding_mse",
+    "info_nce",
+    "similarity_distillation_loss",
     "autoencoder_fmri_loss",
     "correlation_loss",
     "fixed_weighting",

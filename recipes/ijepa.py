@@ -1,0 +1,369 @@
+"""I-JEPA: predict the representations of masked image blocks from a visible context block.
+
+    python recipes/ijepa.py --run-dir runs/ijepa                   # embedded digits, CPU, minutes
+    python recipes/ijepa.py --run-dir runs/ijepa --optim.lr 1e-3
+    python recipes/ijepa.py vit-h14 --run-dir runs/h14 --data.root /data/imagenet/train   # GPUs, paper
+    python recipes/ijepa.py --help
+
+A context encoder (ViT) sees only the patches of one large context block;
+a narrow predictor, given the context tokens and mask tokens at the
+positions of M target blocks, predicts what the target encoder (an EMA of
+the context encoder, seeing the whole image) makes of those patches,
+layer-normed. The loss (smooth L1 or MSE) covers the target patches only.
+Collapse metrics of targets and predictions are logged; the run ends with a
+k-NN evaluation of the target encoder's pooled patch tokens on held-out
+images, beside the same network untrained and raw pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stepkit import (
+    LRSchedule,
+    MomentumSchedule,
+    TrainState,
+    WDSchedule,
+    accumulate,
+    apply_update,
+    clip,
+    dist,
+    ema_update,
+    forward_loss,
+    lr_at,
+    momentum_at,
+    param_groups,
+    wd_at,
+)
+from stepkit._check import fail, integer_at_least
+from stepkit.augment import normalize, random_resized_crop
+from stepkit.checkpoint import maybe_save, resume, save_last
+from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
+from stepkit.log import LogConfig, Logger
+from stepkit.masking import MultiBlock, multi_block_masks
+from stepkit.models import VisionTransformer
+from stepkit.models.cnn import grid_mean
+from stepkit.models.jepa import JEPAPredictor, jepa_targets
+from stepkit.monitor import collapse_metrics
+from stepkit.run import (
+    Amp,
+    CkptConfig,
+    Device,
+    TrainConfig,
+    cli,
+    params_digest,
+    pick_device,
+    seed_everything,
+    start_run,
+    to_jsonable,
+    write_summary,
+)
+from stepkit.tools import TuneConfig, knn_accuracy, tune
+
+
+@dataclass
+class Data:
+    root: Path | None = None
+    """An image folder with one sub-folder per class (held-out: a sibling 'val' folder or
+    --data.val-root); None: the embedded digits."""
+    val_root: Path | None = None
+    image_size: int = 32
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    """Random resized crop before masking (I-JEPA uses (0.3, 1.0) on ImageNet)."""
+    seed: int = 0
+    workers: int = 4
+
+
+@dataclass
+class Model:
+    arch: Literal["vit-toy", "vit-tiny", "vit-small", "vit-base", "vit-huge"] = "vit-toy"
+    patch_size: int = 0
+    """ViT patch size (0: the preset's)."""
+    predictor_dim: int = 64
+    predictor_depth: int = 2
+    predictor_heads: int = 4
+
+    def __post_init__(self) -> None:
+        integer_at_least("predictor_dim", self.predictor_dim, 1)
+        integer_at_least("predictor_depth", self.predictor_depth, 1)
+
+
+@dataclass
+class Loss:
+    kind: Literal["smooth_l1", "mse"] = "smooth_l1"
+
+
+@dataclass
+class Optim(LRSchedule, WDSchedule):
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    wd: float = 0.04
+    wd_final: float | None = 0.4
+    clip: float | None = 1.0
+
+
+@dataclass
+class Eval:
+    pool: int = 2
+    """k-NN features: the target encoder's patch tokens averaged over a pool x pool grid."""
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    run_dir: Path = Path("runs/ijepa")
+    resume: bool = False
+    device: Device = "auto"
+    amp: Amp = "none"
+    batch_size: int = 64
+    """Images per update on each rank."""
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    mask: MultiBlock = field(default_factory=MultiBlock)
+    loss: Loss = field(default_factory=Loss)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500))
+    optim: Optim = field(default_factory=Optim)
+    ema: MomentumSchedule = field(
+        default_factory=lambda: MomentumSchedule(momentum=0.99, momentum_final=0.999))
+    eval: Eval = field(default_factory=Eval)
+    log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
+    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=250, keep_best=0))
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    dist: dist.DistConfig = field(default_factory=dist.DistConfig)
+
+    def __post_init__(self) -> None:
+        integer_at_least("batch_size", self.batch_size, 1)
+        if self.optim.warmup_steps > self.train.steps:
+            fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
+
+
+PRESETS = {
+    "tiny-cpu": ("The CPU default: a toy ViT on the embedded digits.", Config()),
+    "vit-h14": (
+        "The paper's ViT-H/14 settings (I-JEPA, Assran et al. 2023): 300 epochs of ImageNet at batch 2048.",
+        Config(
+            device="cuda", amp="bf16", batch_size=2048,
+            data=Data(image_size=224, crop_scale=(0.3, 1.0)),
+            model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
+                        predictor_heads=12),
+            mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                            context_scale=(0.85, 1.0), min_keep=10),
+            train=TrainConfig(steps=187500),
+            optim=Optim(lr=1e-3, min_lr=1e-6, warmup_steps=25000, wd=0.04, wd_final=0.4, clip=None),
+            ema=MomentumSchedule(momentum=0.996, momentum_final=1.0),
+            log=LogConfig(every=50),
+            ckpt=CkptConfig(every=2500, keep_best=0),
+        ),
+    ),
+}
+
+
+class TensorSet(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+
+def build_encoder(cfg: Config, in_chans: int) -> VisionTransformer:
+    preset = cfg.model.arch.removeprefix("vit-")
+    overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
+    if preset == "huge":
+        preset, overrides = "base", {"dim": 1280, "depth": 32, "heads": 16, **overrides}
+    return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans, **overrides)
+
+
+class JEPA(nn.Module):
+    """Context encoder + predictor (what trains); ``forward(images, context_idx, target_idx)``."""
+
+    def __init__(self, encoder: VisionTransformer, predictor: JEPAPredictor) -> None:
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+
+    def forward(self, images, context_idx, target_idx):
+        context = self.encoder.tokens(images, keep=context_idx)[:, 1:]  # only the context patches
+        return self.predictor(context, context_idx, target_idx)
+
+
+def pooled_patches(encoder: VisionTransformer, images: torch.Tensor, pool: int) -> torch.Tensor:
+    """Frozen features: patch tokens averaged over a pool x pool grid, flattened."""
+    tokens = encoder.tokens(images)[:, 1:]
+    b, n, d = tokens.shape
+    side = int(n**0.5)
+    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+    return grid_mean(grid, pool).flatten(1)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255 if images.dtype == torch.uint8 else images
+
+
+def main(cfg: Config) -> dict:
+    device = dist.init_from_env(pick_device(cfg.device).type)
+    if cfg.data.root is None:
+        digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
+        train_set = TensorSet(digits["train_images"], digits["train_labels"])
+        test_set = TensorSet(digits["test_images"], digits["test_labels"])
+        mean, std = (0.5,), (0.5,)
+    else:
+        train_set = ImageFolder(cfg.data.root, cfg.data.image_size)
+        test_set = ImageFolder(cfg.data.val_root or cfg.data.root.parent / "val", cfg.data.image_size)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    in_chans = train_set[0][0].shape[0]
+
+    seed_everything(cfg.train.seed)
+    encoder = build_encoder(cfg, in_chans)
+    grid = (encoder.grid, encoder.grid)
+    predictor = JEPAPredictor(encoder.grid**2, encoder.dim, cfg.model.predictor_dim,
+                              cfg.model.predictor_depth, cfg.model.predictor_heads)
+    model = JEPA(encoder, predictor).to(device)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
+    prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
+
+    def loader(dataset, **kw) -> DataLoader:
+        workers = cfg.data.workers if isinstance(dataset, ImageFolder) else 0
+        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+                          generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
+
+    @torch.no_grad()
+    def knn(features) -> float:
+        def embed(dataset):
+            out = [(features(prep(x)).float().cpu(), y) for x, y in loader(dataset)]
+            return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+
+        (train_f, train_y), (test_f, test_y) = embed(train_set), embed(test_set)
+        return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
+
+    def encoder_knn(net: VisionTransformer) -> float:
+        was_training = net.training
+        net.eval()
+        acc = knn(lambda x: pooled_patches(net, x, cfg.eval.pool))
+        net.train(was_training)
+        return acc
+
+    knn_random_init = encoder_knn(target_encoder)
+    wrapped = dist.parallelize(model, cfg.dist.strategy, device,
+                               shard=lambda m: [*m.encoder.blocks, *m.predictor.blocks])
+    target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device,
+                                      shard=lambda m: list(m.blocks))
+    if dist.world_size() > 1:
+        seed_everything(cfg.train.seed + dist.rank())
+    state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(param_groups(model)), target=target_encoder,
+                       scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+                       accum=cfg.train.accum, extras={"wall_s": 0.0})
+    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
+        print(f"resumed from {ckpt_dir} at step {state.step}")
+    steps = cfg.train.steps
+    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
+                 run_id=state.run_id, config=to_jsonable(cfg))
+    state.run_id = log.run_id
+    mask_rng = torch.Generator()
+
+    def make_batch(images: torch.Tensor):
+        images = random_resized_crop(prep(images), cfg.data.image_size, scale=cfg.data.crop_scale)
+        context_idx, target_idx = multi_block_masks(len(images), grid, cfg.mask, mask_rng)
+        return images, context_idx.to(device), target_idx.to(device)
+
+    def loss_fn(state: TrainState, batch):
+        images, context_idx, target_idx = batch
+        with torch.no_grad():
+            targets = jepa_targets(state.target.tokens(images)[:, 1:], target_idx)
+        pred = state.model(images, context_idx, target_idx)
+        if cfg.loss.kind == "smooth_l1":
+            loss = F.smooth_l1_loss(pred.float(), targets.float())
+        else:
+            loss = F.mse_loss(pred.float(), targets.float())
+        d = targets.shape[-1]
+        aux = {**collapse_metrics(targets.reshape(-1, d)[:1024], "target_"),
+               **collapse_metrics(pred.reshape(-1, d)[:1024], "pred_"),
+               "context_patches": float(context_idx.shape[1])}
+        return loss, aux
+
+    if cfg.tune.find_lr or cfg.tune.find_batch:
+        def tune_batch(size: int):
+            idx = torch.randint(0, len(train_set), (size,)).tolist()
+            return make_batch(torch.stack([train_set[i][0] for i in idx]))
+
+        log.close()
+        return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
+
+    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
+                               start=state.data_position * cfg.batch_size, rank=dist.rank(),
+                               world=dist.world_size())
+    batches = iter(loader(train_set, sampler=sampler, drop_last=True))
+    started = time.perf_counter() - state.extras["wall_s"]
+    while state.step < steps:
+        images, _ = next(batches)
+        state.data_position += 1
+        mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
+        loss, aux = forward_loss(loss_fn, state, make_batch(images), amp=cfg.amp)
+        if not accumulate(state, loss):
+            continue
+        grad_norm = clip(state, max_norm=cfg.optim.clip)
+        lr = lr_at(state.step, cfg.optim, steps)
+        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+        momentum = momentum_at(state.step, cfg.ema, steps)
+        ema_update(state.target, model.encoder, momentum)
+        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
+        state.extras["wall_s"] = time.perf_counter() - started
+        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    save_last(ckpt_dir, state)
+    train_s = time.perf_counter() - started
+
+    with torch.no_grad():  # collapse check on held-out images: the target encoder's pooled features
+        probe = torch.stack([test_set[i][0] for i in range(min(256, len(test_set)))])
+        target_encoder.eval()
+        final = collapse_metrics(pooled_patches(target_encoder, prep(probe), 1), "")
+        target_encoder.train()
+    summary = {
+        "steps": state.step,
+        "wall_s": round(train_s, 3),
+        "knn_acc": encoder_knn(target_encoder),
+        "knn_acc_context_encoder": encoder_knn(model.encoder),
+        "knn_acc_random_init": knn_random_init,
+        "knn_acc_pixels": knn(nn.Flatten()),
+        "effective_rank": float(final["effective_rank"]),
+        "feature_std": float(final["std"]),
+        "params_digest": params_digest(model),
+        "ranks": dist.world_size(),
+        "run_id": state.run_id,
+    }
+    log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
+    log.close()
+    write_summary(cfg.run_dir, summary)
+    main_process = dist.is_main()
+    dist.shutdown()
+    if main_process:
+        print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (context encoder "
+              f"{summary['knn_acc_context_encoder']:.3f}), untrained {knn_random_init:.3f}, pixels "
+              f"{summary['knn_acc_pixels']:.3f}; effective rank {summary['effective_rank']:.1f}; "
+              f"summary in {cfg.run_dir / 'summary.json'}")
+    return summary
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    return cli(Config, PRESETS, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    try:
+        main(parse())
+    except ValueError as err:
+        sys.exit(f"error: {err}")

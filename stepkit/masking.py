@@ -1,0 +1,150 @@
+"""Masks for masked-prediction methods, each a pure function of a generator and shapes.
+
+- ``multi_block_masks``: I-JEPA's context and target blocks on a patch grid;
+- ``random_masks``: a random subset of tokens kept per sample (MAE);
+- ``span_masks``: contiguous spans over time (speech, fMRI, any series);
+- ``token_masks``: BERT-style masking of text token ids.
+
+Index tensors are sorted and have the same length for every sample of a
+batch, so they stack and can be gathered with ``torch.gather``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stepkit import _check
+
+
+@dataclass
+class MultiBlock:
+    """I-JEPA's masks (``--mask.*``): ``targets`` blocks to predict and one context block to predict from."""
+
+    targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    """Each target block's area, as a fraction of the patch grid."""
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    """Each target block's height / width."""
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_keep: int = 4
+    """Fewest context patches a sample may keep once the targets are removed."""
+
+    def __post_init__(self) -> None:
+        _check.integer_at_least("targets", self.targets, 1)
+        _check.integer_at_least("min_keep", self.min_keep, 1)
+        for name in ("target_scale", "context_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                _check.fail(name, getattr(self, name), "(low, high) with 0 < low <= high <= 1")
+        for name in ("target_aspect", "context_aspect"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                _check.fail(name, getattr(self, name), "(low, high) with 0 < low <= high")
+
+
+def block_size(grid: tuple[int, int], scale: float, aspect: float) -> tuple[int, int]:
+    """A block of ``scale`` of the grid's area with height / width ``aspect``, rounded, within the grid."""
+    h_grid, w_grid = grid
+    area = scale * h_grid * w_grid
+    h = max(1, min(h_grid, round(math.sqrt(area * aspect))))
+    w = max(1, min(w_grid, round(math.sqrt(area / aspect))))
+    return h, w
+
+
+def _uniform(low: float, high: float, g: torch.Generator) -> float:
+    return low + (high - low) * float(torch.rand((), generator=g))
+
+
+def _block_at(grid: tuple[int, int], h: int, w: int, g: torch.Generator) -> Tensor:
+    top = int(torch.randint(0, grid[0] - h + 1, (), generator=g))
+    left = int(torch.randint(0, grid[1] - w + 1, (), generator=g))
+    rows = torch.arange(top, top + h)[:, None]
+    cols = torch.arange(left, left + w)[None, :]
+    return (rows * grid[1] + cols).reshape(-1)
+
+
+def multi_block_masks(
+    batch: int, grid: tuple[int, int], cfg: MultiBlock, generator: torch.Generator, max_tries: int = 50
+) -> tuple[Tensor, Tensor]:
+    """I-JEPA masks for a batch: ``context`` ``(B, Kc)`` and ``targets`` ``(B, M, Kt)`` patch indices.
+
+    One target size and one context size are drawn per batch (scale and
+    aspect uniform in their ranges), so every sample's blocks have equal
+    sizes; positions are drawn per sample. The context block loses every
+    patch of the sample's targets (so context and targets are disjoint),
+    then every sample keeps its first ``Kc`` = the batch's smallest context
+    size, so the batch stacks. A sample whose context would keep fewer
+    than ``cfg.min_keep`` patches redraws its context position, up to
+    ``max_tries`` times.
+    """
+    _check.integer_at_least("batch", batch, 1)
+    g = generator
+    th, tw = block_size(grid, _uniform(*cfg.target_scale, g), _uniform(*cfg.target_aspect, g))
+    ch, cw = block_size(grid, _uniform(*cfg.context_scale, g), _uniform(*cfg.context_aspect, g))
+    contexts, targets = [], []
+    for _ in range(batch):
+        blocks = [_block_at(grid, th, tw, g) for _ in range(cfg.targets)]
+        covered = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+        for block in blocks:
+            covered[block] = True
+        for _ in range(max_tries):
+            context = _block_at(grid, ch, cw, g)
+            context = context[~covered[context]]
+            if len(context) >= cfg.min_keep:
+                break
+        else:
+            raise ValueError(
+                f"mask: no context block keeps min_keep={cfg.min_keep} patches of a {grid[0]}x{grid[1]} grid "
+                f"once {cfg.targets} target blocks of {th}x{tw} are removed; lower targets or target_scale, "
+                "or raise context_scale")
+        contexts.append(context.sort().values)
+        targets.append(torch.stack([b.sort().values for b in blocks]))
+    keep = min(len(c) for c in contexts)
+    return torch.stack([c[:keep] for c in contexts]), torch.stack(targets)
+
+
+def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(keep, masked)`` sorted indices ``(B, K)`` and ``(B, N - K)``: ``round(ratio * N)`` of the ``N``
+    tokens masked per sample, uniformly at random (MAE)."""
+    _check.in_range("ratio", ratio, 0.0, 1.0)
+    n_masked = round(ratio * tokens)
+    order = torch.rand(batch, tokens, generator=generator).argsort(dim=1)
+    return order[:, n_masked:].sort(dim=1).values, order[:, :n_masked].sort(dim=1).values
+
+
+def span_masks(batch: int, length: int, span: int, ratio: float, generator: torch.Generator) -> Tensor:
+    """``(B, length)`` bool, True where masked: spans of ``span`` steps at random starts, added until at
+    least ``ratio`` of every series is covered (spans may overlap; the last one is cut at the end)."""
+    _check.integer_at_least("length", length, 1)
+    _check.integer_at_least("span", span, 1)
+    _check.in_range("ratio", ratio, 0.0, 1.0)
+    need = math.ceil(ratio * length)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for row in mask:
+        while int(row.sum()) < need:
+            start = int(torch.randint(0, length, (), generator=generator))
+            row[start:start + span] = True
+    return mask
+
+
+def token_masks(
+    input_ids: Tensor, ratio: float, *, mask_id: int, vocab_size: int, random_token_p: float = 0.1,
+    special: Tensor | None = None, generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """BERT-style: ``(corrupted_ids, mask)``. Each non-special token is chosen with probability ``ratio``;
+    a chosen token becomes ``mask_id``, or with probability ``random_token_p`` a random id."""
+    _check.in_range("ratio", ratio, 0.0, 1.0)
+    _check.in_range("random_token_p", random_token_p, 0.0, 1.0)
+    chosen = torch.rand(input_ids.shape, generator=generator) < ratio
+    if special is not None:
+        chosen &= ~torch.isin(input_ids, special)
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator)
+    use_random = torch.rand(input_ids.shape, generator=generator) < random_token_p
+    corrupted = torch.where(chosen, torch.where(use_random, random_ids, torch.full_like(input_ids, mask_id)),
+                            input_ids)
+    return corrupted, chosen

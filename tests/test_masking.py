@@ -1,0 +1,72 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stepkit.masking import MultiBlock, block_size, multi_block_masks, random_masks, span_masks, token_masks
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(side=st.integers(6, 16), targets=st.integers(1, 4), low=st.floats(0.05, 0.15),
+       seed=st.integers(0, 10**6), batch=st.integers(1, 6))
+def test_multi_block_masks_sizes_disjointness_and_stacking(side, targets, low, seed, batch):
+    cfg = MultiBlock(targets=targets, target_scale=(low, low + 0.05), min_keep=2)
+    context, target = multi_block_masks(batch, (side, side), cfg, gen(seed))
+    assert context.shape[0] == target.shape[0] == batch and target.shape[1] == targets
+    assert context.shape[1] >= cfg.min_keep
+    n = side * side
+    assert int(context.min()) >= 0 and int(context.max()) < n and int(target.max()) < n
+    for b in range(batch):
+        assert len(set(context[b].tolist())) == context.shape[1]  # no repeats
+        assert not set(context[b].tolist()) & set(target[b].flatten().tolist())  # disjoint
+        for block in target[b]:  # each target is a full rectangle of the drawn size
+            rows, cols = block // side, block % side
+            h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+            assert h * w == len(block)
+    again = multi_block_masks(batch, (side, side), cfg, gen(seed))
+    assert torch.equal(again[0], context) and torch.equal(again[1], target)  # a pure function of the seed
+
+
+def test_block_size_follows_scale_and_aspect():
+    assert block_size((14, 14), 0.25, 1.0) == (7, 7)
+    h, w = block_size((14, 14), 0.2, 1.5)
+    assert h > w and abs(h * w - 0.2 * 196) <= 6
+    assert block_size((4, 4), 1.0, 20.0) == (4, 1)  # clipped to the grid
+
+
+def test_min_keep_that_cannot_be_met_is_a_clear_error():
+    cfg = MultiBlock(targets=4, target_scale=(0.5, 0.5), context_scale=(0.3, 0.3), min_keep=30)
+    with pytest.raises(ValueError, match="min_keep=30"):
+        multi_block_masks(2, (8, 8), cfg, gen(0))
+    with pytest.raises(ValueError, match="target_scale"):
+        MultiBlock(target_scale=(0.3, 0.1))
+
+
+def test_random_masks_partition_the_tokens():
+    keep, masked = random_masks(3, 10, 0.7, gen(0))
+    assert keep.shape == (3, 3) and masked.shape == (3, 7)
+    for k, m in zip(keep, masked):
+        assert sorted(k.tolist() + m.tolist()) == list(range(10))
+
+
+def test_span_masks_cover_the_ratio_in_contiguous_runs():
+    mask = span_masks(4, 100, 5, 0.3, gen(1))
+    assert mask.shape == (4, 100) and (mask.sum(1) >= 30).all()
+    for row in mask.int():  # every run of True is at least one span long, except at the very end
+        edges = torch.diff(torch.cat([torch.tensor([0]), row, torch.tensor([0])]))
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        assert all(e - s >= 5 or e == 100 for s, e in zip(starts.tolist(), ends.tolist()))
+
+
+def test_token_masks_leave_special_tokens_and_use_the_mask_id():
+    ids = torch.randint(5, 50, (8, 64), generator=gen(0))
+    ids[:, 0] = 1  # a special token, e.g. [CLS]
+    corrupted, mask = token_masks(ids, 0.3, mask_id=2, vocab_size=50, random_token_p=0.0,
+                                  special=torch.tensor([1]), generator=gen(3))
+    assert not mask[:, 0].any() and (corrupted[:, 0] == 1).all()
+    assert (corrupted[mask] == 2).all() and torch.equal(corrupted[~mask], ids[~mask])
+    assert 0.2 < mask.float().mean() < 0.4
