@@ -33,13 +33,23 @@ from stepkit import (
     accumulate,
     apply_update,
     clip,
+    dist,
     forward_loss,
     lr_at,
     param_groups,
     wd_at,
 )
 from stepkit._check import at_least, fail, integer_at_least
-from stepkit.checkpoint import best_checkpoints, load_checkpoint, maybe_save, resume, save_best, save_last
+from stepkit.checkpoint import (
+    SHARDED_SUFFIX,
+    best_checkpoints,
+    load_checkpoint,
+    load_sharded,
+    maybe_save,
+    resume,
+    save_best,
+    save_last,
+)
 from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks
 from stepkit.log import LogConfig, Logger, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
@@ -131,6 +141,7 @@ class Config:
     log: LogConfig = field(default_factory=lambda: LogConfig(every=16))
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=160, metric="val_loss", mode="min"))
     tune: TuneConfig = field(default_factory=TuneConfig)
+    dist: dist.DistConfig = field(default_factory=dist.DistConfig)
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)  # a correlation needs two time points
@@ -152,7 +163,7 @@ def windows(series: dict[str, torch.Tensor], t: torch.Tensor, window: int) -> di
 
 
 def main(cfg: Config) -> dict:
-    device = pick_device(cfg.device)
+    device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
     arrays = load_fmri_npz(cfg.data.path) if cfg.data.path else synthetic_fmri(
         seed=cfg.data.seed, time_points=cfg.data.time_points, voxels=cfg.data.voxels
     )
@@ -166,15 +177,16 @@ def main(cfg: Config) -> dict:
     voxels = series["fmri"].shape[1]
     model = MultimodalAutoencoder(dims, window=cfg.data.window, voxels=voxels,
                                   hidden=cfg.model.hidden, dropout=cfg.model.dropout).to(device)
+    wrapped = dist.parallelize(model, cfg.dist.strategy, device)
     state = TrainState(
-        model=model,
+        model=wrapped,
         optimizer=torch.optim.AdamW(param_groups(model)),
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         accum=cfg.train.accum,
         extras={"val_losses": [], "wall_s": 0.0},
     )
-    if cfg.resume and resume(ckpt_dir, state):
-        print(f"resumed from {ckpt_dir / 'last.pt'} at step {state.step}")
+    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
+        print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
                  run_id=state.run_id, config=to_jsonable(cfg))
@@ -211,13 +223,14 @@ def main(cfg: Config) -> dict:
 
     # Epochs: a fresh permutation of the training time points each, seeded by the
     # epoch, so a resumed run draws the same batches (data_position counts batches).
-    per_epoch = len(train_t) // cfg.batch_size
+    per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
     started = time.perf_counter() - state.extras["wall_s"]
     while state.step < steps:
         epoch, offset = divmod(state.data_position, per_epoch)
         epoch_rng = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
         order = torch.randperm(len(train_t), generator=epoch_rng)
+        order = order[dist.rank()::dist.world_size()]  # this rank's share of the epoch
         batch = train_t[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].to(device)]
         state.data_position += 1
         loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
@@ -247,7 +260,11 @@ def main(cfg: Config) -> dict:
 
     best = best_checkpoints(ckpt_dir)
     if best:  # score the test block with the weights that did best on validation
-        model.load_state_dict(load_checkpoint(ckpt_dir / best[0]["file"])["state"]["model"])
+        best_file = ckpt_dir / best[0]["file"]
+        if dist.is_sharded(model):  # FSDP2: the best checkpoint is a folder of shards
+            load_sharded(best_file.with_suffix(SHARDED_SUFFIX), state)
+        else:
+            model.load_state_dict(load_checkpoint(best_file)["state"]["model"])
     test = evaluate(test_t)
 
     flat = lambda t: torch.cat([w.flatten(1) for w in windows(series, t, cfg.data.window).values()], 1)  # noqa: E731
@@ -268,6 +285,10 @@ def main(cfg: Config) -> dict:
         ceiling = pearson_per_voxel(series["fmri_clean"][test_t], series["fmri"][test_t])
         summary["voxel_corr_ceiling"] = float(ceiling.mean())
     write_summary(cfg.run_dir, summary)
+    main_process = dist.is_main()
+    dist.shutdown()
+    if not main_process:
+        return summary
     print(f"test voxel_corr {summary['voxel_corr']:.3f} (model, best step {summary['best_step']}) vs "
           f"{summary['voxel_corr_ridge']:.3f} (ridge, alpha {ridge.alpha:g}); summary in "
           f"{cfg.run_dir / 'summary.json'}")

@@ -197,13 +197,13 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, images, context_idx, target_idx):
-        context = self.encoder.tokens(images, keep=context_idx)[:, 1:]  # only the context patches
+        context = self.encoder(images, keep=context_idx, all_tokens=True)[:, 1:]  # only the context patches
         return self.predictor(context, context_idx, target_idx)
 
 
 def pooled_patches(encoder: VisionTransformer, images: torch.Tensor, pool: int) -> torch.Tensor:
     """Frozen features: patch tokens averaged over a pool x pool grid, flattened."""
-    tokens = encoder.tokens(images)[:, 1:]
+    tokens = encoder(images, all_tokens=True)[:, 1:]
     b, n, d = tokens.shape
     side = int(n**0.5)
     grid = tokens.transpose(1, 2).reshape(b, d, side, side)
@@ -260,7 +260,7 @@ def main(cfg: Config) -> dict:
 
     knn_random_init = encoder_knn(target_encoder)
     wrapped = dist.parallelize(model, cfg.dist.strategy, device,
-                               shard=lambda m: [*m.encoder.blocks, *m.predictor.blocks])
+                               shard=lambda m: [*m.encoder.blocks, m.encoder, *m.predictor.blocks])
     target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device,
                                       shard=lambda m: list(m.blocks))
     if dist.world_size() > 1:
@@ -284,7 +284,7 @@ def main(cfg: Config) -> dict:
     def loss_fn(state: TrainState, batch):
         images, context_idx, target_idx = batch
         with torch.no_grad():
-            targets = jepa_targets(state.target.tokens(images)[:, 1:], target_idx)
+            targets = jepa_targets(state.target(images, all_tokens=True)[:, 1:], target_idx)
         pred = state.model(images, context_idx, target_idx)
         if cfg.loss.kind == "smooth_l1":
             loss = F.smooth_l1_loss(pred.float(), targets.float())

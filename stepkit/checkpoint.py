@@ -180,6 +180,16 @@ def _periodic_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
 
+def _remove(path: Path) -> None:
+    """A checkpoint in any of its forms: the file, other ranks' RNG beside it, or a sharded folder."""
+    import shutil
+
+    path.unlink(missing_ok=True)
+    for rng in path.parent.glob(f"{path.stem}.rank*.rng.pt"):
+        rng.unlink(missing_ok=True)
+    shutil.rmtree(path.with_suffix(SHARDED_SUFFIX), ignore_errors=True)
+
+
 def _prune_periodic(ckpt_dir: Path, keep_last: int) -> None:
     import shutil
 
@@ -238,7 +248,7 @@ def save_best(
     if dist.is_main():
         atomic_write_bytes(ckpt_dir / BEST_INDEX, json.dumps(kept, indent=1).encode())
         for dropped in ranked[keep_best:]:
-            (ckpt_dir / dropped["file"]).unlink(missing_ok=True)
+            _remove(ckpt_dir / dropped["file"])
     dist.barrier()  # every rank reads the same index next time
     return path
 

@@ -195,7 +195,10 @@ def parallelize(
     for module in (shard(model) if shard else ()):
         fully_shard(module, mp_policy=policy)
     named = dict(model.named_parameters())
-    fully_shard(model, mp_policy=policy, ignored_params={named[n] for n in ignore} or None)
+    # FSDP2 would keep a root's parameters gathered after its forward, for the backward that
+    # follows; an evaluation or an EMA teacher has no backward, and would leave them gathered.
+    fully_shard(model, mp_policy=policy, ignored_params={named[n] for n in ignore} or None,
+                reshard_after_forward=True)
     return model
 
 

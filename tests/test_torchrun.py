@@ -66,3 +66,22 @@ def test_contrastive_two_ranks_with_gradcache(strategy, tmp_path):
     result = summary(tmp_path / "run")
     assert result["ranks"] == 2 and result["steps"] == 4
     assert result.get("replicas_identical", True) is True
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
+    run([*TORCHRUN, "recipes/autoencoder.py", "--run-dir", str(tmp_path / "run"), "--train.steps", "24",
+         "--optim.warmup-steps", "2", "--batch-size", "64", "--data.time-points", "600", "--log.no-console",
+         "--dist.strategy", strategy])
+    result = summary(tmp_path / "run")
+    assert result["steps"] == 24 and result["best_step"] <= 24 and "voxel_corr" in result
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    suffix = ".dcp" if strategy == "fsdp" else ".pt"
+    assert (tmp_path / "run" / "checkpoints" / best[0]["file"]).with_suffix(suffix).exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ijepa_two_ranks(strategy, tmp_path):
+    run([*TORCHRUN, "recipes/ijepa.py", "--run-dir", str(tmp_path / "run"), "--train.steps", "3",
+         "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console", "--dist.strategy", strategy])
+    assert summary(tmp_path / "run")["ranks"] == 2

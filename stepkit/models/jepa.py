@@ -60,4 +60,5 @@ class JEPAPredictor(nn.Module):
         h = torch.cat([x, queries], dim=1)
         for block in self.blocks:
             h = block(h)
-        return self.out(self.norm(h[:, -kt:])).reshape(b, m, kt, -1)
+        # a copy, not a view: FSDP2 cannot hook the backward of a module's view output safely
+        return self.out(self.norm(h[:, -kt:])).reshape(b, m, kt, -1).clone()

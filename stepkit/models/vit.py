@@ -144,9 +144,11 @@ class VisionTransformer(nn.Module):
         out = self.norm(out)
         return (out, layers) if return_layers else out
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The class token's features ``(B, dim)``."""
-        return self.tokens(x)[:, 0]
+    def forward(self, x: Tensor, keep: Tensor | None = None, all_tokens: bool = False) -> Tensor:
+        """The class token's features ``(B, dim)``; with ``all_tokens``, what ``tokens`` returns (through
+        ``forward``, so FSDP2's hooks gather the parameters)."""
+        out = self.tokens(x, keep=keep)
+        return out if all_tokens else out[:, 0]
 
 
 def _init_weights(module: nn.Module) -> None:
