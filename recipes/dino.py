@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from stepkit import (
     LRSchedule,
@@ -44,7 +44,7 @@ from stepkit import (
     wd_at,
 )
 from stepkit._check import at_least, fail, integer_at_least
-from stepkit.augment import MultiCrop, multi_crop, normalize
+from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
 from stepkit.log import LogConfig, Logger
@@ -245,24 +245,6 @@ def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     return net, net.dim
 
 
-class TensorSet(torch.utils.data.Dataset):
-    """Images and labels already in memory (the embedded digits)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """Decoded uint8 images to floats in [0, 1]; float images pass through."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images
-
-
 def entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1).mean()
 
@@ -271,8 +253,8 @@ def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
     if cfg.data.root is None:  # the embedded digits, held in memory
         digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
-        train_set = TensorSet(digits["train_images"], digits["train_labels"])
-        test_set = TensorSet(digits["test_images"], digits["test_labels"])
+        train_set = TensorDataset(digits["train_images"], digits["train_labels"])
+        test_set = TensorDataset(digits["test_images"], digits["test_labels"])
         mean, std = (0.5,), (0.5,)
     else:  # image files, decoded by DataLoader workers
         train_set = ImageFolder(cfg.data.root, cfg.data.image_size)

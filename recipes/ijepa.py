@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from stepkit import (
     LRSchedule,
@@ -46,7 +46,7 @@ from stepkit import (
     wd_at,
 )
 from stepkit._check import fail, integer_at_least
-from stepkit.augment import normalize, random_resized_crop
+from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
 from stepkit.log import LogConfig, Logger
@@ -170,17 +170,6 @@ PRESETS = {
 }
 
 
-class TensorSet(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], self.labels[i]
-
-
 def build_encoder(cfg: Config, in_chans: int) -> VisionTransformer:
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
@@ -210,16 +199,12 @@ def pooled_patches(encoder: VisionTransformer, images: torch.Tensor, pool: int) 
     return grid_mean(grid, pool).flatten(1)
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255 if images.dtype == torch.uint8 else images
-
-
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)
     if cfg.data.root is None:
         digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
-        train_set = TensorSet(digits["train_images"], digits["train_labels"])
-        test_set = TensorSet(digits["test_images"], digits["test_labels"])
+        train_set = TensorDataset(digits["train_images"], digits["train_labels"])
+        test_set = TensorDataset(digits["test_images"], digits["test_labels"])
         mean, std = (0.5,), (0.5,)
     else:
         train_set = ImageFolder(cfg.data.root, cfg.data.image_size)

@@ -203,6 +203,11 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
     return views
 
 
+def to_unit(images: Tensor) -> Tensor:
+    """Decoded uint8 images to floats in [0, 1]; float images pass through."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images
+
+
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """``(x - mean) / std`` per channel."""
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

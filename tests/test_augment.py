@@ -103,3 +103,12 @@ def test_normalize():
 def test_multi_crop_config_is_checked():
     with pytest.raises(ValueError, match=r"local_scale=\(0.5, 0.2\)"):
         MultiCrop(local_scale=(0.5, 0.2))
+
+
+def test_to_unit_scales_uint8_and_passes_floats_through():
+    from stepkit.augment import to_unit
+
+    decoded = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    torch.testing.assert_close(to_unit(decoded), torch.tensor([0.0, 0.2, 1.0]))
+    x = torch.tensor([0.5, 2.0])
+    assert to_unit(x) is x
