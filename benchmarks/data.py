@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     size = SIZES[args.size]
     crops = MultiCrop(global_size=size["global_size"], local_size=size["local_size"],
                       local_crops=size["local_crops"])
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # crop parameters are drawn on the host
     side = IMAGE_SIZE[args.size]
     images = torch.randint(0, 256, (size["batch"], 3, side, side), dtype=torch.uint8, device=device)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

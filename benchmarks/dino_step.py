@@ -4,22 +4,27 @@ Both train the same ViT + DINO head on the same random multi-crop batch
 (2 global + N local crops; random data, so only the step is timed):
 
 - ``reference``: the original code's shape: attention written out
-  (``softmax(q k^T / sqrt(d)) v``), fp16 autocast with a GradScaler, the loss
-  as a double loop over (teacher view, student view) pairs, per-tensor
-  gradient clipping that reads each norm to the host, a per-parameter EMA
-  loop, plain ``torch.optim.AdamW``;
-- ``stepkit``: the loop ``recipes/dino.py`` runs: SDPA attention, bf16
-  autocast, fused AdamW, ``forward_loss`` / ``accumulate`` / ``clip``
-  (multi-tensor) / ``apply_update`` / ``ema_update`` (multi-tensor lerp), no
-  host reads; ``--compile`` compiles the student and teacher forward.
+  (``softmax(q k^T / sqrt(d)) v``), the patch embedding as a strided
+  convolution, fp16 autocast with a GradScaler, the loss as a double loop
+  over (teacher view, student view) pairs, per-tensor gradient clipping that
+  reads each norm to the host, a per-parameter EMA loop, plain
+  ``torch.optim.AdamW``;
+- ``stepkit``: the loop ``recipes/dino.py`` runs: SDPA attention, the patch
+  embedding as one matmul, bf16 autocast, fused AdamW, ``forward_loss`` /
+  ``accumulate`` / ``clip`` (multi-tensor) / ``apply_update`` /
+  ``ema_update`` (multi-tensor lerp), no host reads;
+- ``stepkit+compile``: the same with the whole forward (both networks and the
+  loss) compiled, AOTAutograd compiling its backward;
+- ``stepkit+cudagraphs``: the same compiled with ``mode="reduce-overhead"``,
+  which replays forward and backward as CUDA graphs.
 
 Reported per loop: step ms (median), images/s, TFLOP/s (FLOPs counted with
 ``torch.utils.flop_counter.FlopCounterMode``), MFU against a bf16 matmul
 measured in the same run, and peak memory (CUDA allocator; on the CPU, the
 bytes autograd saved for backward).
 
-    python benchmarks/dino_step.py --device cuda         # ViT-S/16, 2x224 + 8x96, batch 64, out_dim 65536
-    python benchmarks/dino_step.py --device cuda --compile
+    python benchmarks/dino_step.py --device cuda --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs
+    python benchmarks/dino_step.py --device cuda --compile --profile 3    # + torch.profiler tables
     python benchmarks/dino_step.py --size tiny --steps 3       # smoke test (CPU, CI)
 
 Prints a table; writes benchmarks/results/dino_step_<device>_<size>.json.
@@ -28,14 +33,17 @@ Prints a table; writes benchmarks/results/dino_step_<device>_<size>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -84,10 +92,17 @@ def manual_attention(attn: nn.Module):
     return forward
 
 
+def conv_patches(backbone: nn.Module):
+    """The patch embedding of the original code: a strided ``Conv2d``."""
+    return lambda x: backbone.patch_embed(x).flatten(2).transpose(1, 2)
+
+
 def reference_loop(student: Dino, device: torch.device):
-    for block in student.backbone.blocks:
-        block.attn.forward = manual_attention(block.attn)
     teacher = copy.deepcopy(student).requires_grad_(False)
+    for model in (student, teacher):  # patched after the copy: each closure must hold its own model
+        for block in model.backbone.blocks:
+            block.attn.forward = manual_attention(block.attn)
+        model.backbone.embed_patches = conv_patches(model.backbone)
     opt = torch.optim.AdamW(param_groups(student), lr=LR)
     scaler = torch.amp.GradScaler(device.type)
     center = torch.zeros(1, student.out_dim, device=device)
@@ -125,24 +140,41 @@ def reference_loop(student: Dino, device: torch.device):
     return step
 
 
-def stepkit_loop(student: Dino, device: torch.device, compiled: bool):
+def stepkit_loop(student: Dino, device: torch.device, compiled: bool | str = False):
+    """The recipe's step. ``compiled``: False (eager), True or a ``torch.compile`` mode.
+
+    Compiled, the whole forward (student on all crops, teacher on the global
+    ones, teacher softmax and the cross-entropy over all view pairs) is one
+    graph, and AOTAutograd compiles its backward; ``"reduce-overhead"`` also
+    replays both as CUDA graphs. The center update stays outside (it mutates
+    a tensor the graph reads, which CUDA graphs would refuse).
+    """
     teacher = copy.deepcopy(student).requires_grad_(False)
     fused = device.type == "cuda"
     state = TrainState(model=student, target=teacher,
                        optimizer=torch.optim.AdamW(param_groups(student), lr=LR, fused=fused))
-    run_student = torch.compile(student) if compiled else student
-    run_teacher = torch.compile(teacher) if compiled else teacher
     center = torch.zeros(1, student.out_dim, device=device)
 
-    def loss_fn(state, views):
-        student_out = run_student(views)
+    def forward(views, center):
+        student_out = student(views)
         with torch.no_grad():
-            teacher_out = run_teacher(views[:2])
+            teacher_out = teacher(views[:2])
         targets = teacher_softmax(teacher_out, center, TEACHER_TEMP)
+        loss = dino_loss(student_out, targets, student_temp=STUDENT_TEMP, n_student_views=len(views))
+        return loss, teacher_out.detach()
+
+    cudagraphs = compiled == "reduce-overhead"
+    if compiled:
+        forward = torch.compile(forward, mode=None if compiled is True else compiled, dynamic=False)
+
+    def loss_fn(state, views):
+        loss, teacher_out = forward(views, center)
         update_center(center, teacher_out, 0.9)
-        return dino_loss(student_out, targets, student_temp=STUDENT_TEMP, n_student_views=len(views))
+        return loss
 
     def step(views):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = forward_loss(loss_fn, state, views, amp="bf16")
         accumulate(state, loss)
         cancel_last_layer_gradients(student.head, state.step, 0)
@@ -151,6 +183,14 @@ def stepkit_loop(student: Dino, device: torch.device, compiled: bool):
         ema_update(state.target, state.model, MOMENTUM)
 
     return step
+
+
+LOOPS = {  # name -> how to build it
+    "reference": lambda model, device: reference_loop(model, device),
+    "stepkit": lambda model, device: stepkit_loop(model, device, compiled=False),
+    "stepkit+compile": lambda model, device: stepkit_loop(model, device, compiled=True),
+    "stepkit+cudagraphs": lambda model, device: stepkit_loop(model, device, compiled="reduce-overhead"),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -173,16 +213,31 @@ def matmul_peak_tflops(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def count_flops(base: Dino, views, device: torch.device) -> float:
+    """FLOPs of one step of the eager stepkit loop: the model's math, the same for every loop.
+
+    Counted once: compiled code runs Inductor's kernels, which the counter
+    (a dispatch mode) does not see.
+    """
+    step = stepkit_loop(copy.deepcopy(base), device, compiled=False)
+    step(views)
+    with FlopCounterMode(display=False) as flops:
+        step(views)
+    return flops.get_total_flops()
+
+
 def measure(name: str, step, views, size: dict, device: torch.device, args) -> dict:
+    sync(device)
+    if device.type == "cuda":  # before the warm-up: CUDA graphs take their memory pool while recording
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(views)
     sync(device)
-    with FlopCounterMode(display=False) as flops:
-        step(views)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = time.perf_counter() - t0
     times = []
-    with SavedActivations() as saved:
+    # On CUDA the allocator's peak says it all; the hooks would only add host work.
+    with contextlib.nullcontext(None) if device.type == "cuda" else SavedActivations() as saved:
         for _ in range(args.steps):
             sync(device)
             t0 = time.perf_counter()
@@ -192,8 +247,37 @@ def measure(name: str, step, views, size: dict, device: torch.device, args) -> d
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else saved.peak
     return dict(loop=name, step_ms=round(seconds * 1e3, 2), images_per_s=round(size["batch"] / seconds, 1),
-                tflop_per_step=round(flops.get_total_flops() / 1e12, 4),
-                tflops=round(flops.get_total_flops() / seconds / 1e12, 3), peak_mb=round(peak / 2**20, 1))
+                peak_mb=round(peak / 2**20, 1), warmup_s=round(warmup_s, 1))
+
+
+def profile(name: str, step, views, device: torch.device, steps: int, folder: Path) -> dict:
+    """Where one loop's time goes: device busy time per step and the top kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(views)
+        sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+
+    def self_device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    busy = sum(self_device_us(e) for e in events) / steps / 1e3
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                        "cudaLaunchKernelExC", "cudaGraphLaunch")) / steps
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=30)
+    out = folder / f"dino_step_profile_{name.replace('+', '_')}.txt"
+    out.write_text(f"{name}: wall {wall * 1e3:.2f} ms/step, device busy {busy:.2f} ms/step, "
+                   f"{launches:.0f} kernel launches/step\n\n{table}\n")
+    return dict(loop=name, wall_ms=round(wall * 1e3, 2), device_busy_ms=round(busy, 2),
+                launches_per_step=round(launches), table=os.path.relpath(out))
 
 
 def main(argv=None) -> dict:
@@ -202,11 +286,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", choices=sorted(SIZES), default="vit-s16")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="compile the stepkit loop's forward passes")
+    ap.add_argument("--loops", default="reference,stepkit",
+                    help=f"comma-separated, first is the baseline; from {','.join(LOOPS)}")
+    ap.add_argument("--compile", action="store_true", help="add the stepkit+compile loop")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="profile each loop over STEPS steps (torch.profiler); tables beside the JSON")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    names = [n.strip() for n in args.loops.split(",") if n.strip()]
+    names += ["stepkit+compile"] if args.compile else []
+    unknown = [n for n in names if n not in LOOPS]
+    if unknown:
+        ap.error(f"--loops: unknown {unknown}; allowed: {', '.join(LOOPS)}")
     device = torch.device(args.device)
     size = SIZES[args.size]
+    out = args.out or Path(__file__).parent / "results" / f"dino_step_{device.type}_{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     g = torch.Generator().manual_seed(0)
     shapes = [size["global_size"]] * 2 + [size["local_size"]] * size["local_crops"]
@@ -214,37 +309,58 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     base = Dino(size).to(device)
     peak = matmul_peak_tflops(device)
-    rows = [
-        measure("reference", reference_loop(copy.deepcopy(base), device), views, size, device, args),
-        measure("stepkit" + (" (compiled)" if args.compile else ""),
-                stepkit_loop(copy.deepcopy(base), device, args.compile), views, size, device, args),
-    ]
+    flops = count_flops(base, views, device)
+    rows, profiles = [], []
+    for name in names:
+        try:
+            step = LOOPS[name](copy.deepcopy(base), device)
+            rows.append(measure(name, step, views, size, device, args))
+            if args.profile:
+                profiles.append(profile(name, step, views, device, args.profile, out.parent))
+        except Exception as e:  # one loop failing to build must not lose the others' numbers
+            traceback.print_exc()
+            rows.append(dict(loop=name, error=f"{type(e).__name__}: {e}"[:400]))
+        finally:
+            step = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base_rate = rows[0].get("images_per_s")
     for row in rows:
+        if "error" in row:
+            continue
+        row["tflops"] = round(flops / (row["step_ms"] / 1e3) / 1e12, 3)
         row["mfu"] = round(row["tflops"] / peak, 4)
-        row["speedup"] = round(row["images_per_s"] / rows[0]["images_per_s"], 3)
+        row["speedup"] = round(row["images_per_s"] / base_rate, 3) if base_rate else None
+    best = max((r for r in rows[1:] if "error" not in r), key=lambda r: r["images_per_s"], default=None)
     result = dict(
         benchmark="dino_step", size=args.size, **size,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        steps=args.steps, bf16_matmul_tflops=round(peak, 2), rows=rows,
-        targets=dict(speedup_min=2.3, mfu_min=0.22),
+        steps=args.steps, bf16_matmul_tflops=round(peak, 2), tflop_per_step=round(flops / 1e12, 4),
+        rows=rows, profiles=profiles, targets=dict(speedup_min=2.3, mfu_min=0.22),
+        best=best and best["loop"],
     )
-    result["meets_targets"] = bool(rows[1]["speedup"] >= 2.3 and rows[1]["mfu"] >= 0.22)
+    result["meets_targets"] = bool(best and best["speedup"] >= 2.3 and best["mfu"] >= 0.22)
     memory = "CUDA peak" if device.type == "cuda" else "saved for backward"
-    print(f"DINO step, {args.size} ({2}x{size['global_size']} + {size['local_crops']}x{size['local_size']}, "
+    print(f"DINO step, {args.size} (2x{size['global_size']} + {size['local_crops']}x{size['local_size']}, "
           f"batch {size['batch']}, out_dim {size['out_dim']}) on {result['device']}, "
-          f"torch {torch.__version__}, "
-          f"{result['date']}; bf16 matmul {peak:.1f} TFLOP/s")
+          f"torch {torch.__version__}, {result['date']}; bf16 matmul {peak:.1f} TFLOP/s; "
+          f"{flops / 1e12:.3f} TFLOP per step")
     print(f"{'loop':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{memory + ' MB':>22}"
-          f"{'speed-up':>10}")
+          f"{'speed-up':>10}{'warm-up s':>11}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['loop']:<22}failed: {r['error']}")
+            continue
         print(f"{r['loop']:<22}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}"
-              f"{r['mfu']:>8.1%}{r['peak_mb']:>22.1f}{r['speedup']:>9.2f}x")
-    print(f"targets (stepkit >= 2.3x reference images/s, MFU >= 22%): "
+              f"{r['mfu']:>8.1%}{r['peak_mb']:>22.1f}{r['speedup']:>9.2f}x{r['warmup_s']:>11.1f}")
+    for p in profiles:
+        print(f"profile {p['loop']}: wall {p['wall_ms']} ms/step, device busy {p['device_busy_ms']} ms/step, "
+              f"{p['launches_per_step']} launches/step -> {p['table']}")
+    print(f"targets (best stepkit loop >= 2.3x {names[0]} images/s, MFU >= 22%): "
           f"{'met' if result['meets_targets'] else 'NOT met'}")
-    out = args.out or Path(__file__).parent / "results" / f"dino_step_{device.type}_{args.size}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {os.path.relpath(out)}")
     return result

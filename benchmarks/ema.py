@@ -1,6 +1,6 @@
 """EMA update of a ViT-B-sized set of weights: stepkit's ema_update against the loops people write.
 
-Four ways to do ``target = m * target + (1 - m) * online`` over the same
+Six ways to do ``target = m * target + (1 - m) * online`` over the same
 tensors, timed round-robin in one run so they share the machine's noise:
 
 - ``ema_update``: stepkit (one multi-tensor lerp per device and dtype);
@@ -8,7 +8,11 @@ tensors, timed round-robin in one run so they share the machine's noise:
 - ``data_reassign``: ``t.data = m * t.data + (1 - m) * o.data`` per parameter
   (the shape of the original DINO code);
 - ``flat_lerp``: one ``lerp_`` over a single flat buffer of the same size,
-  the memory-bandwidth limit nothing can beat.
+  the memory-bandwidth limit nothing can beat;
+- ``foreach_lerp``: the bare ``torch._foreach_lerp_`` over lists built once
+  (``ema_update`` minus its per-call work: matching names, checking shapes,
+  grouping by device);
+- ``per_tensor_lerp``: one ``lerp_`` per tensor.
 
     python benchmarks/ema.py                     # ViT-B shapes, ~86M fp32 params
     python benchmarks/ema.py --size tiny         # smoke test (CI)
@@ -88,11 +92,14 @@ def main(argv=None) -> dict:
     n = sum(p.numel() for p in target.parameters())
     flat_t, flat_o = torch.randn(n, device=device), torch.randn(n, device=device)
     m = 0.996
+    ts, os_ = [p.detach() for p in target.parameters()], [p.detach() for p in online.parameters()]
     methods = {
         "ema_update": lambda: ema_update(target, online, m),
         "param_loop": lambda: param_loop(target, online, m),
         "data_reassign": lambda: data_reassign(target, online, m),
         "flat_lerp": lambda: flat_t.lerp_(flat_o, 1 - m),
+        "foreach_lerp": lambda: torch._foreach_lerp_(ts, os_, 1 - m),
+        "per_tensor_lerp": lambda: [t.lerp_(o, 1 - m) for t, o in zip(ts, os_)],
     }
     times: dict[str, list[float]] = {k: [] for k in methods}
     for r in range(args.repeats + 2):

@@ -22,12 +22,22 @@ from torch import Tensor
 from stepkit import _check
 
 
+def _rand(n: int, generator: torch.Generator | None) -> Tensor:
+    """``n`` uniform draws on the host: a few numbers per image, the same on every device."""
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"generator is on {generator.device}; the augmentations draw their per-image parameters "
+            "on the host: pass a CPU torch.Generator (the images may be on any device)"
+        )
+    return torch.rand(n, generator=generator)
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+    return low + (high - low) * _rand(n, generator)
 
 
 def _chance(n: int, p: float, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(n, generator=generator) < p
+    return _rand(n, generator) < p
 
 
 def random_resized_crop(
@@ -46,8 +56,8 @@ def random_resized_crop(
     aspect = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator))
     crop_w = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # as fractions of the width / height
     crop_h = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
-    cx = crop_w / 2 + (1 - crop_w) * torch.rand(b, generator=generator)
-    cy = crop_h / 2 + (1 - crop_h) * torch.rand(b, generator=generator)
+    cx = crop_w / 2 + (1 - crop_w) * _rand(b, generator)
+    cy = crop_h / 2 + (1 - crop_h) * _rand(b, generator)
     flip = torch.where(_chance(b, flip_p, generator), -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = crop_w * flip, 2 * cx - 1

@@ -99,7 +99,8 @@ class _Saved:
         meter.peak = max(meter.peak, meter.current)
 
     def __del__(self) -> None:
-        self.meter.current -= self.tensor.numel() * self.tensor.element_size()
+        if hasattr(self, "meter"):  # torch.compile's tracing may build one without __init__
+            self.meter.current -= self.tensor.numel() * self.tensor.element_size()
 
 
 class SavedActivations(torch.autograd.graph.saved_tensors_hooks):

@@ -112,3 +112,12 @@ def test_to_unit_scales_uint8_and_passes_floats_through():
     torch.testing.assert_close(to_unit(decoded), torch.tensor([0.0, 0.2, 1.0]))
     x = torch.tensor([0.5, 2.0])
     assert to_unit(x) is x
+
+
+def test_a_generator_off_the_host_is_refused_with_the_reason():
+    class CudaGenerator:  # stands in for torch.Generator(device="cuda") on a machine without one
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(ValueError, match="generator is on cuda:0; .* pass a CPU torch.Generator"):
+        crops = MultiCrop(global_size=16, local_size=8, local_crops=1)
+        multi_crop(images(), crops, generator=CudaGenerator())

@@ -44,5 +44,6 @@ def test_ema_benchmark_smoke(tmp_path):
     result = ema.main(["--size", "tiny", "--repeats", "2", "--out", str(tmp_path / "e.json")])
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved == result
-    assert [r["method"] for r in saved["rows"]] == ["ema_update", "param_loop", "data_reassign", "flat_lerp"]
+    methods = ["ema_update", "param_loop", "data_reassign", "flat_lerp", "foreach_lerp", "per_tensor_lerp"]
+    assert [r["method"] for r in saved["rows"]] == methods
     assert {"device", "torch", "date", "params"} <= saved.keys()

@@ -65,3 +65,12 @@ def test_bad_shapes_are_refused():
         VisionTransformer(dim=10, heads=3)
     with pytest.raises(ValueError, match="preset='huge'"):
         VisionTransformer.preset("huge")
+
+
+@pytest.mark.parametrize("size", [32, 16, 24])
+def test_patch_embedding_matmul_equals_the_strided_convolution(size):
+    torch.manual_seed(0)
+    model = VisionTransformer.preset("toy", img_size=32).double()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    conv = model.patch_embed(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.embed_patches(x), conv, rtol=1e-12, atol=1e-12)
