@@ -50,10 +50,9 @@ from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
 from stepkit.log import LogConfig, Logger
-from stepkit.masking import MultiBlock, multi_block_masks
+from stepkit.masking import MultiBlock, mask_image, multi_block_masks
 from stepkit.models import VisionTransformer
-from stepkit.models.cnn import grid_mean
-from stepkit.models.jepa import JEPAPredictor, jepa_targets
+from stepkit.models.jepa import JEPAPredictor, jepa_targets, pooled_patches
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
     Amp,
@@ -139,12 +138,15 @@ class Config:
         default_factory=lambda: MomentumSchedule(momentum=0.99, momentum_final=0.999))
     eval: Eval = field(default_factory=Eval)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
+    mask_image_every: int = 250
+    """Updates between two pictures of the masks in TensorBoard / wandb (0: never)."""
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=250, keep_best=0))
     tune: TuneConfig = field(default_factory=TuneConfig)
     dist: dist.DistConfig = field(default_factory=dist.DistConfig)
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 1)
+        integer_at_least("mask_image_every", self.mask_image_every, 0)
         if self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
 
@@ -188,15 +190,6 @@ class JEPA(nn.Module):
     def forward(self, images, context_idx, target_idx):
         context = self.encoder(images, keep=context_idx, all_tokens=True)[:, 1:]  # only the context patches
         return self.predictor(context, context_idx, target_idx)
-
-
-def pooled_patches(encoder: VisionTransformer, images: torch.Tensor, pool: int) -> torch.Tensor:
-    """Frozen features: patch tokens averaged over a pool x pool grid, flattened."""
-    tokens = encoder(images, all_tokens=True)[:, 1:]
-    b, n, d = tokens.shape
-    side = int(n**0.5)
-    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
-    return grid_mean(grid, pool).flatten(1)
 
 
 def main(cfg: Config) -> dict:
@@ -298,7 +291,8 @@ def main(cfg: Config) -> dict:
         images, _ = next(batches)
         state.data_position += 1
         mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
-        loss, aux = forward_loss(loss_fn, state, make_batch(images), amp=cfg.amp)
+        batch = make_batch(images)
+        loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
         if not accumulate(state, loss):
             continue
         grad_norm = clip(state, max_norm=cfg.optim.clip)
@@ -307,6 +301,9 @@ def main(cfg: Config) -> dict:
         momentum = momentum_at(state.step, cfg.ema, steps)
         ema_update(state.target, model.encoder, momentum)
         log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
+        if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
+            images, context_idx, target_idx = batch
+            log.image("masks", mask_image(images, context_idx, target_idx, encoder.patch_size), state.step)
         state.extras["wall_s"] = time.perf_counter() - started
         maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
     save_last(ckpt_dir, state)

@@ -148,3 +148,47 @@ def token_masks(
     corrupted = torch.where(chosen, torch.where(use_random, random_ids, torch.full_like(input_ids, mask_id)),
                             input_ids)
     return corrupted, chosen
+
+
+# Colours of the mask picture: context patches keep the image, target blocks are tinted.
+_TARGET_COLOURS = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.4, 1.0], [1.0, 0.8, 0.1]])
+
+
+def mask_image(
+    images: Tensor, context_idx: Tensor, target_idx: Tensor, patch_size: int, *, samples: int = 4
+) -> Tensor:
+    """A picture of multi-block masks: ``(3, H, samples * W)``, values in [0, 1], for ``Logger.image``.
+
+    For each of the first ``samples`` images (``(B, C, H, W)``, any range:
+    min-max scaled per image, grey if one channel): context patches show the
+    image, patches in neither context nor a target are black, and target
+    block ``m``'s patches are the image half blended with colour ``m``
+    (red, green, blue, yellow, then again). ``context_idx`` ``(B, Kc)`` and
+    ``target_idx`` ``(B, M, Kt)`` index the row-major patch grid.
+    """
+    b, c, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"images of {h}x{w} are not a multiple of patch_size={patch_size}")
+    n = min(samples, b)
+    gh, gw = h // patch_size, w // patch_size
+    x = images[:n].detach().float().cpu()
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    x = x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
+    patches = torch.zeros(n, gh * gw, 3)  # per-patch colour weight; black where nothing is shown
+    shown = torch.zeros(n, gh * gw, 1)
+    shown.scatter_(1, context_idx[:n].cpu()[..., None], 1.0)
+    targets = target_idx[:n].cpu()
+    for m in range(targets.shape[1]):
+        colour = _TARGET_COLOURS[m % len(_TARGET_COLOURS)]
+        idx = targets[:, m]
+        shown.scatter_(1, idx[..., None], 0.5)
+        patches.scatter_(1, idx[..., None].expand(-1, -1, 3), (0.5 * colour).expand(n, idx.shape[1], 3))
+
+    def upsample(per_patch: Tensor) -> Tensor:  # (n, gh*gw, k) -> (n, k, h, w)
+        grid = per_patch.transpose(1, 2).reshape(n, -1, gh, gw)
+        return grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+    picture = x * upsample(shown) + upsample(patches)
+    return torch.cat(list(picture), dim=2)  # side by side

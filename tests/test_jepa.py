@@ -37,3 +37,15 @@ def test_masked_loss_only_sees_target_positions():
     assert torch.equal(loss, changed_loss)
     changed[:, 0, 0] += 100.0  # inside it
     assert not torch.equal(loss, F.smooth_l1_loss(pred, jepa_targets(changed, idx)))
+
+
+def test_pooled_patches_average_the_token_grid():
+    from stepkit.models.jepa import pooled_patches
+
+    torch.manual_seed(0)
+    encoder = VisionTransformer.preset("toy", img_size=16, in_chans=1)  # 4x4 patches of 4x4 pixels
+    x = torch.randn(2, 1, 16, 16)
+    tokens = encoder(x, all_tokens=True)[:, 1:].reshape(2, 4, 4, -1)  # row-major patch grid
+    pooled = pooled_patches(encoder, x, 2).reshape(2, -1, 2, 2)  # (B, dim, 2, 2)
+    torch.testing.assert_close(pooled[:, :, 0, 1], tokens[:, :2, 2:].mean(dim=(1, 2)))
+    torch.testing.assert_close(pooled_patches(encoder, x, 1), tokens.mean(dim=(1, 2)))

@@ -70,3 +70,28 @@ def test_token_masks_leave_special_tokens_and_use_the_mask_id():
     assert not mask[:, 0].any() and (corrupted[:, 0] == 1).all()
     assert (corrupted[mask] == 2).all() and torch.equal(corrupted[~mask], ids[~mask])
     assert 0.2 < mask.float().mean() < 0.4
+
+
+def test_mask_image_shows_context_blacks_out_the_rest_and_tints_targets():
+    from stepkit.masking import mask_image
+
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)  # min-max scaled to [0, 1] by /15
+    context, targets = torch.tensor([[0]]), torch.tensor([[[3]]])  # 2x2 grid of 2x2 patches
+    picture = mask_image(x, context, targets, patch_size=2)
+    assert picture.shape == (3, 4, 4)
+    unit = (x[0, 0] / 15).expand(3, -1, -1)
+    torch.testing.assert_close(picture[:, :2, :2], unit[:, :2, :2])  # context: the image
+    assert picture[:, :2, 2:].abs().max() == 0 and picture[:, 2:, :2].abs().max() == 0  # neither: black
+    red = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    torch.testing.assert_close(picture[:, 2:, 2:], 0.5 * unit[:, 2:, 2:] + 0.5 * red)  # target 0: red tint
+    with pytest.raises(ValueError, match="not a multiple of patch_size=3"):
+        mask_image(x, context, targets, patch_size=3)
+
+
+def test_mask_image_puts_samples_side_by_side():
+    from stepkit.masking import mask_image
+
+    g = torch.Generator().manual_seed(0)
+    context, targets = multi_block_masks(6, (8, 8), MultiBlock(), g)
+    picture = mask_image(torch.rand(6, 3, 32, 32), context, targets, patch_size=4, samples=4)
+    assert picture.shape == (3, 32, 128) and 0 <= picture.min() and picture.max() <= 1

@@ -85,3 +85,12 @@ def test_ijepa_two_ranks(strategy, tmp_path):
     run([*TORCHRUN, "recipes/ijepa.py", "--run-dir", str(tmp_path / "run"), "--train.steps", "3",
          "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console", "--dist.strategy", strategy])
     assert summary(tmp_path / "run")["ranks"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_hjepa_two_ranks(strategy, tmp_path):
+    # Under DDP every level's head must get a gradient on every rank (an unused one would hang
+    # the all-reduce); under FSDP2 the target encoder's intermediate layers come through forward.
+    run([*TORCHRUN, "recipes/hjepa.py", "--run-dir", str(tmp_path / "run"), "--train.steps", "3",
+         "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console", "--dist.strategy", strategy])
+    assert summary(tmp_path / "run")["ranks"] == 2

@@ -74,3 +74,15 @@ def test_patch_embedding_matmul_equals_the_strided_convolution(size):
     x = torch.randn(3, 3, size, size, dtype=torch.float64)
     conv = model.patch_embed(x).flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.embed_patches(x), conv, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_with_return_layers_matches_tokens():
+    torch.manual_seed(0)
+    model = VisionTransformer.preset("toy", img_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    out, layers = model.tokens(x, return_layers=(0, 2))
+    cls, same = model(x, return_layers=(0, 2))
+    torch.testing.assert_close(cls, out[:, 0])
+    tokens, _ = model(x, all_tokens=True, return_layers=(0, 2))
+    torch.testing.assert_close(tokens, out)
+    assert len(same) == 2 and all(torch.equal(a, b) for a, b in zip(same, layers))

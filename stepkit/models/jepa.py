@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import _check
-from stepkit.models.vit import Block, _init_weights
+from stepkit.models.cnn import grid_mean
+from stepkit.models.vit import Block, VisionTransformer, _init_weights
 
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
@@ -32,10 +33,19 @@ class JEPAPredictor(nn.Module):
     ``(B, Kc)``; ``target_idx`` ``(B, M, Kt)`` holds M target blocks. Each
     block is predicted separately (the context repeated M times), from a
     learned mask token plus the position embedding of each target patch;
-    returns ``(B, M, Kt, enc_dim)``.
+    returns ``(B, M, Kt, out_dim)``, ``out_dim`` defaulting to ``enc_dim``
+    (H-JEPA sets it to put one head per level on top).
     """
 
-    def __init__(self, num_patches: int, enc_dim: int, dim: int = 96, depth: int = 4, heads: int = 4) -> None:
+    def __init__(
+        self,
+        num_patches: int,
+        enc_dim: int,
+        dim: int = 96,
+        depth: int = 4,
+        heads: int = 4,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         _check.integer_at_least("num_patches", num_patches, 1)
         if dim % heads:
@@ -45,7 +55,7 @@ class JEPAPredictor(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, num_patches, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.out = nn.Linear(dim, enc_dim)
+        self.out = nn.Linear(dim, enc_dim if out_dim is None else out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.apply(_init_weights)
@@ -62,3 +72,17 @@ class JEPAPredictor(nn.Module):
             h = block(h)
         # a copy, not a view: FSDP2 cannot hook the backward of a module's view output safely
         return self.out(self.norm(h[:, -kt:])).reshape(b, m, kt, -1).clone()
+
+
+def pooled_patches(encoder: VisionTransformer, images: Tensor, pool: int) -> Tensor:
+    """Frozen features of a JEPA encoder: its patch tokens averaged over a ``pool x pool`` grid, flattened.
+
+    ``(B, C, H, W)`` -> ``(B, pool * pool * dim)``; ``pool=1`` is the plain
+    mean of the patch tokens (I-JEPA's evaluation), a larger pool keeps where
+    things are.
+    """
+    tokens = encoder(images, all_tokens=True)[:, 1:]
+    b, n, d = tokens.shape
+    h, w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
+    grid = tokens.transpose(1, 2).reshape(b, d, h, w)
+    return grid_mean(grid, pool).flatten(1)

@@ -156,9 +156,19 @@ class VisionTransformer(nn.Module):
         out = self.norm(out)
         return (out, layers) if return_layers else out
 
-    def forward(self, x: Tensor, keep: Tensor | None = None, all_tokens: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        keep: Tensor | None = None,
+        all_tokens: bool = False,
+        return_layers: tuple[int, ...] = (),
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """The class token's features ``(B, dim)``; with ``all_tokens``, what ``tokens`` returns (through
-        ``forward``, so FSDP2's hooks gather the parameters)."""
+        ``forward``, so FSDP2's hooks gather the parameters). With ``return_layers``, also the
+        normed outputs of those blocks (0-based), as ``(out, layers)``."""
+        if return_layers:
+            out, layers = self.tokens(x, keep=keep, return_layers=return_layers)
+            return (out if all_tokens else out[:, 0]), layers
         out = self.tokens(x, keep=keep)
         return out if all_tokens else out[:, 0]
 
