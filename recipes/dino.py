@@ -3,6 +3,7 @@
     python recipes/dino.py --run-dir runs/dino                     # embedded digits, CPU, minutes
     python recipes/dino.py --run-dir runs/dino --optim.lr 1e-3
     python recipes/dino.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # GPU, paper
+    python recipes/dino.py vit-s16 --compile reduce-overhead ...   # compiled, as CUDA graphs
     python recipes/dino.py --help
 
 The student (backbone + DINO head) sees 2 global and N local crops; the
@@ -166,6 +167,9 @@ class Config:
     resume: bool = False
     device: Device = "auto"
     amp: Amp = "none"
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    """torch.compile the student's and the teacher's forward (backward too); "reduce-overhead" also
+    replays them as CUDA graphs (on CUDA; the GPU benchmark's fastest loop)."""
     batch_size: int = 64
     """Images per update on each rank (under torchrun the global batch is this x ranks)."""
     data: Data = field(default_factory=Data)
@@ -321,10 +325,14 @@ def main(cfg: Config) -> dict:
                  run_id=state.run_id, config=to_jsonable(cfg))
     state.run_id = log.run_id
 
+    mode = None if cfg.compile == "default" else cfg.compile
+    run_student = wrapped if cfg.compile == "none" else torch.compile(wrapped, mode=mode)
+    run_teacher = teacher if cfg.compile == "none" else torch.compile(teacher, mode=mode)
+
     def loss_fn(state: TrainState, views: list[torch.Tensor]):
-        features, student_out = state.model(views)
+        features, student_out = run_student(views)
         with torch.no_grad():
-            _, teacher_out = state.target(views[:2])
+            _, teacher_out = run_teacher(views[:2])
         temp = teacher_temp_at(state.step, warmup_temp=cfg.loss.warmup_teacher_temp,
                                temp=cfg.loss.teacher_temp, warmup_steps=cfg.loss.teacher_temp_warmup_steps)
         if cfg.loss.targets == "sinkhorn":
@@ -357,6 +365,8 @@ def main(cfg: Config) -> dict:
     batches = iter(loader(train_set, sampler=sampler, drop_last=True))
     started = time.perf_counter() - state.extras["wall_s"]
     while state.step < steps:
+        if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         images, _ = next(batches)
         state.data_position += 1
         views = views_of(images)
