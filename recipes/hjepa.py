@@ -95,6 +95,10 @@ class Model:
     arch: Literal["vit-toy", "vit-tiny", "vit-small", "vit-base", "vit-huge"] = "vit-toy"
     patch_size: int = 0
     """ViT patch size (0: the preset's)."""
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    """Encoder and predictor positions: learned, or I-JEPA's fixed 2-D sine-cosine (the vit-h14
+    preset). On the tiny default, fixed positions ended with position-dominated features (held-out
+    effective rank 2.6 vs 7.2, k-NN 0.231 vs 0.265)."""
     predictor_dim: int = 64
     predictor_depth: int = 2
     predictor_heads: int = 4
@@ -214,7 +218,7 @@ PRESETS = {
             device="cuda", amp="bf16", batch_size=2048,
             data=Data(image_size=224, crop_scale=(0.3, 1.0)),
             model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
-                        predictor_heads=12),
+                        predictor_heads=12, pos_embed="sincos"),
             mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                             context_scale=(0.85, 1.0), min_keep=10),
             train=TrainConfig(steps=187500),
@@ -230,6 +234,7 @@ PRESETS = {
 def build_encoder(cfg: Config, in_chans: int) -> VisionTransformer:
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
+    overrides["pos_embed"] = cfg.model.pos_embed
     if preset == "huge":
         preset, overrides = "base", {"dim": 1280, "depth": 32, "heads": 16, **overrides}
     return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans, **overrides)
@@ -281,7 +286,7 @@ def main(cfg: Config) -> dict:
     blocks = tuple(d - 1 for d in levels.depths)  # 0-based, for return_layers
     width = cfg.model.predictor_dim  # the trunk's output; each level's head maps it to the encoder's width
     predictor = JEPAPredictor(encoder.grid**2, encoder.dim, width, cfg.model.predictor_depth,
-                              cfg.model.predictor_heads, out_dim=width)
+                              cfg.model.predictor_heads, out_dim=width, pos_embed=cfg.model.pos_embed)
     model = HJEPA(encoder, predictor, len(levels.depths)).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +50,14 @@ def test_pooled_patches_average_the_token_grid():
     pooled = pooled_patches(encoder, x, 2).reshape(2, -1, 2, 2)  # (B, dim, 2, 2)
     torch.testing.assert_close(pooled[:, :, 0, 1], tokens[:, :2, 2:].mean(dim=(1, 2)))
     torch.testing.assert_close(pooled_patches(encoder, x, 1), tokens.mean(dim=(1, 2)))
+
+
+def test_predictor_positions_are_fixed_sincos_by_default():
+    from stepkit.models.vit import sincos_pos_embed_2d
+
+    predictor = JEPAPredictor(16, enc_dim=32, dim=16, depth=1, heads=2)
+    assert "pos" not in dict(predictor.named_parameters())
+    torch.testing.assert_close(predictor.pos[0], sincos_pos_embed_2d(16, 4, 4))
+    assert "pos" in dict(JEPAPredictor(16, 32, 16, 1, 2, pos_embed="learned").named_parameters())
+    with pytest.raises(ValueError, match="num_patches=12 .* square grid"):
+        JEPAPredictor(12, enc_dim=32, dim=16, depth=1, heads=2)

@@ -166,7 +166,8 @@ def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
     losses, graphs = {}, {}
     for mode in ("none", "default"):
         counters.clear()
-        recipe.main(small(recipe, tmp_path / mode, "--compile", mode, "--train.steps", "3", "--log.every", "1"))
+        flags = ["--compile", mode, "--train.steps", "3", "--log.every", "1"]
+        recipe.main(small(recipe, tmp_path / mode, *flags))
         rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in rows if "loss" in r]
         graphs[mode] = counters["stats"]["unique_graphs"]

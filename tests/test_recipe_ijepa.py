@@ -30,3 +30,12 @@ def test_bad_mask_config_is_a_clear_error(tmp_path):
                           "--mask.target-scale", "0.5", "0.1"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "target_scale" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_paper_preset_has_the_papers_settings(recipe, tmp_path):
+    cfg = recipe.parse(["vit-h14", "--run-dir", str(tmp_path / "r")])
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.model.pos_embed) == ("vit-huge", 14, "sincos")
+    assert (cfg.mask.targets, cfg.mask.target_scale, cfg.mask.target_aspect) == (4, (0.15, 0.2), (0.75, 1.5))
+    assert cfg.mask.context_scale == (0.85, 1.0)
+    assert (cfg.optim.wd, cfg.optim.wd_final) == (0.04, 0.4)
+    assert (cfg.ema.momentum, cfg.ema.momentum_final) == (0.996, 1.0)

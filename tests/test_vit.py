@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,29 @@ def test_forward_with_return_layers_matches_tokens():
     tokens, _ = model(x, all_tokens=True, return_layers=(0, 2))
     torch.testing.assert_close(tokens, out)
     assert len(same) == 2 and all(torch.equal(a, b) for a, b in zip(same, layers))
+
+
+def test_sincos_positions_by_hand():
+    from stepkit.models.vit import sincos_pos_embed_2d
+
+    pe = sincos_pos_embed_2d(4, 2, 3)  # one frequency (1.0): [sin col, cos col, sin row, cos row]
+    rows, cols = torch.tensor([0.0, 0, 0, 1, 1, 1]), torch.tensor([0.0, 1, 2, 0, 1, 2])
+    expected = torch.stack([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1)
+    torch.testing.assert_close(pe, expected)
+    pe8 = sincos_pos_embed_2d(8, 4, 4)  # frequencies 1 and 10000 ** -0.5
+    torch.testing.assert_close(pe8[7, 1], torch.tensor(math.sin(3 * 0.01)))  # row 1, column 3
+    torch.testing.assert_close(pe8[7, 7], torch.tensor(math.cos(1 * 0.01)))
+    with pytest.raises(ValueError, match="dim=6 .* a multiple of 4"):
+        sincos_pos_embed_2d(6, 2, 2)
+
+
+def test_fixed_positions_are_a_buffer_exact_at_every_grid():
+    from stepkit.models.vit import sincos_pos_embed_2d
+
+    model = VisionTransformer.preset("toy", img_size=32, in_chans=1, pos_embed="sincos")
+    assert "pos_embed" not in dict(model.named_parameters()) and "pos_embed" in model.state_dict()
+    small = model.pos_embed_for(4, 4)
+    assert torch.equal(small[0, 0], torch.zeros(64))  # the class token's position
+    torch.testing.assert_close(small[0, 1:], sincos_pos_embed_2d(64, 4, 4))
+    with pytest.raises(ValueError, match="pos_embed='rope' .* 'learned', 'sincos'"):
+        VisionTransformer.preset("toy", pos_embed="rope")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import _check
 from stepkit.models.cnn import grid_mean
-from stepkit.models.vit import Block, VisionTransformer, _init_weights
+from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
 
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
@@ -34,7 +36,9 @@ class JEPAPredictor(nn.Module):
     block is predicted separately (the context repeated M times), from a
     learned mask token plus the position embedding of each target patch;
     returns ``(B, M, Kt, out_dim)``, ``out_dim`` defaulting to ``enc_dim``
-    (H-JEPA sets it to put one head per level on top).
+    (H-JEPA sets it to put one head per level on top). Positions are I-JEPA's
+    fixed 2-D sine-cosine embeddings of the (square) patch grid, or
+    ``pos_embed="learned"``.
     """
 
     def __init__(
@@ -45,19 +49,27 @@ class JEPAPredictor(nn.Module):
         depth: int = 4,
         heads: int = 4,
         out_dim: int | None = None,
+        pos_embed: str = "sincos",
     ) -> None:
         super().__init__()
         _check.integer_at_least("num_patches", num_patches, 1)
+        _check.one_of("pos_embed", pos_embed, ("learned", "sincos"))
         if dim % heads:
             _check.fail("predictor dim", dim, f"a multiple of heads={heads}")
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.zeros(1, num_patches, dim))
+        if pos_embed == "sincos":
+            side = math.isqrt(num_patches)
+            if side * side != num_patches:
+                _check.fail("num_patches", num_patches, "a square grid's patch count for sincos positions")
+            self.register_buffer("pos", sincos_pos_embed_2d(dim, side, side)[None])
+        else:
+            self.pos = nn.Parameter(torch.zeros(1, num_patches, dim))
+            nn.init.trunc_normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.out = nn.Linear(dim, enc_dim if out_dim is None else out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.pos, std=0.02)
         self.apply(_init_weights)
 
     def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor) -> Tensor:

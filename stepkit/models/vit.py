@@ -66,11 +66,33 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings ``(h * w, dim)``, row-major (MAE, I-JEPA).
+
+    The first ``dim / 2`` features encode the column, the last ``dim / 2`` the
+    row, each as ``[sin(pos * f_k), cos(pos * f_k)]`` with
+    ``f_k = 10000 ** (-k / (dim / 4))``, ``k = 0 .. dim / 4 - 1``.
+    """
+    if dim % 4:
+        _check.fail("dim", dim, "a multiple of 4 for 2-D sine-cosine position embeddings")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos[:, None] * freqs[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    return torch.cat([encode(cols.flatten()), encode(rows.flatten())], dim=1).float()
+
+
 class VisionTransformer(nn.Module):
     """ViT with a class token; ``forward`` gives the class token's features, ``tokens`` all of them.
 
     ``img_size`` fixes the learned position grid; other input sizes (DINO's
-    local crops) interpolate it bicubically. ``keep`` (``(B, K)`` patch
+    local crops) interpolate it bicubically. ``pos_embed="sincos"`` uses fixed
+    2-D sine-cosine positions instead (I-JEPA's encoder; a buffer, computed
+    exactly for any grid; the class token's position is zero). ``keep`` (``(B, K)`` patch
     indices) encodes only those patches (I-JEPA's context encoder); the
     position embeddings are added before the others are dropped.
     ``return_layers`` in ``tokens`` also returns the normed outputs of those
@@ -88,9 +110,11 @@ class VisionTransformer(nn.Module):
         heads: int = 6,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        pos_embed: str = "learned",
     ) -> None:
         super().__init__()
         _check.integer_at_least("patch_size", patch_size, 1)
+        _check.one_of("pos_embed", pos_embed, ("learned", "sincos"))
         if img_size % patch_size:
             _check.fail("img_size", img_size, f"a multiple of patch_size={patch_size}")
         if dim % heads:
@@ -99,11 +123,15 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        self.fixed_positions = pos_embed == "sincos"
+        if self.fixed_positions:
+            self.register_buffer("pos_embed", self._sincos(self.grid, self.grid))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks dropped more often
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -113,10 +141,15 @@ class VisionTransformer(nn.Module):
         _check.one_of("preset", name, tuple(PRESETS))
         return cls(**{**PRESETS[name], **overrides})
 
+    def _sincos(self, h: int, w: int) -> Tensor:
+        return torch.cat([torch.zeros(1, self.dim), sincos_pos_embed_2d(self.dim, h, w)])[None]
+
     def pos_embed_for(self, h: int, w: int) -> Tensor:
         """Position embeddings for an ``h x w`` patch grid (bicubic interpolation of the learned grid)."""
         if h == w == self.grid:
             return self.pos_embed
+        if self.fixed_positions:
+            return self._sincos(h, w).to(self.pos_embed)
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = patch_pos.reshape(1, self.grid, self.grid, self.dim).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
