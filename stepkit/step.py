@@ -38,8 +38,9 @@ def forward_loss(
     """Run ``loss_fn(state, batch)`` under autocast; return ``(loss, aux)``.
 
     ``loss_fn`` returns a scalar loss, or ``(loss, aux)`` with ``aux`` a dict of
-    metrics. The loss comes back as float32, the aux tensors detached; nothing
-    is read on the host. ``amp``: ``None``/``"none"``, ``"bf16"`` or ``"fp16"``
+    metrics. The loss comes back as at least float32 (a bf16/fp16 loss is
+    upcast, a float64 one kept), the aux tensors detached; nothing is read on
+    the host. ``amp``: ``None``/``"none"``, ``"bf16"`` or ``"fp16"``
     (fp16 needs ``state.scaler``). Under DDP this also decides, before the
     forward pass as DDP requires, whether the coming backward all-reduces:
     only on the micro-step that completes an update (``state.accum``).
@@ -66,7 +67,7 @@ def forward_loss(
             f"got {type(loss).__name__}{shape}"
         )
     aux = {k: v.detach() if isinstance(v, Tensor) else v for k, v in aux.items()}
-    return loss.float(), aux
+    return loss.to(torch.promote_types(loss.dtype, torch.float32)), aux
 
 
 def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> bool:

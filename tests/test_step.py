@@ -362,3 +362,11 @@ def test_skip_nonfinite_off_lets_the_step_through():
     apply_update(state, lr=0.1, skip_nonfinite=False)
     assert not all(torch.isfinite(p).all() for p in state.model.parameters())
     assert state.skipped_steps.item() == 0
+
+
+def test_forward_loss_keeps_a_float64_loss_exact():
+    state = sgd_state(mlp(torch.float64))
+    x, y = data(8, torch.float64)
+    loss, _ = forward_loss(mse, state, (x, y))
+    assert loss.dtype == torch.float64
+    assert loss.item() == torch.nn.functional.mse_loss(state.model(x), y).item()
