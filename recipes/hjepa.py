@@ -123,8 +123,8 @@ class Levels:
     """Each level's loss weight at the start of the run."""
     weights_final: tuple[float, ...] | None = None
     """Each level's loss weight at the end (cosine from --levels.weights); None: constant."""
-    lr_scales: tuple[float, ...] = (1.0, 1.0, 1.0)
-    """Each level's head: learning-rate multiplier at the start."""
+    lr_scales: tuple[float, ...] | None = None
+    """Each level's head: learning-rate multiplier at the start (None: 1 for every level)."""
     lr_scales_final: tuple[float, ...] | None = None
     """Each level's head: multiplier at the end (cosine from --levels.lr-scales); None: constant."""
 
@@ -214,7 +214,7 @@ PRESETS = {
     "vit-h14": (
         "I-JEPA's ViT-H/14 settings (Assran et al. 2023) with targets at depths 8, 16, 24 and 32.",
         Config(
-            levels=Levels(depths=(8, 16, 24, 32), weights=(0.25, 0.25, 0.5, 1.0), lr_scales=(1.0,) * 4),
+            levels=Levels(depths=(8, 16, 24, 32), weights=(0.25, 0.25, 0.5, 1.0)),
             device="cuda", amp="bf16", batch_size=2048,
             data=Data(image_size=224, crop_scale=(0.3, 1.0)),
             model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
@@ -381,7 +381,8 @@ def main(cfg: Config) -> dict:
             continue
         grad_norm = clip(state, max_norm=cfg.optim.clip)
         lr = lr_at(state.step, cfg.optim, steps)
-        head_scales = level_values_at(state.step, levels.lr_scales, levels.lr_scales_final, steps)
+        head_scales = level_values_at(state.step, levels.lr_scales or (1.0,) * len(levels.depths),
+                                      levels.lr_scales_final, steps)
         scales = [1.0 if level == 0 else head_scales[level - 1] for level in group_level]
         apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
         momentum = momentum_at(state.step, cfg.ema, steps)

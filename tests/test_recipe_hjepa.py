@@ -29,6 +29,13 @@ def test_level_schedules_are_constant_or_cosine(recipe):
     assert quarter[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), abs=1e-12)
 
 
+def test_two_levels_need_only_their_depths_and_weights(recipe, tmp_path):
+    # the docstring's example: lr scales default to 1 for however many levels there are
+    cfg = recipe.parse(["--run-dir", str(tmp_path / "r"), "--levels.depths", "2", "4",
+                        "--levels.weights", "0.5", "1", "--levels.weights-final", "0", "1"])
+    assert cfg.levels.depths == (2, 4) and cfg.levels.lr_scales is None
+
+
 def test_head_parameters_get_their_own_groups(recipe):
     assert recipe.head_level("heads.2.weight") == 3
     assert recipe.head_level("heads.0.bias") == 1
@@ -92,8 +99,10 @@ def test_mask_picture_goes_to_tensorboard(recipe, tmp_path):
     (["--levels.depths", "2", "4", "--levels.weights", "1", "1", "1"],
      "levels.weights.*one value per level: 2"),
     (["--levels.depths", "3", "2"], "levels.depths.*increasing"),
-    (["--levels.depths", "2", "9", "--levels.weights", "1", "1", "--levels.lr-scales", "1", "1"],
+    (["--levels.depths", "2", "9", "--levels.weights", "1", "1"],
      "levels.depths.*up to the encoder's depth, 4"),
+    (["--levels.depths", "2", "4", "--levels.weights", "1", "1", "--levels.lr-scales-final", "1"],
+     "levels.lr_scales_final.*one value per level: 2"),
 ])
 def test_bad_level_config_is_a_clear_error(tmp_path, flags, message):
     out = subprocess.run([sys.executable, "recipes/hjepa.py", "--run-dir", str(tmp_path / "r"), *flags],
