@@ -26,7 +26,7 @@ from torch import Tensor
 
 from stepkit import _check
 from stepkit.state import TrainState
-from stepkit.step import _ddp_of, _device_type, _fsdp_of, amp_dtype
+from stepkit.step import _ddp_of, _device_type, _fsdp_of, amp_dtype, at_least_float32
 
 
 def split_batch(batch: Any, chunk: int) -> list[Any]:
@@ -110,7 +110,7 @@ def gradcache(
     loss, aux = (out, {}) if isinstance(out, Tensor) else out
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         raise ValueError("loss_fn must return a scalar tensor or (scalar tensor, dict)")
-    loss = loss if loss.dtype == torch.float64 else loss.float()
+    loss = at_least_float32(loss)
     scaled = loss / state.accum
     if state.scaler is not None:
         scaled = state.scaler.scale(scaled)

@@ -67,7 +67,12 @@ def forward_loss(
             f"got {type(loss).__name__}{shape}"
         )
     aux = {k: v.detach() if isinstance(v, Tensor) else v for k, v in aux.items()}
-    return loss.to(torch.promote_types(loss.dtype, torch.float32)), aux
+    return at_least_float32(loss), aux
+
+
+def at_least_float32(loss: Tensor) -> Tensor:
+    """``loss`` upcast to float32 if it is bf16/fp16; float32 and float64 losses are kept as they are."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
 
 def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> bool:
