@@ -80,7 +80,7 @@ def multi_block_masks(
     then every sample keeps its first ``Kc`` = the batch's smallest context
     size, so the batch stacks. A sample whose context would keep fewer
     than ``cfg.min_keep`` patches redraws its context position, up to
-    ``max_tries`` times.
+    ``max_tries`` times, then its targets too (up to ``max_tries`` times).
     """
     _check.integer_at_least("batch", batch, 1)
     g = generator
@@ -88,24 +88,30 @@ def multi_block_masks(
     ch, cw = block_size(grid, _uniform(*cfg.context_scale, g), _uniform(*cfg.context_aspect, g))
     contexts, targets = [], []
     for _ in range(batch):
-        blocks = [_block_at(grid, th, tw, g) for _ in range(cfg.targets)]
-        covered = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
-        for block in blocks:
-            covered[block] = True
-        for _ in range(max_tries):
-            context = _block_at(grid, ch, cw, g)
-            context = context[~covered[context]]
-            if len(context) >= cfg.min_keep:
-                break
-        else:
-            raise ValueError(
-                f"mask: no context block keeps min_keep={cfg.min_keep} patches of a {grid[0]}x{grid[1]} grid "
-                f"once {cfg.targets} target blocks of {th}x{tw} are removed; lower targets or target_scale, "
-                "or raise context_scale")
+        context, blocks = _context_and_targets(grid, (th, tw), (ch, cw), cfg, g, max_tries)
         contexts.append(context.sort().values)
         targets.append(torch.stack([b.sort().values for b in blocks]))
     keep = min(len(c) for c in contexts)
     return torch.stack([c[:keep] for c in contexts]), torch.stack(targets)
+
+
+def _context_and_targets(grid, target_hw, context_hw, cfg: MultiBlock, g: torch.Generator, max_tries: int):
+    # Rare draws leave too little context (4 large targets on a small grid); redraw the whole sample then,
+    # and fail only when no draw in max_tries x max_tries works (a configuration that cannot).
+    for _ in range(max_tries):
+        blocks = [_block_at(grid, *target_hw, g) for _ in range(cfg.targets)]
+        covered = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+        for block in blocks:
+            covered[block] = True
+        for _ in range(max_tries):
+            context = _block_at(grid, *context_hw, g)
+            context = context[~covered[context]]
+            if len(context) >= cfg.min_keep:
+                return context, blocks
+    raise ValueError(
+        f"mask: no context block keeps min_keep={cfg.min_keep} patches of a {grid[0]}x{grid[1]} grid "
+        f"once {cfg.targets} target blocks of {target_hw[0]}x{target_hw[1]} are removed; lower targets or "
+        "target_scale, or raise context_scale")
 
 
 def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -46,6 +46,16 @@ def test_min_keep_that_cannot_be_met_is_a_clear_error():
         MultiBlock(target_scale=(0.3, 0.1))
 
 
+def test_a_draw_that_leaves_too_little_context_redraws_its_targets():
+    # The tiny I-JEPA default (8x8 grid, 4 targets) drew, at this seed, four target blocks that left no
+    # 7x7 context position min_keep patches; it ended a 6000-step run before the targets were redrawn.
+    g = gen(1580 * 101)
+    context, targets = multi_block_masks(64, (8, 8), MultiBlock(), g)
+    assert context.shape[1] >= MultiBlock().min_keep
+    for c, t in zip(context, targets):
+        assert not set(c.tolist()) & set(t.flatten().tolist())
+
+
 def test_random_masks_partition_the_tokens():
     keep, masked = random_masks(3, 10, 0.7, gen(0))
     assert keep.shape == (3, 3) and masked.shape == (3, 7)
