@@ -258,7 +258,20 @@ def best_checkpoints(ckpt_dir: str | os.PathLike) -> list[dict]:
     index = Path(ckpt_dir) / BEST_INDEX
     if not index.exists():
         return []
-    return json.loads(index.read_text())
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{index}: not a readable index of best checkpoints ({err})") from None
+    # Its file names are later deleted when a checkpoint drops out: accept only our own names,
+    # so an edited index can never point outside the folder.
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e.get("step"), bool)
+        and e.get("file") == f"best_{e['step']:08d}.pt" and isinstance(e.get("value"), (int, float))
+        for e in entries)
+    if not ok:
+        raise CheckpointError(f"{index}: refused: expected a list of "
+                              '{"file": "best_<step>.pt", "step": <int>, "value": <number>}')
+    return entries
 
 
 def maybe_save(
@@ -294,23 +307,95 @@ def maybe_save(
 
 # --- sharded checkpoints (FSDP2), with torch.distributed.checkpoint ------------------------------
 
-_SAFE_METADATA_MODULES = ("torch.distributed.checkpoint.",)
-_SAFE_METADATA_GLOBALS = {
-    ("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
+# Exactly the globals a DCP ``.metadata`` pickle names in the torch versions stepkit supports
+# (torch >= 2.4; read from torch/distributed/checkpoint/metadata.py and filesystem.py, and from
+# how torch pickles sizes, dtypes, layouts and paths). Nothing by prefix and no dotted names:
+# pickle protocol 4 resolves ``module`` + ``a.b.c`` attribute by attribute, so a prefix rule
+# reaches whatever an allowed module imports (``os.system`` through ``...filesystem``).
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+SAFE_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    *((_DCP_METADATA, name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+        "TensorStorageMetadata", "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # how a torch.layout pickles: a look-up by name
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("builtins", "set"), ("builtins", "frozenset"),
-}
+    *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    *(("pathlib._local", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
+                                             "PureWindowsPath")),  # where Python 3.13 keeps them
+    *(("torch", name) for name in (
+        "float16", "float32", "float64", "bfloat16", "complex32", "complex64", "complex128",
+        "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "qint8", "quint8", "qint32", "quint4x2", "quint2x4")),
+})
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's ``.metadata`` is a pickle: rebuild only DCP's own records, torch dtypes and sizes."""
+def _metadata_unpickler(file):
+    """A pure-Python unpickler (so BUILD can be checked too) that rebuilds only DCP's records.
 
-    def find_class(self, module: str, name: str):
-        if (module.startswith(_SAFE_METADATA_MODULES) or (module, name) in _SAFE_METADATA_GLOBALS
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+    ``find_class`` answers only the exact pairs of ``SAFE_METADATA_GLOBALS``; BUILD (which sets
+    an object's state, or calls its ``__setstate__``) is allowed only on instances of DCP's own
+    record classes, with a state made of their declared fields.
+    """
+    import dataclasses
+
+    class Unpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python one: its opcodes can be checked
+        dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+
+        def find_class(self, module: str, name: str):
+            if (module, name) not in SAFE_METADATA_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+        def load_build(self):
+            state = self.stack.pop()
+            inst = self.stack[-1]
+            cls = type(inst)
+            if ((cls.__module__, cls.__qualname__) not in SAFE_METADATA_GLOBALS
+                    or not dataclasses.is_dataclass(cls)):
+                raise pickle.UnpicklingError(f"sets the state of a {cls.__module__}.{cls.__qualname__}, "
+                                             "which is not one of DCP's records")
+            if "__setstate__" in vars(cls):  # TensorProperties: a tuple of its fields
+                if not isinstance(state, tuple):
+                    raise pickle.UnpicklingError(f"{cls.__qualname__}: state {type(state).__name__} "
+                                                 "is not the tuple its __setstate__ takes")
+                inst.__setstate__(state)
+                return
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(state, dict) or not all(isinstance(k, str) and k in fields for k in state):
+                raise pickle.UnpicklingError(f"{cls.__qualname__}: state is not a dict of its fields "
+                                             f"{sorted(fields)}")
+            vars(inst).update(state)
+
+        dispatch[pickle.BUILD[0]] = load_build
+
+    return Unpickler(file)
+
+
+def _read_metadata(path: Path):
+    """``path/.metadata``, rebuilt safely and checked: its storage files must lie inside ``path``."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _metadata_unpickler(f).load()
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of a hostile or broken pickle is a refusal
+        raise CheckpointError(
+            f"{path / '.metadata'}: refused: not a plain checkpoint index ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path / '.metadata'}: refused: it holds a {type(metadata).__name__}, "
+                              "not DCP's Metadata")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{path / '.metadata'}: refused: it points at {name!r}, "
+                                  "outside the checkpoint's folder")
+    return metadata
 
 
 def _safe_reader(path: Path):
@@ -319,12 +404,7 @@ def _safe_reader(path: Path):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            try:
-                with open(Path(self.path) / ".metadata", "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, OSError) as err:
-                raise CheckpointError(
-                    f"{path}: refused: its metadata is not a plain checkpoint index ({err})") from None
+            metadata = _read_metadata(Path(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -446,7 +526,7 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
     except (CheckpointException, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
         refused = re.search(r"refused: [^\n]*", str(err))  # DCP wraps the reader's error in its own
         if refused:
-            raise CheckpointError(f"{path}: {refused.group(0)}") from None
+            raise CheckpointError(f"{path / '.metadata'}: {refused.group(0)}") from None
         raise CheckpointError(f"{path}: does not fit this run: {err}") from None
     set_state_dict(state.model, state.optimizer, model_state_dict=tensors["model"],
                    optim_state_dict=tensors["optimizer"])
