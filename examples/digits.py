@@ -10,14 +10,12 @@ them the CLI), data and model in plain code, then the loop.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import tyro
 from sklearn.datasets import load_digits
 from torch.func import functional_call
 
@@ -45,9 +43,14 @@ from stepkit.run import (
     Amp,
     CkptConfig,
     Device,
+    RunArgs,
+    StopSignals,
     TrainConfig,
+    cli,
     params_digest,
     pick_device,
+    record_resume,
+    run_main,
     seed_everything,
     start_run,
     to_jsonable,
@@ -65,11 +68,9 @@ class Optim(LRSchedule, WDSchedule):
 
 
 @dataclass
-class Config:
+class Config(RunArgs):
     run_dir: Path = Path("runs/digits")
     """Where config.json, metrics.jsonl, checkpoints/ and summary.json go."""
-    resume: bool = False
-    """Continue from RUN_DIR/checkpoints/last.pt."""
     device: Device = "auto"
     amp: Amp = "none"
     batch_size: int = 32
@@ -98,7 +99,8 @@ class Config:
 
 def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
+                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     seed_everything(cfg.train.seed)
 
     x, y = load_digits(return_X_y=True)
@@ -116,7 +118,8 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"val_history": [], "wall_s": 0.0},
     )
-    if cfg.resume and resume(ckpt_dir, state):
+    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
         print(f"resumed from {ckpt_dir / 'last.pt'} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
@@ -135,34 +138,40 @@ def main(cfg: Config) -> dict:
         return (logits.argmax(1) == y_val).float().mean().item()
 
     started = time.perf_counter() - state.extras["wall_s"]
-    while state.step < steps:
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), device=device)  # RNG restored on resume
-        state.data_position += 1
-        loss, aux = forward_loss(loss_fn, state, (x_train[idx], y_train[idx]), amp=cfg.amp)
-        if not accumulate(state, loss):
-            continue
-        grad_norm = clip(state, max_norm=cfg.optim.clip)
-        lr = lr_at(state.step, cfg.optim, steps)
-        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-        ema_update(state.target, state.model, momentum_at(state.step, cfg.ema, steps))
-        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
+        while state.step < steps:
+            idx = torch.randint(0, len(x_train), (cfg.batch_size,), device=device)  # RNG restored on resume
+            state.data_position += 1
+            loss, aux = forward_loss(loss_fn, state, (x_train[idx], y_train[idx]), amp=cfg.amp)
+            if not accumulate(state, loss):
+                continue
+            grad_norm = clip(state, max_norm=cfg.optim.clip)
+            lr = lr_at(state.step, cfg.optim, steps)
+            apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            ema_update(state.target, state.model, momentum_at(state.step, cfg.ema, steps))
+            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
 
-        stop = False
-        if state.step % cfg.eval_every == 0 or state.step == steps:
-            acc = val_acc(state.target)
-            history = state.extras["val_history"]
-            history.append(acc)
-            log.write({"val_acc": acc}, state.step)
-            if cfg.ckpt.keep_best:
-                save_best(ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode=cfg.ckpt.mode)
-            stop = cfg.patience > 0 and should_stop(history, patience=cfg.patience, mode="max")
-        state.extras["wall_s"] = time.perf_counter() - started
-        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
-        if stop:
-            print(f"early stop at step {state.step}: no better val_acc in {cfg.patience} evaluations")
-            break
+            stop = False
+            if state.step % cfg.eval_every == 0 or state.step == steps:
+                acc = val_acc(state.target)
+                history = state.extras["val_history"]
+                history.append(acc)
+                log.write({"val_acc": acc}, state.step)
+                if cfg.ckpt.keep_best:
+                    save_best(ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode=cfg.ckpt.mode)
+                stop = cfg.patience > 0 and should_stop(history, patience=cfg.patience, mode="max")
+            state.extras["wall_s"] = time.perf_counter() - started
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if stop:
+                print(f"early stop at step {state.step}: no better val_acc in {cfg.patience} evaluations")
+                break
+            if signals.requested():  # every rank stops at the same update
+                break
 
     save_last(ckpt_dir, state)
+    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
+        log.close()
+        signals.exit(state.step, ckpt_dir)
     log.close()
     summary = {
         "steps": state.step,
@@ -180,11 +189,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        config = tyro.cli(Config)
-    except ValueError as err:  # a config that fails its checks: say which field, no traceback
-        sys.exit(f"error: {err}")
-    try:
-        main(config)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    # config or data errors: one line, no traceback
+    run_main(main, lambda: cli(Config, description=__doc__.splitlines()[0]))

@@ -18,7 +18,6 @@ regression from the same windows of concatenated features to the voxels.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +57,14 @@ from stepkit.run import (
     Amp,
     CkptConfig,
     Device,
+    RunArgs,
+    StopSignals,
     TrainConfig,
     cli,
     params_digest,
     pick_device,
+    record_resume,
+    run_main,
     seed_everything,
     start_run,
     to_jsonable,
@@ -125,9 +128,8 @@ class Optim(LRSchedule, WDSchedule):
 
 
 @dataclass
-class Config:
+class Config(RunArgs):
     run_dir: Path = Path("runs/autoencoder")
-    resume: bool = False
     device: Device = "auto"
     amp: Amp = "none"
     batch_size: int = 128
@@ -167,10 +169,11 @@ def main(cfg: Config) -> dict:
     arrays = load_fmri_npz(cfg.data.path) if cfg.data.path else synthetic_fmri(
         seed=cfg.data.seed, time_points=cfg.data.time_points, voxels=cfg.data.voxels
     )
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    blocks = time_blocks(len(arrays["fmri"]), window=cfg.data.window)  # too short? said before any work
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
+                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     seed_everything(cfg.train.seed)
     series = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-    blocks = time_blocks(len(series["fmri"]), window=cfg.data.window)
     train_t, val_t, test_t = (torch.from_numpy(b).to(device) for b in blocks)
 
     dims = {m: series[m].shape[1] for m in MODALITIES}
@@ -185,8 +188,10 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"val_losses": [], "wall_s": 0.0},
     )
-    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
-        print(f"resumed from {ckpt_dir} at step {state.step}")
+    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
+        if dist.is_main():
+            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
                  run_id=state.run_id, config=to_jsonable(cfg))
@@ -226,35 +231,41 @@ def main(cfg: Config) -> dict:
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
     started = time.perf_counter() - state.extras["wall_s"]
-    while state.step < steps:
-        epoch, offset = divmod(state.data_position, per_epoch)
-        epoch_rng = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_t), generator=epoch_rng)
-        order = order[dist.rank()::dist.world_size()]  # this rank's share of the epoch
-        batch = train_t[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].to(device)]
-        state.data_position += 1
-        loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
-        if not accumulate(state, loss):
-            continue
-        grad_norm = clip(state, max_norm=cfg.optim.clip)
-        lr = lr_at(state.step, cfg.optim, steps)
-        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-        log({"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
+        while state.step < steps:
+            epoch, offset = divmod(state.data_position, per_epoch)
+            epoch_rng = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_t), generator=epoch_rng)
+            order = order[dist.rank()::dist.world_size()]  # this rank's share of the epoch
+            batch = train_t[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].to(device)]
+            state.data_position += 1
+            loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
+            if not accumulate(state, loss):
+                continue
+            grad_norm = clip(state, max_norm=cfg.optim.clip)
+            lr = lr_at(state.step, cfg.optim, steps)
+            apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            log({"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr}, step=state.step)
 
-        stop = False
-        if state.step % updates_per_epoch == 0 or state.step == steps:  # one validation per epoch
-            val = evaluate(val_t)
-            state.extras["val_losses"].append(val["loss"])
-            log.write({f"val_{k}": v for k, v in val.items()}, state.step)
-            if cfg.ckpt.keep_best:
-                save_best(ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
-            stop = cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience)
-        state.extras["wall_s"] = time.perf_counter() - started
-        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
-        if stop:
-            print(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} epochs")
-            break
+            stop = False
+            if state.step % updates_per_epoch == 0 or state.step == steps:  # one validation per epoch
+                val = evaluate(val_t)
+                state.extras["val_losses"].append(val["loss"])
+                log.write({f"val_{k}": v for k, v in val.items()}, state.step)
+                if cfg.ckpt.keep_best:
+                    save_best(ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
+                stop = cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience)
+            state.extras["wall_s"] = time.perf_counter() - started
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if stop:
+                print(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} epochs")
+                break
+            if signals.requested():  # every rank stops at the same update
+                break
     save_last(ckpt_dir, state)
+    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
+        log.close()
+        signals.exit(state.step, ckpt_dir)
     log.close()
     final_digest = params_digest(model)
 
@@ -296,7 +307,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(cli(Config, PRESETS, description=__doc__.splitlines()[0]))
-    except ValueError as err:  # bad config or data: say which field or file, no traceback
-        sys.exit(f"error: {err}")
+    # config or data errors: one line, no traceback
+    run_main(main, lambda: cli(Config, PRESETS, description=__doc__.splitlines()[0]))

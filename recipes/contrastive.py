@@ -19,7 +19,6 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,10 +62,14 @@ from stepkit.run import (
     Amp,
     CkptConfig,
     Device,
+    RunArgs,
+    StopSignals,
     TrainConfig,
     cli,
     params_digest,
     pick_device,
+    record_resume,
+    run_main,
     seed_everything,
     start_run,
     to_jsonable,
@@ -160,9 +163,8 @@ class Optim(LRSchedule, WDSchedule):
 
 
 @dataclass
-class Config:
+class Config(RunArgs):
     run_dir: Path = Path("runs/contrastive")
-    resume: bool = False
     device: Device = "auto"
     amp: Amp = "none"
     batch_size: int = 64
@@ -267,7 +269,8 @@ def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
     data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
+                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     in_chans = data["train_images"].shape[1]
     seed_everything(cfg.train.seed)
     model, tokenize = build(cfg.model, cfg.loss, data["train_captions"], in_chans)
@@ -305,8 +308,10 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"wall_s": 0.0},
     )
-    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
-        print(f"resumed from {ckpt_dir} at step {state.step}")
+    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
+        if dist.is_main():
+            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
                  run_id=state.run_id, config=to_jsonable(cfg))
@@ -352,28 +357,35 @@ def main(cfg: Config) -> dict:
     batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.train.seed)))
     started = time.perf_counter() - state.extras["wall_s"]
-    while state.step < steps:
-        batch = to_device(next(batches))
-        state.data_position += 1
-        if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
-            images, _, rows = batch
-            loss, aux, due = gradcache(state, lambda part: state.model(*part), batch[:2],
-                                       lambda i, t, images=images, rows=rows: objective(i, t, images, rows),
-                                       chunk=cfg.gradcache.chunk, amp=cfg.amp)
-        else:
-            loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
-            due = accumulate(state, loss)
-        if not due:
-            continue
-        if model.logit_scale.log_scale.grad is not None:
-            dist.all_reduce_mean(model.logit_scale.log_scale.grad)
-        grad_norm = clip(state, max_norm=cfg.optim.clip)
-        lr = lr_at(state.step, cfg.optim, steps)
-        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
-        state.extras["wall_s"] = time.perf_counter() - started
-        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
+        while state.step < steps:
+            batch = to_device(next(batches))
+            state.data_position += 1
+            if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
+                images, _, rows = batch
+                loss, aux, due = gradcache(
+                    state, lambda part: state.model(*part), batch[:2],
+                    lambda i, t, images=images, rows=rows: objective(i, t, images, rows),
+                    chunk=cfg.gradcache.chunk, amp=cfg.amp)
+            else:
+                loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
+                due = accumulate(state, loss)
+            if not due:
+                continue
+            if model.logit_scale.log_scale.grad is not None:
+                dist.all_reduce_mean(model.logit_scale.log_scale.grad)
+            grad_norm = clip(state, max_norm=cfg.optim.clip)
+            lr = lr_at(state.step, cfg.optim, steps)
+            apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+            state.extras["wall_s"] = time.perf_counter() - started
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if signals.requested():  # every rank stops at the same update
+                break
     save_last(ckpt_dir, state)
+    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
+        log.close()
+        signals.exit(state.step, ckpt_dir)
     train_s = time.perf_counter() - started
 
     after = evaluate()
@@ -414,7 +426,4 @@ def parse(argv: list[str] | None = None) -> Config:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse())
-    except ValueError as err:  # bad config or data: say which field or file, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main, parse)  # config or data errors: one line, no traceback

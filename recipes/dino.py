@@ -18,7 +18,6 @@ and raw pixels.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from stepkit import (
 from stepkit._check import at_least, fail, integer_at_least
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
-from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
+from stepkit.data import ImageFolder, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.dino import (
     dino_loss,
@@ -69,10 +68,14 @@ from stepkit.run import (
     Amp,
     CkptConfig,
     Device,
+    RunArgs,
+    StopSignals,
     TrainConfig,
     cli,
     params_digest,
     pick_device,
+    record_resume,
+    run_main,
     seed_everything,
     start_run,
     to_jsonable,
@@ -93,6 +96,12 @@ class Data:
     """Embedded digits: the seed that draws each digit's placement."""
     workers: int = 4
     """DataLoader workers decoding image files (image folders only)."""
+    skip_unreadable: bool = False
+    """Image folders: leave out files that cannot be decoded (each file is checked before training;
+    the count is in the summary) instead of stopping with an error naming the first one."""
+
+    def __post_init__(self) -> None:
+        integer_at_least("image_size", self.image_size, 8)
 
 
 @dataclass
@@ -162,9 +171,8 @@ class Eval:
 
 
 @dataclass
-class Config:
+class Config(RunArgs):
     run_dir: Path = Path("runs/dino")
-    resume: bool = False
     device: Device = "auto"
     amp: Amp = "none"
     compile: Literal["none", "default", "reduce-overhead"] = "none"
@@ -261,10 +269,13 @@ def main(cfg: Config) -> dict:
         test_set = TensorDataset(digits["test_images"], digits["test_labels"])
         mean, std = (0.5,), (0.5,)
     else:  # image files, decoded by DataLoader workers
-        train_set = ImageFolder(cfg.data.root, cfg.data.image_size)
-        test_set = ImageFolder(cfg.data.val_root or cfg.data.root.parent / "val", cfg.data.image_size)
+        train_set, test_set = image_folders(cfg.data.root, cfg.data.val_root, cfg.data.image_size,
+                                            skip_unreadable=cfg.data.skip_unreadable)
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    if cfg.eval.k > len(train_set):  # found now, not after training
+        fail("eval.k", cfg.eval.k, f"at most the number of training images ({len(train_set)})")
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
+                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     in_chans = train_set[0][0].shape[0]
 
     seed_everything(cfg.train.seed)
@@ -318,8 +329,10 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"center": torch.zeros(1, cfg.model.out_dim, device=device), "wall_s": 0.0},
     )
-    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
-        print(f"resumed from {ckpt_dir} at step {state.step}")
+    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
+        if dist.is_main():
+            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
                  run_id=state.run_id, config=to_jsonable(cfg))
@@ -364,27 +377,35 @@ def main(cfg: Config) -> dict:
                                rank=dist.rank(), world=dist.world_size())
     batches = iter(loader(train_set, sampler=sampler, drop_last=True))
     started = time.perf_counter() - state.extras["wall_s"]
-    while state.step < steps:
-        if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        images, _ = next(batches)
-        state.data_position += 1
-        views = views_of(images)
-        loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
-        if not accumulate(state, loss):
-            continue
-        cancel_last_layer_gradients(model.head, state.step, cfg.model.freeze_last_layer_steps)
-        grad_norm = clip(state, max_norm=cfg.optim.clip)
-        lr = lr_at(state.step, cfg.optim, steps)
-        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-        momentum = momentum_at(state.step, cfg.ema, steps)
-        ema_update(state.target, state.model, momentum)
-        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
-        if cfg.eval.every and state.step % cfg.eval.every == 0:
-            log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)}, state.step)
-        state.extras["wall_s"] = time.perf_counter() - started
-        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
+        while state.step < steps:
+            if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            images, _ = next(batches)
+            state.data_position += 1
+            views = views_of(images)
+            loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
+            if not accumulate(state, loss):
+                continue
+            cancel_last_layer_gradients(model.head, state.step, cfg.model.freeze_last_layer_steps)
+            grad_norm = clip(state, max_norm=cfg.optim.clip)
+            lr = lr_at(state.step, cfg.optim, steps)
+            apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            momentum = momentum_at(state.step, cfg.ema, steps)
+            ema_update(state.target, state.model, momentum)
+            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
+                step=state.step)
+            if cfg.eval.every and state.step % cfg.eval.every == 0:
+                log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
+                          state.step)
+            state.extras["wall_s"] = time.perf_counter() - started
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if signals.requested():  # every rank stops at the same update
+                break
     save_last(ckpt_dir, state)
+    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
+        log.close()
+        signals.exit(state.step, ckpt_dir)
     train_s = time.perf_counter() - started
 
     summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
@@ -395,6 +416,7 @@ def main(cfg: Config) -> dict:
         "knn_acc_random_init": knn_random_init,
         "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
         "skipped_steps": int(state.skipped_steps),
+        "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
@@ -420,8 +442,4 @@ def parse(argv: list[str] | None = None) -> Config:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse()
-        main(config)
-    except ValueError as err:  # bad config or data: say which field or file, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main, parse)  # config or data errors: one line, no traceback

@@ -18,7 +18,6 @@ images, beside the same network untrained and raw pixels.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from stepkit import (
 from stepkit._check import fail, integer_at_least
 from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
-from stepkit.data import ImageFolder, ResumableSampler, digits_canvas
+from stepkit.data import ImageFolder, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
 from stepkit.masking import MultiBlock, mask_image, multi_block_masks
 from stepkit.models import VisionTransformer
@@ -58,10 +57,14 @@ from stepkit.run import (
     Amp,
     CkptConfig,
     Device,
+    RunArgs,
+    StopSignals,
     TrainConfig,
     cli,
     params_digest,
     pick_device,
+    record_resume,
+    run_main,
     seed_everything,
     start_run,
     to_jsonable,
@@ -81,6 +84,12 @@ class Data:
     """Random resized crop before masking (I-JEPA uses (0.3, 1.0) on ImageNet)."""
     seed: int = 0
     workers: int = 4
+    skip_unreadable: bool = False
+    """Image folders: leave out files that cannot be decoded (each file is checked before training;
+    the count is in the summary) instead of stopping with an error naming the first one."""
+
+    def __post_init__(self) -> None:
+        integer_at_least("image_size", self.image_size, 8)
 
 
 @dataclass
@@ -125,9 +134,8 @@ class Eval:
 
 
 @dataclass
-class Config:
+class Config(RunArgs):
     run_dir: Path = Path("runs/ijepa")
-    resume: bool = False
     device: Device = "auto"
     amp: Amp = "none"
     batch_size: int = 64
@@ -205,10 +213,13 @@ def main(cfg: Config) -> dict:
         test_set = TensorDataset(digits["test_images"], digits["test_labels"])
         mean, std = (0.5,), (0.5,)
     else:
-        train_set = ImageFolder(cfg.data.root, cfg.data.image_size)
-        test_set = ImageFolder(cfg.data.val_root or cfg.data.root.parent / "val", cfg.data.image_size)
+        train_set, test_set = image_folders(cfg.data.root, cfg.data.val_root, cfg.data.image_size,
+                                            skip_unreadable=cfg.data.skip_unreadable)
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resume)
+    if cfg.eval.k > len(train_set):  # found now, not after training
+        fail("eval.k", cfg.eval.k, f"at most the number of training images ({len(train_set)})")
+    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
+                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     in_chans = train_set[0][0].shape[0]
 
     seed_everything(cfg.train.seed)
@@ -252,8 +263,10 @@ def main(cfg: Config) -> dict:
     state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(param_groups(model)), target=target_encoder,
                        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
                        accum=cfg.train.accum, extras={"wall_s": 0.0})
-    if cfg.resume and resume(ckpt_dir, state) and dist.is_main():
-        print(f"resumed from {ckpt_dir} at step {state.step}")
+    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
+        if dist.is_main():
+            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
     log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
                  run_id=state.run_id, config=to_jsonable(cfg))
@@ -293,26 +306,34 @@ def main(cfg: Config) -> dict:
                                world=dist.world_size())
     batches = iter(loader(train_set, sampler=sampler, drop_last=True))
     started = time.perf_counter() - state.extras["wall_s"]
-    while state.step < steps:
-        images, _ = next(batches)
-        state.data_position += 1
-        mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
-        batch = make_batch(images)
-        loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
-        if not accumulate(state, loss):
-            continue
-        grad_norm = clip(state, max_norm=cfg.optim.clip)
-        lr = lr_at(state.step, cfg.optim, steps)
-        apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-        momentum = momentum_at(state.step, cfg.ema, steps)
-        ema_update(state.target, model.encoder, momentum)
-        log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}, step=state.step)
-        if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
-            images, context_idx, target_idx = batch
-            log.image("masks", mask_image(images, context_idx, target_idx, encoder.patch_size), state.step)
-        state.extras["wall_s"] = time.perf_counter() - started
-        maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
+        while state.step < steps:
+            images, _ = next(batches)
+            state.data_position += 1
+            mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
+            batch = make_batch(images)
+            loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
+            if not accumulate(state, loss):
+                continue
+            grad_norm = clip(state, max_norm=cfg.optim.clip)
+            lr = lr_at(state.step, cfg.optim, steps)
+            apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            momentum = momentum_at(state.step, cfg.ema, steps)
+            ema_update(state.target, model.encoder, momentum)
+            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
+                step=state.step)
+            if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
+                images, context_idx, target_idx = batch
+                picture = mask_image(images, context_idx, target_idx, encoder.patch_size)
+                log.image("masks", picture, state.step)
+            state.extras["wall_s"] = time.perf_counter() - started
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if signals.requested():  # every rank stops at the same update
+                break
     save_last(ckpt_dir, state)
+    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
+        log.close()
+        signals.exit(state.step, ckpt_dir)
     train_s = time.perf_counter() - started
 
     with torch.no_grad():  # collapse check on held-out images: the target encoder's pooled features
@@ -322,6 +343,7 @@ def main(cfg: Config) -> dict:
         target_encoder.train()
     summary = {
         "steps": state.step,
+        "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
         "wall_s": round(train_s, 3),
         "knn_acc": encoder_knn(target_encoder),
         "knn_acc_context_encoder": encoder_knn(model.encoder),
@@ -351,7 +373,4 @@ def parse(argv: list[str] | None = None) -> Config:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse())
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    run_main(main, parse)  # config or data errors: one line, no traceback

@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Collection
+import sys
+from collections.abc import Collection, Iterator
+from contextvars import ContextVar
 from typing import Any
+
+# Set only while stepkit.run.cli parses flags: failed checks are collected (with the config
+# object whose __post_init__ made them) instead of raised, so the error can name the field by
+# its full flag path (data.image_size) once the whole config exists.
+_COLLECTED: ContextVar[list | None] = ContextVar("stepkit_collected_errors", default=None)
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
+    error = ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
+    collected = _COLLECTED.get()
+    if collected is None:
+        raise error
+    collected.append((error, _post_init_self()))
+
+
+def _post_init_self() -> Any:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__post_init__" and "self" in frame.f_locals:
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def collected_errors() -> Iterator[list]:
+    """Within the block, ``fail`` appends ``(ValueError, config object or None)`` instead of raising."""
+    errors: list = []
+    token = _COLLECTED.set(errors)
+    try:
+        yield errors
+    finally:
+        _COLLECTED.reset(token)
 
 
 def finite(field: str, value: float) -> None:

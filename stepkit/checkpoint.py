@@ -103,12 +103,28 @@ def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike 
         raise CheckpointError(f"{path}: does not fit this run: {err}") from None
 
 
-def resume(ckpt_dir: str | os.PathLike, state: TrainState) -> bool:
+def resume(
+    ckpt_dir: str | os.PathLike, state: TrainState, *, checkpoint: str | os.PathLike | None = None
+) -> bool:
     """Restore ``state`` from ``ckpt_dir/last.pt`` (or the sharded ``last.dcp/``) if there is one;
-    return whether it did. Under torch.distributed every rank calls it and gets its own RNG back.
-    A sharded checkpoint loads into FSDP on any world size DCP can reshard to, or into a single
-    process."""
-    last = Path(ckpt_dir) / LAST
+    return whether it did.
+
+    ``ckpt_dir`` may be a run directory too (its ``checkpoints/`` is used).
+    ``checkpoint`` names one checkpoint to load instead of ``last`` (a
+    periodic ``step_<N>.pt``, a ``best_<N>.pt``, or a ``.dcp`` folder); it
+    must exist. Under torch.distributed every rank calls it and gets its own
+    RNG back. A sharded checkpoint loads into FSDP on any world size DCP can
+    reshard to, or into a single process. An unreadable ``last.pt`` raises
+    ``CheckpointError`` naming the newest checkpoint beside it that still
+    loads (to pass as ``checkpoint``, the recipes' ``--resume-from``).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if checkpoint is not None:
+        return _resume_from(Path(checkpoint), state)
+    if not (ckpt_dir / LAST).exists() and not (ckpt_dir / LAST).with_suffix(SHARDED_SUFFIX).exists() \
+            and (ckpt_dir / "checkpoints").is_dir():
+        ckpt_dir = ckpt_dir / "checkpoints"  # handed the run directory
+    last = ckpt_dir / LAST
     sharded = last.with_suffix(SHARDED_SUFFIX)
     if dist.is_sharded(state.model):
         if not sharded.exists():
@@ -116,21 +132,53 @@ def resume(ckpt_dir: str | os.PathLike, state: TrainState) -> bool:
                 raise CheckpointError(f"{last}: a single-file checkpoint, but this model is sharded (FSDP): "
                                       "resume it with the strategy it was saved under")
             return False
-        load_sharded(sharded, state)
-        return True
+        return _resume_from(sharded, state)
     if not last.exists():
         if sharded.exists() and dist.world_size() == 1:  # an FSDP run continued in one process
-            load_sharded(sharded, state)
-            return True
+            return _resume_from(sharded, state)
         if sharded.exists():
             raise CheckpointError(f"{sharded}: a sharded (FSDP) checkpoint, but this model is replicated: "
                                   "resume it with --dist.strategy fsdp, or in a single process")
         return False
-    restore(state, load_checkpoint(last), last)
-    rank_rng = _rank_rng_path(last, dist.rank())
+    return _resume_from(last, state)
+
+
+def _resume_from(path: Path, state: TrainState) -> bool:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    try:
+        if path.is_dir():
+            load_sharded(path, state)
+            return True
+        restore(state, load_checkpoint(path), path)
+    except CheckpointError as err:
+        if "does not fit" in str(err) or "saved from another" in str(err):
+            raise
+        raise CheckpointError(f"{err}; {_readable_alternative(path)}") from None
+    rank_rng = _rank_rng_path(path, dist.rank())
     if dist.rank() > 0 and rank_rng.exists():
         set_rng_state(load_checkpoint(rank_rng)["rng"])
     return True
+
+
+def _readable_alternative(broken: Path) -> str:
+    """Where to go on from an unreadable checkpoint: the newest other one in its folder that loads."""
+    candidates = []
+    for p in broken.parent.iterdir():
+        m = re.fullmatch(r"(?:step|best)_(\d{8,})\.(?:pt|dcp)", p.name)
+        if m and p != broken:
+            candidates.append((int(m.group(1)), p.name.startswith("step"), p))
+    for step, _, p in sorted(candidates, reverse=True):
+        try:
+            if p.is_dir():
+                json.loads((p / "state.json").read_text())
+            else:
+                load_checkpoint(p)
+        except (CheckpointError, OSError, ValueError):
+            continue
+        return (f"the newest readable checkpoint beside it is {p} (step {step}): "
+                f"continue from it with --resume-from {p}")
+    return f"no other readable checkpoint in {broken.parent}"
 
 
 def _check_fits(path, what: str, current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:

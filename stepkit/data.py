@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +87,20 @@ def load_fmri_npz(path: str | os.PathLike, *, min_time_points: int = 50) -> dict
         raise ValueError(f"data.path={str(path)!r} is not allowed: no such file (expected an .npz)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array (.npy), not an .npz archive of named arrays; "
+                         f"expected arrays {list(FMRI_ARRAYS)}")
     with archive:
         missing = [name for name in FMRI_ARRAYS if name not in archive.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; expected {list(FMRI_ARRAYS)}, "
                              f"found {sorted(archive.files)}")
-        arrays = {name: archive[name] for name in FMRI_ARRAYS}
+        try:
+            arrays = {name: archive[name] for name in FMRI_ARRAYS}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: an array in it cannot be read ({type(err).__name__}: {err})") from None
     for name, array in arrays.items():
         if array.ndim != 2:
             raise ValueError(f"{path}: array {name!r} has shape {array.shape}; expected 2-D (time, features)")
@@ -252,17 +259,28 @@ class ImageFolder:
     to RGB, its shorter side resized to ``size`` (bilinear), then centre-
     cropped square; augmentation happens later, batched on the device.
     Decoding runs in DataLoader workers. A missing folder, a folder without
-    class sub-folders or without images, is refused with a clear error.
+    class sub-folders or without images, is refused with a clear error that
+    names ``flag`` (the CLI flag the path came from).
+
+    Unreadable files (not an image, truncated, ...): with ``skip_unreadable``
+    every file is opened and verified here, the unreadable ones left out and
+    counted in ``self.skipped``; without it, the files are checked the same
+    way when there are at most ``check_up_to`` of them (cheap), so an
+    unreadable one stops the run before training with an error naming it;
+    in a larger folder one that fails to decode later raises
+    ``UnreadableImage`` naming the file.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int) -> None:
+    def __init__(self, root: str | os.PathLike, size: int, *, flag: str = "data.root",
+                 skip_unreadable: bool = False, check_up_to: int = 10_000) -> None:
         root = Path(root)
+        _check.integer_at_least("data.image_size", size, 1)
         if not root.is_dir():
-            raise ValueError(f"data.root={str(root)!r} is not allowed: no such folder")
+            raise ValueError(f"{flag}={str(root)!r} is not allowed: no such folder")
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise ValueError(
-                f"data.root={str(root)!r} is not allowed: expected one sub-folder per class, found none"
+                f"{flag}={str(root)!r} is not allowed: expected one sub-folder per class, found none"
             )
         self.samples = [
             (path, label)
@@ -273,9 +291,24 @@ class ImageFolder:
         if not self.samples:
             kinds = ", ".join(IMAGE_EXTENSIONS)
             raise ValueError(
-                f"data.root={str(root)!r} is not allowed: no images ({kinds}) in its class folders"
+                f"{flag}={str(root)!r} is not allowed: no images ({kinds}) in its class folders"
             )
         self.size = size
+        self.skipped: list[Path] = []
+        if skip_unreadable or len(self.samples) <= check_up_to:
+            readable = []
+            for path, label in self.samples:
+                problem = unreadable_image(path)
+                if problem is None:
+                    readable.append((path, label))
+                elif skip_unreadable:
+                    self.skipped.append(path)
+                else:
+                    raise UnreadableImage(f"{path}: {problem}; expected an image file "
+                                          "(pass --data.skip-unreadable to skip such files)")
+            self.samples = readable
+            if not self.samples:
+                raise ValueError(f"{flag}={str(root)!r} is not allowed: none of its images can be read")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -285,17 +318,58 @@ class ImageFolder:
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            w, h = image.size
-            scale = self.size / min(w, h)
-            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                 Image.BILINEAR)
-            w, h = image.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            image = image.crop((left, top, left + self.size, top + self.size))
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                w, h = image.size
+                scale = self.size / min(w, h)
+                image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                     Image.BILINEAR)
+                w, h = image.size
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                image = image.crop((left, top, left + self.size, top + self.size))
+                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise UnreadableImage(f"{path}: not a readable image ({type(err).__name__}: {err}); "
+                                  "pass --data.skip-unreadable to skip such files") from None
         return pixels.view(self.size, self.size, 3).permute(2, 0, 1).contiguous(), label
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; the message names it."""
+
+
+def unreadable_image(path: str | os.PathLike) -> str | None:
+    """Why Pillow cannot read ``path`` as an image (opened and verified), or None if it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for broken files
+        return f"not a readable image ({type(err).__name__}: {err})"
+    return None
+
+
+def image_folders(root: str | os.PathLike, val_root: str | os.PathLike | None, size: int, *,
+                  skip_unreadable: bool = False) -> tuple[ImageFolder, ImageFolder]:
+    """The training folder ``root`` and its held-out folder: ``val_root``, or ``val/`` beside ``root``.
+
+    Errors name the recipes' flags (``--data.root``, ``--data.val-root``),
+    including the held-out folder the user did not type.
+    """
+    root = Path(root)
+    train = ImageFolder(root, size, flag="data.root", skip_unreadable=skip_unreadable)
+    if val_root is None:
+        val_root = root.parent / "val"
+        if not val_root.is_dir():
+            raise ValueError(f"data.val_root=None is not allowed here: the held-out images default to "
+                             f"{str(val_root)!r} (a 'val' folder beside --data.root), which does not exist; "
+                             "pass --data.val-root DIR")
+        flag = "data.val_root (default: 'val' beside --data.root)"
+    else:
+        flag = "data.val_root"
+    return train, ImageFolder(val_root, size, flag=flag, skip_unreadable=skip_unreadable)
 
 
 class ResumableSampler:

@@ -84,6 +84,7 @@ class Logger:
         self.main = is_main_process() if main is None else main
         self._sums: dict[str, Tensor | float] = {}
         self._counts: dict[str, int] = {}
+        self._texts: dict[str, str | bool] = {}
         self._last_time, self._last_step = time.perf_counter(), start_step
         self._seen_step = start_step
         self._sinks: list[_Sink] = []
@@ -103,10 +104,14 @@ class Logger:
         if not self.main:
             return None
         for key, value in metrics.items():
+            if isinstance(value, (str, bool)):  # not averaged: the interval's last value is logged
+                self._texts[key] = value
+                continue
             if isinstance(value, Tensor):
                 value = value.detach().float().mean()
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
+            elif not isinstance(value, (int, float)):
+                raise TypeError(f"metric {key!r} is a {type(value).__name__}: log numbers, tensors, "
+                                "strings or bools")
             self._sums[key] = self._sums[key] + value if key in self._sums else value
             self._counts[key] = self._counts.get(key, 0) + 1
         self._seen_step = step
@@ -127,8 +132,10 @@ class Logger:
         if step > self._last_step:
             out["steps_per_s"] = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step
+        out.update(self._texts)
         self._sums.clear()
         self._counts.clear()
+        self._texts.clear()
         self.write(out, step)
         return out
 
@@ -136,9 +143,10 @@ class Logger:
         """Write numbers as they are (evaluation results, summaries): no averaging."""
         if not self.main:
             return
-        numbers = _to_numbers(metrics)
+        texts = {k: v for k, v in metrics.items() if isinstance(v, (str, bool))}
+        numbers = _to_numbers({k: v for k, v in metrics.items() if k not in texts})
         for sink in self._sinks:
-            sink.write(numbers, step)
+            sink.write({**numbers, **texts}, step)
 
     def histogram(self, name: str, values: Tensor, step: int) -> None:
         """A histogram of ``values`` (TensorBoard and wandb)."""
@@ -156,7 +164,7 @@ class Logger:
 
     def close(self) -> None:
         """Write what the current interval holds (a run that stopped early), then close the sinks."""
-        if self._sums:
+        if self._sums or self._texts:
             self.flush(self._seen_step)
         for sink in self._sinks:
             sink.close()
@@ -195,12 +203,13 @@ class _Sink:
 
 class _JsonlSink(_Sink):
     def __init__(self, path: Path, start_step: int) -> None:
-        if start_step > 0 and path.exists():
+        if path.exists():  # a resumed run, or one started over: drop what came after start_step
             _truncate_history(path, start_step)
         self.file = open(path, "ab")
 
     def write(self, metrics, step):
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+        record = {"step": step, **{k: (v if isinstance(v, (str, bool)) or math.isfinite(v) else str(v))
+                                   for k, v in metrics.items()}}
         self.file.write(orjson.dumps(record) + b"\n")
         self.file.flush()
 
@@ -260,7 +269,9 @@ class _ConsoleSink(_Sink):
         self.progress.stop()
 
 
-def _short(value: float) -> str:
+def _short(value: float | str | bool) -> str:
+    if isinstance(value, (str, bool)):
+        return str(value)
     if value != value or value in (float("inf"), float("-inf")):
         return str(value)
     return f"{value:.4g}"
@@ -275,7 +286,10 @@ class _TensorBoardSink(_Sink):
 
     def write(self, metrics, step):
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+            if isinstance(v, str):
+                self.writer.add_text(k, v, step)
+            else:
+                self.writer.add_scalar(k, float(v), step)
         self.writer.flush()
 
     def histogram(self, name, values, step):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,25 +117,201 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def start_run(run_dir: str | os.PathLike, config: Any, *, resume: bool) -> Path:
-    """Create or reopen ``run_dir`` and write ``config.json``; return ``run_dir/checkpoints``.
+# Config fields a resumed run may change without breaking it: where and how often it logs,
+# saves and evaluates, and where it runs. Everything else (model, data, batch size, run length,
+# seed, loss, optimizer, ...) must match the saved config unless ``allow`` names it.
+MAY_CHANGE_ON_RESUME = ("device", "log.*", "ckpt.*", "eval.every", "data.workers", "compile", "dist.*",
+                        "mask_image_every", "tune.*")
+# The resume flags themselves: never compared, never recorded.
+_RUN_FLAGS = ("run_dir", "resume", "resume_from", "resume_allow", "resume_or_start", "stop_on_signal")
+HISTORY_FILE = "config_history.jsonl"
+
+
+@dataclass
+class RunArgs:
+    """The run-directory flags every recipe shares: ``--run-dir``, ``--resume`` and its options.
+
+    A recipe's ``Config`` inherits them (and may redefine ``run_dir``'s default).
+    """
+
+    run_dir: Path = Path("runs/run")
+    """Where config.json, metrics.jsonl, checkpoints/ and summary.json go."""
+    resume: bool = False
+    """Continue the run in RUN_DIR from its last checkpoint (refused when RUN_DIR has none)."""
+    resume_from: Path | None = None
+    """Continue from this checkpoint (a step_/best_ .pt file or a .dcp folder) instead of
+    RUN_DIR/checkpoints/last.pt; implies --resume."""
+    resume_allow: tuple[str, ...] = ()
+    """Config fields a resumed run may change on purpose (e.g. train.steps to extend it); each
+    change is appended to RUN_DIR/config_history.jsonl, config.json stays as it was."""
+    resume_or_start: bool = False
+    """With --resume: start a fresh run when RUN_DIR holds no checkpoint yet (requeued jobs)."""
+    stop_on_signal: bool = True
+    """On SIGTERM, SIGUSR1 or Ctrl-C: finish the update, save last, exit 75 (see StopSignals)."""
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues a saved one (``--resume`` or ``--resume-from``)."""
+        return self.resume or self.resume_from is not None
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """A config (dataclass or mapping) as ``{"dotted.field": JSON value}``; lists stay values."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", json.loads(json.dumps(to_jsonable(config))))
+    return out
+
+
+def _matches(field: str, patterns: Any) -> bool:
+    import fnmatch
+
+    return any(field == p or field.startswith(p + ".") or fnmatch.fnmatchcase(field, p) for p in patterns)
+
+
+def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The config a run directory's run is under now: ``config.json`` with every change from
+    ``config_history.jsonl`` applied, flattened as ``flat_config``; None without a config.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        config = flat_config(json.loads(path.read_text()))
+        history = run_dir / HISTORY_FILE
+        for line in history.read_text().splitlines() if history.exists() else []:
+            if line.strip():
+                for name, (_, new) in json.loads(line)["changes"].items():
+                    config[name] = new
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read the saved config to compare the resumed run with "
+                         f"({type(err).__name__}: {err})") from None
+    return config
+
+
+def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, given)}`` for every flattened field that differs (resume flags ignored)."""
+    missing = "<absent>"
+    return {k: (saved.get(k, missing), given.get(k, missing)) for k in sorted(saved.keys() | given.keys())
+            if not _matches(k, _RUN_FLAGS) and saved.get(k, missing) != given.get(k, missing)}
+
+
+def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {json.dumps(a)} → {json.dumps(b)}" for k, (a, b) in changes.items())
+
+
+def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume."""
+    last = Path(ckpt_dir) / LAST
+    return last.exists() or last.with_suffix(".dcp").exists()
+
+
+def start_run(
+    run_dir: str | os.PathLike,
+    config: Any,
+    *,
+    resume: bool,
+    resume_from: str | os.PathLike | None = None,
+    allow: Any = (),
+    or_start: bool = False,
+) -> Path:
+    """Check ``run_dir`` for a fresh or a resumed run; return ``run_dir/checkpoints``.
 
     A fresh run (``resume=False``) refuses a folder that already holds a run
-    (a checkpoint or a metrics file), naming ``--resume`` and ``--run-dir``.
+    (a checkpoint or a metrics file), naming ``--resume`` and ``--run-dir``,
+    and writes ``config.json``.
+
+    A resumed run writes nothing here (``record_resume`` does, once the
+    checkpoint has loaded). It needs a checkpoint (``last.pt``/``last.dcp``,
+    or ``resume_from``); without one it is refused, or with ``or_start``
+    starts fresh. Its config is compared with the saved one (``config.json``
+    plus ``config_history.jsonl``): a differing field that shapes the run
+    raises ``ValueError`` listing every such field as ``name: saved → given``;
+    fields matching ``MAY_CHANGE_ON_RESUME`` or ``allow`` (exact names,
+    prefixes such as ``train``, or globs) may differ and are printed in one
+    line. Every rank checks, so under torchrun every rank raises alike.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CKPT_DIR
-    if not resume and ((ckpt_dir / LAST).exists() or (run_dir / "metrics.jsonl").exists()):
-        raise ValueError(
-            f"run_dir={str(run_dir)!r} is not allowed: it already holds a run; "
-            "pass --resume to continue it, or choose another --run-dir"
-        )
+    given = flat_config(config)
+    for name in allow:
+        if not any(_matches(k, [name]) for k in given):
+            import difflib
+
+            close = difflib.get_close_matches(name, list(given), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            _check.fail("resume_allow", name, f"names of config fields such as train.steps{hint}")
+    if resume and resume_from is not None and not Path(resume_from).exists():
+        _check.fail("resume_from", str(resume_from), "an existing checkpoint file or .dcp folder")
+    if resume and resume_from is None and not has_checkpoint(ckpt_dir):
+        if not or_start:
+            raise ValueError(
+                f"run_dir={str(run_dir)!r}: --resume found no checkpoint to continue (no {ckpt_dir / LAST}); "
+                "check --run-dir, or pass --resume-or-start to start a fresh run there when it has none")
+        resume = False  # a requeued job whose first attempt saved nothing: start over
+    else:
+        if not resume and (has_checkpoint(ckpt_dir) or (run_dir / "metrics.jsonl").exists()):
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} is not allowed: it already holds a run; "
+                "pass --resume to continue it, or choose another --run-dir"
+            )
+    if resume:
+        saved = saved_config(run_dir)
+        changes = config_changes(saved, given) if saved is not None else {}
+        refused = {k: v for k, v in changes.items()
+                   if not _matches(k, MAY_CHANGE_ON_RESUME) and not _matches(k, allow)}
+        if refused:
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} cannot resume with another config: {_describe(refused)} "
+                "(saved → given; these fields shape the run: pass them as saved, or --resume-allow "
+                "FIELD to change one on purpose, or choose another --run-dir)")
+        if changes and dist.is_main():
+            print(f"resume: changed on purpose or allowed: {_describe(changes)}")
+        return ckpt_dir
     # Every rank checks (and so raises alike); rank 0 writes, the others wait for the folder.
     if dist.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")
+        _write_config(run_dir, config)
     dist.barrier()
     return ckpt_dir
+
+
+def _write_config(run_dir: Path, config: Any) -> None:
+    atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")
+
+
+def record_resume(run_dir: str | os.PathLike, config: Any, step: int) -> dict[str, tuple[Any, Any]]:
+    """After a resumed checkpoint has loaded: append the config's changes to ``config_history.jsonl``.
+
+    ``config.json`` is never rewritten; each resume that changed anything
+    adds one line ``{"step", "time", "changes": {field: [saved, given]}}``.
+    A run directory without a ``config.json`` (a user's own loop) gets one.
+    Rank 0 writes. Returns the changes.
+    """
+    import time
+
+    run_dir = Path(run_dir)
+    saved = saved_config(run_dir)
+    if saved is None:
+        if dist.is_main():
+            _write_config(run_dir, config)
+        return {}
+    changes = config_changes(saved, flat_config(config))
+    if changes and dist.is_main():
+        line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "changes": {k: list(v) for k, v in changes.items()}}
+        with open(run_dir / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return changes
 
 
 def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -162,23 +339,220 @@ def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Pat
     return path
 
 
-def cli(config_type: type, presets: Mapping[str, tuple[str, Any]], argv: list[str] | None = None,
-        description: str | None = None) -> Any:
+def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
+        argv: list[str] | None = None, description: str | None = None) -> Any:
     """Parse ``[PRESET] [--flags]``: an optional preset name first picks the defaults, flags override.
 
     ``presets`` maps a name to ``(one-line description, config instance)``;
-    the first is the default. ``--help`` lists them. The presets are not
-    modified.
+    the first is the default (None: the config's own defaults, no presets).
+    ``--help`` lists them. The presets are not modified. A failed check in
+    any nested config raises ``ValueError`` naming the field by its flag
+    path (``data.image_size=3 is not allowed: ...``).
     """
     import copy
-    import sys
 
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    names = list(presets)
-    chosen = argv.pop(0) if argv and argv[0] in presets else names[0]
-    listing = "\n".join(f"  {name}: {doc}" for name, (doc, _) in presets.items())
-    text = f"{description or ''}\n\nPresets (an optional first argument; default {names[0]}):\n{listing}"
+    if presets:
+        names = list(presets)
+        chosen = argv.pop(0) if argv and argv[0] in presets else names[0]
+        listing = "\n".join(f"  {name}: {doc}" for name, (doc, _) in presets.items())
+        text = f"{description or ''}\n\nPresets (an optional first argument; default {names[0]}):\n{listing}"
+    else:
+        presets, chosen, text = {"default": ("", config_type())}, "default", description or ""
     default = copy.deepcopy(presets[chosen][1])
-    return tyro.cli(config_type, default=default, args=argv, description=text.strip())
+    with _check.collected_errors() as errors:
+        try:
+            config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
+        except Exception:
+            if not errors:
+                raise
+            config = None  # a failed check let later code trip: report the check
+    if errors:
+        error, owner = errors[0]
+        raise ValueError(_with_path(str(error), owner, config, config_type)) from None
+    return config
+
+
+def _with_path(message: str, owner: Any, config: Any, config_type: type) -> str:
+    """``image_size=3 ...`` -> ``data.image_size=3 ...``: where ``owner`` sits in the config tree."""
+    path = _path_to(config, owner) if config is not None else None
+    if path is None and owner is not None:
+        paths = _paths_of(config_type, type(owner))
+        path = paths[0] if len(paths) == 1 else None
+    if not path or message.startswith(path + "."):
+        return message
+    return f"{path}.{message}"
+
+
+def _path_to(tree: Any, target: Any, prefix: str = "") -> str | None:
+    if tree is target:
+        return prefix
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for f in dataclasses.fields(tree):
+            found = _path_to(getattr(tree, f.name), target, f"{prefix}.{f.name}" if prefix else f.name)
+            if found is not None:
+                return found
+    return None
+
+
+def _paths_of(config_type: type, wanted: type, prefix: str = "") -> list[str]:
+    """Every dotted path in a tree of dataclass types where a field has type ``wanted``."""
+    import typing
+
+    if config_type is wanted:
+        return [prefix]
+    if not dataclasses.is_dataclass(config_type):
+        return []
+    try:
+        hints = typing.get_type_hints(config_type)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no path
+        return []
+    out = []
+    for f in dataclasses.fields(config_type):
+        kind = hints.get(f.name)
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            out += _paths_of(kind, wanted, f"{prefix}.{f.name}" if prefix else f.name)
+    return out
+
+
+# --- stopping on a signal (preemption, Ctrl-C) -----------------------------------------------
+
+EXIT_STOPPED = 75
+"""The exit code of a run stopped by a signal after saving its checkpoint (``EX_TEMPFAIL``:
+try again later). A job script requeues on it: ``python recipe.py ... --resume-or-start --resume;
+[ $? -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"``."""
+
+
+class StopSignals:
+    """Turn SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) into a request to stop after the current update.
+
+    ::
+
+        with StopSignals() as stop:
+            while state.step < steps:
+                ...                                  # one update
+                if stop.requested():                 # every rank agrees (one tiny all-reduce)
+                    break
+        save_last(ckpt_dir, state)
+        if stop.signal_name:
+            log.close()
+            stop.exit(state.step)                    # prints where and how to resume; exits 75
+
+    The first signal only sets a flag, so the update in progress finishes and
+    the loop saves ``last`` as usual (atomically, every rank, single-file and
+    sharded formats alike). A second Ctrl-C restores the default handlers and
+    raises ``KeyboardInterrupt`` at once (an atomic save it interrupts leaves
+    the previous checkpoint whole); a repeated SIGTERM or SIGUSR1 changes
+    nothing (a scheduler and torchrun may both send one). Under torch.distributed, ``requested()``
+    is a collective: ranks share a MAX all-reduce of the flag over gloo (a
+    CPU group is made for it under nccl), so when one rank is signalled every
+    rank stops at the same update; call it at the same point on every rank,
+    e.g. once per update, or less often with ``every``. ``enabled=False``
+    (recipes: ``--no-stop-on-signal``) installs nothing. Handlers can only be
+    set from the main thread; elsewhere it installs nothing either.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self, *, enabled: bool = True, every: int = 1) -> None:
+        _check.integer_at_least("every", every, 1)
+        self.enabled, self.every = enabled, every
+        self.signal_name: str | None = None
+        self._received: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._calls = 0
+        self._group = None
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        if dist.world_size() > 1 and torch.distributed.get_backend() != "gloo":
+            self._group = torch.distributed.new_group(backend="gloo")
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        name = signal.Signals(number).name
+        if self._received is not None:
+            if number == signal.SIGINT:  # Ctrl-C twice: the user wants out now
+                self._restore()
+                raise KeyboardInterrupt("second Ctrl-C")
+            return  # a repeated SIGTERM (a scheduler and torchrun both send one): already stopping
+        self._received = name
+        print(f"\n{name} received: finishing the current update, then saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """Whether the loop should stop now (True on every rank once any rank got a signal)."""
+        self._calls += 1
+        if self._calls % self.every:
+            return False
+        flag = self._received is not None
+        if dist.world_size() > 1:
+            t = torch.tensor([int(flag)], dtype=torch.int32)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            flag = bool(t.item())
+        if flag:
+            self.signal_name = self._received or "a signal on another rank"
+        return flag
+
+    def exit(self, step: int, ckpt_dir: str | os.PathLike | None = None) -> None:
+        """Say where the run stopped and how to continue it, leave the process group, exit 75."""
+        import shlex
+
+        if dist.is_main():
+            args = sys.argv[1:]
+            again = " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args])
+            if "--resume" not in args:
+                again += " --resume"
+            where = f" (checkpoint in {ckpt_dir})" if ckpt_dir is not None else ""
+            print(f"stopped by {self.signal_name} at step {step}{where}; continue with the same command "
+                  f"and --resume: {again}", file=sys.stderr, flush=True)
+        dist.shutdown()
+        raise SystemExit(EXIT_STOPPED)
+
+    def _restore(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's own message: a DataLoader worker's error arrives wrapped in its traceback text."""
+    message = str(err)
+    if "Original Traceback" in message:  # "Caught X in DataLoader worker ... Original Traceback ... X: msg"
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def run_main(main: Any, parse: Any) -> None:
+    """A recipe's ``__main__``: ``main(parse())`` with one-line errors instead of tracebacks.
+
+    A config or data error (``ValueError``, ``CheckpointError``) prints
+    ``error: ...`` and exits 1; Ctrl-C outside the training loop (or twice
+    inside it) prints one line and exits 130, the shell's code for SIGINT.
+    """
+    try:
+        main(parse())
+    except ValueError as err:
+        sys.exit(f"error: {_one_line(err)}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped at once; checkpoints already on disk are as they were",
+              file=sys.stderr, flush=True)
+        sys.exit(130)

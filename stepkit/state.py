@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    _: KW_ONLY  # every field after these two by name: TrainState(m, opt, target=t), never by position
     target: Target = None
     scaler: torch.amp.GradScaler | None = None
     step: int = 0

@@ -10,7 +10,7 @@ non-finite skip for non-fused optimizers without a scaler).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -59,7 +59,16 @@ def forward_loss(
     )
     with context:
         out = loss_fn(state, batch)
-    loss, aux = (out, {}) if isinstance(out, Tensor) else out
+    if isinstance(out, Tensor):
+        loss, aux = out, {}
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
+        loss, aux = out
+    else:
+        raise ValueError(
+            "loss_fn must return a scalar loss tensor or a pair (loss, aux dict of metrics); got "
+            + _describe_output(out)
+            + (": return (out['loss'], out) instead" if isinstance(out, Mapping) and "loss" in out else "")
+        )
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""
         raise ValueError(
@@ -68,6 +77,14 @@ def forward_loss(
         )
     aux = {k: v.detach() if isinstance(v, Tensor) else v for k, v in aux.items()}
     return at_least_float32(loss), aux
+
+
+def _describe_output(out: Any) -> str:
+    if isinstance(out, Mapping):
+        return f"a dict with keys {sorted(map(str, out))}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}: ({', '.join(type(o).__name__ for o in out)})"
+    return f"a {type(out).__name__}"
 
 
 def at_least_float32(loss: Tensor) -> Tensor:

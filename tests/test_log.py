@@ -170,3 +170,25 @@ def test_close_writes_the_unfinished_interval(tmp_path):
         for step in range(1, 4):  # a run that stops before its first log event
             log({"loss": torch.tensor(float(step))}, step)
     assert [(r["step"], r["loss"]) for r in read_history(tmp_path)] == [(3, 2.0)]
+
+
+def test_strings_and_bools_are_logged_as_the_intervals_last_value(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with Logger(tmp_path, quiet(every=2, tensorboard=True)) as log:
+        log({"loss": 1.0, "phase": "warmup", "frozen": True}, 1)
+        log({"loss": 3.0, "phase": "main", "frozen": False}, 2)
+        log.write({"note": "evaluated", "val": 0.5}, 2)
+    records = read_history(tmp_path)
+    assert records[0] == {"step": 2, "loss": 2.0, "phase": "main", "frozen": False,
+                          "steps_per_s": records[0]["steps_per_s"]}
+    assert records[1] == {"step": 2, "note": "evaluated", "val": 0.5}
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("frozen")] == [0.0]
+    assert {"phase/text_summary", "note/text_summary"} <= set(acc.Tags()["tensors"])
+
+
+def test_a_metric_of_another_kind_is_refused_by_name(tmp_path):
+    with Logger(tmp_path, quiet()) as log, pytest.raises(TypeError, match="metric 'sizes' is a list"):
+        log({"sizes": [1, 2]}, 1)

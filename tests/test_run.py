@@ -44,7 +44,8 @@ def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
         start_run(tmp_path, {"a": 2}, resume=False)
     assert (ckpt_dir / "last.pt").read_bytes() == b"precious"
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
-    start_run(tmp_path, {"a": 2}, resume=True)
+    start_run(tmp_path, {"a": 1}, resume=True)  # checks, writes nothing
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
 
 
 def test_params_digest_tells_bit_identical_weights_apart():

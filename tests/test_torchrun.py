@@ -1,9 +1,12 @@
 """The recipes under torchrun: 2 gloo processes on the CPU, DDP and FSDP2, sharded checkpoints."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DINO = ["recipes/dino.py", "--batch-size", "16", "--crops.local-crops", "2", "--optim.warmup-steps", "2",
-        "--log.no-console", "--ckpt.every", "4", "--ckpt.keep-last", "2", "--train.steps", "8"]
+        "--log.no-console", "--ckpt.every", "4", "--ckpt.keep-last", "6", "--train.steps", "24"]
 
 
 def run(cmd, timeout=240):
@@ -34,28 +37,77 @@ def rewind_to_step_4(ckpt: Path) -> None:
         (shutil.copytree if periodic.is_dir() else shutil.copy)(periodic, target)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_dino_two_ranks_resume_bit_exact(strategy, tmp_path):
-    run_dir = tmp_path / "run"
-    run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", strategy])
-    whole = summary(run_dir)
-    assert whole["ranks"] == 2 and whole["steps"] == 8
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def whole(request, tmp_path_factory):
+    """An uninterrupted 2-rank DINO run: (strategy, its run directory)."""
+    run_dir = tmp_path_factory.mktemp(request.param) / "whole"
+    run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", request.param])
+    return request.param, run_dir
+
+
+def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
+    strategy, whole_dir = whole
+    result = summary(whole_dir)
+    assert result["ranks"] == 2 and result["steps"] == 24
     if strategy == "ddp":
-        assert whole["replicas_identical"] is True
-        assert (run_dir / "checkpoints" / "last.rank1.rng.pt").exists()
+        assert result["replicas_identical"] is True
+        assert (whole_dir / "checkpoints" / "last.rank1.rng.pt").exists()
     else:
-        assert {p.name for p in (run_dir / "checkpoints" / "last.dcp").iterdir()} >= {
+        assert {p.name for p in (whole_dir / "checkpoints" / "last.dcp").iterdir()} >= {
             "state.json", ".metadata", "rng_rank0.pt", "rng_rank1.pt"}
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_dir, run_dir)
+    (run_dir / "summary.json").unlink()
     rewind_to_step_4(run_dir / "checkpoints")
     run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", strategy, "--resume"])
-    assert summary(run_dir)["params_digest"] == whole["params_digest"]  # every rank's RNG and data resumed
+    assert summary(run_dir)["params_digest"] == result["params_digest"]  # every rank's RNG and data resumed
 
 
-def test_fsdp_checkpoint_continues_in_one_process(tmp_path):
+def rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun's child with ``RANK=rank`` (read from /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                parent_pid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent_pid == parent and f"RANK={rank}".encode() in env:
+                return int(entry.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} under {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
+def test_two_ranks_stop_at_the_same_update_when_one_is_signalled(whole, tmp_path):
+    strategy, whole_dir = whole
+    flags = [*DINO, "--dist.strategy", strategy, "--run-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen([*TORCHRUN, *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    suffix = ".dcp" if strategy == "fsdp" else ".pt"
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / f"step_00000004{suffix}").exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, "the run never saved step 4"
+        time.sleep(0.01)
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGTERM)  # one rank only, as a node-local signal would
+    _, err = launcher.communicate(timeout=120)
+    assert err.count("exitcode  : 75") == 2, err[-3000:]  # both ranks stopped cleanly, none hung
+    assert "stopped by a signal on another rank at step" in err
+    assert not (tmp_path / "run" / "summary.json").exists()
+    run([*TORCHRUN, *flags, "--resume"])
+    assert summary(tmp_path / "run")["params_digest"] == summary(whole_dir)["params_digest"]
+
+
+@pytest.mark.parametrize("whole", ["fsdp"], indirect=True)
+def test_fsdp_checkpoint_continues_in_one_process(whole, tmp_path):
     run_dir = tmp_path / "run"
-    run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", "fsdp"])
-    run([sys.executable, *DINO, "--run-dir", str(run_dir), "--resume", "--train.steps", "10"])
-    assert summary(run_dir)["steps"] == 10 and summary(run_dir)["ranks"] == 1
+    shutil.copytree(whole[1], run_dir)
+    run([sys.executable, *DINO, "--run-dir", str(run_dir), "--resume", "--train.steps", "30",
+         "--resume-allow", "train.steps"])
+    assert summary(run_dir)["steps"] == 30 and summary(run_dir)["ranks"] == 1
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -1,0 +1,132 @@
+"""Bad input as a new user meets it: one line naming the file or the flag, no traceback, nothing left."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stepkit import TrainState, forward_loss
+from stepkit.data import ImageFolder, UnreadableImage, image_folders, load_fmri_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--log.no-console", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def refused(out, *fragments):
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """train/ and val/ with two classes of tiny images, and one file in train/ that is not an image."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 4)):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"this is not a png")
+    return tmp_path
+
+
+DINO_SMALL = ["--train.steps", "2", "--optim.warmup-steps", "1", "--batch-size", "8", "--eval.k", "3",
+              "--crops.local-crops", "2", "--data.workers", "0", "--model.out-dim", "16",
+              "--model.head-hidden", "16"]
+
+
+def test_an_unreadable_image_is_named_before_training_and_leaves_no_run_dir(folder):
+    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"), *DINO_SMALL)
+    refused(out, "broken.png: not a readable image", "--data.skip-unreadable")
+    assert not (folder / "run").exists()
+
+
+def test_skip_unreadable_leaves_them_out_and_counts_them(folder):
+    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"),
+                 "--data.skip-unreadable", *DINO_SMALL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((folder / "run" / "summary.json").read_text())["skipped_unreadable"] == 1
+
+
+def test_an_image_that_fails_to_decode_later_names_itself(folder):
+    data = ImageFolder(folder / "train", 16, check_up_to=0)  # too many to check up front
+    bad = next(i for i, (p, _) in enumerate(data.samples) if p.name == "broken.png")
+    with pytest.raises(UnreadableImage, match=r"broken.png: not a readable image .*--data.skip-unreadable"):
+        data[bad]
+    assert data[bad + 1][0].shape == (3, 16, 16)
+
+
+def test_a_missing_held_out_folder_is_explained_with_its_flag(folder):
+    (folder / "val").rename(folder / "elsewhere")
+    explained = r"data.val_root=None .*'val' folder beside --data.root.*--data.val-root"
+    with pytest.raises(ValueError, match=explained):
+        image_folders(folder / "train", None, 16, skip_unreadable=True)
+    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"),
+                 "--data.skip-unreadable", *DINO_SMALL)
+    refused(out, "--data.val-root")
+    assert not (folder / "run").exists()
+    train, val = image_folders(folder / "train", folder / "elsewhere", 16, skip_unreadable=True)
+    assert len(train) == 20 and len(val) == 8
+
+
+def test_errors_name_the_flag_the_user_typed(tmp_path):
+    refused(recipe("dino", "--run-dir", str(tmp_path / "r"), "--data.image-size", "3"), "data.image_size=3")
+    refused(recipe("ijepa", "--run-dir", str(tmp_path / "r"), "--train.steps", "0"), "train.steps=0")
+    refused(recipe("dino", "--run-dir", str(tmp_path / "r"), "--optim.lr", "-1"), "optim.lr=-1.0")
+    refused(recipe("dino", "--run-dir", str(tmp_path / "r"), "--eval.k", "5000"),
+            "eval.k=5000", "training images (1438)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_npz_that_is_not_an_archive_is_named(tmp_path):
+    bad = tmp_path / "subject.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(ValueError, match=r"subject.npz: not a readable .npz file \(BadZipFile"):
+        load_fmri_npz(bad)
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(ValueError, match="a single array"):
+        load_fmri_npz(tmp_path / "one.npz")
+    refused(recipe("autoencoder", "--run-dir", str(tmp_path / "r"), "--data.path", str(bad)),
+            "subject.npz: not a readable .npz file")
+    assert not (tmp_path / "r").exists()
+
+
+# --- small things found by reading the code ----------------------------------------------------------
+
+
+def test_train_state_fields_after_the_optimizer_are_keyword_only():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError):
+        TrainState(model, opt, None, None, 2)
+    assert TrainState(model, opt, accum=2).accum == 2
+
+
+@pytest.mark.parametrize("returned, message", [
+    ({"loss": 1}, r"got a dict with keys \['loss'\]: return \(out\['loss'\], out\) instead"),
+    ((1, 2, 3), r"got a tuple of 3: \(int, int, int\)"),
+    ("loss", "got a str"),
+])
+def test_forward_loss_says_what_it_expects(returned, message):
+    model = torch.nn.Linear(2, 1)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    expects = r"loss_fn must return a scalar loss tensor or a pair \(loss, aux dict"
+    with pytest.raises(ValueError, match=expects):
+        forward_loss(lambda s, b: returned, state, None)
+    with pytest.raises(ValueError, match=message):
+        forward_loss(lambda s, b: returned, state, None)
