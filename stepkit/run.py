@@ -467,9 +467,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         import signal
-        import threading
 
-        if not self.enabled or threading.current_thread() is not threading.main_thread():
+        if not self.enabled or not _on_main_thread():
             return self
         for name in self.SIGNALS:
             if hasattr(signal, name):
@@ -518,6 +517,13 @@ class StopSignals:
             where = f" (checkpoint in {ckpt_dir})" if ckpt_dir is not None else ""
             print(f"stopped by {self.signal_name} at step {step}{where}; continue with the same command "
                   f"and --resume: {again}", file=sys.stderr, flush=True)
+        import signal
+
+        # torchrun SIGTERMs the other workers as soon as one exits non-zero: the checkpoint is
+        # saved, so let every rank finish its exit and report 75 rather than die of it.
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name) and _on_main_thread():
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         dist.shutdown()
         raise SystemExit(EXIT_STOPPED)
 
@@ -539,6 +545,12 @@ def _one_line(err: BaseException) -> str:
         last = message.rstrip().splitlines()[-1]
         message = last.split(": ", 1)[1] if ": " in last else last
     return message
+
+
+def _on_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def run_main(main: Any, parse: Any) -> None:
