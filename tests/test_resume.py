@@ -159,3 +159,36 @@ def test_cli_resume_guards_config_and_resumes_from_a_periodic_checkpoint(tmp_pat
     assert (straight / "config.json").read_bytes() == config
     history = [json.loads(line) for line in (straight / HISTORY_FILE).read_text().splitlines()]
     assert [h["changes"] for h in history] == [{"log.every": [25, 5]}]
+
+
+# --- every recipe, the same guard -------------------------------------------------------------------
+
+RECIPES = {  # a field that shapes each recipe's run, and a value other than its default
+    "dino": ("--model.out-dim", "64", "model.out_dim: 128 → 64"),
+    "ijepa": ("--mask.targets", "2", "mask.targets: 4 → 2"),
+    "hjepa": ("--train.seed", "5", "train.seed: 0 → 5"),
+    "autoencoder": ("--data.window", "4", "data.window: 6 → 4"),
+    "contrastive": ("--batch-size", "32", "batch_size: 64 → 32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_refuses_a_resume_with_another_config(name, tmp_path):
+    from conftest import load_recipe
+
+    from stepkit.run import to_jsonable
+
+    recipe = load_recipe(name)
+    run_dir = tmp_path / "run"
+    parse = getattr(recipe, "parse", None) or (lambda argv: recipe.cli(recipe.Config, recipe.PRESETS, argv))
+    saved = parse(["--run-dir", str(run_dir)])
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(to_jsonable(saved), indent=2))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"never read: the config check comes first")
+    before = (run_dir / "config.json").read_bytes()
+    flag, value, expected = RECIPES[name]
+    with pytest.raises(ValueError, match="cannot resume with another config") as err:
+        recipe.main(parse(["--run-dir", str(run_dir), "--resume", flag, value]))
+    assert expected in str(err.value)
+    assert (run_dir / "config.json").read_bytes() == before
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "config.json", "last.pt"]

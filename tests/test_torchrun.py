@@ -59,6 +59,12 @@ def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
     shutil.copytree(whole_dir, run_dir)
     (run_dir / "summary.json").unlink()
     rewind_to_step_4(run_dir / "checkpoints")
+    config = (run_dir / "config.json").read_bytes()
+    changed = subprocess.run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", strategy,
+                              "--resume", "--train.seed", "1"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=240)
+    assert changed.returncode != 0 and changed.stderr.count("train.seed: 0 → 1") == 2  # every rank alike
+    assert (run_dir / "config.json").read_bytes() == config
     run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), "--dist.strategy", strategy, "--resume"])
     assert summary(run_dir)["params_digest"] == result["params_digest"]  # every rank's RNG and data resumed
 
