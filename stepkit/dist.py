@@ -94,7 +94,8 @@ def same_on_all_ranks(text: str) -> bool:
         return True
     import hashlib
 
-    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces device tensors only
+    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64, device=device)
     low, high = digest.clone(), digest.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit.state import unwrap
-from stepkit.step import grad_norm
+from stepkit.step import at_least_float32, grad_norm
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
       (Roy & Vetterli 2007; RankMe). A rank-k batch with equal singular
       values gives exactly k; dimensional collapse drives it towards 1.
     """
-    z = embeddings.detach().float().reshape(-1, embeddings.shape[-1])
+    z = at_least_float32(embeddings.detach()).reshape(-1, embeddings.shape[-1])
     s = torch.linalg.svdvals(z)
     p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
     entropy = -torch.special.xlogy(p, p).sum()

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stepkit import _check
 from stepkit.losses.correlation import pearson_per_voxel
+from stepkit.step import at_least_float32
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -74,7 +75,7 @@ def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=N
     if hasattr(encoder, "eval"):
         encoder.eval()
     try:
-        chunks = [encoder(images[i : i + batch_size].to(device)).float().cpu()
+        chunks = [at_least_float32(encoder(images[i : i + batch_size].to(device))).cpu()
                   for i in range(0, len(images), batch_size)]
     finally:
         if was_training:
@@ -101,13 +102,15 @@ def knn_accuracy(
     """
     if k < 1 or k > len(train_features):
         raise ValueError(f"k={k} is not allowed: expected 1 <= k <= {len(train_features)} (the training set)")
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
+    train = F.normalize(at_least_float32(train_features), dim=1)
+    test = F.normalize(at_least_float32(test_features).to(train), dim=1)
+    train_labels, test_labels = train_labels.to(train.device), test_labels.to(train.device)
     classes = int(max(train_labels.max(), test_labels.max())) + 1
     correct = 0
     for start in range(0, len(test), chunk):
         sims, idx = (test[start : start + chunk] @ train.t()).topk(k, dim=1)
-        votes = torch.zeros(len(sims), classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        weights = (sims / temperature).exp()
+        votes = sims.new_zeros(len(sims), classes).scatter_add_(1, train_labels[idx], weights)
         correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk]).sum())
     return correct / len(test)
 
@@ -126,8 +129,8 @@ def linear_probe_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    probe.fit(train_features.float().numpy(), train_labels.numpy())
-    return float(probe.score(test_features.float().numpy(), test_labels.numpy()))
+    probe.fit(at_least_float32(train_features).cpu().numpy(), train_labels.cpu().numpy())
+    return float(probe.score(at_least_float32(test_features).cpu().numpy(), test_labels.cpu().numpy()))
 
 
 # --- LR range test -------------------------------------------------------------------------
@@ -436,7 +439,7 @@ def retrieval_metrics(
     """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
     ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
     (the same caption): any row with the query's id counts as a hit."""
-    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    image, text = F.normalize(at_least_float32(image), dim=-1), F.normalize(at_least_float32(text), dim=-1)
     similarity = image @ text.T
     kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
     i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)

@@ -144,10 +144,36 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_2b(strategy, tmp_path):
         assert two["allreduces"] == STEPS
 
 
+def _sinkhorn_teacher_out():
+    return torch.randn(2 * 6, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+
+
+def _sinkhorn_worker(out_dir, iterations):
+    from stepkit.losses.dino import sinkhorn_knopp
+
+    rank = sk_dist.rank()
+    try:
+        mine = _sinkhorn_teacher_out()[rank * 6:(rank + 1) * 6]
+        torch.save(sinkhorn_knopp(mine, 0.05, iterations), f"{out_dir}/sinkhorn{rank}.pt")
+    finally:
+        sk_dist.shutdown()
+
+
+def test_sinkhorn_knopp_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    from stepkit.losses.dino import sinkhorn_knopp
+
+    two_ranks(tmp_path, "sinkhorn", "3")
+    gathered = torch.cat([torch.load(tmp_path / f"sinkhorn{r}.pt") for r in range(WORLD)])
+    whole = sinkhorn_knopp(_sinkhorn_teacher_out(), 0.05, 3)
+    torch.testing.assert_close(gathered, whole, rtol=1e-12, atol=1e-15)
+
+
 if __name__ == "__main__":  # a rank under torchrun
     mode, out_dir, arg = sys.argv[1:4]
     sk_dist.init_from_env("cpu")
     if mode == "clip":
         _clip_worker(out_dir, arg == "local")
+    elif mode == "sinkhorn":
+        _sinkhorn_worker(out_dir, int(arg))
     else:
         _train(out_dir, arg)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from stepkit import _check
 from stepkit.dist import all_gather_with_grad, rank, world_size
+from stepkit.step import at_least_float32
 
 
 class LogitScale(nn.Module):
@@ -35,18 +36,13 @@ class LogitScale(nn.Module):
         return self.log_scale.clamp(max=self.max_log).exp()
 
 
-def _fp32_or_wider(x: Tensor) -> Tensor:
-    """Half-precision embeddings (autocast) to float32 for the softmax; float64 stays float64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def info_nce(queries: Tensor, keys: Tensor, logit_scale: Tensor | float, offset: int = 0) -> Tensor:
     """Mean cross-entropy of ``softmax(scale * queries @ keys.T)``, row i's positive at key ``offset + i``.
 
     ``-1/B sum_i log( exp(s q_i.k_{o+i}) / sum_j exp(s q_i.k_j) )``; ``offset``
     places this rank's rows among keys gathered from all ranks.
     """
-    logits = logit_scale * _fp32_or_wider(queries) @ _fp32_or_wider(keys).T
+    logits = logit_scale * at_least_float32(queries) @ at_least_float32(keys).T
     targets = torch.arange(offset, offset + len(queries), device=queries.device)
     return F.cross_entropy(logits, targets)
 
@@ -89,8 +85,8 @@ def similarity_distillation_loss(
     Zero when the student's similarities equal the teacher's.
     """
     _check.at_least("temperature", temperature, 1e-6)
-    student = (_fp32_or_wider(student_queries) @ _fp32_or_wider(student_keys).T) / temperature
-    teacher = (_fp32_or_wider(teacher_queries) @ _fp32_or_wider(teacher_keys).T) / temperature
+    student = (at_least_float32(student_queries) @ at_least_float32(student_keys).T) / temperature
+    teacher = (at_least_float32(teacher_queries) @ at_least_float32(teacher_keys).T) / temperature
     kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
                   log_target=True, reduction="batchmean")
     return kl * temperature**2
@@ -101,4 +97,4 @@ def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
     if student.shape != teacher.shape:
         raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
                          f"{tuple(teacher.shape)} must have the same shape")
-    return F.mse_loss(_fp32_or_wider(student), _fp32_or_wider(teacher))
+    return F.mse_loss(at_least_float32(student), at_least_float32(teacher))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from stepkit import _check
+from stepkit.step import at_least_float32
 
 
 def pearson_per_voxel(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
@@ -41,7 +42,7 @@ def voxel_corr_summary(r: Tensor, threshold: float = 0.1, prefix: str = "voxel_c
     return {
         prefix: r.mean(),
         f"{prefix}_median": r.median(),
-        f"{prefix}_frac_above_{threshold:g}": (r > threshold).float().mean(),
+        f"{prefix}_frac_above_{threshold:g}": (r > threshold).to(r.dtype).mean(),
     }
 
 
@@ -49,5 +50,5 @@ def fmri_matching_loss(pred: Tensor, target: Tensor, kind: str = "correlation") 
     """Match predicted to measured voxel responses: ``"correlation"`` (1 - mean r) or ``"mse"``."""
     _check.one_of("kind", kind, ("correlation", "mse"))
     if kind == "mse":
-        return (pred.float() - target.float()).square().mean()
+        return (at_least_float32(pred) - at_least_float32(target)).square().mean()
     return correlation_loss(pred, target)

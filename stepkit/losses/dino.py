@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from stepkit import _check
+from stepkit.step import at_least_float32
 
 
 def dino_loss(
@@ -29,8 +32,8 @@ def dino_loss(
 
     computed as one matrix of all pairs' cross-entropies.
     """
-    log_p = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_student_views)
-    q = teacher_probs.float().chunk(n_teacher_views)
+    log_p = F.log_softmax(at_least_float32(student_out) / student_temp, dim=-1).chunk(n_student_views)
+    q = at_least_float32(teacher_probs).chunk(n_teacher_views)
     ce = -torch.einsum("ibk,jbk->ij", torch.stack(q), torch.stack(log_p)) / q[0].shape[0]
     pairs = ~torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)
     return ce[pairs].mean()
@@ -38,13 +41,13 @@ def dino_loss(
 
 def teacher_softmax(teacher_out: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
     """DINO's teacher targets: ``softmax((t - center) / teacher_temp)``, without gradient."""
-    return F.softmax((teacher_out.detach().float() - center) / teacher_temp, dim=-1)
+    return F.softmax((at_least_float32(teacher_out.detach()) - center) / teacher_temp, dim=-1)
 
 
 @torch.no_grad()
 def update_center(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> None:
     """``center = m * center + (1 - m) * mean(teacher_out)`` in place; the mean is over all ranks."""
-    batch = teacher_out.detach().float().sum(dim=0, keepdim=True)
+    batch = at_least_float32(teacher_out.detach()).sum(dim=0, keepdim=True)
     count = teacher_out.shape[0]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch)
@@ -71,27 +74,44 @@ def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps:
 def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3) -> Tensor:
     """Balanced teacher targets (SwAV, DINOv2): rows sum to 1, every prototype used equally.
 
-    Alternately normalises ``exp(t / temp)`` over prototypes and over the
-    batch (all ranks' samples together) ``iterations`` times. Computed in
-    float64 after subtracting each sample's max logit (the normalisations
-    cancel both), so sharp temperatures neither overflow nor leave a sample
-    without mass; a prototype whose mass underflows stays at 0.
+    The procedure of SwAV's and DINOv2's ``sinkhorn_knopp``, at every
+    iteration count: with ``Q = exp(t / temp)ᵀ`` (``K`` prototypes x ``B``
+    samples, ``B`` counted over all ranks)::
+
+        Q /= sum(Q)
+        repeat iterations times:
+            Q /= Q.sum(over samples) * K        # rows (prototypes): all ranks' samples
+            Q /= Q.sum(over prototypes) * B     # columns (samples)
+        return (Q * B)ᵀ
+
+    Computed in log space in float64 (``log Q`` normalised with logsumexp,
+    all-reduced as a max and a sum of ``exp`` under torch.distributed), so
+    it equals the plain procedure to rounding where that is finite, and
+    stays finite at sharp temperatures where ``exp(t / temp)`` overflows.
+    Returns the dtype of ``teacher_out`` promoted to at least float32.
     """
-    logits = teacher_out.detach().double() / teacher_temp
-    q = torch.exp(logits - logits.max(dim=1, keepdim=True).values).t()  # (K, B)
-    k, b = q.shape
+    _check.integer_at_least("iterations", iterations, 0)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    total = q.sum()
+    log_q = (teacher_out.detach().double() / teacher_temp).t()  # (K, B)
+    k, b = log_q.shape
+    log_q -= _logsumexp(log_q, None, world)
+    for _ in range(iterations):
+        log_q -= _logsumexp(log_q, 1, world) + math.log(k)
+        log_q -= torch.logsumexp(log_q, dim=0, keepdim=True) + math.log(b * world)
+    return (log_q + math.log(b * world)).exp().t().to(at_least_float32(teacher_out).dtype)
+
+
+def _logsumexp(x: Tensor, dim: int | None, world: int) -> Tensor:
+    """``log sum exp(x)`` over ``dim`` (None: everything), the sum running over every rank's ``x``."""
+    reduce = tuple(range(x.ndim)) if dim is None else (dim,)
+    top = x.amax(dim=reduce, keepdim=True)
+    if world > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # an all -inf row stays -inf
+    total = (x - top).exp().sum(dim=reduce, keepdim=True)
     if world > 1:
         dist.all_reduce(total)
-    q /= total
-    for _ in range(iterations):
-        rows = q.sum(dim=1, keepdim=True)
-        if world > 1:
-            dist.all_reduce(rows)
-        q /= rows.clamp_min(torch.finfo(q.dtype).tiny) * k
-        q /= q.sum(dim=0, keepdim=True) * (b * world)
-    return (q * (b * world)).t().float()
+    return top + total.log()
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -103,7 +123,7 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     (``x[argmax]``) instead accumulates into shared rows, which made CPU
     training differ from run to run.
     """
-    x = F.normalize(x.float(), dim=-1, eps=eps)
+    x = F.normalize(at_least_float32(x), dim=-1, eps=eps)
     dots = x @ x.t()
     dots = dots - 4.0 * torch.eye(len(x), device=x.device, dtype=dots.dtype)  # never one's own neighbour
     nearest_sq = (2.0 - 2.0 * dots.max(dim=1).values).clamp_min(eps * eps)  # no infinite slope at 0

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
+from stepkit.step import at_least_float32
+
 
 def weighted_mse(
     recon: Mapping[str, Tensor], target: Mapping[str, Tensor], weights: Mapping[str, float]
@@ -21,7 +23,8 @@ def weighted_mse(
     if missing:
         raise ValueError(f"weighted_mse: no reconstruction or target for {missing}; "
                          f"have {sorted(recon)} and {sorted(target)}")
-    parts = {f"recon_{m}": F.mse_loss(recon[m].float(), target[m].float()) for m in weights}
+    parts = {f"recon_{m}": F.mse_loss(at_least_float32(recon[m]), at_least_float32(target[m]))
+             for m in weights}
     total = sum(w * parts[f"recon_{m}"] for m, w in weights.items())
     return total, parts
 

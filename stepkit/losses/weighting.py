@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit import _check
+from stepkit.step import at_least_float32
 
 
 def fixed_weighting(
@@ -46,7 +47,7 @@ class UncertaintyWeighting(nn.Module):
         missing = [t for t in self.tasks if t not in losses]
         if missing:
             raise ValueError(f"UncertaintyWeighting: no loss for tasks {missing}; have {sorted(losses)}")
-        stacked = torch.stack([losses[t].float() for t in self.tasks])
+        stacked = torch.stack([at_least_float32(losses[t]) for t in self.tasks])
         precision = torch.exp(-self.log_var)
         total = (0.5 * precision * stacked + 0.5 * self.log_var).sum()
         parts = {}
