@@ -250,7 +250,8 @@ def measure(name: str, step, views, size: dict, device: torch.device, args) -> d
                 peak_mb=round(peak / 2**20, 1), warmup_s=round(warmup_s, 1))
 
 
-def profile(name: str, step, views, device: torch.device, steps: int, folder: Path) -> dict:
+def profile(name: str, step, views, device: torch.device, steps: int, folder: Path,
+            prefix: str = "dino_step") -> dict:
     """Where one loop's time goes: device busy time per step and the top kernels (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -273,7 +274,7 @@ def profile(name: str, step, views, device: torch.device, steps: int, folder: Pa
                                                         "cudaLaunchKernelExC", "cudaGraphLaunch")) / steps
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=30)
-    out = folder / f"dino_step_profile_{name.replace('+', '_')}.txt"
+    out = folder / f"{prefix}_profile_{name.replace('+', '_')}.txt"
     out.write_text(f"{name}: wall {wall * 1e3:.2f} ms/step, device busy {busy:.2f} ms/step, "
                    f"{launches:.0f} kernel launches/step\n\n{table}\n")
     return dict(loop=name, wall_ms=round(wall * 1e3, 2), device_busy_ms=round(busy, 2),

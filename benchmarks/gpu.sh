@@ -13,8 +13,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 run 300 $py benchmarks/dino_step.py --device cuda --profile 3 \
     --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs --out "$out/dino_step_cuda_vit-s16.json"
+run 150 $py benchmarks/ijepa_step.py --device cuda --profile 3 \
+    --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs --out "$out/ijepa_step_cuda_vit-s16.json"
+run 150 $py benchmarks/recipe_speed.py --device cuda --size vit-s16 --steps 60 \
+    --out "$out/recipe_speed_cuda_vit-s16.json"
+run 60 $py benchmarks/peers.py --device cuda --size vit-s16 --out "$out/peers_cuda_vit-s16.json"
 run 45 $py benchmarks/ema.py --device cuda --out "$out/ema_cuda_vit-b.json"
-run 60 $py benchmarks/gradcache.py --device cuda --batches 256,1024,4096,16384 --chunk 256 \
+run 60 $py benchmarks/gradcache.py --device cuda --batches 1024,4096,16384 --chunk 2048 \
     --out "$out/gradcache_cuda_tiny.json"
 run 45 $py benchmarks/data.py --device cuda --out "$out/data_cuda_vit-s16.json"
 # The recipes on CUDA: the CPU default, and the paper's ViT-S/16 preset for a few steps at batch 64.

@@ -46,7 +46,7 @@ from stepkit import (
 from stepkit._check import at_least, fail, integer_at_least
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
 from stepkit.checkpoint import maybe_save, resume, save_last
-from stepkit.data import ImageFolder, ResumableSampler, digits_canvas, image_folders
+from stepkit.data import ImageFolder, Prefetch, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.dino import (
     dino_loss,
@@ -99,9 +99,16 @@ class Data:
     skip_unreadable: bool = False
     """Image folders: leave out files that cannot be decoded (each file is checked before training;
     the count is in the summary) instead of stopping with an error naming the first one."""
+    synthetic: int = 0
+    """N random images of image_size instead of a data set (for speed runs: the labels are random,
+    so k-NN accuracy means nothing; 0: off)."""
+    prefetch: Literal["auto", "on", "off"] = "auto"
+    """Prepare the next batch's crops while the step runs (on CUDA a side stream; auto: on CUDA only).
+    Checkpoints keep the RNG as of the consumed batch, so resume stays exact."""
 
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
+        integer_at_least("synthetic", self.synthetic, 0)
 
 
 @dataclass
@@ -122,8 +129,13 @@ class Model:
     head_batch_norm: bool = True
     norm_last_layer: bool = True
     freeze_last_layer_steps: int = 0
+    grad_checkpointing: bool = False
+    """ViT only: recompute each block in the backward pass instead of storing its activations (less
+    memory, about one more forward; the same gradients)."""
 
     def __post_init__(self) -> None:
+        if self.grad_checkpointing and self.arch == "cnn":
+            fail("grad_checkpointing", True, "a ViT arch (--model.arch vit-...): the CNN has no blocks")
         integer_at_least("out_dim", self.out_dim, 2)
         integer_at_least("head_hidden", self.head_hidden, 1)
         integer_at_least("bottleneck", self.bottleneck, 1)
@@ -168,6 +180,8 @@ class Eval:
     """Updates between k-NN evaluations during training (0: only at the end)."""
     k: int = 20
     temperature: float = 0.07
+    knn: bool = True
+    """The k-NN evaluations before and after training (--eval.no-knn: none, e.g. for speed runs)."""
 
 
 @dataclass
@@ -188,7 +202,7 @@ class Config(RunArgs):
                                           global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0)
     )
     loss: Loss = field(default_factory=Loss)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1100))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500))
     optim: Optim = field(default_factory=Optim)
     # Not DINO's cosine to 1.0: in a run this short a teacher frozen for the last few hundred
     # steps lags the student (teacher k-NN, seeds 1 and 2: 0.621 / 0.627 ending at 1.0, 0.641 / 0.671
@@ -253,7 +267,8 @@ def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
     net = VisionTransformer.preset(preset, img_size=cfg.crops.global_size, in_chans=in_chans,
-                                   drop_path=cfg.model.drop_path, **overrides)
+                                   drop_path=cfg.model.drop_path,
+                                   grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
     return net, net.dim
 
 
@@ -263,7 +278,14 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    if cfg.data.root is None:  # the embedded digits, held in memory
+    if cfg.data.synthetic:  # random images: only the step's speed means anything
+        g = torch.Generator().manual_seed(cfg.data.seed)
+        size, n = cfg.data.image_size, cfg.data.synthetic
+        pixels = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        train_set, test_set = TensorDataset(pixels, labels), TensorDataset(pixels[:64], labels[:64])
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    elif cfg.data.root is None:  # the embedded digits, held in memory
         digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
         train_set = TensorDataset(digits["train_images"], digits["train_labels"])
         test_set = TensorDataset(digits["test_images"], digits["test_labels"])
@@ -287,7 +309,8 @@ def main(cfg: Config) -> dict:
 
     def views_of(images: torch.Tensor) -> list[torch.Tensor]:
         """A batch of decoded images -> its normalised multi-crop views, on the device."""
-        return [normalize(v, mean, std) for v in multi_crop(to_unit(images.to(device)), cfg.crops)]
+        images = images.to(device, non_blocking=True)  # pinned by the loader on CUDA
+        return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
 
     def loader(dataset, **kw) -> DataLoader:
         # Its own generator: a DataLoader iterator otherwise draws its seed from the
@@ -310,7 +333,7 @@ def main(cfg: Config) -> dict:
         return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
     backbone.eval()
-    knn_random_init = knn(backbone)  # same architecture and seed, untrained
+    knn_random_init = knn(backbone) if cfg.eval.knn else None  # same architecture and seed, untrained
     backbone.train()
     teacher = copy.deepcopy(model).requires_grad_(False)
     # Under torchrun: DDP, or FSDP2 with the backbone's blocks, the backbone and the head sharded on
@@ -375,15 +398,17 @@ def main(cfg: Config) -> dict:
     start = state.data_position * cfg.batch_size
     sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, start=start,
                                rank=dist.rank(), world=dist.world_size())
-    batches = iter(loader(train_set, sampler=sampler, drop_last=True))
+    prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
+    batches = Prefetch(loader(train_set, sampler=sampler, drop_last=True), lambda b: views_of(b[0]), device,
+                       enabled=prefetch)
     started = time.perf_counter() - state.extras["wall_s"]
+    steps_at_start, wall_at_start = state.step, state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
             if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            images, _ = next(batches)
+            views = next(batches)  # crops made while the last step ran (Prefetch)
             state.data_position += 1
-            views = views_of(images)
             loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue
@@ -395,14 +420,16 @@ def main(cfg: Config) -> dict:
             ema_update(state.target, state.model, momentum)
             log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
                 step=state.step)
-            if cfg.eval.every and state.step % cfg.eval.every == 0:
+            if cfg.eval.knn and cfg.eval.every and state.step % cfg.eval.every == 0:
                 log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                           state.step)
             state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            with batches.rng_as_consumed():  # the next batch's crops are drawn already
+                maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
             if signals.requested():  # every rank stops at the same update
                 break
-    save_last(ckpt_dir, state)
+    with batches.rng_as_consumed():
+        save_last(ckpt_dir, state)
     if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
         log.close()
         signals.exit(state.step, ckpt_dir)
@@ -411,16 +438,21 @@ def main(cfg: Config) -> dict:
     summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
         "steps": state.step,
         "wall_s": round(train_s, 3),
-        "knn_acc": knn(teacher.backbone),
-        "knn_acc_student": knn(model.backbone),
-        "knn_acc_random_init": knn_random_init,
-        "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
+        "images_per_s": round(cfg.batch_size * dist.world_size() * cfg.train.accum
+                              * (state.step - steps_at_start) / max(train_s - wall_at_start, 1e-9), 1),
         "skipped_steps": int(state.skipped_steps),
         "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
     }
+    if cfg.eval.knn:
+        summary.update({
+            "knn_acc": knn(teacher.backbone),
+            "knn_acc_student": knn(model.backbone),
+            "knn_acc_random_init": knn_random_init,
+            "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
+        })
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
@@ -431,9 +463,12 @@ def main(cfg: Config) -> dict:
     dist.shutdown()
     if not main_process:
         return summary
-    print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
-          f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
-          f"summary in {cfg.run_dir / 'summary.json'}")
+    if cfg.eval.knn:
+        print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
+              f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
+              f"summary in {cfg.run_dir / 'summary.json'}")
+    else:
+        print(f"{summary['images_per_s']} images/s; summary in {cfg.run_dir / 'summary.json'}")
     return summary
 
 

@@ -111,6 +111,9 @@ class Model:
     predictor_dim: int = 64
     predictor_depth: int = 2
     predictor_heads: int = 4
+    grad_checkpointing: bool = False
+    """Recompute each encoder block in the backward pass instead of storing its activations (less
+    memory, about one more forward; the same gradients)."""
 
     def __post_init__(self) -> None:
         integer_at_least("predictor_dim", self.predictor_dim, 1)
@@ -228,7 +231,7 @@ PRESETS = {
             model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
                         predictor_heads=12, pos_embed="sincos"),
             mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
-                            context_scale=(0.85, 1.0), min_keep=10),
+                            context_scale=(0.85, 1.0), sampler="ijepa", min_keep=10),
             train=TrainConfig(steps=187500),
             optim=Optim(lr=1e-3, min_lr=1e-6, warmup_steps=25000, wd=0.04, wd_final=0.4, clip=None),
             ema=MomentumSchedule(momentum=0.996, momentum_final=1.0),
@@ -245,7 +248,8 @@ def build_encoder(cfg: Config, in_chans: int) -> VisionTransformer:
     overrides["pos_embed"] = cfg.model.pos_embed
     if preset == "huge":
         preset, overrides = "base", {"dim": 1280, "depth": 32, "heads": 16, **overrides}
-    return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans, **overrides)
+    return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans,
+                                    grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
 
 
 class HJEPA(nn.Module):

@@ -403,3 +403,95 @@ class ResumableSampler:
         while True:
             yield from self.epoch_order(epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+
+class Prefetch:
+    """``next(prefetch)``: the next prepared batch, while the one after it is prepared in the background.
+
+    ``prepare(raw_batch)`` turns what ``batches`` yields into what a step
+    consumes (e.g. multi-crop views on the device). On CUDA it runs on a side
+    stream, so the next batch's copies and augmentation overlap the current
+    step's kernels; the consuming stream waits for it on ``next``. With
+    ``enabled=False`` it is a plain ``prepare(next(batches))``.
+
+    Preparing a batch early draws its random augmentation early, so the
+    global RNG runs one batch ahead of the step. A checkpoint must record
+    the RNG as of the batch the step consumed: save inside
+    ``with prefetch.rng_as_consumed(): ...``, and a resumed run prepares the
+    pending batch again with the same draws (bit-exact where the run is:
+    on the CPU, when nothing else in the step draws from the global RNG).
+    """
+
+    def __init__(self, batches, prepare, device, *, enabled: bool = True) -> None:
+        import torch
+
+        self.batches, self.prepare, self.enabled = iter(batches), prepare, enabled
+        self.stream = torch.cuda.Stream(device) if enabled and torch.device(device).type == "cuda" else None
+        self._pending = None  # (prepared batch, ready event, RNG state before it was prepared)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        if not self.enabled:
+            return self.prepare(next(self.batches))
+        if self._pending is None:
+            self._pending = self._start()
+        batch, ready, _ = self._pending
+        if ready is not None:
+            consumer = torch.cuda.current_stream(self.stream.device)
+            consumer.wait_event(ready)
+            _record_stream(batch, consumer)  # the side stream's memory is now used by the consumer too
+        self._pending = self._start()
+        return batch
+
+    def _start(self):
+        import contextlib
+
+        import torch
+
+        from stepkit.state import rng_state
+
+        before = rng_state()
+        raw = next(self.batches)
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            batch = self.prepare(raw)
+        ready = self.stream.record_event() if self.stream is not None else None
+        return batch, ready, before
+
+    def rng_as_consumed(self):
+        """A context in which the global RNG is as the consumed batch left it (for saving)."""
+        import contextlib
+
+        from stepkit.state import rng_state, set_rng_state
+
+        @contextlib.contextmanager
+        def swapped():
+            if self._pending is None:
+                yield
+                return
+            ahead = rng_state()
+            set_rng_state(self._pending[2])
+            try:
+                yield
+            finally:
+                set_rng_state(ahead)
+
+        return swapped()
+
+
+def _record_stream(batch, stream) -> None:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        if batch.is_cuda:
+            batch.record_stream(stream)
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            _record_stream(item, stream)
+    elif isinstance(batch, dict):
+        for item in batch.values():
+            _record_stream(item, stream)

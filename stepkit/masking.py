@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -33,10 +34,18 @@ class MultiBlock:
     context_aspect: tuple[float, float] = (1.0, 1.0)
     min_keep: int = 4
     """Fewest context patches a sample may keep once the targets are removed."""
+    sampler: Literal["stepkit", "ijepa"] = "stepkit"
+    """stepkit: a block's scale and aspect drawn independently, blocks anywhere on the grid.
+    ijepa: the original I-JEPA sampler's distribution (as lightly copies it): one uniform draw
+    sets both a block's scale and its aspect, the area is floored, a side is capped at grid - 1
+    and a block never touches the last row or column (so a 0.85-1.0 context is the top-left
+    (grid-1)^2 square), a context keeps more than min_keep patches, and after every 20 failed
+    context draws one more target stops being cut out. The paper presets use it."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("targets", self.targets, 1)
         _check.integer_at_least("min_keep", self.min_keep, 1)
+        _check.one_of("sampler", self.sampler, ("stepkit", "ijepa"))
         for name in ("target_scale", "context_scale"):
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
@@ -84,6 +93,8 @@ def multi_block_masks(
     """
     _check.integer_at_least("batch", batch, 1)
     g = generator
+    if cfg.sampler == "ijepa":
+        return _ijepa_masks(batch, grid, cfg, g)
     th, tw = block_size(grid, _uniform(*cfg.target_scale, g), _uniform(*cfg.target_aspect, g))
     ch, cw = block_size(grid, _uniform(*cfg.context_scale, g), _uniform(*cfg.context_aspect, g))
     contexts, targets = [], []
@@ -112,6 +123,54 @@ def _context_and_targets(grid, target_hw, context_hw, cfg: MultiBlock, g: torch.
         f"mask: no context block keeps min_keep={cfg.min_keep} patches of a {grid[0]}x{grid[1]} grid "
         f"once {cfg.targets} target blocks of {target_hw[0]}x{target_hw[1]} are removed; lower targets or "
         "target_scale, or raise context_scale")
+
+
+def _ijepa_block_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float],
+                      g: torch.Generator) -> tuple[int, int]:
+    # One uniform number for both scale and aspect, the area floored, sides capped below the grid.
+    r = float(torch.rand((), generator=g))
+    area = int(grid[0] * grid[1] * (scale[0] + r * (scale[1] - scale[0])))
+    ratio = aspect[0] + r * (aspect[1] - aspect[0])
+    h = min(grid[0] - 1, round(math.sqrt(area * ratio)))
+    w = min(grid[1] - 1, round(math.sqrt(area / ratio)))
+    return max(1, h), max(1, w)
+
+
+def _ijepa_block(grid: tuple[int, int], h: int, w: int, g: torch.Generator) -> Tensor:
+    top = int(torch.randint(0, grid[0] - h, (), generator=g))  # high exclusive: never the last row
+    left = int(torch.randint(0, grid[1] - w, (), generator=g))
+    rows = torch.arange(top, top + h)[:, None]
+    return (rows * grid[1] + torch.arange(left, left + w)[None, :]).reshape(-1)
+
+
+def _ijepa_masks(batch: int, grid: tuple[int, int], cfg: MultiBlock, g: torch.Generator,
+                 timeout: int = 20) -> tuple[Tensor, Tensor]:
+    """The original I-JEPA mask sampler's distribution (see ``MultiBlock.sampler``)."""
+    th, tw = _ijepa_block_size(grid, cfg.target_scale, cfg.target_aspect, g)
+    ch, cw = _ijepa_block_size(grid, cfg.context_scale, cfg.context_aspect, g)
+    if ch * cw <= cfg.min_keep:
+        raise ValueError(f"mask: a {ch}x{cw} context block cannot keep more than min_keep={cfg.min_keep} "
+                         "patches; raise context_scale or lower min_keep")
+    contexts, targets = [], []
+    n = grid[0] * grid[1]
+    for _ in range(batch):
+        blocks = [_ijepa_block(grid, th, tw, g) for _ in range(cfg.targets)]
+        for relaxed in range(cfg.targets + 1):  # every `timeout` failures, one target less is cut out
+            covered = torch.zeros(n, dtype=torch.bool)
+            for block in blocks[: cfg.targets - relaxed]:
+                covered[block] = True
+            for _ in range(timeout):
+                context = _ijepa_block(grid, ch, cw, g)
+                context = context[~covered[context]]
+                if len(context) > cfg.min_keep:
+                    break
+            else:
+                continue
+            break
+        contexts.append(context.sort().values)
+        targets.append(torch.stack([b.sort().values for b in blocks]))
+    keep = min(len(c) for c in contexts)
+    return torch.stack([c[:keep] for c in contexts]), torch.stack(targets)
 
 
 def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:

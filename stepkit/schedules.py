@@ -12,7 +12,21 @@ Every schedule here is one shape, ``warmup_decay``: a linear warm-up from
                 constant  peak
 
 The warm-up reaches ``peak`` exactly at ``t = W``, where the decay starts, so
-the schedule is continuous there (optax's and timm's convention). Past
+the schedule is continuous there (optax's convention, and timm's with
+``warmup_prefix=True``).
+
+Switching from a peer, the bridges (each measured equal):
+
+- timm: ``lr_at(t, LRSchedule(lr=P, min_lr=F, warmup_steps=W,
+  warmup_start_lr=S), N)`` equals ``CosineLRScheduler(opt, t_initial=N - W,
+  lr_min=F, warmup_t=W, warmup_lr_init=S, warmup_prefix=True)`` stepped per
+  update. timm's *default* ``warmup_prefix=False`` runs the cosine on the
+  absolute step (it starts decaying during the warm-up, so the peak is never
+  reached); there is no stepkit equivalent of that.
+- lightly: ``cosine_schedule(step, max_steps, start, end)`` divides by
+  ``max_steps - 1``; ``momentum_at`` (like DINO's code) divides by the run
+  length ``N``, so ``momentum_at(t, MomentumSchedule(m0, m1), N)`` equals
+  lightly's ``cosine_schedule(t, N + 1, m0, m1)``. Past
 ``total_steps`` the value stays at ``final``; a warm-up as long as the run
 has no decay phase and ends at ``peak``. DINO's teacher momentum (cosine
 from ``base`` to 1 over the run, no warm-up) is the cosine case with

@@ -129,3 +129,44 @@ def test_ema_of_a_lower_precision_target_from_float_online():
     ema_update(target, online, 0.0)
     assert target["0.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(target["0.weight"], online[0].weight.detach().to(torch.bfloat16))
+
+
+def test_a_replaced_parameter_is_noticed_by_the_cached_plan():
+    target, online = net(0), net(1)
+    ema_update(target, online, 0.5)  # builds and keeps the plan
+    online[3] = nn.Linear(6, 2).double()  # new tensor objects
+    with torch.no_grad():
+        online[3].weight.fill_(2.0)
+    before = target[3].weight.detach().clone()
+    ema_update(target, online, 0.5)
+    torch.testing.assert_close(target[3].weight, 0.5 * before + 0.5 * 2.0, rtol=0, atol=1e-15)
+    target[0] = nn.Linear(4, 6).double()  # the target's side too
+    with torch.no_grad():
+        target[0].weight.fill_(1.0)
+    ema_update(target, online, 0.25)
+    torch.testing.assert_close(target[0].weight, 0.25 + 0.75 * online[0].weight, rtol=0, atol=1e-15)
+
+
+def test_the_cached_plan_follows_in_place_changes_and_new_targets():
+    target, online = net(0), net(1)
+    ema_update(target, online, 0.9)
+    with torch.no_grad():
+        online[0].weight.data = torch.full_like(online[0].weight, 3.0)  # same Parameter, new data
+    before = target[0].weight.detach().clone()
+    ema_update(target, online, 0.9)
+    torch.testing.assert_close(target[0].weight, 0.9 * before + 0.1 * 3.0, rtol=0, atol=1e-15)
+    other = ema_copy(online)  # another target for the same online model
+    ema_update(other, online, 0.0)
+    assert torch.equal(other["0.weight"], online[0].weight)
+    online.float()  # dtype changed in place: the lists are checked again, the float64 target converts
+    ema_update(target, online, 0.5)
+    assert target[0].weight.dtype == torch.float64
+
+
+def test_a_shape_changed_in_place_still_gets_the_clear_error():
+    target, online = net(0), net(1)
+    ema_update(target, online, 0.9)
+    with torch.no_grad():
+        online[0].weight.data = torch.zeros(7, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(6, 4\) in target, \(7, 4\) online"):
+        ema_update(target, online, 0.9)

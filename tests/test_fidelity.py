@@ -147,3 +147,11 @@ def test_dino_loss_in_float64_equals_the_pairwise_formula():
     torch.testing.assert_close(dino_loss(student, teacher, student_temp=0.1, n_student_views=4), expected,
                                rtol=1e-13, atol=0)
     assert math.isfinite(float(expected))
+
+
+def test_koleo_gives_a_duplicated_row_distance_eps():
+    x = F.normalize(f64(6, 4), dim=-1)
+    x[1] = x[0]
+    nearest = (torch.cdist(x, x) + torch.eye(6, dtype=torch.float64) * 10).min(dim=1).values
+    nearest[:2] = 1e-8  # the duplicated pair: floored at eps
+    torch.testing.assert_close(koleo_loss(x), -torch.log(nearest + 1e-8).mean(), rtol=1e-6, atol=0)

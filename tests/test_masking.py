@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,3 +107,84 @@ def test_mask_image_puts_samples_side_by_side():
     context, targets = multi_block_masks(6, (8, 8), MultiBlock(), g)
     picture = mask_image(torch.rand(6, 3, 32, 32), context, targets, patch_size=4, samples=4)
     assert picture.shape == (3, 32, 128) and 0 <= picture.min() and picture.max() <= 1
+
+
+# --- the original I-JEPA sampler's distribution ----------------------------------------------------
+
+
+def original_ijepa_contexts(draws, grid=14, npred=4, pred_scale=(0.15, 0.2), aspect=(0.75, 1.5),
+                            enc_scale=(0.85, 1.0), min_keep=4, seed=0):
+    """The original I-JEPA MaskCollator's procedure written out (one sample per batch): context sizes."""
+    import math as m
+
+    g = torch.Generator().manual_seed(seed)
+
+    def block_size(scale, ratio):
+        r = torch.rand(1, generator=g).item()
+        max_keep = int(grid * grid * (scale[0] + r * (scale[1] - scale[0])))
+        ar = ratio[0] + r * (ratio[1] - ratio[0])
+        h, w = int(round(m.sqrt(max_keep * ar))), int(round(m.sqrt(max_keep / ar)))
+        while h >= grid:
+            h -= 1
+        while w >= grid:
+            w -= 1
+        return h, w
+
+    def block_mask(size, acceptable=None):
+        h, w = size
+        tries, timeout = 0, 20
+        while True:
+            top = torch.randint(0, grid - h, (1,), generator=g)
+            left = torch.randint(0, grid - w, (1,), generator=g)
+            mask = torch.zeros((grid, grid), dtype=torch.int32)
+            mask[top:top + h, left:left + w] = 1
+            if acceptable is not None:
+                for region in acceptable[:max(len(acceptable) - tries, 0)]:
+                    mask *= region
+            idx = torch.nonzero(mask.flatten())
+            if len(idx) > min_keep:
+                complement = torch.ones((grid, grid), dtype=torch.int32)
+                complement[top:top + h, left:left + w] = 0
+                return idx.squeeze(), complement
+            timeout -= 1
+            if timeout == 0:
+                tries, timeout = tries + 1, 20
+
+    sizes = []
+    for _ in range(draws):
+        p_size, e_size = block_size(pred_scale, aspect), block_size(enc_scale, (1.0, 1.0))
+        complements = [block_mask(p_size)[1] for _ in range(npred)]
+        sizes.append(len(block_mask(e_size, complements)[0]))
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+def test_the_ijepa_sampler_has_the_original_procedures_statistics():
+    cfg = MultiBlock(sampler="ijepa")
+    g = torch.Generator().manual_seed(1)
+    ours = torch.tensor([multi_block_masks(1, (14, 14), cfg, g)[0].shape[1] for _ in range(2000)],
+                        dtype=torch.float64)
+    original = original_ijepa_contexts(2000)
+    assert abs(ours.mean() - original.mean()) < 1.5 and abs(ours.std() - original.std()) < 1.5
+    stepkit_sizes = torch.tensor([multi_block_masks(1, (14, 14), MultiBlock(), g)[0].shape[1]
+                                  for _ in range(2000)], dtype=torch.float64)
+    # measured: the original 81.4 +- 13.7 patches, stepkit's own sampler 89.4 +- 17.6
+    assert stepkit_sizes.mean() - ours.mean() > 5 and stepkit_sizes.std() - ours.std() > 2
+
+
+def test_the_ijepa_sampler_never_touches_the_last_row_or_column_and_shares_one_draw():
+    cfg = MultiBlock(sampler="ijepa")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        context, targets = multi_block_masks(8, (14, 14), cfg, g)
+        for idx in (context.reshape(-1), targets.reshape(-1)):
+            assert (idx // 14).max() < 13 and (idx % 14).max() < 13
+        assert (context.shape[1] > cfg.min_keep) and targets.shape[1:] == (4, targets.shape[2])
+    # one uniform number r sets both scale and aspect: area floored, sides rounded
+    from stepkit.masking import _ijepa_block_size
+
+    g = torch.Generator().manual_seed(3)
+    r = float(torch.rand((), generator=torch.Generator().manual_seed(3)))
+    area = int(196 * (0.15 + r * 0.05))
+    ratio = 0.75 + r * 0.75
+    assert _ijepa_block_size((14, 14), (0.15, 0.2), (0.75, 1.5), g) == (
+        min(13, round(math.sqrt(area * ratio))), min(13, round(math.sqrt(area / ratio))))

@@ -176,3 +176,36 @@ def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
     assert graphs == {"none": 0, "default": 2}  # the student's forward and the teacher's
     # Inductor fuses and reorders float32 sums: the same run up to rounding, not bit for bit.
     assert losses["default"] == pytest.approx(losses["none"], rel=1e-4)
+
+
+def test_prefetched_crops_give_the_same_run_and_resume_exactly(recipe, tmp_path, monkeypatch):
+    flags = ("--ckpt.every", "3", "--train.steps", "6")
+    off = recipe.main(small(recipe, tmp_path / "off", *flags, "--data.prefetch", "off"))
+    on = recipe.main(small(recipe, tmp_path / "on", *flags, "--data.prefetch", "on"))
+    assert on["params_digest"] == off["params_digest"]  # the CNN draws nothing else from the RNG
+    real_maybe_save = recipe.maybe_save
+
+    def crash_after_step_3(ckpt_dir, state, **kw):
+        saved = real_maybe_save(ckpt_dir, state, **kw)
+        if state.step == 3:
+            raise RuntimeError("simulated crash")
+        return saved
+
+    monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(small(recipe, tmp_path / "crashed", *flags, "--data.prefetch", "on"))
+    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
+    resumed = recipe.main(small(recipe, tmp_path / "crashed", *flags, "--data.prefetch", "on", "--resume"))
+    assert resumed["params_digest"] == off["params_digest"]
+
+
+def test_synthetic_images_without_knn_report_the_speed(recipe, tmp_path):
+    summary = recipe.main(small(recipe, tmp_path / "s", "--data.synthetic", "64", "--eval.no-knn",
+                                "--train.steps", "3", "--optim.warmup-steps", "1"))
+    assert summary["steps"] == 3 and summary["images_per_s"] > 0 and "knn_acc" not in summary
+
+
+def test_grad_checkpointing_needs_a_vit(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "r"),
+                          "--model.grad-checkpointing"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "model.grad_checkpointing=True is not allowed" in out.stderr

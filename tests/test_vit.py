@@ -114,3 +114,27 @@ def test_fixed_positions_are_a_buffer_exact_at_every_grid():
     torch.testing.assert_close(small[0, 1:], sincos_pos_embed_2d(64, 4, 4))
     with pytest.raises(ValueError, match="pos_embed='rope' .* 'learned', 'sincos'"):
         VisionTransformer.preset("toy", pos_embed="rope")
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients():
+    torch.manual_seed(0)
+    plain = VisionTransformer.preset("toy", img_size=32, drop_path=0.2).double()
+    checkpointed = VisionTransformer.preset("toy", img_size=32, drop_path=0.2,
+                                            grad_checkpointing=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same stochastic-depth draws in both
+        model.train()
+        model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-14)
+    from stepkit.monitor import SavedActivations
+
+    with SavedActivations() as without:
+        plain(x).sum()
+    with SavedActivations() as with_ckpt:
+        checkpointed(x).sum()
+    assert with_ckpt.peak < without.peak / 2

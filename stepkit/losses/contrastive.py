@@ -23,6 +23,13 @@ class LogitScale(nn.Module):
     Starts at ``1 / init_temperature`` (CLIP: 1/0.07) and is clamped at
     ``max_scale`` (CLIP: 100), past which its gradient is zero, so a long run
     cannot sharpen the softmax without bound.
+
+    OpenCLIP instead clamps the parameter itself after each optimizer step
+    (``logit_scale.clamp_(0, log(100))``), so its gradient never vanishes and
+    the stored value never passes the bound. The forward values agree while
+    below the bound; to follow OpenCLIP exactly, pass a ``max_scale`` it never
+    reaches (``1e6``) and clamp after ``apply_update``:
+    ``with torch.no_grad(): scale.log_scale.clamp_(0, math.log(100))``.
     """
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:

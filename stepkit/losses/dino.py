@@ -117,6 +117,14 @@ def _logsumexp(x: Tensor, dim: int | None, world: int) -> Tensor:
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """KoLeo spreading term (DINOv2): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` on L2-normalised rows.
 
+    The paper's form (Sablayrolles et al. 2019; DINOv2):
+    ``-mean_i log(d_i + eps)`` with ``d_i`` the distance to the nearest other
+    row, floored at ``eps``. DINOv2's code measures ``||x_i - x_j + eps||``
+    (torch's ``PairwiseDistance`` adds eps to the difference), so the two agree
+    (2e-8 against lightly's ``KoLeoLoss``) except for exact or near duplicates:
+    a duplicated row gets distance ``eps`` here and about ``eps * sqrt(d)``
+    there, so stepkit's value is the larger on a batch holding duplicates.
+
     For unit vectors ``||x_i - x_j|| = sqrt(2 - 2 x_i . x_j)``, so the nearest
     distance comes from each row's largest dot product. Written that way the
     backward pass writes one element per row; gathering the neighbours

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from stepkit import _check
 
@@ -96,7 +97,9 @@ class VisionTransformer(nn.Module):
     indices) encodes only those patches (I-JEPA's context encoder); the
     position embeddings are added before the others are dropped.
     ``return_layers`` in ``tokens`` also returns the normed outputs of those
-    blocks (hierarchical JEPA's targets).
+    blocks (hierarchical JEPA's targets). ``grad_checkpointing`` (also an
+    attribute to set later) recomputes each block in the backward pass
+    instead of keeping its activations: less memory, one more forward.
     """
 
     def __init__(
@@ -111,8 +114,10 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         pos_embed: str = "learned",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         _check.integer_at_least("patch_size", patch_size, 1)
         _check.one_of("pos_embed", pos_embed, ("learned", "sincos"))
         if img_size % patch_size:
@@ -182,8 +187,11 @@ class VisionTransformer(nn.Module):
             patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, self.dim))
         out = torch.cat([(self.cls_token + pos[:, :1]).expand(b, -1, -1), patches], dim=1)
         layers = []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            out = block(out)
+            # Activation checkpointing: keep only each block's input, recompute the rest in backward
+            # (RNG state replayed, so stochastic depth drops the same samples; same gradients).
+            out = checkpoint(block, out, use_reentrant=False) if recompute else block(out)
             if i in return_layers:
                 layers.append(self.norm(out))
         out = self.norm(out)
