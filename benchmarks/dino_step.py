@@ -140,7 +140,8 @@ def reference_loop(student: Dino, device: torch.device):
     return step
 
 
-def stepkit_loop(student: Dino, device: torch.device, compiled: bool | str = False):
+def stepkit_loop(student: Dino, device: torch.device, compiled: bool | str = False,
+                 checkpointing: bool = False):
     """The recipe's step. ``compiled``: False (eager), True or a ``torch.compile`` mode.
 
     Compiled, the whole forward (student on all crops, teacher on the global
@@ -150,6 +151,7 @@ def stepkit_loop(student: Dino, device: torch.device, compiled: bool | str = Fal
     a tensor the graph reads, which CUDA graphs would refuse).
     """
     teacher = copy.deepcopy(student).requires_grad_(False)
+    student.backbone.grad_checkpointing = checkpointing  # recompute each block in backward
     fused = device.type == "cuda"
     state = TrainState(model=student, target=teacher,
                        optimizer=torch.optim.AdamW(param_groups(student), lr=LR, fused=fused))
@@ -190,6 +192,7 @@ LOOPS = {  # name -> how to build it
     "stepkit": lambda model, device: stepkit_loop(model, device, compiled=False),
     "stepkit+compile": lambda model, device: stepkit_loop(model, device, compiled=True),
     "stepkit+cudagraphs": lambda model, device: stepkit_loop(model, device, compiled="reduce-overhead"),
+    "stepkit+ckpt": lambda model, device: stepkit_loop(model, device, checkpointing=True),
 }
 
 
@@ -281,6 +284,77 @@ def profile(name: str, step, views, device: torch.device, steps: int, folder: Pa
                 launches_per_step=round(launches), table=os.path.relpath(out))
 
 
+def largest_batch(name: str, base: nn.Module, size: dict, device: torch.device, cap_bytes: int,
+                  views_of, loops=None) -> int:
+    """The largest batch one step of loop ``name`` fits: device memory on CUDA, else ``cap_bytes`` of
+    activations saved for backward (the CPU has no allocator to run out of)."""
+    from stepkit.tools import largest_batch_size
+
+    step = (loops or LOOPS)[name](copy.deepcopy(base), device)
+
+    def try_batch(batch: int) -> None:
+        inputs = views_of(batch)
+        if device.type == "cuda":
+            step(inputs)
+            torch.cuda.synchronize(device)
+            return
+        with SavedActivations() as saved:
+            step(inputs)
+        if saved.peak > cap_bytes:
+            raise torch.cuda.OutOfMemoryError(f"{saved.peak} activation bytes, over the cap of {cap_bytes}")
+
+    return largest_batch_size(try_batch, start=max(2, size["batch"] // 8), max_size=size["batch"] * 64)
+
+
+def run_loops(names, loops, base, inputs, size: dict, device: torch.device, args, folder: Path,
+              prefix: str = "dino_step") -> tuple[list[dict], list[dict]]:
+    """Build, time (and with ``args.profile`` profile) each named loop on a copy of ``base``."""
+    rows, profiles = [], []
+    for name in names:
+        step = None
+        try:
+            step = loops[name](copy.deepcopy(base), device)
+            rows.append(measure(name, step, inputs, size, device, args))
+            if args.profile:
+                profiles.append(profile(name, step, inputs, device, args.profile, folder, prefix=prefix))
+        except Exception as e:  # one loop failing to build must not lose the others' numbers
+            traceback.print_exc()
+            rows.append(dict(loop=name, error=f"{type(e).__name__}: {e}"[:400]))
+        finally:
+            step = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows, profiles
+
+
+def add_rates(rows: list[dict], flops: float, peak: float) -> dict | None:
+    """TFLOP/s, MFU and speed-up against the first row, in place; returns the fastest other row."""
+    base_rate = rows[0].get("images_per_s")
+    for row in rows:
+        if "error" in row:
+            continue
+        row["tflops"] = round(flops / (row["step_ms"] / 1e3) / 1e12, 3)
+        row["mfu"] = round(row["tflops"] / peak, 4)
+        row["speedup"] = round(row["images_per_s"] / base_rate, 3) if base_rate else None
+    return max((r for r in rows[1:] if "error" not in r), key=lambda r: r["images_per_s"], default=None)
+
+
+def print_rows(rows: list[dict], profiles: list[dict], device: torch.device) -> None:
+    memory = "CUDA peak" if device.type == "cuda" else "saved for backward"
+    print(f"{'loop':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{memory + ' MB':>22}"
+          f"{'speed-up':>10}{'warm-up s':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['loop']:<22}failed: {r['error']}")
+            continue
+        print(f"{r['loop']:<22}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}"
+              f"{r['mfu']:>8.1%}{r['peak_mb']:>22.1f}{r['speedup']:>9.2f}x{r['warmup_s']:>11.1f}")
+    for p in profiles:
+        print(f"profile {p['loop']}: wall {p['wall_ms']} ms/step, device busy {p['device_busy_ms']} ms/step, "
+              f"{p['launches_per_step']} launches/step -> {p['table']}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -292,6 +366,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true", help="add the stepkit+compile loop")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="profile each loop over STEPS steps (torch.profiler); tables beside the JSON")
+    ap.add_argument("--find-batch", action="store_true",
+                    help="also search the largest batch that fits, with and without grad checkpointing")
+    ap.add_argument("--memory-cap-mb", type=float, default=64.0,
+                    help="--find-batch off CUDA: the activation bytes a step may save (CUDA: device memory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.loops.split(",") if n.strip()]
@@ -311,29 +389,19 @@ def main(argv=None) -> dict:
     base = Dino(size).to(device)
     peak = matmul_peak_tflops(device)
     flops = count_flops(base, views, device)
-    rows, profiles = [], []
-    for name in names:
-        try:
-            step = LOOPS[name](copy.deepcopy(base), device)
-            rows.append(measure(name, step, views, size, device, args))
-            if args.profile:
-                profiles.append(profile(name, step, views, device, args.profile, out.parent))
-        except Exception as e:  # one loop failing to build must not lose the others' numbers
-            traceback.print_exc()
-            rows.append(dict(loop=name, error=f"{type(e).__name__}: {e}"[:400]))
-        finally:
-            step = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    base_rate = rows[0].get("images_per_s")
-    for row in rows:
-        if "error" in row:
-            continue
-        row["tflops"] = round(flops / (row["step_ms"] / 1e3) / 1e12, 3)
-        row["mfu"] = round(row["tflops"] / peak, 4)
-        row["speedup"] = round(row["images_per_s"] / base_rate, 3) if base_rate else None
-    best = max((r for r in rows[1:] if "error" not in r), key=lambda r: r["images_per_s"], default=None)
+    rows, profiles = run_loops(names, LOOPS, base, views, size, device, args, out.parent)
+    best = add_rates(rows, flops, peak)
+    largest = {}
+    if args.find_batch:
+        def views_of(batch: int):
+            return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in shapes]
+
+        cap = int(args.memory_cap_mb * 2**20)
+        largest = {n: largest_batch(n, base, size, device, cap, views_of)
+                   for n in ("stepkit", "stepkit+ckpt")}
+        budget = ("device memory" if device.type == "cuda"
+                  else f"{args.memory_cap_mb:g} MB of saved activations")
+        print(f"largest batch that fits ({budget}): " + ", ".join(f"{n} {b}" for n, b in largest.items()))
     result = dict(
         benchmark="dino_step", size=args.size, **size,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -341,25 +409,14 @@ def main(argv=None) -> dict:
         torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         steps=args.steps, bf16_matmul_tflops=round(peak, 2), tflop_per_step=round(flops / 1e12, 4),
         rows=rows, profiles=profiles, targets=dict(speedup_min=2.3, mfu_min=0.22),
-        best=best and best["loop"],
+        best=best and best["loop"], largest_batch=largest,
     )
     result["meets_targets"] = bool(best and best["speedup"] >= 2.3 and best["mfu"] >= 0.22)
-    memory = "CUDA peak" if device.type == "cuda" else "saved for backward"
     print(f"DINO step, {args.size} (2x{size['global_size']} + {size['local_crops']}x{size['local_size']}, "
           f"batch {size['batch']}, out_dim {size['out_dim']}) on {result['device']}, "
           f"torch {torch.__version__}, {result['date']}; bf16 matmul {peak:.1f} TFLOP/s; "
           f"{flops / 1e12:.3f} TFLOP per step")
-    print(f"{'loop':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{memory + ' MB':>22}"
-          f"{'speed-up':>10}{'warm-up s':>11}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['loop']:<22}failed: {r['error']}")
-            continue
-        print(f"{r['loop']:<22}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}"
-              f"{r['mfu']:>8.1%}{r['peak_mb']:>22.1f}{r['speedup']:>9.2f}x{r['warmup_s']:>11.1f}")
-    for p in profiles:
-        print(f"profile {p['loop']}: wall {p['wall_ms']} ms/step, device busy {p['device_busy_ms']} ms/step, "
-              f"{p['launches_per_step']} launches/step -> {p['table']}")
+    print_rows(rows, profiles, device)
     print(f"targets (best stepkit loop >= 2.3x {names[0]} images/s, MFU >= 22%): "
           f"{'met' if result['meets_targets'] else 'NOT met'}")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,7 +12,8 @@ run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" "$@" || echo "!! ex
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 run 300 $py benchmarks/dino_step.py --device cuda --profile 3 \
-    --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs --out "$out/dino_step_cuda_vit-s16.json"
+    --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs,stepkit+ckpt --find-batch \
+    --out "$out/dino_step_cuda_vit-s16.json"
 run 150 $py benchmarks/ijepa_step.py --device cuda --profile 3 \
     --loops reference,stepkit,stepkit+compile,stepkit+cudagraphs --out "$out/ijepa_step_cuda_vit-s16.json"
 run 150 $py benchmarks/recipe_speed.py --device cuda --size vit-s16 --steps 60 \

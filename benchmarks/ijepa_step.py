@@ -31,12 +31,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import json
 import os
 import platform
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -47,7 +45,14 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from dino_step import conv_patches, manual_attention, matmul_peak_tflops, measure, profile  # noqa: E402
+from dino_step import (  # noqa: E402
+    add_rates,
+    conv_patches,
+    manual_attention,
+    matmul_peak_tflops,
+    print_rows,
+    run_loops,
+)
 
 from stepkit import TrainState, accumulate, apply_update, clip, ema_update, forward_loss, param_groups  # noqa: E402
 from stepkit.masking import MultiBlock, multi_block_masks  # noqa: E402
@@ -187,29 +192,8 @@ def main(argv=None) -> dict:
     base = JEPA(size).to(device)
     peak = matmul_peak_tflops(device)
     flops = count_flops(base, batch, device)
-    rows, profiles = [], []
-    for name in names:
-        try:
-            step = LOOPS[name](copy.deepcopy(base), device)
-            rows.append(measure(name, step, batch, size, device, args))
-            if args.profile:
-                profiles.append(profile(name, step, batch, device, args.profile, out.parent,
-                                        prefix="ijepa_step"))
-        except Exception as e:  # one loop failing to build must not lose the others' numbers
-            traceback.print_exc()
-            rows.append(dict(loop=name, error=f"{type(e).__name__}: {e}"[:400]))
-        finally:
-            step = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    base_rate = rows[0].get("images_per_s")
-    for row in rows:
-        if "error" not in row:
-            row["tflops"] = round(flops / (row["step_ms"] / 1e3) / 1e12, 3)
-            row["mfu"] = round(row["tflops"] / peak, 4)
-            row["speedup"] = round(row["images_per_s"] / base_rate, 3) if base_rate else None
-    best = max((r for r in rows[1:] if "error" not in r), key=lambda r: r["images_per_s"], default=None)
+    rows, profiles = run_loops(names, LOOPS, base, batch, size, device, args, out.parent, prefix="ijepa_step")
+    best = add_rates(rows, flops, peak)
     result = dict(
         benchmark="ijepa_step", size=args.size, **size,
         context_patches=int(batch[1].shape[1]), target_blocks=list(batch[2].shape[1:]),
@@ -220,19 +204,11 @@ def main(argv=None) -> dict:
         rows=rows, profiles=profiles, targets=dict(speedup_min=2.0, mfu_min=0.25), best=best and best["loop"],
     )
     result["meets_targets"] = bool(best and best["speedup"] >= 2.0 and best["mfu"] >= 0.25)
-    memory = "CUDA peak" if device.type == "cuda" else "saved for backward"
     print(f"I-JEPA step, {args.size} ({size['image']} px, batch {size['batch']}, context "
           f"{result['context_patches']} patches, targets {result['target_blocks']}) on {result['device']}, "
           f"torch {torch.__version__}, {result['date']}; bf16 matmul {peak:.1f} TFLOP/s; "
           f"{flops / 1e12:.3f} TFLOP per step")
-    print(f"{'loop':<22}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{memory + ' MB':>22}"
-          f"{'speed-up':>10}{'warm-up s':>11}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['loop']:<22}failed: {r['error']}")
-            continue
-        print(f"{r['loop']:<22}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}"
-              f"{r['mfu']:>8.1%}{r['peak_mb']:>22.1f}{r['speedup']:>9.2f}x{r['warmup_s']:>11.1f}")
+    print_rows(rows, profiles, device)
     print(f"targets (best stepkit loop >= 2x {names[0]} images/s, MFU >= 25%): "
           f"{'met' if result['meets_targets'] else 'NOT met'}")
     out.write_text(json.dumps(result, indent=2) + "\n")

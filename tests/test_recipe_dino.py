@@ -138,10 +138,8 @@ def test_image_folder_data(recipe, tmp_path):
     assert summary["steps"] == 6 and 0.0 <= summary["knn_acc"] <= 1.0
 
 
-def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
-    flags = ("--ckpt.every", "3")
-    straight = recipe.main(small(recipe, tmp_path / "straight", *flags))
-
+def crash_after_step_3_then_resume(recipe, run_dir, monkeypatch, *flags) -> dict:
+    """Run until the step-3 checkpoint is written, die there, then resume: the resumed summary."""
     real_maybe_save = recipe.maybe_save
 
     def crash_after_step_3(ckpt_dir, state, **kw):
@@ -152,9 +150,15 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
 
     monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(small(recipe, tmp_path / "crashed", *flags))
+        recipe.main(small(recipe, run_dir, *flags))
     monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
-    resumed = recipe.main(small(recipe, tmp_path / "crashed", *flags, "--resume"))
+    return recipe.main(small(recipe, run_dir, *flags, "--resume"))
+
+
+def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
+    flags = ("--ckpt.every", "3")
+    straight = recipe.main(small(recipe, tmp_path / "straight", *flags))
+    resumed = crash_after_step_3_then_resume(recipe, tmp_path / "crashed", monkeypatch, *flags)
     assert resumed["params_digest"] == straight["params_digest"]
 
 
@@ -183,19 +187,8 @@ def test_prefetched_crops_give_the_same_run_and_resume_exactly(recipe, tmp_path,
     off = recipe.main(small(recipe, tmp_path / "off", *flags, "--data.prefetch", "off"))
     on = recipe.main(small(recipe, tmp_path / "on", *flags, "--data.prefetch", "on"))
     assert on["params_digest"] == off["params_digest"]  # the CNN draws nothing else from the RNG
-    real_maybe_save = recipe.maybe_save
-
-    def crash_after_step_3(ckpt_dir, state, **kw):
-        saved = real_maybe_save(ckpt_dir, state, **kw)
-        if state.step == 3:
-            raise RuntimeError("simulated crash")
-        return saved
-
-    monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(small(recipe, tmp_path / "crashed", *flags, "--data.prefetch", "on"))
-    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
-    resumed = recipe.main(small(recipe, tmp_path / "crashed", *flags, "--data.prefetch", "on", "--resume"))
+    resumed = crash_after_step_3_then_resume(recipe, tmp_path / "crashed", monkeypatch, *flags,
+                                             "--data.prefetch", "on")
     assert resumed["params_digest"] == off["params_digest"]
 
 
