@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -10,10 +11,12 @@ from torch import Tensor, nn
 from stepkit import _check
 from stepkit.state import unwrap
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5, or a build without torch.distributed
-    DTensor = None
+
+def _dtensor_type() -> type | None:
+    # Looked up, not imported: a DTensor can only exist once its module is loaded, and importing
+    # torch.distributed.tensor costs about half a second that `import stepkit` should not pay.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 @torch.no_grad()
@@ -121,8 +124,9 @@ def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module) -> _Plan:
         _check_same_names("parameters and buffers", target, online_params | online_buffers)
         target_params = {k: target[k] for k in online_params}
         target_buffers = {k: target[k] for k in online_buffers}
-    sharded = DTensor is not None and any(isinstance(t, DTensor) for t in [*online_params.values(),
-                                                                            *target_params.values()])
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and any(isinstance(t, dtensor) for t in [*online_params.values(),
+                                                                           *target_params.values()])
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for name, t in target_params.items():
         t, o = _local(t), _local(online_params[name])
@@ -160,4 +164,5 @@ def _check_same_names(kind: str, target: dict, online: dict) -> None:
 
 def _local(t: Tensor) -> Tensor:
     # FSDP2 shards are DTensors; the EMA is elementwise, so each rank's shard suffices.
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t

@@ -268,11 +268,19 @@ def _assign(group: dict, key: str, value: float | Tensor) -> None:
         current.fill_(value)
 
 
-@torch.compiler.disable
 def _fill_outside_graph(tensor: Tensor, value: float | Tensor) -> None:
     # Dynamo turns 0-d float64 CPU inputs into Python scalars and drops
     # in-place writes to them (torch 2.13), so the lr would silently freeze.
     # Filling eagerly costs one graph break; a float32 lr tensor avoids it.
+    # (Disabled only while compiling: torch.compiler.disable at import time
+    # would import torch._dynamo, half a second `import stepkit` need not pay.)
+    if torch.compiler.is_compiling():
+        torch.compiler.disable(_fill)(tensor, value)
+    else:
+        _fill(tensor, value)
+
+
+def _fill(tensor: Tensor, value: float | Tensor) -> None:
     tensor.fill_(value)
 
 
