@@ -198,9 +198,11 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved, given)}`` for every flattened field that differs (resume flags ignored)."""
-    missing = "<absent>"
-    return {k: (saved.get(k, missing), given.get(k, missing)) for k in sorted(saved.keys() | given.keys())
-            if not _matches(k, _RUN_FLAGS) and saved.get(k, missing) != given.get(k, missing)}
+    return {k: (saved.get(k, _ABSENT), given.get(k, _ABSENT)) for k in sorted(saved.keys() | given.keys())
+            if not _matches(k, _RUN_FLAGS) and saved.get(k, _ABSENT) != given.get(k, _ABSENT)}
+
+
+_ABSENT = "<absent>"
 
 
 def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
@@ -265,8 +267,10 @@ def start_run(
     if resume:
         saved = saved_config(run_dir)
         changes = config_changes(saved, given) if saved is not None else {}
-        refused = {k: v for k, v in changes.items()
-                   if not _matches(k, MAY_CHANGE_ON_RESUME) and not _matches(k, allow)}
+        # A field only one side has comes from another stepkit or recipe version (a field added
+        # or removed since): nothing to compare, so it is listed, not refused.
+        refused = {k: v for k, v in changes.items() if _ABSENT not in v
+                   and not _matches(k, MAY_CHANGE_ON_RESUME) and not _matches(k, allow)}
         if refused:
             raise ValueError(
                 f"run_dir={str(run_dir)!r} cannot resume with another config: {_describe(refused)} "

@@ -192,3 +192,13 @@ def test_every_recipe_refuses_a_resume_with_another_config(name, tmp_path):
     assert expected in str(err.value)
     assert (run_dir / "config.json").read_bytes() == before
     assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "config.json", "last.pt"]
+
+
+def test_a_field_added_or_removed_since_the_run_started_is_listed_not_refused(run_dir, capsys):
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["old_knob"] = 3  # a field this version no longer has
+    del saved["hidden"]  # one it added since
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    start_run(run_dir, Cfg(), resume=True)
+    printed = capsys.readouterr().out
+    assert 'hidden: "<absent>" → 8' in printed and 'old_knob: 3 → "<absent>"' in printed
