@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from stepkit import _check
 from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 
@@ -119,3 +121,33 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     def __enter__(self) -> SavedActivations:
         super().__enter__()
         return self
+
+
+def collapse_alarm(
+    history: Sequence[Mapping[str, float]],
+    *,
+    below: Mapping[str, float] | None = None,
+    above: Mapping[str, float] | None = None,
+    patience: int = 3,
+) -> str | None:
+    """A warning naming each metric that sat past its threshold for the last ``patience`` intervals.
+
+    ``history``: logged records, oldest first (``read_history`` or the
+    logger's returned means). ``below={"target_effective_rank": 2.0,
+    "target_std": 0.01}`` flags a metric lower than its threshold in each of
+    the last ``patience`` records that hold it; ``above`` flags one higher
+    (DINO's uniform collapse: ``above={"teacher_entropy": 0.95 *
+    math.log(out_dim)}``). Pure: the same history gives the same answer;
+    None when nothing is flagged or fewer records hold the metric.
+    """
+    _check.integer_at_least("patience", patience, 1)
+    flagged = []
+    for sign, limits in ((-1, below or {}), (1, above or {})):
+        for name, limit in limits.items():
+            values = [float(r[name]) for r in history if name in r][-patience:]
+            if len(values) == patience and all(sign * (v - limit) > 0 for v in values):
+                side = "below" if sign < 0 else "above"
+                flagged.append(f"{name} {side} {limit:g} for {patience} intervals (last {values[-1]:.4g})")
+    if not flagged:
+        return None
+    return "collapse warning: " + "; ".join(flagged)

@@ -115,21 +115,93 @@ def knn_accuracy(
     return correct / len(test)
 
 
+PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(fit_idx, val_idx)``: a stratified, seeded split of a labelled set's row indices.
+
+    Each class gives ``round(fraction * n_c)`` of its rows to validation (at
+    least one when it has two or more, none when it has one), chosen by a
+    permutation seeded with ``seed``; both index tensors are sorted.
+    """
+    _check.in_range("fraction", fraction, 0.0, 1.0)
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    fit, val = [], []
+    for cls in labels.unique(sorted=True):
+        rows = (labels == cls).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n_val = 0 if len(rows) < 2 else min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        val.append(rows[:n_val])
+        fit.append(rows[n_val:])
+    return torch.cat(fit).sort().values, torch.cat(val).sort().values
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    cs: Sequence[float] = PROBE_CS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A logistic-regression probe whose regularisation is chosen on held-out training rows.
+
+    Features are standardised (statistics of the rows a probe is fitted on);
+    for each inverse regularisation ``C`` in ``cs`` a probe is fitted on the
+    training rows outside ``validation_split(train_labels, val_fraction,
+    seed)`` and scored on the rows inside; the best ``C`` (the smallest on a
+    tie) is refitted on every training row and scored on the test set, which
+    took no part in the choice (I-JEPA's protocol). Returns ``acc`` (test),
+    ``c`` and ``val_acc``.
+    """
+    if not cs:
+        raise ValueError("cs=() is not allowed: expected at least one value of C")
+    for c in cs:
+        _check.at_least("cs", c, 1e-12)
+    train = at_least_float32(train_features).cpu().numpy()
+    labels = train_labels.cpu().numpy()
+    fit, val = (i.numpy() for i in validation_split(train_labels, val_fraction, seed))
+    best = None
+    for c in sorted(cs):
+        score = _probe(c).fit(train[fit], labels[fit]).score(train[val], labels[val]) if len(val) else 0.0
+        if best is None or score > best[1]:
+            best = (c, float(score))
+    c, val_acc = best
+    acc = _probe(c).fit(train, labels).score(at_least_float32(test_features).cpu().numpy(),
+                                              test_labels.cpu().numpy())
+    return {"acc": float(acc), "c": float(c), "val_acc": val_acc}
+
+
+def _probe(c: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
 def linear_probe_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
     test_features: Tensor,
     test_labels: Tensor,
     *,
-    c: float = 1.0,
+    c: float | None = None,
 ) -> float:
-    """Accuracy of a logistic regression on standardised frozen features (scikit-learn, L2, ``C=c``)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Test accuracy of a logistic regression on standardised frozen features (scikit-learn, L2).
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    probe.fit(at_least_float32(train_features).cpu().numpy(), train_labels.cpu().numpy())
+    ``c=None``: the inverse regularisation is chosen on a validation split of
+    the training set (``linear_probe``); a number fixes it (a fixed ``C=1`` on
+    a thousand standardised features overfits a small training set).
+    """
+    if c is None:
+        return linear_probe(train_features, train_labels, test_features, test_labels)["acc"]
+    _check.at_least("c", c, 1e-12)
+    probe = _probe(c).fit(at_least_float32(train_features).cpu().numpy(), train_labels.cpu().numpy())
     return float(probe.score(at_least_float32(test_features).cpu().numpy(), test_labels.cpu().numpy()))
 
 

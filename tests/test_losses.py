@@ -96,3 +96,26 @@ def test_weighted_mse_and_the_combined_loss_return_every_part():
     assert all_total.item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match=r"no reconstruction or target for \['text'\]"):
         weighted_mse(recon, inputs, {"text": 1.0})
+
+
+def test_variance_covariance_loss_by_hand():
+    import numpy as np
+
+    from stepkit.losses.jepa import variance_covariance_loss
+
+    z = torch.tensor([[1.0, 0.0, 2.0], [3.0, 1.0, 2.0], [2.0, 5.0, 2.0], [0.0, 2.0, 2.0]],
+                     dtype=torch.float64)
+    a = z.numpy()
+    std = np.sqrt(a.var(axis=0, ddof=1) + 1e-4)
+    expected_var = np.maximum(0.0, 1.0 - std).mean()
+    cov = np.cov(a, rowvar=False)
+    expected_cov = (np.square(cov).sum() - np.square(np.diag(cov)).sum()) / 3
+    variance, covariance = variance_covariance_loss(z)
+    assert variance.dtype == torch.float64
+    assert float(variance) == pytest.approx(expected_var, rel=1e-12)
+    assert float(covariance) == pytest.approx(expected_cov, rel=1e-12)
+    # a collapsed batch: every std is sqrt(eps), so the hinge is gamma - sqrt(eps), no covariance
+    v, c = variance_covariance_loss(torch.ones(5, 4), gamma=2.0)
+    assert float(v) == pytest.approx(2.0 - 0.01) and float(c) == 0.0
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        variance_covariance_loss(torch.ones(1, 3))

@@ -56,3 +56,18 @@ def test_norms_by_group():
 def test_system_metrics_reads_host_memory():
     m = system_metrics("cpu")
     assert 0.001 < m["host_rss_gb"] < 1000 and "device_mem_gb" not in m
+
+
+def test_collapse_alarm_names_the_metric_after_patience_intervals():
+    import math
+
+    from stepkit.monitor import collapse_alarm
+
+    ranks = [9, 3, 1.5, 1.2, 1.1]
+    history = [{"step": s, "target_effective_rank": r, "loss": 1.0} for s, r in enumerate(ranks)]
+    assert collapse_alarm(history[:4], below={"target_effective_rank": 2.0}, patience=3) is None
+    message = collapse_alarm(history, below={"target_effective_rank": 2.0}, patience=3)
+    assert message == "collapse warning: target_effective_rank below 2 for 3 intervals (last 1.1)"
+    uniform = [{"teacher_entropy": math.log(128) - 0.01}] * 4
+    assert "teacher_entropy above" in collapse_alarm(uniform, above={"teacher_entropy": 0.95 * math.log(128)})
+    assert collapse_alarm([{"other": 0.0}] * 5, below={"target_std": 0.01}) is None  # never logged: silent

@@ -66,3 +66,44 @@ def test_extract_features_restores_training_mode():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).train()
     feats = extract_features(model, torch.randn(10, 3), batch_size=4)
     assert feats.shape == (10, 2) and model.training
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    from stepkit.tools import validation_split
+
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
+    fit, val = validation_split(labels, 0.2, seed=3)
+    assert sorted(fit.tolist() + val.tolist()) == list(range(16))
+    assert not set(fit.tolist()) & set(val.tolist())
+    assert [int((labels[val] == c).sum()) for c in range(3)] == [2, 1, 0]  # round(0.2 n), one class of one
+    assert torch.equal(validation_split(labels, 0.2, seed=3)[1], val)
+    assert not torch.equal(validation_split(labels, 0.2, seed=4)[1], val)
+
+
+def test_linear_probe_picks_c_on_validation_rows_only():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from stepkit.tools import linear_probe, linear_probe_accuracy, validation_split
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 3
+    x = torch.randn(120, 60, generator=g, dtype=torch.float64)  # 60 dims of noise, 2 of signal
+    x[:, 0] += 1.5 * (y == 1)
+    x[:, 1] += 1.5 * (y == 2)
+    train_x, train_y, test_x, test_y = x[:90], y[:90], x[90:], y[90:]
+    out = linear_probe(train_x, train_y, test_x, test_y, cs=(0.001, 0.01, 0.1, 1.0, 10.0))
+    fit, val = validation_split(train_y, 0.2, seed=0)
+    by_hand = {}
+    for c in (0.001, 0.01, 0.1, 1.0, 10.0):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+        by_hand[c] = probe.fit(train_x[fit].numpy(), train_y[fit].numpy()).score(
+            train_x[val].numpy(), train_y[val].numpy())
+    best = max(by_hand.values())
+    assert out["c"] == min(c for c, v in by_hand.items() if v == best) and out["val_acc"] == best
+    refit = make_pipeline(StandardScaler(), LogisticRegression(C=out["c"], max_iter=2000))
+    expected = refit.fit(train_x.numpy(), train_y.numpy()).score(test_x.numpy(), test_y.numpy())
+    assert out["acc"] == expected == linear_probe_accuracy(train_x, train_y, test_x, test_y, c=out["c"])
+    default = linear_probe(train_x, train_y, test_x, test_y)["acc"]  # the default grid, PROBE_CS
+    assert linear_probe_accuracy(train_x, train_y, test_x, test_y) == default  # c=None: chosen so

@@ -13,6 +13,7 @@ from stepkit.losses.correlation import (
     pearson_per_voxel,
     voxel_corr_summary,
 )
+from stepkit.losses.jepa import variance_covariance_loss
 from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
 
@@ -23,6 +24,7 @@ __all__ = [
     "embedding_mse",
     "info_nce",
     "similarity_distillation_loss",
+    "variance_covariance_loss",
     "autoencoder_fmri_loss",
     "correlation_loss",
     "fixed_weighting",
