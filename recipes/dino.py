@@ -18,6 +18,7 @@ and raw pixels.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,8 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit._check import at_least, fail, integer_at_least
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
+from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, Prefetch, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
@@ -94,7 +95,7 @@ class Data:
     """Images are decoded and resized to this square size before the on-device crops."""
     seed: int = 0
     """Embedded digits: the seed that draws each digit's placement."""
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     """DataLoader workers decoding image files (image folders only)."""
     skip_unreadable: bool = False
     """Image folders: leave out files that cannot be decoded (each file is checked before training;

@@ -23,6 +23,7 @@ raw pixels.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,8 @@ from stepkit import (
     warmup_decay,
     wd_at,
 )
-from stepkit._check import fail, integer_at_least
 from stepkit.augment import normalize, random_resized_crop, to_unit
+from stepkit.check import fail, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
@@ -90,7 +91,7 @@ class Data:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     """Random resized crop before masking (I-JEPA uses (0.3, 1.0) on ImageNet)."""
     seed: int = 0
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     skip_unreadable: bool = False
     """Image folders: leave out files that cannot be decoded (each file is checked before training;
     the count is in the summary) instead of stopping with an error naming the first one."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import torch
 
-from stepkit import _check, dist
+from stepkit import check as _check
+from stepkit import dist
 from stepkit._atomic import atomic_save, atomic_write_bytes
 from stepkit.state import TrainState, load_extras, rng_state, set_rng_state, target_state_dict, unwrap
 

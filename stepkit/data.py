@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stepkit import _check
+from stepkit import check as _check
 
 MODALITIES = ("video", "audio", "text")
 FMRI_ARRAYS = (*MODALITIES, "fmri")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 Strategy = Literal["ddp", "fsdp"]
 

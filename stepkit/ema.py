@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.state import unwrap
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.state import TrainState
 from stepkit.step import _ddp_of, _device_type, _fsdp_of, amp_dtype, at_least_float32
 

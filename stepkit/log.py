@@ -25,7 +25,7 @@ import orjson
 import torch
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit._atomic import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
@@ -45,9 +45,12 @@ class LogConfig:
     """Log to wandb (set WANDB_MODE=offline to stay off the network)."""
     wandb_project: str = "stepkit"
     """The wandb project."""
+    heartbeat_s: float = 30.0
+    """Output sent to a file: a line at least this often (seconds) while an interval runs long."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("every", self.every, 1)
+        _check.at_least("heartbeat_s", self.heartbeat_s, 0.0)
 
 
 def is_main_process() -> bool:
@@ -93,7 +96,7 @@ class Logger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._sinks.append(_JsonlSink(self.run_dir / METRICS_FILE, start_step))
         if cfg.console:
-            self._sinks.append(_ConsoleSink(total_steps, start_step))
+            self._sinks.append(_ConsoleSink(total_steps, start_step, cfg.heartbeat_s))
         if cfg.tensorboard:
             self._sinks.append(_TensorBoardSink(self.run_dir / "tb", start_step))
         if cfg.wandb:
@@ -136,17 +139,21 @@ class Logger:
         self._sums.clear()
         self._counts.clear()
         self._texts.clear()
-        self.write(out, step)
+        self.write(out, step, kind="train")
         return out
 
-    def write(self, metrics: Mapping[str, float], step: int) -> None:
-        """Write numbers as they are (evaluation results, summaries): no averaging."""
+    def write(self, metrics: Mapping[str, float], step: int, kind: str = "eval") -> None:
+        """Write numbers as they are (evaluation results, summaries): no averaging.
+
+        ``kind`` labels the console line (``eval step 400/1000 ...``), so
+        evaluation lines stand out from the training intervals' in a log file.
+        """
         if not self.main:
             return
         texts = {k: v for k, v in metrics.items() if isinstance(v, (str, bool))}
         numbers = _to_numbers({k: v for k, v in metrics.items() if k not in texts})
         for sink in self._sinks:
-            sink.write({**numbers, **texts}, step)
+            sink.write({**numbers, **texts}, step, kind)
 
     def histogram(self, name: str, values: Tensor, step: int) -> None:
         """A histogram of ``values`` (TensorBoard and wandb)."""
@@ -195,7 +202,7 @@ def _to_numbers(values: Mapping[str, Tensor | float]) -> dict[str, float]:
 
 class _Sink:
     def tick(self, step: int) -> None: ...
-    def write(self, metrics: dict[str, float], step: int) -> None: ...
+    def write(self, metrics: dict[str, float], step: int, kind: str = "train") -> None: ...
     def histogram(self, name: str, values: Tensor, step: int) -> None: ...
     def image(self, name: str, image: Tensor, step: int) -> None: ...
     def close(self) -> None: ...
@@ -207,7 +214,7 @@ class _JsonlSink(_Sink):
             _truncate_history(path, start_step)
         self.file = open(path, "ab")
 
-    def write(self, metrics, step):
+    def write(self, metrics, step, kind="train"):
         record = {"step": step, **{k: (v if isinstance(v, (str, bool)) or math.isfinite(v) else str(v))
                                    for k, v in metrics.items()}}
         self.file.write(orjson.dumps(record) + b"\n")
@@ -224,7 +231,9 @@ def _truncate_history(path: Path, last_step: int) -> None:
 
 
 class _ConsoleSink(_Sink):
-    def __init__(self, total_steps: int | None, start_step: int) -> None:
+    """Rich progress bar and lines on a terminal; plain unwrapped lines and a heartbeat in a log file."""
+
+    def __init__(self, total_steps: int | None, start_step: int, heartbeat_s: float = 30.0) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -254,16 +263,30 @@ class _ConsoleSink(_Sink):
             disable=not self.console.is_terminal,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
-        self.total_steps = total_steps
+        self.total_steps, self.start_step, self.heartbeat_s = total_steps, start_step, heartbeat_s
+        self.started = self.last_print = time.monotonic()
         self.progress.start()
 
     def tick(self, step):
         self.progress.update(self.task, completed=step)
+        if not self.console.is_terminal and time.monotonic() - self.last_print >= self.heartbeat_s:
+            rate = (step - self.start_step) / max(time.monotonic() - self.started, 1e-9)
+            self._print(f"step {step}{self._total()}  (running: {rate:.3g} it/s since start)")
 
-    def write(self, metrics, step):
-        total = f"/{self.total_steps}" if self.total_steps else ""
+    def write(self, metrics, step, kind="train"):
         parts = " ".join(f"{k} {_short(v)}" for k, v in metrics.items())
-        self.progress.console.print(f"step {step}{total}  {parts}")
+        label = "" if kind == "train" else f"{kind} "
+        self._print(f"{label}step {step}{self._total()}  {parts}")
+
+    def _total(self) -> str:
+        return f"/{self.total_steps}" if self.total_steps else ""
+
+    def _print(self, line: str) -> None:
+        self.last_print = time.monotonic()
+        if self.console.is_terminal:
+            self.progress.console.print(line)
+        else:  # a log file: one unwrapped line, written now
+            print(line, flush=True)
 
     def close(self):
         self.progress.stop()
@@ -284,7 +307,7 @@ class _TensorBoardSink(_Sink):
         # purge_step drops events past the resumed step left by a killed run
         self.writer = SummaryWriter(str(folder), purge_step=start_step if start_step > 0 else None)
 
-    def write(self, metrics, step):
+    def write(self, metrics, step, kind="train"):
         for k, v in metrics.items():
             if isinstance(v, str):
                 self.writer.add_text(k, v, step)
@@ -311,7 +334,7 @@ class _WandbSink(_Sink):
             project=project, dir=str(run_dir), id=run_id, resume="allow", config=dict(config or {})
         )
 
-    def write(self, metrics, step):
+    def write(self, metrics, step, kind="train"):
         self.run.log(dict(metrics), step=step)
 
     def histogram(self, name, values, step):

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stepkit import _check, dist
+from stepkit import check as _check
+from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint import LAST
 from stepkit.state import unwrap
@@ -360,6 +361,9 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
     argv = sys.argv[1:] if argv is None else list(argv)
     if presets:
         names = list(presets)
+        if argv and not argv[0].startswith("-") and argv[0] not in presets:
+            raise ValueError(f"unknown preset {argv[0]!r}; presets: {', '.join(names)} "
+                             "(an optional first argument; flags start with --)")
         chosen = argv.pop(0) if argv and argv[0] in presets else names[0]
         listing = "\n".join(f"  {name}: {doc}" for name, (doc, _) in presets.items())
         text = f"{description or ''}\n\nPresets (an optional first argument; default {names[0]}):\n{listing}"
@@ -560,14 +564,19 @@ def _on_main_thread() -> bool:
 def run_main(main: Any, parse: Any) -> None:
     """A recipe's ``__main__``: ``main(parse())`` with one-line errors instead of tracebacks.
 
-    A config or data error (``ValueError``, ``CheckpointError``) prints
-    ``error: ...`` and exits 1; Ctrl-C outside the training loop (or twice
+    A config or data error (``ValueError``, ``CheckpointError``) or a missing
+    optional extra (an ``ImportError`` that says what to ``pip install``)
+    prints ``error: ...`` and exits 1; Ctrl-C outside the training loop (or twice
     inside it) prints one line and exits 130, the shell's code for SIGINT.
     """
     try:
         main(parse())
     except ValueError as err:
         sys.exit(f"error: {_one_line(err)}")
+    except ImportError as err:
+        if "pip install" not in str(err):  # not one of stepkit's "install the extra" messages
+            raise
+        sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print("\ninterrupted: stopped at once; checkpoints already on disk are as they were",
               file=sys.stderr, flush=True)

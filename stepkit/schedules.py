@@ -52,7 +52,7 @@ from typing import Literal, TypeVar, get_args
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 Decay = Literal["cosine", "linear", "step", "constant"]
 DECAYS: tuple[str, ...] = get_args(Decay)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 Target = nn.Module | dict[str, Tensor] | None
 

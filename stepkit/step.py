@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.state import TrainState
 
 AMP_MODES: tuple[str | None, ...] = (None, "none", "bf16", "fp16")

@@ -6,7 +6,8 @@
 ``--grid KEY=V1,V2,...`` lists values; ``--random KEY=LOW:HIGH`` draws
 uniformly (integers when both ends are integers, ``HIGH`` excluded), and
 ``KEY=log:LOW:HIGH`` log-uniformly. Keys are the recipe's flags without the
-dashes (``optim.lr``, ``train.warmup_steps``). Trial ``i`` takes grid point
+dashes (``optim.lr``, ``optim.warmup_steps``). RECIPE is a path or a recipe's
+name (``dino``: ``recipes/dino.py`` of this checkout). Trial ``i`` takes grid point
 ``i mod G`` (G = number of grid points) and fresh random draws; ``--trials``
 defaults to G. Each trial runs ``python RECIPE [PRESET] --run-dir
 SWEEP_DIR/trial_NNN --key value ... [args after --]``; its summary.json
@@ -102,8 +103,22 @@ def flags(params: dict[str, Any]) -> list[str]:
 
 
 def flag_name(key: str) -> str:
-    """``train.warmup_steps`` -> ``--train.warmup-steps``: tyro spells flags with dashes."""
+    """``optim.warmup_steps`` -> ``--optim.warmup-steps``: tyro spells flags with dashes."""
     return "--" + key.replace("_", "-")
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe script from its path, or from its name (``dino`` -> ``recipes/dino.py`` beside stepkit)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    named = folder / f"{recipe}.py"
+    if path.suffix != ".py" and named.is_file():
+        return named
+    names = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+    raise ValueError(f"recipe={str(recipe)!r} is not allowed: no such file"
+                     + (f"; recipe names: {', '.join(names)}" if names else ""))
 
 
 def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], log: Path) -> int:
@@ -198,7 +213,7 @@ def trial_main(argv: list[str]) -> int:
     """``trial RECIPE SWEEP_DIR [recipe args]``: one trial in a new run directory (for wandb agents)."""
     if len(argv) < 2:
         raise SystemExit("usage: python -m stepkit.sweep trial RECIPE SWEEP_DIR [recipe args...]")
-    recipe, sweep_dir, args = Path(argv[0]), Path(argv[1]), argv[2:]
+    recipe, sweep_dir, args = recipe_path(argv[0]), Path(argv[1]), argv[2:]
     preset = [args.pop(0)] if args and not args[0].startswith("-") else []
     # wandb passes --key=value; tyro wants dashes in the flag names
     args = [_dashes(a) for a in args]
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         argv, extra = argv[:split], argv[split + 1 :]
     parser = argparse.ArgumentParser(prog="python -m stepkit.sweep", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("recipe", type=Path, help="the recipe script, e.g. recipes/dino.py")
+    parser.add_argument("recipe", help="the recipe: a script (recipes/dino.py) or a name (dino)")
     parser.add_argument("--preset", default=None, help="the recipe's preset to start from")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values to try")
     parser.add_argument("--random", action="append", default=[], metavar="KEY=LOW:HIGH",
@@ -239,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="write a wandb sweep configuration (JSON) here instead of running")
     args = parser.parse_args(argv)
     try:
+        args.recipe = recipe_path(args.recipe)
         grid = dict(parse_grid(g) for g in args.grid)
         randoms = dict(parse_random(r) for r in args.random)
         if not grid and not randoms:

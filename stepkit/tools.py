@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.losses.correlation import pearson_per_voxel
 from stepkit.step import at_least_float32
 
@@ -436,14 +436,19 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
     from stepkit.step import accumulate, forward_loss
 
     out: dict = {}
+    tune_json = Path(run_dir, "tune.json")
     if cfg.find_lr:
         result = lr_range_test(loss_fn, state, (make_batch(batch_size) for _ in itertools.count()),
                                min_lr=cfg.min_lr, max_lr=cfg.max_lr, steps=cfg.lr_steps, amp=amp)
-        result.plot(Path(run_dir) / "lr_range.png")
         out.update(suggested_lr=result.suggested_lr, diverged_at=result.diverged_at,
                    lrs=result.lrs, smoothed_loss=result.smoothed)
+        tune_json.write_text(json.dumps(out, indent=2) + "\n")  # before the plot, which may be missing
+        try:
+            where = f"plot in {result.plot(Path(run_dir) / 'lr_range.png')}"
+        except ImportError:
+            where = 'no plot: matplotlib is not installed (pip install "stepkit[plot]")'
         print(f"suggested lr {result.suggested_lr:.3g} (loss diverged at {result.diverged_at}); "
-              f"plot in {Path(run_dir) / 'lr_range.png'}")
+              f"{where}; numbers in {tune_json}")
     if cfg.find_batch:
         cap = int(cfg.memory_cap_gb * 1e9)
 
@@ -454,7 +459,10 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
 
         out["largest_batch"] = largest_batch_size(one_step, state=state, max_size=cfg.max_batch)
         print(f"largest batch that fits: {out['largest_batch']}")
-    Path(run_dir, "tune.json").write_text(json.dumps(out, indent=2) + "\n")
+    tune_json.write_text(json.dumps(out, indent=2) + "\n")
+    metrics = Path(run_dir, "metrics.jsonl")
+    if metrics.exists() and metrics.stat().st_size == 0:  # measured, not trained: the folder stays usable
+        metrics.unlink()
     return out
 
 

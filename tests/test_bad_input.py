@@ -130,3 +130,13 @@ def test_forward_loss_says_what_it_expects(returned, message):
         forward_loss(lambda s, b: returned, state, None)
     with pytest.raises(ValueError, match=message):
         forward_loss(lambda s, b: returned, state, None)
+
+
+def test_the_pretrained_text_tower_without_its_extra_says_what_to_install(tmp_path):
+    run_dir = tmp_path / "r"
+    code = ("import sys, runpy; sys.modules['transformers'] = None; "
+            f"sys.argv = ['contrastive.py', '--run-dir', {str(run_dir)!r}, '--log.no-console']; "
+            f"runpy.run_path({str(ROOT / 'recipes' / 'contrastive.py')!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    refused(out, "needs the 'text' extra (transformers is not installed)", "pip install 'stepkit[text]'")
+    assert not run_dir.exists()

@@ -11,3 +11,22 @@ def test_import_stepkit_pulls_in_no_heavy_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_recipes_examples_and_benchmarks_import_only_public_modules():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    private = re.compile(r"^\s*(from|import)\s+stepkit(\.\w+)*\._\w+"
+                         r"|^\s*from\s+stepkit(\.\w+)*\s+import\s+_\w+", re.M)
+    offenders = [str(p.relative_to(root)) for folder in ("recipes", "examples", "benchmarks")
+                 for p in (root / folder).glob("*.py") if private.search(p.read_text())]
+    assert offenders == []
+
+
+def test_the_old_private_check_module_still_works():
+    from stepkit import check
+    from stepkit._check import fail, integer_at_least
+
+    assert fail is check.fail and integer_at_least is check.integer_at_least

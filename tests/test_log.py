@@ -192,3 +192,21 @@ def test_strings_and_bools_are_logged_as_the_intervals_last_value(tmp_path):
 def test_a_metric_of_another_kind_is_refused_by_name(tmp_path):
     with Logger(tmp_path, quiet()) as log, pytest.raises(TypeError, match="metric 'sizes' is a list"):
         log({"sizes": [1, 2]}, 1)
+
+
+def test_output_to_a_file_is_one_unwrapped_line_per_interval_with_eval_lines_labelled(tmp_path, capsys):
+    metrics = {f"a_rather_long_metric_name_{i}": torch.tensor(0.5) for i in range(8)}  # far past 80 columns
+    with Logger(tmp_path, LogConfig(every=2, heartbeat_s=3600), total_steps=4) as log:
+        for step in range(1, 5):
+            log(metrics, step)
+        log.write({"val_acc": 0.75}, 4)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("step 2/4  a_rather_long_metric_name_0 0.5")
+    assert "a_rather_long_metric_name_7 0.5" in lines[0] and lines[2] == "eval step 4/4  val_acc 0.75"
+
+
+def test_a_long_interval_prints_a_heartbeat_when_output_goes_to_a_file(tmp_path, capsys):
+    with Logger(tmp_path, LogConfig(every=1000, heartbeat_s=0.0), total_steps=2000) as log:
+        log({"loss": 1.0}, 1)
+    out = capsys.readouterr().out
+    assert "step 1/2000  (running:" in out and "it/s since start)" in out

@@ -163,3 +163,17 @@ def test_cli_presets_pick_defaults_that_flags_override():
     assert cli(Cfg, presets, []) == Cfg()
     assert cli(Cfg, presets, ["long", "--lr", "0.5"]) == Cfg(lr=0.5, steps=1000)
     assert presets["long"][1] == Cfg(steps=1000)  # the preset itself is untouched
+
+
+def test_an_unknown_preset_is_named_with_the_list():
+    from dataclasses import dataclass
+
+    from stepkit.run import cli
+
+    @dataclass
+    class Cfg:
+        lr: float = 1.0
+
+    presets = {"small": ("a small run", Cfg()), "long": ("a long run", Cfg(lr=2.0))}
+    with pytest.raises(ValueError, match=r"unknown preset 'lnog'; presets: small, long"):
+        cli(Cfg, presets, ["lnog", "--lr", "0.5"])

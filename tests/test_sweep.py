@@ -155,3 +155,12 @@ def test_sweep_cli_errors(tmp_path):
     assert result.returncode != 0 and "nothing to search" in result.stderr
     result = run("recipes/none.py", "--grid", "optim.lr=1", "--sweep-dir", str(tmp_path / "s"))
     assert result.returncode != 0 and "recipe='recipes/none.py' is not allowed: no such file" in result.stderr
+
+
+def test_a_recipe_is_found_by_its_name():
+    from stepkit.sweep import recipe_path
+
+    assert recipe_path("dino") == ROOT / "recipes" / "dino.py"
+    assert recipe_path(ROOT / "recipes" / "ijepa.py") == ROOT / "recipes" / "ijepa.py"
+    with pytest.raises(ValueError, match=r"recipe='dinoo' is not allowed: no such file; recipe names: .*"):
+        recipe_path("dinoo")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.dist import all_gather_with_grad, rank, world_size
 from stepkit.step import at_least_float32
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.step import at_least_float32
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.step import at_least_float32
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.step import at_least_float32
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 
 class SmallCNN(nn.Module):

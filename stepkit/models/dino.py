@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 
 class DINOHead(nn.Module):

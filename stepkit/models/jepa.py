@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 from stepkit.models.cnn import grid_mean
 from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
 

