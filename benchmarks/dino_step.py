@@ -306,6 +306,14 @@ def largest_batch(name: str, base: nn.Module, size: dict, device: torch.device, 
     return largest_batch_size(try_batch, start=max(2, size["batch"] // 8), max_size=size["batch"] * 64)
 
 
+def run_facts(device: torch.device) -> dict:
+    """What every result JSON records about where it ran: device, CPU, threads, torch, date."""
+    return dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+
+
 def run_loops(names, loops, base, inputs, size: dict, device: torch.device, args, folder: Path,
               prefix: str = "dino_step") -> tuple[list[dict], list[dict]]:
     """Build, time (and with ``args.profile`` profile) each named loop on a copy of ``base``."""
@@ -403,11 +411,8 @@ def main(argv=None) -> dict:
                   else f"{args.memory_cap_mb:g} MB of saved activations")
         print(f"largest batch that fits ({budget}): " + ", ".join(f"{n} {b}" for n, b in largest.items()))
     result = dict(
-        benchmark="dino_step", size=args.size, **size,
-        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        steps=args.steps, bf16_matmul_tflops=round(peak, 2), tflop_per_step=round(flops / 1e12, 4),
+        benchmark="dino_step", size=args.size, **size, **run_facts(device), steps=args.steps,
+        bf16_matmul_tflops=round(peak, 2), tflop_per_step=round(flops / 1e12, 4),
         rows=rows, profiles=profiles, targets=dict(speedup_min=2.3, mfu_min=0.22),
         best=best and best["loop"], largest_batch=largest,
     )

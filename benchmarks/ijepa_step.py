@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from dino_step import (  # noqa: E402
     manual_attention,
     matmul_peak_tflops,
     print_rows,
+    run_facts,
     run_loops,
 )
 
@@ -197,10 +196,8 @@ def main(argv=None) -> dict:
     result = dict(
         benchmark="ijepa_step", size=args.size, **size,
         context_patches=int(batch[1].shape[1]), target_blocks=list(batch[2].shape[1:]),
-        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        steps=args.steps, bf16_matmul_tflops=round(peak, 2), tflop_per_step=round(flops / 1e12, 4),
+        **run_facts(device), steps=args.steps, bf16_matmul_tflops=round(peak, 2),
+        tflop_per_step=round(flops / 1e12, 4),
         rows=rows, profiles=profiles, targets=dict(speedup_min=2.0, mfu_min=0.25), best=best and best["loop"],
     )
     result["meets_targets"] = bool(best and best["speedup"] >= 2.0 and best["mfu"] >= 0.25)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib
 import importlib.abc
 import importlib.util
@@ -47,7 +46,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from dino_step import SIZES, sync  # noqa: E402
+from dino_step import SIZES, run_facts, sync  # noqa: E402
 
 from stepkit import (  # noqa: E402
     MomentumSchedule,
@@ -229,10 +228,7 @@ def main(argv=None) -> dict:
     shapes = [size["global_size"]] * 2 + [size["local_size"]] * size["local_crops"]
     views = [torch.randn(size["batch"], 3, s, s, generator=g).to(device) for s in shapes]
     amp = "bf16" if device.type == "cuda" else None
-    name = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
-    result = dict(benchmark="peers", size=args.size, device=name, torch=torch.__version__,
-                  threads=torch.get_num_threads(), note=note, rows=[],
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    result = dict(benchmark="peers", size=args.size, **run_facts(device), note=note, rows=[])
     torch.manual_seed(0)
     ours = build(size, lightly, use_lightly_head=False).to(device)
     result["rows"].append(dict(loop="stepkit", step_ms=round(1e3 * time_steps(

@@ -17,7 +17,6 @@ Target (GPU): the recipe >= 0.9x the benchmark loop's images/s.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -43,7 +42,6 @@ RECIPE_FLAGS = {  # the recipe at the benchmark's sizes (dino_step.SIZES)
 
 
 def recipe_images_per_s(size: str, steps: int, log_every: int, device: str, run_dir: Path) -> dict:
-    sys.path.insert(0, str(HERE.parent / "recipes"))
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("dino_recipe", HERE.parent / "recipes" / "dino.py")
@@ -88,8 +86,7 @@ def main(argv=None) -> dict:
                             "--out", str(out.with_name(out.stem + "_loop.json"))])
     row = bench["rows"][0]
     ratio = round(recipe["images_per_s"] / row["images_per_s"], 3) if "images_per_s" in row else None
-    result = dict(benchmark="recipe_speed", size=args.size, device=bench["device"], torch=torch.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    result = dict(benchmark="recipe_speed", size=args.size, **dino_step.run_facts(torch.device(args.device)),
                   recipe=recipe, loop=row, ratio=ratio, target=0.9,
                   meets_target=bool(ratio is not None and ratio >= 0.9))
     print(f"\nDINO recipe vs benchmark loop, {args.size} on {result['device']}, torch {torch.__version__}")

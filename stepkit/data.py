@@ -7,9 +7,11 @@ time first, ``video``, ``audio``, ``text`` (features per time point) and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -448,8 +450,6 @@ class Prefetch:
         return batch
 
     def _start(self):
-        import contextlib
-
         import torch
 
         from stepkit.state import rng_state
@@ -462,25 +462,20 @@ class Prefetch:
         ready = self.stream.record_event() if self.stream is not None else None
         return batch, ready, before
 
-    def rng_as_consumed(self):
+    @contextlib.contextmanager
+    def rng_as_consumed(self) -> Iterator[None]:
         """A context in which the global RNG is as the consumed batch left it (for saving)."""
-        import contextlib
-
         from stepkit.state import rng_state, set_rng_state
 
-        @contextlib.contextmanager
-        def swapped():
-            if self._pending is None:
-                yield
-                return
-            ahead = rng_state()
-            set_rng_state(self._pending[2])
-            try:
-                yield
-            finally:
-                set_rng_state(ahead)
-
-        return swapped()
+        if self._pending is None:
+            yield
+            return
+        ahead = rng_state()
+        set_rng_state(self._pending[2])
+        try:
+            yield
+        finally:
+            set_rng_state(ahead)
 
 
 def _record_stream(batch, stream) -> None:

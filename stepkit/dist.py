@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -211,8 +212,17 @@ def parallelize(
     return model
 
 
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if that module is loaded, else None.
+
+    Looked up, not imported: a DTensor can only exist once its module is
+    loaded, and importing it costs about half a second that a run without
+    FSDP (and ``import stepkit``) should not pay.
+    """
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model``'s parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    dtensor = dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch
 from torch import Tensor, nn
 
 from stepkit import check as _check
+from stepkit.dist import dtensor_type
 from stepkit.state import unwrap
-
-
-def _dtensor_type() -> type | None:
-    # Looked up, not imported: a DTensor can only exist once its module is loaded, and importing
-    # torch.distributed.tensor costs about half a second that `import stepkit` should not pay.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
 
 
 @torch.no_grad()
@@ -124,7 +117,7 @@ def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module) -> _Plan:
         _check_same_names("parameters and buffers", target, online_params | online_buffers)
         target_params = {k: target[k] for k in online_params}
         target_buffers = {k: target[k] for k in online_buffers}
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = dtensor is not None and any(isinstance(t, dtensor) for t in [*online_params.values(),
                                                                            *target_params.values()])
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
@@ -164,5 +157,5 @@ def _check_same_names(kind: str, target: dict, online: dict) -> None:
 
 def _local(t: Tensor) -> Tensor:
     # FSDP2 shards are DTensors; the EMA is elementwise, so each rank's shard suffices.
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t

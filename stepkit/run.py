@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -474,8 +475,6 @@ class StopSignals:
         self._group = None
 
     def __enter__(self) -> StopSignals:
-        import signal
-
         if not self.enabled or not _on_main_thread():
             return self
         for name in self.SIGNALS:
@@ -487,8 +486,6 @@ class StopSignals:
         return self
 
     def _handle(self, number: int, frame: Any) -> None:
-        import signal
-
         name = signal.Signals(number).name
         if self._received is not None:
             if number == signal.SIGINT:  # Ctrl-C twice: the user wants out now
@@ -525,8 +522,6 @@ class StopSignals:
             where = f" (checkpoint in {ckpt_dir})" if ckpt_dir is not None else ""
             print(f"stopped by {self.signal_name} at step {step}{where}; continue with the same command "
                   f"and --resume: {again}", file=sys.stderr, flush=True)
-        import signal
-
         # torchrun SIGTERMs the other workers as soon as one exits non-zero: the checkpoint is
         # saved, so let every rank finish its exit and report 75 rather than die of it.
         for name in ("SIGTERM", "SIGUSR1"):
@@ -536,8 +531,6 @@ class StopSignals:
         raise SystemExit(EXIT_STOPPED)
 
     def _restore(self) -> None:
-        import signal
-
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
