@@ -18,6 +18,7 @@ and raw pixels.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from stepkit import (
     wd_at,
 )
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
-from stepkit.check import at_least, fail, integer_at_least
+from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, Prefetch, ResumableSampler, digits_canvas, image_folders
 from stepkit.log import LogConfig, Logger
@@ -64,7 +65,7 @@ from stepkit.models import (
     cancel_last_layer_gradients,
     multi_crop_forward,
 )
-from stepkit.monitor import collapse_metrics
+from stepkit.monitor import CollapseWatch, collapse_metrics
 from stepkit.run import (
     Amp,
     CkptConfig,
@@ -186,6 +187,22 @@ class Eval:
 
 
 @dataclass
+class Alarm:
+    """A collapse warning (``--alarm.*``), printed and logged, for DINO's two collapses."""
+
+    max_entropy_fraction: float = 0.98
+    """Uniform collapse: the teacher's entropy stays above this fraction of log(model.out_dim)..."""
+    min_effective_rank: float = 1.5
+    """...or dimensional collapse: the backbone features' effective rank stays below this..."""
+    patience: int = 12
+    """...for this many log intervals in a row (the first few hundred updates start near uniform)."""
+
+    def __post_init__(self) -> None:
+        in_range("alarm.max_entropy_fraction", self.max_entropy_fraction, 0.0, 1.0)
+        integer_at_least("alarm.patience", self.patience, 1)
+
+
+@dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/dino")
     device: Device = "auto"
@@ -211,6 +228,7 @@ class Config(RunArgs):
     ema: MomentumSchedule = field(
         default_factory=lambda: MomentumSchedule(momentum=0.99, momentum_final=0.996))
     eval: Eval = field(default_factory=Eval)
+    alarm: Alarm = field(default_factory=Alarm)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -402,6 +420,10 @@ def main(cfg: Config) -> dict:
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
     batches = Prefetch(loader(train_set, sampler=sampler, drop_last=True), lambda b: views_of(b[0]), device,
                        enabled=prefetch)
+    uniform = cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim)  # log K: every prototype alike
+    rank = cfg.alarm.min_effective_rank
+    watch = CollapseWatch(above={"teacher_entropy": uniform}, below={"feat_effective_rank": rank},
+                          patience=cfg.alarm.patience)
     started = time.perf_counter() - state.extras["wall_s"]
     steps_at_start, wall_at_start = state.step, state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
@@ -419,8 +441,11 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, state.model, momentum)
-            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
-                step=state.step)
+            means = log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
+                        step=state.step)
+            if means and (warning := watch(means)):
+                print(f"step {state.step}: {warning}", flush=True)
+                log.write({"collapse_warning": warning}, state.step, kind="alarm")
             if cfg.eval.knn and cfg.eval.every and state.step % cfg.eval.every == 0:
                 log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                           state.step)
@@ -446,6 +471,7 @@ def main(cfg: Config) -> dict:
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
+        "collapse_warning": watch.last,
     }
     if cfg.eval.knn:
         summary.update({

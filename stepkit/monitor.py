@@ -7,6 +7,7 @@ The tensor-valued metrics stay on the device (no host sync); hand them to
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 from collections.abc import Mapping, Sequence
@@ -151,3 +152,37 @@ def collapse_alarm(
     if not flagged:
         return None
     return "collapse warning: " + "; ".join(flagged)
+
+
+class CollapseWatch:
+    """``collapse_alarm`` over a run as it goes: feed it each log interval's means.
+
+    ``watch(means)`` keeps the interval and returns a warning (a string naming
+    each metric, as ``collapse_alarm`` words it) when the set of flagged
+    metrics changes to a non-empty one, None otherwise, so a recipe prints
+    each warning once; ``watch.last`` is the
+    warning that holds now ("" when none), for the run's summary. The
+    thresholds are ``collapse_alarm``'s ``below`` / ``above`` / ``patience``.
+
+    Example::
+
+        watch = CollapseWatch(below={"target_std": 0.05}, patience=3)
+        if means and (warning := watch(means)):
+            print(warning)
+    """
+
+    def __init__(self, *, below: Mapping[str, float] | None = None, above: Mapping[str, float] | None = None,
+                 patience: int = 3) -> None:
+        _check.integer_at_least("patience", patience, 1)
+        self.below, self.above, self.patience = dict(below or {}), dict(above or {}), patience
+        self.history: list[Mapping[str, float]] = []
+        self.last = ""
+
+    def __call__(self, means: Mapping[str, float]) -> str | None:
+        self.history.append(means)
+        warning = collapse_alarm(self.history, below=self.below, above=self.above, patience=self.patience)
+        warning = warning or ""
+        flagged = re.sub(r" \(last [^)]*\)", "", warning)  # which metrics, not their latest values
+        new = warning if warning and flagged != re.sub(r" \(last [^)]*\)", "", self.last) else None
+        self.last = warning
+        return new

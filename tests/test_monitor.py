@@ -71,3 +71,18 @@ def test_collapse_alarm_names_the_metric_after_patience_intervals():
     uniform = [{"teacher_entropy": math.log(128) - 0.01}] * 4
     assert "teacher_entropy above" in collapse_alarm(uniform, above={"teacher_entropy": 0.95 * math.log(128)})
     assert collapse_alarm([{"other": 0.0}] * 5, below={"target_std": 0.01}) is None  # never logged: silent
+
+
+def test_collapse_watch_warns_once_when_a_metric_newly_holds():
+    from stepkit.monitor import CollapseWatch
+
+    watch = CollapseWatch(below={"std": 0.1}, above={"entropy": 4.0}, patience=2)
+    assert watch({"std": 0.05, "entropy": 1.0}) is None  # one interval: not yet
+    first = watch({"std": 0.04, "entropy": 1.0})
+    assert first == "collapse warning: std below 0.1 for 2 intervals (last 0.04)" and watch.last == first
+    assert watch({"std": 0.03, "entropy": 1.0}) is None  # the same metric still low: not repeated
+    both = watch({"std": 0.03, "entropy": 4.5})  # a second metric joins: a new warning
+    assert both is None and watch.last.startswith("collapse warning: std below")
+    both = watch({"std": 0.03, "entropy": 4.6})
+    assert "entropy above 4 for 2 intervals" in both and "std below 0.1" in both
+    assert watch({"std": 0.5, "entropy": 1.0}) is None and watch.last == ""  # recovered

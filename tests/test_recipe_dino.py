@@ -202,3 +202,15 @@ def test_grad_checkpointing_needs_a_vit(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "r"),
                           "--model.grad-checkpointing"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "model.grad_checkpointing=True is not allowed" in out.stderr
+
+
+def test_collapse_alarm_names_teacher_entropy_near_uniform(recipe, tmp_path, capsys):
+    import math
+
+    summary = recipe.main(small(recipe, tmp_path / "run", "--log.every", "1", "--alarm.patience", "2",
+                                "--alarm.max-entropy-fraction", "0.0", "--eval.no-knn"))
+    out = capsys.readouterr().out
+    assert "collapse warning: teacher_entropy above 0 for 2 intervals" in out
+    assert summary["collapse_warning"].startswith("collapse warning: teacher_entropy")
+    cfg = recipe.parse(["--run-dir", str(tmp_path / "r")])  # the default: 98% of log(out_dim)
+    assert cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim) == pytest.approx(0.98 * math.log(128))

@@ -166,7 +166,6 @@ def test_cli_resume_guards_config_and_resumes_from_a_periodic_checkpoint(tmp_pat
 RECIPES = {  # a field that shapes each recipe's run, and a value other than its default
     "dino": ("--model.out-dim", "64", "model.out_dim: 128 → 64"),
     "ijepa": ("--mask.targets", "2", "mask.targets: 4 → 2"),
-    "hjepa": ("--train.seed", "5", "train.seed: 0 → 5"),
     "autoencoder": ("--data.window", "4", "data.window: 6 → 4"),
     "contrastive": ("--batch-size", "32", "batch_size: 64 → 32"),
 }

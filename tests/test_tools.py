@@ -81,11 +81,7 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 
 
 def test_linear_probe_picks_c_on_validation_rows_only():
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from stepkit.tools import linear_probe, linear_probe_accuracy, validation_split
+    from stepkit.tools import fit_logistic, linear_probe, linear_probe_accuracy, validation_split
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3
@@ -93,17 +89,46 @@ def test_linear_probe_picks_c_on_validation_rows_only():
     x[:, 0] += 1.5 * (y == 1)
     x[:, 1] += 1.5 * (y == 2)
     train_x, train_y, test_x, test_y = x[:90], y[:90], x[90:], y[90:]
-    out = linear_probe(train_x, train_y, test_x, test_y, cs=(0.001, 0.01, 0.1, 1.0, 10.0))
+
+    def standardised(fit_rows, other):
+        mean, std = fit_rows.mean(0), fit_rows.std(0, unbiased=False)
+        return (fit_rows - mean) / std, (other - mean) / std
+
+    def accuracy(rows, labels, w):
+        return float(((rows @ w[:-1] + w[-1]).argmax(1) == labels).double().mean())
+
+    cs = (0.001, 0.01, 0.1, 1.0, 10.0)
+    out = linear_probe(train_x, train_y, test_x, test_y, cs=cs)
     fit, val = validation_split(train_y, 0.2, seed=0)
-    by_hand = {}
-    for c in (0.001, 0.01, 0.1, 1.0, 10.0):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-        by_hand[c] = probe.fit(train_x[fit].numpy(), train_y[fit].numpy()).score(
-            train_x[val].numpy(), train_y[val].numpy())
+    a, b = standardised(train_x[fit], train_x[val])
+    by_hand = {c: accuracy(b, train_y[val], fit_logistic(a, train_y[fit], c, classes=3)) for c in cs}
     best = max(by_hand.values())
     assert out["c"] == min(c for c, v in by_hand.items() if v == best) and out["val_acc"] == best
-    refit = make_pipeline(StandardScaler(), LogisticRegression(C=out["c"], max_iter=2000))
-    expected = refit.fit(train_x.numpy(), train_y.numpy()).score(test_x.numpy(), test_y.numpy())
-    assert out["acc"] == expected == linear_probe_accuracy(train_x, train_y, test_x, test_y, c=out["c"])
+    a, b = standardised(train_x, test_x)
+    expected = accuracy(b, test_y, fit_logistic(a, train_y, out["c"], classes=3))
+    assert out["acc"] == pytest.approx(expected, abs=1 / 30)  # warm starts: the same optimum, to tolerance
+    assert out["acc"] == linear_probe_accuracy(train_x, train_y, test_x, test_y, c=out["c"])
     default = linear_probe(train_x, train_y, test_x, test_y)["acc"]  # the default grid, PROBE_CS
     assert linear_probe_accuracy(train_x, train_y, test_x, test_y) == default  # c=None: chosen so
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0, 100.0])
+def test_fit_logistic_reaches_scikit_learns_optimum(c):
+    from sklearn.linear_model import LogisticRegression
+
+    from stepkit.tools import fit_logistic
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(150) % 3
+    x = torch.randn(150, 8, generator=g, dtype=torch.float64) + 0.8 * torch.nn.functional.one_hot(y, 8)
+    reference = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
+    w = fit_logistic(x, y, c, tol=1e-10)
+    torch.testing.assert_close(w[:-1].T, torch.from_numpy(reference.coef_), rtol=1e-4, atol=1e-5)
+    bias = w[-1] - w[-1].mean()  # the unpenalised intercept is defined up to a shift shared by the classes
+    reference_bias = torch.from_numpy(reference.intercept_ - reference.intercept_.mean())
+    torch.testing.assert_close(bias, reference_bias, rtol=1e-4, atol=1e-5)
+    assert torch.equal((x @ w[:-1] + w[-1]).argmax(1), torch.from_numpy(reference.predict(x.numpy())))
+    w = w.clone().requires_grad_(True)  # the objective by hand: its gradient vanishes at the optimum
+    loss = torch.nn.functional.cross_entropy(x @ w[:-1] + w[-1], y) + w[:-1].square().sum() / (2 * c * 150)
+    loss.backward()
+    assert w.grad.abs().max() < 1e-5

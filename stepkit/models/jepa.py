@@ -1,4 +1,4 @@
-"""I-JEPA's predictor: a narrow transformer from context tokens to the representations of target patches."""
+"""JEPA's pieces: I-JEPA's transformer predictor, CNN-JEPA's masked CNN and conv predictor, the targets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from stepkit import check as _check
 from stepkit.models.cnn import grid_mean
 from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
+from stepkit.state import unwrap
 
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
@@ -86,15 +87,233 @@ class JEPAPredictor(nn.Module):
         return self.out(self.norm(h[:, -kt:])).reshape(b, m, kt, -1).clone()
 
 
-def pooled_patches(encoder: VisionTransformer, images: Tensor, pool: int) -> Tensor:
-    """Frozen features of a JEPA encoder: its patch tokens averaged over a ``pool x pool`` grid, flattened.
+def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 1) -> Tensor:
+    """Frozen features of a JEPA encoder: patch tokens averaged over a ``pool x pool`` grid, flattened.
 
-    ``(B, C, H, W)`` -> ``(B, pool * pool * dim)``; ``pool=1`` is the plain
-    mean of the patch tokens (I-JEPA's evaluation), a larger pool keeps where
-    things are.
+    ``(B, C, H, W)`` -> ``(B, layers * pool * pool * dim)``: the last
+    ``layers`` blocks of a ViT (normed) or stages of a ``MaskedCNN``, each
+    pooled, concatenated (I-JEPA's probes read the last layer, or the last 4
+    concatenated). ``pool=1`` is the plain mean of the patch tokens, a larger
+    pool keeps where things are.
     """
-    tokens = encoder(images, all_tokens=True)[:, 1:]
-    b, n, d = tokens.shape
-    h, w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
-    grid = tokens.transpose(1, 2).reshape(b, d, h, w)
-    return grid_mean(grid, pool).flatten(1)
+    depth = encoder_depth(encoder)
+    _check.integer_at_least("layers", layers, 1)
+    if layers > depth:
+        _check.fail("layers", layers, f"at most the encoder's depth, {depth}")
+    _, outputs = patch_tokens(encoder, images, layers=tuple(range(depth - layers, depth)))
+    h, w = images.shape[-2] // unwrap(encoder).patch_size, images.shape[-1] // unwrap(encoder).patch_size
+    pooled = []
+    for tokens in outputs:
+        b, _, d = tokens.shape
+        pooled.append(grid_mean(tokens.transpose(1, 2).reshape(b, d, h, w), pool).flatten(1))
+    return torch.cat(pooled, dim=1)
+
+
+# --- Masked CNN encoder (CNN-JEPA) -------------------------------------------------------
+
+
+def visible_grid(keep: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``keep`` ``(B, K)`` patch indices -> ``(B, 1, h, w)`` float mask, 1 at the kept patches, row-major."""
+    b = keep.shape[0]
+    mask = torch.zeros(b, grid[0] * grid[1], device=keep.device)
+    mask.scatter_(1, keep, 1.0)
+    return mask.view(b, 1, *grid)
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics count only the visible positions.
+
+    ``forward(x, visible)``: in training with ``visible`` ``(B, 1, H, W)``
+    (1 = visible), the mean and biased variance are taken over the visible
+    positions only, ``mean_c = sum(v * x_c) / sum(v)``, and the running
+    statistics follow them (unbiased variance, as BatchNorm); without
+    ``visible``, or in eval mode, it is ``nn.BatchNorm2d``. So a context
+    encoder that sees a quarter of the image keeps the statistics of
+    whole images, which its EMA target then uses.
+    """
+
+    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if visible is None or not self.training:
+            return super().forward(x)
+        v = visible.to(x.dtype)
+        n = v.sum() * 1.0
+        if n < 2:
+            raise ValueError(f"MaskedBatchNorm2d needs at least 2 visible positions, got {int(n)}")
+        mean = (x * v).sum(dim=(0, 2, 3)) / n
+        centred = x - mean[None, :, None, None]
+        var = (centred.square() * v).sum(dim=(0, 2, 3)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean), m)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var), m)
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out
+
+
+class MaskedCNN(nn.Module):
+    """A convolutional JEPA encoder that sees only the context patches (CNN-JEPA, Kalapos & Gyires-Tóth 2024).
+
+    Stages of 3x3 conv -> ``MaskedBatchNorm2d`` -> ReLU, stage ``i`` with
+    ``widths[i]`` channels at stride ``strides[i]`` and dilation
+    ``dilations[i]`` (default 1; dilated stages at the patch grid widen the
+    receptive field at no cost: a token should see the whole object). With ``keep`` (patch
+    indices of the ``grid`` of ``patch_size = prod(strides)`` pixel patches),
+    the input and every stage's output are zeroed outside the kept patches,
+    so nothing of a masked patch reaches the features: a kernel at the
+    context's border reads zeros there (``MaskedBatchNorm2d`` counts only the
+    kept positions). The last stage's resolution
+    is the patch grid: ``forward`` returns its tokens ``(B, K, widths[-1])``
+    (K = all patches, row-major, or ``keep``'s), like a ViT's patch tokens.
+    ``return_layers`` (0-based stages) also returns those stages' outputs
+    averaged onto the patch grid, ``(B, N, widths[i])`` each: the targets of
+    hierarchical JEPA and the features of a last-stages probe.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 32,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128),
+        strides: tuple[int, ...] = (1, 2, 2),
+        dilations: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(widths) != len(strides) or not widths:
+            _check.fail("strides", strides, f"one stride per stage, as widths={widths}")
+        dilations = dilations or (1,) * len(widths)
+        if len(dilations) != len(widths) or min(dilations) < 1:
+            _check.fail("dilations", dilations, f"one dilation >= 1 per stage, as widths={widths}")
+        for w in widths:
+            _check.integer_at_least("widths", w, 1)
+        for s in strides:
+            _check.integer_at_least("strides", s, 1)
+        self.patch_size = math.prod(strides)
+        if img_size % self.patch_size:
+            _check.fail("img_size", img_size, f"a multiple of the strides' product, {self.patch_size}")
+        self.grid, self.dim, self.widths = img_size // self.patch_size, widths[-1], tuple(widths)
+        self.strides = tuple(strides)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=s, padding=d, dilation=d, bias=False)
+            for a, b, s, d in zip((in_chans, *widths[:-1]), widths, strides, dilations))
+        self.norms = nn.ModuleList(MaskedBatchNorm2d(w) for w in widths)
+
+    def forward(
+        self, x: Tensor, keep: Tensor | None = None, return_layers: tuple[int, ...] = ()
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        b, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not a multiple of the encoder's patch size {p}")
+        grid = (h // p, w // p)
+        mask = None if keep is None else visible_grid(keep, grid)
+        if mask is not None:
+            x = x * F.interpolate(mask, size=(h, w), mode="nearest")
+        layers = []
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = conv(x)
+            visible = None if mask is None else F.interpolate(mask, size=x.shape[-2:], mode="nearest")
+            x = F.relu(norm(x, visible))
+            if visible is not None:
+                x = x * visible
+            if i in return_layers:
+                layers.append(grid_mean_to(x, grid).flatten(2).transpose(1, 2))
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major like the patch indices
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)
+        tokens = tokens.clone()  # a copy, not a view: FSDP2 hooks a module's output
+        return (tokens, layers) if return_layers else tokens
+
+
+def grid_mean_to(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Average ``(B, C, H, W)`` onto an ``h x w`` grid that divides it: ``(B, C, h, w)`` (reshape, mean)."""
+    b, c, h, w = x.shape
+    gh, gw = grid
+    return x.view(b, c, gh, h // gh, gw, w // gw).mean(dim=(3, 5))
+
+
+class ConvPredictor(nn.Module):
+    """CNN-JEPA's predictor: depthwise-separable convolutions over the patch grid, mask tokens where unseen.
+
+    ``forward(context, context_idx, target_idx)`` takes what ``JEPAPredictor``
+    takes: ``context`` ``(B, Kc, enc_dim)`` tokens at ``context_idx``, M target
+    blocks ``target_idx`` ``(B, M, Kt)``. The context tokens (projected to
+    ``dim``) are placed on the ``grid``, a learned mask token fills every other
+    patch, a learned position embedding is added, then ``depth`` residual
+    blocks of (depthwise ``kernel x kernel`` conv -> BatchNorm -> GELU ->
+    1x1 conv) and a 1x1 conv to ``out_dim`` (default ``enc_dim``); all
+    targets come from one pass, gathered to ``(B, M, Kt, out_dim)``.
+    """
+
+    def __init__(
+        self,
+        grid: int,
+        enc_dim: int,
+        dim: int = 128,
+        depth: int = 3,
+        kernel: int = 3,
+        out_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check.integer_at_least("grid", grid, 1)
+        _check.integer_at_least("depth", depth, 1)
+        if kernel < 1 or kernel % 2 == 0:
+            _check.fail("kernel", kernel, "an odd size >= 1")
+        self.grid = grid
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim, bias=False),
+                          nn.BatchNorm2d(dim), nn.GELU(), nn.Conv2d(dim, dim, 1))
+            for _ in range(depth))
+        self.out = nn.Conv2d(dim, enc_dim if out_dim is None else out_dim, 1)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor) -> Tensor:
+        b, kc, _ = context.shape
+        n, dim = self.grid * self.grid, self.pos.shape[-1]
+        x = self.mask_token.expand(b, n, dim).to(context.dtype)
+        x = x.scatter(1, context_idx[..., None].expand(-1, -1, dim), self.embed(context))
+        x = (x + self.pos).transpose(1, 2).reshape(b, dim, self.grid, self.grid)
+        for block in self.blocks:
+            x = x + block(x)
+        out = self.out(x).flatten(2).transpose(1, 2)  # (B, N, out_dim)
+        return gather_tokens(out, target_idx).clone()
+
+
+def patch_tokens(
+    encoder: nn.Module, images: Tensor, keep: Tensor | None = None, layers: tuple[int, ...] = ()
+) -> tuple[Tensor, list[Tensor]]:
+    """A JEPA encoder's patch tokens and its intermediate ones, for a ViT and a ``MaskedCNN`` alike.
+
+    Returns ``(tokens, [layer tokens])``: ``tokens`` ``(B, K, dim)`` (all
+    patches, or ``keep``'s) without a class token; one ``(B, N, dim_l)`` per
+    entry of ``layers`` (0-based blocks of a ViT, normed; stages of a CNN).
+    ``encoder`` may be wrapped in DDP / FSDP2 (called through ``forward``).
+    """
+    if isinstance(unwrap(encoder), VisionTransformer):
+        out = encoder(images, keep=keep, all_tokens=True, return_layers=layers)
+        tokens, extra = out if layers else (out, [])
+        return tokens[:, 1:], [t[:, 1:] for t in extra]
+    out = encoder(images, keep=keep, return_layers=layers)
+    return out if layers else (out, [])
+
+
+def encoder_depth(encoder: nn.Module) -> int:
+    """Blocks of a ViT, stages of a ``MaskedCNN``: what ``patch_tokens(layers=...)`` counts."""
+    encoder = unwrap(encoder)
+    return len(encoder.blocks) if isinstance(encoder, VisionTransformer) else len(encoder.convs)
+
+
+def layer_dims(encoder: nn.Module, layers: tuple[int, ...]) -> list[int]:
+    """The width of each of ``layers`` (0-based) of a ViT or ``MaskedCNN``."""
+    encoder = unwrap(encoder)
+    if isinstance(encoder, VisionTransformer):
+        return [encoder.dim] * len(layers)
+    return [encoder.widths[i] for i in layers]
