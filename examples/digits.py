@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,9 @@ from stepkit.run import (
 @dataclass
 class Optim(LRSchedule, WDSchedule):
     lr: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int | None = None
+    """Updates of linear warm-up; None: 20, or a tenth of --train.steps when that is shorter."""
+    default_warmup: ClassVar[int] = 20
     wd: float = 0.05
     clip: float | None = 1.0
     """Largest global gradient norm (None: no clipping)."""
@@ -90,7 +93,7 @@ class Config(RunArgs):
         integer_at_least("hidden", self.hidden, 1)
         integer_at_least("eval_every", self.eval_every, 1)
         integer_at_least("patience", self.patience, 0)
-        if self.optim.warmup_steps > self.train.steps:
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} is not allowed: expected at most "
                 f"train.steps={self.train.steps}"

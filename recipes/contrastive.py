@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,9 @@ class GradCache:
 class Optim(LRSchedule, WDSchedule):
     lr: float = 2e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 20
+    warmup_steps: int | None = None
+    """Updates of linear warm-up; None: 20, or a tenth of --train.steps when that is shorter."""
+    default_warmup: ClassVar[int] = 20
     wd: float = 0.05
     clip: float | None = 1.0
     """Largest global gradient norm (None: no clipping)."""
@@ -184,7 +186,7 @@ class Config(RunArgs):
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)
-        if self.optim.warmup_steps > self.train.steps:
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
 
 
@@ -192,7 +194,8 @@ PRESETS = {
     "minilm-lora": ("The default: pretrained MiniLM text tower with LoRA, CNN image tower, CPU.", Config()),
     "tiny": (
         "Both towers from scratch (no pretrained model, no extra packages); fastest.",
-        Config(model=Model(text="scratch"), train=TrainConfig(steps=400), optim=Optim(lr=3e-3)),
+        Config(model=Model(text="scratch"), train=TrainConfig(steps=400),
+               optim=Optim(lr=3e-3, warmup_steps=20)),
     ),
 }
 

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -169,7 +169,9 @@ class Loss:
 class Optim(LRSchedule, WDSchedule):
     lr: float = 3e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 30
+    warmup_steps: int | None = None
+    """Updates of linear warm-up; None: 30, or a tenth of --train.steps when that is shorter."""
+    default_warmup: ClassVar[int] = 30
     wd: float = 0.04
     wd_final: float | None = 0.4
     clip: float | None = 3.0
@@ -236,7 +238,7 @@ class Config(RunArgs):
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)
-        if self.optim.warmup_steps > self.train.steps:
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
 
 

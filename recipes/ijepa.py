@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +242,9 @@ def level_values_at(
 class Optim(LRSchedule, WDSchedule):
     lr: float = 1e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
+    """Updates of linear warm-up; None: 100, or a tenth of --train.steps when that is shorter."""
+    default_warmup: ClassVar[int] = 100
     wd: float = 0.04
     wd_final: float | None = 0.4
     clip: float | None = 1.0
@@ -316,7 +318,7 @@ class Config(RunArgs):
         if self.model.arch == "cnn" and self.data.image_size % _prod(self.model.strides):
             fail("data.image_size", self.data.image_size,
                  f"a multiple of the product of model.strides={self.model.strides}")
-        if self.optim.warmup_steps > self.train.steps:
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
 
 

@@ -24,6 +24,7 @@ from stepkit.schedules import (
     momentum_at,
     param_groups,
     warmup_decay,
+    warmup_steps_of,
     wd_at,
 )
 from stepkit.state import TrainState, unwrap
@@ -31,45 +32,27 @@ from stepkit.step import accumulate, apply_update, clip, forward_loss, grad_norm
 
 __version__ = "0.1.0"
 
+# The loop's core (the README's first API table, tested). The run machinery imported above stays
+# importable from here, as before; its home is the module each name comes from.
 __all__ = [
-    "CheckpointError",
-    "CkptConfig",
     "LRSchedule",
-    "LogConfig",
-    "Logger",
     "MomentumSchedule",
-    "TrainConfig",
     "TrainState",
     "WDSchedule",
     "accumulate",
     "apply_update",
     "clip",
-    "collapse_metrics",
     "ema_copy",
     "ema_update",
     "forward_loss",
     "grad_norm",
     "gradcache",
     "layer_decay_scales",
-    "load_checkpoint",
     "lr_at",
-    "maybe_save",
     "momentum_at",
-    "norms_by_group",
     "param_groups",
-    "params_digest",
-    "pick_device",
-    "read_history",
-    "restore",
-    "resume",
-    "save_best",
-    "save_checkpoint",
-    "save_last",
-    "seed_everything",
-    "should_stop",
-    "start_run",
-    "system_metrics",
     "unwrap",
     "warmup_decay",
+    "warmup_steps_of",
     "wd_at",
 ]

@@ -371,6 +371,9 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
     else:
         presets, chosen, text = {"default": ("", config_type())}, "default", description or ""
     default = copy.deepcopy(presets[chosen][1])
+    argv = config_file_flags(argv, default)  # --config FILE: after the preset, before the flags
+    text += ("\n\n--config FILE: a YAML or JSON file of fields (nested or dotted keys; a run's config.json "
+             "as it is), applied after the preset and before the other flags.")
     with _check.collected_errors() as errors:
         try:
             config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
@@ -382,6 +385,133 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
         error, owner = errors[0]
         raise ValueError(_with_path(str(error), owner, config, config_type)) from None
     return config
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under a dataclass's fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``), its bases'
+    too: what tyro shows in ``--help``, read from the source (empty where it cannot be read)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_yaml(config: Any, header: str = "") -> str:
+    """``config`` (a dataclass) as an editable YAML file for ``--config``: every field, nested as the
+    flags are, each with its ``--help`` text as a comment; ``--config`` reads it back to the same config."""
+    import yaml
+
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+    def walk(obj: Any, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.name in INVOCATION_FIELDS:
+                continue
+            value = getattr(obj, f.name)
+            doc = f"  # {docs[f.name]}" if docs.get(f.name) else ""
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                lines.append(f"{indent}{f.name}:{doc}")
+                walk(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{f.name}: {scalar(to_jsonable(value))}{doc}")
+
+    walk(config, "")
+    return "\n".join(lines) + "\n"
+
+
+# Fields that describe one invocation, not the run: a run's config.json read back with --config skips them.
+INVOCATION_FIELDS = ("resume", "resume_from", "resume_allow", "resume_or_start")
+
+
+def config_file_flags(argv: list[str], default: Any) -> list[str]:
+    """``argv`` with its ``--config FILE`` replaced by the file's fields as flags, first (later flags win).
+
+    The file is YAML (``.yaml`` / ``.yml``) or JSON: a mapping of fields,
+    nested (``optim: {lr: 0.001}``) or dotted (``optim.lr: 0.001``), e.g. a
+    finished run's ``config.json`` (its ``resume*`` fields are skipped). Each
+    field becomes the flag a user would type (``--optim.lr 0.001``), so
+    the values are parsed and checked exactly as flags are. An unknown key
+    is a ``ValueError`` naming it and the closest field of ``default``.
+    """
+    argv = list(argv)
+    spots = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if not spots:
+        return argv
+    if len(spots) > 1:
+        raise ValueError("--config is given more than once; give one file (later flags override it)")
+    i = spots[0]
+    if argv[i] == "--config":
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise ValueError("--config needs a file: --config FILE.yaml (or .json)")
+        path, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    else:
+        path, rest = Path(argv[i].split("=", 1)[1]), argv[:i] + argv[i + 1:]
+    return _file_flags(path, flat_config(default)) + rest
+
+
+def _file_flags(path: Path, known: dict[str, Any]) -> list[str]:
+    import difflib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise ValueError(f"--config {path}: cannot read it ({reason})") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        if kind == "JSON":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # the parser's own message, first line: where the syntax broke
+        raise ValueError(f"--config {path}: not valid {kind}: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return []
+    if not isinstance(data, Mapping):
+        raise ValueError(f"--config {path}: expected a mapping of fields (name: value), "
+                         f"got a {type(data).__name__}")
+    flags: list[str] = []
+    for key, value in flat_config(data).items():
+        key = key.replace("-", "_")
+        if key.split(".")[0] in INVOCATION_FIELDS:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see --help for the fields)"
+            raise ValueError(f"--config {path}: unknown key {key!r}{hint}")
+        flags += _as_flags(key, value, known[key])
+    return flags
+
+
+def _as_flags(key: str, value: Any, current: Any) -> list[str]:
+    head, _, last = key.rpartition(".")
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool) and isinstance(current, bool):  # tyro's --name / --no-name
+        return [flag] if value else ["--" + (head + "." if head else "") + "no-" + last.replace("_", "-")]
+    if value is None:
+        return [flag, "None"]
+    if isinstance(value, list):
+        return [flag, *(str(v) for v in value)]
+    return [flag, str(value)]
 
 
 def _with_path(message: str, owner: Any, config: Any, config_type: type) -> str:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar, get_args
+from typing import ClassVar, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
@@ -151,10 +151,12 @@ class LRSchedule:
     """Peak learning rate, reached at the end of the warm-up."""
     min_lr: float = 0.0
     """Learning rate at the end of the run (ignored by ``decay='constant'``)."""
-    warmup_steps: int = 0
-    """Optimizer updates of linear warm-up."""
+    warmup_steps: int | None = 0
+    """Optimizer updates of linear warm-up; None: ``default_warmup``, or a tenth of the run when that is
+    shorter (so a short smoke run needs no second flag)."""
     warmup_start_lr: float = 0.0
     """Learning rate at step 0."""
+    default_warmup: ClassVar[int] = 0  # the warm-up of warmup_steps=None (capped at a tenth of the run)
     decay: Decay = "cosine"
     """Shape after the warm-up."""
     step_every: int = 1000
@@ -165,7 +167,8 @@ class LRSchedule:
     def __post_init__(self) -> None:
         _check.at_least("lr", self.lr, 0.0)
         _check.in_range("min_lr", self.min_lr, 0.0, self.lr)
-        _check.integer_at_least("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            _check.integer_at_least("warmup_steps", self.warmup_steps, 0)
         _check.at_least("warmup_start_lr", self.warmup_start_lr, 0.0)
         _check.one_of("decay", self.decay, DECAYS)
         _check.integer_at_least("step_every", self.step_every, 1)
@@ -212,6 +215,14 @@ class MomentumSchedule:
         _post_init_next(self, MomentumSchedule)
 
 
+def warmup_steps_of(schedule: LRSchedule, total_steps: int) -> int:
+    """The warm-up ``lr_at`` uses: ``schedule.warmup_steps``, or when it is None
+    ``min(schedule.default_warmup, total_steps // 10)`` (a class attribute a recipe's ``Optim`` sets)."""
+    if schedule.warmup_steps is not None:
+        return schedule.warmup_steps
+    return min(int(getattr(schedule, "default_warmup", 0)), total_steps // 10)
+
+
 def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
     """Learning rate after ``step`` optimizer updates of a ``total_steps`` run."""
     return warmup_decay(
@@ -219,7 +230,7 @@ def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
         peak=schedule.lr,
         final=schedule.min_lr,
         total_steps=total_steps,
-        warmup_steps=schedule.warmup_steps,
+        warmup_steps=warmup_steps_of(schedule, total_steps),
         start=schedule.warmup_start_lr,
         decay=schedule.decay,
         step_every=schedule.step_every,

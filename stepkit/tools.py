@@ -31,8 +31,11 @@ class RidgeFit:
     x_mean: Tensor
     x_scale: Tensor
     alpha: float
+    """The chosen alpha (``per_target``: the median of the columns' alphas)."""
     val_corr: float
-    """Mean per-column Pearson r on the validation set at the chosen ``alpha``."""
+    """Mean per-column Pearson r on the validation set at the chosen alpha(s)."""
+    alphas: Tensor | None = None
+    """``per_target``: each column's alpha ``(targets,)``; None when one alpha serves all."""
 
     def __call__(self, x: Tensor) -> Tensor:
         z = (x.to(self.weights.dtype) - self.x_mean) / self.x_scale
@@ -41,14 +44,19 @@ class RidgeFit:
 
 @torch.no_grad()
 def ridge_regression(
-    x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, alphas: Sequence[float] = DEFAULT_ALPHAS
+    x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, alphas: Sequence[float] = DEFAULT_ALPHAS,
+    *, per_target: bool = False,
 ) -> RidgeFit:
     """Closed-form ridge from ``x`` to ``y`` (the encoding-model baseline), alpha chosen on validation.
 
     Features are standardised with training statistics and targets centred,
     then ``W(a) = V diag(s / (s^2 + a)) U^T y`` from one SVD ``x = U S V^T``
-    gives every alpha's solution; the one with the highest mean validation
-    Pearson r (per target column) wins. Computed in float64.
+    gives every alpha's solution. One alpha for all columns: the one with the
+    highest mean validation Pearson r wins. ``per_target=True`` (the encoding-
+    model standard, as himalaya or scikit-learn's ``alpha_per_target`` do it):
+    each column (voxel) takes the alpha of its own highest validation r
+    (the smallest on a tie), and its column of ``W`` is that alpha's.
+    Computed in float64.
     """
     if not alphas or any(a <= 0 for a in alphas):
         raise ValueError(f"alphas={list(alphas)!r} is not allowed: expected positive numbers")
@@ -59,13 +67,24 @@ def ridge_regression(
     uty = u.T @ (y - y_mean)
     z_val = (x_val.double() - x_mean) / x_scale
     best = None
+    per_column = []  # per_target: each alpha's weights and per-column validation r
     for alpha in alphas:
         w = vh.T @ ((s / (s.square() + alpha))[:, None] * uty)
-        r = pearson_per_voxel(z_val @ w + y_mean, y_val.double()).mean().item()
+        r_columns = pearson_per_voxel(z_val @ w + y_mean, y_val.double())
+        per_column.append((w, r_columns))
+        r = r_columns.mean().item()
         if best is None or r > best[0]:
             best = (r, alpha, w)
-    r, alpha, w = best
-    return RidgeFit(w, y_mean, x_mean, x_scale, float(alpha), r)
+    if not per_target:
+        r, alpha, w = best
+        return RidgeFit(w, y_mean, x_mean, x_scale, float(alpha), r)
+    scores = torch.stack([r for _, r in per_column])  # (alphas, columns)
+    choice = scores.argmax(dim=0)  # the first maximum: the smallest alpha on a tie, alphas as given
+    weights = torch.stack([w for w, _ in per_column])  # (alphas, features, columns)
+    w = weights.gather(0, choice[None, None, :].expand(1, weights.shape[1], -1))[0]
+    chosen = torch.tensor([float(a) for a in alphas], dtype=torch.float64)[choice]
+    val_corr = scores.gather(0, choice[None])[0].mean().item()
+    return RidgeFit(w, y_mean, x_mean, x_scale, float(chosen.median()), val_corr, chosen)
 
 
 @torch.no_grad()

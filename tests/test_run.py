@@ -177,3 +177,19 @@ def test_an_unknown_preset_is_named_with_the_list():
     presets = {"small": ("a small run", Cfg()), "long": ("a long run", Cfg(lr=2.0))}
     with pytest.raises(ValueError, match=r"unknown preset 'lnog'; presets: small, long"):
         cli(Cfg, presets, ["lnog", "--lr", "0.5"])
+
+
+@pytest.mark.parametrize(("name", "default"), [("dino", 30), ("ijepa", 100), ("autoencoder", 50),
+                                               ("contrastive", 20)])
+def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, default, tmp_path):
+    from conftest import load_recipe
+
+    from stepkit.schedules import warmup_steps_of
+
+    recipe = load_recipe(name)
+    parse = getattr(recipe, "parse", None) or (lambda argv: recipe.cli(recipe.Config, recipe.PRESETS, argv))
+    cfg = parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20"])
+    assert cfg.optim.warmup_steps is None and warmup_steps_of(cfg.optim, 20) == 2  # a tenth of the run
+    assert warmup_steps_of(cfg.optim, 1500) == default  # the recipe's warm-up once the run is long enough
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=21 .*at most train.steps=20"):
+        parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20", "--optim.warmup-steps", "21"])

@@ -267,3 +267,22 @@ def test_param_groups_split_decay_and_layers():
         param_groups(model, layer_of=lambda n: 5, layer_scales=[1.0])
     with pytest.raises(ValueError, match="together"):
         param_groups(model, layer_of=lambda n: 0)
+
+
+def test_a_warmup_left_none_is_the_default_capped_at_a_tenth_of_the_run():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from stepkit.schedules import LRSchedule, lr_at, warmup_steps_of
+
+    @dataclass
+    class Optim(LRSchedule):
+        warmup_steps: int | None = None
+        default_warmup: ClassVar[int] = 30
+
+    optim = Optim(lr=1.0)
+    assert [warmup_steps_of(optim, n) for n in (1500, 300, 20, 5)] == [30, 30, 2, 0]
+    assert warmup_steps_of(Optim(lr=1.0, warmup_steps=7), 20) == 7  # an explicit value is kept
+    assert warmup_steps_of(LRSchedule(warmup_steps=None), 100) == 0  # no default_warmup: none
+    assert lr_at(1, optim, 20) == 0.5  # half-way through a 2-update warm-up
+    assert lr_at(15, optim, 1500) == 0.5

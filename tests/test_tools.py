@@ -3,6 +3,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+from stepkit.losses import pearson_per_voxel
 from stepkit.tools import ridge_regression
 
 
@@ -132,3 +133,23 @@ def test_fit_logistic_reaches_scikit_learns_optimum(c):
     loss = torch.nn.functional.cross_entropy(x @ w[:-1] + w[-1], y) + w[:-1].square().sum() / (2 * c * 150)
     loss.backward()
     assert w.grad.abs().max() < 1e-5
+
+
+def test_ridge_per_target_takes_each_columns_own_best_alpha():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(80, 12, generator=g, dtype=torch.float64)
+    clean = x[:, :1] * 2.0
+    y = torch.cat([clean + 0.05 * torch.randn(80, 1, generator=g, dtype=torch.float64),  # near noiseless
+                   x @ torch.randn(12, 1, generator=g, dtype=torch.float64) * 0.2
+                   + 3.0 * torch.randn(80, 1, generator=g, dtype=torch.float64)], dim=1)  # mostly noise
+    alphas = (0.01, 1.0, 100.0, 10000.0)
+    fit = ridge_regression(x[:50], y[:50], x[50:], y[50:], alphas=alphas, per_target=True)
+    singles = {a: ridge_regression(x[:50], y[:50], x[50:], y[50:], alphas=[a]) for a in alphas}
+    for col in range(2):
+        scores = [pearson_per_voxel(singles[a](x[50:]), y[50:])[col].item() for a in alphas]
+        best = alphas[scores.index(max(scores))]
+        assert fit.alphas[col].item() == best
+        torch.testing.assert_close(fit.weights[:, col], singles[best].weights[:, col])
+    assert fit.alphas[0] < fit.alphas[1]  # the noisy voxel is regularised harder
+    shared = ridge_regression(x[:50], y[:50], x[50:], y[50:], alphas=alphas)
+    assert fit.val_corr >= shared.val_corr and shared.alphas is None

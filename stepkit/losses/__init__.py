@@ -13,6 +13,14 @@ from stepkit.losses.correlation import (
     pearson_per_voxel,
     voxel_corr_summary,
 )
+from stepkit.losses.dino import (
+    dino_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_softmax,
+    teacher_temp_at,
+    update_center,
+)
 from stepkit.losses.jepa import variance_covariance_loss
 from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
@@ -21,6 +29,12 @@ __all__ = [
     "LogitScale",
     "UncertaintyWeighting",
     "clip_loss",
+    "dino_loss",
+    "koleo_loss",
+    "sinkhorn_knopp",
+    "teacher_softmax",
+    "teacher_temp_at",
+    "update_center",
     "embedding_mse",
     "info_nce",
     "similarity_distillation_loss",

@@ -3,17 +3,46 @@
 from stepkit.models.autoencoder import MultimodalAutoencoder
 from stepkit.models.cnn import SmallCNN
 from stepkit.models.dino import DINOHead, cancel_last_layer_gradients, multi_crop_forward
-from stepkit.models.jepa import ConvPredictor, JEPAPredictor, MaskedCNN
-from stepkit.models.vit import VisionTransformer
+from stepkit.models.jepa import (
+    ConvPredictor,
+    JEPAPredictor,
+    MaskedBatchNorm2d,
+    MaskedCNN,
+    gather_tokens,
+    jepa_targets,
+    patch_tokens,
+    pooled_patches,
+)
+from stepkit.models.text import (
+    PretrainedTextEncoder,
+    TinyTextEncoder,
+    WordTokenizer,
+    add_lora,
+    merge_lora,
+    pretrained_tokenizer,
+)
+from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
 
 __all__ = [
     "ConvPredictor",
     "DINOHead",
     "JEPAPredictor",
+    "MaskedBatchNorm2d",
     "MaskedCNN",
     "MultimodalAutoencoder",
+    "PretrainedTextEncoder",
     "SmallCNN",
+    "TinyTextEncoder",
     "VisionTransformer",
+    "WordTokenizer",
+    "add_lora",
     "cancel_last_layer_gradients",
+    "gather_tokens",
+    "jepa_targets",
+    "merge_lora",
     "multi_crop_forward",
+    "patch_tokens",
+    "pooled_patches",
+    "pretrained_tokenizer",
+    "sincos_pos_embed_2d",
 ]

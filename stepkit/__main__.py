@@ -1,0 +1,161 @@
+"""``stepkit``: list the recipes that ship with the package, copy one out to edit, or run one.
+
+    stepkit ls                              # every recipe, its presets, one line each
+    stepkit cp dino ./my_dino.py            # a copy to edit (refuses to overwrite without --force)
+    stepkit cp --config dino ./dino.yaml    # its preset as a commented YAML file for --config
+    stepkit run dino [PRESET] [--flags]     # the shipped recipe, as python recipes/dino.py would run
+    torchrun --nproc_per_node=2 -m stepkit run dino --run-dir runs/d
+
+The recipes are the repository's ``recipes/`` folder, installed as
+``stepkit.recipes`` (one source, nothing copied at build time). Listing reads
+the files without importing them, so it answers before torch would load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+
+def recipe_dir() -> Path:
+    """The folder of the installed recipes (``stepkit.recipes``)."""
+    import stepkit.recipes
+
+    return Path(stepkit.recipes.__file__).parent
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def recipe_path(name: str) -> Path:
+    """The installed recipe ``name`` (``dino`` or ``dino.py``); an unknown name: a ValueError listing them."""
+    stem = name.removesuffix(".py")
+    path = recipe_dir() / f"{stem}.py"
+    if stem.startswith("_") or not path.is_file():
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(recipe_names())}")
+    return path
+
+
+def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """A recipe's first docstring line and its presets ``(name, description)``, read without importing it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    doc = (ast.get_docstring(tree) or "").strip().splitlines()
+    presets: list[tuple[str, str]] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        named = any(getattr(t, "id", None) == "PRESETS" for t in targets)
+        if not named or not isinstance(node.value, ast.Dict):
+            continue
+        for key, value in zip(node.value.keys, node.value.values):
+            first = value.elts[0] if isinstance(value, ast.Tuple) and value.elts else None
+            if isinstance(key, ast.Constant):
+                presets.append((str(key.value), str(first.value) if isinstance(first, ast.Constant) else ""))
+    return (doc[0] if doc else ""), presets
+
+
+def list_recipes() -> str:
+    lines = []
+    for name in recipe_names():
+        summary, presets = describe(recipe_dir() / f"{name}.py")
+        lines.append(f"{name}: {summary}")
+        width = max((len(p) for p, _ in presets), default=0)
+        lines += [f"    {p.ljust(width)}  {text}" for p, text in presets]
+    lines.append("copy one: stepkit cp NAME DEST; run one: stepkit run NAME [PRESET] [--flags]")
+    return "\n".join(lines)
+
+
+def copy_recipe(name: str, dest: str | Path, *, force: bool = False) -> Path:
+    """Copy recipe ``name`` to ``dest`` (a file, or a folder to put ``<name>.py`` in); never over a file
+    unless ``force``."""
+    source = recipe_path(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise ValueError(f"{target.parent} is not a folder; create it first")
+    shutil.copyfile(source, target)
+    return target
+
+
+def load_recipe(path: Path):
+    """Import a recipe file as a module (``Config``, ``PRESETS``, ``main``, ...)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stepkit_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while they are made
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(name: str, dest: str | Path, *, preset: str | None = None, force: bool = False) -> Path:
+    """A recipe's preset (default: its first) as a commented YAML file for ``--config``."""
+    from stepkit.run import config_yaml
+
+    module = load_recipe(recipe_path(name))
+    presets = getattr(module, "PRESETS", None) or {"default": ("", module.Config())}
+    chosen = preset or next(iter(presets))
+    if chosen not in presets:
+        raise ValueError(f"unknown preset {chosen!r} of {name}; presets: {', '.join(presets)}")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / f"{name}_{chosen}.yaml"
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; pass --force to overwrite it")
+    header = (f"{name} recipe, preset {chosen}: {presets[chosen][0]}\n"
+              f"run it: stepkit run {name} --config {target.name} --run-dir runs/{name} (later flags win)")
+    target.write_text(config_yaml(presets[chosen][1], header), encoding="utf-8")
+    return target
+
+
+def run_recipe(path: Path, args: list[str]) -> None:
+    """Run a recipe file as its own script (``__main__``), with ``args`` as its command line."""
+    sys.argv = [str(path), *args]
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stepkit", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:6]))
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ls", help="list the recipes and their presets")
+    cp = commands.add_parser("cp", help="copy a recipe out to edit it")
+    cp.add_argument("recipe")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cp.add_argument("--config", action="store_true",
+                    help="write the recipe's preset as a commented YAML file for --config instead")
+    cp.add_argument("--preset", help="with --config: which preset (default: the recipe's first)")
+    run = commands.add_parser("run", help="run a recipe: stepkit run NAME [PRESET] [--flags]", add_help=False)
+    run.add_argument("recipe")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "ls":
+            print(list_recipes())
+        elif args.command == "cp" and args.config:
+            target = write_config(args.recipe, args.dest, preset=args.preset, force=args.force)
+            print(f"wrote {target}; run it with: stepkit run {args.recipe} --config {target}")
+        elif args.command == "cp":
+            target = copy_recipe(args.recipe, args.dest, force=args.force)
+            print(f"copied {args.recipe} to {target}; run it with: python {target} --help")
+        else:
+            path = recipe_path(args.recipe)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        run_recipe(path, args.args)  # the recipe prints its own errors (run_main) and exits with its code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
