@@ -288,7 +288,7 @@ def largest_batch(name: str, base: nn.Module, size: dict, device: torch.device, 
                   views_of, loops=None) -> int:
     """The largest batch one step of loop ``name`` fits: device memory on CUDA, else ``cap_bytes`` of
     activations saved for backward (the CPU has no allocator to run out of)."""
-    from stepkit.tools import largest_batch_size
+    from stepkit.tuning import largest_batch_size
 
     step = (loops or LOOPS)[name](copy.deepcopy(base), device)
 

@@ -51,7 +51,9 @@ from stepkit.checkpoint import (
     save_best,
     save_last,
 )
-from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks
+from stepkit.data import MODALITIES, load_fmri_npz, time_blocks
+from stepkit.datasets import synthetic_fmri
+from stepkit.evaluation import ridge_regression
 from stepkit.log import LogConfig, Logger, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
 from stepkit.models import MultimodalAutoencoder
@@ -72,7 +74,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import TuneConfig, ridge_regression, tune
+from stepkit.tuning import TuneConfig, tune
 
 
 @dataclass

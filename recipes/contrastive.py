@@ -45,7 +45,9 @@ from stepkit import (
 )
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, resume, save_last
-from stepkit.data import ResumableSampler, digits_captioned
+from stepkit.data import ResumableSampler
+from stepkit.datasets import digits_captioned
+from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
@@ -76,7 +78,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import TuneConfig, chance_recall_at_k, retrieval_metrics, tune
+from stepkit.tuning import TuneConfig, tune
 
 
 @dataclass

@@ -48,7 +48,9 @@ from stepkit import (
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
-from stepkit.data import ImageFolder, Prefetch, ResumableSampler, digits_canvas, image_folders
+from stepkit.data import ImageFolder, Prefetch, ResumableSampler, image_folders
+from stepkit.datasets import digits_canvas
+from stepkit.evaluation import knn_accuracy
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.dino import (
     dino_loss,
@@ -83,7 +85,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import TuneConfig, knn_accuracy, tune
+from stepkit.tuning import TuneConfig, tune
 
 
 @dataclass

@@ -71,7 +71,9 @@ from stepkit import (
 from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
-from stepkit.data import ImageFolder, ResumableSampler, digits_canvas, image_folders
+from stepkit.data import ImageFolder, ResumableSampler, image_folders
+from stepkit.datasets import digits_canvas
+from stepkit.evaluation import knn_accuracy, linear_probe
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.jepa import variance_covariance_loss
 from stepkit.masking import MultiBlock, mask_image, multi_block_masks
@@ -104,7 +106,7 @@ from stepkit.run import (
     to_jsonable,
     write_summary,
 )
-from stepkit.tools import TuneConfig, knn_accuracy, linear_probe, tune
+from stepkit.tuning import TuneConfig, tune
 
 
 @dataclass
@@ -124,9 +126,6 @@ class Data:
 
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
-
-
-VIT_ARCHS = ("vit-toy", "vit-tiny", "vit-small", "vit-base", "vit-huge")
 
 
 @dataclass
@@ -173,7 +172,7 @@ class Model:
         """Stages of the CNN, blocks of the ViT: what --levels.depths counts."""
         if self.arch == "cnn":
             return len(self.widths)
-        return 32 if self.arch == "vit-huge" else VIT_PRESETS[self.arch.removeprefix("vit-")]["depth"]
+        return VIT_PRESETS[self.arch.removeprefix("vit-")]["depth"]
 
 
 @dataclass
@@ -375,8 +374,6 @@ def build_encoder(cfg: Config, in_chans: int) -> nn.Module:
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
     overrides["pos_embed"] = cfg.model.pos_embed
-    if preset == "huge":
-        preset, overrides = "base", {"dim": 1280, "depth": 32, "heads": 16, **overrides}
     return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans,
                                     grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
 

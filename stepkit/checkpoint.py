@@ -493,7 +493,6 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     import shutil
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -505,17 +504,7 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     dist.broadcast_buffers(state.model)
     if isinstance(state.target, torch.nn.Module):
         dist.broadcast_buffers(state.target)
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
-    tensors: dict[str, Any] = {
-        "model": model_sd,
-        "optimizer": optim_sd,
-        "skipped_steps": state.skipped_steps,
-        "extras": {k: v for k, v in state.extras.items() if isinstance(v, torch.Tensor)},
-    }
-    if isinstance(state.target, torch.nn.Module):
-        tensors["target"] = get_model_state_dict(state.target)
-    elif state.target is not None:
-        tensors["target"] = dict(state.target)
+    tensors = _sharded_tensors(state)
     dcp.save(tensors, checkpoint_id=tmp)
     atomic_save({"format": FORMAT, "rng": rng_state()}, tmp / f"rng_rank{dist.rank()}.pt")
     if dist.is_main():
@@ -538,23 +527,10 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     return path
 
 
-def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
-    """Load a ``save_sharded`` folder into a sharded ``state`` (any world size DCP can reshard to)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
+def _sharded_tensors(state: TrainState) -> dict[str, Any]:
+    """What DCP saves and loads in place: model, optimizer, EMA target and the tensor extras."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    path = Path(path)
-    try:
-        info = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a complete sharded checkpoint ({err})") from None
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a stepkit checkpoint (format {info.get('format')!r})")
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
     tensors: dict[str, Any] = {
         "model": model_sd,
@@ -566,6 +542,22 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
         tensors["target"] = get_model_state_dict(state.target)
     elif state.target is not None:
         tensors["target"] = dict(state.target)
+    return tensors
+
+
+def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
+    """Load a ``save_sharded`` folder into a sharded ``state`` (any world size DCP can reshard to)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    path = Path(path)
+    try:
+        info = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a complete sharded checkpoint ({err})") from None
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a stepkit checkpoint (format {info.get('format')!r})")
+    tensors = _sharded_tensors(state)
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:

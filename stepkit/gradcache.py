@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from stepkit import check as _check
-from stepkit.state import TrainState
-from stepkit.step import _ddp_of, _device_type, _fsdp_of, amp_dtype, at_least_float32
+from stepkit.state import TrainState, set_torch_rng_state, torch_rng_state
+from stepkit.step import amp_dtype, at_least_float32, ddp_of, device_type_of, fsdp_of
 
 
 def split_batch(batch: Any, chunk: int) -> list[Any]:
@@ -46,16 +46,6 @@ def _as_tuple(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (out,) if isinstance(out, Tensor) else tuple(out)
 
 
-def _rng_states() -> tuple[Tensor, list[Tensor] | None]:
-    has_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    cuda = torch.cuda.get_rng_state_all() if has_cuda else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(states: tuple[Tensor, list[Tensor] | None]) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state_all(states[1])
 
 
 def gradcache(
@@ -90,18 +80,18 @@ def gradcache(
     if dtype is torch.float16 and state.scaler is None:
         raise ValueError("amp='fp16' needs a GradScaler: TrainState(scaler=torch.amp.GradScaler(device))")
     autocast = (lambda: nullcontext()) if dtype is None else (
-        lambda: torch.autocast(_device_type(state.model), dtype=dtype))
+        lambda: torch.autocast(device_type_of(state.model), dtype=dtype))
     chunks = split_batch(batch, chunk)
-    ddp, fsdp = _ddp_of(state.model), _fsdp_of(state.model)
+    ddp, fsdp = ddp_of(state.model), fsdp_of(state.model)
     boundary = (state.micro_step + 1) % state.accum == 0
 
     # 1. every chunk without a graph, remembering the RNG state it started from
     rng, outputs = [], []
     for part in chunks:
-        rng.append(_rng_states())
+        rng.append(torch_rng_state())
         with torch.no_grad(), autocast():
             outputs.append(_as_tuple(encode(part)))
-    rng_after = _rng_states()
+    rng_after = torch_rng_state()
 
     # 2. the loss over the whole batch, backpropagated to the embeddings (and loss-only parameters)
     embeddings = [torch.cat(column).detach().requires_grad_() for column in zip(*outputs)]
@@ -124,11 +114,11 @@ def gradcache(
             ddp.require_backward_grad_sync = sync
         if fsdp is not None:
             fsdp.set_requires_gradient_sync(sync)
-        _set_rng_states(rng[i])
+        set_torch_rng_state(rng[i])
         with autocast():
             again = _as_tuple(encode(part))
         torch.autograd.backward(list(again), [g[i].to(e.dtype) for e, g in zip(again, cached)])
-    _set_rng_states(rng_after)  # the stream continues as after one pass over the batch
+    set_torch_rng_state(rng_after)  # the stream continues as after one pass over the batch
 
     state.micro_step += 1
     if ddp is not None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from stepkit import check as _check
 from stepkit._atomic import atomic_write_bytes
+from stepkit.dist import is_main
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,12 +52,6 @@ class LogConfig:
     def __post_init__(self) -> None:
         _check.integer_at_least("every", self.every, 1)
         _check.at_least("heartbeat_s", self.heartbeat_s, 0.0)
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of an initialised process group."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Logger:
@@ -84,7 +79,7 @@ class Logger:
         self.cfg = cfg
         self.total_steps = total_steps
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.main = is_main_process() if main is None else main
+        self.main = is_main() if main is None else main
         self._sums: dict[str, Tensor | float] = {}
         self._counts: dict[str, int] = {}
         self._texts: dict[str, str | bool] = {}

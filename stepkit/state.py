@@ -15,15 +15,20 @@ from stepkit import check as _check
 Target = nn.Module | dict[str, Tensor] | None
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile``'s wrappers (``._orig_mod``), DDP left in place."""
+    while hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
-            inner = model.module
-        if inner is None:
+        model = unwrap_compiled(model)
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
             return model
-        model = inner
+        model = model.module
 
 
 @dataclass
@@ -166,16 +171,29 @@ def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def torch_rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    """torch's CPU RNG state and, once CUDA is in use, every GPU's: the cheap part of ``rng_state``."""
+    has_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if has_cuda else None)
+
+
+def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
+    """Restore what ``torch_rng_state`` captured."""
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["torch"], cuda = torch_rng_state()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 

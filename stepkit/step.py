@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit import check as _check
-from stepkit.state import TrainState
+from stepkit.state import TrainState, unwrap_compiled
 
 AMP_MODES: tuple[str | None, ...] = (None, "none", "bf16", "fp16")
 _AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,11 +51,11 @@ def forward_loss(
             "amp='fp16' needs a GradScaler: TrainState(scaler=torch.amp.GradScaler(device)); "
             "or use amp='bf16', which needs none"
         )
-    ddp = _ddp_of(state.model)
+    ddp = ddp_of(state.model)
     if ddp is not None:
         ddp.require_backward_grad_sync = (state.micro_step + 1) % state.accum == 0
     context = (
-        nullcontext() if dtype is None else torch.autocast(_device_type(state.model), dtype=dtype)
+        nullcontext() if dtype is None else torch.autocast(device_type_of(state.model), dtype=dtype)
     )
     with context:
         out = loss_fn(state, batch)
@@ -108,14 +108,14 @@ def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> 
         state.accum = every
     state.micro_step += 1
     boundary = state.micro_step % state.accum == 0
-    fsdp = _fsdp_of(state.model)
+    fsdp = fsdp_of(state.model)
     if fsdp is not None:
         fsdp.set_requires_gradient_sync(boundary)
     scaled = loss / state.accum
     if state.scaler is not None:
         scaled = state.scaler.scale(scaled)
     scaled.backward()
-    ddp = _ddp_of(state.model)
+    ddp = ddp_of(state.model)
     if ddp is not None:
         ddp.require_backward_grad_sync = (state.micro_step + 1) % state.accum == 0
     return boundary
@@ -296,22 +296,19 @@ def _scaler_found_inf(
     return found.clamp(max=1.0)
 
 
-def _device_type(model: nn.Module) -> str:
+def device_type_of(model: nn.Module) -> str:
+    """The device type of a model's first parameter (``"cpu"`` for one without parameters), for autocast."""
     param = next(model.parameters(), None)
     return "cpu" if param is None else param.device.type
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    while hasattr(model, "_orig_mod"):
-        model = model._orig_mod
-    return model
-
-
-def _ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    model = _inner(model)
+def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper under any ``torch.compile`` wrapper of ``model``, or None: what gradient sync sets."""
+    model = unwrap_compiled(model)
     return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
-def _fsdp_of(model: nn.Module) -> nn.Module | None:
-    model = _inner(model)
+def fsdp_of(model: nn.Module) -> nn.Module | None:
+    """The FSDP2 root under any ``torch.compile`` wrapper of ``model``, or None."""
+    model = unwrap_compiled(model)
     return model if hasattr(model, "set_requires_gradient_sync") else None

@@ -30,3 +30,19 @@ def load_recipe(name: str):
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
     spec.loader.exec_module(module)
     return module
+
+
+def crash_after_step(recipe, monkeypatch, cfg, step: int = 3) -> None:
+    """Run ``recipe.main(cfg)`` until the checkpoint of update ``step`` is written, then die there."""
+    real_maybe_save = recipe.maybe_save
+
+    def crash(ckpt_dir, state, **kw):
+        saved = real_maybe_save(ckpt_dir, state, **kw)
+        if state.step == step:
+            raise RuntimeError("simulated crash")
+        return saved
+
+    monkeypatch.setattr(recipe, "maybe_save", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(cfg)
+    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)

@@ -1,6 +1,7 @@
 """The ``stepkit`` command: ls, cp, run; and the recipes as an installed (not editable) package."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,13 @@ def test_the_installed_recipes_are_the_repositorys_files():
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A regular (not editable) install of this checkout into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
+    source, target = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("site")
+    for name in ("pyproject.toml", "README.md"):  # a clean tree: no stale build/ from an earlier build
+        shutil.copy(ROOT / name, source / name)
+    for name in ("stepkit", "recipes"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     return target
 
 
@@ -58,6 +63,8 @@ def test_a_new_user_copies_and_runs_recipes_from_an_empty_folder(installed, tmp_
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
+    shipped = sorted(p.name for p in (installed / "stepkit" / "recipes").glob("*.py"))
+    assert shipped == sorted(p.name for p in (ROOT / "recipes").glob("*.py"))  # the repository's, no more
     where = run(sys.executable, "-c", "import stepkit.recipes; print(stepkit.recipes.__file__)")
     assert where.startswith(str(installed))  # the installed package, not this checkout
     assert "ijepa:" in run(str(installed / "bin" / "stepkit"), "ls")

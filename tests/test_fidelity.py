@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stepkit.evaluation import knn_accuracy, linear_probe_accuracy, retrieval_metrics
 from stepkit.losses.contrastive import clip_loss, embedding_mse, info_nce, similarity_distillation_loss
 from stepkit.losses.correlation import (
     correlation_loss,
@@ -21,7 +22,6 @@ from stepkit.losses.dino import dino_loss, koleo_loss, sinkhorn_knopp, teacher_s
 from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting
 from stepkit.monitor import collapse_metrics
-from stepkit.tools import knn_accuracy, linear_probe_accuracy, retrieval_metrics
 
 
 def reference_sinkhorn(teacher_out, temp, iterations):

@@ -19,3 +19,9 @@ def test_autoencoder_names_a_missing_modality():
     model = MultimodalAutoencoder({"video": 2, "audio": 2}, window=3, voxels=4, hidden=8)
     with pytest.raises(ValueError, match=r"no input for \['audio'\]"):
         model({"video": torch.randn(2, 3, 2)})
+
+
+def test_the_huge_preset_is_vit_h14():
+    from stepkit.models.vit import PRESETS
+
+    assert PRESETS["huge"] == dict(dim=1280, depth=32, heads=16, patch_size=14)  # I-JEPA's ViT-H/14

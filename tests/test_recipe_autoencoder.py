@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_recipe
 
-from stepkit.data import synthetic_fmri
+from stepkit.datasets import synthetic_fmri
 from stepkit.log import metric_history, read_history, should_stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_cli_takes_the_shared_flags_and_refuses_bad_data(tmp_path):
 
 
 def test_tune_entry_points_measure_instead_of_training(recipe, tmp_path):
-    from stepkit.tools import TuneConfig
+    from stepkit.tuning import TuneConfig
 
     cfg = config(recipe, tmp_path / "run")
     cfg.tune = TuneConfig(find_lr=True, lr_steps=20, find_batch=True, memory_cap_gb=0.01, max_batch=2048)

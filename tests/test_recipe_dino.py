@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_recipe
+from conftest import crash_after_step, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "dino.py"
@@ -140,18 +140,7 @@ def test_image_folder_data(recipe, tmp_path):
 
 def crash_after_step_3_then_resume(recipe, run_dir, monkeypatch, *flags) -> dict:
     """Run until the step-3 checkpoint is written, die there, then resume: the resumed summary."""
-    real_maybe_save = recipe.maybe_save
-
-    def crash_after_step_3(ckpt_dir, state, **kw):
-        saved = real_maybe_save(ckpt_dir, state, **kw)
-        if state.step == 3:
-            raise RuntimeError("simulated crash")
-        return saved
-
-    monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(small(recipe, run_dir, *flags))
-    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
+    crash_after_step(recipe, monkeypatch, small(recipe, run_dir, *flags))
     return recipe.main(small(recipe, run_dir, *flags, "--resume"))
 
 

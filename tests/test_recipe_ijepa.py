@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe
+from conftest import crash_after_step, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--log.no-console", "--optim.warmup-steps", "1", "--batch-size", "16",
@@ -206,18 +206,7 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch, pres
                 "--eval.k", "5"]
 
     straight = recipe.main(recipe.parse(flags(tmp_path / "straight")))
-    real_maybe_save = recipe.maybe_save
-
-    def crash_after_step_3(ckpt_dir, state, **kw):
-        saved = real_maybe_save(ckpt_dir, state, **kw)
-        if state.step == 3:
-            raise RuntimeError("simulated crash")
-        return saved
-
-    monkeypatch.setattr(recipe, "maybe_save", crash_after_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(recipe.parse(flags(tmp_path / "crashed")))
-    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
+    crash_after_step(recipe, monkeypatch, recipe.parse(flags(tmp_path / "crashed")))
     resumed = recipe.main(recipe.parse([*flags(tmp_path / "crashed"), "--resume"]))
     assert resumed["params_digest"] == straight["params_digest"]
     assert resumed["knn_acc"] == straight["knn_acc"]  # the target encoder (and its BatchNorm statistics) too

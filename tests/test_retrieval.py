@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stepkit.tools import chance_recall_at_k, recall_at_k, retrieval_metrics
+from stepkit.evaluation import chance_recall_at_k, recall_at_k, retrieval_metrics
 
 
 def test_recall_at_k_on_a_hand_made_matrix():

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepkit import TrainState
-from stepkit.tools import MemoryCap, largest_batch_size, lr_range_test
+from stepkit.tuning import MemoryCap, largest_batch_size, lr_range_test
 
 
 def least_squares(seed=0, n=256, d=8):
@@ -103,7 +103,7 @@ def test_tune_writes_its_numbers_without_matplotlib_and_frees_the_run_dir(tmp_pa
     import sys
 
     from stepkit.run import start_run
-    from stepkit.tools import TuneConfig, tune
+    from stepkit.tuning import TuneConfig, tune
 
     x, y, _ = least_squares()
     start_run(tmp_path, {"a": 1}, resume=False)

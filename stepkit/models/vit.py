@@ -21,6 +21,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=192, depth=12, heads=3, patch_size=16),
     "small": dict(dim=384, depth=12, heads=6, patch_size=16),
     "base": dict(dim=768, depth=12, heads=12, patch_size=16),
+    "huge": dict(dim=1280, depth=32, heads=16, patch_size=14),  # ViT-H/14 (I-JEPA's)
 }
 
 
@@ -142,7 +143,8 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VisionTransformer:
-        """``toy`` (CPU), ``tiny``, ``small`` (ViT-S/16), ``base`` (ViT-B/16); keywords override."""
+        """``toy`` (CPU), ``tiny``, ``small`` (ViT-S/16), ``base`` (ViT-B/16), ``huge`` (ViT-H/14); keywords
+        override."""
         _check.one_of("preset", name, tuple(PRESETS))
         return cls(**{**PRESETS[name], **overrides})
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+from stepkit.evaluation import ridge_regression
 from stepkit.losses import pearson_per_voxel
-from stepkit.tools import ridge_regression
 
 
 def problem(seed=0, n=200, d=10, k=3, noise=0.5):
@@ -39,7 +39,7 @@ def test_bad_alphas_are_refused():
 
 
 def test_knn_votes_by_weighted_similarity():
-    from stepkit.tools import knn_accuracy
+    from stepkit.evaluation import knn_accuracy
 
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
     labels = torch.tensor([0, 0, 1, 1, 1])
@@ -53,7 +53,7 @@ def test_knn_votes_by_weighted_similarity():
 
 
 def test_linear_probe_separates_separable_features():
-    from stepkit.tools import linear_probe_accuracy
+    from stepkit.evaluation import linear_probe_accuracy
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 2
@@ -62,7 +62,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_extract_features_restores_training_mode():
-    from stepkit.tools import extract_features
+    from stepkit.evaluation import extract_features
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).train()
     feats = extract_features(model, torch.randn(10, 3), batch_size=4)
@@ -70,7 +70,7 @@ def test_extract_features_restores_training_mode():
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded():
-    from stepkit.tools import validation_split
+    from stepkit.evaluation import validation_split
 
     labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
     fit, val = validation_split(labels, 0.2, seed=3)
@@ -82,7 +82,7 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 
 
 def test_linear_probe_picks_c_on_validation_rows_only():
-    from stepkit.tools import fit_logistic, linear_probe, linear_probe_accuracy, validation_split
+    from stepkit.evaluation import fit_logistic, linear_probe, linear_probe_accuracy, validation_split
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3
@@ -117,7 +117,7 @@ def test_linear_probe_picks_c_on_validation_rows_only():
 def test_fit_logistic_reaches_scikit_learns_optimum(c):
     from sklearn.linear_model import LogisticRegression
 
-    from stepkit.tools import fit_logistic
+    from stepkit.evaluation import fit_logistic
 
     g = torch.Generator().manual_seed(1)
     y = torch.arange(150) % 3
@@ -153,3 +153,19 @@ def test_ridge_per_target_takes_each_columns_own_best_alpha():
     assert fit.alphas[0] < fit.alphas[1]  # the noisy voxel is regularised harder
     shared = ridge_regression(x[:50], y[:50], x[50:], y[50:], alphas=alphas)
     assert fit.val_corr >= shared.val_corr and shared.alphas is None
+
+
+def test_the_old_tools_module_still_answers_with_a_deprecation_warning():
+    import stepkit.evaluation
+    import stepkit.tools
+    import stepkit.tuning
+
+    with pytest.warns(DeprecationWarning, match=r"stepkit.tools.knn_accuracy moved to stepkit.evaluation"):
+        assert stepkit.tools.knn_accuracy is stepkit.evaluation.knn_accuracy
+    with pytest.warns(DeprecationWarning, match=r"moved to stepkit.tuning.MemoryCap"):
+        assert stepkit.tools.MemoryCap is stepkit.tuning.MemoryCap
+    for name in dir(stepkit.tools):  # every old name has a new home
+        module = stepkit.evaluation if hasattr(stepkit.evaluation, name) else stepkit.tuning
+        assert hasattr(module, name), name
+    with pytest.raises(AttributeError):
+        stepkit.tools.nothing_here  # noqa: B018

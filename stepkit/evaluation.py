@@ -1,0 +1,327 @@
+"""Evaluation of frozen features and the encoding-model baseline: ridge, k-NN, linear probes, retrieval.
+
+Each a function of tensors (and labels); nothing here trains the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stepkit import check as _check
+from stepkit.losses.correlation import pearson_per_voxel
+from stepkit.step import at_least_float32
+
+DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
+
+
+@dataclass
+class RidgeFit:
+    """A ridge regression fitted by ``ridge_regression``: predict with ``fit(x)``."""
+
+    weights: Tensor
+    intercept: Tensor
+    x_mean: Tensor
+    x_scale: Tensor
+    alpha: float
+    """The chosen alpha (``per_target``: the median of the columns' alphas)."""
+    val_corr: float
+    """Mean per-column Pearson r on the validation set at the chosen alpha(s)."""
+    alphas: Tensor | None = None
+    """``per_target``: each column's alpha ``(targets,)``; None when one alpha serves all."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        z = (x.to(self.weights.dtype) - self.x_mean) / self.x_scale
+        return z @ self.weights + self.intercept
+
+
+@torch.no_grad()
+def ridge_regression(
+    x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, alphas: Sequence[float] = DEFAULT_ALPHAS,
+    *, per_target: bool = False,
+) -> RidgeFit:
+    """Closed-form ridge from ``x`` to ``y`` (the encoding-model baseline), alpha chosen on validation.
+
+    Features are standardised with training statistics and targets centred,
+    then ``W(a) = V diag(s / (s^2 + a)) U^T y`` from one SVD ``x = U S V^T``
+    gives every alpha's solution. One alpha for all columns: the one with the
+    highest mean validation Pearson r wins. ``per_target=True`` (the encoding-
+    model standard, as himalaya or scikit-learn's ``alpha_per_target`` do it):
+    each column (voxel) takes the alpha of its own highest validation r
+    (the smallest on a tie), and its column of ``W`` is that alpha's.
+    Computed in float64.
+    """
+    if not alphas or any(a <= 0 for a in alphas):
+        raise ValueError(f"alphas={list(alphas)!r} is not allowed: expected positive numbers")
+    x, y = x_train.double(), y_train.double()
+    x_mean, x_scale = x.mean(0), x.std(0).clamp_min(1e-8)
+    y_mean = y.mean(0)
+    u, s, vh = torch.linalg.svd((x - x_mean) / x_scale, full_matrices=False)
+    uty = u.T @ (y - y_mean)
+    z_val = (x_val.double() - x_mean) / x_scale
+    best = None
+    per_column = []  # per_target: each alpha's weights and per-column validation r
+    for alpha in alphas:
+        w = vh.T @ ((s / (s.square() + alpha))[:, None] * uty)
+        r_columns = pearson_per_voxel(z_val @ w + y_mean, y_val.double())
+        per_column.append((w, r_columns))
+        r = r_columns.mean().item()
+        if best is None or r > best[0]:
+            best = (r, alpha, w)
+    if not per_target:
+        r, alpha, w = best
+        return RidgeFit(w, y_mean, x_mean, x_scale, float(alpha), r)
+    scores = torch.stack([r for _, r in per_column])  # (alphas, columns)
+    choice = scores.argmax(dim=0)  # the first maximum: the smallest alpha on a tie, alphas as given
+    weights = torch.stack([w for w, _ in per_column])  # (alphas, features, columns)
+    w = weights.gather(0, choice[None, None, :].expand(1, weights.shape[1], -1))[0]
+    chosen = torch.tensor([float(a) for a in alphas], dtype=torch.float64)[choice]
+    val_corr = scores.gather(0, choice[None])[0].mean().item()
+    return RidgeFit(w, y_mean, x_mean, x_scale, float(chosen.median()), val_corr, chosen)
+
+
+@torch.no_grad()
+def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=None) -> Tensor:
+    """``encoder(images)`` in eval mode, batch by batch, without gradients; features on the CPU."""
+    was_training = getattr(encoder, "training", False)
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    try:
+        chunks = [at_least_float32(encoder(images[i : i + batch_size].to(device))).cpu()
+                  for i in range(0, len(images), batch_size)]
+    finally:
+        if was_training:
+            encoder.train()
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Weighted k-NN accuracy of frozen features (DINO's evaluation).
+
+    Cosine similarity to the training set; each of the ``k`` nearest
+    neighbours votes for its label with weight ``exp(sim / temperature)``;
+    the class with the most weight wins.
+    """
+    if k < 1 or k > len(train_features):
+        raise ValueError(f"k={k} is not allowed: expected 1 <= k <= {len(train_features)} (the training set)")
+    train = F.normalize(at_least_float32(train_features), dim=1)
+    test = F.normalize(at_least_float32(test_features).to(train), dim=1)
+    train_labels, test_labels = train_labels.to(train.device), test_labels.to(train.device)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(test), chunk):
+        sims, idx = (test[start : start + chunk] @ train.t()).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = sims.new_zeros(len(sims), classes).scatter_add_(1, train_labels[idx], weights)
+        correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk]).sum())
+    return correct / len(test)
+
+
+PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(fit_idx, val_idx)``: a stratified, seeded split of a labelled set's row indices.
+
+    Each class gives ``round(fraction * n_c)`` of its rows to validation (at
+    least one when it has two or more, none when it has one), chosen by a
+    permutation seeded with ``seed``; both index tensors are sorted.
+    """
+    _check.in_range("fraction", fraction, 0.0, 1.0)
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    fit, val = [], []
+    for cls in labels.unique(sorted=True):
+        rows = (labels == cls).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n_val = 0 if len(rows) < 2 else min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        val.append(rows[:n_val])
+        fit.append(rows[n_val:])
+    return torch.cat(fit).sort().values, torch.cat(val).sort().values
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    cs: Sequence[float] = PROBE_CS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A logistic-regression probe whose regularisation is chosen on held-out training rows.
+
+    Features are standardised (statistics of the rows a probe is fitted on);
+    for each inverse regularisation ``C`` in ``cs`` a probe
+    (``fit_logistic``) is fitted on the training rows outside
+    ``validation_split(train_labels, val_fraction, seed)`` and scored on the
+    rows inside; the best ``C`` (the smallest on a tie) is refitted on every
+    training row and scored on the test set, which took no part in the
+    choice (I-JEPA's protocol). Returns ``acc`` (test), ``c`` and ``val_acc``.
+    """
+    if not cs:
+        raise ValueError("cs=() is not allowed: expected at least one value of C")
+    for c in cs:
+        _check.at_least("cs", c, 1e-12)
+    train = train_features.detach().cpu().double()
+    labels = train_labels.cpu().long()
+    classes = int(max(labels.max(), test_labels.max())) + 1
+    fit, val = validation_split(labels, val_fraction, seed)
+    x_fit, x_val = _standardise(train[fit], train[val])
+    best, weights = None, None
+    for c in sorted(cs):  # each fit starts from the previous C's solution: fewer iterations
+        weights = fit_logistic(x_fit, labels[fit], c, classes=classes, init=weights)
+        score = _accuracy(x_val, labels[val], weights) if len(val) else 0.0
+        if best is None or score > best[1]:
+            best = (c, score, weights)
+    c, val_acc, chosen = best
+    x_train, x_test = _standardise(train, test_features.detach().cpu().double())
+    weights = fit_logistic(x_train, labels, c, classes=classes, init=chosen)
+    return {"acc": _accuracy(x_test, test_labels.cpu().long(), weights), "c": float(c), "val_acc": val_acc}
+
+
+def fit_logistic(
+    x: Tensor, y: Tensor, c: float, *, classes: int | None = None, init: Tensor | None = None,
+    max_iter: int = 1000, tol: float = 1e-6,
+) -> Tensor:
+    """Multinomial logistic regression with an L2 penalty, fitted by L-BFGS: ``(D + 1, classes)`` weights.
+
+    Minimises scikit-learn's ``LogisticRegression(C=c)`` objective (the
+    intercept, the last row, not penalised), divided by the row count::
+
+        mean_i CE(x_i W + b, y_i) + ||W||^2 / (2 c n)
+
+    It is strictly convex, so both reach the same optimum: predictions agree
+    with scikit-learn's and the coefficients to the solvers' tolerance
+    (tested). In float64; ``init`` warm-starts (another C's solution); stops
+    when the largest gradient entry is below ``tol`` or after ``max_iter``
+    iterations. Logits: ``x @ W[:-1] + W[-1]``.
+    """
+    _check.at_least("c", c, 1e-12)
+    x, y = x.detach().double(), y.long()
+    n, d = x.shape
+    k = classes if classes is not None else int(y.max()) + 1
+    w = torch.zeros(d + 1, k, dtype=torch.float64) if init is None else init.detach().clone().double()
+    w.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w[:-1] + w[-1], y, reduction="mean") + w[:-1].square().sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    return w.detach()
+
+
+def _standardise(fit_rows: Tensor, *others: Tensor) -> list[Tensor]:
+    # StandardScaler's rule: the fitted rows' mean and population std; a constant feature is only centred
+    mean, std = fit_rows.mean(dim=0), fit_rows.std(dim=0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return [(t - mean) / std for t in (fit_rows, *others)]
+
+
+def _accuracy(x: Tensor, y: Tensor, weights: Tensor) -> float:
+    return float(((x @ weights[:-1] + weights[-1]).argmax(dim=1) == y).double().mean())
+
+
+def linear_probe_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    c: float | None = None,
+) -> float:
+    """Test accuracy of a logistic regression on standardised frozen features (L2, ``fit_logistic``).
+
+    ``c=None``: the inverse regularisation is chosen on a validation split of
+    the training set (``linear_probe``); a number fixes it (a fixed ``C=1`` on
+    a thousand standardised features overfits a small training set).
+    """
+    if c is None:
+        return linear_probe(train_features, train_labels, test_features, test_labels)["acc"]
+    _check.at_least("c", c, 1e-12)
+    train, test = _standardise(train_features.detach().cpu().double(), test_features.detach().cpu().double())
+    labels = train_labels.cpu().long()
+    classes = int(max(labels.max(), test_labels.max())) + 1
+    return _accuracy(test, test_labels.cpu().long(), fit_logistic(train, labels, c, classes=classes))
+
+
+# --- retrieval ------------------------------------------------------------------------------
+
+
+def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor:
+    if (query_ids is None) != (key_ids is None):
+        raise ValueError("give both query_ids and key_ids, or neither (then key i is query i's match)")
+    if query_ids is None:
+        if n_queries != n_keys:
+            raise ValueError(f"{n_queries} queries and {n_keys} keys: without ids they must pair one to one")
+        return torch.eye(n_queries, dtype=torch.bool)
+    if len(query_ids) != n_queries or len(key_ids) != n_keys:
+        raise ValueError(f"query_ids ({len(query_ids)}) and key_ids ({len(key_ids)}) must match the "
+                         f"similarity matrix's {n_queries} x {n_keys}")
+    return query_ids.reshape(-1, 1).cpu() == key_ids.reshape(1, -1).cpu()
+
+
+@torch.no_grad()
+def recall_at_k(
+    similarity: Tensor, ks: Sequence[int] = (1, 5, 10), *,
+    query_ids: Tensor | None = None, key_ids: Tensor | None = None,
+) -> dict[int, float]:
+    """Recall@k of a ``(queries, keys)`` similarity matrix: the fraction of queries with a relevant key
+    among their ``k`` most similar.
+
+    Key j is relevant to query i when ``query_ids[i] == key_ids[j]`` (e.g.
+    the same caption, or the image a caption was written for); without ids,
+    key i is query i's only match.
+    """
+    relevant = _relevance(*similarity.shape, query_ids, key_ids)
+    out = {}
+    for k in ks:
+        _check.integer_at_least("k", k, 1)
+        top = similarity.float().cpu().topk(min(k, similarity.shape[1]), dim=1).indices
+        out[k] = relevant.gather(1, top).any(dim=1).float().mean().item()
+    return out
+
+
+def chance_recall_at_k(
+    n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None, key_ids: Tensor | None = None
+) -> float:
+    """Expected recall@k of a random ranking: mean over queries of ``1 - C(K - r, k) / C(K, k)``,
+    with ``r`` the query's relevant keys among ``K``."""
+    relevant = _relevance(n_queries, n_keys, query_ids, key_ids).sum(dim=1).tolist()
+    return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in relevant) / n_queries
+
+
+def retrieval_metrics(
+    image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), *, ids: Tensor | None = None
+) -> dict[str, float]:
+    """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
+    ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
+    (the same caption): any row with the query's id counts as a hit."""
+    image, text = F.normalize(at_least_float32(image), dim=-1), F.normalize(at_least_float32(text), dim=-1)
+    similarity = image @ text.T
+    kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
+    i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
+    return {**{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
+            **{f"recall_at_{k}_t2i": v for k, v in t2i.items()}}
