@@ -65,8 +65,8 @@ def test_bad_shapes_are_refused():
         VisionTransformer(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="dim=10"):
         VisionTransformer(dim=10, heads=3)
-    with pytest.raises(ValueError, match="preset='huge'"):
-        VisionTransformer.preset("huge")
+    with pytest.raises(ValueError, match="preset='giant'"):
+        VisionTransformer.preset("giant")
 
 
 @pytest.mark.parametrize("size", [32, 16, 24])
