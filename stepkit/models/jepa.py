@@ -135,10 +135,10 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if visible is None or not self.training:
             return super().forward(x)
+        dtype = x.dtype
+        x = x.float()  # statistics in float32, as BatchNorm keeps them under autocast (a no-op for float32)
         v = visible.to(x.dtype)
-        n = v.sum() * 1.0
-        if n < 2:
-            raise ValueError(f"MaskedBatchNorm2d needs at least 2 visible positions, got {int(n)}")
+        n = v.sum().clamp_min(2.0)  # a tensor: no host sync; fewer than 2 visible positions has no spread
         mean = (x * v).sum(dim=(0, 2, 3)) / n
         centred = x - mean[None, :, None, None]
         var = (centred.square() * v).sum(dim=(0, 2, 3)) / n
@@ -151,7 +151,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return out
+        return out.to(dtype)
 
 
 class MaskedCNN(nn.Module):
