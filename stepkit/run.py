@@ -704,3 +704,6 @@ def run_main(main: Any, parse: Any) -> None:
         print("\ninterrupted: stopped at once; checkpoints already on disk are as they were",
               file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into a reader that closed early (``--help | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)

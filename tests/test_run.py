@@ -193,3 +193,11 @@ def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, d
     assert warmup_steps_of(cfg.optim, 1500) == default  # the recipe's warm-up once the run is long enough
     with pytest.raises(ValueError, match=r"optim.warmup_steps=21 .*at most train.steps=20"):
         parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20", "--optim.warmup-steps", "21"])
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    code = ("from stepkit.run import run_main\n"
+            "def main(cfg):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "run_main(main, lambda: None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr == ""
