@@ -39,6 +39,7 @@ also for the same network untrained and for raw pixels.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -314,18 +315,11 @@ class Config(RunArgs):
             what = "stages" if self.model.arch == "cnn" else "blocks"
             fail("levels.depths", self.levels.depths, f"{what} up to the encoder's depth, {depth} "
                  f"({self.model.arch})")
-        if self.model.arch == "cnn" and self.data.image_size % _prod(self.model.strides):
+        if self.model.arch == "cnn" and self.data.image_size % math.prod(self.model.strides):
             fail("data.image_size", self.data.image_size,
                  f"a multiple of the product of model.strides={self.model.strides}")
         if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
-
-
-def _prod(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _vit_h14(**overrides) -> Config:

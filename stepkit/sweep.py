@@ -108,15 +108,17 @@ def flag_name(key: str) -> str:
 
 
 def recipe_path(recipe: str | Path) -> Path:
-    """A recipe script from its path, or from its name (``dino`` -> ``recipes/dino.py`` beside stepkit)."""
+    """A recipe script from its path, or from its name (``dino`` -> the installed ``stepkit.recipes``'
+    ``dino.py``, the repository's ``recipes/dino.py`` in a checkout)."""
+    from stepkit.__main__ import recipe_dir, recipe_names
+
     path = Path(recipe)
     if path.is_file():
         return path
-    folder = Path(__file__).resolve().parents[1] / "recipes"
-    named = folder / f"{recipe}.py"
+    named = recipe_dir() / f"{recipe}.py"
     if path.suffix != ".py" and named.is_file():
         return named
-    names = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+    names = recipe_names()
     raise ValueError(f"recipe={str(recipe)!r} is not allowed: no such file"
                      + (f"; recipe names: {', '.join(names)}" if names else ""))
 

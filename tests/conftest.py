@@ -1,6 +1,4 @@
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,9 @@ def gloo_world_of_one(tmp_path):
 
 def load_recipe(name: str):
     """Import ``recipes/<name>.py`` as a module (recipes are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    from stepkit.__main__ import load_recipe as load
+
+    return load(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py")
 
 
 def crash_after_step(recipe, monkeypatch, cfg, step: int = 3) -> None:
