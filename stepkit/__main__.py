@@ -47,8 +47,9 @@ def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
     doc = (ast.get_docstring(tree) or "").strip().splitlines()
     presets: list[tuple[str, str]] = []
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        named = any(getattr(t, "id", None) == "PRESETS" for t in targets)
+        if not isinstance(node, ast.Assign):
+            continue
+        named = any(getattr(t, "id", None) == "PRESETS" for t in node.targets)
         if not named or not isinstance(node.value, ast.Dict):
             continue
         for key, value in zip(node.value.keys, node.value.values):
@@ -89,6 +90,8 @@ def load_recipe(path: Path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"stepkit_recipe_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path}: not a Python file that can be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while they are made
     spec.loader.exec_module(module)

@@ -207,7 +207,8 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
         x = color_jitter(x, p=cfg.jitter_p, brightness=cfg.brightness, contrast=cfg.contrast,
                          saturation=cfg.saturation, hue=cfg.hue, generator=generator)
         x = random_grayscale(x, p=cfg.grayscale_p, generator=generator)
-        sigma = tuple(s * size / 224 for s in cfg.blur_sigma) if size < 224 else cfg.blur_sigma
+        low, high = cfg.blur_sigma
+        sigma = (low * size / 224, high * size / 224) if size < 224 else (low, high)
         x = gaussian_blur(x, p=blur_p, sigma=sigma, generator=generator)
         views.append(solarize(x, p=solarize_p, generator=generator))
     return views

@@ -23,6 +23,7 @@ import math
 import sys
 from collections.abc import Collection, Iterator
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 # Set only while stepkit.run.cli parses flags: failed checks are collected (with the config
@@ -32,6 +33,22 @@ _COLLECTED: ContextVar[list | None] = ContextVar("stepkit_collected_errors", def
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError("<field>=<value> is not allowed: expected <allowed>")`` (or collect it, see
+    ``collected_errors``).
+
+    Args:
+        field: The field's name (``stepkit.run.cli`` prefixes its flag path).
+        value: The value given.
+        allowed: What is allowed, as a phrase.
+
+    Raises:
+        ValueError: always, outside ``collected_errors``.
+
+    Example:
+        >>> fail("lr", -1.0, "a number >= 0")
+        Traceback (most recent call last):
+        ValueError: lr=-1.0 is not allowed: expected a number >= 0
+    """
     error = ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
     collected = _COLLECTED.get()
     if collected is None:
@@ -40,7 +57,7 @@ def fail(field: str, value: Any, allowed: str) -> None:
 
 
 def _post_init_self() -> Any:
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "__post_init__" and "self" in frame.f_locals:
             return frame.f_locals["self"]
@@ -50,7 +67,16 @@ def _post_init_self() -> Any:
 
 @contextlib.contextmanager
 def collected_errors() -> Iterator[list]:
-    """Within the block, ``fail`` appends ``(ValueError, config object or None)`` instead of raising."""
+    """Within the block, ``fail`` appends ``(ValueError, config object or None)`` instead of raising.
+
+    ``stepkit.run.cli`` uses it to report every failed check of a nested config at once.
+
+    Example:
+        >>> with collected_errors() as errors:
+        ...     fail("width", 0, "an integer >= 1")
+        >>> [str(e) for e, _ in errors]
+        ['width=0 is not allowed: expected an integer >= 1']
+    """
     errors: list = []
     token = _COLLECTED.set(errors)
     try:
@@ -60,27 +86,61 @@ def collected_errors() -> Iterator[list]:
 
 
 def finite(field: str, value: float) -> None:
+    """``fail`` unless ``value`` is a finite int or float (not a bool).
+
+    Example:
+        >>> finite("lr", float("nan"))
+        Traceback (most recent call last):
+        ValueError: lr=nan is not allowed: expected a finite number
+    """
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         fail(field, value, "a finite number")
 
 
 def at_least(field: str, value: float, low: float) -> None:
+    """``fail`` unless ``value`` is a finite number ``>= low``.
+
+    Example:
+        >>> at_least("lr", 0.1, 0.0) is None
+        True
+    """
     finite(field, value)
     if value < low:
         fail(field, value, f"a number >= {low}")
 
 
 def in_range(field: str, value: float, low: float, high: float) -> None:
+    """``fail`` unless ``value`` is a finite number in ``[low, high]``.
+
+    Example:
+        >>> in_range("momentum", 1.5, 0.0, 1.0)
+        Traceback (most recent call last):
+        ValueError: momentum=1.5 is not allowed: expected a number in [0.0, 1.0]
+    """
     finite(field, value)
     if not low <= value <= high:
         fail(field, value, f"a number in [{low}, {high}]")
 
 
 def integer_at_least(field: str, value: int, low: int) -> None:
+    """``fail`` unless ``value`` is an int (not a bool) ``>= low``.
+
+    Example:
+        >>> integer_at_least("steps", 2.0, 1)
+        Traceback (most recent call last):
+        ValueError: steps=2.0 is not allowed: expected an integer >= 1
+    """
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         fail(field, value, f"an integer >= {low}")
 
 
 def one_of(field: str, value: Any, allowed: Collection[Any]) -> None:
+    """``fail`` unless ``value`` is in ``allowed`` (the message lists them).
+
+    Example:
+        >>> one_of("amp", "fp8", ("none", "bf16", "fp16"))
+        Traceback (most recent call last):
+        ValueError: amp='fp8' is not allowed: expected one of 'none', 'bf16', 'fp16'
+    """
     if value not in allowed:
         fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))

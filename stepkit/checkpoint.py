@@ -288,7 +288,8 @@ def save_best(
     ckpt_dir = Path(ckpt_dir)
     entries = best_checkpoints(ckpt_dir)
     entries = [e for e in entries if e["step"] != state.step]
-    candidate = {"file": f"best_{state.step:08d}.pt", "step": state.step, "value": float(value)}
+    candidate: dict[str, Any] = {"file": f"best_{state.step:08d}.pt", "step": state.step,
+                                 "value": float(value)}
     ranked = sorted([*entries, candidate], key=lambda e: e["value"], reverse=mode == "max")
     kept = ranked[:keep_best]
     if candidate not in kept:

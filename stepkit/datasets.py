@@ -2,7 +2,9 @@
 
 - ``synthetic_fmri``: stimulus features and fMRI voxels with a known structure (the autoencoder's);
 - ``digits_canvas``: scikit-learn's handwritten digits placed on a larger canvas (DINO's and JEPA's);
-- ``digits_captioned``: the digits with a caption each (the contrastive recipe's).
+- ``digits_captioned``: the digits with a caption each (the contrastive recipe's);
+- ``ucr_uea``: labelled time series of the UCR / UEA archive, read from sktime's installed wheel;
+- ``chat_topics``: English sentences labelled by topic, read from chatterbot-corpus's installed wheel.
 
 Loaders for a user's own data (image folders, ``.npz`` stimulus / fMRI arrays) are in ``stepkit.data``.
 """
@@ -10,6 +12,9 @@ Loaders for a user's own data (image folders, ``.npz`` stimulus / fMRI arrays) a
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,10 +177,179 @@ def digits_captioned(
     ids = (torch.tensor(y) * len(sizes) + size_idx) * len(places) + place_idx
     order = torch.randperm(n, generator=g)
     cut = int(round(train_fraction * n))
-    out = {}
+    out: dict[str, Any] = {}
     for split, rows in (("train", order[:cut]), ("test", order[cut:])):
         out[f"{split}_images"] = images[rows]
         out[f"{split}_captions"] = [captions[i] for i in rows.tolist()]
         out[f"{split}_caption_ids"] = ids[rows]
         out[f"{split}_labels"] = torch.tensor(y)[rows]
+    return out
+
+
+# --- time series: the UCR / UEA sets inside sktime's (or aeon's) wheel --------------------------
+
+UCR_UEA = ("ArrowHead", "BasicMotions", "GunPoint", "ItalyPowerDemand", "JapaneseVowels", "OSULeaf")
+"""The labelled sets both wheels carry (``--data.name``); univariate but BasicMotions and JapaneseVowels."""
+
+
+def read_ts(path: str | os.PathLike) -> tuple[list[np.ndarray], list[str]]:
+    """Read a ``.ts`` file (the UCR / UEA archive's text format): each series ``(C, T_i)`` and its label.
+
+    After the ``@`` header lines, each line is one series: its channels
+    separated by ``:``, each a comma-separated list of values (``?`` is
+    missing, NaN), then the class label.
+
+    Args:
+        path: The ``.ts`` file.
+
+    Returns:
+        ``(series, labels)``: float32 arrays ``(channels, time)`` (lengths may differ) and label strings.
+
+    Raises:
+        ValueError: naming the file and line, for a file that cannot be read, no ``@data`` section,
+            or a series whose channels differ in number or length.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "toy.ts"
+        >>> _ = path.write_text("@problemName toy\\n@data\\n1,2,3:4,5,6:a\\n0,0,?:1,1,1:b\\n")
+        >>> series, labels = read_ts(path)
+        >>> series[0].tolist(), labels
+        ([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], ['a', 'b'])
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+    starts = [i for i, line in enumerate(lines) if line.strip().lower() == "@data"]
+    if not starts:
+        raise ValueError(f"{path}: no @data line; not a .ts file")
+    series: list[np.ndarray] = []
+    labels: list[str] = []
+    for number, line in enumerate(lines[starts[0] + 1:], start=starts[0] + 2):
+        if not line.strip():
+            continue
+        *channels, label = line.strip().split(":")
+        try:
+            rows = [[float("nan") if v == "?" else float(v) for v in c.split(",")] for c in channels]
+        except ValueError as err:
+            raise ValueError(f"{path}, line {number}: {err}") from None
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ValueError(f"{path}, line {number}: channels of different lengths {[len(r) for r in rows]}")
+        if series and len(rows) != len(series[0]):
+            raise ValueError(f"{path}, line {number}: {len(rows)} channels; the first series has "
+                             f"{len(series[0])}")
+        series.append(np.asarray(rows, dtype=np.float32))
+        labels.append(label.strip())
+    if not series:
+        raise ValueError(f"{path}: no series after @data")
+    return series, labels
+
+
+def ucr_uea_dir() -> Path:
+    """The folder of the UCR / UEA sets inside an installed sktime (or aeon), found without importing it.
+
+    Raises:
+        ValueError: when neither is installed, naming the extra that brings the data.
+    """
+    import importlib.util
+
+    for package in ("sktime", "aeon"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+            if folder.is_dir():
+                return folder
+    raise ValueError("the embedded time series ship inside sktime's wheel, which is not installed: "
+                     "pip install 'stepkit[timeseries]' (or pass your own arrays with --data.path)")
+
+
+def ucr_uea(name: str) -> dict[str, Any]:
+    """One of the UCR / UEA sets (``UCR_UEA``), train and test as the archive splits them, offline.
+
+    Labels become integers in the sorted order of their names. Series keep
+    their lengths (JapaneseVowels' differ); missing values are NaN.
+
+    Args:
+        name: One of ``UCR_UEA``.
+
+    Returns:
+        ``{"train_series": [(C, T_i)], "train_labels": (N,) int64, "test_series", "test_labels", "classes"}``.
+
+    Raises:
+        ValueError: for an unknown name (listing them) or no sktime / aeon installed.
+    """
+    _check.one_of("data.name", name, UCR_UEA)
+    folder = ucr_uea_dir() / name
+    train, train_names = read_ts(folder / f"{name}_TRAIN.ts")
+    test, test_names = read_ts(folder / f"{name}_TEST.ts")
+    classes = sorted(set(train_names) | set(test_names), key=lambda c: (len(c), c))
+    index = {c: i for i, c in enumerate(classes)}
+    return {"train_series": train, "train_labels": np.array([index[c] for c in train_names], dtype=np.int64),
+            "test_series": test, "test_labels": np.array([index[c] for c in test_names], dtype=np.int64),
+            "classes": classes}
+
+
+# --- text: the topic-labelled English sentences of chatterbot-corpus's wheel ---------------------
+
+CHAT_TOPICS = ("ai", "coding", "emotion", "trivia", "tech_support")
+"""The topics with at least 200 distinct sentences each (``--data.topics``): balanced classes of 200."""
+
+
+def chat_topics(topics: tuple[str, ...] = CHAT_TOPICS, *, per_topic: int = 200, test_fraction: float = 0.3,
+                seed: int = 0) -> dict[str, Any]:
+    """Sentences of the English dialogues in ``chatterbot-corpus`` labelled by the topic file they come from.
+
+    Each topic keeps up to ``per_topic`` distinct sentences (a seeded draw), then
+    ``test_fraction`` of each topic is held out (stratified). ``unlabelled_texts``
+    is every English sentence of the corpus (all topics, all of each) except the
+    held-out ones: a larger pool to pretrain on without seeing the test split.
+
+    Args:
+        topics: Topic file names (``CHAT_TOPICS`` or others of the corpus's ``english/`` folder).
+        per_topic: The most sentences per topic (the largest topic has 2,000).
+        test_fraction: The held-out share of each topic, in (0, 1).
+        seed: The draw of the sentences and the split.
+
+    Returns:
+        ``{"train_texts", "train_labels", "test_texts", "test_labels", "classes", "unlabelled_texts"}``.
+
+    Raises:
+        ValueError: when the package is not installed (naming the extra) or a topic does not exist.
+    """
+    import importlib.util
+
+    import yaml
+
+    _check.integer_at_least("per_topic", per_topic, 2)
+    _check.in_range("test_fraction", test_fraction, 0.0, 1.0)
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the embedded text set ships inside chatterbot-corpus's wheel, which is not "
+                         "installed: pip install 'stepkit[text-jepa]'")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"train_texts": [], "train_labels": [], "test_texts": [], "test_labels": [],
+                           "classes": list(topics)}
+    for label, topic in enumerate(topics):
+        path = folder / f"{topic}.yml"
+        if not path.is_file():
+            available = sorted(p.stem for p in folder.glob("*.yml"))
+            raise ValueError(f"data.topics: no topic {topic!r}; topics: {', '.join(available)}")
+        corpus = yaml.safe_load(path.read_text(encoding="utf-8"))
+        sentences = sorted({s.strip() for talk in corpus.get("conversations", []) for s in talk
+                            if isinstance(s, str) and s.strip()})
+        chosen = [sentences[i] for i in rng.permutation(len(sentences))[:per_topic]]
+        held = max(1, round(test_fraction * len(chosen)))
+        for split, texts in (("test", chosen[:held]), ("train", chosen[held:])):
+            out[f"{split}_texts"] += texts
+            out[f"{split}_labels"] += [label] * len(texts)
+    held_out = set(out["test_texts"])
+    corpora = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in sorted(folder.glob("*.yml"))]
+    everything = {s.strip() for corpus in corpora for talk in corpus.get("conversations", [])
+                  for s in talk if isinstance(s, str) and s.strip()}
+    out["unlabelled_texts"] = sorted(everything - held_out)
+    for split in ("train", "test"):
+        out[f"{split}_labels"] = np.array(out[f"{split}_labels"], dtype=np.int64)
     return out

@@ -20,28 +20,34 @@ def ema_update(
 
     One multi-tensor ``lerp`` per device over all parameters
     (``target += (1 - momentum) * (online - target)``), so it runs near the
-    memory-bandwidth limit instead of one kernel launch per tensor.
-    ``momentum=1`` keeps the target, ``0`` copies the online weights.
-
-    ``target``: a module with the online module's parameter and buffer
-    names, or a dict of tensors keyed like ``online.state_dict()`` (to use
-    with ``torch.func.functional_call``). ``online`` may be wrapped in DDP or
-    ``torch.compile``; the plain module underneath is read. ``momentum`` may
-    be a 0-d tensor (from a tensor-valued schedule, in a compiled step).
-    Under FSDP2 each rank updates its own shards, nothing is gathered.
-
-    The name matching and checks run once per (target, online) pair: the
-    tensor lists are kept (one pair per online module) and reused while
-    both hold the same tensor and submodule objects (checked on every call
-    by identity, about 10 µs for ViT-B's 150 tensors), so a call costs little
-    more than the bare ``torch._foreach_lerp_``. A replaced parameter,
-    buffer or submodule (``model.fc = nn.Linear(...)``) is noticed and the
-    lists rebuilt; ``.to()`` / ``.data =`` keep the objects and stay valid.
+    memory-bandwidth limit instead of one kernel launch per tensor. Under
+    FSDP2 each rank updates its own shards, nothing is gathered. The name
+    matching and checks run once per (target, online) pair and are reused
+    while both hold the same tensor and submodule objects (checked by identity
+    on every call); a replaced parameter, buffer or submodule is noticed.
 
     From lightly: ``update_momentum(online, target, m)`` takes the modules in
     the other order and leaves buffers alone; ``ema_update(target, online, m)``
     also copies the online buffers (BatchNorm statistics) into the target.
     The parameters agree to rounding (1.8e-15 over 50 float64 steps).
+
+    Args:
+        target: A module with the online module's parameter and buffer names, or
+            a dict of tensors keyed like ``online.state_dict()`` (``ema_copy``).
+        online: The trained module; DDP and ``torch.compile`` wrappers are looked through.
+        momentum: In [0, 1]; 1 keeps the target, 0 copies the online weights. A
+            0-d tensor works too (a tensor-valued schedule in a compiled step).
+
+    Raises:
+        ValueError: when the names or shapes of target and online differ (the
+            message lists them).
+
+    Example:
+        >>> online, target = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(online.weight), torch.nn.init.zeros_(target.weight)
+        >>> ema_update(target, online, momentum=0.75)
+        >>> target.weight.item()
+        0.25
     """
     if not isinstance(momentum, Tensor):
         _check.in_range("momentum", momentum, 0.0, 1.0)
@@ -107,10 +113,11 @@ class _Plan:
 
 
 def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module) -> _Plan:
-    online_params = dict(online.named_parameters())
+    online_params: dict[str, Tensor] = dict(online.named_parameters())
     online_buffers = dict(online.named_buffers())
     if isinstance(target, nn.Module):
-        target_params, target_buffers = dict(target.named_parameters()), dict(target.named_buffers())
+        target_params: dict[str, Tensor] = dict(target.named_parameters())
+        target_buffers = dict(target.named_buffers())
         _check_same_names("parameters", target_params, online_params)
         _check_same_names("buffers", target_buffers, online_buffers)
     else:
@@ -139,7 +146,17 @@ def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module) -> _Plan:
 def ema_copy(online: nn.Module) -> dict[str, Tensor]:
     """A detached copy of ``online``'s parameters and buffers: a dict ``target`` for ``ema_update``.
 
-    Evaluate it with ``torch.func.functional_call(online, target, inputs)``.
+    Args:
+        online: The module to copy (DDP / ``torch.compile`` wrappers are looked through).
+
+    Returns:
+        ``{name: tensor}`` keyed like ``online.state_dict()``; evaluate it with
+        ``torch.func.functional_call(online, target, inputs)``.
+
+    Example:
+        >>> target = ema_copy(torch.nn.Linear(2, 1))
+        >>> sorted(target), target["weight"].requires_grad
+        (['bias', 'weight'], False)
     """
     online = unwrap(online)
     named = list(online.named_parameters()) + list(online.named_buffers())
@@ -158,4 +175,4 @@ def _check_same_names(kind: str, target: dict, online: dict) -> None:
 def _local(t: Tensor) -> Tensor:
     # FSDP2 shards are DTensors; the EMA is elementwise, so each rank's shard suffices.
     dtensor = dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t  # type: ignore[attr-defined]

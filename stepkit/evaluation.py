@@ -55,6 +55,28 @@ def ridge_regression(
     each column (voxel) takes the alpha of its own highest validation r
     (the smallest on a tie), and its column of ``W`` is that alpha's.
     Computed in float64.
+
+    Args:
+        x_train: ``(N, F)`` training features.
+        y_train: ``(N, V)`` training targets.
+        x_val: ``(M, F)`` validation features.
+        y_val: ``(M, V)`` validation targets.
+        alphas: Regularisations to try, each > 0.
+        per_target: Each column its own alpha.
+
+    Returns:
+        A ``RidgeFit`` (``fit(x)`` predicts; ``fit.alpha`` / ``fit.alphas``, ``fit.val_corr``).
+
+    Raises:
+        ValueError: for no alphas or one that is not positive.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(50, 3, generator=g)
+        >>> y = x @ torch.tensor([[1.0], [2.0], [0.0]])
+        >>> fit = ridge_regression(x[:40], y[:40], x[40:], y[40:], alphas=(1e-3,))
+        >>> round(fit.val_corr, 4)
+        1.0
     """
     if not alphas or any(a <= 0 for a in alphas):
         raise ValueError(f"alphas={list(alphas)!r} is not allowed: expected positive numbers")
@@ -73,6 +95,7 @@ def ridge_regression(
         r = r_columns.mean().item()
         if best is None or r > best[0]:
             best = (r, alpha, w)
+    assert best is not None  # alphas is not empty (checked)
     if not per_target:
         r, alpha, w = best
         return RidgeFit(w, y_mean, x_mean, x_scale, float(alpha), r)
@@ -87,7 +110,21 @@ def ridge_regression(
 
 @torch.no_grad()
 def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=None) -> Tensor:
-    """``encoder(images)`` in eval mode, batch by batch, without gradients; features on the CPU."""
+    """``encoder(images)`` in eval mode, batch by batch, without gradients; features on the CPU.
+
+    Args:
+        encoder: A module (put in eval mode for the call, its mode restored).
+        images: ``(N, ...)`` inputs.
+        batch_size: Rows per forward pass.
+        device: Where to run (default: the encoder's).
+
+    Returns:
+        ``(N, D)`` features on the CPU.
+
+    Example:
+        >>> extract_features(torch.nn.Flatten(), torch.zeros(3, 2, 2), batch_size=2).shape
+        torch.Size([3, 4])
+    """
     was_training = getattr(encoder, "training", False)
     if hasattr(encoder, "eval"):
         encoder.eval()
@@ -116,6 +153,26 @@ def knn_accuracy(
     Cosine similarity to the training set; each of the ``k`` nearest
     neighbours votes for its label with weight ``exp(sim / temperature)``;
     the class with the most weight wins.
+
+    Args:
+        train_features: ``(N, D)``.
+        train_labels: ``(N,)`` integer labels.
+        test_features: ``(M, D)``.
+        test_labels: ``(M,)``.
+        k: Neighbours, at most ``N``.
+        temperature: The vote's temperature.
+        chunk: Test rows per similarity block.
+
+    Returns:
+        The fraction of test rows classified right.
+
+    Raises:
+        ValueError: for ``k`` outside ``1..N``.
+
+    Example:
+        >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+        >>> knn_accuracy(train, torch.tensor([0, 0, 1]), torch.tensor([[0.1, 1.0]]), torch.tensor([1]), k=1)
+        1.0
     """
     if k < 1 or k > len(train_features):
         raise ValueError(f"k={k} is not allowed: expected 1 <= k <= {len(train_features)} (the training set)")
@@ -141,6 +198,19 @@ def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tu
     Each class gives ``round(fraction * n_c)`` of its rows to validation (at
     least one when it has two or more, none when it has one), chosen by a
     permutation seeded with ``seed``; both index tensors are sorted.
+
+    Args:
+        labels: ``(N,)`` integer labels.
+        fraction: The share of each class for validation, in [0, 1).
+        seed: The permutation's seed.
+
+    Returns:
+        ``(fit_idx, val_idx)``, sorted.
+
+    Example:
+        >>> fit, val = validation_split(torch.tensor([0, 0, 0, 0, 1, 1]), fraction=0.5, seed=0)
+        >>> len(fit), len(val)
+        (3, 3)
     """
     _check.in_range("fraction", fraction, 0.0, 1.0)
     g = torch.Generator().manual_seed(seed)
@@ -174,6 +244,24 @@ def linear_probe(
     rows inside; the best ``C`` (the smallest on a tie) is refitted on every
     training row and scored on the test set, which took no part in the
     choice (I-JEPA's protocol). Returns ``acc`` (test), ``c`` and ``val_acc``.
+
+    Args:
+        train_features: ``(N, D)``.
+        train_labels: ``(N,)``.
+        test_features: ``(M, D)``.
+        test_labels: ``(M,)``.
+        cs: Inverse regularisations to choose from.
+        val_fraction: The validation share of each class.
+        seed: The split's seed.
+
+    Returns:
+        ``{"acc": test accuracy, "c": the chosen C, "val_acc": its validation accuracy}``.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [0.1], [0.2], [1.0], [1.1], [1.2]])
+        >>> y = torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> linear_probe(x, y, torch.tensor([[0.05], [1.05]]), torch.tensor([0, 1]))["acc"]
+        1.0
     """
     if not cs:
         raise ValueError("cs=() is not allowed: expected at least one value of C")
@@ -190,6 +278,7 @@ def linear_probe(
         score = _accuracy(x_val, labels[val], weights) if len(val) else 0.0
         if best is None or score > best[1]:
             best = (c, score, weights)
+    assert best is not None  # cs is not empty (checked)
     c, val_acc, chosen = best
     x_train, x_test = _standardise(train, test_features.detach().cpu().double())
     weights = fit_logistic(x_train, labels, c, classes=classes, init=chosen)
@@ -212,6 +301,23 @@ def fit_logistic(
     (tested). In float64; ``init`` warm-starts (another C's solution); stops
     when the largest gradient entry is below ``tol`` or after ``max_iter``
     iterations. Logits: ``x @ W[:-1] + W[-1]``.
+
+    Args:
+        x: ``(N, D)`` features.
+        y: ``(N,)`` integer labels.
+        c: The inverse regularisation, > 0.
+        classes: The number of classes (default ``max(y) + 1``).
+        init: ``(D + 1, classes)`` starting weights.
+        max_iter: L-BFGS iterations at most.
+        tol: The gradient-norm tolerance.
+
+    Returns:
+        ``(D + 1, classes)`` float64 weights, the intercept last.
+
+    Example:
+        >>> w = fit_logistic(torch.tensor([[-1.0], [1.0]]), torch.tensor([0, 1]), c=10.0)
+        >>> w.shape, bool(w[0, 1] > w[0, 0])
+        (torch.Size([2, 2]), True)
     """
     _check.at_least("c", c, 1e-12)
     x, y = x.detach().double(), y.long()
@@ -257,6 +363,21 @@ def linear_probe_accuracy(
     ``c=None``: the inverse regularisation is chosen on a validation split of
     the training set (``linear_probe``); a number fixes it (a fixed ``C=1`` on
     a thousand standardised features overfits a small training set).
+
+    Args:
+        train_features: ``(N, D)``.
+        train_labels: ``(N,)``.
+        test_features: ``(M, D)``.
+        test_labels: ``(M,)``.
+        c: A fixed inverse regularisation, or None to choose it.
+
+    Returns:
+        The test accuracy.
+
+    Example:
+        >>> x, y = torch.tensor([[-1.0], [-0.9], [0.9], [1.0]]), torch.tensor([0, 0, 1, 1])
+        >>> linear_probe_accuracy(x, y, x, y, c=1.0)
+        1.0
     """
     if c is None:
         return linear_probe(train_features, train_labels, test_features, test_labels)["acc"]
@@ -277,6 +398,7 @@ def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: T
         if n_queries != n_keys:
             raise ValueError(f"{n_queries} queries and {n_keys} keys: without ids they must pair one to one")
         return torch.eye(n_queries, dtype=torch.bool)
+    assert key_ids is not None
     if len(query_ids) != n_queries or len(key_ids) != n_keys:
         raise ValueError(f"query_ids ({len(query_ids)}) and key_ids ({len(key_ids)}) must match the "
                          f"similarity matrix's {n_queries} x {n_keys}")
@@ -294,8 +416,24 @@ def recall_at_k(
     Key j is relevant to query i when ``query_ids[i] == key_ids[j]`` (e.g.
     the same caption, or the image a caption was written for); without ids,
     key i is query i's only match.
+
+    Args:
+        similarity: ``(queries, keys)`` scores.
+        ks: The cut-offs.
+        query_ids: ``(queries,)`` ids, with ``key_ids``.
+        key_ids: ``(keys,)`` ids.
+
+    Returns:
+        ``{k: recall}``.
+
+    Raises:
+        ValueError: for ids given alone, of the wrong length, or no ids with a non-square matrix.
+
+    Example:
+        >>> recall_at_k(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), ks=(1, 2))  # query 1's match ranks second
+        {1: 0.5, 2: 1.0}
     """
-    relevant = _relevance(*similarity.shape, query_ids, key_ids)
+    relevant = _relevance(similarity.shape[0], similarity.shape[1], query_ids, key_ids)
     out = {}
     for k in ks:
         _check.integer_at_least("k", k, 1)
@@ -308,7 +446,22 @@ def chance_recall_at_k(
     n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None, key_ids: Tensor | None = None
 ) -> float:
     """Expected recall@k of a random ranking: mean over queries of ``1 - C(K - r, k) / C(K, k)``,
-    with ``r`` the query's relevant keys among ``K``."""
+    with ``r`` the query's relevant keys among ``K``.
+
+    Args:
+        n_queries: Queries.
+        n_keys: ``K`` keys.
+        k: The cut-off.
+        query_ids: As in ``recall_at_k``.
+        key_ids: As in ``recall_at_k``.
+
+    Returns:
+        The expected recall@k of a random ranking.
+
+    Example:
+        >>> chance_recall_at_k(4, 4, k=1)  # one match among 4 keys
+        0.25
+    """
     relevant = _relevance(n_queries, n_keys, query_ids, key_ids).sum(dim=1).tolist()
     return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in relevant) / n_queries
 
@@ -318,7 +471,21 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
     ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
-    (the same caption): any row with the query's id counts as a hit."""
+    (the same caption): any row with the query's id counts as a hit.
+
+    Args:
+        image: ``(N, D)`` image embeddings.
+        text: ``(N, D)`` text embeddings, row i paired with image row i.
+        ks: The cut-offs.
+        ids: ``(N,)`` ids of matching rows (None: row i matches row i only).
+
+    Returns:
+        ``{"recall_at_{k}_i2t": ..., "recall_at_{k}_t2i": ...}``.
+
+    Example:
+        >>> retrieval_metrics(torch.eye(3), torch.eye(3), ks=(1,))
+        {'recall_at_1_i2t': 1.0, 'recall_at_1_t2i': 1.0}
+    """
     image, text = F.normalize(at_least_float32(image), dim=-1), F.normalize(at_least_float32(text), dim=-1)
     similarity = image @ text.T
     kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}

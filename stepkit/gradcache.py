@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -57,23 +57,43 @@ def gradcache(
     chunk: int,
     amp: str | None = None,
 ) -> tuple[Tensor, dict[str, Any], bool]:
-    """One micro-step with gradient caching: ``(loss, aux, update_due)``, as ``forward_loss`` then
-    ``accumulate`` would give.
+    """A micro-step with gradient caching: ``(loss, aux, update_due)``, as ``forward_loss`` + ``accumulate``.
 
-    ``encode(chunk_of_batch)`` returns the embeddings of those rows (a tensor,
-    or a tuple such as ``(image_emb, text_emb)``) through ``state.model``;
-    ``loss_fn(*embeddings)`` returns the loss over the whole batch, or
-    ``(loss, aux)``. ``batch`` is split into chunks of ``chunk`` rows along
-    dim 0 (see ``split_batch``). Gradients are accumulated into the
-    parameters as ``accumulate`` would (divided by ``state.accum``, through
-    ``state.scaler``), and the returned flag says an update is due.
+    A contrastive loss over a batch too large for memory: (1) every chunk of
+    ``chunk`` rows is encoded without a graph; (2) the loss over the whole
+    batch is backpropagated to the embeddings alone; (3) each chunk is encoded
+    again with a graph, under its first pass's RNG state, and the cached
+    embedding gradients are backpropagated through it. Gradients accumulate
+    into the parameters as ``accumulate`` would (divided by ``state.accum``,
+    through ``state.scaler``). Under DDP they are all-reduced once, in the
+    last chunk's backward of the micro-step that completes an update; under
+    FSDP2 the same via ``set_requires_gradient_sync``. Parameters only the loss
+    uses (a logit scale) get their gradient in step 2, outside any DDP forward:
+    keep them out of the DDP module and average their gradient with
+    ``stepkit.dist.all_reduce_mean`` before the update.
 
-    Under DDP the gradients are all-reduced once, in the last chunk's
-    backward of the micro-step that completes an update; under FSDP2 the
-    same via ``set_requires_gradient_sync``. Parameters that only the loss
-    uses (a logit scale) get their gradient from step 2, outside any DDP
-    forward: keep them out of the DDP module and average their gradient
-    with ``stepkit.dist.all_reduce_mean`` before the update.
+    Args:
+        state: The loop's state.
+        encode: ``chunk_of_batch -> embeddings`` through ``state.model``: a tensor,
+            or a tuple such as ``(image_emb, text_emb)``.
+        batch: A tensor, or a tuple / dict of tensors, split along dim 0 (``split_batch``).
+        loss_fn: ``(*embeddings) -> loss`` or ``-> (loss, aux)`` over the whole batch.
+        chunk: Rows per chunk.
+        amp: As in ``forward_loss``.
+
+    Returns:
+        ``(loss, aux, update_due)``, the loss at least float32.
+
+    Raises:
+        ValueError: for a ``chunk`` below 1, or a ``loss_fn`` that returns something else.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> loss, aux, due = gradcache(state, lambda rows: state.model(rows), torch.randn(8, 3),
+        ...                            lambda emb: emb.square().mean(), chunk=4)
+        >>> due, [p.grad is not None for p in model.parameters()]
+        (True, [True, True])
     """
     _check.integer_at_least("chunk", chunk, 1)
     dtype = amp_dtype(amp)
@@ -105,7 +125,8 @@ def gradcache(
     if state.scaler is not None:
         scaled = state.scaler.scale(scaled)
     scaled.backward()
-    cached = [e.grad.split(chunk) for e in embeddings]
+    # leaves that require grad: backward filled each one's .grad
+    cached = [cast(Tensor, e.grad).split(chunk) for e in embeddings]
 
     # 3. each chunk again with a graph, under its first pass's RNG, backpropagating the cached gradients
     for i, part in enumerate(chunks):

@@ -97,7 +97,7 @@ class Logger:
         if cfg.wandb:
             self._sinks.append(_WandbSink(self.run_dir, cfg.wandb_project, self.run_id, config))
 
-    def __call__(self, metrics: Mapping[str, Any], step: int) -> dict[str, float] | None:
+    def __call__(self, metrics: Mapping[str, Any], step: int) -> dict[str, float | str | bool] | None:
         """Add this step's metrics to the interval; at its end, write and return the means."""
         if not self.main:
             return None
@@ -120,12 +120,12 @@ class Logger:
             return self.flush(step)
         return None
 
-    def flush(self, step: int) -> dict[str, float]:
+    def flush(self, step: int) -> dict[str, float | str | bool]:
         """Write the interval's means now (also adds ``steps_per_s``) and start a new interval."""
         if not self.main:
             return {}
         means = _to_numbers(self._sums)
-        out = {k: v / self._counts[k] for k, v in means.items()}
+        out: dict[str, float | str | bool] = {k: v / self._counts[k] for k, v in means.items()}
         now = time.perf_counter()
         if step > self._last_step:
             out["steps_per_s"] = (step - self._last_step) / max(now - self._last_time, 1e-9)
@@ -137,7 +137,7 @@ class Logger:
         self.write(out, step, kind="train")
         return out
 
-    def write(self, metrics: Mapping[str, float], step: int, kind: str = "eval") -> None:
+    def write(self, metrics: Mapping[str, float | str | bool], step: int, kind: str = "eval") -> None:
         """Write numbers as they are (evaluation results, summaries): no averaging.
 
         ``kind`` labels the console line (``eval step 400/1000 ...``), so
@@ -146,7 +146,7 @@ class Logger:
         if not self.main:
             return
         texts = {k: v for k, v in metrics.items() if isinstance(v, (str, bool))}
-        numbers = _to_numbers({k: v for k, v in metrics.items() if k not in texts})
+        numbers = _to_numbers({k: v for k, v in metrics.items() if not isinstance(v, (str, bool))})
         for sink in self._sinks:
             sink.write({**numbers, **texts}, step, kind)
 
@@ -182,12 +182,13 @@ class Logger:
 def _to_numbers(values: Mapping[str, Tensor | float]) -> dict[str, float]:
     """Tensors to floats with one device-to-host copy per device; numbers pass through."""
     out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
-    by_device: dict[torch.device, list[str]] = {}
+    by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
     for k, v in values.items():
         if isinstance(v, Tensor):
-            by_device.setdefault(v.device, []).append(k)
-    for keys in by_device.values():
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+            by_device.setdefault(v.device, []).append((k, v))
+    for pairs in by_device.values():
+        keys = [k for k, _ in pairs]
+        stacked = torch.stack([v.detach().float().reshape(()) for _, v in pairs]).cpu().tolist()
         out.update(zip(keys, stacked))
     return out
 
@@ -197,7 +198,7 @@ def _to_numbers(values: Mapping[str, Tensor | float]) -> dict[str, float]:
 
 class _Sink:
     def tick(self, step: int) -> None: ...
-    def write(self, metrics: dict[str, float], step: int, kind: str = "train") -> None: ...
+    def write(self, metrics: Mapping[str, float | str | bool], step: int, kind: str = "train") -> None: ...
     def histogram(self, name: str, values: Tensor, step: int) -> None: ...
     def image(self, name: str, image: Tensor, step: int) -> None: ...
     def close(self) -> None: ...

@@ -57,7 +57,20 @@ class MultiBlock:
 
 
 def block_size(grid: tuple[int, int], scale: float, aspect: float) -> tuple[int, int]:
-    """A block of ``scale`` of the grid's area with height / width ``aspect``, rounded, within the grid."""
+    """A block of ``scale`` of the grid's area with height / width ``aspect``, rounded, within the grid.
+
+    Args:
+        grid: ``(rows, cols)`` of the patch grid.
+        scale: The block's area as a fraction of the grid's.
+        aspect: Height / width.
+
+    Returns:
+        ``(h, w)``, each in ``1..`` the grid's side.
+
+    Example:
+        >>> block_size((14, 14), 0.25, 1.0)
+        (7, 7)
+    """
     h_grid, w_grid = grid
     area = scale * h_grid * w_grid
     h = max(1, min(h_grid, round(math.sqrt(area * aspect))))
@@ -90,6 +103,24 @@ def multi_block_masks(
     size, so the batch stacks. A sample whose context would keep fewer
     than ``cfg.min_keep`` patches redraws its context position, up to
     ``max_tries`` times, then its targets too (up to ``max_tries`` times).
+
+    Args:
+        batch: Samples.
+        grid: ``(rows, cols)`` of the patch grid.
+        cfg: The mask settings.
+        generator: The draw (seeded by the caller for resumable runs).
+        max_tries: Redraws per sample before giving up.
+
+    Returns:
+        ``(context_idx (B, Kc), target_idx (B, M, Kt))``, sorted patch indices.
+
+    Raises:
+        ValueError: when no draw in ``max_tries`` leaves ``min_keep`` context patches.
+
+    Example:
+        >>> context, targets = multi_block_masks(2, (8, 8), MultiBlock(), torch.Generator().manual_seed(0))
+        >>> targets.shape[:2], bool(torch.isin(context[0], targets[0]).any())
+        (torch.Size([2, 4]), False)
     """
     _check.integer_at_least("batch", batch, 1)
     g = generator
@@ -110,12 +141,12 @@ def _context_and_targets(grid, target_hw, context_hw, cfg: MultiBlock, g: torch.
     # Rare draws leave too little context (4 large targets on a small grid); redraw the whole sample then,
     # and fail only when no draw in max_tries x max_tries works (a configuration that cannot).
     for _ in range(max_tries):
-        blocks = [_block_at(grid, *target_hw, g) for _ in range(cfg.targets)]
+        blocks = [_block_at(grid, target_hw[0], target_hw[1], g) for _ in range(cfg.targets)]
         covered = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
         for block in blocks:
             covered[block] = True
         for _ in range(max_tries):
-            context = _block_at(grid, *context_hw, g)
+            context = _block_at(grid, context_hw[0], context_hw[1], g)
             context = context[~covered[context]]
             if len(context) >= cfg.min_keep:
                 return context, blocks
@@ -175,7 +206,22 @@ def _ijepa_masks(batch: int, grid: tuple[int, int], cfg: MultiBlock, g: torch.Ge
 
 def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(keep, masked)`` sorted indices ``(B, K)`` and ``(B, N - K)``: ``round(ratio * N)`` of the ``N``
-    tokens masked per sample, uniformly at random (MAE)."""
+    tokens masked per sample, uniformly at random (MAE).
+
+    Args:
+        batch: Samples.
+        tokens: ``N``, tokens per sample.
+        ratio: The fraction masked, in [0, 1].
+        generator: The draw.
+
+    Returns:
+        ``(keep, masked)`` index tensors.
+
+    Example:
+        >>> keep, masked = random_masks(2, 10, 0.7, torch.Generator().manual_seed(0))
+        >>> keep.shape, masked.shape
+        (torch.Size([2, 3]), torch.Size([2, 7]))
+    """
     _check.in_range("ratio", ratio, 0.0, 1.0)
     n_masked = round(ratio * tokens)
     order = torch.rand(batch, tokens, generator=generator).argsort(dim=1)
@@ -184,7 +230,23 @@ def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generat
 
 def span_masks(batch: int, length: int, span: int, ratio: float, generator: torch.Generator) -> Tensor:
     """``(B, length)`` bool, True where masked: spans of ``span`` steps at random starts, added until at
-    least ``ratio`` of every series is covered (spans may overlap; the last one is cut at the end)."""
+    least ``ratio`` of every series is covered (spans may overlap; the last one is cut at the end).
+
+    Args:
+        batch: Series.
+        length: Time steps per series.
+        span: Steps per span, at least 1.
+        ratio: The least fraction covered, in [0, 1].
+        generator: The draw.
+
+    Returns:
+        ``(B, length)`` bool, True where masked.
+
+    Example:
+        >>> mask = span_masks(3, 20, 4, 0.5, torch.Generator().manual_seed(0))
+        >>> bool((mask.sum(dim=1) >= 10).all())
+        True
+    """
     _check.integer_at_least("length", length, 1)
     _check.integer_at_least("span", span, 1)
     _check.in_range("ratio", ratio, 0.0, 1.0)
@@ -202,7 +264,27 @@ def token_masks(
     special: Tensor | None = None, generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """BERT-style: ``(corrupted_ids, mask)``. Each non-special token is chosen with probability ``ratio``;
-    a chosen token becomes ``mask_id``, or with probability ``random_token_p`` a random id."""
+    a chosen token becomes ``mask_id``, or with probability ``random_token_p`` a random id.
+
+    Args:
+        input_ids: ``(B, L)`` token ids.
+        ratio: The chance a token is chosen, in [0, 1] (BERT: 0.15).
+        mask_id: The mask token's id.
+        vocab_size: Random ids are drawn from ``0..vocab_size - 1``.
+        random_token_p: The chance a chosen token becomes a random id instead of ``mask_id``.
+        special: Ids never chosen (padding, CLS, SEP).
+        generator: The draw.
+
+    Returns:
+        ``(corrupted_ids, mask)``, ``mask`` True at the chosen tokens.
+
+    Example:
+        >>> ids = torch.tensor([[5, 6, 7, 0]])
+        >>> corrupted, mask = token_masks(ids, 1.0, mask_id=1, vocab_size=10, random_token_p=0.0,
+        ...                               special=torch.tensor([0]), generator=torch.Generator())
+        >>> corrupted.tolist(), mask.tolist()
+        ([[1, 1, 1, 0]], [[True, True, True, False]])
+    """
     _check.in_range("ratio", ratio, 0.0, 1.0)
     _check.in_range("random_token_p", random_token_p, 0.0, 1.0)
     chosen = torch.rand(input_ids.shape, generator=generator) < ratio
@@ -230,6 +312,22 @@ def mask_image(
     block ``m``'s patches are the image half blended with colour ``m``
     (red, green, blue, yellow, then again). ``context_idx`` ``(B, Kc)`` and
     ``target_idx`` ``(B, M, Kt)`` index the row-major patch grid.
+
+    Args:
+        images: ``(B, C, H, W)`` images.
+        context_idx: ``(B, Kc)`` context patch indices.
+        target_idx: ``(B, M, Kt)`` target patch indices.
+        patch_size: Pixels per patch side.
+        samples: How many images to draw side by side.
+
+    Returns:
+        ``(3, H, samples * W)`` in [0, 1].
+
+    Example:
+        >>> context, targets = torch.tensor([[0], [1]]), torch.tensor([[[3]], [[2]]])
+        >>> picture = mask_image(torch.rand(2, 1, 8, 8), context, targets, 4, samples=2)
+        >>> tuple(picture.shape)
+        (3, 8, 16)
     """
     b, c, h, w = images.shape
     if h % patch_size or w % patch_size:

@@ -32,6 +32,18 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
       singular values of the (uncentered) batch matrix and ``H`` the entropy
       (Roy & Vetterli 2007; RankMe). A rank-k batch with equal singular
       values gives exactly k; dimensional collapse drives it towards 1.
+
+    Args:
+        embeddings: ``(N, D)`` (more dimensions are flattened to rows).
+        prefix: The keys' prefix.
+
+    Returns:
+        ``{prefix + "std", prefix + "norm", prefix + "effective_rank"}`` as 0-d tensors.
+
+    Example:
+        >>> m = collapse_metrics(torch.eye(3))
+        >>> [round(v.item(), 4) for v in m.values()]  # 3 orthogonal rows: effective rank 3
+        [0.5774, 1.0, 3.0]
     """
     z = at_least_float32(embeddings.detach()).reshape(-1, embeddings.shape[-1])
     s = torch.linalg.svdvals(z)
@@ -46,7 +58,12 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
 
 def layer_group(name: str, depth: int = 1) -> str:
     """A parameter name's group: its first ``depth`` dotted parts (``blocks.3.attn.qkv.weight``,
-    depth 2 -> ``blocks.3``)."""
+    depth 2 -> ``blocks.3``).
+
+    Example:
+        >>> layer_group("blocks.3.attn.qkv.weight", depth=2)
+        'blocks.3'
+    """
     return ".".join(name.split(".")[:depth])
 
 
@@ -56,6 +73,18 @@ def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
 
     Call after the backward pass and before ``apply_update`` (which sets
     gradients to None). Multi-tensor kernels; nothing read on the host.
+
+    Args:
+        model: The module (DDP / compile wrappers are looked through).
+        depth: Dotted name parts that make a group (``layer_group``).
+
+    Returns:
+        ``{"grad_norm/<group>": ..., "weight_norm/<group>": ...}`` as 0-d tensors.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> sorted(norms_by_group(model))  # no gradients yet: weights only
+        ['weight_norm/0']
     """
     groups: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     for name, param in unwrap(model).named_parameters():
@@ -72,7 +101,12 @@ def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
 
 
 def system_metrics(device: torch.device | str | None = None) -> dict[str, float]:
-    """Host resident memory (``host_rss_gb``) and, on CUDA, allocated and peak device memory (GB)."""
+    """Host resident memory (``host_rss_gb``) and, on CUDA, allocated and peak device memory (GB).
+
+    Example:
+        >>> sorted(system_metrics("cpu"))
+        ['host_rss_gb']
+    """
     out = {"host_rss_gb": host_rss_bytes() / 1e9}
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
@@ -82,7 +116,12 @@ def system_metrics(device: torch.device | str | None = None) -> dict[str, float]
 
 
 def host_rss_bytes() -> int:
-    """This process's resident set size now (Linux), else its peak so far."""
+    """This process's resident set size now (Linux), else its peak so far.
+
+    Example:
+        >>> host_rss_bytes() > 0
+        True
+    """
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -119,7 +158,7 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
         self.current = self.peak = 0
         super().__init__(lambda t: _Saved(t, self), lambda saved: saved.tensor)
 
-    def __enter__(self) -> SavedActivations:
+    def __enter__(self) -> SavedActivations:  # type: ignore[override]
         super().__enter__()
         return self
 
@@ -140,6 +179,22 @@ def collapse_alarm(
     (DINO's uniform collapse: ``above={"teacher_entropy": 0.95 *
     math.log(out_dim)}``). Pure: the same history gives the same answer;
     None when nothing is flagged or fewer records hold the metric.
+
+    Args:
+        history: Logged records, oldest first.
+        below: Metric -> the threshold it must stay above.
+        above: Metric -> the threshold it must stay below.
+        patience: Records in a row past a threshold before a warning.
+
+    Returns:
+        The warning, or None.
+
+    Example:
+        >>> history = [{"target_std": 0.01}] * 3
+        >>> collapse_alarm(history, below={"target_std": 0.05}, patience=3) is not None
+        True
+        >>> collapse_alarm(history[:2], below={"target_std": 0.05}, patience=3) is None
+        True
     """
     _check.integer_at_least("patience", patience, 1)
     flagged = []

@@ -337,10 +337,38 @@ def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config: versions, threads and the CPU's vector kernels.
+
+    The same command gives bit-identical results only with the same torch
+    build, thread count and ``cpu_capability`` (torch picks AVX2 or AVX512
+    kernels by the CPU, and they round differently): a run on an AVX2
+    machine drifts from one on an AVX512 machine from the first update.
+
+    Returns:
+        ``{"python", "torch", "numpy", "cpu_capability", "threads", "cuda"}``
+        (``cuda``: the device's name, or None).
+
+    Example:
+        >>> sorted(environment())
+        ['cpu_capability', 'cuda', 'numpy', 'python', 'threads', 'torch']
+    """
+    import platform
+
+    import numpy as np
+
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "cuda": cuda}
+
+
 def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
-    """Write ``run_dir/summary.json`` atomically (rank 0 only under torch.distributed)."""
+    """Write ``run_dir/summary.json`` atomically (rank 0 only under torch.distributed), with the run's
+    ``environment()`` added under ``"environment"`` unless the summary has one."""
     path = Path(run_dir) / SUMMARY_FILE
     if dist.is_main():
+        summary = {**summary, "environment": summary.get("environment") or environment()}
         atomic_write_bytes(path, json.dumps(to_jsonable(summary), indent=2).encode() + b"\n")
     return path
 

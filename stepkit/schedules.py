@@ -72,7 +72,38 @@ def warmup_decay(
     step_every: int = 1,
     step_gamma: float = 0.1,
 ) -> float | Tensor:
-    """The value at ``step`` of a linear warm-up then a decay (formula in the module doc)."""
+    """The value at ``step`` of a linear warm-up then a decay (the formula is in the module doc).
+
+    With ``W = warmup_steps``: ``start + (peak - start) * t / W`` for ``t < W``,
+    then from ``peak`` to ``final`` at ``total_steps`` by ``decay``; past
+    ``total_steps`` the value stays at ``final``.
+
+    Args:
+        step: Optimizer updates done; an int, or a 0-d tensor (for compiled steps).
+        peak: The value at the end of the warm-up.
+        total_steps: The run's length in updates (at least 1).
+        final: The value at ``total_steps``.
+        warmup_steps: Updates of linear warm-up (0 to ``total_steps``).
+        start: The value at step 0 when there is a warm-up.
+        decay: ``"cosine"``, ``"linear"``, ``"step"`` or ``"constant"``.
+        step_every: For ``"step"``: updates between drops.
+        step_gamma: For ``"step"``: the factor of each drop, in (0, 1].
+
+    Returns:
+        A float for an int step; a float64 tensor on the step's device for a tensor step.
+
+    Raises:
+        ValueError: naming the argument, for a length below 1, a warm-up longer
+            than the run, an unknown ``decay`` or a ``"step"`` decay that rises.
+
+    Example:
+        >>> warmup_decay(1, peak=1.0, total_steps=10, warmup_steps=2)
+        0.5
+        >>> warmup_decay(6, peak=1.0, total_steps=10, warmup_steps=2)  # halfway through the cosine
+        0.5
+        >>> warmup_decay(10, peak=1.0, total_steps=10, warmup_steps=2, final=0.1)
+        0.1
+    """
     _check.integer_at_least("total_steps", total_steps, 1)
     _check.integer_at_least("warmup_steps", warmup_steps, 0)
     if warmup_steps > total_steps:
@@ -145,7 +176,19 @@ def _post_init_next(obj: object, cls: type) -> None:
 
 @dataclass
 class LRSchedule:
-    """Learning rate: linear warm-up from ``warmup_start_lr`` to ``lr``, then ``decay`` to ``min_lr``."""
+    """Learning rate: a linear warm-up from ``warmup_start_lr`` to ``lr``, then ``decay`` to ``min_lr``.
+
+    The fields are a recipe's ``--optim.*`` flags; each is checked when made.
+    ``warmup_steps=None`` means the recipe's default (``warmup_steps_of``).
+
+    Raises:
+        ValueError: naming the field, for a negative rate, ``min_lr > lr`` or an unknown ``decay``.
+
+    Example:
+        >>> schedule = LRSchedule(lr=1e-3, warmup_steps=10, decay="linear")
+        >>> lr_at(10, schedule, 110), lr_at(60, schedule, 110)
+        (0.001, 0.0005)
+    """
 
     lr: float = 1e-3
     """Peak learning rate, reached at the end of the warm-up."""
@@ -180,7 +223,15 @@ class LRSchedule:
 
 @dataclass
 class WDSchedule:
-    """Weight decay: ``decay`` from ``wd`` to ``wd_final`` over the run (DINO: 0.04 -> 0.4)."""
+    """Weight decay: ``wd_decay`` from ``wd`` to ``wd_final`` over the run (DINO: 0.04 -> 0.4).
+
+    Raises:
+        ValueError: naming the field, for a negative value or an unknown ``wd_decay``.
+
+    Example:
+        >>> wd_at(100, WDSchedule(wd=0.05), 100)  # wd_final=None keeps wd
+        0.05
+    """
 
     wd: float = 0.05
     """Weight decay at step 0."""
@@ -199,7 +250,15 @@ class WDSchedule:
 
 @dataclass
 class MomentumSchedule:
-    """EMA momentum of a target network: cosine from ``momentum`` to ``momentum_final``."""
+    """EMA momentum of a target network: ``momentum_decay`` from ``momentum`` to ``momentum_final``.
+
+    Raises:
+        ValueError: naming the field, for a momentum outside [0, 1].
+
+    Example:
+        >>> momentum_at(0, MomentumSchedule(momentum=0.99), 10)
+        0.99
+    """
 
     momentum: float = 0.996
     """Momentum at step 0 (the weight kept from the target at each update)."""
@@ -216,15 +275,57 @@ class MomentumSchedule:
 
 
 def warmup_steps_of(schedule: LRSchedule, total_steps: int) -> int:
-    """The warm-up ``lr_at`` uses: ``schedule.warmup_steps``, or when it is None
-    ``min(schedule.default_warmup, total_steps // 10)`` (a class attribute a recipe's ``Optim`` sets)."""
+    """The warm-up ``lr_at`` uses: ``schedule.warmup_steps``, or when that is None
+    ``min(schedule.default_warmup, total_steps // 10)``.
+
+    ``default_warmup`` is a class attribute a recipe's ``Optim`` sets (0 when
+    absent), so a short smoke run gets a short warm-up without a second flag.
+
+    Args:
+        schedule: The learning-rate schedule.
+        total_steps: The run's length in updates.
+
+    Returns:
+        The warm-up length in updates.
+
+    Example:
+        >>> from typing import ClassVar
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Optim(LRSchedule):
+        ...     default_warmup: ClassVar[int] = 100
+        >>> warmup_steps_of(Optim(warmup_steps=None), 1500), warmup_steps_of(Optim(warmup_steps=None), 20)
+        (100, 2)
+        >>> warmup_steps_of(Optim(warmup_steps=7), 20)
+        7
+    """
     if schedule.warmup_steps is not None:
         return schedule.warmup_steps
     return min(int(getattr(schedule, "default_warmup", 0)), total_steps // 10)
 
 
 def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
-    """Learning rate after ``step`` optimizer updates of a ``total_steps`` run."""
+    """Learning rate after ``step`` optimizer updates of a ``total_steps`` run.
+
+    ``warmup_decay`` with ``peak=lr``, ``final=min_lr``, ``start=warmup_start_lr``
+    and the warm-up of ``warmup_steps_of``.
+
+    Args:
+        step: Updates done; an int, or a 0-d tensor (then a float64 tensor comes back).
+        schedule: The learning-rate schedule.
+        total_steps: The run's length in updates.
+
+    Returns:
+        The learning rate.
+
+    Raises:
+        ValueError: when the warm-up is longer than ``total_steps``.
+
+    Example:
+        >>> schedule = LRSchedule(lr=1e-3, warmup_steps=100)
+        >>> lr_at(50, schedule, 1000), lr_at(100, schedule, 1000), lr_at(1000, schedule, 1000)
+        (0.0005, 0.001, 0.0)
+    """
     return warmup_decay(
         step,
         peak=schedule.lr,
@@ -239,7 +340,23 @@ def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
 
 
 def wd_at(step: Step, schedule: WDSchedule, total_steps: int) -> float | Tensor:
-    """Weight decay after ``step`` optimizer updates of a ``total_steps`` run."""
+    """Weight decay after ``step`` optimizer updates of a ``total_steps`` run.
+
+    From ``wd`` to ``wd_final`` (``wd`` when None) by ``wd_decay``, no warm-up.
+
+    Args:
+        step: Updates done; an int or a 0-d tensor.
+        schedule: The weight-decay schedule.
+        total_steps: The run's length in updates.
+
+    Returns:
+        The weight decay.
+
+    Example:
+        >>> schedule = WDSchedule(wd=0.04, wd_final=0.4)  # DINO's
+        >>> [round(wd_at(t, schedule, 100), 6) for t in (0, 50, 100)]
+        [0.04, 0.22, 0.4]
+    """
     final = schedule.wd if schedule.wd_final is None else schedule.wd_final
     return warmup_decay(
         step, peak=schedule.wd, final=final, total_steps=total_steps, decay=schedule.wd_decay
@@ -247,7 +364,24 @@ def wd_at(step: Step, schedule: WDSchedule, total_steps: int) -> float | Tensor:
 
 
 def momentum_at(step: Step, schedule: MomentumSchedule, total_steps: int) -> float | Tensor:
-    """EMA momentum after ``step`` optimizer updates: ``1 - (1 - m0)(1 + cos(pi t/T))/2`` for DINO."""
+    """EMA momentum after ``step`` optimizer updates of a ``total_steps`` run.
+
+    For the cosine (DINO, I-JEPA): ``m(t) = 1 - (1 - m0) * (1 + cos(pi t / T)) / 2``
+    from ``m0 = momentum`` towards ``momentum_final`` (1 in DINO).
+
+    Args:
+        step: Updates done; an int or a 0-d tensor.
+        schedule: The momentum schedule.
+        total_steps: The run's length ``T`` in updates.
+
+    Returns:
+        The momentum for ``ema_update``.
+
+    Example:
+        >>> schedule = MomentumSchedule(momentum=0.996, momentum_final=1.0)
+        >>> [round(momentum_at(t, schedule, 100), 6) for t in (0, 50, 100)]
+        [0.996, 0.998, 1.0]
+    """
     return warmup_decay(
         step,
         peak=schedule.momentum,
@@ -261,10 +395,24 @@ def momentum_at(step: Step, schedule: MomentumSchedule, total_steps: int) -> flo
 
 
 def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
-    """Layer-wise lr decay (BEiT, timm): scale ``decay ** (num_layers + 1 - i)`` for layer id i.
+    """Layer-wise lr decay (BEiT, timm): the scale ``decay ** (num_layers + 1 - i)`` of layer id ``i``.
 
-    Layer id 0 is the embedding, 1..num_layers the blocks, ``num_layers + 1``
-    the head (scale 1). Returns ``num_layers + 2`` scales.
+    Layer id 0 is the embedding, ``1..num_layers`` the blocks, ``num_layers + 1``
+    the head (scale 1). Give the result to ``param_groups(layer_scales=...)``.
+
+    Args:
+        num_layers: Blocks in the network (at least 0).
+        decay: The factor per layer, in [0, 1].
+
+    Returns:
+        ``num_layers + 2`` scales, the embedding's first.
+
+    Raises:
+        ValueError: naming the argument, for a negative ``num_layers`` or a ``decay`` outside [0, 1].
+
+    Example:
+        >>> layer_decay_scales(2, 0.5)
+        [0.125, 0.25, 0.5, 1.0]
     """
     _check.integer_at_least("num_layers", num_layers, 0)
     _check.in_range("decay", decay, 0.0, 1.0)
@@ -290,6 +438,25 @@ def param_groups(
     layer_scales[id]``). Frozen parameters (``requires_grad=False``) are left
     out. Group order is deterministic (first appearance), so a checkpoint's
     optimizer state lines up on resume.
+
+    Args:
+        model: The module whose parameters to group.
+        no_weight_decay: ``(name, param) -> bool``, True for parameters without
+            weight decay (default: every 0-d or 1-d tensor: biases, norms).
+        layer_of: ``name -> layer id``, for layer-wise lr decay.
+        layer_scales: The lr scale of each layer id (``layer_decay_scales``).
+
+    Returns:
+        A list of dicts ``{"params", "lr_scale", "wd_scale"}`` for any torch optimizer.
+
+    Raises:
+        ValueError: when ``layer_of`` and ``layer_scales`` are not given together,
+            or a layer id has no scale.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> [(len(g["params"]), g["wd_scale"]) for g in param_groups(model)]
+        [(1, 1.0), (3, 0.0)]
     """
     if (layer_of is None) != (layer_scales is None):
         raise ValueError("layer_of and layer_scales go together: give both or neither")

@@ -18,12 +18,24 @@ Target = nn.Module | dict[str, Tensor] | None
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module under ``torch.compile``'s wrappers (``._orig_mod``), DDP left in place."""
     while hasattr(model, "_orig_mod"):
-        model = model._orig_mod
+        model = model._orig_mod  # type: ignore[assignment]
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Args:
+        model: A module, wrapped or not.
+
+    Returns:
+        The innermost module (``model`` itself when it is not wrapped).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> unwrap(model) is model
+        True
+    """
     while True:
         model = unwrap_compiled(model)
         if not isinstance(model, nn.parallel.DistributedDataParallel):
@@ -33,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class TrainState:
-    """The loop's state, in one place.
+    """The loop's state, in one place: what a training loop threads through stepkit's functions.
 
     ``step`` counts optimizer updates (skipped non-finite ones included, so
     schedules keep moving); ``micro_step`` counts backward passes; ``accum``
@@ -44,7 +56,17 @@ class TrainState:
     values. ``data_position`` is how many batches the loop has consumed;
     ``run_id`` is the experiment tracker's id, so a resumed run continues it.
     ``skipped_steps`` is a 0-d tensor (no host sync to count), created on
-    the model's device on first use.
+    the model's device. ``state_dict`` / ``load_state_dict`` carry all of it,
+    RNG states included, for bit-exact resume.
+
+    Raises:
+        ValueError: naming the field, for ``accum`` below 1 or a negative ``step`` / ``micro_step``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), accum=2)
+        >>> state.step, state.micro_step, state.accum, int(state.skipped_steps)
+        (0, 0, 2, 0)
     """
 
     model: nn.Module
@@ -58,7 +80,7 @@ class TrainState:
     extras: dict[str, Any] = field(default_factory=dict)
     data_position: int = 0
     run_id: str | None = None
-    skipped_steps: Tensor | None = None
+    skipped_steps: Tensor = None  # type: ignore[assignment]  # made on the model's device by __post_init__
     grad_norm: Tensor | None = field(default=None, repr=False)
     """The last pre-clip gradient norm ``clip`` computed for the update in progress; not saved."""
 
@@ -186,7 +208,8 @@ def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # legacy=True: the MT19937 tuple
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),

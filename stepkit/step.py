@@ -37,13 +37,35 @@ def forward_loss(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Run ``loss_fn(state, batch)`` under autocast; return ``(loss, aux)``.
 
-    ``loss_fn`` returns a scalar loss, or ``(loss, aux)`` with ``aux`` a dict of
-    metrics. The loss comes back as at least float32 (a bf16/fp16 loss is
-    upcast, a float64 one kept), the aux tensors detached; nothing is read on
-    the host. ``amp``: ``None``/``"none"``, ``"bf16"`` or ``"fp16"``
-    (fp16 needs ``state.scaler``). Under DDP this also decides, before the
-    forward pass as DDP requires, whether the coming backward all-reduces:
-    only on the micro-step that completes an update (``state.accum``).
+    The loss comes back as at least float32 (a bf16/fp16 loss is upcast, a
+    float64 one kept), the aux tensors detached; nothing is read on the host.
+    Under DDP this also decides, before the forward pass as DDP requires,
+    whether the coming backward all-reduces: only on the micro-step that
+    completes an update (``state.accum``).
+
+    Args:
+        loss_fn: ``(state, batch) -> loss`` or ``-> (loss, aux)``, ``aux`` a dict of metrics.
+        state: The loop's state (its ``model`` is what ``loss_fn`` should call).
+        batch: Whatever ``loss_fn`` takes.
+        amp: ``None``/``"none"``, ``"bf16"`` or ``"fp16"`` (fp16 needs ``state.scaler``).
+
+    Returns:
+        ``(loss, aux)``: a 0-d tensor and a dict (empty when ``loss_fn`` returned a loss alone).
+
+    Raises:
+        ValueError: for an unknown ``amp``, fp16 without a scaler, or a ``loss_fn``
+            that returns something else (the message says what it got).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> def loss_fn(state, batch):
+        ...     out = state.model(batch)
+        ...     return out.square().mean(), {"mean_out": out.mean()}
+        >>> loss, aux = forward_loss(loss_fn, state, torch.ones(4, 2))
+        >>> loss.item(), aux["mean_out"].item()
+        (4.0, 2.0)
     """
     dtype = amp_dtype(amp)
     if dtype is torch.float16 and state.scaler is None:
@@ -60,7 +82,7 @@ def forward_loss(
     with context:
         out = loss_fn(state, batch)
     if isinstance(out, Tensor):
-        loss, aux = out, {}
+        loss, aux = out, dict[str, Any]()
     elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
         loss, aux = out
     else:
@@ -95,13 +117,29 @@ def at_least_float32(loss: Tensor) -> Tensor:
 def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> bool:
     """Backpropagate ``loss / every``; True when this micro-step completes an update.
 
-    ``every`` (default ``state.accum``; giving it sets ``state.accum``) micro-
-    steps of equal-sized batches give the same gradient as one batch of
-    their union. The loss goes through ``state.scaler`` when there is one.
-    Gradients are synchronised across ranks only at the boundary: FSDP2 via
-    ``set_requires_gradient_sync``, DDP via ``require_backward_grad_sync``
-    (what ``no_sync`` sets), which DDP reads in the forward pass, so this
-    sets it for the next micro-step and ``forward_loss`` for the current one.
+    ``every`` micro-steps of equal-sized batches give the same gradient as one
+    batch of their union. The loss goes through ``state.scaler`` when there is
+    one. Gradients are synchronised across ranks only at the boundary: FSDP2
+    via ``set_requires_gradient_sync``, DDP via ``require_backward_grad_sync``
+    (what ``no_sync`` sets), which DDP reads in the forward pass, so this sets
+    it for the next micro-step and ``forward_loss`` for the current one.
+
+    Args:
+        state: The loop's state; ``micro_step`` is advanced.
+        loss: The micro-batch's scalar loss (from ``forward_loss``).
+        every: Micro-steps per update (default ``state.accum``; giving it sets ``state.accum``).
+
+    Returns:
+        True when ``apply_update`` is due.
+
+    Raises:
+        ValueError: for ``every`` below 1.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> [accumulate(state, model(torch.ones(1, 2)).sum(), every=2) for _ in range(4)]
+        [False, True, False, True]
     """
     if every is not None:
         _check.integer_at_least("every", every, 1)
@@ -127,10 +165,29 @@ def clip(
     """Clip gradients in place; return their global L2 norm before clipping (a 0-d tensor).
 
     Unscales through ``state.scaler`` first, so the norm is the true one.
-    ``max_norm``: scale all gradients by ``min(1, max_norm / (norm + 1e-6))``
-    (torch's ``clip_grad_norm_``). ``max_value``: then clamp each element to
-    ``[-max_value, max_value]``. Either may be None; with both None this
-    only measures. Multi-tensor (foreach) kernels, no host sync.
+    ``max_norm`` scales all gradients by ``min(1, max_norm / (norm + 1e-6))``
+    (torch's ``clip_grad_norm_``); ``max_value`` then clamps each element to
+    ``[-max_value, max_value]``. With both None this only measures.
+    Multi-tensor (foreach) kernels, no host sync. The norm is kept in
+    ``state.grad_norm`` so ``apply_update`` need not measure again.
+
+    Args:
+        state: The loop's state; its optimizer's gradients are clipped.
+        max_norm: The global norm to clip to, or None.
+        max_value: The largest absolute gradient element, or None.
+
+    Returns:
+        The global gradient norm before clipping.
+
+    Raises:
+        ValueError: for a ``max_norm`` or ``max_value`` that is not positive.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> model.weight.grad = torch.tensor([[3.0, 4.0]])
+        >>> clip(state, max_norm=1.0).item(), [round(g, 4) for g in model.weight.grad[0].tolist()]
+        (5.0, [0.6, 0.8])
     """
     if max_norm is not None:
         _check.at_least("max_norm", max_norm, 0.0)
@@ -164,16 +221,33 @@ def apply_update(
     """Set each group's lr and weight decay, step the optimizer, zero the grads, count the step.
 
     Group ``i`` gets ``lr * group["lr_scale"] * group_scales[i]`` and
-    ``wd * group["wd_scale"]`` (scales default to 1; see
-    ``schedules.param_groups``; ``wd=None`` leaves weight decay alone). A
-    group whose lr is a tensor (for compiled steps) is filled in place.
+    ``wd * group["wd_scale"]`` (scales default to 1; see ``param_groups``;
+    ``wd=None`` leaves weight decay alone). A group whose lr is a tensor (for
+    compiled steps) is filled in place. With ``state.scaler`` the step goes
+    through it, which skips non-finite steps. Without one, ``skip_nonfinite``
+    skips a step whose gradient norm is not finite: sync-free for fused
+    optimizers (the kernel reads a ``found_inf`` flag), one host read
+    otherwise. Skipped steps are counted in ``state.skipped_steps`` and still
+    advance ``state.step``, so the schedules move on as in the reference loops.
 
-    With ``state.scaler`` the step goes through it, which skips non-finite
-    steps. Without one, ``skip_nonfinite`` skips a step whose gradient norm
-    is not finite: sync-free for fused optimizers (the kernel reads a
-    ``found_inf`` flag), with one host read otherwise. Skipped steps are
-    counted in ``state.skipped_steps`` (a tensor) and still advance
-    ``state.step``, so the schedules move on as in the reference loops.
+    Args:
+        state: The loop's state; ``step`` is advanced.
+        lr: The learning rate (``lr_at``).
+        wd: The weight decay (``wd_at``), or None.
+        group_scales: An extra lr factor per parameter group (H-JEPA's head schedules).
+        skip_nonfinite: Skip updates whose gradient norm is inf or NaN.
+
+    Raises:
+        ValueError: when ``group_scales`` does not have one scale per group.
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        >>> model.weight.grad = torch.tensor([[2.0]])
+        >>> apply_update(state, lr=0.25)
+        >>> model.weight.item(), model.weight.grad, state.step
+        (0.5, None, 1)
     """
     optimizer = state.optimizer
     groups = optimizer.param_groups
@@ -195,9 +269,9 @@ def apply_update(
             # try/finally: dynamo cannot resume after the optimizer's own
             # graph break inside one.
             found_inf = (~torch.isfinite(norm)).float()
-            optimizer.found_inf = found_inf
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
             optimizer.step()
-            optimizer.found_inf = None
+            optimizer.found_inf = None  # type: ignore[attr-defined]
         elif bool(torch.isfinite(norm)):  # the one host read; nothing to count on the device
             found_inf = None
             optimizer.step()
@@ -220,10 +294,20 @@ def apply_update(
 
 
 def grad_norm(grads: Sequence[Tensor]) -> Tensor:
-    """Global L2 norm of ``grads`` as a 0-d tensor, at least float32 (multi-tensor kernels).
+    """Global L2 norm of ``grads``, ``sqrt(sum_i ||g_i||^2)``, as a 0-d tensor of at least float32.
 
-    Under FSDP2 the gradients are sharded DTensors; the norm is reduced
-    across ranks (a collective, not a host read).
+    Multi-tensor kernels. Under FSDP2 the gradients are sharded DTensors; the
+    norm is reduced across ranks (a collective, not a host read).
+
+    Args:
+        grads: Gradient tensors (e.g. ``[p.grad for p in params if p.grad is not None]``).
+
+    Returns:
+        The norm (0 for no tensors).
+
+    Example:
+        >>> grad_norm([torch.tensor([3.0]), torch.tensor([[4.0]])])
+        tensor(5.)
     """
     if not grads:
         return torch.zeros(())
@@ -308,7 +392,7 @@ def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
-def fsdp_of(model: nn.Module) -> nn.Module | None:
+def fsdp_of(model: nn.Module) -> Any:
     """The FSDP2 root under any ``torch.compile`` wrapper of ``model``, or None."""
     model = unwrap_compiled(model)
     return model if hasattr(model, "set_requires_gradient_sync") else None

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def sweep(
     metric: str,
     mode: str,
     preset: str | None = None,
-    extra: list[str] = (),
+    extra: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Run every trial in turn; return the results sorted best first (failed ones last)."""
     if not recipe.is_file():
@@ -147,7 +148,7 @@ def sweep(
     if mode not in ("max", "min"):
         raise ValueError(f"mode={mode!r} is not allowed: expected 'max' or 'min'")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict[str, Any]] = []
     for i, params in enumerate(trials):
         run_dir = sweep_dir / f"trial_{i:03d}"
         if run_dir.exists():
@@ -164,8 +165,8 @@ def sweep(
             "wall_s": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
         })
         print(f"trial {i}: {params} -> {metric}={value} ({results[-1]['status']})", flush=True)
-    ranked = sorted(results, key=lambda r: (r["status"] != "ok",
-                                            -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted(results, key=lambda r: (r["status"] != "ok", sign * float(r[metric] or 0)))
     (sweep_dir / "results.json").write_text(json.dumps(
         {"recipe": str(recipe), "metric": metric, "mode": mode, "results": ranked}, indent=2) + "\n")
     return ranked

@@ -119,3 +119,8 @@ def test_variance_covariance_loss_by_hand():
     assert float(v) == pytest.approx(2.0 - 0.01) and float(c) == 0.0
     with pytest.raises(ValueError, match="at least 2 rows"):
         variance_covariance_loss(torch.ones(1, 3))
+
+
+def test_weighted_mse_needs_a_weight():
+    with pytest.raises(ValueError, match="weights is empty"):
+        weighted_mse({"a": torch.zeros(2)}, {"a": torch.zeros(2)}, {})

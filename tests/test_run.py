@@ -62,7 +62,13 @@ def test_params_digest_tells_bit_identical_weights_apart():
 
 def test_summary_is_json(tmp_path):
     write_summary(tmp_path, {"steps": 3, "path": tmp_path, "acc": 0.5})
-    assert json.loads((tmp_path / "summary.json").read_text())["path"] == str(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["path"] == str(tmp_path)
+    env = summary["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    write_summary(tmp_path, {"environment": {"given": 1}})  # one the caller kept is not replaced
+    assert json.loads((tmp_path / "summary.json").read_text())["environment"] == {"given": 1}
 
 
 # --- the example run, as a user runs it ------------------------------------------------------

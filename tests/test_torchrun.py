@@ -139,11 +139,13 @@ def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("preset", ["tiny-cpu", "hjepa", "vit-toy"])
+@pytest.mark.parametrize("preset", ["tiny-cpu", "hjepa", "vit-toy", "timeseries", "text"])
 def test_ijepa_two_ranks(strategy, preset, tmp_path):
     # Under DDP every level's head must get a gradient on every rank (an unused one would hang the
     # all-reduce); under FSDP2 the target encoder's intermediate layers come through forward.
-    run([*TORCHRUN, "recipes/ijepa.py", preset, "--run-dir", str(tmp_path / "run"), "--train.steps", "3",
-         "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console", "--eval.no-linear",
-         "--dist.strategy", strategy])
+    small = {"timeseries": ["--data.name", "GunPoint", "--data.window", "64", "--data.stride", "32"],
+             "text": ["--data.per-topic", "40"]}.get(preset, [])
+    run([*TORCHRUN, "recipes/ijepa.py", preset, *small, "--run-dir", str(tmp_path / "run"),
+         "--train.steps", "3", "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console",
+         "--eval.no-linear", "--dist.strategy", strategy])
     assert summary(tmp_path / "run")["ranks"] == 2

@@ -49,3 +49,8 @@ def test_bad_task_lists_are_refused():
         UncertaintyWeighting(["a", "a"])
     with pytest.raises(ValueError, match=r"no loss for tasks \['b'\]"):
         UncertaintyWeighting(["a", "b"])({"a": torch.tensor(1.0)})
+
+
+def test_fixed_weighting_needs_a_weight():
+    with pytest.raises(ValueError, match="weights is empty"):
+        fixed_weighting({"a": torch.tensor(1.0)}, {})

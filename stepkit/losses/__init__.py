@@ -21,7 +21,12 @@ from stepkit.losses.dino import (
     teacher_temp_at,
     update_center,
 )
-from stepkit.losses.jepa import variance_covariance_loss
+from stepkit.losses.jepa import (
+    jepa_contrastive_loss,
+    jepa_loss,
+    multiscale_jepa_loss,
+    variance_covariance_loss,
+)
 from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
 
@@ -37,6 +42,9 @@ __all__ = [
     "update_center",
     "embedding_mse",
     "info_nce",
+    "jepa_contrastive_loss",
+    "jepa_loss",
+    "multiscale_jepa_loss",
     "similarity_distillation_loss",
     "variance_covariance_loss",
     "autoencoder_fmri_loss",

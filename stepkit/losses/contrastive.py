@@ -30,6 +30,15 @@ class LogitScale(nn.Module):
     below the bound; to follow OpenCLIP exactly, pass a ``max_scale`` it never
     reaches (``1e6``) and clamp after ``apply_update``:
     ``with torch.no_grad(): scale.log_scale.clamp_(0, math.log(100))``.
+
+    Args:
+        init_temperature: The starting temperature, > 0 (the scale starts at its inverse).
+        max_scale: The largest scale ``forward`` returns.
+
+    Example:
+        >>> scale = LogitScale(init_temperature=0.5)
+        >>> round(scale().item(), 4)
+        2.0
     """
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
@@ -48,6 +57,20 @@ def info_nce(queries: Tensor, keys: Tensor, logit_scale: Tensor | float, offset:
 
     ``-1/B sum_i log( exp(s q_i.k_{o+i}) / sum_j exp(s q_i.k_j) )``; ``offset``
     places this rank's rows among keys gathered from all ranks.
+
+    Args:
+        queries: ``(B, D)`` rows, normalised by the caller as wanted.
+        keys: ``(N, D)``, ``N >= offset + B``.
+        logit_scale: The inverse temperature ``s``.
+        offset: Index of row 0's positive among ``keys``.
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Example:
+        >>> q = k = torch.eye(2)
+        >>> round(info_nce(q, k, 1.0).item(), 6)  # -1 + log(e + 1)
+        0.313262
     """
     logits = logit_scale * at_least_float32(queries) @ at_least_float32(keys).T
     targets = torch.arange(offset, offset + len(queries), device=queries.device)
@@ -66,6 +89,21 @@ def clip_loss(
     against all gathered columns (``B x W*B`` logits), which gives the same
     gradient as the full ``W*B x W*B`` matrix on every rank, for ``1/W`` of
     its cost; ``local_loss=False`` computes the full matrix.
+
+    Args:
+        image: ``(B, D)`` image embeddings, L2-normalised by the caller.
+        text: ``(B, D)`` text embeddings, L2-normalised.
+        logit_scale: The inverse temperature (``LogitScale()``).
+        gather: Under torch.distributed, use every rank's rows as negatives.
+        local_loss: Score this rank's rows only (OpenCLIP's), else the full matrix.
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Example:
+        >>> e = torch.eye(2)
+        >>> round(clip_loss(e, e, 1.0).item(), 6)  # both directions as in info_nce
+        0.313262
     """
     if gather and world_size() > 1:
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
@@ -90,6 +128,21 @@ def similarity_distillation_loss(
     the loss is ``T^2 / B sum_i KL(p_teacher_i || p_student_i)`` (Hinton et
     al. 2015: the ``T^2`` keeps gradients comparable across temperatures).
     Zero when the student's similarities equal the teacher's.
+
+    Args:
+        student_queries: ``(B, D)`` student query embeddings.
+        student_keys: ``(N, D)`` student key embeddings.
+        teacher_queries: ``(B, E)`` teacher query embeddings (no gradient needed).
+        teacher_keys: ``(N, E)`` teacher key embeddings.
+        temperature: ``T`` > 0.
+
+    Returns:
+        A 0-d tensor, at least float32, 0 when the similarities agree.
+
+    Example:
+        >>> x = torch.randn(4, 3)
+        >>> similarity_distillation_loss(x, x, x, x).abs().item() < 1e-6
+        True
     """
     _check.at_least("temperature", temperature, 1e-6)
     student = (at_least_float32(student_queries) @ at_least_float32(student_keys).T) / temperature
@@ -100,7 +153,19 @@ def similarity_distillation_loss(
 
 
 def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean squared error between the student's and the teacher's embeddings (same shape)."""
+    """Mean squared error between the student's and the teacher's embeddings (same shape).
+
+    Args:
+        student: Embeddings of any shape.
+        teacher: The teacher's, the same shape.
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Example:
+        >>> embedding_mse(torch.zeros(2, 2), torch.ones(2, 2))
+        tensor(1.)
+    """
     if student.shape != teacher.shape:
         raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
                          f"{tuple(teacher.shape)} must have the same shape")

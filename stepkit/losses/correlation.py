@@ -17,6 +17,19 @@ def pearson_per_voxel(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor
     finite gradient (no NaN): the covariance is exactly 0, and the product
     of the two sums of squares is clamped to at least ``eps**2`` before the
     square root. Computed in at least float32.
+
+    Args:
+        pred: ``(T, V)`` predicted responses, time first.
+        target: ``(T, V)`` measured responses.
+        eps: The floor of the denominator's square root.
+
+    Returns:
+        ``(V,)`` correlations in [-1, 1].
+
+    Example:
+        >>> t = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+        >>> pearson_per_voxel(t, torch.tensor([[0.0, 3.0], [2.0, 2.0], [4.0, 1.0]]))  # 2nd: constant pred
+        tensor([1., 0.])
     """
     if pred.shape != target.shape or pred.ndim < 1:
         raise ValueError(f"pred and target must have the same shape, time first; got {tuple(pred.shape)} "
@@ -32,12 +45,39 @@ def pearson_per_voxel(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor
 
 
 def correlation_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``1 - mean_v r_v``: 0 for perfectly correlated voxels, 2 for anti-correlated; scale invariant."""
+    """``1 - mean_v r_v``: 0 for perfectly correlated voxels, 2 for anti-correlated; scale invariant.
+
+    Args:
+        pred: ``(T, V)`` predicted responses.
+        target: ``(T, V)`` measured responses.
+
+    Returns:
+        A 0-d tensor.
+
+    Example:
+        >>> t = torch.tensor([[0.0], [1.0], [2.0]])
+        >>> correlation_loss(t, -t)
+        tensor(2.)
+    """
     return 1.0 - pearson_per_voxel(pred, target).mean()
 
 
 def voxel_corr_summary(r: Tensor, threshold: float = 0.1, prefix: str = "voxel_corr") -> dict[str, Tensor]:
-    """Mean, median and fraction of voxels with ``r > threshold`` (the field's usual report)."""
+    """Mean, median and fraction of voxels with ``r > threshold`` (the field's usual report).
+
+    Args:
+        r: ``(V,)`` per-voxel correlations (``pearson_per_voxel``).
+        threshold: The correlation a voxel must pass to count.
+        prefix: The keys' prefix.
+
+    Returns:
+        ``{prefix: mean, prefix_median: median, prefix_frac_above: fraction}`` as 0-d tensors.
+
+    Example:
+        >>> out = voxel_corr_summary(torch.tensor([0.0, 0.2, 0.4]))
+        >>> [round(v.item(), 4) for v in out.values()]
+        [0.2, 0.2, 0.6667]
+    """
     _check.in_range("threshold", threshold, -1.0, 1.0)
     return {
         prefix: r.mean(),
@@ -47,7 +87,24 @@ def voxel_corr_summary(r: Tensor, threshold: float = 0.1, prefix: str = "voxel_c
 
 
 def fmri_matching_loss(pred: Tensor, target: Tensor, kind: str = "correlation") -> Tensor:
-    """Match predicted to measured voxel responses: ``"correlation"`` (1 - mean r) or ``"mse"``."""
+    """Match predicted to measured voxel responses: ``"correlation"`` (1 - mean r) or ``"mse"``.
+
+    Args:
+        pred: ``(T, V)`` predicted responses.
+        target: ``(T, V)`` measured responses.
+        kind: ``"correlation"`` or ``"mse"``.
+
+    Returns:
+        A 0-d tensor.
+
+    Raises:
+        ValueError: for another ``kind``.
+
+    Example:
+        >>> t = torch.tensor([[0.0], [2.0]])
+        >>> fmri_matching_loss(t, t + 1, kind="mse"), fmri_matching_loss(t, t + 1)
+        (tensor(1.), tensor(0.))
+    """
     _check.one_of("kind", kind, ("correlation", "mse"))
     if kind == "mse":
         return (at_least_float32(pred) - at_least_float32(target)).square().mean()

@@ -31,6 +31,24 @@ def dino_loss(
         loss = mean over pairs (i, j), i != j, of  mean_b  -sum_k q_i[b, k] log p_j[b, k]
 
     computed as one matrix of all pairs' cross-entropies.
+
+    Args:
+        student_out: ``(S * B, K)`` student logits, view-major.
+        teacher_probs: ``(T * B, K)`` teacher target distributions.
+        student_temp: The student's softmax temperature.
+        n_student_views: ``S``.
+        n_teacher_views: ``T`` (the global crops).
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Raises:
+        ValueError: when the row counts do not match the view counts.
+
+    Example:
+        >>> q = torch.full((4, 2), 0.5)  # 2 teacher views of 2 samples, uniform targets
+        >>> round(dino_loss(torch.zeros(4, 2), q, n_student_views=2).item(), 6)  # log 2
+        0.693147
     """
     log_p = F.log_softmax(at_least_float32(student_out) / student_temp, dim=-1).chunk(n_student_views)
     q = at_least_float32(teacher_probs).chunk(n_teacher_views)
@@ -40,13 +58,38 @@ def dino_loss(
 
 
 def teacher_softmax(teacher_out: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
-    """DINO's teacher targets: ``softmax((t - center) / teacher_temp)``, without gradient."""
+    """DINO's teacher targets: ``softmax((t - center) / teacher_temp)``, without gradient.
+
+    Args:
+        teacher_out: ``(N, K)`` teacher logits.
+        center: ``(1, K)`` or ``(K,)``, the running center (``update_center``).
+        teacher_temp: The temperature (``teacher_temp_at``).
+
+    Returns:
+        ``(N, K)`` rows summing to 1, at least float32.
+
+    Example:
+        >>> teacher_softmax(torch.tensor([[1.0, 1.0]]), torch.zeros(2), 0.04)
+        tensor([[0.5000, 0.5000]])
+    """
     return F.softmax((at_least_float32(teacher_out.detach()) - center) / teacher_temp, dim=-1)
 
 
 @torch.no_grad()
 def update_center(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> None:
-    """``center = m * center + (1 - m) * mean(teacher_out)`` in place; the mean is over all ranks."""
+    """``center = m * center + (1 - m) * mean(teacher_out)`` in place; the mean is over all ranks.
+
+    Args:
+        center: ``(1, K)`` buffer, updated in place.
+        teacher_out: ``(N, K)`` this rank's teacher logits.
+        momentum: ``m``.
+
+    Example:
+        >>> center = torch.zeros(1, 2)
+        >>> update_center(center, torch.tensor([[2.0, 4.0]]), momentum=0.5)
+        >>> center
+        tensor([[1., 2.]])
+    """
     batch = at_least_float32(teacher_out.detach()).sum(dim=0, keepdim=True)
     count = teacher_out.shape[0]
     if dist.is_available() and dist.is_initialized():
@@ -61,6 +104,19 @@ def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps:
     The reference builds the schedule per epoch with ``linspace`` (the last
     warm-up entry already equals ``temp``); this is the same array, read at
     ``step``.
+
+    Args:
+        step: The update (or epoch) to read the schedule at.
+        warmup_temp: The temperature at step 0.
+        temp: The temperature after the warm-up.
+        warmup_steps: Steps of the linear warm-up.
+
+    Returns:
+        The temperature.
+
+    Example:
+        >>> [round(teacher_temp_at(t, warmup_temp=0.04, temp=0.07, warmup_steps=4), 4) for t in range(5)]
+        [0.04, 0.05, 0.06, 0.07, 0.07]
     """
     _check.integer_at_least("warmup_steps", warmup_steps, 0)
     if step >= warmup_steps:
@@ -89,6 +145,22 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
     it equals the plain procedure to rounding where that is finite, and
     stays finite at sharp temperatures where ``exp(t / temp)`` overflows.
     Returns the dtype of ``teacher_out`` promoted to at least float32.
+
+    Args:
+        teacher_out: ``(B, K)`` teacher logits (this rank's rows).
+        teacher_temp: The temperature, > 0.
+        iterations: Alternating normalisations, at least 1.
+
+    Returns:
+        ``(B, K)`` targets, each row summing to 1.
+
+    Raises:
+        ValueError: for a temperature <= 0 or fewer than 1 iteration.
+
+    Example:
+        >>> q = sinkhorn_knopp(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), teacher_temp=1.0)
+        >>> q.sum(dim=1).tolist(), [round(v, 3) for v in q.sum(dim=0).tolist()]  # prototypes used equally
+        ([1.0, 1.0], [1.0, 1.0])
     """
     _check.integer_at_least("iterations", iterations, 0)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -130,6 +202,17 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     backward pass writes one element per row; gathering the neighbours
     (``x[argmax]``) instead accumulates into shared rows, which made CPU
     training differ from run to run.
+
+    Args:
+        x: ``(N, D)`` embeddings (normalised here), ``N >= 2``.
+        eps: The floor of the nearest distance.
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Example:
+        >>> round(koleo_loss(torch.eye(2)).item(), 6)  # -log(sqrt(2))
+        -0.346574
     """
     x = F.normalize(at_least_float32(x), dim=-1, eps=eps)
     dots = x @ x.t()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,6 +19,22 @@ def weighted_mse(
     Returns the weighted total and each modality's unweighted MSE
     (``recon_<m>``), so a log shows which modality is learned. A modality
     with weight 0 is still measured.
+
+    Args:
+        recon: Each modality's reconstruction.
+        target: Each modality's input.
+        weights: The weight of each modality the loss covers (at least one).
+
+    Returns:
+        ``(total, {"recon_<m>": MSE})``.
+
+    Raises:
+        ValueError: for no weights, or a weighted modality missing from ``recon`` or ``target``.
+
+    Example:
+        >>> total, parts = weighted_mse({"a": torch.ones(2)}, {"a": torch.zeros(2)}, {"a": 0.5})
+        >>> total, parts
+        (tensor(0.5000), {'recon_a': tensor(1.)})
     """
     missing = [m for m in weights if m not in recon or m not in target]
     if missing:
@@ -25,7 +42,9 @@ def weighted_mse(
                          f"have {sorted(recon)} and {sorted(target)}")
     parts = {f"recon_{m}": F.mse_loss(at_least_float32(recon[m]), at_least_float32(target[m]))
              for m in weights}
-    total = sum(w * parts[f"recon_{m}"] for m, w in weights.items())
+    if not weights:
+        raise ValueError("weighted_mse: weights is empty; name at least one modality")
+    total = cast(Tensor, sum(w * parts[f"recon_{m}"] for m, w in weights.items()))
     return total, parts
 
 
@@ -43,6 +62,24 @@ def autoencoder_fmri_loss(
 
     Parts: ``fmri`` (the matching term, unweighted), ``recon`` (the weighted
     reconstruction sum) and ``recon_<modality>`` for each modality.
+
+    Args:
+        recon: Each modality's reconstruction.
+        inputs: Each modality's input.
+        fmri_pred: ``(T, V)`` predicted voxel responses.
+        fmri: ``(T, V)`` measured responses.
+        recon_weights: The weight of each modality's reconstruction.
+        fmri_weight: The weight of the matching term.
+        fmri_kind: ``"correlation"`` or ``"mse"`` (``fmri_matching_loss``).
+
+    Returns:
+        ``(total, parts)``.
+
+    Example:
+        >>> t = torch.tensor([[0.0], [1.0]])
+        >>> total, parts = autoencoder_fmri_loss({"a": t}, {"a": t}, t, t, recon_weights={"a": 1.0})
+        >>> total.item(), sorted(parts)
+        (0.0, ['fmri', 'recon', 'recon_a'])
     """
     from stepkit.losses.correlation import fmri_matching_loss
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -14,11 +15,30 @@ from stepkit.step import at_least_float32
 def fixed_weighting(
     losses: Mapping[str, Tensor], weights: Mapping[str, float]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``sum_i w_i L_i``; returns the total and each loss (``loss_<name>``, unweighted)."""
+    """``sum_i w_i L_i``; returns the total and each loss (``loss_<name>``, unweighted).
+
+    Args:
+        losses: Each task's 0-d loss.
+        weights: The weight of each task counted (at least one).
+
+    Returns:
+        ``(total, {"loss_<name>": loss})``.
+
+    Raises:
+        ValueError: for no weights, or a weighted task without a loss.
+
+    Example:
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
+        >>> total, parts = fixed_weighting(losses, {"a": 0.5, "b": 2.0})
+        >>> total
+        tensor(7.)
+    """
     missing = sorted(set(weights) - set(losses))
     if missing:
         raise ValueError(f"fixed_weighting: no loss named {missing}; have {sorted(losses)}")
-    total = sum(w * losses[name] for name, w in weights.items())
+    if not weights:
+        raise ValueError("fixed_weighting: weights is empty; name at least one loss")
+    total = cast(Tensor, sum(w * losses[name] for name, w in weights.items()))
     return total, {f"loss_{name}": losses[name].detach() for name in weights}
 
 
@@ -34,6 +54,18 @@ class UncertaintyWeighting(nn.Module):
     going to zero. Put its parameter in the optimizer with the model's (no
     weight decay). ``forward`` returns the total and, per task, the loss and
     its current weight.
+
+    Args:
+        tasks: The task names, distinct.
+
+    Raises:
+        ValueError: for repeated names, or (in ``forward``) a task without a loss.
+
+    Example:
+        >>> weighting = UncertaintyWeighting(["a", "b"])
+        >>> total, parts = weighting({"a": torch.tensor(2.0), "b": torch.tensor(4.0)})
+        >>> total.item()  # 0.5 * 2 + 0.5 * 4 at s = 0
+        3.0
     """
 
     def __init__(self, tasks: list[str] | tuple[str, ...]) -> None:

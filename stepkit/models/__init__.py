@@ -13,6 +13,7 @@ from stepkit.models.jepa import (
     patch_tokens,
     pooled_patches,
 )
+from stepkit.models.sequence import MaskedTemporalCNN, SequencePredictor, TokenTransformer, sequence_tokens
 from stepkit.models.text import (
     PretrainedTextEncoder,
     TinyTextEncoder,
@@ -20,6 +21,7 @@ from stepkit.models.text import (
     add_lora,
     merge_lora,
     pretrained_tokenizer,
+    pretrained_vocab,
 )
 from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
 
@@ -29,10 +31,13 @@ __all__ = [
     "JEPAPredictor",
     "MaskedBatchNorm2d",
     "MaskedCNN",
+    "MaskedTemporalCNN",
     "MultimodalAutoencoder",
     "PretrainedTextEncoder",
+    "SequencePredictor",
     "SmallCNN",
     "TinyTextEncoder",
+    "TokenTransformer",
     "VisionTransformer",
     "WordTokenizer",
     "add_lora",
@@ -44,5 +49,7 @@ __all__ = [
     "patch_tokens",
     "pooled_patches",
     "pretrained_tokenizer",
+    "pretrained_vocab",
+    "sequence_tokens",
     "sincos_pos_embed_2d",
 ]

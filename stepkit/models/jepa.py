@@ -101,7 +101,8 @@ def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 
     if layers > depth:
         _check.fail("layers", layers, f"at most the encoder's depth, {depth}")
     _, outputs = patch_tokens(encoder, images, layers=tuple(range(depth - layers, depth)))
-    h, w = images.shape[-2] // unwrap(encoder).patch_size, images.shape[-1] // unwrap(encoder).patch_size
+    patch: int = unwrap(encoder).patch_size  # type: ignore[assignment]  # both encoders' int
+    h, w = images.shape[-2] // patch, images.shape[-1] // patch
     pooled = []
     for tokens in outputs:
         b, _, d = tokens.shape
@@ -132,7 +133,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     whole images, which its EMA target then uses.
     """
 
-    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
         if visible is None or not self.training:
             return super().forward(x)
         dtype = x.dtype
@@ -143,6 +144,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         centred = x - mean[None, :, None, None]
         var = (centred.square() * v).sum(dim=(0, 2, 3)) / n
         if self.track_running_stats and self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -306,14 +308,22 @@ def patch_tokens(
 
 
 def encoder_depth(encoder: nn.Module) -> int:
-    """Blocks of a ViT, stages of a ``MaskedCNN``: what ``patch_tokens(layers=...)`` counts."""
-    encoder = unwrap(encoder)
-    return len(encoder.blocks) if isinstance(encoder, VisionTransformer) else len(encoder.convs)
+    """Blocks of a ViT, stages of a ``MaskedCNN`` (or of a sequence encoder): what ``layers=`` counts."""
+    return len(_layer_widths(encoder))
 
 
 def layer_dims(encoder: nn.Module, layers: tuple[int, ...]) -> list[int]:
-    """The width of each of ``layers`` (0-based) of a ViT or ``MaskedCNN``."""
+    """The width of each of ``layers`` (0-based) of a ViT, a ``MaskedCNN`` or a sequence encoder."""
+    widths = _layer_widths(encoder)
+    return [widths[i] for i in layers]
+
+
+def _layer_widths(encoder: nn.Module) -> tuple[int, ...]:
     encoder = unwrap(encoder)
     if isinstance(encoder, VisionTransformer):
-        return [encoder.dim] * len(layers)
-    return [encoder.widths[i] for i in layers]
+        return (encoder.dim,) * len(encoder.blocks)
+    widths = getattr(encoder, "widths", None)
+    if not isinstance(widths, tuple):
+        raise TypeError(f"expected a VisionTransformer, MaskedCNN or sequence encoder (with .widths), "
+                        f"got {type(encoder).__name__}")
+    return widths

@@ -114,6 +114,12 @@ def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
     return tokenize
 
 
+def pretrained_vocab(path: str | None = None) -> tuple[int, int, list[int]]:
+    """The pretrained tokenizer's ``(vocab_size, mask_id, special_ids)``: what BERT-style masking needs."""
+    tokenizer = text_extra("transformers").AutoTokenizer.from_pretrained(path or minilm_path())
+    return len(tokenizer), int(tokenizer.mask_token_id), [int(i) for i in tokenizer.all_special_ids]
+
+
 def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: Sequence[str] = ("query", "value")) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters on the modules named ``targets``; only the adapters train.
@@ -140,4 +146,4 @@ def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: floa
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the LoRA adapters into the base weights (``W + (alpha / r) B A``); return the plain model."""
-    return model.merge_and_unload()
+    return model.merge_and_unload()  # type: ignore[operator]  # a peft model's method

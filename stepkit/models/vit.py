@@ -8,6 +8,7 @@ the presets match the papers' parameter counts (ViT-S/16: 21.7M).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -212,8 +213,8 @@ class VisionTransformer(nn.Module):
         if return_layers:
             out, layers = self.tokens(x, keep=keep, return_layers=return_layers)
             return (out if all_tokens else out[:, 0]), layers
-        out = self.tokens(x, keep=keep)
-        return out if all_tokens else out[:, 0]
+        tokens = cast(Tensor, self.tokens(x, keep=keep))
+        return tokens if all_tokens else tokens[:, 0]
 
 
 def _init_weights(module: nn.Module) -> None:
