@@ -22,18 +22,34 @@ from pathlib import Path
 
 
 def recipe_dir() -> Path:
-    """The folder of the installed recipes (``stepkit.recipes``)."""
+    """The folder of the installed recipes (``stepkit.recipes``).
+
+    Example:
+        >>> (recipe_dir() / "dino.py").is_file()
+        True
+    """
     import stepkit.recipes
 
     return Path(stepkit.recipes.__file__).parent
 
 
 def recipe_names() -> list[str]:
+    """The installed recipes' names.
+
+    Example:
+        >>> "ijepa" in recipe_names()
+        True
+    """
     return sorted(p.stem for p in recipe_dir().glob("*.py") if not p.name.startswith("_"))
 
 
 def recipe_path(name: str) -> Path:
-    """The installed recipe ``name`` (``dino`` or ``dino.py``); an unknown name: a ValueError listing them."""
+    """The installed recipe ``name`` (``dino`` or ``dino.py``); an unknown name: a ValueError listing them.
+
+    Example:
+        >>> recipe_path("dino.py").name
+        'dino.py'
+    """
     stem = name.removesuffix(".py")
     path = recipe_dir() / f"{stem}.py"
     if stem.startswith("_") or not path.is_file():
@@ -42,7 +58,13 @@ def recipe_path(name: str) -> Path:
 
 
 def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
-    """A recipe's first docstring line and its presets ``(name, description)``, read without importing it."""
+    """A recipe's first docstring line and its presets ``(name, description)``, read without importing it.
+
+    Example:
+        >>> summary, presets = describe(recipe_path("ijepa"))
+        >>> "timeseries" in [name for name, _ in presets]
+        True
+    """
     tree = ast.parse(path.read_text(encoding="utf-8"))
     doc = (ast.get_docstring(tree) or "").strip().splitlines()
     presets: list[tuple[str, str]] = []
@@ -60,6 +82,12 @@ def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
 
 
 def list_recipes() -> str:
+    """What ``stepkit ls`` prints: each recipe with its first docstring line, then its presets.
+
+    Example:
+        >>> print(list_recipes())  # doctest: +ELLIPSIS
+        autoencoder: ...
+    """
     lines = []
     for name in recipe_names():
         summary, presets = describe(recipe_dir() / f"{name}.py")
@@ -72,7 +100,13 @@ def list_recipes() -> str:
 
 def copy_recipe(name: str, dest: str | Path, *, force: bool = False) -> Path:
     """Copy recipe ``name`` to ``dest`` (a file, or a folder to put ``<name>.py`` in); never over a file
-    unless ``force``."""
+    unless ``force``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> copy_recipe("dino", pathlib.Path(tempfile.mkdtemp())).name
+        'dino.py'
+    """
     source = recipe_path(name)
     target = Path(dest)
     if target.is_dir():
@@ -86,7 +120,12 @@ def copy_recipe(name: str, dest: str | Path, *, force: bool = False) -> Path:
 
 
 def load_recipe(path: Path):
-    """Import a recipe file as a module (``Config``, ``PRESETS``, ``main``, ...)."""
+    """Import a recipe file as a module (``Config``, ``PRESETS``, ``main``, ...).
+
+    Example:
+        >>> "timeseries" in load_recipe(recipe_path("ijepa")).PRESETS
+        True
+    """
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"stepkit_recipe_{path.stem}", path)
@@ -99,7 +138,14 @@ def load_recipe(path: Path):
 
 
 def write_config(name: str, dest: str | Path, *, preset: str | None = None, force: bool = False) -> Path:
-    """A recipe's preset (default: its first) as a commented YAML file for ``--config``."""
+    """A recipe's preset (default: its first) as a commented YAML file for ``--config``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = write_config("ijepa", pathlib.Path(tempfile.mkdtemp()) / "ts.yaml", preset="timeseries")
+        >>> "kind: timeseries" in path.read_text()
+        True
+    """
     from stepkit.run import config_yaml
 
     module = load_recipe(recipe_path(name))
@@ -119,12 +165,26 @@ def write_config(name: str, dest: str | Path, *, preset: str | None = None, forc
 
 
 def run_recipe(path: Path, args: list[str]) -> None:
-    """Run a recipe file as its own script (``__main__``), with ``args`` as its command line."""
+    """Run a recipe file as its own script (``__main__``), with ``args`` as its command line.
+
+    Raises:
+        SystemExit: with the recipe's exit code.
+    """
     sys.argv = [str(path), *args]
     runpy.run_path(str(path), run_name="__main__")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``stepkit ls | cp | run`` (also ``python -m stepkit``); returns the exit code.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+
+    Example:
+        >>> main(["ls"])  # doctest: +ELLIPSIS
+        autoencoder: ...
+        0
+    """
     parser = argparse.ArgumentParser(prog="stepkit", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:6]))

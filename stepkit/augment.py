@@ -50,7 +50,24 @@ def random_resized_crop(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """A random crop per image (area fraction in ``scale``, aspect in ``ratio``), resized to ``size``,
-    mirrored left-right with probability ``flip_p``; one ``grid_sample`` for the batch."""
+    mirrored left-right with probability ``flip_p``; one ``grid_sample`` for the batch.
+
+    Args:
+        images: ``(B, C, H, W)`` floats.
+        size: The output side.
+        scale: The crop's area as a fraction of the image's, drawn per image.
+        ratio: The crop's width / height, log-uniform per image.
+        flip_p: The chance of a left-right mirror.
+        generator: The draw.
+
+    Returns:
+        ``(B, C, size, size)``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> random_resized_crop(torch.rand(2, 3, 32, 32), 16, generator=g).shape
+        torch.Size([2, 3, 16, 16])
+    """
     b, _, h, w = images.shape
     area = _uniform(b, *scale, generator)
     aspect = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator))
@@ -85,7 +102,25 @@ def color_jitter(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """With probability ``p`` per image: brightness, contrast, saturation (factors in ``1 ± x``) and
-    hue (shift in ``± hue`` turns); saturation and hue only for 3-channel images."""
+    hue (shift in ``± hue`` turns); saturation and hue only for 3-channel images.
+
+    Args:
+        images: ``(B, C, H, W)`` in [0, 1].
+        p: The chance an image is jittered.
+        brightness: Brightness factors in ``1 ± brightness``.
+        contrast: Contrast factors in ``1 ± contrast``.
+        saturation: Saturation factors in ``1 ± saturation`` (3 channels).
+        hue: Hue shifts in ``± hue`` turns (3 channels).
+        generator: The draw.
+
+    Returns:
+        The jittered images, clamped to [0, 1].
+
+    Example:
+        >>> out = color_jitter(torch.rand(2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+        >>> out.shape, bool(out.min() >= 0 and out.max() <= 1)
+        (torch.Size([2, 3, 4, 4]), True)
+    """
     b = images.shape[0]
     on = _chance(b, p, generator)
 
@@ -119,7 +154,21 @@ def _rotate_hue(x: Tensor, turns: Tensor) -> Tensor:
 
 
 def random_grayscale(images: Tensor, *, p: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
-    """Replace an image by its luminance (all channels) with probability ``p``."""
+    """Replace an image by its luminance (all channels) with probability ``p``.
+
+    Args:
+        images: ``(B, C, H, W)``.
+        p: The chance per image.
+        generator: The draw.
+
+    Returns:
+        The images, some grey in every channel.
+
+    Example:
+        >>> grey = random_grayscale(torch.rand(1, 3, 2, 2), p=1.0)
+        >>> torch.allclose(grey[:, 0], grey[:, 2])
+        True
+    """
     on = _chance(images.shape[0], p, generator).to(images.device).view(-1, 1, 1, 1)
     return torch.where(on, _gray(images).expand_as(images), images)
 
@@ -132,7 +181,24 @@ def gaussian_blur(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Blur with probability ``p`` per image, ``sigma`` (pixels) drawn per image; separable, one
-    grouped convolution per direction for the whole batch."""
+    grouped convolution per direction for the whole batch.
+
+    Args:
+        images: ``(B, C, H, W)``.
+        p: The chance per image.
+        sigma: ``(low, high)`` of the blur's sigma in pixels.
+        generator: The draw.
+
+    Returns:
+        The images, some blurred.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 9, 9)
+        >>> x[0, 0, 4, 4] = 1.0
+        >>> blurred = gaussian_blur(x, p=1.0, sigma=(1.0, 1.0))
+        >>> round(blurred.sum().item(), 4), bool(blurred[0, 0, 4, 4] < 1)  # mass kept, spread out
+        (1.0, True)
+    """
     b, c, h, w = images.shape
     on = _chance(b, p, generator)
     sigmas = _uniform(b, *sigma, generator)
@@ -151,14 +217,35 @@ def gaussian_blur(
 
 def solarize(images: Tensor, *, p: float = 0.2, threshold: float = 0.5,
              generator: torch.Generator | None = None) -> Tensor:
-    """With probability ``p`` per image, invert the pixels at or above ``threshold``."""
+    """With probability ``p`` per image, invert the pixels at or above ``threshold``.
+
+    Args:
+        images: ``(B, C, H, W)`` in [0, 1].
+        p: The chance per image.
+        threshold: Pixels at or above it become ``1 - x``.
+        generator: The draw.
+
+    Returns:
+        The images, some solarised.
+
+    Example:
+        >>> solarize(torch.tensor([[[[0.2, 0.9]]]]), p=1.0)
+        tensor([[[[0.2000, 0.1000]]]])
+    """
     on = _chance(images.shape[0], p, generator).to(images.device).view(-1, 1, 1, 1)
     return torch.where(on & (images >= threshold), 1.0 - images, images)
 
 
 @dataclass
 class MultiCrop:
-    """DINO's multi-crop recipe: 2 global and ``local_crops`` local views per image."""
+    """DINO's multi-crop recipe: 2 global and ``local_crops`` local views per image.
+
+    Example:
+        >>> cfg = MultiCrop(global_size=16, local_size=8, local_crops=2)
+        >>> views = multi_crop(torch.rand(2, 3, 32, 32), cfg)
+        >>> [tuple(v.shape) for v in views]
+        [(2, 3, 16, 16), (2, 3, 16, 16), (2, 3, 8, 8), (2, 3, 8, 8)]
+    """
 
     global_size: int = 224
     local_size: int = 96
@@ -194,7 +281,20 @@ class MultiCrop:
 
 def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None = None) -> list[Tensor]:
     """``2 + cfg.local_crops`` augmented views of a batch, global ones first (DINO's defaults:
-    blur 1.0 / 0.1 / 0.5 and solarisation 0 / 0.2 / 0 for global 1 / global 2 / locals)."""
+    blur 1.0 / 0.1 / 0.5 and solarisation 0 / 0.2 / 0 for global 1 / global 2 / locals).
+
+    Args:
+        images: ``(B, C, H, W)`` in [0, 1].
+        cfg: The views' settings.
+        generator: The draw.
+
+    Returns:
+        ``2 + cfg.local_crops`` tensors, the global views first (see ``MultiCrop``'s example).
+
+    Example:
+        >>> len(multi_crop(torch.rand(1, 3, 32, 32), MultiCrop(global_size=16, local_size=8, local_crops=3)))
+        5
+    """
     views = []
     g1, g2, local = cfg.blur_p
     plan = [
@@ -215,12 +315,22 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
 
 
 def to_unit(images: Tensor) -> Tensor:
-    """Decoded uint8 images to floats in [0, 1]; float images pass through."""
+    """Decoded uint8 images to floats in [0, 1]; float images pass through.
+
+    Example:
+        >>> to_unit(torch.tensor([0, 255], dtype=torch.uint8))
+        tensor([0., 1.])
+    """
     return images.float() / 255 if images.dtype == torch.uint8 else images
 
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """``(x - mean) / std`` per channel."""
+    """``(x - mean) / std`` per channel.
+
+    Example:
+        >>> normalize(torch.ones(1, 1, 2, 2), (0.5,), (0.5,)).flatten().tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - m) / s

@@ -39,7 +39,18 @@ _PERIODIC = re.compile(r"step_(\d{8,})(?:\.rank\d+\.rng)?\.(?:pt|dcp)")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unsafe, corrupt, or from another model."""
+    """A checkpoint that cannot be used: missing, unsafe, corrupt, or from another model.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "torn.pt"
+        >>> _ = path.write_bytes(b"not a checkpoint")
+        >>> try:
+        ...     load_checkpoint(path)
+        ... except CheckpointError as err:
+        ...     print(str(err).startswith(str(path)))
+        True
+    """
 
 
 def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
@@ -51,6 +62,14 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
     rank's augmentation stream; a sharded model (FSDP2) goes to a
     ``torch.distributed.checkpoint`` folder instead (``last.dcp/``, see
     ``save_sharded``). In a world of one it is a plain file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=7)
+        >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "x.pt", state)
+        >>> load_checkpoint(path)["state"]["step"]
+        7
     """
     if dist.is_sharded(state.model):
         return save_sharded(Path(path).with_suffix(SHARDED_SUFFIX), state, meta=meta)
@@ -70,7 +89,13 @@ def _rank_rng_path(path: Path, rank: int) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``; refuse anything unsafe or broken."""
+    """Read a checkpoint on the CPU with ``weights_only=True``; refuse anything unsafe or broken.
+
+    Raises:
+        CheckpointError: naming the file, for a missing, truncated or unsafe (code-running) one.
+
+    Example: see ``save_checkpoint``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -93,7 +118,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
-    """Load a checkpoint's state into ``state`` after checking it fits the model and target."""
+    """Load a checkpoint's state into ``state`` after checking it fits the model and target.
+
+    Raises:
+        CheckpointError: naming ``path``, for missing or unexpected keys or a shape mismatch.
+    """
     saved = payload["state"]
     _check_fits(path, "model", unwrap(state.model).state_dict(), saved.get("model", {}))
     if state.target is not None and "target" in saved:
@@ -118,6 +147,19 @@ def resume(
     reshard to, or into a single process. An unreadable ``last.pt`` raises
     ``CheckpointError`` naming the newest checkpoint beside it that still
     loads (to pass as ``checkpoint``, the recipes' ``--resume-from``).
+
+    Example:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> folder = tempfile.mkdtemp()
+        >>> resume(folder, state)  # nothing saved yet: start fresh
+        False
+        >>> state.step = 3
+        >>> _ = save_last(folder, state)
+        >>> state.step = 0
+        >>> resume(folder, state), state.step
+        (True, 3)
     """
     ckpt_dir = Path(ckpt_dir)
     if checkpoint is not None:
@@ -209,14 +251,20 @@ def _few(names: list[str], n: int = 8) -> str:
 
 
 def save_last(ckpt_dir: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
-    """Save ``ckpt_dir/last.pt``."""
+    """Save ``ckpt_dir/last.pt``.
+
+    Example: see ``resume``.
+    """
     return save_checkpoint(Path(ckpt_dir) / LAST, state, meta=meta)
 
 
 def save_periodic(
     ckpt_dir: str | os.PathLike, state: TrainState, *, keep_last: int, meta: dict | None = None
 ) -> Path:
-    """Save ``step_<step>.pt`` and delete the periodic saves older than the last ``keep_last``."""
+    """Save ``step_<step>.pt`` and delete the periodic saves older than the last ``keep_last``.
+
+    Example: see ``maybe_save``, which calls it.
+    """
     _check.integer_at_least("keep_last", keep_last, 1)
     path = save_checkpoint(_periodic_path(ckpt_dir, state.step), state, meta=meta)
     if dist.is_main():
@@ -281,6 +329,17 @@ def save_best(
     or None when ``value`` did not make the cut. The checkpoint is written
     before the index, so a crash between the two leaves an extra file, never
     an index entry without its file.
+
+    Example:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> folder = tempfile.mkdtemp()
+        >>> for step, acc in [(1, 0.5), (2, 0.7), (3, 0.6)]:
+        ...     state.step = step
+        ...     _ = save_best(folder, state, acc, keep_best=2, mode="max")
+        >>> [(e["step"], e["value"]) for e in best_checkpoints(folder)]
+        [(2, 0.7), (3, 0.6)]
     """
     _check.integer_at_least("keep_best", keep_best, 1)
     _check.one_of("mode", mode, ("min", "max"))
@@ -304,7 +363,10 @@ def save_best(
 
 
 def best_checkpoints(ckpt_dir: str | os.PathLike) -> list[dict]:
-    """The kept best checkpoints, best first: ``[{"file", "step", "value"}, ...]``."""
+    """The kept best checkpoints, best first: ``[{"file", "step", "value"}, ...]``.
+
+    Example: see ``save_best``.
+    """
     index = Path(ckpt_dir) / BEST_INDEX
     if not index.exists():
         return []
@@ -335,6 +397,14 @@ def maybe_save(
     """Every ``every`` updates: save ``last.pt`` and a periodic ``step_<step>.pt`` (last ``keep_last`` kept).
 
     Call it after ``apply_update``; ``every=0`` never saves. Returns whether it saved.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=10)
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> maybe_save(folder, state, every=5), sorted(p.name for p in folder.iterdir())
+        (True, ['last.pt', 'step_00000010.pt'])
     """
     _check.integer_at_least("every", every, 0)
     _check.integer_at_least("keep_last", keep_last, 0)

@@ -30,6 +30,21 @@ def load_fmri_npz(path: str | os.PathLike, *, min_time_points: int = 50) -> dict
     Raises ``ValueError`` naming the file and the array for a missing file or
     array, an array that is not 2-D (time, features), lengths that differ,
     too few time points, or NaN / infinite values.
+
+    Args:
+        path: The ``.npz`` file.
+        min_time_points: The fewest time points allowed.
+
+    Returns:
+        ``{"video", "audio", "text", "fmri"}`` as float32 ``(time, features)`` arrays.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.npz"
+        >>> np.savez(path, video=np.zeros((60, 4)), audio=np.zeros((60, 2)), text=np.zeros((60, 3)),
+        ...          fmri=np.zeros((60, 10)))
+        >>> load_fmri_npz(path)["fmri"].shape
+        (60, 10)
     """
     path = Path(path)
     if path.is_dir():
@@ -159,6 +174,21 @@ def time_blocks(
     A sample at time t reads the features of ``t - window + 1 .. t``, so each
     block drops its first ``window - 1`` points: no sample of one block sees
     a time point of another, and no split leaks into the next.
+
+    Args:
+        time_points: The series' length.
+        fractions: The train / validation / test shares, positive, summing to 1.
+        window: Time points each sample reads.
+
+    Returns:
+        ``(train, validation, test)`` index arrays.
+
+    Raises:
+        ValueError: for fractions that do not sum to 1, or a block left with fewer than 2 samples.
+
+    Example:
+        >>> [b.tolist() for b in time_blocks(20, (0.6, 0.2, 0.2), window=2)]  # each drops its first point
+        [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [13, 14, 15], [17, 18, 19]]
     """
     _check.integer_at_least("window", window, 1)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
@@ -263,7 +293,15 @@ class UnreadableImage(ValueError):
 
 
 def unreadable_image(path: str | os.PathLike) -> str | None:
-    """Why Pillow cannot read ``path`` as an image (opened and verified), or None if it can."""
+    """Why Pillow cannot read ``path`` as an image (opened and verified), or None if it can.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
+        >>> _ = path.write_bytes(b"not an image")
+        >>> unreadable_image(path) is not None
+        True
+    """
     from PIL import Image
 
     try:
@@ -302,6 +340,12 @@ class ResumableSampler:
     and ``e``, so every rank and every resumed run sees the same order; rank
     ``r`` of ``world`` takes every ``world``-th index (the epoch is cut to a
     multiple of ``world``). Infinite: it runs over epoch after epoch.
+
+    Example:
+        >>> from itertools import islice
+        >>> whole = list(islice(ResumableSampler(6, seed=1), 6))  # it never ends: epoch after epoch
+        >>> list(islice(ResumableSampler(6, seed=1, start=4), 2)) == whole[4:6]  # a resumed run continues
+        True
     """
 
     def __init__(self, n: int, *, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1) -> None:

@@ -45,6 +45,11 @@ def synthetic_fmri(
     express), convolved in time with ``HRF``, standardised, plus
     ``fmri_noise``. ``fmri_clean`` (no noise) is included, so the noise
     ceiling can be reported.
+
+    Example:
+        >>> data = synthetic_fmri(time_points=200, voxels=5)
+        >>> data["video"].shape, data["audio"].shape, data["text"].shape, data["fmri"].shape
+        ((200, 64), (200, 32), (200, 48), (200, 5))
     """
     _check.integer_at_least("time_points", time_points, 100)
     _check.integer_at_least("voxels", voxels, 1)
@@ -95,6 +100,11 @@ def digits_canvas(
     ``noise`` is added and values clipped to [0, 1]. A seeded permutation
     splits train / held-out. Returns ``train_images``, ``train_labels``,
     ``test_images``, ``test_labels`` (images ``(N, 1, size, size)`` float32).
+
+    Example:
+        >>> data = digits_canvas(size=32)
+        >>> data["train_images"].shape, data["test_images"].shape
+        (torch.Size([1438, 1, 32, 32]), torch.Size([359, 1, 32, 32]))
     """
     import torch
     import torch.nn.functional as F
@@ -148,6 +158,12 @@ def digits_captioned(
     size)`` float32, ``train_captions``/``test_captions`` (lists of str),
     ``train_caption_ids``/``test_caption_ids`` (int64; equal ids = equal
     captions, across both splits) and ``train_labels``/``test_labels``.
+
+    Example:
+        >>> data = digits_captioned()
+        >>> captions = data["train_captions"]
+        >>> len(captions) == len(data["train_images"]), captions[0].startswith("a ")
+        (True, True)
     """
     import torch
     import torch.nn.functional as F
@@ -279,6 +295,11 @@ def ucr_uea(name: str) -> dict[str, Any]:
 
     Raises:
         ValueError: for an unknown name (listing them) or no sktime / aeon installed.
+
+    Example:
+        >>> data = ucr_uea("GunPoint")
+        >>> len(data["train_series"]), data["train_series"][0].shape, data["classes"]
+        (50, (1, 150), ['1', '2'])
     """
     _check.one_of("data.name", name, UCR_UEA)
     folder = ucr_uea_dir() / name
@@ -317,6 +338,11 @@ def chat_topics(topics: tuple[str, ...] = CHAT_TOPICS, *, per_topic: int = 200, 
 
     Raises:
         ValueError: when the package is not installed (naming the extra) or a topic does not exist.
+
+    Example:
+        >>> data = chat_topics(("ai", "trivia"), per_topic=50)
+        >>> len(data["train_texts"]), len(data["test_texts"]), data["classes"]
+        (70, 30, ['ai', 'trivia'])
     """
     import importlib.util
 

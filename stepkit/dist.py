@@ -28,7 +28,12 @@ Strategy = Literal["ddp", "fsdp"]
 
 @dataclass
 class DistConfig:
-    """``--dist.strategy``: how a run launched by torchrun shares the work (ignored otherwise)."""
+    """``--dist.strategy``: how a run launched by torchrun shares the work (ignored otherwise).
+
+    Example:
+        >>> DistConfig().strategy
+        'ddp'
+    """
 
     strategy: Strategy = "ddp"
     """ddp: a full replica per rank, gradients all-reduced; fsdp: FSDP2, parameters, gradients and
@@ -39,7 +44,12 @@ class DistConfig:
 
 
 def launched_by_torchrun() -> bool:
-    """True when the environment holds torchrun's rank variables."""
+    """True when the environment holds torchrun's rank variables.
+
+    Example:
+        >>> launched_by_torchrun()  # a plain python process
+        False
+    """
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -49,6 +59,16 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
     ``device_type``: ``"cuda"`` binds the process to GPU ``LOCAL_RANK`` and
     uses nccl; ``"cpu"`` uses gloo. Not under torchrun (or already
     initialised): no process group is created and the device is returned.
+
+    Args:
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (nccl, GPU ``LOCAL_RANK``).
+
+    Returns:
+        This process's device.
+
+    Example:
+        >>> init_from_env("cpu"), world_size()  # not under torchrun: a world of one
+        (device(type='cpu'), 1)
     """
     if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -68,29 +88,61 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
 
 
 def is_initialized() -> bool:
+    """Whether a torch.distributed process group exists.
+
+    Example:
+        >>> is_initialized()
+        False
+    """
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank, 0 outside a process group.
+
+    Example:
+        >>> rank()
+        0
+    """
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes, 1 outside a process group.
+
+    Example:
+        >>> world_size()
+        1
+    """
     return dist.get_world_size() if is_initialized() else 1
 
 
 def is_main() -> bool:
-    """Rank 0, or the only process: the one that logs and writes the run's files."""
+    """Rank 0, or the only process: the one that logs and writes the run's files.
+
+    Example:
+        >>> is_main()
+        True
+    """
     return rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every rank; a no-op outside a process group.
+
+    Example:
+        >>> barrier()
+    """
     if is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
-    """Leave the process group (after a last barrier, so no rank exits while others still talk)."""
+    """Leave the process group (after a last barrier, so no rank exits while others still talk).
+
+    Example:
+        >>> shutdown()  # nothing to leave in a world of one
+    """
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -98,7 +150,12 @@ def shutdown() -> None:
 
 
 def same_on_all_ranks(text: str) -> bool:
-    """Whether every rank passed the same string (compared through its SHA-256; True in a world of one)."""
+    """Whether every rank passed the same string (compared through its SHA-256; True in a world of one).
+
+    Example:
+        >>> same_on_all_ranks("config digest")
+        True
+    """
     if not is_initialized() or world_size() == 1:
         return True
     import hashlib
@@ -117,6 +174,10 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     DDP does this before each forward; FSDP2 leaves each rank's buffers to
     drift apart on its own data, so a checkpoint or an evaluation needs
     one agreed copy.
+
+    Example:
+        >>> norm = torch.nn.BatchNorm1d(2)
+        >>> broadcast_buffers(norm)  # a world of one: unchanged
     """
     if is_initialized() and world_size() > 1:
         for buffer in model.buffers():
@@ -124,7 +185,12 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over ranks, in place (and returned); a no-op in a world of one."""
+    """The mean of ``tensor`` over ranks, in place (and returned); a no-op in a world of one.
+
+    Example:
+        >>> all_reduce_mean(torch.tensor([1.0, 3.0]))
+        tensor([1., 3.])
+    """
     if is_initialized() and world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world_size())
@@ -154,6 +220,11 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     to this rank's rows, so after DDP averages the parameter gradients they
     are those of the mean of all ranks' losses, as if one process had seen
     the whole gathered batch. A world of one returns ``x`` itself.
+
+    Example:
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> all_gather_with_grad(x).shape  # a world of one: x itself
+        torch.Size([2, 3])
     """
     if not is_initialized() or world_size() == 1:
         return x
@@ -182,6 +253,22 @@ def parallelize(
     loss uses outside the module's forward, like a logit scale): they stay
     plain replicated tensors; average their gradients yourself with
     ``all_reduce_mean`` before the update.
+
+    Args:
+        model: The module to wrap.
+        strategy: ``"ddp"`` or ``"fsdp"``.
+        device: This rank's device.
+        shard: ``model -> modules`` to shard on their own under FSDP2 (inner first).
+        param_dtype: FSDP2's compute dtype (mixed precision).
+        ignore: Parameters DDP should not synchronise.
+
+    Returns:
+        The wrapped model (``model`` itself in a world of one).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> parallelize(model, "ddp", torch.device("cpu")) is model
+        True
     """
     _check.one_of("strategy", strategy, ("ddp", "fsdp"))
     if not is_initialized() or world_size() == 1:
@@ -218,11 +305,20 @@ def dtensor_type() -> type | None:
     Looked up, not imported: a DTensor can only exist once its module is
     loaded, and importing it costs about half a second that a run without
     FSDP (and ``import stepkit``) should not pay.
+
+    Example:
+        >>> dtensor_type() is None or dtensor_type().__name__ == "DTensor"
+        True
     """
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when ``model``'s parameters are FSDP2 shards (DTensors)."""
+    """True when ``model``'s parameters are FSDP2 shards (DTensors).
+
+    Example:
+        >>> is_sharded(torch.nn.Linear(2, 1))
+        False
+    """
     dtensor = dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())

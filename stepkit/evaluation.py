@@ -22,7 +22,10 @@ DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
 @dataclass
 class RidgeFit:
-    """A ridge regression fitted by ``ridge_regression``: predict with ``fit(x)``."""
+    """A ridge regression fitted by ``ridge_regression``: predict with ``fit(x)``.
+
+    Example: see ``ridge_regression``.
+    """
 
     weights: Tensor
     intercept: Tensor

@@ -30,7 +30,12 @@ from stepkit.step import amp_dtype, at_least_float32, ddp_of, device_type_of, fs
 
 
 def split_batch(batch: Any, chunk: int) -> list[Any]:
-    """Split a tensor, or a dict / list / tuple of tensors (dim 0 = rows), into chunks of ``chunk`` rows."""
+    """Split a tensor, or a dict / list / tuple of tensors (dim 0 = rows), into chunks of ``chunk`` rows.
+
+    Example:
+        >>> [part["x"].shape[0] for part in split_batch({"x": torch.zeros(5, 2), "y": torch.zeros(5)}, 2)]
+        [2, 2, 1]
+    """
     if isinstance(batch, Tensor):
         return list(batch.split(chunk))
     if isinstance(batch, dict):

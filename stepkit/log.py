@@ -34,7 +34,10 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class LogConfig:
-    """Where and how often metrics go (``--log.every``, ``--log.tensorboard``, ``--log.wandb``)."""
+    """Where and how often metrics go (``--log.every``, ``--log.tensorboard``, ``--log.wandb``).
+
+    Example: see ``Logger``.
+    """
 
     every: int = 10
     """Optimizer updates between two log events (each logs the interval's mean)."""
@@ -62,6 +65,15 @@ class Logger:
     logger (``start_step > 0``) drops the ``metrics.jsonl`` lines and
     TensorBoard events past ``start_step`` (written by the run that died
     after its last checkpoint), so the history reads as one run.
+
+    Example:
+        >>> import tempfile
+        >>> log = Logger(tempfile.mkdtemp(), LogConfig(every=2, console=False), total_steps=4)
+        >>> log({"loss": torch.tensor(1.0)}, step=1) is None  # mid-interval: nothing read yet
+        True
+        >>> log({"loss": torch.tensor(3.0)}, step=2)["loss"]  # the interval's mean
+        2.0
+        >>> log.close()
     """
 
     def __init__(
@@ -347,7 +359,15 @@ class _WandbSink(_Sink):
 
 
 def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (or of that file given directly), in order."""
+    """The records of ``run_dir/metrics.jsonl`` (or of that file given directly), in order.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\\n{"step": 2, "loss": 1.0}\\n')
+        >>> metric_history(read_history(run), "loss")
+        ([1, 2], [2.0, 1.0])
+    """
     path = Path(run_dir)
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.exists():
@@ -356,7 +376,13 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def metric_history(records: Sequence[Mapping[str, Any]], name: str) -> tuple[list[int], list[float]]:
-    """Steps and values of one metric from ``read_history``'s records (records without it skipped)."""
+    """Steps and values of one metric from ``read_history``'s records (records without it skipped).
+
+    Example:
+        >>> records = [{"step": 1, "loss": 2.0}, {"step": 2, "acc": 0.5}, {"step": 3, "loss": 1.0}]
+        >>> metric_history(records, "loss")
+        ([1, 3], [2.0, 1.0])
+    """
     pairs = [(r["step"], float(r[name])) for r in records if name in r]
     return [s for s, _ in pairs], [v for _, v in pairs]
 
@@ -373,6 +399,12 @@ def should_stop(
     A value improves on the best so far when it is lower (``mode="min"``) or
     higher (``"max"``) by more than ``min_delta``. Pure: the same history
     always gives the same answer, so a resumed run decides as the original.
+
+    Example:
+        >>> should_stop([1.0, 0.9, 0.95, 0.92], patience=2)  # no value below 0.9 in the last two
+        True
+        >>> should_stop([1.0, 0.9, 0.95, 0.85], patience=2)
+        False
     """
     _check.integer_at_least("patience", patience, 1)
     _check.at_least("min_delta", min_delta, 0.0)

@@ -23,7 +23,13 @@ from stepkit import check as _check
 
 @dataclass
 class MultiBlock:
-    """I-JEPA's masks (``--mask.*``): ``targets`` blocks to predict and one context block to predict from."""
+    """I-JEPA's masks (``--mask.*``): ``targets`` blocks to predict and one context block to predict from.
+
+    Example:
+        >>> cfg = MultiBlock(targets=2)
+        >>> multi_block_masks(3, (8, 8), cfg, torch.Generator().manual_seed(0))[1].shape[:2]
+        torch.Size([3, 2])
+    """
 
     targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)

@@ -152,6 +152,13 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     allocator statistics): a tensor counts from the forward op that saves it
     until its graph is freed. Parameters saved by an op count too; a tensor
     that two ops save counts twice. ``with SavedActivations() as meter: ...; meter.peak``.
+
+    Example:
+        >>> layer = torch.nn.Linear(100, 100)
+        >>> with SavedActivations() as meter:
+        ...     out = torch.relu(layer(torch.randn(8, 100)))
+        >>> meter.peak >= 8 * 100 * 4  # at least the linear layer's input, 4 bytes a float
+        True
     """
 
     def __init__(self) -> None:
@@ -219,11 +226,12 @@ class CollapseWatch:
     warning that holds now ("" when none), for the run's summary. The
     thresholds are ``collapse_alarm``'s ``below`` / ``above`` / ``patience``.
 
-    Example::
+    In a loop: ``if means and (warning := watch(means)): print(warning)``.
 
-        watch = CollapseWatch(below={"target_std": 0.05}, patience=3)
-        if means and (warning := watch(means)):
-            print(warning)
+    Example:
+        >>> watch = CollapseWatch(below={"target_std": 0.05}, patience=2)
+        >>> watch({"target_std": 0.01}) is None, watch({"target_std": 0.01}) is not None, watch.last != ""
+        (True, True, True)
     """
 
     def __init__(self, *, below: Mapping[str, float] | None = None, above: Mapping[str, float] | None = None,

@@ -15,7 +15,11 @@ from stepkit.log import metric_history, read_history
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write one PNG per metric of ``run_dir``'s history; return their paths."""
+    """Write one PNG per metric of ``run_dir``'s history; return their paths.
+
+    Raises:
+        ImportError: naming the ``plot`` extra when matplotlib is missing.
+    """
     try:
         import matplotlib
 
@@ -43,6 +47,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m stepkit.plot RUN_DIR [--out DIR]``: ``plot_run`` from the command line.
+    """
     parser = argparse.ArgumentParser(prog="python -m stepkit.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/plots)")

@@ -48,7 +48,12 @@ CONFIG_FILE, SUMMARY_FILE, CKPT_DIR = "config.json", "summary.json", "checkpoint
 
 @dataclass
 class TrainConfig:
-    """The run's length and randomness (``--train.steps``, ``--train.seed``, ``--train.accum``)."""
+    """The run's length and randomness (``--train.steps``, ``--train.seed``, ``--train.accum``).
+
+    Example:
+        >>> TrainConfig(steps=100).seed
+        0
+    """
 
     steps: int = 300
     """Optimizer updates in the run."""
@@ -65,7 +70,12 @@ class TrainConfig:
 
 @dataclass
 class CkptConfig:
-    """Which checkpoints to write (``--ckpt.every``, ``--ckpt.keep-best``)."""
+    """Which checkpoints to write (``--ckpt.every``, ``--ckpt.keep-best``).
+
+    Example:
+        >>> CkptConfig(every=50).every
+        50
+    """
 
     every: int = 100
     """Updates between two saves of last.pt (0: only at the end)."""
@@ -86,7 +96,21 @@ class CkptConfig:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``).
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: for ``cuda`` on a machine without a GPU.
+
+    Example:
+        >>> pick_device("cpu")
+        device(type='cpu')
+    """
     _check.one_of("device", name, ("auto", "cpu", "cuda"))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,14 +122,25 @@ def pick_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global generators (CUDA included)."""
+    """Seed python's, numpy's and torch's global generators (CUDA included).
+
+    Example:
+        >>> seed_everything(0); a = torch.rand(1)
+        >>> seed_everything(0); torch.equal(a, torch.rand(1))
+        True
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def to_jsonable(obj: Any) -> Any:
-    """A config dataclass as JSON-ready values (paths and enums as strings)."""
+    """A config dataclass as JSON-ready values (paths and enums as strings).
+
+    Example:
+        >>> to_jsonable({"run_dir": Path("runs/x"), "steps": (1, 2)})
+        {'run_dir': 'runs/x', 'steps': [1, 2]}
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -134,6 +169,10 @@ class RunArgs:
     """The run-directory flags every recipe shares: ``--run-dir``, ``--resume`` and its options.
 
     A recipe's ``Config`` inherits them (and may redefine ``run_dir``'s default).
+
+    Example:
+        >>> RunArgs().resuming
+        False
     """
 
     run_dir: Path = Path("runs/run")
@@ -158,7 +197,12 @@ class RunArgs:
 
 
 def flat_config(config: Any) -> dict[str, Any]:
-    """A config (dataclass or mapping) as ``{"dotted.field": JSON value}``; lists stay values."""
+    """A config (dataclass or mapping) as ``{"dotted.field": JSON value}``; lists stay values.
+
+    Example:
+        >>> flat_config({"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "steps": 5})
+        {'optim.lr': 0.1, 'optim.betas': [0.9, 0.99], 'steps': 5}
+    """
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -180,7 +224,13 @@ def _matches(field: str, patterns: Any) -> bool:
 
 def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The config a run directory's run is under now: ``config.json`` with every change from
-    ``config_history.jsonl`` applied, flattened as ``flat_config``; None without a config.json."""
+    ``config_history.jsonl`` applied, flattened as ``flat_config``; None without a config.json.
+
+    Example:
+        >>> import tempfile
+        >>> saved_config(tempfile.mkdtemp()) is None  # no run there
+        True
+    """
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     if not path.exists():
@@ -199,7 +249,12 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved, given)}`` for every flattened field that differs (resume flags ignored)."""
+    """``{field: (saved, given)}`` for every flattened field that differs (resume flags ignored).
+
+    Example:
+        >>> config_changes({"optim.lr": 0.1, "steps": 5}, {"optim.lr": 0.2, "steps": 5})
+        {'optim.lr': (0.1, 0.2)}
+    """
     return {k: (saved.get(k, _ABSENT), given.get(k, _ABSENT)) for k in sorted(saved.keys() | given.keys())
             if not _matches(k, _RUN_FLAGS) and saved.get(k, _ABSENT) != given.get(k, _ABSENT)}
 
@@ -212,7 +267,13 @@ def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
 
 
 def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
-    """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume."""
+    """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume.
+
+    Example:
+        >>> import tempfile
+        >>> has_checkpoint(tempfile.mkdtemp())
+        False
+    """
     last = Path(ckpt_dir) / LAST
     return last.exists() or last.with_suffix(".dcp").exists()
 
@@ -241,6 +302,27 @@ def start_run(
     fields matching ``MAY_CHANGE_ON_RESUME`` or ``allow`` (exact names,
     prefixes such as ``train``, or globs) may differ and are printed in one
     line. Every rank checks, so under torchrun every rank raises alike.
+
+    Args:
+        run_dir: The run directory.
+        config: The run's config (a dataclass), saved as ``config.json``.
+        resume: Continue the run there (``--resume``).
+        resume_from: Resume from this checkpoint instead of ``last``.
+        allow: Fields that may differ on resume (names, prefixes or globs).
+        or_start: With ``resume``, start fresh when there is no checkpoint.
+
+    Returns:
+        ``run_dir/checkpoints``.
+
+    Raises:
+        ValueError: one line naming the flag to use, for a fresh run over an old one, a resume without a
+            checkpoint, or a resume whose config differs in a field that shapes the run.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp()) / "run"
+        >>> start_run(run, TrainConfig(steps=10), resume=False).name, (run / "config.json").exists()
+        ('checkpoints', True)
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CKPT_DIR
@@ -300,6 +382,13 @@ def record_resume(run_dir: str | os.PathLike, config: Any, step: int) -> dict[st
     adds one line ``{"step", "time", "changes": {field: [saved, given]}}``.
     A run directory without a ``config.json`` (a user's own loop) gets one.
     Rank 0 writes. Returns the changes.
+
+    Example:
+        >>> import tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> _ = start_run(run, TrainConfig(steps=10), resume=False)
+        >>> record_resume(run, TrainConfig(steps=20), step=10)
+        {'steps': (10, 20)}
     """
     import time
 
@@ -324,6 +413,12 @@ def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the state_dict's names and tensors' bytes in key order: equal iff bit-identical.
 
     FSDP2 shards are gathered first (a collective: call it on every rank).
+
+    Example:
+        >>> _ = torch.manual_seed(0); a = torch.nn.Linear(2, 1)
+        >>> _ = torch.manual_seed(0); b = torch.nn.Linear(2, 1)
+        >>> params_digest(a) == params_digest(b), len(params_digest(a))
+        (True, 64)
     """
     state = unwrap(model).state_dict() if isinstance(model, nn.Module) else model
     digest = hashlib.sha256()
@@ -365,7 +460,14 @@ def environment() -> dict[str, Any]:
 
 def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
     """Write ``run_dir/summary.json`` atomically (rank 0 only under torch.distributed), with the run's
-    ``environment()`` added under ``"environment"`` unless the summary has one."""
+    ``environment()`` added under ``"environment"`` unless the summary has one.
+
+    Example:
+        >>> import tempfile, json
+        >>> path = write_summary(tempfile.mkdtemp(), {"acc": 0.9})
+        >>> sorted(json.loads(path.read_text()))
+        ['acc', 'environment']
+    """
     path = Path(run_dir) / SUMMARY_FILE
     if dist.is_main():
         summary = {**summary, "environment": summary.get("environment") or environment()}
@@ -382,6 +484,22 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
     ``--help`` lists them. The presets are not modified. A failed check in
     any nested config raises ``ValueError`` naming the field by its flag
     path (``data.image_size=3 is not allowed: ...``).
+
+    Args:
+        config_type: The recipe's ``Config`` dataclass.
+        presets: ``{name: (description, config)}``.
+        argv: The arguments (default ``sys.argv[1:]``).
+        description: ``--help``'s first line.
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        ValueError: naming the flag path of a failed check, or an unknown preset with the list.
+
+    Example:
+        >>> cli(TrainConfig, argv=["--steps", "7"]).steps
+        7
     """
     import copy
 
@@ -417,7 +535,12 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstrings written under a dataclass's fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``), its bases'
-    too: what tyro shows in ``--help``, read from the source (empty where it cannot be read)."""
+    too: what tyro shows in ``--help``, read from the source (empty where it cannot be read).
+
+    Example:
+        >>> field_docs(TrainConfig)["steps"]
+        'Optimizer updates in the run.'
+    """
     import ast
     import inspect
     import textwrap
@@ -439,7 +562,12 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def config_yaml(config: Any, header: str = "") -> str:
     """``config`` (a dataclass) as an editable YAML file for ``--config``: every field, nested as the
-    flags are, each with its ``--help`` text as a comment; ``--config`` reads it back to the same config."""
+    flags are, each with its ``--help`` text as a comment; ``--config`` reads it back to the same config.
+
+    Example:
+        >>> print(config_yaml(CkptConfig(every=5)).splitlines()[0])  # doctest: +ELLIPSIS
+        every: 5...
+    """
     import yaml
 
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
@@ -477,6 +605,13 @@ def config_file_flags(argv: list[str], default: Any) -> list[str]:
     field becomes the flag a user would type (``--optim.lr 0.001``), so
     the values are parsed and checked exactly as flags are. An unknown key
     is a ``ValueError`` naming it and the closest field of ``default``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
+        >>> _ = path.write_text("steps: 30\\n")
+        >>> config_file_flags(["--config", str(path), "--seed", "2"], TrainConfig())
+        ['--steps', '30', '--seed', '2']
     """
     argv = list(argv)
     spots = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
@@ -619,6 +754,11 @@ class StopSignals:
     e.g. once per update, or less often with ``every``. ``enabled=False``
     (recipes: ``--no-stop-on-signal``) installs nothing. Handlers can only be
     set from the main thread; elsewhere it installs nothing either.
+
+    Example:
+        >>> with StopSignals() as stop:
+        ...     stop.requested()
+        False
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -719,6 +859,15 @@ def run_main(main: Any, parse: Any) -> None:
     optional extra (an ``ImportError`` that says what to ``pip install``)
     prints ``error: ...`` and exits 1; Ctrl-C outside the training loop (or twice
     inside it) prints one line and exits 130, the shell's code for SIGINT.
+
+    Example:
+        >>> def main(cfg):
+        ...     raise ValueError("optim.lr=-1 is not allowed")
+        >>> try:
+        ...     run_main(main, lambda: None)
+        ... except SystemExit as exit:
+        ...     print(exit.code)  # uncaught, Python prints this one line to stderr and exits 1
+        error: optim.lr=-1 is not allowed
     """
     try:
         main(parse())

@@ -420,7 +420,12 @@ def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
 
 
 def no_decay_by_default(name: str, param: Tensor) -> bool:
-    """Biases, norm weights and other 0-d/1-d tensors are usually excluded from weight decay."""
+    """Biases, norm weights and other 0-d/1-d tensors are usually excluded from weight decay.
+
+    Example:
+        >>> no_decay_by_default("bias", torch.zeros(3)), no_decay_by_default("weight", torch.zeros(3, 3))
+        (True, False)
+    """
     return param.ndim <= 1
 
 

@@ -16,7 +16,13 @@ Target = nn.Module | dict[str, Tensor] | None
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module under ``torch.compile``'s wrappers (``._orig_mod``), DDP left in place."""
+    """The module under ``torch.compile``'s wrappers (``._orig_mod``), DDP left in place.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> unwrap_compiled(model) is model
+        True
+    """
     while hasattr(model, "_orig_mod"):
         model = model._orig_mod  # type: ignore[assignment]
     return model
@@ -181,7 +187,14 @@ def load_target_state_dict(target: nn.Module | dict[str, Tensor], saved: dict[st
 
 
 def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """Saved extras; a tensor already in ``current`` is copied into in place (it may be on a device)."""
+    """Saved extras; a tensor already in ``current`` is copied into in place (it may be on a device).
+
+    Example:
+        >>> center = torch.zeros(2)
+        >>> extras = load_extras({"center": center}, {"center": torch.ones(2), "epoch": 3})
+        >>> extras["center"] is center, center.tolist(), extras["epoch"]  # copied in place
+        (True, [1.0, 1.0], 3)
+    """
     out = dict(current)
     for key, value in saved.items():
         here = current.get(key)
@@ -194,20 +207,40 @@ def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any
 
 
 def torch_rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    """torch's CPU RNG state and, once CUDA is in use, every GPU's: the cheap part of ``rng_state``."""
+    """torch's CPU RNG state and, once CUDA is in use, every GPU's: the cheap part of ``rng_state``.
+
+    Example:
+        >>> saved = torch_rng_state()
+        >>> a = torch.rand(1)
+        >>> set_torch_rng_state(saved)
+        >>> torch.equal(a, torch.rand(1))
+        True
+    """
     has_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if has_cuda else None)
 
 
 def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
-    """Restore what ``torch_rng_state`` captured."""
+    """Restore what ``torch_rng_state`` captured.
+
+    Example: see ``torch_rng_state``.
+    """
     torch.set_rng_state(states[0])
     if states[1] is not None:
         torch.cuda.set_rng_state_all(states[1])
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe."""
+    """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe.
+
+    Example:
+        >>> import random
+        >>> saved = rng_state()
+        >>> a = (random.random(), np.random.rand(), torch.rand(1).item())
+        >>> set_rng_state(saved)
+        >>> a == (random.random(), np.random.rand(), torch.rand(1).item())
+        True
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     assert isinstance(keys, np.ndarray)  # legacy=True: the MT19937 tuple
     state: dict[str, Any] = {
@@ -221,7 +254,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured."""
+    """Restore what ``rng_state`` captured.
+
+    Example: see ``rng_state``.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -27,7 +27,12 @@ LossFn = Callable[[TrainState, Any], "Tensor | tuple[Tensor, dict[str, Any]]"]
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:
-    """The autocast dtype for an ``amp`` mode (``None``/``"none"`` -> no autocast)."""
+    """The autocast dtype for an ``amp`` mode (``None``/``"none"`` -> no autocast).
+
+    Example:
+        >>> amp_dtype("bf16"), amp_dtype(None)
+        (torch.bfloat16, None)
+    """
     _check.one_of("amp", amp, AMP_MODES)
     return _AMP_DTYPES[amp]
 
@@ -110,7 +115,13 @@ def _describe_output(out: Any) -> str:
 
 
 def at_least_float32(loss: Tensor) -> Tensor:
-    """``loss`` upcast to float32 if it is bf16/fp16; float32 and float64 losses are kept as they are."""
+    """``loss`` upcast to float32 if it is bf16/fp16; float32 and float64 losses are kept as they are.
+
+    Example:
+        >>> half = torch.ones(1, dtype=torch.bfloat16)
+        >>> at_least_float32(half).dtype, at_least_float32(torch.ones(1).double()).dtype
+        (torch.float32, torch.float64)
+    """
     return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
 
@@ -381,18 +392,33 @@ def _scaler_found_inf(
 
 
 def device_type_of(model: nn.Module) -> str:
-    """The device type of a model's first parameter (``"cpu"`` for one without parameters), for autocast."""
+    """The device type of a model's first parameter (``"cpu"`` for one without parameters), for autocast.
+
+    Example:
+        >>> device_type_of(torch.nn.Linear(2, 1))
+        'cpu'
+    """
     param = next(model.parameters(), None)
     return "cpu" if param is None else param.device.type
 
 
 def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    """The DDP wrapper under any ``torch.compile`` wrapper of ``model``, or None: what gradient sync sets."""
+    """The DDP wrapper under any ``torch.compile`` wrapper of ``model``, or None: what gradient sync sets.
+
+    Example:
+        >>> ddp_of(torch.nn.Linear(2, 1)) is None
+        True
+    """
     model = unwrap_compiled(model)
     return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
 def fsdp_of(model: nn.Module) -> Any:
-    """The FSDP2 root under any ``torch.compile`` wrapper of ``model``, or None."""
+    """The FSDP2 root under any ``torch.compile`` wrapper of ``model``, or None.
+
+    Example:
+        >>> fsdp_of(torch.nn.Linear(2, 1)) is None
+        True
+    """
     model = unwrap_compiled(model)
     return model if hasattr(model, "set_requires_gradient_sync") else None

@@ -37,6 +37,13 @@ from typing import Any
 
 @dataclass
 class RandomSpec:
+    """A random search dimension: ``low..high`` drawn as an integer, uniformly, or log-uniformly.
+
+    Example:
+        >>> import random
+        >>> 1 <= RandomSpec(1, 4, "int").draw(random.Random(0)) <= 4
+        True
+    """
     low: float
     high: float
     kind: str  # "int", "uniform" or "log"
@@ -57,7 +64,12 @@ class RandomSpec:
 
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
-    """``KEY=V1,V2`` -> ``(KEY, [V1, V2])``."""
+    """``KEY=V1,V2`` -> ``(KEY, [V1, V2])``.
+
+    Example:
+        >>> parse_grid("optim.lr=1e-3,3e-3")
+        ('optim.lr', ['1e-3', '3e-3'])
+    """
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise ValueError(f"--grid {spec!r} is not allowed: expected KEY=V1,V2,...")
@@ -65,7 +77,13 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
 
 
 def parse_random(spec: str) -> tuple[str, RandomSpec]:
-    """``KEY=LOW:HIGH`` (integers or floats) or ``KEY=log:LOW:HIGH``."""
+    """``KEY=LOW:HIGH`` (integers or floats) or ``KEY=log:LOW:HIGH``.
+
+    Example:
+        >>> key, spec = parse_random("optim.lr=log:1e-4:1e-2")
+        >>> key, spec.kind
+        ('optim.lr', 'log')
+    """
     key, sep, rest = spec.partition("=")
     parts = rest.split(":")
     log = parts[0] == "log"
@@ -86,7 +104,12 @@ def parse_random(spec: str) -> tuple[str, RandomSpec]:
 def plan_trials(
     grid: dict[str, list[str]], randoms: dict[str, RandomSpec], trials: int | None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Each trial's parameters: grid point ``i mod G`` plus this trial's random draws."""
+    """Each trial's parameters: grid point ``i mod G`` plus this trial's random draws.
+
+    Example:
+        >>> plan_trials({"optim.lr": ["1", "2"]}, {}, trials=None)
+        [{'optim.lr': '1'}, {'optim.lr': '2'}]
+    """
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] or [{}]
     count = len(points) if trials is None else trials
     if count < 1:
@@ -96,7 +119,12 @@ def plan_trials(
 
 
 def flags(params: dict[str, Any]) -> list[str]:
-    """``{"optim.lr": 1e-3}`` -> ``["--optim.lr", "0.001"]`` (tyro's dashes for underscores)."""
+    """``{"optim.lr": 1e-3}`` -> ``["--optim.lr", "0.001"]`` (tyro's dashes for underscores).
+
+    Example:
+        >>> flags({"optim.warmup_steps": 10})
+        ['--optim.warmup-steps', '10']
+    """
     out = []
     for key, value in params.items():
         out += [flag_name(key), str(value)]
@@ -104,13 +132,23 @@ def flags(params: dict[str, Any]) -> list[str]:
 
 
 def flag_name(key: str) -> str:
-    """``optim.warmup_steps`` -> ``--optim.warmup-steps``: tyro spells flags with dashes."""
+    """``optim.warmup_steps`` -> ``--optim.warmup-steps``: tyro spells flags with dashes.
+
+    Example:
+        >>> flag_name("optim.warmup_steps")
+        '--optim.warmup-steps'
+    """
     return "--" + key.replace("_", "-")
 
 
 def recipe_path(recipe: str | Path) -> Path:
     """A recipe script from its path, or from its name (``dino`` -> the installed ``stepkit.recipes``'
-    ``dino.py``, the repository's ``recipes/dino.py`` in a checkout)."""
+    ``dino.py``, the repository's ``recipes/dino.py`` in a checkout).
+
+    Example:
+        >>> recipe_path("dino").name
+        'dino.py'
+    """
     from stepkit.__main__ import recipe_dir, recipe_names
 
     path = Path(recipe)
@@ -125,6 +163,8 @@ def recipe_path(recipe: str | Path) -> Path:
 
 
 def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], log: Path) -> int:
+    """Run one trial: the recipe in a subprocess with its flags, output to ``log``; return its exit code.
+    """
     command = [sys.executable, str(recipe), *preset, "--run-dir", str(run_dir), *args]
     with open(log, "w") as out:
         out.write(" ".join(command) + "\n")
@@ -173,6 +213,8 @@ def sweep(
 
 
 def print_table(results: list[dict[str, Any]], metric: str) -> None:
+    """Print the results, best first, as a table (rich).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -190,7 +232,14 @@ def wandb_config(
     recipe: Path, sweep_dir: Path, grid: dict[str, list[str]], randoms: dict[str, RandomSpec], *,
     metric: str, mode: str, preset: str | None, extra: list[str],
 ) -> dict[str, Any]:
-    """The same search as a wandb sweep configuration (grid alone: method grid; else random)."""
+    """The same search as a wandb sweep configuration (grid alone: method grid; else random).
+
+    Example:
+        >>> config = wandb_config(Path("recipes/dino.py"), Path("sweeps/s"), {"optim.lr": ["1e-3"]}, {},
+        ...                       metric="knn_acc", mode="max", preset=None, extra=[])
+        >>> config["method"], config["metric"]
+        ('grid', {'name': 'knn_acc', 'goal': 'maximize'})
+    """
     parameters: dict[str, Any] = {k: {"values": [_number(v) for v in vs]} for k, vs in grid.items()}
     parameters.update({k: s.wandb() for k, s in randoms.items()})
     return {
@@ -234,6 +283,11 @@ def _dashes(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m stepkit.sweep``: a grid or random search over a recipe's flags (``--help`` lists them).
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``); ``trial ...`` runs one trial (``trial_main``).
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "trial":
         raise SystemExit(trial_main(argv[1:]))

@@ -24,7 +24,10 @@ from stepkit import check as _check
 
 @dataclass
 class LRRangeResult:
-    """What ``lr_range_test`` measured: one entry per step it ran."""
+    """What ``lr_range_test`` measured: one entry per step it ran.
+
+    Example: see ``lr_range_test``.
+    """
 
     lrs: list[float]
     losses: list[float]
@@ -76,6 +79,15 @@ def lr_range_test(
     falls fastest against log lr, among the steps before that. ``state``
     itself, and the global RNGs, are left as they were. ``batches`` is
     cycled if it runs out.
+
+    Example:
+        >>> from stepkit import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        >>> batches = iter([torch.ones(4, 1)] * 20)
+        >>> result = lr_range_test(lambda s, b: s.model(b).square().mean(), state, batches, steps=10)
+        >>> len(result.lrs) <= 10 and state.step == 0  # a copy trained: the state is untouched
+        True
     """
     from stepkit.state import rng_state, set_rng_state
     from stepkit.step import accumulate, apply_update, forward_loss
@@ -132,7 +144,13 @@ def lr_range_test(
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's (and ``MemoryCap``'s) out-of-memory error, or a RuntimeError that says so."""
+    """CUDA's (and ``MemoryCap``'s) out-of-memory error, or a RuntimeError that says so.
+
+    Example:
+        >>> oom = RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+        >>> is_out_of_memory(oom), is_out_of_memory(ValueError())
+        (True, False)
+    """
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
     )
@@ -154,6 +172,13 @@ def largest_batch_size(
     counters, RNGs) is saved before the search and restored after every
     try, and its gradients cleared, so the search changes nothing. Errors
     other than out-of-memory propagate. Returns 0 when ``start`` does not fit.
+
+    Example:
+        >>> def try_batch(size):
+        ...     if size > 40:
+        ...         raise torch.cuda.OutOfMemoryError("out of memory")
+        >>> largest_batch_size(try_batch)
+        40
     """
     _check.integer_at_least("start", start, 1)
     _check.integer_at_least("max_size", max_size, start)
@@ -199,6 +224,16 @@ class MemoryCap(TorchDispatchMode):
     none of its inputs (views and in-place results are free, as the op's
     schema says) and never subtracts frees: a cap on what one step
     allocates, which grows with the batch like device memory does.
+
+    Example:
+        >>> with MemoryCap(1000):
+        ...     small = torch.zeros(10)  # 40 bytes
+        >>> try:
+        ...     with MemoryCap(1000):
+        ...         big = torch.zeros(1000)  # 4,000 bytes
+        ... except torch.cuda.OutOfMemoryError:
+        ...     print("out of memory")
+        out of memory
     """
 
     def __init__(self, limit_bytes: int) -> None:
@@ -223,7 +258,12 @@ class MemoryCap(TorchDispatchMode):
 
 @dataclass
 class TuneConfig:
-    """``--tune.find-lr`` / ``--tune.find-batch``: measure instead of training."""
+    """``--tune.find-lr`` / ``--tune.find-batch``: measure instead of training.
+
+    Example:
+        >>> TuneConfig(find_lr=True).lr_steps
+        100
+    """
 
     find_lr: bool = False
     """Run an LR range test on a copy of the model; write RUN_DIR/lr_range.png and tune.json, then stop."""

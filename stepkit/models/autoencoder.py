@@ -9,7 +9,12 @@ from torch import Tensor, nn
 
 
 class TemporalEncoder(nn.Module):
-    """One modality's window ``(B, W, d)`` -> ``(B, hidden)``: a temporal conv, then a linear."""
+    """One modality's window ``(B, W, d)`` -> ``(B, hidden)``: a temporal conv, then a linear.
+
+    Example:
+        >>> TemporalEncoder(dim=6, window=4, hidden=8, dropout=0.0)(torch.randn(2, 4, 6)).shape
+        torch.Size([2, 8])
+    """
 
     def __init__(self, dim: int, window: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -28,6 +33,12 @@ class MultimodalAutoencoder(nn.Module):
     ``forward(windows)`` takes ``{modality: (B, W, d)}`` and returns the
     bottleneck ``(B, voxels)``, which the loss matches to the measured voxel
     responses, and each modality's reconstructed window ``(B, W, d)``.
+
+    Example:
+        >>> model = MultimodalAutoencoder({"video": 6, "audio": 3}, window=4, voxels=10, hidden=8)
+        >>> fmri, recon = model({"video": torch.randn(2, 4, 6), "audio": torch.randn(2, 4, 3)})
+        >>> fmri.shape, recon["audio"].shape
+        (torch.Size([2, 10]), torch.Size([2, 4, 3]))
     """
 
     def __init__(

@@ -18,6 +18,10 @@ class SmallCNN(nn.Module):
     ``forward(x)`` -> ``(B, widths[-1] * pool**2)``: adaptive average
     pooling to a ``pool x pool`` grid, flattened, so it takes DINO's global
     and local crops alike; ``pool > 1`` keeps a coarse spatial layout.
+
+    Example:
+        >>> SmallCNN(in_chans=1, widths=(8, 16), pool=2)(torch.rand(3, 1, 16, 16)).shape  # 16 x 2 x 2
+        torch.Size([3, 64])
     """
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), pool: int = 1,
@@ -43,6 +47,10 @@ def grid_mean(x: Tensor, grid: int) -> Tensor:
     When the grid divides H and W this is a reshape and a mean, which is
     bit-reproducible on the CPU; ``adaptive_avg_pool2d`` (the fallback for
     other sizes) was not, and a resumed run must match the uninterrupted one.
+
+    Example:
+        >>> grid_mean(torch.arange(16.0).view(1, 1, 4, 4), 2).flatten().tolist()
+        [2.5, 4.5, 10.5, 12.5]
     """
     b, c, h, w = x.shape
     if h % grid or w % grid:

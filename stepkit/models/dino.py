@@ -19,6 +19,11 @@ class DINOHead(nn.Module):
     norm per output unit, ``W = g * V / ||V||`` row-wise; with
     ``norm_last_layer=True`` (DINO's default) ``g`` is fixed at 1, so its
     logits are cosine similarities in [-1, 1].
+
+    Example:
+        >>> head = DINOHead(16, 100, hidden=32, bottleneck=8)
+        >>> head(torch.randn(4, 16)).shape
+        torch.Size([4, 100])
     """
 
     def __init__(
@@ -53,7 +58,13 @@ class DINOHead(nn.Module):
 
 
 class WeightNormLinear(nn.Module):
-    """``y = x @ (g * V / ||V||_row)^T``, no bias (``torch.nn.utils.weight_norm`` with ``dim=0``)."""
+    """``y = x @ (g * V / ||V||_row)^T``, no bias (``torch.nn.utils.weight_norm`` with ``dim=0``).
+
+    Example:
+        >>> layer = WeightNormLinear(3, 2)
+        >>> [round(v, 4) for v in layer(torch.eye(3)).norm(dim=0).tolist()]  # unit-norm rows, g = 1
+        [1.0, 1.0]
+    """
 
     def __init__(self, in_dim: int, out_dim: int, *, fixed_norm: bool = True) -> None:
         super().__init__()
@@ -68,14 +79,27 @@ class WeightNormLinear(nn.Module):
 def cancel_last_layer_gradients(head: DINOHead, step: int, freeze_steps: int) -> None:
     """During the first ``freeze_steps`` updates, drop the last layer's gradients (DINO's
     ``freeze_last_layer``): it stays at its initial value while the rest of the head settles.
-    Call between the backward pass and ``apply_update``."""
+    Call between the backward pass and ``apply_update``.
+
+    Example:
+        >>> head = DINOHead(4, 10, hidden=8, bottleneck=4)
+        >>> head(torch.randn(2, 4)).sum().backward()
+        >>> cancel_last_layer_gradients(head, step=0, freeze_steps=1)
+        >>> all(p.grad is None for p in head.last_layer.parameters())
+        True
+    """
     if step < freeze_steps:
         for p in head.last_layer.parameters():
             p.grad = None
 
 
 def resolution_groups(views: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """``(start, end)`` runs of consecutive views with the same spatial size."""
+    """``(start, end)`` runs of consecutive views with the same spatial size.
+
+    Example:
+        >>> resolution_groups([torch.zeros(1, 3, 8, 8)] * 2 + [torch.zeros(1, 3, 4, 4)] * 3)
+        [(0, 2), (2, 5)]
+    """
     groups: list[tuple[int, int]] = []
     for i, view in enumerate(views):
         if groups and views[groups[-1][0]].shape[-2:] == view.shape[-2:]:
@@ -90,6 +114,12 @@ def multi_crop_forward(backbone: nn.Module, head: nn.Module | None, views: Seque
 
     Returns ``(len(views) * B, out)``, views in order (view-major), as the
     DINO loss expects.
+
+    Example:
+        >>> views = [torch.rand(2, 3, 8, 8)] * 2 + [torch.rand(2, 3, 4, 4)] * 3
+        >>> multi_crop_forward(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), None,
+        ...                    views).shape  # 5 views of 2 images, view-major
+        torch.Size([10, 3])
     """
     features = [backbone(torch.cat(list(views[a:b]))) for a, b in resolution_groups(views)]
     out = torch.cat(features)

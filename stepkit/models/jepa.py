@@ -15,7 +15,13 @@ from stepkit.state import unwrap
 
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
-    """``tokens`` ``(B, N, D)`` at ``idx`` ``(B, ...)`` -> ``(B, ..., D)``."""
+    """``tokens`` ``(B, N, D)`` at ``idx`` ``(B, ...)`` -> ``(B, ..., D)``.
+
+    Example:
+        >>> tokens = torch.arange(6.0).view(1, 3, 2)  # tokens [0, 1], [2, 3], [4, 5]
+        >>> gather_tokens(tokens, torch.tensor([[2, 0]])).tolist()
+        [[[4.0, 5.0], [0.0, 1.0]]]
+    """
     b, d = tokens.shape[0], tokens.shape[-1]
     flat = idx.reshape(b, -1)
     out = torch.gather(tokens, 1, flat[..., None].expand(-1, -1, d))
@@ -24,7 +30,13 @@ def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
 
 def jepa_targets(tokens: Tensor, target_idx: Tensor) -> Tensor:
     """I-JEPA's regression targets: the target encoder's patch tokens, layer-normed over features
-    (no affine), at the target blocks: ``(B, N, D)``, ``(B, M, K)`` -> ``(B, M, K, D)``."""
+    (no affine), at the target blocks: ``(B, N, D)``, ``(B, M, K)`` -> ``(B, M, K, D)``.
+
+    Example:
+        >>> targets = jepa_targets(torch.tensor([[[1.0, 3.0], [5.0, 5.0]]]), torch.tensor([[[0]]]))
+        >>> targets.shape, [round(v, 3) for v in targets.flatten().tolist()]  # token 0, normed
+        (torch.Size([1, 1, 1, 2]), [-1.0, 1.0])
+    """
     return gather_tokens(F.layer_norm(tokens, tokens.shape[-1:]), target_idx)
 
 
@@ -40,6 +52,13 @@ class JEPAPredictor(nn.Module):
     (H-JEPA sets it to put one head per level on top). Positions are I-JEPA's
     fixed 2-D sine-cosine embeddings of the (square) patch grid, or
     ``pos_embed="learned"``.
+
+    Example:
+        >>> pred = JEPAPredictor(16, enc_dim=8, dim=8, depth=1, heads=2)
+        >>> context_idx, target_idx = torch.arange(5).repeat(2, 1), torch.tensor([[[10, 11]], [[12, 13]]])
+        >>> out = pred(torch.randn(2, 5, 8), context_idx, target_idx)
+        >>> tuple(out.shape)
+        (2, 1, 2, 8)
     """
 
     def __init__(
@@ -95,6 +114,11 @@ def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 
     pooled, concatenated (I-JEPA's probes read the last layer, or the last 4
     concatenated). ``pool=1`` is the plain mean of the patch tokens, a larger
     pool keeps where things are.
+
+    Example:
+        >>> net = MaskedCNN(img_size=8, widths=(4, 6), strides=(1, 2)).eval()
+        >>> pooled_patches(net, torch.rand(3, 1, 8, 8), pool=2, layers=2).shape  # 2 layers x 2 x 2 x (4 + 6)
+        torch.Size([3, 40])
     """
     depth = encoder_depth(encoder)
     _check.integer_at_least("layers", layers, 1)
@@ -114,7 +138,12 @@ def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 
 
 
 def visible_grid(keep: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``keep`` ``(B, K)`` patch indices -> ``(B, 1, h, w)`` float mask, 1 at the kept patches, row-major."""
+    """``keep`` ``(B, K)`` patch indices -> ``(B, 1, h, w)`` float mask, 1 at the kept patches, row-major.
+
+    Example:
+        >>> visible_grid(torch.tensor([[0, 3]]), (2, 2)).flatten().tolist()
+        [1.0, 0.0, 0.0, 1.0]
+    """
     b = keep.shape[0]
     mask = torch.zeros(b, grid[0] * grid[1], device=keep.device)
     mask.scatter_(1, keep, 1.0)
@@ -131,6 +160,13 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     ``visible``, or in eval mode, it is ``nn.BatchNorm2d``. So a context
     encoder that sees a quarter of the image keeps the statistics of
     whole images, which its EMA target then uses.
+
+    Example:
+        >>> norm = MaskedBatchNorm2d(1, affine=False)
+        >>> x = torch.tensor([[[[1.0, 3.0, 100.0]]]])
+        >>> visible = torch.tensor([[[[1.0, 1.0, 0.0]]]])  # the 100 is masked: mean 2, var 1
+        >>> [round(v, 3) for v in norm(x, visible)[0, 0, 0, :2].tolist()]
+        [-1.0, 1.0]
     """
 
     def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
@@ -173,6 +209,11 @@ class MaskedCNN(nn.Module):
     ``return_layers`` (0-based stages) also returns those stages' outputs
     averaged onto the patch grid, ``(B, N, widths[i])`` each: the targets of
     hierarchical JEPA and the features of a last-stages probe.
+
+    Example:
+        >>> net = MaskedCNN(img_size=8, widths=(4, 8), strides=(1, 2))  # a 4 x 4 grid of 2-pixel patches
+        >>> net(torch.rand(2, 1, 8, 8), keep=torch.tensor([[0, 5], [1, 2]])).shape
+        torch.Size([2, 2, 8])
     """
 
     def __init__(
@@ -232,7 +273,12 @@ class MaskedCNN(nn.Module):
 
 
 def grid_mean_to(x: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Average ``(B, C, H, W)`` onto an ``h x w`` grid that divides it: ``(B, C, h, w)`` (reshape, mean)."""
+    """Average ``(B, C, H, W)`` onto an ``h x w`` grid that divides it: ``(B, C, h, w)`` (reshape, mean).
+
+    Example:
+        >>> grid_mean_to(torch.arange(4.0).view(1, 1, 2, 2), (1, 1)).item()
+        1.5
+    """
     b, c, h, w = x.shape
     gh, gw = grid
     return x.view(b, c, gh, h // gh, gw, w // gw).mean(dim=(3, 5))
@@ -249,6 +295,13 @@ class ConvPredictor(nn.Module):
     blocks of (depthwise ``kernel x kernel`` conv -> BatchNorm -> GELU ->
     1x1 conv) and a 1x1 conv to ``out_dim`` (default ``enc_dim``); all
     targets come from one pass, gathered to ``(B, M, Kt, out_dim)``.
+
+    Example:
+        >>> pred = ConvPredictor(4, enc_dim=8, dim=8, depth=1)
+        >>> context_idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+        >>> target_idx = torch.tensor([[[9, 10]], [[11, 12]]])
+        >>> pred(torch.randn(2, 3, 8), context_idx, target_idx).shape
+        torch.Size([2, 1, 2, 8])
     """
 
     def __init__(
@@ -298,6 +351,12 @@ def patch_tokens(
     patches, or ``keep``'s) without a class token; one ``(B, N, dim_l)`` per
     entry of ``layers`` (0-based blocks of a ViT, normed; stages of a CNN).
     ``encoder`` may be wrapped in DDP / FSDP2 (called through ``forward``).
+
+    Example:
+        >>> vit = VisionTransformer.preset("toy", img_size=16)  # 4 x 4 patches of 4 pixels
+        >>> tokens, layers = patch_tokens(vit, torch.rand(2, 3, 16, 16), layers=(1,))
+        >>> tuple(tokens.shape), tuple(layers[0].shape)  # no class token
+        ((2, 16, 64), (2, 16, 64))
     """
     if isinstance(unwrap(encoder), VisionTransformer):
         out = encoder(images, keep=keep, all_tokens=True, return_layers=layers)
@@ -308,12 +367,22 @@ def patch_tokens(
 
 
 def encoder_depth(encoder: nn.Module) -> int:
-    """Blocks of a ViT, stages of a ``MaskedCNN`` (or of a sequence encoder): what ``layers=`` counts."""
+    """Blocks of a ViT, stages of a ``MaskedCNN`` (or of a sequence encoder): what ``layers=`` counts.
+
+    Example:
+        >>> encoder_depth(MaskedCNN(widths=(8, 16, 32), strides=(1, 2, 2)))
+        3
+    """
     return len(_layer_widths(encoder))
 
 
 def layer_dims(encoder: nn.Module, layers: tuple[int, ...]) -> list[int]:
-    """The width of each of ``layers`` (0-based) of a ViT, a ``MaskedCNN`` or a sequence encoder."""
+    """The width of each of ``layers`` (0-based) of a ViT, a ``MaskedCNN`` or a sequence encoder.
+
+    Example:
+        >>> layer_dims(MaskedCNN(widths=(8, 16, 32), strides=(1, 2, 2)), (0, 2))
+        [8, 32]
+    """
     widths = _layer_widths(encoder)
     return [widths[i] for i in layers]
 

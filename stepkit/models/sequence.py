@@ -185,6 +185,12 @@ def sequence_tokens(encoder: nn.Module, x: Tensor, visible: Tensor | None = None
     """A sequence encoder's tokens and those of ``layers``: ``((B, L, dim), [(B, L, dim_l)])``.
 
     ``encoder`` may be wrapped in DDP / FSDP2 (called through ``forward``).
+
+    Example:
+        >>> net = MaskedTemporalCNN(widths=(4, 8))
+        >>> tokens, layers = sequence_tokens(net, torch.randn(2, 1, 12), layers=(0,))
+        >>> tuple(tokens.shape), tuple(layers[0].shape)
+        ((2, 12, 8), (2, 12, 4))
     """
     out = encoder(x, visible, return_layers=layers)
     return out if layers else (out, [])

@@ -18,13 +18,24 @@ from stepkit import check as _check
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``tokens`` (B, L, D) over the positions where ``mask`` (B, L) is 1."""
+    """Mean of ``tokens`` (B, L, D) over the positions where ``mask`` (B, L) is 1.
+
+    Example:
+        >>> masked_mean(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[1, 1, 0]]))
+        tensor([[2.]])
+    """
     mask = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class WordTokenizer:
-    """Lower-cased words to ids over a fixed vocabulary (0 = padding, 1 = unknown word)."""
+    """Lower-cased words to ids over a fixed vocabulary (0 = padding, 1 = unknown word).
+
+    Example:
+        >>> tokenize = WordTokenizer(["a small seven", "a large one"])
+        >>> tokenize(["A small two"])["input_ids"].tolist()  # 'two' is unknown
+        [[2, 6, 1]]
+    """
 
     def __init__(self, texts: Sequence[str]) -> None:
         words = sorted({w for t in texts for w in self.words(t)})
@@ -45,7 +56,15 @@ class WordTokenizer:
 
 
 class TinyTextEncoder(nn.Module):
-    """Word embeddings + learned positions + a pre-norm transformer encoder, mean-pooled."""
+    """Word embeddings + learned positions + a pre-norm transformer encoder, mean-pooled.
+
+    Example:
+        >>> tokenize = WordTokenizer(["a small seven", "a large one"])
+        >>> batch = tokenize(["a small one", "seven"])
+        >>> encoder = TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2)
+        >>> encoder(batch["input_ids"], batch["attention_mask"]).shape
+        torch.Size([2, 16])
+    """
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4,
                  max_len: int = 32, dropout: float = 0.1) -> None:

@@ -27,7 +27,13 @@ PRESETS: dict[str, dict] = {
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for a whole sample with probability ``p`` (training only)."""
+    """Stochastic depth: drop a residual branch for a whole sample with probability ``p`` (training only).
+
+    Example:
+        >>> drop = DropPath(0.5).eval()
+        >>> torch.equal(drop(torch.ones(2, 3)), torch.ones(2, 3))  # identity outside training
+        True
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -41,6 +47,12 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with SDPA kernels (flash / memory-efficient where available).
+
+    Example:
+        >>> Attention(16, heads=2)(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
@@ -55,6 +67,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: attention and an MLP, each residual, with stochastic depth.
+
+    Example:
+        >>> Block(16, heads=2)(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -75,6 +93,11 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
     The first ``dim / 2`` features encode the column, the last ``dim / 2`` the
     row, each as ``[sin(pos * f_k), cos(pos * f_k)]`` with
     ``f_k = 10000 ** (-k / (dim / 4))``, ``k = 0 .. dim / 4 - 1``.
+
+    Example:
+        >>> pos = sincos_pos_embed_2d(8, 2, 3)
+        >>> tuple(pos.shape), pos[0].tolist()[:2]  # position (0, 0): sin 0, then cos 0
+        ((6, 8), [0.0, 0.0])
     """
     if dim % 4:
         _check.fail("dim", dim, "a multiple of 4 for 2-D sine-cosine position embeddings")
@@ -102,6 +125,12 @@ class VisionTransformer(nn.Module):
     blocks (hierarchical JEPA's targets). ``grad_checkpointing`` (also an
     attribute to set later) recomputes each block in the backward pass
     instead of keeping its activations: less memory, one more forward.
+
+    Example:
+        >>> vit = VisionTransformer.preset("toy", img_size=16)
+        >>> images, keep = torch.rand(2, 3, 16, 16), torch.tensor([[0, 5], [1, 2]])
+        >>> vit(images).shape, vit(images, keep=keep, all_tokens=True).shape  # class token + 2 kept patches
+        (torch.Size([2, 64]), torch.Size([2, 3, 64]))
     """
 
     def __init__(
