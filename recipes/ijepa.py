@@ -1,4 +1,4 @@
-"""I-JEPA and hierarchical JEPA: predict the representations of masked image blocks from a visible context.
+"""I-JEPA and hierarchical JEPA: predict the representations of masked patches, spans or tokens from the rest.
 
     python recipes/ijepa.py --run-dir runs/ijepa                   # masked CNN, embedded digits, CPU, minutes
     python recipes/ijepa.py hjepa --run-dir runs/hjepa             # hierarchical: targets at every stage
