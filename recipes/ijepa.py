@@ -423,7 +423,9 @@ class Config(RunArgs):
         integer_at_least("mask_image_every", self.mask_image_every, 0)
         kind, arch = self.data.kind, self.model.arch
         wanted = {"image": "cnn or vit-*", "timeseries": "tcn", "text": "transformer"}[kind]
-        if (arch in ("tcn", "transformer")) != (kind != "image") or (kind == "timeseries") != (arch == "tcn"):
+        fits = {"image": arch not in ("tcn", "transformer"), "timeseries": arch == "tcn",
+                "text": arch == "transformer"}[kind]
+        if not fits:
             fail("model.arch", arch, f"{wanted} for data.kind={kind!r}")
         if kind == "timeseries" and self.mask.span > self.data.window:
             fail("mask.span", self.mask.span, f"at most data.window={self.data.window}")
@@ -533,9 +535,11 @@ class JEPA(nn.Module):
 
     def forward(self, images, context_idx, target_idx) -> tuple[list[torch.Tensor], torch.Tensor]:
         context, _ = patch_tokens(self.encoder, images, keep=context_idx)
-        hidden = self.predictor(context, context_idx, target_idx)
-        preds = [head(hidden) for head in self.heads] if len(self.heads) else [hidden]
-        return preds, context.mean(dim=1)
+        return self.levels(self.predictor(context, context_idx, target_idx)), context.mean(dim=1)
+
+    def levels(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """One prediction per level: the predictor's output itself, or each level's head on it."""
+        return [head(hidden) for head in self.heads] if len(self.heads) else [hidden]
 
 
 class SequenceJEPA(JEPA):
@@ -544,9 +548,7 @@ class SequenceJEPA(JEPA):
 
     def forward(self, inputs, visible, masked) -> tuple[list[torch.Tensor], torch.Tensor]:
         tokens, _ = sequence_tokens(self.encoder, inputs, visible)
-        hidden = self.predictor(tokens, masked)
-        preds = [head(hidden) for head in self.heads] if len(self.heads) else [hidden]
-        return preds, masked_mean(tokens, visible)
+        return self.levels(self.predictor(tokens, masked)), masked_mean(tokens, visible)
 
 
 def build_sequence_encoder(cfg: Config, seq: dict) -> nn.Module:

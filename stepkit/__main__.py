@@ -108,14 +108,20 @@ def copy_recipe(name: str, dest: str | Path, *, force: bool = False) -> Path:
         'dino.py'
     """
     source = recipe_path(name)
-    target = Path(dest)
-    if target.is_dir():
-        target = target / source.name
-    if target.exists() and not force:
-        raise ValueError(f"{target} exists; pass --force to overwrite it")
+    target = _destination(dest, source.name, force)
     if not target.parent.is_dir():
         raise ValueError(f"{target.parent} is not a folder; create it first")
     shutil.copyfile(source, target)
+    return target
+
+
+def _destination(dest: str | Path, name: str, force: bool) -> Path:
+    """``dest``, or ``dest/name`` when it is a folder; an existing file only with ``force``."""
+    target = Path(dest)
+    if target.is_dir():
+        target = target / name
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; pass --force to overwrite it")
     return target
 
 
@@ -153,11 +159,7 @@ def write_config(name: str, dest: str | Path, *, preset: str | None = None, forc
     chosen = preset or next(iter(presets))
     if chosen not in presets:
         raise ValueError(f"unknown preset {chosen!r} of {name}; presets: {', '.join(presets)}")
-    target = Path(dest)
-    if target.is_dir():
-        target = target / f"{name}_{chosen}.yaml"
-    if target.exists() and not force:
-        raise ValueError(f"{target} exists; pass --force to overwrite it")
+    target = _destination(dest, f"{name}_{chosen}.yaml", force)
     header = (f"{name} recipe, preset {chosen}: {presets[chosen][0]}\n"
               f"run it: stepkit run {name} --config {target.name} --run-dir runs/{name} (later flags win)")
     target.write_text(config_yaml(presets[chosen][1], header), encoding="utf-8")

@@ -123,8 +123,8 @@ def load_series_npz(path: str | os.PathLike, *, min_length: int = 2) -> dict[str
                              f"at least {min_length} (data.window)")
         if len(x) == 0:
             raise ValueError(f"{path}: array 'x_{split}' holds no series")
-    train, test = (arrays[f"x_{s}"].reshape(len(arrays[f"x_{s}"]), -1, arrays[f"x_{s}"].shape[-1])
-                   for s in ("train", "test"))
+    # (N, T) -> (N, 1, T); (N, C, T) stays
+    train, test = (x.reshape(len(x), -1, x.shape[-1]) for x in (arrays["x_train"], arrays["x_test"]))
     if train.shape[1] != test.shape[1]:
         raise ValueError(f"{path}: 'x_train' has {train.shape[1]} channels and 'x_test' {test.shape[1]}; "
                          f"they must match")

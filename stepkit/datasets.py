@@ -346,8 +346,6 @@ def chat_topics(topics: tuple[str, ...] = CHAT_TOPICS, *, per_topic: int = 200, 
     """
     import importlib.util
 
-    import yaml
-
     _check.integer_at_least("per_topic", per_topic, 2)
     _check.in_range("test_fraction", test_fraction, 0.0, 1.0)
     spec = importlib.util.find_spec("chatterbot_corpus")
@@ -355,27 +353,29 @@ def chat_topics(topics: tuple[str, ...] = CHAT_TOPICS, *, per_topic: int = 200, 
         raise ValueError("the embedded text set ships inside chatterbot-corpus's wheel, which is not "
                          "installed: pip install 'stepkit[text-jepa]'")
     folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    corpus = {p.stem: _sentences(p) for p in sorted(folder.glob("*.yml"))}  # each file parsed once
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"train_texts": [], "train_labels": [], "test_texts": [], "test_labels": [],
                            "classes": list(topics)}
     for label, topic in enumerate(topics):
-        path = folder / f"{topic}.yml"
-        if not path.is_file():
-            available = sorted(p.stem for p in folder.glob("*.yml"))
-            raise ValueError(f"data.topics: no topic {topic!r}; topics: {', '.join(available)}")
-        corpus = yaml.safe_load(path.read_text(encoding="utf-8"))
-        sentences = sorted({s.strip() for talk in corpus.get("conversations", []) for s in talk
-                            if isinstance(s, str) and s.strip()})
+        if topic not in corpus:
+            raise ValueError(f"data.topics: no topic {topic!r}; topics: {', '.join(corpus)}")
+        sentences = corpus[topic]
         chosen = [sentences[i] for i in rng.permutation(len(sentences))[:per_topic]]
         held = max(1, round(test_fraction * len(chosen)))
         for split, texts in (("test", chosen[:held]), ("train", chosen[held:])):
             out[f"{split}_texts"] += texts
             out[f"{split}_labels"] += [label] * len(texts)
-    held_out = set(out["test_texts"])
-    corpora = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in sorted(folder.glob("*.yml"))]
-    everything = {s.strip() for corpus in corpora for talk in corpus.get("conversations", [])
-                  for s in talk if isinstance(s, str) and s.strip()}
-    out["unlabelled_texts"] = sorted(everything - held_out)
+    everything = {s for sentences in corpus.values() for s in sentences}
+    out["unlabelled_texts"] = sorted(everything - set(out["test_texts"]))
     for split in ("train", "test"):
         out[f"{split}_labels"] = np.array(out[f"{split}_labels"], dtype=np.int64)
     return out
+
+
+def _sentences(path: Path) -> list[str]:
+    """The distinct sentences of one chatterbot-corpus topic file, sorted."""
+    import yaml
+
+    talks = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations", [])
+    return sorted({s.strip() for talk in talks for s in talk if isinstance(s, str) and s.strip()})
