@@ -846,21 +846,23 @@ def main(cfg: Config) -> dict:
     else:
         features = partial(sequence_features, cfg, seq, device=device)
         raw, raw_name = raw_sequence_features(cfg, seq), ("raw" if kind == "timeseries" else "bow")
+
+    def last_width(net: nn.Module) -> int:  # an image's last layer is pooled to eval.pool x eval.pool
+        return (cfg.eval.pool ** 2 if kind == "image" else 1) * layer_dims(net, (cfg.model.depth() - 1,))[0]
+
     nets = {"": target_encoder, "_context_encoder": model.encoder, "_random_init": untrained}
+    scores, last_layer_features = evaluate(cfg, nets, features, last_width, raw, raw_name)
     summary = {
         "steps": state.step,
         "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
         "wall_s": round(train_s, 3),
-        **evaluate(cfg, nets, features, raw, raw_name),
+        **scores,
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
     }
-    with torch.no_grad():  # collapse check on held-out items: the target encoder's pooled features
-        target_encoder.eval()
-        (_, _), (held_out, _) = features(target_encoder, 1)
-        final = collapse_metrics(held_out[:256], "")
-        target_encoder.train()
+    (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out items: the target's
+    final = collapse_metrics(held_out[:256], "")
     summary |= {"effective_rank": float(final["effective_rank"]), "feature_std": float(final["std"]),
                 "collapse_warning": watch.last}
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
@@ -880,13 +882,15 @@ def main(cfg: Config) -> dict:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, nets: dict[str, nn.Module], features, raw, raw_name: str) -> dict[str, float]:
+def evaluate(cfg: Config, nets: dict[str, nn.Module], features, last_width, raw, raw_name: str):
     """I-JEPA's protocol on held-out items, for each network in ``nets`` (summary-key suffix -> encoder)
     and for the raw input: a linear probe and k-NN on the last layer's and on the last ``eval.layers``
     layers' pooled tokens; ``linear_acc{suffix}`` / ``knn_acc{suffix}`` are the better of the two.
 
-    ``features(net, layers)`` gives ``((train_x, train_y), (test_x, test_y))``; ``raw`` is that for the
-    raw input (pixels, resampled series, or bag of words), reported as ``*_acc_{raw_name}``."""
+    ``features(net, layers)`` gives ``((train_x, train_y), (test_x, test_y))``, the layers' features
+    concatenated, the last layer's last (``last_width(net)`` columns: one pass gives both); ``raw`` is
+    that for the raw input (pixels, resampled series, or bag of words), reported as
+    ``*_acc_{raw_name}``. Returns the summary's numbers and each net's last-layer features."""
     def probes(split_features, prefix: str, suffix: str) -> dict[str, float]:
         (train_f, train_y), (test_f, test_y) = split_features
         out = {f"knn_acc{prefix}{suffix}": knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k,
@@ -897,20 +901,24 @@ def evaluate(cfg: Config, nets: dict[str, nn.Module], features, raw, raw_name: s
         return out
 
     result: dict[str, float] = {}
+    last_layer_features = {}
     last_k = min(cfg.eval.layers, cfg.model.depth())
     for suffix, net in nets.items():
         was_training = net.training
         net.eval()
-        last = probes(features(net, 1), "_last_layer", suffix)
-        concat = probes(features(net, last_k), "_last_layers", suffix)
+        layers = features(net, last_k)
         net.train(was_training)
+        width = last_width(net)
+        last_layer_features[suffix] = tuple((f[:, -width:], y) for f, y in layers)
+        last = probes(last_layer_features[suffix], "_last_layer", suffix)
+        concat = probes(layers, "_last_layers", suffix)
         result |= last | concat
         for kind in ("knn", "linear") if cfg.eval.linear else ("knn",):
             result[f"{kind}_acc{suffix}"] = max(last[f"{kind}_acc_last_layer{suffix}"],
                                                 concat[f"{kind}_acc_last_layers{suffix}"])
     result |= probes(raw, "", f"_{raw_name}")
     result["probe_layers"] = last_k
-    return result
+    return result, last_layer_features
 
 
 @torch.no_grad()

@@ -169,11 +169,27 @@ def write_config(name: str, dest: str | Path, *, preset: str | None = None, forc
 def run_recipe(path: Path, args: list[str]) -> None:
     """Run a recipe file as its own script (``__main__``), with ``args`` as its command line.
 
+    ``sys.argv`` is the recipe's while it runs and restored after.
+
+    Args:
+        path: The recipe script.
+        args: Its command line (preset, flags).
+
     Raises:
-        SystemExit: with the recipe's exit code.
+        SystemExit: with the recipe's exit code, when it exits.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> script = pathlib.Path(tempfile.mkdtemp()) / "hello.py"
+        >>> _ = script.write_text("import sys; print('hello', sys.argv[1:], __name__)")
+        >>> run_recipe(script, ["tiny", "--train.steps", "2"])
+        hello ['tiny', '--train.steps', '2'] __main__
     """
-    sys.argv = [str(path), *args]
-    runpy.run_path(str(path), run_name="__main__")
+    saved, sys.argv = sys.argv, [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,14 @@ Layout of a run's ``checkpoints/`` folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,10 +94,26 @@ def _rank_rng_path(path: Path, rank: int) -> Path:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint on the CPU with ``weights_only=True``; refuse anything unsafe or broken.
 
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The saved payload: ``{"format", "state", "meta", "rng"}`` (tensors on the CPU).
+
     Raises:
         CheckpointError: naming the file, for a missing, truncated or unsafe (code-running) one.
 
-    Example: see ``save_checkpoint``.
+    Example:
+        >>> import tempfile, pathlib
+        >>> class RunsCode:
+        ...     def __reduce__(self):
+        ...         return print, ("this ran while loading",)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "evil.pt"
+        >>> torch.save({"format": 1, "payload": RunsCode()}, path)
+        >>> load_checkpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        stepkit.checkpoint.CheckpointError: .../evil.pt: refused: it holds Python objects that only ...
     """
     path = Path(path)
     if not path.is_file():
@@ -120,8 +139,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
     """Load a checkpoint's state into ``state`` after checking it fits the model and target.
 
+    Args:
+        state: The run's state, loaded in place.
+        payload: What ``load_checkpoint`` read.
+        path: Where ``payload`` came from, named in errors.
+
     Raises:
         CheckpointError: naming ``path``, for missing or unexpected keys or a shape mismatch.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "x.pt",
+        ...                        TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=4))
+        >>> wider = torch.nn.Linear(3, 1)
+        >>> try:
+        ...     restore(TrainState(wider, torch.optim.SGD(wider.parameters(), lr=0.1)),
+        ...             load_checkpoint(path), path)
+        ... except CheckpointError as err:
+        ...     print(str(err).replace(str(path), "x.pt"))
+        x.pt: was saved from another model: shape mismatch weight: saved (1, 2), here (1, 3)
     """
     saved = payload["state"]
     _check_fits(path, "model", unwrap(state.model).state_dict(), saved.get("model", {}))
@@ -251,9 +288,22 @@ def _few(names: list[str], n: int = 8) -> str:
 
 
 def save_last(ckpt_dir: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
-    """Save ``ckpt_dir/last.pt``.
+    """Save ``ckpt_dir/last.pt`` (what ``resume`` continues from).
 
-    Example: see ``resume``.
+    Args:
+        ckpt_dir: The checkpoint folder.
+        state: What to save.
+        meta: JSON-like facts saved beside it (e.g. the config).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=3)
+        >>> save_last(tempfile.mkdtemp(), state).name
+        'last.pt'
     """
     return save_checkpoint(Path(ckpt_dir) / LAST, state, meta=meta)
 
@@ -263,7 +313,24 @@ def save_periodic(
 ) -> Path:
     """Save ``step_<step>.pt`` and delete the periodic saves older than the last ``keep_last``.
 
-    Example: see ``maybe_save``, which calls it.
+    Args:
+        ckpt_dir: The checkpoint folder.
+        state: What to save; its ``step`` names the file.
+        keep_last: How many periodic saves to keep, at least 1.
+        meta: JSON-like facts saved beside it.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> for state.step in (10, 20, 30):
+        ...     _ = save_periodic(folder, state, keep_last=2)
+        >>> sorted(p.name for p in folder.iterdir())
+        ['step_00000020.pt', 'step_00000030.pt']
     """
     _check.integer_at_least("keep_last", keep_last, 1)
     path = save_checkpoint(_periodic_path(ckpt_dir, state.step), state, meta=meta)
@@ -365,7 +432,25 @@ def save_best(
 def best_checkpoints(ckpt_dir: str | os.PathLike) -> list[dict]:
     """The kept best checkpoints, best first: ``[{"file", "step", "value"}, ...]``.
 
-    Example: see ``save_best``.
+    Args:
+        ckpt_dir: The checkpoint folder (its ``best.json``).
+
+    Returns:
+        The index's entries; ``[]`` when nothing was saved by ``save_best``.
+
+    Raises:
+        CheckpointError: for an index that is not JSON or names files that ``save_best`` would not.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> best_checkpoints(folder)
+        []
+        >>> _ = (folder / "best.json").write_text('[{"file": "../../etc/passwd", "step": 1, "value": 0.5}]')
+        >>> best_checkpoints(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        stepkit.checkpoint.CheckpointError: .../best.json: refused: expected a list of ...
     """
     index = Path(ckpt_dir) / BEST_INDEX
     if not index.exists():
@@ -559,7 +644,24 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     equal to rank 0's (``dist.broadcast_buffers``); rank 0 writes
     ``state.json`` (counters, non-tensor extras, the world size). The
     folder is written under a temporary name and renamed into place, so an
-    interrupted save leaves the previous checkpoint whole.
+    interrupted save leaves the previous checkpoint whole. Outside
+    torch.distributed (one process, any model) it writes the same folder.
+
+    Args:
+        path: The folder to write (``last.dcp`` in the recipes).
+        state: What to save; every rank passes its own shards.
+        meta: JSON-like facts saved in ``state.json``.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=5)
+        >>> folder = save_sharded(pathlib.Path(tempfile.mkdtemp()) / "last.dcp", state)
+        >>> sorted(p.name for p in folder.iterdir())
+        ['.metadata', '__0_0.distcp', 'rng_rank0.pt', 'state.json']
     """
     import shutil
 
@@ -576,7 +678,8 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     if isinstance(state.target, torch.nn.Module):
         dist.broadcast_buffers(state.target)
     tensors = _sharded_tensors(state)
-    dcp.save(tensors, checkpoint_id=tmp)
+    with _one_process_is_intended():
+        dcp.save(tensors, checkpoint_id=tmp)
     atomic_save({"format": FORMAT, "rng": rng_state()}, tmp / f"rng_rank{dist.rank()}.pt")
     if dist.is_main():
         info = {
@@ -598,6 +701,14 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     return path
 
 
+@contextlib.contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """DCP warns that it assumes one process when torch.distributed is off: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
 def _sharded_tensors(state: TrainState) -> dict[str, Any]:
     """What DCP saves and loads in place: model, optimizer, EMA target and the tensor extras."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -617,7 +728,30 @@ def _sharded_tensors(state: TrainState) -> dict[str, Any]:
 
 
 def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
-    """Load a ``save_sharded`` folder into a sharded ``state`` (any world size DCP can reshard to)."""
+    """Load a ``save_sharded`` folder into a sharded ``state`` (any world size DCP can reshard to).
+
+    Only DCP's own metadata records are unpickled (``SAFE_METADATA_GLOBALS``):
+    a ``.metadata`` file that would run code is refused. A folder saved by
+    FSDP ranks loads into one process too.
+
+    Args:
+        path: The folder ``save_sharded`` wrote.
+        state: The run's state (sharded as it will train), loaded in place.
+
+    Raises:
+        CheckpointError: naming the folder, for an incomplete or unsafe one or one that does not fit.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> folder = save_sharded(pathlib.Path(tempfile.mkdtemp()) / "last.dcp",
+        ...                       TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=5))
+        >>> fresh = torch.nn.Linear(2, 1)
+        >>> state = TrainState(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+        >>> load_sharded(folder, state)
+        >>> state.step, torch.equal(fresh.weight, model.weight)
+        (5, True)
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
@@ -632,7 +766,8 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(tensors, storage_reader=_safe_reader(path), planner=_safe_planner())
+        with _one_process_is_intended():
+            dcp.load(tensors, storage_reader=_safe_reader(path), planner=_safe_planner())
     except CheckpointError:
         raise
     except (CheckpointException, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:

@@ -222,6 +222,32 @@ class ImageFolder:
     unreadable one stops the run before training with an error naming it;
     in a larger folder one that fails to decode later raises
     ``UnreadableImage`` naming the file.
+
+    Args:
+        root: The folder of class sub-folders.
+        size: The side of the square images returned.
+        flag: The CLI flag named in errors.
+        skip_unreadable: Leave unreadable files out (listed in ``skipped``) instead of stopping.
+        check_up_to: Verify every file up front when there are at most this many.
+
+    Raises:
+        ValueError: naming ``flag``, for a missing folder, no class folders or no images.
+        UnreadableImage: naming the file, for one Pillow cannot read (unless skipped).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("cat", "dog"):
+        ...     (root / name).mkdir()
+        ...     Image.new("RGB", (40, 30), "white").save(root / name / "1.png")
+        >>> images = ImageFolder(root, size=16)
+        >>> image, label = images[1]
+        >>> images.classes, image.shape, image.dtype, label
+        (['cat', 'dog'], torch.Size([3, 16, 16]), torch.uint8, 1)
+        >>> _ = (root / "dog" / "2.png").write_text("not an image")
+        >>> ImageFolder(root, size=16, skip_unreadable=True).skipped == [root / "dog" / "2.png"]
+        True
     """
 
     def __init__(self, root: str | os.PathLike, size: int, *, flag: str = "data.root",
@@ -289,7 +315,19 @@ class ImageFolder:
 
 
 class UnreadableImage(ValueError):
-    """An image file that cannot be decoded; the message names it."""
+    """An image file that cannot be decoded; the message names it (a ``ValueError``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "cat").mkdir()
+        >>> _ = (root / "cat" / "1.png").write_text("not an image")
+        >>> try:
+        ...     ImageFolder(root, size=16)
+        ... except UnreadableImage as err:
+        ...     print(str(err).replace(str(root), "ROOT").split(":")[0])
+        ROOT/cat/1.png
+    """
 
 
 def unreadable_image(path: str | os.PathLike) -> str | None:
@@ -318,6 +356,29 @@ def image_folders(root: str | os.PathLike, val_root: str | os.PathLike | None, s
 
     Errors name the recipes' flags (``--data.root``, ``--data.val-root``),
     including the held-out folder the user did not type.
+
+    Args:
+        root: The training images, one sub-folder per class.
+        val_root: The held-out images; None: ``val`` beside ``root``.
+        size: The side of the square images.
+        skip_unreadable: Leave unreadable files out instead of stopping.
+
+    Returns:
+        ``(train, held_out)``, two ``ImageFolder``.
+
+    Raises:
+        ValueError: naming the flag, for a missing or empty folder.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> data = pathlib.Path(tempfile.mkdtemp())
+        >>> for split in ("train", "val"):
+        ...     (data / split / "cat").mkdir(parents=True)
+        ...     Image.new("RGB", (8, 8)).save(data / split / "cat" / "1.png")
+        >>> train, held_out = image_folders(data / "train", None, size=8)
+        >>> len(train), len(held_out)
+        (1, 1)
     """
     root = Path(root)
     train = ImageFolder(root, size, flag="data.root", skip_unreadable=skip_unreadable)
@@ -387,6 +448,25 @@ class Prefetch:
     ``with prefetch.rng_as_consumed(): ...``, and a resumed run prepares the
     pending batch again with the same draws (bit-exact where the run is:
     on the CPU, when nothing else in the step draws from the global RNG).
+
+    Args:
+        batches: An iterable of raw batches (e.g. a DataLoader).
+        prepare: ``raw_batch -> batch`` (device copies, augmentation).
+        device: Where ``prepare`` runs; a CUDA device gets a side stream.
+        enabled: False: prepare each batch when it is asked for.
+
+    Example:
+        >>> prefetch = Prefetch(iter([1, 2, 3]), lambda b: b * 10, "cpu")
+        >>> next(prefetch), next(prefetch)  # batch 2 was ready first; batch 3 is being prepared
+        (10, 20)
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> noisy = Prefetch(iter([0, 0, 0]), lambda b: torch.rand(1), "cpu")
+        >>> first = next(noisy)  # the second batch's draw has happened already
+        >>> with noisy.rng_as_consumed():  # the RNG as the first batch left it (what a checkpoint saves)
+        ...     replay = torch.rand(1)
+        >>> torch.equal(replay, next(noisy))  # the second batch drew exactly that
+        True
     """
 
     def __init__(self, batches, prepare, device, *, enabled: bool = True) -> None:

@@ -266,8 +266,15 @@ def read_ts(path: str | os.PathLike) -> tuple[list[np.ndarray], list[str]]:
 def ucr_uea_dir() -> Path:
     """The folder of the UCR / UEA sets inside an installed sktime (or aeon), found without importing it.
 
+    Returns:
+        The folder holding one sub-folder per set (``GunPoint/GunPoint_TRAIN.ts``, ...).
+
     Raises:
         ValueError: when neither is installed, naming the extra that brings the data.
+
+    Example:
+        >>> sorted(p.name for p in (ucr_uea_dir() / "GunPoint").glob("*.ts"))
+        ['GunPoint_TEST.ts', 'GunPoint_TRAIN.ts']
     """
     import importlib.util
 

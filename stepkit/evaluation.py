@@ -24,7 +24,17 @@ DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 class RidgeFit:
     """A ridge regression fitted by ``ridge_regression``: predict with ``fit(x)``.
 
-    Example: see ``ridge_regression``.
+    ``fit(x) = ((x - x_mean) / x_scale) @ weights + intercept``, in float64.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(64, 30, generator=g)  # 30 features, 32 samples to fit them
+        >>> y = torch.stack([x[:, 0], x.sum(1) + 3 * torch.randn(64, generator=g)], 1)
+        >>> fit = ridge_regression(x[:32], y[:32], x[32:], y[32:], alphas=(1e-2, 1e4), per_target=True)
+        >>> fit.alphas.tolist()  # the exact voxel keeps a small alpha; the noisy one takes a large one
+        [0.01, 10000.0]
+        >>> fit(x[32:]).shape
+        torch.Size([32, 2])
     """
 
     weights: Tensor

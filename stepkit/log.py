@@ -36,7 +36,16 @@ METRICS_FILE = "metrics.jsonl"
 class LogConfig:
     """Where and how often metrics go (``--log.every``, ``--log.tensorboard``, ``--log.wandb``).
 
-    Example: see ``Logger``.
+    Raises:
+        ValueError: naming the field, for ``every`` < 1 or a negative ``heartbeat_s``.
+
+    Example:
+        >>> LogConfig(every=50, tensorboard=True).every
+        50
+        >>> LogConfig(every=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: every=0 is not allowed: expected an integer >= 1
     """
 
     every: int = 10

@@ -17,8 +17,24 @@ from stepkit.log import metric_history, read_history
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write one PNG per metric of ``run_dir``'s history; return their paths.
 
+    Args:
+        run_dir: A run directory (its ``metrics.jsonl``) or the file itself.
+        out_dir: Where the PNGs go; default ``run_dir/plots``.
+
+    Returns:
+        The files written, one per metric (``/`` in a name becomes ``_``).
+
     Raises:
         ImportError: naming the ``plot`` extra when matplotlib is missing.
+        FileNotFoundError: when there is no metrics file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr/head": 0.1}\\n'
+        ...                                        '{"step": 2, "loss": 1.0, "lr/head": 0.1}\\n')
+        >>> [p.name for p in plot_run(run)]
+        ['loss.png', 'lr_head.png']
     """
     try:
         import matplotlib
@@ -26,7 +42,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit('stepkit.plot needs matplotlib: pip install "stepkit[plot]"') from None
+        raise ImportError('stepkit.plot needs matplotlib: pip install "stepkit[plot]"') from None
     records = read_history(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +64,19 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m stepkit.plot RUN_DIR [--out DIR]``: ``plot_run`` from the command line.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: with one line, for a folder without metrics or no matplotlib.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\\n')
+        >>> main([str(run), "--out", str(run / "curves")])  # doctest: +ELLIPSIS
+        wrote 1 plots to .../curves
     """
     parser = argparse.ArgumentParser(prog="python -m stepkit.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
@@ -55,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ImportError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {len(paths)} plots to {paths[0].parent if paths else args.out}")
 

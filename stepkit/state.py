@@ -161,12 +161,43 @@ class TrainState:
 
 
 def target_state_dict(target: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+    """The EMA target's tensors by name, whether it is a module or a dict of tensors.
+
+    Args:
+        target: ``TrainState.target``: a module (a wrapper is unwrapped) or ``{name: tensor}``.
+
+    Returns:
+        ``{name: tensor}``, the tensors themselves (not copies).
+
+    Example:
+        >>> sorted(target_state_dict(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
+    """
     if isinstance(target, nn.Module):
         return unwrap(target).state_dict()
     return dict(target)
 
 
 def load_target_state_dict(target: nn.Module | dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    """Copy ``saved`` into the EMA target in place, after checking names and shapes.
+
+    Args:
+        target: A module or ``{name: tensor}``, as ``target_state_dict`` takes.
+        saved: ``{name: tensor}`` from a checkpoint.
+
+    Raises:
+        ValueError: naming the missing or unexpected names, or the tensor whose shape differs.
+
+    Example:
+        >>> target = {"w": torch.zeros(2)}
+        >>> load_target_state_dict(target, {"w": torch.ones(2)})
+        >>> target["w"]
+        tensor([1., 1.])
+        >>> load_target_state_dict(target, {"w": torch.ones(3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: target['w']: saved shape (3,) != current (2,)
+    """
     if isinstance(target, nn.Module):
         unwrap(target).load_state_dict(saved)
         return
@@ -223,7 +254,15 @@ def torch_rng_state() -> tuple[Tensor, list[Tensor] | None]:
 def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
     """Restore what ``torch_rng_state`` captured.
 
-    Example: see ``torch_rng_state``.
+    Args:
+        states: ``(cpu_state, cuda_states or None)`` from ``torch_rng_state``.
+
+    Example:
+        >>> saved = torch_rng_state()
+        >>> first = torch.randn(2)
+        >>> set_torch_rng_state(saved)
+        >>> torch.equal(torch.randn(2), first)
+        True
     """
     torch.set_rng_state(states[0])
     if states[1] is not None:
@@ -254,9 +293,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured.
+    """Restore what ``rng_state`` captured (Python, numpy, torch CPU and CUDA).
 
-    Example: see ``rng_state``.
+    Args:
+        state: The dict ``rng_state`` returned (as saved in a checkpoint).
+
+    Example:
+        >>> import random
+        >>> saved = rng_state()
+        >>> first = random.random()
+        >>> set_rng_state(saved)
+        >>> random.random() == first
+        True
     """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -164,6 +164,29 @@ def recipe_path(recipe: str | Path) -> Path:
 
 def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], log: Path) -> int:
     """Run one trial: the recipe in a subprocess with its flags, output to ``log``; return its exit code.
+
+    The command is ``python RECIPE [PRESET] --run-dir RUN_DIR ARGS...``; it
+    is the log's first line.
+
+    Args:
+        recipe: The recipe script.
+        run_dir: The trial's run directory (passed as ``--run-dir``).
+        preset: ``[]`` or ``[preset_name]``.
+        args: The trial's flags, then any others.
+        log: The file that takes the trial's stdout and stderr.
+
+    Returns:
+        The subprocess's exit code.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> recipe = folder / "echo.py"
+        >>> _ = recipe.write_text("import sys; print(sys.argv[3:])")
+        >>> run_trial(recipe, folder / "run", [], ["--optim.lr", "0.1"], folder / "trial.log")
+        0
+        >>> (folder / "trial.log").read_text().splitlines()[1]
+        "['--optim.lr', '0.1']"
     """
     command = [sys.executable, str(recipe), *preset, "--run-dir", str(run_dir), *args]
     with open(log, "w") as out:
@@ -182,7 +205,44 @@ def sweep(
     preset: str | None = None,
     extra: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Run every trial in turn; return the results sorted best first (failed ones last)."""
+    """Run every trial in turn; return the results sorted best first (failed ones last).
+
+    Trial ``i`` runs in ``sweep_dir/trial_<i>`` (``run_trial``); its
+    ``summary.json`` gives ``metric``. The ranked results are also written
+    to ``sweep_dir/results.json``.
+
+    Args:
+        recipe: The recipe script.
+        sweep_dir: Where the trials' run directories and logs go.
+        trials: Each trial's ``{key: value}`` (``plan_trials``).
+        metric: The ``summary.json`` key that ranks the trials.
+        mode: ``"min"`` or ``"max"``: which end of ``metric`` is best.
+        preset: The recipe's preset every trial starts from.
+        extra: Flags every trial gets after its own.
+
+    Returns:
+        ``[{"trial", "params", metric, "returncode", "status", "wall_s", "run_dir"}, ...]``, best first.
+
+    Raises:
+        ValueError: for a missing recipe, an unknown mode, or a trial folder that already exists.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
+        >>> _ = recipe.write_text(
+        ...     "import json, pathlib, sys\\n"
+        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
+        ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
+        ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
+        ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
+        >>> ranked = sweep(recipe, folder / "sweep", [{"optim.lr": 0.1}, {"optim.lr": 0.3}],
+        ...                metric="loss", mode="min")  # doctest: +ELLIPSIS
+        trial 0: {'optim.lr': 0.1} -> loss=0.0399... (ok)
+        trial 1: {'optim.lr': 0.3} -> loss=0.0 (ok)
+        >>> [r["params"] for r in ranked]
+        [{'optim.lr': 0.3}, {'optim.lr': 0.1}]
+    """
     if not recipe.is_file():
         raise ValueError(f"recipe={str(recipe)!r} is not allowed: no such file")
     if mode not in ("max", "min"):
@@ -214,6 +274,18 @@ def sweep(
 
 def print_table(results: list[dict[str, Any]], metric: str) -> None:
     """Print the results, best first, as a table (rich).
+
+    Args:
+        results: What ``sweep`` returned.
+        metric: The column to show.
+
+    Example:
+        >>> print_table([{"trial": 1, "params": {"optim.lr": 0.3}, "loss": 0.0, "status": "ok",
+        ...               "wall_s": 1.5}], "loss")  # doctest: +ELLIPSIS
+        sweep results, best loss first
+        ...
+        │ 1    │ 1     │ optim.lr=0.3 │ 0    │ ok     │ 1.5    │
+        ...
     """
     from rich.console import Console
     from rich.table import Table
@@ -262,7 +334,36 @@ def _number(text: str) -> Any:
 
 
 def trial_main(argv: list[str]) -> int:
-    """``trial RECIPE SWEEP_DIR [recipe args]``: one trial in a new run directory (for wandb agents)."""
+    """``trial RECIPE SWEEP_DIR [recipe args]``: one trial in a new run directory (for wandb agents).
+
+    A wandb agent passes ``--key=value`` with the config's underscores;
+    the name gets tyro's dashes (``--optim.warmup-steps=10``). The run
+    directory is ``SWEEP_DIR/trial_<time>_<random>``.
+
+    Args:
+        argv: ``[RECIPE, SWEEP_DIR, (PRESET), flags...]``.
+
+    Returns:
+        The recipe's exit code.
+
+    Raises:
+        SystemExit: with the usage line, for fewer than two arguments.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
+        >>> _ = recipe.write_text(
+        ...     "import json, pathlib, sys\\n"
+        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
+        ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
+        ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
+        ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
+        >>> trial_main([str(recipe), str(folder / "wandb"), "--optim.lr=0.3"])
+        0
+        >>> [p.name.startswith("trial_") for p in (folder / "wandb").iterdir()]
+        [True]
+    """
     if len(argv) < 2:
         raise SystemExit("usage: python -m stepkit.sweep trial RECIPE SWEEP_DIR [recipe args...]")
     recipe, sweep_dir, args = recipe_path(argv[0]), Path(argv[1]), argv[2:]
@@ -287,6 +388,26 @@ def main(argv: list[str] | None = None) -> None:
 
     Args:
         argv: The arguments (default ``sys.argv[1:]``); ``trial ...`` runs one trial (``trial_main``).
+
+    Raises:
+        SystemExit: with one line (``error: ...``) for a bad search, recipe or sweep folder.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
+        >>> _ = recipe.write_text(
+        ...     "import json, pathlib, sys\\n"
+        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
+        ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
+        ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
+        ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
+        >>> main([str(recipe), "--grid", "optim.lr=0.1,0.3", "--sweep-dir", str(folder / "s")])
+        ... # doctest: +ELLIPSIS
+        trial 0: {'optim.lr': '0.1'} -> loss=0.0399... (ok)
+        trial 1: {'optim.lr': '0.3'} -> loss=0.0 (ok)
+        ...
+        results in .../s/results.json
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "trial":

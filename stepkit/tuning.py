@@ -26,7 +26,16 @@ from stepkit import check as _check
 class LRRangeResult:
     """What ``lr_range_test`` measured: one entry per step it ran.
 
-    Example: see ``lr_range_test``.
+    Example:
+        >>> from stepkit import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        >>> result = lr_range_test(lambda s, b: s.model(b).square().mean(), state,
+        ...                        [torch.ones(4, 1)], min_lr=1e-3, max_lr=1e3, steps=7)
+        >>> [round(lr, 6) for lr in result.lrs[:3]]  # 1e-3 * 10 ** i, until the loss blew up
+        [0.001, 0.01, 0.1]
+        >>> result.suggested_lr in result.lrs, len(result.losses) == len(result.smoothed)
+        (True, True)
     """
 
     lrs: list[float]
@@ -283,7 +292,38 @@ class TuneConfig:
 
 
 def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: int, amp=None) -> dict:
-    """Run what ``cfg`` asks for with a recipe's ``loss_fn`` and ``make_batch(size)``; write tune.json."""
+    """Run what ``cfg`` asks for with a recipe's ``loss_fn`` and ``make_batch(size)``; write tune.json.
+
+    ``--tune.find-lr``: ``lr_range_test`` on a copy of ``state`` (its
+    result saved before the plot is drawn, so a missing matplotlib loses
+    nothing); ``--tune.find-batch``: ``largest_batch_size``. An empty
+    ``metrics.jsonl`` is removed, so the run folder stays free for training.
+
+    Args:
+        cfg: What to measure.
+        run_dir: Where ``tune.json`` (and ``lr_range.png``) go.
+        loss_fn: The recipe's ``loss_fn(state, batch) -> loss``.
+        state: The recipe's ``TrainState``; left as it was.
+        make_batch: ``size -> batch``.
+        batch_size: The batch size of the LR range test.
+        amp: The recipe's autocast dtype (``"bf16"``, ``"fp16"``) or None.
+
+    Returns:
+        What was written to ``tune.json``: ``suggested_lr``, ``diverged_at``, ``lrs``, ``smoothed_loss``
+        and / or ``largest_batch``.
+
+    Example:
+        >>> import tempfile
+        >>> from stepkit import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        >>> out = tune(TuneConfig(find_lr=True, lr_steps=5), tempfile.mkdtemp(),
+        ...            lambda s, b: s.model(b).square().mean(), state, lambda n: torch.ones(n, 1),
+        ...            batch_size=4)  # doctest: +ELLIPSIS
+        suggested lr ... numbers in .../tune.json
+        >>> sorted(out)
+        ['diverged_at', 'lrs', 'smoothed_loss', 'suggested_lr']
+    """
     import itertools
     import json
 

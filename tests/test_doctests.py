@@ -44,6 +44,30 @@ def test_core_names_document_args_and_an_example(name):
         assert returns_none or "Returns:" in doc, f"stepkit.{name}: no Returns section"
 
 
+def public_definitions(module):
+    """The functions and classes a module defines (not imports) under public names."""
+    return [name for name, obj in vars(module).items()
+            if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+            and getattr(obj, "__module__", None) == module.__name__]
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if not m.rsplit(".", 1)[-1].startswith("_")
+                                  or m.endswith("__main__")])
+def test_every_public_function_and_class_has_an_example(name):
+    module = importlib.import_module(name)
+    missing = [n for n in public_definitions(module)
+               if ">>> " not in (inspect.getdoc(getattr(module, n)) or "")]
+    assert not missing, f"{name}: no example in the docstring of {missing}"
+
+
+def test_public_definitions_sees_what_a_module_defines():
+    import stepkit.schedules
+
+    names = public_definitions(stepkit.schedules)
+    assert "warmup_decay" in names and "lr_at" in names and "_post_init_next" not in names
+    assert "dataclass" not in names  # imported, not defined there
+
+
 def test_the_doctest_check_can_fail():
     def wrong():
         """

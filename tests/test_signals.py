@@ -37,8 +37,11 @@ def straight(tmp_path_factory):
     return digest(run_dir)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_a_signal_saves_exits_75_and_the_resumed_run_is_bit_identical(signal_name, straight, tmp_path):
+# one handler serves the three signals: the resumed run is compared for one of them (the suite's time)
+@pytest.mark.parametrize(("signal_name", "resume"),
+                         [("SIGTERM", True), ("SIGUSR1", False), ("SIGINT", False)])
+def test_a_signal_saves_exits_75_and_the_resumed_run_is_bit_identical(signal_name, resume, straight,
+                                                                       tmp_path):
     run_dir = tmp_path / "run"
     child = subprocess.Popen([*DIGITS, "--run-dir", str(run_dir), *COMMON],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -51,6 +54,8 @@ def test_a_signal_saves_exits_75_and_the_resumed_run_is_bit_identical(signal_nam
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]["step"]
     assert 200 <= stopped_at < 1500 and f"at step {stopped_at} " in err
     assert not (run_dir / "summary.json").exists()
+    if not resume:
+        return
     resumed = subprocess.run([*DIGITS, "--run-dir", str(run_dir), *COMMON, "--resume"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

