@@ -18,15 +18,17 @@ The shared flags: ``--run-dir --resume --device --amp --train.steps
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
+import io
 import json
 import os
 import random
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -522,7 +524,8 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
              "as it is), applied after the preset and before the other flags.")
     with _check.collected_errors() as errors:
         try:
-            config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
+            with _stderr_unless_unknown_flags(argv, default):
+                config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
         except Exception:
             if not errors:
                 raise
@@ -531,6 +534,82 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
         error, owner = errors[0]
         raise ValueError(_with_path(str(error), owner, config, config_type)) from None
     return config
+
+
+def known_flags(config: Any) -> list[str]:
+    """Every flag a config takes: ``--a.b-c`` for each field, and ``--a.no-flag`` for each boolean.
+
+    Example:
+        >>> from stepkit.log import LogConfig
+        >>> known_flags(LogConfig())[:3]
+        ['--every', '--console', '--no-console']
+    """
+    flags = []
+    for key, value in flat_config(config).items():
+        head, _, last = key.rpartition(".")
+        flags.append("--" + key.replace("_", "-"))
+        if isinstance(value, bool):
+            flags.append("--" + (head + "." if head else "") + "no-" + last.replace("_", "-"))
+    return flags
+
+
+# Other projects' words for stepkit's flags, so that e.g. ``--learning-rate`` is pointed to ``--optim.lr``.
+FLAG_SYNONYMS = {"learning-rate": "lr", "weight-decay": "wd", "epochs": "steps", "iterations": "steps",
+                 "iters": "steps", "max-steps": "steps", "bs": "batch-size", "warmup": "warmup-steps",
+                 "output-dir": "run-dir", "out-dir": "run-dir", "logdir": "run-dir"}
+
+
+def unknown_flag_error(argv: Sequence[str], config: Any) -> str | None:
+    """The first flag in ``argv`` that ``config`` does not take, with the three closest; None if none.
+
+    Close means alike as a whole or in its last part (``--lr`` is close to
+    ``--optim.lr``), or another project's word for it (``FLAG_SYNONYMS``:
+    ``--learning-rate`` is ``lr``), so even a far-off spelling gets suggestions.
+
+    Example:
+        >>> from stepkit.log import LogConfig
+        >>> unknown_flag_error(["--evry", "5"], LogConfig())
+        "unknown flag '--evry'; the closest: --every, --tensorboard, --heartbeat-s (--help lists all 9)"
+        >>> unknown_flag_error(["--every", "5"], LogConfig()) is None
+        True
+    """
+    import difflib
+
+    known = known_flags(config)
+    for arg in argv:
+        if not arg.startswith("--") or arg in ("--help", "--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag.replace("_", "-") in known:
+            continue
+
+        def likeness(candidate: str, flag: str = flag) -> float:
+            whole = difflib.SequenceMatcher(None, flag, candidate).ratio()
+            typed = flag.rsplit(".", 1)[-1].lstrip("-").replace("_", "-")
+            last = candidate.rsplit(".", 1)[-1].lstrip("-")
+            return max(whole, *(difflib.SequenceMatcher(None, name, last).ratio()
+                                for name in (typed, FLAG_SYNONYMS.get(typed, typed))))
+
+        closest = sorted(known, key=lambda c: -likeness(c))[:3]
+        return (f"unknown flag {flag!r}; the closest: {', '.join(closest)} "
+                f"(--help lists all {len(known)})")
+    return None
+
+
+@contextlib.contextmanager
+def _stderr_unless_unknown_flags(argv: Sequence[str], config: Any) -> Iterator[None]:
+    """tyro's own error, unless the trouble is an unknown flag: then one line with suggestions."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except SystemExit as exit:
+        message = unknown_flag_error(argv, config) if exit.code not in (0, None) else None
+        if message is not None:
+            raise ValueError(message) from None
+        sys.stderr.write(buffer.getvalue())
+        raise
+    sys.stderr.write(buffer.getvalue())
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -140,3 +140,32 @@ def test_the_pretrained_text_tower_without_its_extra_says_what_to_install(tmp_pa
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     refused(out, "needs the 'text' extra (transformers is not installed)", "pip install 'stepkit[text]'")
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("flag", "closest"), [
+    ("--optim.lrr", "--optim.lr"),  # a typo
+    ("--lr", "--optim.lr"),  # far off as a whole: its last part is alike
+    ("--learning-rate", "--optim.lr"),  # another project's word for it
+    ("--epochs", "--train.steps"),
+    ("--train.step", "--train.steps"),
+    ("--log.no-consol", "--log.no-console"),
+    ("--crops.local_crop=2", "--crops.local-crops"),  # underscores and = as tyro takes them
+])
+def test_an_unknown_flag_is_named_with_the_closest_ones(flag, closest):
+    from conftest import load_recipe
+
+    with pytest.raises(ValueError, match="unknown flag") as err:
+        load_recipe("dino").parse(["--train.steps", "3", flag, *(["2"] if "=" not in flag else [])])
+    message = str(err.value)
+    assert message.startswith(f"unknown flag {flag.split('=')[0]!r}; the closest: ")
+    assert closest in message.split("the closest: ")[1].split(" (")[0].split(", ")
+    assert "--help lists all" in message
+
+
+def test_an_unknown_flag_from_the_command_line_is_one_line_and_a_bad_value_keeps_tyros_message(tmp_path):
+    out = recipe("ijepa", "--run-dir", str(tmp_path / "run"), "--mask.ratioo", "0.5")
+    refused(out, "unknown flag '--mask.ratioo'; the closest: --mask.ratio")
+    assert not (tmp_path / "run").exists()
+    out = recipe("ijepa", "--run-dir", str(tmp_path / "run"), "--train.steps", "many")
+    assert out.returncode == 2 and "--train.steps" in out.stderr and "unknown flag" not in out.stderr
+    assert not (tmp_path / "run").exists()
