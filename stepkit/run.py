@@ -539,6 +539,12 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
 def known_flags(config: Any) -> list[str]:
     """Every flag a config takes: ``--a.b-c`` for each field, and ``--a.no-flag`` for each boolean.
 
+    Args:
+        config: A config instance (nested dataclasses), as the recipe's preset gives it.
+
+    Returns:
+        The flags as tyro spells them (dashes), in field order.
+
     Example:
         >>> from stepkit.log import LogConfig
         >>> known_flags(LogConfig())[:3]
@@ -565,6 +571,13 @@ def unknown_flag_error(argv: Sequence[str], config: Any) -> str | None:
     Close means alike as a whole or in its last part (``--lr`` is close to
     ``--optim.lr``), or another project's word for it (``FLAG_SYNONYMS``:
     ``--learning-rate`` is ``lr``), so even a far-off spelling gets suggestions.
+
+    Args:
+        argv: The command line's flags (``--name value`` or ``--name=value``).
+        config: The config they are for (``known_flags``).
+
+    Returns:
+        ``"unknown flag '--x'; the closest: ... (--help lists all N)"``, or None when every flag is known.
 
     Example:
         >>> from stepkit.log import LogConfig
