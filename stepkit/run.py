@@ -552,10 +552,9 @@ def known_flags(config: Any) -> list[str]:
     """
     flags = []
     for key, value in flat_config(config).items():
-        head, _, last = key.rpartition(".")
-        flags.append("--" + key.replace("_", "-"))
+        flags.append(_flag(key))
         if isinstance(value, bool):
-            flags.append("--" + (head + "." if head else "") + "no-" + last.replace("_", "-"))
+            flags.append(_no_flag(key))
     return flags
 
 
@@ -757,11 +756,21 @@ def _file_flags(path: Path, known: dict[str, Any]) -> list[str]:
     return flags
 
 
-def _as_flags(key: str, value: Any, current: Any) -> list[str]:
+def _flag(key: str) -> str:
+    """``optim.warmup_steps`` -> ``--optim.warmup-steps``, as tyro spells it."""
+    return "--" + key.replace("_", "-")
+
+
+def _no_flag(key: str) -> str:
+    """A boolean's false flag: ``log.console`` -> ``--log.no-console``."""
     head, _, last = key.rpartition(".")
-    flag = "--" + key.replace("_", "-")
+    return _flag((head + "." if head else "") + "no_" + last)
+
+
+def _as_flags(key: str, value: Any, current: Any) -> list[str]:
+    flag = _flag(key)
     if isinstance(value, bool) and isinstance(current, bool):  # tyro's --name / --no-name
-        return [flag] if value else ["--" + (head + "." if head else "") + "no-" + last.replace("_", "-")]
+        return [flag] if value else [_no_flag(key)]
     if value is None:
         return [flag, "None"]
     if isinstance(value, list):

@@ -232,7 +232,7 @@ def sweep(
         >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
         >>> _ = recipe.write_text(
         ...     "import json, pathlib, sys\\n"
-        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
+        ...     "args = dict(zip(sys.argv[1::2], sys.argv[2::2]))\\n"
         ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
         ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
         ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
@@ -352,14 +352,10 @@ def trial_main(argv: list[str]) -> int:
     Example:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
-        >>> _ = recipe.write_text(
-        ...     "import json, pathlib, sys\\n"
-        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
-        ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
-        ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
-        ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
-        >>> trial_main([str(recipe), str(folder / "wandb"), "--optim.lr=0.3"])
+        >>> recipe = folder / "makes_its_run_dir.py"  # a stand-in recipe
+        >>> _ = recipe.write_text("import pathlib, sys\\n"
+        ...                       "pathlib.Path(sys.argv[sys.argv.index('--run-dir') + 1]).mkdir()\\n")
+        >>> trial_main([str(recipe), str(folder / "wandb"), "--optim.warmup_steps=3"])
         0
         >>> [p.name.startswith("trial_") for p in (folder / "wandb").iterdir()]
         [True]
@@ -394,20 +390,11 @@ def main(argv: list[str] | None = None) -> None:
 
     Example:
         >>> import pathlib, tempfile
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
-        >>> _ = recipe.write_text(
-        ...     "import json, pathlib, sys\\n"
-        ...     "a = ' '.join(sys.argv[1:]).replace('=', ' ').split(); args = dict(zip(a[::2], a[1::2]))\\n"
-        ...     "run = pathlib.Path(args['--run-dir']); run.mkdir()\\n"
-        ...     "loss = (float(args['--optim.lr']) - 0.3) ** 2\\n"
-        ...     "(run / 'summary.json').write_text(json.dumps({'loss': loss}))\\n")
-        >>> main([str(recipe), "--grid", "optim.lr=0.1,0.3", "--sweep-dir", str(folder / "s")])
-        ... # doctest: +ELLIPSIS
-        trial 0: {'optim.lr': '0.1'} -> loss=0.0399... (ok)
-        trial 1: {'optim.lr': '0.3'} -> loss=0.0 (ok)
-        ...
-        results in .../s/results.json
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "sweep.json"  # a wandb sweep instead of running one
+        >>> main(["dino", "--grid", "optim.lr=1e-3,3e-3", "--wandb-config", str(path)])  # doctest: +ELLIPSIS
+        wrote .../sweep.json; start it with: wandb sweep .../sweep.json
+        >>> json.loads(path.read_text())["parameters"]
+        {'optim.lr': {'values': [0.001, 0.003]}}
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "trial":
