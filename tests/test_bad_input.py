@@ -49,12 +49,14 @@ DINO_SMALL = ["--train.steps", "2", "--optim.warmup-steps", "1", "--batch-size",
               "--model.head-hidden", "16"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_is_named_before_training_and_leaves_no_run_dir(folder):
     out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"), *DINO_SMALL)
     refused(out, "broken.png: not a readable image", "--data.skip-unreadable")
     assert not (folder / "run").exists()
 
 
+@pytest.mark.slow
 def test_skip_unreadable_leaves_them_out_and_counts_them(folder):
     out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"),
                  "--data.skip-unreadable", *DINO_SMALL)
@@ -70,6 +72,7 @@ def test_an_image_that_fails_to_decode_later_names_itself(folder):
     assert data[bad + 1][0].shape == (3, 16, 16)
 
 
+@pytest.mark.slow
 def test_a_missing_held_out_folder_is_explained_with_its_flag(folder):
     (folder / "val").rename(folder / "elsewhere")
     explained = r"data.val_root=None .*'val' folder beside --data.root.*--data.val-root"
@@ -83,6 +86,7 @@ def test_a_missing_held_out_folder_is_explained_with_its_flag(folder):
     assert len(train) == 20 and len(val) == 8
 
 
+@pytest.mark.slow
 def test_errors_name_the_flag_the_user_typed(tmp_path):
     refused(recipe("dino", "--run-dir", str(tmp_path / "r"), "--data.image-size", "3"), "data.image_size=3")
     refused(recipe("ijepa", "--run-dir", str(tmp_path / "r"), "--train.steps", "0"), "train.steps=0")
@@ -92,6 +96,7 @@ def test_errors_name_the_flag_the_user_typed(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_an_npz_that_is_not_an_archive_is_named(tmp_path):
     bad = tmp_path / "subject.npz"
     bad.write_bytes(b"PK\x03\x04 not really a zip archive")
@@ -132,6 +137,7 @@ def test_forward_loss_says_what_it_expects(returned, message):
         forward_loss(lambda s, b: returned, state, None)
 
 
+@pytest.mark.slow
 def test_the_pretrained_text_tower_without_its_extra_says_what_to_install(tmp_path):
     run_dir = tmp_path / "r"
     code = ("import sys, runpy; sys.modules['transformers'] = None; "
@@ -151,6 +157,7 @@ def test_the_pretrained_text_tower_without_its_extra_says_what_to_install(tmp_pa
     ("--log.no-consol", "--log.no-console"),
     ("--crops.local_crop=2", "--crops.local-crops"),  # underscores and = as tyro takes them
 ])
+@pytest.mark.slow
 def test_an_unknown_flag_is_named_with_the_closest_ones(flag, closest):
     from conftest import load_recipe
 
@@ -162,6 +169,7 @@ def test_an_unknown_flag_is_named_with_the_closest_ones(flag, closest):
     assert "--help lists all" in message
 
 
+@pytest.mark.slow
 def test_an_unknown_flag_from_the_command_line_is_one_line_and_a_bad_value_keeps_tyros_message(tmp_path):
     out = recipe("ijepa", "--run-dir", str(tmp_path / "run"), "--mask.ratioo", "0.5")
     refused(out, "unknown flag '--mask.ratioo'; the closest: --mask.ratio")

@@ -69,6 +69,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(path)["state"]["step"] == 3
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_broken_last_pt(tmp_path):
     # A child saves a large checkpoint over and over; it is SIGKILLed mid-save.
     script = textwrap.dedent(f"""

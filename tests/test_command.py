@@ -53,6 +53,7 @@ def installed(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow
 def test_a_new_user_copies_and_runs_recipes_from_an_empty_folder(installed, tmp_path):
     work = tmp_path / "empty"
     work.mkdir()
@@ -79,12 +80,14 @@ def test_a_new_user_copies_and_runs_recipes_from_an_empty_folder(installed, tmp_
     assert '"ranks": 2' in (work / "r3" / "summary.json").read_text()
 
 
+@pytest.mark.slow
 def test_run_with_an_unknown_recipe_is_one_line():
     out = subprocess.run([sys.executable, "-m", "stepkit", "run", "dnio"], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 2 and out.stderr.startswith("error: unknown recipe 'dnio'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "preset"), [("dino", None), ("ijepa", "hjepa"), ("contrastive", "tiny")])
 def test_cp_config_writes_a_commented_yaml_that_reads_back_to_the_preset(tmp_path, capsys, name, preset):
     from conftest import load_recipe

@@ -74,6 +74,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager():
     eager, compiled = make_state(), make_state()
     step = torch.compile(train_step)
@@ -93,6 +94,7 @@ def test_compiled_step_equals_eager():
         torch.testing.assert_close(compiled.target[k], eager.target[k], rtol=0, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_only_torch_itself_breaks_the_graph():
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         explained = torch._dynamo.explain(train_step)(make_state(), batches()[0], torch.tensor(3))
@@ -103,6 +105,7 @@ def test_only_torch_itself_breaks_the_graph():
         assert os.sep + os.path.join("torch", "optim") in innermost, (reason.reason, innermost)
 
 
+@pytest.mark.slow
 def test_the_pieces_compile_whole_with_fullgraph():
     state = make_state()
     batch = batches()[0]
@@ -116,6 +119,7 @@ def test_the_pieces_compile_whole_with_fullgraph():
     assert lr.item() == pytest.approx(lr_at(1, LR, TOTAL))
 
 
+@pytest.mark.slow
 def test_a_float64_cpu_tensor_lr_is_still_updated_under_compile():
     # torch.compile drops in-place writes to 0-d float64 CPU tensors; stepkit
     # writes that case outside the graph so the lr does not silently freeze.

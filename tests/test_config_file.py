@@ -78,6 +78,7 @@ def test_a_wrong_type_is_refused_naming_the_flag(tmp_path, capsys):
     assert "--opt.lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_runs_config_json_recreates_the_run(tmp_path):
     recipe = load_recipe("ijepa")
     flags = ["--device", "cpu", "--log.no-console", "--train.steps", "3", "--batch-size", "16",

@@ -60,6 +60,7 @@ def single_process_reference():
     return loss.detach(), image.grad, text.grad
 
 
+@pytest.mark.slow
 def test_gathered_local_loss_gives_every_rank_the_full_batch_gradient(tmp_path):
     loss, image_grad, text_grad = single_process_reference()
     ranks = run_clip(tmp_path, local_loss=True)
@@ -73,6 +74,7 @@ def test_gathered_local_loss_gives_every_rank_the_full_batch_gradient(tmp_path):
         assert float(r["mean"]) == 0.5  # all_reduce_mean of ranks 0 and 1
 
 
+@pytest.mark.slow
 def test_full_matrix_variant_computes_the_whole_loss_on_every_rank(tmp_path):
     loss, image_grad, _ = single_process_reference()
     ranks = run_clip(tmp_path, local_loss=False)
@@ -131,6 +133,7 @@ def _train(out_dir, strategy):
         sk_dist.shutdown()  # a barrier first: no rank tears down while another still talks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_with_batch_b_equal_one_rank_with_2b(strategy, tmp_path):
     _train(str(tmp_path), strategy)  # one process, batch 2B
@@ -159,6 +162,7 @@ def _sinkhorn_worker(out_dir, iterations):
         sk_dist.shutdown()
 
 
+@pytest.mark.slow
 def test_sinkhorn_knopp_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
     from stepkit.losses.dino import sinkhorn_knopp
 

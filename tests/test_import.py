@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch._dynamo", "torch.distributed.tensor", "tensorboard", "wandb", "sklearn")
 
 
+@pytest.mark.slow
 def test_import_stepkit_pulls_in_no_heavy_module():
     code = f"import sys, stepkit; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

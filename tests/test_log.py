@@ -118,6 +118,7 @@ def read_wandb_history(path):
     return out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_history(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

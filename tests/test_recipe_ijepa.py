@@ -23,6 +23,7 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_run_reports_both_probes_for_trained_untrained_and_pixels(recipe, tmp_path):
     run = tmp_path / "run"
     cfg = recipe.parse(["--run-dir", str(run), "--device", "cpu", "--log.no-console", "--train.steps", "4",
@@ -43,6 +44,7 @@ def test_default_run_reports_both_probes_for_trained_untrained_and_pixels(recipe
     assert {"depth5_target_effective_rank", "depth5_target_std", "context_pooled_std"} <= row.keys()
 
 
+@pytest.mark.slow
 def test_untrained_baseline_is_the_network_before_training(recipe, tmp_path):
     # the same seed trains for 0 or 3 updates: the untrained numbers are the same, the trained ones move
     a = recipe.main(recipe.parse(["--run-dir", str(tmp_path / "a"), *FAST, "--train.steps", "3",
@@ -52,6 +54,7 @@ def test_untrained_baseline_is_the_network_before_training(recipe, tmp_path):
     assert a["params_digest"] != b["params_digest"]
 
 
+@pytest.mark.slow
 def test_vit_preset_runs_with_the_transformer_predictor(recipe, tmp_path):
     cfg = recipe.parse(["vit-toy", "--run-dir", str(tmp_path / "run"), *FAST, "--train.steps", "3"])
     assert (cfg.model.arch, cfg.model.predictor_dim) == ("vit-toy", 64)
@@ -84,6 +87,7 @@ def test_head_parameters_get_their_own_groups(recipe):
     assert recipe.head_level("predictor.out.weight") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["cnn", "vit-toy"])
 def test_hierarchical_run_weights_each_level_by_its_schedule(recipe, tmp_path, arch):
     run = tmp_path / "run"
@@ -104,6 +108,7 @@ def test_hierarchical_run_weights_each_level_by_its_schedule(recipe, tmp_path, a
             assert row[f"depth{d}_target_effective_rank"] > 1 and f"depth{d}_pred_std" in row
 
 
+@pytest.mark.slow
 def test_a_head_with_lr_scale_zero_stays_put(recipe, tmp_path):
     run = tmp_path / "run"
     cfg = recipe.parse(["--run-dir", str(run), *FAST, "--train.steps", "3", "--levels.depths", "2", "3",
@@ -120,6 +125,7 @@ def test_a_head_with_lr_scale_zero_stays_put(recipe, tmp_path):
     assert not torch.equal(before["encoder.convs.0.weight"], after["encoder.convs.0.weight"])
 
 
+@pytest.mark.slow
 def test_variance_guard_adds_its_weighted_terms(recipe, tmp_path):
     run = tmp_path / "run"
     recipe.main(recipe.parse(["--run-dir", str(run), *FAST, "--train.steps", "2", "--log.every", "1",
@@ -130,6 +136,7 @@ def test_variance_guard_adds_its_weighted_terms(recipe, tmp_path):
         assert row["var_loss"] > 0  # pooled embeddings of std well below gamma=1
 
 
+@pytest.mark.slow
 def test_collapse_alarm_names_the_metric(recipe, tmp_path, capsys):
     run = tmp_path / "run"
     flags = ["--train.steps", "4", "--log.every", "1", "--alarm.min-std", "10", "--alarm.patience", "2"]
@@ -141,6 +148,7 @@ def test_collapse_alarm_names_the_metric(recipe, tmp_path, capsys):
     assert quiet["collapse_warning"] == ""
 
 
+@pytest.mark.slow
 def test_mask_picture_goes_to_tensorboard(recipe, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -168,6 +176,7 @@ def test_mask_picture_goes_to_tensorboard(recipe, tmp_path):
     (["--data.image-size", "30"], "data.image_size.*multiple of the product of model.strides"),
     (["--loss.var-weight", "-1"], "loss.var_weight"),
 ])
+@pytest.mark.slow
 def test_bad_config_is_a_clear_error(recipe, tmp_path, flags, message):
     preset = flags[:1] if not flags[0].startswith("--") else []
     with pytest.raises(ValueError) as err:
@@ -176,6 +185,7 @@ def test_bad_config_is_a_clear_error(recipe, tmp_path, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_from_the_command_line_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "recipes/ijepa.py", "--run-dir", str(tmp_path / "r"),
                           "--model.dilations", "1", "0", "1", "1", "1"],
@@ -199,6 +209,7 @@ def test_paper_presets_have_the_papers_settings(recipe, tmp_path):
     assert (s16.model.arch, s16.model.patch_size, s16.batch_size) == ("vit-small", 16, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-cpu", "hjepa", "vit-toy"])
 def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch, preset):
     def flags(run):

@@ -27,6 +27,7 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_timeseries_preset_reports_probes_against_untrained_and_raw(recipe, tmp_path):
     run = tmp_path / "run"
     cfg = recipe.parse([*SERIES, "--run-dir", str(run), *FAST[:-3], "--train.steps", "4"])
@@ -43,6 +44,7 @@ def test_timeseries_preset_reports_probes_against_untrained_and_raw(recipe, tmp_
     assert 0.4 < row["masked_fraction"] < 0.8  # spans cover at least half of each window
 
 
+@pytest.mark.slow
 def test_text_preset_reports_probes_against_bag_of_words(recipe, tmp_path):
     cfg = recipe.parse([*TEXT, "--run-dir", str(tmp_path / "run"), *FAST[:-3], "--train.steps", "3"])
     assert (cfg.data.kind, cfg.model.arch, cfg.mask.ratio, cfg.mask.random_token_p) == (
@@ -65,6 +67,7 @@ def test_the_context_encoder_never_sees_a_masked_time_step(recipe):
     assert not torch.equal(net(x), net(changed))  # the target encoder (everything visible) does see them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss", "data"), [
     ("mse", SERIES), ("contrastive", SERIES), ("multiscale", SERIES), ("contrastive", TEXT),
     ("multiscale", ["tiny-cpu"]),
@@ -107,6 +110,7 @@ def test_your_own_series_from_an_npz(recipe, tmp_path):
     assert summary["steps"] == 2 and 0 <= summary["knn_acc_raw"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arrays", "flags", "message"), [
     ({"x_train": np.zeros(30)}, [], "array 'x_train' has shape \\(30,\\); expected \\(series, time\\)"),
     ({"y_train": np.arange(29)}, [], "array 'y_train' has shape \\(29,\\); expected \\(30,\\)"),
@@ -143,6 +147,7 @@ def test_bad_sequence_config_names_the_field(recipe, tmp_path, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_window_longer_than_the_series_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "recipes/ijepa.py", "timeseries", "--data.name", "GunPoint",
                           "--data.window", "200", "--run-dir", str(tmp_path / "r")],
@@ -152,6 +157,7 @@ def test_a_window_longer_than_the_series_from_the_command_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", [SERIES, TEXT], ids=["timeseries", "text"])
 def test_a_crashed_sequence_run_resumes_bit_identical(recipe, tmp_path, monkeypatch, data):
     def flags(run):

@@ -134,6 +134,7 @@ def digits(*args, check=True):
     return out
 
 
+@pytest.mark.slow
 def test_cli_resume_guards_config_and_resumes_from_a_periodic_checkpoint(tmp_path):
     common = ["--train.steps", "60", "--ckpt.every", "20", "--ckpt.keep-last", "3", "--eval-every", "20"]
     straight = tmp_path / "straight"

@@ -81,6 +81,7 @@ def run_digits(*args, check=True):
     )
 
 
+@pytest.mark.slow
 def test_every_shared_flag_is_on_the_cli():
     help_text = run_digits("--help").stdout
     for flag in ["--run-dir", "--resume", "--device", "--amp", "--train.steps", "--train.seed",
@@ -89,6 +90,7 @@ def test_every_shared_flag_is_on_the_cli():
         assert flag in help_text, flag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -105,6 +107,7 @@ def test_bad_flags_give_a_clear_error_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_run_directory_contract(tmp_path):
     run = tmp_path / "run"
     run_digits("--run-dir", str(run), "--train.steps", "60", "--eval-every", "20", "--log.every", "10",
@@ -126,6 +129,7 @@ def test_run_directory_contract(tmp_path):
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_bit_identical(tmp_path):
     common = ["--train.steps", "3000", "--ckpt.every", "100", "--eval-every", "500", "--log.every", "100"]
     straight = run_digits("--run-dir", str(tmp_path / "straight"), *common)
@@ -185,6 +189,7 @@ def test_an_unknown_preset_is_named_with_the_list():
         cli(Cfg, presets, ["lnog", "--lr", "0.5"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "default"), [("dino", 30), ("ijepa", 100), ("autoencoder", 50),
                                                ("contrastive", 20)])
 def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, default, tmp_path):
@@ -201,6 +206,7 @@ def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, d
         parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20", "--optim.warmup-steps", "21"])
 
 
+@pytest.mark.slow
 def test_a_closed_output_pipe_ends_quietly():
     code = ("from stepkit.run import run_main\n"
             "def main(cfg):\n    raise BrokenPipeError(32, 'Broken pipe')\n"

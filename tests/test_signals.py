@@ -38,6 +38,7 @@ def straight(tmp_path_factory):
 
 
 # one handler serves the three signals: the resumed run is compared for one of them (the suite's time)
+@pytest.mark.slow
 @pytest.mark.parametrize(("signal_name", "resume"),
                          [("SIGTERM", True), ("SIGUSR1", False), ("SIGINT", False)])
 def test_a_signal_saves_exits_75_and_the_resumed_run_is_bit_identical(signal_name, resume, straight,
@@ -86,6 +87,7 @@ run_main(main, lambda: sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", SLOW_LOOP, str(tmp_path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)

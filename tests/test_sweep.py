@@ -26,6 +26,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_grid_sweep_on_the_tiny_dino_preset_writes_its_runs_and_a_sorted_table(tmp_path):
     result = subprocess.run(
         [
@@ -120,6 +121,7 @@ def test_wandb_sweep_configuration():
     assert config["command"][-1] == "${args}" and "trial" in config["command"]
 
 
+@pytest.mark.slow
 def test_the_trial_entry_gives_each_wandb_trial_its_own_run_dir(tmp_path):
     # a stand-in recipe for the second trial (the suite's time): it writes its run directory
     stand_in = tmp_path / "stand_in.py"
@@ -142,6 +144,7 @@ def test_the_trial_entry_gives_each_wandb_trial_its_own_run_dir(tmp_path):
     assert json.loads((dino / "config.json").read_text())["optim"]["lr"] == 0.002
 
 
+@pytest.mark.slow
 def test_sweep_cli_errors(tmp_path):
     def run(*args):
         command = [sys.executable, "-m", "stepkit.sweep", *args]

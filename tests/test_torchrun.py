@@ -45,6 +45,7 @@ def whole(request, tmp_path_factory):
     return request.param, run_dir
 
 
+@pytest.mark.slow
 def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
     strategy, whole_dir = whole
     result = summary(whole_dir)
@@ -87,6 +88,7 @@ def rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
     raise AssertionError(f"no rank {rank} under {parent}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
 def test_two_ranks_stop_at_the_same_update_when_one_is_signalled(whole, tmp_path):
     strategy, whole_dir = whole
@@ -107,6 +109,7 @@ def test_two_ranks_stop_at_the_same_update_when_one_is_signalled(whole, tmp_path
     assert summary(tmp_path / "run")["params_digest"] == summary(whole_dir)["params_digest"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole", ["fsdp"], indirect=True)
 def test_fsdp_checkpoint_continues_in_one_process(whole, tmp_path):
     run_dir = tmp_path / "run"
@@ -116,6 +119,7 @@ def test_fsdp_checkpoint_continues_in_one_process(whole, tmp_path):
     assert summary(run_dir)["steps"] == 30 and summary(run_dir)["ranks"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_contrastive_two_ranks_with_gradcache(strategy, tmp_path):
     run([*TORCHRUN, "recipes/contrastive.py", "tiny", "--run-dir", str(tmp_path / "run"),
@@ -126,6 +130,7 @@ def test_contrastive_two_ranks_with_gradcache(strategy, tmp_path):
     assert result.get("replicas_identical", True) is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
     run([*TORCHRUN, "recipes/autoencoder.py", "--run-dir", str(tmp_path / "run"), "--train.steps", "24",
@@ -139,6 +144,7 @@ def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
 
 
 # hjepa covers tiny-cpu's CNN (and adds the heads); the ViT's FSDP2 hooks are the risky part of vit-toy
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "strategy"), [
     ("hjepa", "ddp"), ("hjepa", "fsdp"), ("vit-toy", "fsdp"), ("timeseries", "ddp"), ("timeseries", "fsdp"),
     ("text", "ddp"), ("text", "fsdp"),
