@@ -40,6 +40,7 @@ from stepkit import (
     param_groups,
     wd_at,
 )
+from stepkit.bundled import synthetic_fmri
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import (
     SHARDED_SUFFIX,
@@ -52,7 +53,6 @@ from stepkit.checkpoint import (
     save_last,
 )
 from stepkit.data import MODALITIES, load_fmri_npz, time_blocks
-from stepkit.datasets import synthetic_fmri
 from stepkit.evaluation import ridge_regression
 from stepkit.log import LogConfig, Logger, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary

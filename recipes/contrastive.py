@@ -43,10 +43,10 @@ from stepkit import (
     param_groups,
     wd_at,
 )
+from stepkit.bundled import digits_captioned
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, resume, save_last
 from stepkit.data import ResumableSampler
-from stepkit.datasets import digits_captioned
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig, Logger

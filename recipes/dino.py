@@ -46,10 +46,10 @@ from stepkit import (
     wd_at,
 )
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
+from stepkit.bundled import digits_canvas
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, Prefetch, ResumableSampler, image_folders
-from stepkit.datasets import digits_canvas
 from stepkit.evaluation import knn_accuracy
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.dino import (

@@ -80,10 +80,10 @@ from stepkit import (
     wd_at,
 )
 from stepkit.augment import normalize, random_resized_crop, to_unit
+from stepkit.bundled import CHAT_TOPICS, UCR_UEA, chat_topics, digits_canvas, ucr_uea
 from stepkit.check import at_least, fail, in_range, integer_at_least, one_of
 from stepkit.checkpoint import maybe_save, resume, save_last
 from stepkit.data import ImageFolder, ResumableSampler, image_folders, load_series_npz
-from stepkit.datasets import CHAT_TOPICS, UCR_UEA, chat_topics, digits_canvas, ucr_uea
 from stepkit.evaluation import knn_accuracy, linear_probe
 from stepkit.log import LogConfig, Logger
 from stepkit.losses.jepa import (

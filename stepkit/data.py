@@ -1,7 +1,7 @@
 """Loaders for a user's own data (image folders, stimulus / fMRI ``.npz`` arrays) and the loop's samplers.
 
-The embedded data sets moved to ``stepkit.datasets`` (their old names here still work for this
-release, with a ``DeprecationWarning``).
+The bundled data sets (the recipes' defaults, shipped inside installed packages) are in
+``stepkit.bundled``.
 
 Stimulus / fMRI data (the autoencoder recipe): a dict of 2-D float32 arrays,
 time first, ``video``, ``audio``, ``text`` (features per time point) and
@@ -535,19 +535,3 @@ def _record_stream(batch, stream) -> None:
     elif isinstance(batch, dict):
         for item in batch.values():
             _record_stream(item, stream)
-
-
-_MOVED = ("HRF", "synthetic_fmri", "digits_canvas", "digits_captioned", "DIGIT_WORDS", "SIZE_WORDS",
-          "PLACE_WORDS")
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module 'stepkit.data' has no attribute {name!r}")
-    import warnings
-
-    warnings.warn(f"stepkit.data.{name} moved to stepkit.datasets.{name}; the old path goes in the next "
-                  "release", DeprecationWarning, stacklevel=2)
-    from stepkit import datasets
-
-    return getattr(datasets, name)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from stepkit.bundled import synthetic_fmri
 from stepkit.data import load_fmri_npz, time_blocks
-from stepkit.datasets import synthetic_fmri
 
 
 def test_synthetic_fmri_is_seeded_and_shaped():
@@ -98,7 +98,7 @@ def test_not_an_npz(tmp_path):
 
 
 def test_digits_canvas_is_seeded_split_and_in_range():
-    from stepkit.datasets import digits_canvas
+    from stepkit.bundled import digits_canvas
 
     a, b = digits_canvas(seed=1, size=24), digits_canvas(seed=1, size=24)
     assert a["train_images"].shape == (1438, 1, 24, 24) and a["test_images"].shape == (359, 1, 24, 24)
@@ -109,7 +109,7 @@ def test_digits_canvas_is_seeded_split_and_in_range():
 
 
 def test_digits_canvas_is_hard_for_raw_pixels():
-    from stepkit.datasets import digits_canvas
+    from stepkit.bundled import digits_canvas
     from stepkit.evaluation import knn_accuracy
 
     d = digits_canvas()
@@ -192,7 +192,7 @@ def torch_uint8():
 
 
 def test_captioned_digits_say_what_where_and_how_big():
-    from stepkit.datasets import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
+    from stepkit.bundled import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
 
     d = digits_captioned(seed=3)
     assert d["train_images"].shape[1:] == (1, 32, 32)
@@ -213,14 +213,3 @@ def test_captioned_digits_say_what_where_and_how_big():
     again = digits_captioned(seed=3)
     assert torch.equal(again["test_images"], d["test_images"])
     assert again["test_captions"] == d["test_captions"]
-
-
-def test_the_embedded_sets_moved_to_datasets_and_the_old_path_warns():
-    import stepkit.data
-    import stepkit.datasets
-
-    for name in ("digits_canvas", "digits_captioned", "synthetic_fmri", "HRF", "DIGIT_WORDS"):
-        with pytest.warns(DeprecationWarning, match=rf"stepkit.data.{name} moved to stepkit.datasets.{name}"):
-            assert getattr(stepkit.data, name) is getattr(stepkit.datasets, name)
-    with pytest.raises(AttributeError):
-        stepkit.data.nothing_here  # noqa: B018

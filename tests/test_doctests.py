@@ -12,8 +12,8 @@ import stepkit
 
 MODULES = sorted(
     m.name for m in pkgutil.walk_packages(stepkit.__path__, "stepkit.")
-    # the deprecated aliases warn on import; the recipes are scripts, tested by running them
-    if m.name not in ("stepkit.tools", "stepkit.recipes") and not m.name.startswith("stepkit.recipes.")
+    # the recipes are scripts, tested by running them
+    if m.name != "stepkit.recipes" and not m.name.startswith("stepkit.recipes.")
 )
 
 

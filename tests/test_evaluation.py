@@ -153,19 +153,3 @@ def test_ridge_per_target_takes_each_columns_own_best_alpha():
     assert fit.alphas[0] < fit.alphas[1]  # the noisy voxel is regularised harder
     shared = ridge_regression(x[:50], y[:50], x[50:], y[50:], alphas=alphas)
     assert fit.val_corr >= shared.val_corr and shared.alphas is None
-
-
-def test_the_old_tools_module_still_answers_with_a_deprecation_warning():
-    import stepkit.evaluation
-    import stepkit.tools
-    import stepkit.tuning
-
-    with pytest.warns(DeprecationWarning, match=r"stepkit.tools.knn_accuracy moved to stepkit.evaluation"):
-        assert stepkit.tools.knn_accuracy is stepkit.evaluation.knn_accuracy
-    with pytest.warns(DeprecationWarning, match=r"moved to stepkit.tuning.MemoryCap"):
-        assert stepkit.tools.MemoryCap is stepkit.tuning.MemoryCap
-    for name in dir(stepkit.tools):  # every old name has a new home
-        module = stepkit.evaluation if hasattr(stepkit.evaluation, name) else stepkit.tuning
-        assert hasattr(module, name), name
-    with pytest.raises(AttributeError):
-        stepkit.tools.nothing_here  # noqa: B018

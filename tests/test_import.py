@@ -28,8 +28,12 @@ def test_recipes_examples_and_benchmarks_import_only_public_modules():
     assert offenders == []
 
 
-def test_the_old_private_check_module_still_works():
-    from stepkit import check
-    from stepkit._check import fail, integer_at_least
+def test_no_deprecated_shims_and_no_import_circle():
+    import importlib
 
-    assert fail is check.fail and integer_at_least is check.integer_at_least
+    for gone in ("stepkit.tools", "stepkit._check", "stepkit.datasets"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(gone)
+    code = "import sys, stepkit.data; print('stepkit.bundled' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"  # the user-data loaders never reach for the bundled sets

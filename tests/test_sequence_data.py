@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from stepkit import datasets
-from stepkit.datasets import UCR_UEA, chat_topics, read_ts, ucr_uea
+from stepkit import bundled
+from stepkit.bundled import UCR_UEA, chat_topics, read_ts, ucr_uea
 
 
 def test_read_ts_parses_channels_labels_and_missing_values(tmp_path):
@@ -57,7 +57,7 @@ def test_an_unknown_set_lists_the_known_ones():
 def test_without_sktime_the_error_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install 'stepkit\[timeseries\]'"):
-        datasets.ucr_uea_dir()
+        bundled.ucr_uea_dir()
 
 
 def test_chat_topics_are_stratified_and_never_pretrain_on_the_held_out_sentences():

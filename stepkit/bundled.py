@@ -1,4 +1,4 @@
-"""The embedded data sets: real or generated data that ship with the package and work offline.
+"""The bundled data sets: real or generated data that ship inside installed packages and work offline.
 
 - ``synthetic_fmri``: stimulus features and fMRI voxels with a known structure (the autoencoder's);
 - ``digits_canvas``: scikit-learn's handwritten digits placed on a larger canvas (DINO's and JEPA's);
