@@ -35,5 +35,6 @@ def test_no_deprecated_shims_and_no_import_circle():
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(gone)
     code = "import sys, stepkit.data; print('stepkit.bundled' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
     assert out.stdout.strip() == "False"  # the user-data loaders never reach for the bundled sets
