@@ -40,7 +40,7 @@ from torch import nn
 from stepkit import check as _check
 from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
-from stepkit.checkpoint import LAST
+from stepkit.checkpoint import LAST, has_checkpoint
 from stepkit.state import unwrap
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -266,18 +266,6 @@ _ABSENT = "<absent>"
 
 def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {json.dumps(a)} → {json.dumps(b)}" for k, (a, b) in changes.items())
-
-
-def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
-    """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume.
-
-    Example:
-        >>> import tempfile
-        >>> has_checkpoint(tempfile.mkdtemp())
-        False
-    """
-    last = Path(ckpt_dir) / LAST
-    return last.exists() or last.with_suffix(".dcp").exists()
 
 
 def start_run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit import check as _check
+from stepkit import dist
 
 Target = nn.Module | dict[str, Tensor] | None
 
@@ -98,15 +100,38 @@ class TrainState:
             device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, by_name: bool = False) -> dict[str, Any]:
         """Everything resume needs, RNG states included, as tensors and plain Python values.
 
-        Loadable with ``torch.load(weights_only=True)``: numpy's RNG state is
-        stored as a tensor, not an array.
+        The one serializer of a ``TrainState``: the single-file checkpoint
+        saves this dict with ``torch.save``, the sharded one hands the same
+        dict (less ``rng``, which is saved per rank) to
+        ``torch.distributed.checkpoint``. Loadable with
+        ``torch.load(weights_only=True)``: numpy's RNG state is stored as a
+        tensor, not an array.
+
+        Args:
+            by_name: Key the model and optimizer state by parameter name, through
+                ``torch.distributed.checkpoint.state_dict.get_state_dict`` (the layout
+                sharded checkpoints use; always so for an FSDP2 model). Otherwise the
+                plain ``state_dict()`` of the unwrapped model and of the optimizer.
+
+        Returns:
+            ``{"model", "optimizer", "step", "micro_step", "accum", "extras",
+            "data_position", "run_id", "skipped_steps", "rng"}``, plus ``"target"``
+            and ``"scaler"`` when the state has them.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=3)
+            >>> sd = state.state_dict()
+            >>> sd["step"], sorted(sd["model"])
+            (3, ['bias', 'weight'])
         """
+        model, optimizer = self._model_and_optimizer_state(by_name)
         out: dict[str, Any] = {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "step": self.step,
             "micro_step": self.micro_step,
             "accum": self.accum,
@@ -122,29 +147,73 @@ class TrainState:
             out["scaler"] = self.scaler.state_dict()
         return out
 
-    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
-        """Restore what ``state_dict`` saved, in place; strict about model and target keys."""
+    def check_parts(self, saved: Iterable[str]) -> None:
+        """Raise ``ValueError`` unless a saved state has an EMA target and a GradScaler exactly where
+        this one does.
+
+        Args:
+            saved: The saved state's top-level keys.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> state.check_parts(["model", "optimizer", "scaler"])
+            Traceback (most recent call last):
+            ValueError: scaler: the saved state has a GradScaler but this TrainState has none
+        """
+        saved = set(saved)
+        parts = (("target", self.target is not None, "EMA target weights", "them"),
+                 ("scaler", self.scaler is not None, "a GradScaler", "one"))
+        for key, here, what, some in parts:
+            if here != (key in saved):
+                has = what if key in saved else "no " + what.removeprefix("a ")
+                raise ValueError(f"{key}: the saved state has {has} but this TrainState has "
+                                 f"{some if here else 'none'}")
+
+    def _model_and_optimizer_state(self, by_name: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        if by_name or dist.is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            return get_state_dict(self.model, self.optimizer)
+        return unwrap(self.model).state_dict(), self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True,
+                        by_name: bool = False) -> None:
+        """Restore what ``state_dict`` saved, in place; strict about model and target keys.
+
+        Args:
+            state: A ``state_dict()``, as saved.
+            restore_rng: Also set the RNG states from ``state["rng"]`` (when it has one).
+            by_name: The model and optimizer state are keyed by parameter name
+                (``state_dict(by_name=True)``); always so for an FSDP2 model.
+
+        Raises:
+            ValueError: for a dict that is not a ``state_dict()``, or one with (or without) a target
+                or a GradScaler this state does not (or does) have.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> saved = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=9).state_dict()
+            >>> fresh = torch.nn.Linear(2, 1)
+            >>> state = TrainState(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+            >>> state.load_state_dict(saved)
+            >>> state.step, torch.equal(fresh.weight, model.weight)
+            (9, True)
+        """
         missing = {"model", "optimizer", "step", "micro_step"} - state.keys()
         if missing:
             raise ValueError(f"train state is missing {sorted(missing)}: not a TrainState.state_dict()")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if (self.target is None) != ("target" not in state):
-            raise ValueError(
-                "target: the saved state "
-                + ("has" if "target" in state else "has no")
-                + " EMA target weights but this TrainState "
-                + ("has none" if self.target is None else "has them")
-            )
+        self.check_parts(state.keys())
+        if by_name or dist.is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        else:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.target is not None:
             load_target_state_dict(self.target, state["target"])
-        if (self.scaler is None) != ("scaler" not in state):
-            raise ValueError(
-                "scaler: the saved state "
-                + ("has" if "scaler" in state else "has no")
-                + " GradScaler but this TrainState "
-                + ("has none" if self.scaler is None else "has one")
-            )
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -226,3 +226,89 @@ def test_sharded_format_round_trips_in_one_process_and_refuses_code(tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         load_sharded(path, fresh(2))
     assert not (tmp_path / "pwned").exists()
+
+
+def two_fp16_updates(state):
+    from stepkit import accumulate, apply_update, forward_loss
+
+    for _ in range(2):
+        loss, _ = forward_loss(lambda s, x: (s.model(x).square().mean(), {}), state, torch.randn(8, 4),
+                               amp="fp16")
+        assert accumulate(state, loss)
+        apply_update(state, lr=0.1)
+
+
+def trained_state_with_scaler(seed=0):
+    """A state that has taken two fp16 updates through a GradScaler: Adam moments, a grown tracker."""
+    state = make_state(seed=seed)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=3)
+    state.extras.update(center=torch.full((3,), 0.5), wall_s=1.25, val_losses=[0.5, 0.25])
+    two_fp16_updates(state)
+    state.data_position, state.run_id = 5, "run-7"
+    return state
+
+
+def comparable(sd):
+    """A state_dict with its tensors as lists, rng left out: equal iff the states are equal."""
+    def plain(v):
+        if isinstance(v, torch.Tensor):
+            return (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain({k: v for k, v in sd.items() if k != "rng"})
+
+
+def test_both_formats_carry_the_same_train_state_scaler_included(tmp_path):
+    from stepkit.checkpoint import load_sharded, save_sharded
+
+    state = trained_state_with_scaler()
+    assert state.scaler.state_dict()["_growth_tracker"] == 2
+    expected = comparable(state.state_dict(by_name=True))
+    save_checkpoint(tmp_path / "one.pt", state)
+    save_sharded(tmp_path / "one.dcp", state)
+    for load in (lambda s: restore(s, load_checkpoint(tmp_path / "one.pt")),
+                 lambda s: load_sharded(tmp_path / "one.dcp", s)):
+        fresh = make_state(seed=1)
+        fresh.scaler = torch.amp.GradScaler("cpu")
+        fresh.extras.update(center=torch.zeros(3), wall_s=0.0, val_losses=[])
+        load(fresh)
+        assert comparable(fresh.state_dict(by_name=True)) == expected
+        assert fresh.scaler.get_scale() == 256.0 and fresh.scaler.state_dict()["_growth_tracker"] == 2
+
+
+def test_a_scaler_on_one_side_only_is_a_mismatch_not_a_corrupt_file(tmp_path):
+    from stepkit.checkpoint import CheckpointMismatch, load_sharded, save_sharded
+
+    save_last(tmp_path, trained_state_with_scaler())
+    save_sharded(tmp_path / "other" / "last.dcp", trained_state_with_scaler())
+    no_scaler = make_state(seed=1)
+    no_scaler.extras.update(center=torch.zeros(3), wall_s=0.0, val_losses=[])
+    with pytest.raises(CheckpointMismatch, match="GradScaler"):
+        resume(tmp_path, no_scaler)
+    with pytest.raises(CheckpointMismatch, match="does not fit this run"):
+        load_sharded(tmp_path / "other" / "last.dcp", no_scaler)
+
+
+def test_fsdp2_resume_restores_the_scaler(gloo_world_of_one, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    from stepkit.checkpoint import load_sharded
+
+    def sharded(seed):
+        torch.manual_seed(seed)
+        model = fully_shard(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        return TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                          scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=3))
+
+    state = sharded(0)
+    two_fp16_updates(state)
+    assert state.scaler.state_dict()["_growth_tracker"] == 2
+    path = save_last(tmp_path, state)
+    assert path.name == "last.dcp"
+    fresh = sharded(1)
+    load_sharded(path, fresh)
+    assert fresh.scaler.state_dict() == state.scaler.state_dict()  # its scale and growth tracker too
+    assert comparable(fresh.state_dict()) == comparable(state.state_dict())

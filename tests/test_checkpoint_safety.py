@@ -138,11 +138,11 @@ def test_hostile_metadata_is_refused_and_runs_nothing(kind, genuine, tmp_path):
 
 
 def test_metadata_that_points_outside_its_folder_is_refused(genuine, tmp_path):
-    from stepkit.checkpoint import _read_metadata
+    from stepkit.checkpoint import read_metadata
 
     ckpt = tmp_path / "last.dcp"
     shutil.copytree(genuine, ckpt)
-    metadata = _read_metadata(ckpt)
+    metadata = read_metadata(ckpt)
     for info in metadata.storage_data.values():
         info.relative_path = "../../etc/passwd"
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))

@@ -1,0 +1,104 @@
+"""What every checkpoint format shares: the names on disk and the two errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["BEST_INDEX", "FORMAT", "LAST", "SHARDED_SUFFIX", "CheckpointError", "CheckpointMismatch",
+           "check_fits", "rank_rng_path"]
+
+FORMAT = "stepkit.checkpoint/1"
+LAST = "last.pt"
+SHARDED_SUFFIX = ".dcp"
+BEST_INDEX = "best.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unsafe, corrupt, or from another model.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from stepkit.checkpoint import load_checkpoint
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "torn.pt"
+        >>> _ = path.write_bytes(b"not a checkpoint")
+        >>> try:
+        ...     load_checkpoint(path)
+        ... except CheckpointError as err:
+        ...     print(str(err).startswith(str(path)))
+        True
+    """
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint that does not fit this run: saved from another model, target or scaler.
+
+    Resume re-raises it as it is (another checkpoint of the same run would not
+    fit either), where an unreadable file gets the newest readable one beside
+    it named instead.
+
+    Example:
+        >>> import torch
+        >>> from stepkit.checkpoint.errors import check_fits
+        >>> try:
+        ...     check_fits("x.pt", "model", {"w": torch.zeros(2)}, {"w": torch.zeros(3)})
+        ... except CheckpointMismatch as err:
+        ...     print(err)
+        x.pt: was saved from another model: shape mismatch w: saved (3,), here (2,)
+    """
+
+
+# Shown as users import them, in tracebacks and doctests.
+CheckpointError.__module__ = CheckpointMismatch.__module__ = "stepkit.checkpoint"
+
+
+def check_fits(path: str | os.PathLike, what: str, current: dict[str, torch.Tensor],
+               saved: dict[str, torch.Tensor]) -> None:
+    """Raise ``CheckpointMismatch`` naming ``path`` unless ``saved`` has ``current``'s keys and shapes.
+
+    Args:
+        path: Where ``saved`` came from, named in the error.
+        what: What is compared (``"model"``, ``"target"``), named in the error.
+        current: ``{name: tensor}`` of this run.
+        saved: ``{name: tensor}`` read from the checkpoint.
+
+    Raises:
+        CheckpointMismatch: listing missing and unexpected keys (the first 8) and shape mismatches.
+
+    Example:
+        >>> check_fits("x.pt", "model", {"w": torch.zeros(2)}, {"w": torch.ones(2)}) is None
+        True
+    """
+    missing = sorted(current.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - current.keys())
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)}, here {tuple(current[k].shape)}"
+        for k in current.keys() & saved.keys()
+        if tuple(saved[k].shape) != tuple(current[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(sorted(shapes)[:5]))
+        raise CheckpointMismatch(f"{path}: was saved from another {what}: " + ", ".join(parts))
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    return str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def rank_rng_path(path: str | os.PathLike, rank: int) -> Path:
+    """Where rank ``rank`` keeps its RNG state beside a replicated checkpoint ``path``.
+
+    Example:
+        >>> rank_rng_path("ckpt/last.pt", 1).name
+        'last.rank1.rng.pt'
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}.rng.pt")

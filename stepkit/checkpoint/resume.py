@@ -1,0 +1,119 @@
+"""Resume: find a run's newest checkpoint, in either format, and load it into the state."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch  # noqa: F401 - the example below uses it
+
+from stepkit import dist
+from stepkit.checkpoint.errors import LAST, SHARDED_SUFFIX, CheckpointError, CheckpointMismatch, rank_rng_path
+from stepkit.checkpoint.sharded import load_sharded, read_info
+from stepkit.checkpoint.single_file import load_checkpoint, restore
+from stepkit.state import TrainState, set_rng_state
+
+__all__ = ["has_checkpoint", "resume"]
+
+
+def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume.
+
+    Example:
+        >>> import tempfile
+        >>> has_checkpoint(tempfile.mkdtemp())
+        False
+    """
+    last = Path(ckpt_dir) / LAST
+    return last.exists() or last.with_suffix(SHARDED_SUFFIX).exists()
+
+
+def resume(
+    ckpt_dir: str | os.PathLike, state: TrainState, *, checkpoint: str | os.PathLike | None = None
+) -> bool:
+    """Restore ``state`` from ``ckpt_dir/last.pt`` (or the sharded ``last.dcp/``) if there is one;
+    return whether it did.
+
+    ``ckpt_dir`` may be a run directory too (its ``checkpoints/`` is used).
+    ``checkpoint`` names one checkpoint to load instead of ``last`` (a
+    periodic ``step_<N>.pt``, a ``best_<N>.pt``, or a ``.dcp`` folder); it
+    must exist. Under torch.distributed every rank calls it and gets its own
+    RNG back. A sharded checkpoint loads into FSDP on any world size DCP can
+    reshard to, or into a single process. An unreadable ``last.pt`` raises
+    ``CheckpointError`` naming the newest checkpoint beside it that still
+    loads (to pass as ``checkpoint``, the recipes' ``--resume-from``).
+
+    Example:
+        >>> import tempfile
+        >>> from stepkit.checkpoint import save_last
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> folder = tempfile.mkdtemp()
+        >>> resume(folder, state)  # nothing saved yet: start fresh
+        False
+        >>> state.step = 3
+        >>> _ = save_last(folder, state)
+        >>> state.step = 0
+        >>> resume(folder, state), state.step
+        (True, 3)
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if checkpoint is not None:
+        return _resume_from(Path(checkpoint), state)
+    if not (ckpt_dir / LAST).exists() and not (ckpt_dir / LAST).with_suffix(SHARDED_SUFFIX).exists() \
+            and (ckpt_dir / "checkpoints").is_dir():
+        ckpt_dir = ckpt_dir / "checkpoints"  # handed the run directory
+    last = ckpt_dir / LAST
+    sharded = last.with_suffix(SHARDED_SUFFIX)
+    if dist.is_sharded(state.model):
+        if not sharded.exists():
+            if last.exists():
+                raise CheckpointError(f"{last}: a single-file checkpoint, but this model is sharded (FSDP): "
+                                      "resume it with the strategy it was saved under")
+            return False
+        return _resume_from(sharded, state)
+    if not last.exists():
+        if sharded.exists() and dist.world_size() == 1:  # an FSDP run continued in one process
+            return _resume_from(sharded, state)
+        if sharded.exists():
+            raise CheckpointError(f"{sharded}: a sharded (FSDP) checkpoint, but this model is replicated: "
+                                  "resume it with --dist.strategy fsdp, or in a single process")
+        return False
+    return _resume_from(last, state)
+
+
+def _resume_from(path: Path, state: TrainState) -> bool:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    try:
+        if path.is_dir():
+            load_sharded(path, state)
+            return True
+        restore(state, load_checkpoint(path), path)
+    except CheckpointMismatch:
+        raise  # another checkpoint of this run would not fit either
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {_readable_alternative(path)}") from None
+    rank_rng = rank_rng_path(path, dist.rank())
+    if dist.rank() > 0 and rank_rng.exists():
+        set_rng_state(load_checkpoint(rank_rng)["rng"])
+    return True
+
+
+def _readable_alternative(broken: Path) -> str:
+    """Where to go on from an unreadable checkpoint: the newest other one in its folder that loads."""
+    candidates = []
+    for p in broken.parent.iterdir():
+        m = re.fullmatch(r"(?:step|best)_(\d{8,})\.(?:pt|dcp)", p.name)
+        if m and p != broken:
+            candidates.append((int(m.group(1)), p.name.startswith("step"), p))
+    for step, _, p in sorted(candidates, reverse=True):
+        try:
+            read_info(p) if p.is_dir() else load_checkpoint(p)
+        except CheckpointError:
+            continue
+        return (f"the newest readable checkpoint beside it is {p} (step {step}): "
+                f"continue from it with --resume-from {p}")
+    return f"no other readable checkpoint in {broken.parent}"
+
