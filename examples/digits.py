@@ -38,25 +38,21 @@ from stepkit import (
 )
 from stepkit.check import integer_at_least
 from stepkit.checkpoint import maybe_save, resume, save_best, save_last
-from stepkit.log import LogConfig, Logger, should_stop
-from stepkit.monitor import collapse_metrics
-from stepkit.run import (
+from stepkit.cli import cli, run_main
+from stepkit.config import (
     Amp,
-    CkptConfig,
+    BestCkptConfig,
     Device,
     RunArgs,
-    StopSignals,
     TrainConfig,
-    cli,
-    params_digest,
-    pick_device,
-    record_resume,
-    run_main,
-    seed_everything,
-    start_run,
+    may_change_on_resume,
     to_jsonable,
-    write_summary,
 )
+from stepkit.log import LogConfig, Logger, should_stop
+from stepkit.monitor import collapse_metrics
+from stepkit.run import params_digest, pick_device, seed_everything
+from stepkit.rundir import record_resume, start_run, write_summary
+from stepkit.signals import StopSignals
 
 
 @dataclass
@@ -74,7 +70,7 @@ class Optim(LRSchedule, WDSchedule):
 class Config(RunArgs):
     run_dir: Path = Path("runs/digits")
     """Where config.json, metrics.jsonl, checkpoints/ and summary.json go."""
-    device: Device = "auto"
+    device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 32
     hidden: int = 128
@@ -86,7 +82,8 @@ class Config(RunArgs):
     optim: Optim = field(default_factory=Optim)
     ema: MomentumSchedule = field(default_factory=lambda: MomentumSchedule(momentum=0.95))
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
-    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=50, metric="val_acc", mode="max"))
+    ckpt: BestCkptConfig = field(default_factory=lambda: BestCkptConfig(every=50))
+    """Checkpoints; the best ones by validation accuracy (--ckpt.keep-best)."""
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 1)
@@ -161,7 +158,7 @@ def main(cfg: Config) -> dict:
                 history.append(acc)
                 log.write({"val_acc": acc}, state.step)
                 if cfg.ckpt.keep_best:
-                    save_best(ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode=cfg.ckpt.mode)
+                    save_best(ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode="max")
                 stop = cfg.patience > 0 and should_stop(history, patience=cfg.patience, mode="max")
             state.extras["wall_s"] = time.perf_counter() - started
             maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)

@@ -48,32 +48,26 @@ from stepkit.checkpoint import (
     load_checkpoint,
     load_sharded,
     maybe_save,
-    resume,
     save_best,
     save_last,
 )
+from stepkit.cli import cli, run_main
+from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import MODALITIES, load_fmri_npz, time_blocks
 from stepkit.evaluation import ridge_regression
-from stepkit.log import LogConfig, Logger, should_stop
+from stepkit.log import LogConfig, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
 from stepkit.models import MultimodalAutoencoder
 from stepkit.run import (
-    Amp,
-    CkptConfig,
-    Device,
-    RunArgs,
-    StopSignals,
-    TrainConfig,
-    cli,
+    continue_run,
+    finish_run,
+    open_run,
     params_digest,
     pick_device,
-    record_resume,
-    run_main,
     seed_everything,
-    start_run,
-    to_jsonable,
-    write_summary,
+    stop_if_signalled,
 )
+from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
 
@@ -136,7 +130,7 @@ class Optim(LRSchedule, WDSchedule):
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/autoencoder")
-    device: Device = "auto"
+    device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 128
     patience: int = 8
@@ -147,7 +141,8 @@ class Config(RunArgs):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500))
     optim: Optim = field(default_factory=Optim)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=16))
-    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=160, metric="val_loss", mode="min"))
+    ckpt: BestCkptConfig = field(default_factory=lambda: BestCkptConfig(every=160))
+    """Checkpoints; the best ones by validation loss (--ckpt.keep-best)."""
     tune: TuneConfig = field(default_factory=TuneConfig)
     dist: dist.DistConfig = field(default_factory=dist.DistConfig)
 
@@ -176,8 +171,7 @@ def main(cfg: Config) -> dict:
         seed=cfg.data.seed, time_points=cfg.data.time_points, voxels=cfg.data.voxels
     )
     blocks = time_blocks(len(arrays["fmri"]), window=cfg.data.window)  # too short? said before any work
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
-                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     seed_everything(cfg.train.seed)
     series = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
     train_t, val_t, test_t = (torch.from_numpy(b).to(device) for b in blocks)
@@ -194,14 +188,7 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"val_losses": [], "wall_s": 0.0},
     )
-    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
-        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
-        if dist.is_main():
-            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
-    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
-                 run_id=state.run_id, config=to_jsonable(cfg))
-    state.run_id = log.run_id
     recon_weights = {m: getattr(cfg.loss, f"{m}_weight") for m in MODALITIES}
 
     def losses(model, t):
@@ -225,12 +212,13 @@ def main(cfg: Config) -> dict:
         model.train()
         return {k: float(v) for k, v in {"loss": loss, **parts, **voxel_corr_summary(r)}.items()}
 
-    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+    if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> torch.Tensor:
             return train_t[torch.randint(0, len(train_t), (size,), device=device)]
 
-        log.close()
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
+
+    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
     # Epochs: a fresh permutation of the training time points each, seeded by the
     # epoch, so a resumed run draws the same batches (data_position counts batches).
@@ -269,9 +257,7 @@ def main(cfg: Config) -> dict:
             if signals.requested():  # every rank stops at the same update
                 break
     save_last(ckpt_dir, state)
-    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
-        log.close()
-        signals.exit(state.step, ckpt_dir)
+    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     log.close()
     final_digest = params_digest(model)
 
@@ -306,10 +292,7 @@ def main(cfg: Config) -> dict:
     if "fmri_clean" in series:  # the synthetic set knows its noise-free responses: the ceiling
         ceiling = pearson_per_voxel(series["fmri_clean"][test_t], series["fmri"][test_t])
         summary["voxel_corr_ceiling"] = float(ceiling.mean())
-    write_summary(cfg.run_dir, summary)
-    main_process = dist.is_main()
-    dist.shutdown()
-    if not main_process:
+    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         return summary
     print(f"test voxel_corr {summary['voxel_corr']:.3f} (model, best step {summary['best_step']}) vs "
           f"{summary['voxel_corr_ridge']:.3f} (ridge, an alpha per voxel; one shared alpha "
@@ -318,6 +301,9 @@ def main(cfg: Config) -> dict:
     return summary
 
 
+def parse(argv: list[str] | None = None) -> Config:
+    return cli(Config, PRESETS, argv, description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    # config or data errors: one line, no traceback
-    run_main(main, lambda: cli(Config, PRESETS, description=__doc__.splitlines()[0]))
+    run_main(main, parse)  # config or data errors: one line, no traceback

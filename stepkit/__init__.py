@@ -10,11 +10,13 @@ from stepkit.checkpoint import (
     save_checkpoint,
     save_last,
 )
+from stepkit.config import CkptConfig, TrainConfig
 from stepkit.ema import ema_copy, ema_update
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig, Logger, read_history, should_stop
 from stepkit.monitor import collapse_metrics, norms_by_group, system_metrics
-from stepkit.run import CkptConfig, TrainConfig, params_digest, pick_device, seed_everything, start_run
+from stepkit.run import params_digest, pick_device, seed_everything
+from stepkit.rundir import start_run
 from stepkit.schedules import (
     LRSchedule,
     MomentumSchedule,

@@ -20,11 +20,14 @@ import shutil
 import sys
 from pathlib import Path
 
+__all__ = ["recipe_dir", "recipe_names", "recipe_path", "describe", "list_recipes", "copy_recipe",
+           "load_recipe", "write_config", "run_recipe", "main"]
+
 
 def recipe_dir() -> Path:
     """The folder of the installed recipes (``stepkit.recipes``).
 
-    Example:
+    Examples:
         >>> (recipe_dir() / "dino.py").is_file()
         True
     """
@@ -36,7 +39,7 @@ def recipe_dir() -> Path:
 def recipe_names() -> list[str]:
     """The installed recipes' names.
 
-    Example:
+    Examples:
         >>> "ijepa" in recipe_names()
         True
     """
@@ -46,7 +49,7 @@ def recipe_names() -> list[str]:
 def recipe_path(name: str) -> Path:
     """The installed recipe ``name`` (``dino`` or ``dino.py``); an unknown name: a ValueError listing them.
 
-    Example:
+    Examples:
         >>> recipe_path("dino.py").name
         'dino.py'
     """
@@ -60,8 +63,8 @@ def recipe_path(name: str) -> Path:
 def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
     """A recipe's first docstring line and its presets ``(name, description)``, read without importing it.
 
-    Example:
-        >>> summary, presets = describe(recipe_path("ijepa"))
+    Examples:
+        >>> summary, presets = describe(recipe_path("jepa_sequences"))
         >>> "timeseries" in [name for name, _ in presets]
         True
     """
@@ -84,7 +87,7 @@ def describe(path: Path) -> tuple[str, list[tuple[str, str]]]:
 def list_recipes() -> str:
     """What ``stepkit ls`` prints: each recipe with its first docstring line, then its presets.
 
-    Example:
+    Examples:
         >>> print(list_recipes())  # doctest: +ELLIPSIS
         autoencoder: ...
     """
@@ -102,7 +105,7 @@ def copy_recipe(name: str, dest: str | Path, *, force: bool = False) -> Path:
     """Copy recipe ``name`` to ``dest`` (a file, or a folder to put ``<name>.py`` in); never over a file
     unless ``force``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> copy_recipe("dino", pathlib.Path(tempfile.mkdtemp())).name
         'dino.py'
@@ -128,8 +131,8 @@ def _destination(dest: str | Path, name: str, force: bool) -> Path:
 def load_recipe(path: Path):
     """Import a recipe file as a module (``Config``, ``PRESETS``, ``main``, ...).
 
-    Example:
-        >>> "timeseries" in load_recipe(recipe_path("ijepa")).PRESETS
+    Examples:
+        >>> "timeseries" in load_recipe(recipe_path("jepa_sequences")).PRESETS
         True
     """
     import importlib.util
@@ -146,13 +149,13 @@ def load_recipe(path: Path):
 def write_config(name: str, dest: str | Path, *, preset: str | None = None, force: bool = False) -> Path:
     """A recipe's preset (default: its first) as a commented YAML file for ``--config``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
-        >>> path = write_config("ijepa", pathlib.Path(tempfile.mkdtemp()) / "ts.yaml", preset="timeseries")
-        >>> "kind: timeseries" in path.read_text()
+        >>> path = write_config("jepa_sequences", pathlib.Path(tempfile.mkdtemp()) / "t.yaml", preset="text")
+        >>> "kind: text" in path.read_text()
         True
     """
-    from stepkit.run import config_yaml
+    from stepkit.config import config_yaml
 
     module = load_recipe(recipe_path(name))
     presets = getattr(module, "PRESETS", None) or {"default": ("", module.Config())}
@@ -178,7 +181,7 @@ def run_recipe(path: Path, args: list[str]) -> None:
     Raises:
         SystemExit: with the recipe's exit code, when it exits.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> script = pathlib.Path(tempfile.mkdtemp()) / "hello.py"
         >>> _ = script.write_text("import sys; print('hello', sys.argv[1:], __name__)")
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments (default ``sys.argv[1:]``).
 
-    Example:
+    Examples:
         >>> main(["ls"])  # doctest: +ELLIPSIS
         autoencoder: ...
         0

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["atomic_write_bytes", "atomic_save"]
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""

@@ -21,6 +21,9 @@ from torch import Tensor
 
 from stepkit import check as _check
 
+__all__ = ["random_resized_crop", "color_jitter", "random_grayscale", "gaussian_blur", "solarize",
+           "MultiCrop", "multi_crop", "to_unit", "normalize"]
+
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` uniform draws on the host: a few numbers per image, the same on every device."""
@@ -63,7 +66,7 @@ def random_resized_crop(
     Returns:
         ``(B, C, size, size)``.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> random_resized_crop(torch.rand(2, 3, 32, 32), 16, generator=g).shape
         torch.Size([2, 3, 16, 16])
@@ -116,7 +119,7 @@ def color_jitter(
     Returns:
         The jittered images, clamped to [0, 1].
 
-    Example:
+    Examples:
         >>> out = color_jitter(torch.rand(2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
         >>> out.shape, bool(out.min() >= 0 and out.max() <= 1)
         (torch.Size([2, 3, 4, 4]), True)
@@ -164,7 +167,7 @@ def random_grayscale(images: Tensor, *, p: float = 0.2, generator: torch.Generat
     Returns:
         The images, some grey in every channel.
 
-    Example:
+    Examples:
         >>> grey = random_grayscale(torch.rand(1, 3, 2, 2), p=1.0)
         >>> torch.allclose(grey[:, 0], grey[:, 2])
         True
@@ -192,7 +195,7 @@ def gaussian_blur(
     Returns:
         The images, some blurred.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(1, 1, 9, 9)
         >>> x[0, 0, 4, 4] = 1.0
         >>> blurred = gaussian_blur(x, p=1.0, sigma=(1.0, 1.0))
@@ -228,7 +231,7 @@ def solarize(images: Tensor, *, p: float = 0.2, threshold: float = 0.5,
     Returns:
         The images, some solarised.
 
-    Example:
+    Examples:
         >>> solarize(torch.tensor([[[[0.2, 0.9]]]]), p=1.0)
         tensor([[[[0.2000, 0.1000]]]])
     """
@@ -240,7 +243,7 @@ def solarize(images: Tensor, *, p: float = 0.2, threshold: float = 0.5,
 class MultiCrop:
     """DINO's multi-crop recipe: 2 global and ``local_crops`` local views per image.
 
-    Example:
+    Examples:
         >>> cfg = MultiCrop(global_size=16, local_size=8, local_crops=2)
         >>> views = multi_crop(torch.rand(2, 3, 32, 32), cfg)
         >>> [tuple(v.shape) for v in views]
@@ -291,7 +294,7 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
     Returns:
         ``2 + cfg.local_crops`` tensors, the global views first (see ``MultiCrop``'s example).
 
-    Example:
+    Examples:
         >>> len(multi_crop(torch.rand(1, 3, 32, 32), MultiCrop(global_size=16, local_size=8, local_crops=3)))
         5
     """
@@ -317,7 +320,7 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
 def to_unit(images: Tensor) -> Tensor:
     """Decoded uint8 images to floats in [0, 1]; float images pass through.
 
-    Example:
+    Examples:
         >>> to_unit(torch.tensor([0, 255], dtype=torch.uint8))
         tensor([0., 1.])
     """
@@ -327,7 +330,7 @@ def to_unit(images: Tensor) -> Tensor:
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """``(x - mean) / std`` per channel.
 
-    Example:
+    Examples:
         >>> normalize(torch.ones(1, 1, 2, 2), (0.5,), (0.5,)).flatten().tolist()
         [1.0, 1.0, 1.0, 1.0]
     """

@@ -21,6 +21,9 @@ import numpy as np
 from stepkit import check as _check
 from stepkit.data import MODALITIES
 
+__all__ = ["HRF", "synthetic_fmri", "digits_canvas", "DIGIT_WORDS", "SIZE_WORDS", "PLACE_WORDS",
+           "digits_captioned", "UCR_UEA", "read_ts", "ucr_uea_dir", "ucr_uea", "CHAT_TOPICS", "chat_topics"]
+
 # A canonical haemodynamic response sampled once per TR: it peaks 2-3 TRs after the stimulus.
 HRF = np.array([0.0, 0.3, 1.0, 0.8, 0.4, 0.1]) / 2.6
 
@@ -46,7 +49,7 @@ def synthetic_fmri(
     ``fmri_noise``. ``fmri_clean`` (no noise) is included, so the noise
     ceiling can be reported.
 
-    Example:
+    Examples:
         >>> data = synthetic_fmri(time_points=200, voxels=5)
         >>> data["video"].shape, data["audio"].shape, data["text"].shape, data["fmri"].shape
         ((200, 64), (200, 32), (200, 48), (200, 5))
@@ -101,7 +104,7 @@ def digits_canvas(
     splits train / held-out. Returns ``train_images``, ``train_labels``,
     ``test_images``, ``test_labels`` (images ``(N, 1, size, size)`` float32).
 
-    Example:
+    Examples:
         >>> data = digits_canvas(size=32)
         >>> data["train_images"].shape, data["test_images"].shape
         (torch.Size([1438, 1, 32, 32]), torch.Size([359, 1, 32, 32]))
@@ -159,7 +162,7 @@ def digits_captioned(
     ``train_caption_ids``/``test_caption_ids`` (int64; equal ids = equal
     captions, across both splits) and ``train_labels``/``test_labels``.
 
-    Example:
+    Examples:
         >>> data = digits_captioned()
         >>> captions = data["train_captions"]
         >>> len(captions) == len(data["train_images"]), captions[0].startswith("a ")
@@ -225,7 +228,7 @@ def read_ts(path: str | os.PathLike) -> tuple[list[np.ndarray], list[str]]:
         ValueError: naming the file and line, for a file that cannot be read, no ``@data`` section,
             or a series whose channels differ in number or length.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "toy.ts"
         >>> _ = path.write_text("@problemName toy\\n@data\\n1,2,3:4,5,6:a\\n0,0,?:1,1,1:b\\n")
@@ -272,7 +275,7 @@ def ucr_uea_dir() -> Path:
     Raises:
         ValueError: when neither is installed, naming the extra that brings the data.
 
-    Example:
+    Examples:
         >>> sorted(p.name for p in (ucr_uea_dir() / "GunPoint").glob("*.ts"))
         ['GunPoint_TEST.ts', 'GunPoint_TRAIN.ts']
     """
@@ -303,7 +306,7 @@ def ucr_uea(name: str) -> dict[str, Any]:
     Raises:
         ValueError: for an unknown name (listing them) or no sktime / aeon installed.
 
-    Example:
+    Examples:
         >>> data = ucr_uea("GunPoint")
         >>> len(data["train_series"]), data["train_series"][0].shape, data["classes"]
         (50, (1, 150), ['1', '2'])
@@ -346,7 +349,7 @@ def chat_topics(topics: tuple[str, ...] = CHAT_TOPICS, *, per_topic: int = 200, 
     Raises:
         ValueError: when the package is not installed (naming the extra) or a topic does not exist.
 
-    Example:
+    Examples:
         >>> data = chat_topics(("ai", "trivia"), per_topic=50)
         >>> len(data["train_texts"]), len(data["test_texts"]), data["classes"]
         (70, 30, ['ai', 'trivia'])

@@ -26,6 +26,8 @@ from contextvars import ContextVar
 from types import FrameType
 from typing import Any
 
+__all__ = ["fail", "collected_errors", "finite", "at_least", "in_range", "integer_at_least", "one_of"]
+
 # Set only while stepkit.run.cli parses flags: failed checks are collected (with the config
 # object whose __post_init__ made them) instead of raised, so the error can name the field by
 # its full flag path (data.image_size) once the whole config exists.
@@ -44,7 +46,7 @@ def fail(field: str, value: Any, allowed: str) -> None:
     Raises:
         ValueError: always, outside ``collected_errors``.
 
-    Example:
+    Examples:
         >>> fail("lr", -1.0, "a number >= 0")
         Traceback (most recent call last):
         ValueError: lr=-1.0 is not allowed: expected a number >= 0
@@ -71,7 +73,7 @@ def collected_errors() -> Iterator[list]:
 
     ``stepkit.run.cli`` uses it to report every failed check of a nested config at once.
 
-    Example:
+    Examples:
         >>> with collected_errors() as errors:
         ...     fail("width", 0, "an integer >= 1")
         >>> [str(e) for e, _ in errors]
@@ -88,7 +90,7 @@ def collected_errors() -> Iterator[list]:
 def finite(field: str, value: float) -> None:
     """``fail`` unless ``value`` is a finite int or float (not a bool).
 
-    Example:
+    Examples:
         >>> finite("lr", float("nan"))
         Traceback (most recent call last):
         ValueError: lr=nan is not allowed: expected a finite number
@@ -100,7 +102,7 @@ def finite(field: str, value: float) -> None:
 def at_least(field: str, value: float, low: float) -> None:
     """``fail`` unless ``value`` is a finite number ``>= low``.
 
-    Example:
+    Examples:
         >>> at_least("lr", 0.1, 0.0) is None
         True
     """
@@ -112,7 +114,7 @@ def at_least(field: str, value: float, low: float) -> None:
 def in_range(field: str, value: float, low: float, high: float) -> None:
     """``fail`` unless ``value`` is a finite number in ``[low, high]``.
 
-    Example:
+    Examples:
         >>> in_range("momentum", 1.5, 0.0, 1.0)
         Traceback (most recent call last):
         ValueError: momentum=1.5 is not allowed: expected a number in [0.0, 1.0]
@@ -125,7 +127,7 @@ def in_range(field: str, value: float, low: float, high: float) -> None:
 def integer_at_least(field: str, value: int, low: int) -> None:
     """``fail`` unless ``value`` is an int (not a bool) ``>= low``.
 
-    Example:
+    Examples:
         >>> integer_at_least("steps", 2.0, 1)
         Traceback (most recent call last):
         ValueError: steps=2.0 is not allowed: expected an integer >= 1
@@ -137,7 +139,7 @@ def integer_at_least(field: str, value: int, low: int) -> None:
 def one_of(field: str, value: Any, allowed: Collection[Any]) -> None:
     """``fail`` unless ``value`` is in ``allowed`` (the message lists them).
 
-    Example:
+    Examples:
         >>> one_of("amp", "fp8", ("none", "bf16", "fp16"))
         Traceback (most recent call last):
         ValueError: amp='fp8' is not allowed: expected one of 'none', 'bf16', 'fp16'

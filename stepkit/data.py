@@ -15,10 +15,16 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stepkit import check as _check
+
+__all__ = ["MODALITIES", "FMRI_ARRAYS", "load_fmri_npz", "SERIES_ARRAYS", "load_series_npz", "series_windows",
+           "windowed_series", "tokenized_sentences", "time_blocks",
+           "IMAGE_EXTENSIONS", "ImageFolder", "UnreadableImage", "unreadable_image", "image_folders",
+           "ResumableSampler", "Prefetch"]
 
 MODALITIES = ("video", "audio", "text")
 FMRI_ARRAYS = (*MODALITIES, "fmri")
@@ -38,7 +44,7 @@ def load_fmri_npz(path: str | os.PathLike, *, min_time_points: int = 50) -> dict
     Returns:
         ``{"video", "audio", "text", "fmri"}`` as float32 ``(time, features)`` arrays.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.npz"
         >>> np.savez(path, video=np.zeros((60, 4)), audio=np.zeros((60, 2)), text=np.zeros((60, 3)),
@@ -90,7 +96,7 @@ def load_series_npz(path: str | os.PathLike, *, min_length: int = 2) -> dict[str
             ``(N, T)`` / ``(N, C, T)`` / ``(N,)``, counts or channels that differ between arrays,
             series shorter than ``min_length``, non-integer labels, or NaN / infinite values.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> np.savez(folder / "mine.npz", x_train=np.zeros((4, 3, 20)), y_train=np.arange(4),
@@ -166,6 +172,132 @@ def _read_named_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarr
             raise ValueError(f"{path}: an array in it cannot be read ({type(err).__name__}: {err})") from None
 
 
+def series_windows(series: Any, window: int, stride: int) -> Any:
+    """``(C, T)`` -> ``(n, C, window)``: windows every ``stride`` steps, the last one ending at ``T``.
+
+    Args:
+        series: A ``(C, T)`` tensor.
+        window: Steps per window (at most ``T``).
+        stride: Steps between two windows' starts.
+
+    Returns:
+        A ``(n, C, window)`` tensor.
+
+    Examples:
+        >>> import torch
+        >>> series_windows(torch.arange(5.0)[None], window=2, stride=2)[:, 0].tolist()
+        [[0.0, 1.0], [2.0, 3.0], [3.0, 4.0]]
+    """
+    import torch
+
+    starts = list(range(0, series.shape[-1] - window + 1, stride))
+    if starts[-1] != series.shape[-1] - window:
+        starts.append(series.shape[-1] - window)
+    return torch.stack([series[:, s:s + window] for s in starts])
+
+
+def windowed_series(raw: dict[str, Any], *, window: int, stride: int, source: str) -> dict[str, Any]:
+    """A labelled series set as a JEPA recipe trains and probes it: training windows, whole series.
+
+    Channels are standardised with the training series' statistics
+    (missing values, NaN in the UCR / UEA archive, become 0 afterwards).
+
+    Args:
+        raw: ``{"train_series", "train_labels", "test_series", "test_labels"}`` (``load_series_npz``,
+            ``stepkit.bundled.ucr_uea``): lists of ``(C, T)`` arrays and their integer labels.
+        window: Steps per training window.
+        stride: Steps between two windows.
+        source: The set's name or file, named in errors.
+
+    Returns:
+        ``{"train_set": TensorDataset(windows, window labels), "in_chans", "length": window,
+        "train": (series, labels), "test": (series, labels)}``.
+
+    Raises:
+        ValueError: naming ``data.window`` and ``source`` when ``window`` is longer than the shortest series.
+
+    Examples:
+        >>> import numpy as np
+        >>> raw = {"train_series": [np.arange(8.0)[None]] * 2, "train_labels": [0, 1],
+        ...        "test_series": [np.arange(6.0)[None]], "test_labels": [1]}
+        >>> out = windowed_series(raw, window=4, stride=2, source="toy")
+        >>> len(out["train_set"]), out["in_chans"]  # 3 windows of each 8-step series
+        (6, 1)
+        >>> windowed_series(raw, window=7, stride=2, source="toy")
+        Traceback (most recent call last):
+        ValueError: data.window=7 is not allowed: expected at most the shortest series' length, 6 (toy)
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    train = [torch.as_tensor(x, dtype=torch.float32) for x in raw["train_series"]]
+    test = [torch.as_tensor(x, dtype=torch.float32) for x in raw["test_series"]]
+    shortest = min(x.shape[-1] for x in train + test)
+    if window > shortest:
+        _check.fail("data.window", window, f"at most the shortest series' length, {shortest} ({source})")
+    values = torch.cat(train, dim=1)
+    mean = values.nanmean(dim=1, keepdim=True)
+    std = (values - mean).square().nanmean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
+    train, test = ([torch.nan_to_num((x - mean) / std) for x in xs] for xs in (train, test))
+    cut = [series_windows(x, window, stride) for x in train]
+    labels = torch.as_tensor(raw["train_labels"])
+    window_labels = torch.cat([torch.full((len(w),), int(y)) for w, y in zip(cut, labels)])
+    return {"train_set": TensorDataset(torch.cat(cut), window_labels), "in_chans": train[0].shape[0],
+            "length": window, "train": (train, labels), "test": (test, torch.as_tensor(raw["test_labels"]))}
+
+
+def tokenized_sentences(sentences: dict[str, Any], *, tokenizer: str, max_len: int,
+                        unlabelled: bool) -> dict[str, Any]:
+    """Topic-labelled sentences as token ids ``(N, max_len)`` (0 = padding), and what masking needs.
+
+    Args:
+        sentences: ``{"train_texts", "train_labels", "test_texts", "test_labels", "unlabelled_texts"}``
+            (``stepkit.bundled.chat_topics``).
+        tokenizer: ``"word"`` (a vocabulary of the pretraining sentences' words) or ``"minilm"``
+            (MiniLM's WordPiece; the ``text`` extra).
+        max_len: Tokens per sentence (longer ones are cut).
+        unlabelled: Pretrain on ``unlabelled_texts`` (every sentence but the held-out ones), else on
+            the labelled training sentences.
+
+    Returns:
+        ``{"train_set": TensorDataset(pretraining ids, zeros), "vocab_size", "mask_id", "special",
+        "length": max_len, "train": (ids, labels), "test": (ids, labels)}``.
+
+    Examples:
+        >>> texts = {"train_texts": ["a cat", "a dog"], "train_labels": [0, 1], "test_texts": ["a cow"],
+        ...          "test_labels": [1], "unlabelled_texts": ["a cat", "a dog", "the end"]}
+        >>> out = tokenized_sentences(texts, tokenizer="word", max_len=3, unlabelled=True)
+        >>> out["train"][0].shape, len(out["train_set"]), out["mask_id"] == out["vocab_size"] - 1
+        (torch.Size([2, 3]), 3, True)
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from stepkit.models.text import WordTokenizer, pretrained_tokenizer, pretrained_vocab
+
+    _check.one_of("data.tokenizer", tokenizer, ("word", "minilm"))
+    pretrain = sentences["unlabelled_texts"] if unlabelled else sentences["train_texts"]
+    if tokenizer == "word":
+        tokenize = WordTokenizer(pretrain)  # the pretraining sentences' words; others are unknown (1)
+        vocab_size, mask_id, special = len(tokenize) + 1, len(tokenize), [0]
+    else:
+        tokenize = pretrained_tokenizer(max_len=max_len)
+        vocab_size, mask_id, special = pretrained_vocab()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenize(texts)["input_ids"][:, :max_len]
+        return F.pad(ids, (0, max_len - ids.shape[1]))  # padding id 0 in both vocabularies
+
+    train, test = encode(sentences["train_texts"]), encode(sentences["test_texts"])
+    labels = torch.as_tensor(sentences["train_labels"])
+    pretraining = encode(pretrain)
+    no_labels = torch.zeros(len(pretraining), dtype=torch.long)
+    return {"train_set": TensorDataset(pretraining, no_labels), "vocab_size": vocab_size, "mask_id": mask_id,
+            "special": torch.tensor(special), "length": max_len, "train": (train, labels),
+            "test": (test, torch.as_tensor(sentences["test_labels"]))}
+
+
 def time_blocks(
     time_points: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), window: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -186,7 +318,7 @@ def time_blocks(
     Raises:
         ValueError: for fractions that do not sum to 1, or a block left with fewer than 2 samples.
 
-    Example:
+    Examples:
         >>> [b.tolist() for b in time_blocks(20, (0.6, 0.2, 0.2), window=2)]  # each drops its first point
         [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [13, 14, 15], [17, 18, 19]]
     """
@@ -234,7 +366,7 @@ class ImageFolder:
         ValueError: naming ``flag``, for a missing folder, no class folders or no images.
         UnreadableImage: naming the file, for one Pillow cannot read (unless skipped).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from PIL import Image
         >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -317,7 +449,7 @@ class ImageFolder:
 class UnreadableImage(ValueError):
     """An image file that cannot be decoded; the message names it (a ``ValueError``).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> (root / "cat").mkdir()
@@ -333,7 +465,7 @@ class UnreadableImage(ValueError):
 def unreadable_image(path: str | os.PathLike) -> str | None:
     """Why Pillow cannot read ``path`` as an image (opened and verified), or None if it can.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
         >>> _ = path.write_bytes(b"not an image")
@@ -369,7 +501,7 @@ def image_folders(root: str | os.PathLike, val_root: str | os.PathLike | None, s
     Raises:
         ValueError: naming the flag, for a missing or empty folder.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from PIL import Image
         >>> data = pathlib.Path(tempfile.mkdtemp())
@@ -402,7 +534,7 @@ class ResumableSampler:
     ``r`` of ``world`` takes every ``world``-th index (the epoch is cut to a
     multiple of ``world``). Infinite: it runs over epoch after epoch.
 
-    Example:
+    Examples:
         >>> from itertools import islice
         >>> whole = list(islice(ResumableSampler(6, seed=1), 6))  # it never ends: epoch after epoch
         >>> list(islice(ResumableSampler(6, seed=1, start=4), 2)) == whole[4:6]  # a resumed run continues
@@ -455,7 +587,7 @@ class Prefetch:
         device: Where ``prepare`` runs; a CUDA device gets a side stream.
         enabled: False: prepare each batch when it is asked for.
 
-    Example:
+    Examples:
         >>> prefetch = Prefetch(iter([1, 2, 3]), lambda b: b * 10, "cpu")
         >>> next(prefetch), next(prefetch)  # batch 2 was ready first; batch 3 is being prepared
         (10, 20)

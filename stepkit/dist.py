@@ -15,13 +15,17 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from stepkit import check as _check
+
+__all__ = ["Strategy", "DistConfig", "launched_by_torchrun", "init_from_env", "is_initialized", "rank",
+           "world_size", "is_main", "barrier", "shutdown", "same_on_all_ranks", "broadcast_buffers",
+           "all_reduce_mean", "all_gather_with_grad", "parallelize", "dtensor_type", "is_sharded"]
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -30,10 +34,13 @@ Strategy = Literal["ddp", "fsdp"]
 class DistConfig:
     """``--dist.strategy``: how a run launched by torchrun shares the work (ignored otherwise).
 
-    Example:
+    Examples:
         >>> DistConfig().strategy
         'ddp'
     """
+
+    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True
+    """Every field may differ on --resume (DDP and FSDP2 checkpoints resume into either strategy)."""
 
     strategy: Strategy = "ddp"
     """ddp: a full replica per rank, gradients all-reduced; fsdp: FSDP2, parameters, gradients and
@@ -46,7 +53,7 @@ class DistConfig:
 def launched_by_torchrun() -> bool:
     """True when the environment holds torchrun's rank variables.
 
-    Example:
+    Examples:
         >>> launched_by_torchrun()  # a plain python process
         False
     """
@@ -66,7 +73,7 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
     Returns:
         This process's device.
 
-    Example:
+    Examples:
         >>> init_from_env("cpu"), world_size()  # not under torchrun: a world of one
         (device(type='cpu'), 1)
     """
@@ -90,7 +97,7 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
 def is_initialized() -> bool:
     """Whether a torch.distributed process group exists.
 
-    Example:
+    Examples:
         >>> is_initialized()
         False
     """
@@ -100,7 +107,7 @@ def is_initialized() -> bool:
 def rank() -> int:
     """This process's rank, 0 outside a process group.
 
-    Example:
+    Examples:
         >>> rank()
         0
     """
@@ -110,7 +117,7 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes, 1 outside a process group.
 
-    Example:
+    Examples:
         >>> world_size()
         1
     """
@@ -120,7 +127,7 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0, or the only process: the one that logs and writes the run's files.
 
-    Example:
+    Examples:
         >>> is_main()
         True
     """
@@ -130,7 +137,7 @@ def is_main() -> bool:
 def barrier() -> None:
     """Wait for every rank; a no-op outside a process group.
 
-    Example:
+    Examples:
         >>> barrier()
     """
     if is_initialized():
@@ -140,7 +147,7 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group (after a last barrier, so no rank exits while others still talk).
 
-    Example:
+    Examples:
         >>> shutdown()  # nothing to leave in a world of one
     """
     if is_initialized():
@@ -152,7 +159,7 @@ def shutdown() -> None:
 def same_on_all_ranks(text: str) -> bool:
     """Whether every rank passed the same string (compared through its SHA-256; True in a world of one).
 
-    Example:
+    Examples:
         >>> same_on_all_ranks("config digest")
         True
     """
@@ -175,7 +182,7 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     drift apart on its own data, so a checkpoint or an evaluation needs
     one agreed copy.
 
-    Example:
+    Examples:
         >>> norm = torch.nn.BatchNorm1d(2)
         >>> broadcast_buffers(norm)  # a world of one: unchanged
     """
@@ -187,7 +194,7 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """The mean of ``tensor`` over ranks, in place (and returned); a no-op in a world of one.
 
-    Example:
+    Examples:
         >>> all_reduce_mean(torch.tensor([1.0, 3.0]))
         tensor([1., 3.])
     """
@@ -221,7 +228,7 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     are those of the mean of all ranks' losses, as if one process had seen
     the whole gathered batch. A world of one returns ``x`` itself.
 
-    Example:
+    Examples:
         >>> x = torch.ones(2, 3, requires_grad=True)
         >>> all_gather_with_grad(x).shape  # a world of one: x itself
         torch.Size([2, 3])
@@ -265,7 +272,7 @@ def parallelize(
     Returns:
         The wrapped model (``model`` itself in a world of one).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> parallelize(model, "ddp", torch.device("cpu")) is model
         True
@@ -306,7 +313,7 @@ def dtensor_type() -> type | None:
     loaded, and importing it costs about half a second that a run without
     FSDP (and ``import stepkit``) should not pay.
 
-    Example:
+    Examples:
         >>> dtensor_type() is None or dtensor_type().__name__ == "DTensor"
         True
     """
@@ -316,7 +323,7 @@ def dtensor_type() -> type | None:
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model``'s parameters are FSDP2 shards (DTensors).
 
-    Example:
+    Examples:
         >>> is_sharded(torch.nn.Linear(2, 1))
         False
     """

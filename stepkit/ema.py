@@ -11,6 +11,8 @@ from stepkit import check as _check
 from stepkit.dist import dtensor_type
 from stepkit.state import unwrap
 
+__all__ = ["ema_update", "ema_copy"]
+
 
 @torch.no_grad()
 def ema_update(
@@ -42,7 +44,7 @@ def ema_update(
         ValueError: when the names or shapes of target and online differ (the
             message lists them).
 
-    Example:
+    Examples:
         >>> online, target = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
         >>> _ = torch.nn.init.ones_(online.weight), torch.nn.init.zeros_(target.weight)
         >>> ema_update(target, online, momentum=0.75)
@@ -153,7 +155,7 @@ def ema_copy(online: nn.Module) -> dict[str, Tensor]:
         ``{name: tensor}`` keyed like ``online.state_dict()``; evaluate it with
         ``torch.func.functional_call(online, target, inputs)``.
 
-    Example:
+    Examples:
         >>> target = ema_copy(torch.nn.Linear(2, 1))
         >>> sorted(target), target["weight"].requires_grad
         (['bias', 'weight'], False)

@@ -6,8 +6,9 @@ Each a function of tensors (and labels); nothing here trains the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,10 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.losses.correlation import pearson_per_voxel
 from stepkit.step import at_least_float32
+
+__all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "knn_accuracy", "PROBE_CS",
+           "validation_split", "linear_probe", "fit_logistic", "linear_probe_accuracy", "recall_at_k",
+           "chance_recall_at_k", "retrieval_metrics", "frozen_probes"]
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -26,7 +31,7 @@ class RidgeFit:
 
     ``fit(x) = ((x - x_mean) / x_scale) @ weights + intercept``, in float64.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(64, 30, generator=g)  # 30 features, 32 samples to fit them
         >>> y = torch.stack([x[:, 0], x.sum(1) + 3 * torch.randn(64, generator=g)], 1)
@@ -83,7 +88,7 @@ def ridge_regression(
     Raises:
         ValueError: for no alphas or one that is not positive.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(50, 3, generator=g)
         >>> y = x @ torch.tensor([[1.0], [2.0], [0.0]])
@@ -134,7 +139,7 @@ def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=N
     Returns:
         ``(N, D)`` features on the CPU.
 
-    Example:
+    Examples:
         >>> extract_features(torch.nn.Flatten(), torch.zeros(3, 2, 2), batch_size=2).shape
         torch.Size([3, 4])
     """
@@ -182,7 +187,7 @@ def knn_accuracy(
     Raises:
         ValueError: for ``k`` outside ``1..N``.
 
-    Example:
+    Examples:
         >>> train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
         >>> knn_accuracy(train, torch.tensor([0, 0, 1]), torch.tensor([[0.1, 1.0]]), torch.tensor([1]), k=1)
         1.0
@@ -220,7 +225,7 @@ def validation_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> tu
     Returns:
         ``(fit_idx, val_idx)``, sorted.
 
-    Example:
+    Examples:
         >>> fit, val = validation_split(torch.tensor([0, 0, 0, 0, 1, 1]), fraction=0.5, seed=0)
         >>> len(fit), len(val)
         (3, 3)
@@ -270,7 +275,7 @@ def linear_probe(
     Returns:
         ``{"acc": test accuracy, "c": the chosen C, "val_acc": its validation accuracy}``.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[0.0], [0.1], [0.2], [1.0], [1.1], [1.2]])
         >>> y = torch.tensor([0, 0, 0, 1, 1, 1])
         >>> linear_probe(x, y, torch.tensor([[0.05], [1.05]]), torch.tensor([0, 1]))["acc"]
@@ -327,7 +332,7 @@ def fit_logistic(
     Returns:
         ``(D + 1, classes)`` float64 weights, the intercept last.
 
-    Example:
+    Examples:
         >>> w = fit_logistic(torch.tensor([[-1.0], [1.0]]), torch.tensor([0, 1]), c=10.0)
         >>> w.shape, bool(w[0, 1] > w[0, 0])
         (torch.Size([2, 2]), True)
@@ -387,7 +392,7 @@ def linear_probe_accuracy(
     Returns:
         The test accuracy.
 
-    Example:
+    Examples:
         >>> x, y = torch.tensor([[-1.0], [-0.9], [0.9], [1.0]]), torch.tensor([0, 0, 1, 1])
         >>> linear_probe_accuracy(x, y, x, y, c=1.0)
         1.0
@@ -442,7 +447,7 @@ def recall_at_k(
     Raises:
         ValueError: for ids given alone, of the wrong length, or no ids with a non-square matrix.
 
-    Example:
+    Examples:
         >>> recall_at_k(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), ks=(1, 2))  # query 1's match ranks second
         {1: 0.5, 2: 1.0}
     """
@@ -471,7 +476,7 @@ def chance_recall_at_k(
     Returns:
         The expected recall@k of a random ranking.
 
-    Example:
+    Examples:
         >>> chance_recall_at_k(4, 4, k=1)  # one match among 4 keys
         0.25
     """
@@ -495,7 +500,7 @@ def retrieval_metrics(
     Returns:
         ``{"recall_at_{k}_i2t": ..., "recall_at_{k}_t2i": ...}``.
 
-    Example:
+    Examples:
         >>> retrieval_metrics(torch.eye(3), torch.eye(3), ks=(1,))
         {'recall_at_1_i2t': 1.0, 'recall_at_1_t2i': 1.0}
     """
@@ -505,3 +510,85 @@ def retrieval_metrics(
     i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
     return {**{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
             **{f"recall_at_{k}_t2i": v for k, v in t2i.items()}}
+
+
+@torch.no_grad()
+def frozen_probes(
+    nets: dict[str, Any],
+    features: Callable[[Any, int], tuple[Any, Any]],
+    last_width: Callable[[Any], int],
+    raw: tuple[Any, Any],
+    raw_name: str,
+    *,
+    layers: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    linear: bool = True,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """I-JEPA's evaluation protocol on frozen features, for several networks and the raw input.
+
+    For each network (``nets``: summary-key suffix -> encoder): a linear
+    probe (``linear_probe``) and k-NN (``knn_accuracy``) on the last layer's
+    and on the last ``layers`` layers' pooled tokens; ``linear_acc{suffix}``
+    and ``knn_acc{suffix}`` are the better of the two (I-JEPA paper, App.
+    A.2). The same two probes on ``raw`` give ``*_acc_{raw_name}``. Each
+    network is evaluated in eval mode and left as it was.
+
+    Args:
+        nets: ``{suffix: encoder}``, e.g. ``{"": target, "_random_init": untrained}``.
+        features: ``features(net, layers)`` -> ``((train_x, train_y), (test_x, test_y))``, the layers'
+            features concatenated, the last layer's last (one pass gives both).
+        last_width: ``last_width(net)``: how many of the last columns are the last layer's.
+        raw: ``((train_x, train_y), (test_x, test_y))`` of the raw input (pixels, resampled series ...).
+        raw_name: Its name in the summary keys (``pixels``, ``raw``, ``bow``).
+        layers: How many last layers the second probe reads.
+        k: k-NN's neighbours.
+        temperature: k-NN's temperature.
+        linear: Fit the linear probes too (False: k-NN only).
+        seed: The linear probe's validation split.
+
+    Returns:
+        ``(numbers, last_layer_features)``: the summary's numbers (``probe_layers`` included), and each
+        net's last-layer ``((train_x, train_y), (test_x, test_y))``.
+
+    Examples:
+        >>> torch.manual_seed(0) and None
+        >>> x, y = torch.randn(40, 4), torch.arange(40) % 2
+        >>> x[:, 0] += 3 * y  # the first feature tells the classes apart
+        >>> split = lambda f: ((f[:30], y[:30]), (f[30:], y[30:]))
+        >>> nets = {"": torch.nn.Identity()}
+        >>> scores, _ = frozen_probes(nets, lambda net, layers: split(net(x)), lambda net: 4, split(x),
+        ...                           "raw", layers=1, k=5)
+        >>> best = max(scores["knn_acc_last_layer"], scores["knn_acc_last_layers"])
+        >>> sorted(scores)[:3], scores["knn_acc"] == best, scores["knn_acc"] > 0.8
+        (['knn_acc', 'knn_acc_last_layer', 'knn_acc_last_layers'], True, True)
+    """
+    def probes(split_features: tuple[Any, Any], prefix: str, suffix: str) -> dict[str, float]:
+        (train_f, train_y), (test_f, test_y) = split_features
+        out = {f"knn_acc{prefix}{suffix}": knn_accuracy(train_f, train_y, test_f, test_y, k=k,
+                                                        temperature=temperature)}
+        if linear:
+            out[f"linear_acc{prefix}{suffix}"] = linear_probe(train_f, train_y, test_f, test_y,
+                                                              seed=seed)["acc"]
+        return out
+
+    result: dict[str, float] = {}
+    last_layer_features = {}
+    for suffix, net in nets.items():
+        was_training = net.training
+        net.eval()
+        chosen = features(net, layers)
+        net.train(was_training)
+        width = last_width(net)
+        (train_f, train_y), (test_f, test_y) = chosen
+        last_layer_features[suffix] = ((train_f[:, -width:], train_y), (test_f[:, -width:], test_y))
+        last = probes(last_layer_features[suffix], "_last_layer", suffix)
+        concat = probes(chosen, "_last_layers", suffix)
+        result |= last | concat
+        for kind in ("knn", "linear") if linear else ("knn",):
+            result[f"{kind}_acc{suffix}"] = max(last[f"{kind}_acc_last_layer{suffix}"],
+                                                concat[f"{kind}_acc_last_layers{suffix}"])
+    result |= probes(raw, "", f"_{raw_name}")
+    result["probe_layers"] = layers
+    return result, last_layer_features

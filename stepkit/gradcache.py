@@ -28,11 +28,13 @@ from stepkit import check as _check
 from stepkit.state import TrainState, set_torch_rng_state, torch_rng_state
 from stepkit.step import amp_dtype, at_least_float32, ddp_of, device_type_of, fsdp_of
 
+__all__ = ["split_batch", "gradcache"]
+
 
 def split_batch(batch: Any, chunk: int) -> list[Any]:
     """Split a tensor, or a dict / list / tuple of tensors (dim 0 = rows), into chunks of ``chunk`` rows.
 
-    Example:
+    Examples:
         >>> [part["x"].shape[0] for part in split_batch({"x": torch.zeros(5, 2), "y": torch.zeros(5)}, 2)]
         [2, 2, 1]
     """
@@ -92,7 +94,7 @@ def gradcache(
     Raises:
         ValueError: for a ``chunk`` below 1, or a ``loss_fn`` that returns something else.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 2)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
         >>> loss, aux, due = gradcache(state, lambda rows: state.model(rows), torch.randn(8, 3),

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 import torch
@@ -28,6 +28,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit._atomic import atomic_write_bytes
 from stepkit.dist import is_main
+
+__all__ = ["METRICS_FILE", "LogConfig", "Logger", "read_history", "metric_history", "should_stop"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -39,7 +41,7 @@ class LogConfig:
     Raises:
         ValueError: naming the field, for ``every`` < 1 or a negative ``heartbeat_s``.
 
-    Example:
+    Examples:
         >>> LogConfig(every=50, tensorboard=True).every
         50
         >>> LogConfig(every=0)
@@ -47,6 +49,9 @@ class LogConfig:
         ...
         ValueError: every=0 is not allowed: expected an integer >= 1
     """
+
+    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True
+    """Every field may differ on --resume (where and how often metrics go)."""
 
     every: int = 10
     """Optimizer updates between two log events (each logs the interval's mean)."""
@@ -75,7 +80,7 @@ class Logger:
     TensorBoard events past ``start_step`` (written by the run that died
     after its last checkpoint), so the history reads as one run.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> log = Logger(tempfile.mkdtemp(), LogConfig(every=2, console=False), total_steps=4)
         >>> log({"loss": torch.tensor(1.0)}, step=1) is None  # mid-interval: nothing read yet
@@ -163,8 +168,9 @@ class Logger:
 
         ``kind`` labels the console line (``eval step 400/1000 ...``), so
         evaluation lines stand out from the training intervals' in a log file.
+        Nothing to write (an evaluation that was turned off) writes nothing.
         """
-        if not self.main:
+        if not self.main or not metrics:
             return
         texts = {k: v for k, v in metrics.items() if isinstance(v, (str, bool))}
         numbers = _to_numbers({k: v for k, v in metrics.items() if not isinstance(v, (str, bool))})
@@ -370,7 +376,7 @@ class _WandbSink(_Sink):
 def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of ``run_dir/metrics.jsonl`` (or of that file given directly), in order.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> run = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\\n{"step": 2, "loss": 1.0}\\n')
@@ -387,7 +393,7 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def metric_history(records: Sequence[Mapping[str, Any]], name: str) -> tuple[list[int], list[float]]:
     """Steps and values of one metric from ``read_history``'s records (records without it skipped).
 
-    Example:
+    Examples:
         >>> records = [{"step": 1, "loss": 2.0}, {"step": 2, "acc": 0.5}, {"step": 3, "loss": 1.0}]
         >>> metric_history(records, "loss")
         ([1, 3], [2.0, 1.0])
@@ -409,7 +415,7 @@ def should_stop(
     higher (``"max"``) by more than ``min_delta``. Pure: the same history
     always gives the same answer, so a resumed run decides as the original.
 
-    Example:
+    Examples:
         >>> should_stop([1.0, 0.9, 0.95, 0.92], patience=2)  # no value below 0.9 in the last two
         True
         >>> should_stop([1.0, 0.9, 0.95, 0.85], patience=2)

@@ -20,12 +20,15 @@ from torch import Tensor
 
 from stepkit import check as _check
 
+__all__ = ["MultiBlock", "block_size", "multi_block_masks", "random_masks", "span_masks", "token_masks",
+           "mask_image"]
+
 
 @dataclass
 class MultiBlock:
     """I-JEPA's masks (``--mask.*``): ``targets`` blocks to predict and one context block to predict from.
 
-    Example:
+    Examples:
         >>> cfg = MultiBlock(targets=2)
         >>> multi_block_masks(3, (8, 8), cfg, torch.Generator().manual_seed(0))[1].shape[:2]
         torch.Size([3, 2])
@@ -73,7 +76,7 @@ def block_size(grid: tuple[int, int], scale: float, aspect: float) -> tuple[int,
     Returns:
         ``(h, w)``, each in ``1..`` the grid's side.
 
-    Example:
+    Examples:
         >>> block_size((14, 14), 0.25, 1.0)
         (7, 7)
     """
@@ -123,7 +126,7 @@ def multi_block_masks(
     Raises:
         ValueError: when no draw in ``max_tries`` leaves ``min_keep`` context patches.
 
-    Example:
+    Examples:
         >>> context, targets = multi_block_masks(2, (8, 8), MultiBlock(), torch.Generator().manual_seed(0))
         >>> targets.shape[:2], bool(torch.isin(context[0], targets[0]).any())
         (torch.Size([2, 4]), False)
@@ -223,7 +226,7 @@ def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generat
     Returns:
         ``(keep, masked)`` index tensors.
 
-    Example:
+    Examples:
         >>> keep, masked = random_masks(2, 10, 0.7, torch.Generator().manual_seed(0))
         >>> keep.shape, masked.shape
         (torch.Size([2, 3]), torch.Size([2, 7]))
@@ -248,7 +251,7 @@ def span_masks(batch: int, length: int, span: int, ratio: float, generator: torc
     Returns:
         ``(B, length)`` bool, True where masked.
 
-    Example:
+    Examples:
         >>> mask = span_masks(3, 20, 4, 0.5, torch.Generator().manual_seed(0))
         >>> bool((mask.sum(dim=1) >= 10).all())
         True
@@ -284,7 +287,7 @@ def token_masks(
     Returns:
         ``(corrupted_ids, mask)``, ``mask`` True at the chosen tokens.
 
-    Example:
+    Examples:
         >>> ids = torch.tensor([[5, 6, 7, 0]])
         >>> corrupted, mask = token_masks(ids, 1.0, mask_id=1, vocab_size=10, random_token_p=0.0,
         ...                               special=torch.tensor([0]), generator=torch.Generator())
@@ -329,7 +332,7 @@ def mask_image(
     Returns:
         ``(3, H, samples * W)`` in [0, 1].
 
-    Example:
+    Examples:
         >>> context, targets = torch.tensor([[0], [1]]), torch.tensor([[[3]], [[2]]])
         >>> picture = mask_image(torch.rand(2, 1, 8, 8), context, targets, 4, samples=2)
         >>> tuple(picture.shape)

@@ -19,6 +19,9 @@ from stepkit import check as _check
 from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 
+__all__ = ["collapse_metrics", "layer_group", "norms_by_group", "system_metrics", "host_rss_bytes",
+           "SavedActivations", "collapse_alarm", "CollapseWatch"]
+
 
 @torch.no_grad()
 def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
@@ -40,7 +43,7 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
     Returns:
         ``{prefix + "std", prefix + "norm", prefix + "effective_rank"}`` as 0-d tensors.
 
-    Example:
+    Examples:
         >>> m = collapse_metrics(torch.eye(3))
         >>> [round(v.item(), 4) for v in m.values()]  # 3 orthogonal rows: effective rank 3
         [0.5774, 1.0, 3.0]
@@ -60,7 +63,7 @@ def layer_group(name: str, depth: int = 1) -> str:
     """A parameter name's group: its first ``depth`` dotted parts (``blocks.3.attn.qkv.weight``,
     depth 2 -> ``blocks.3``).
 
-    Example:
+    Examples:
         >>> layer_group("blocks.3.attn.qkv.weight", depth=2)
         'blocks.3'
     """
@@ -81,7 +84,7 @@ def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
     Returns:
         ``{"grad_norm/<group>": ..., "weight_norm/<group>": ...}`` as 0-d tensors.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> sorted(norms_by_group(model))  # no gradients yet: weights only
         ['weight_norm/0']
@@ -103,7 +106,7 @@ def norms_by_group(model: nn.Module, depth: int = 1) -> dict[str, Tensor]:
 def system_metrics(device: torch.device | str | None = None) -> dict[str, float]:
     """Host resident memory (``host_rss_gb``) and, on CUDA, allocated and peak device memory (GB).
 
-    Example:
+    Examples:
         >>> sorted(system_metrics("cpu"))
         ['host_rss_gb']
     """
@@ -118,7 +121,7 @@ def system_metrics(device: torch.device | str | None = None) -> dict[str, float]
 def host_rss_bytes() -> int:
     """This process's resident set size now (Linux), else its peak so far.
 
-    Example:
+    Examples:
         >>> host_rss_bytes() > 0
         True
     """
@@ -153,7 +156,7 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     until its graph is freed. Parameters saved by an op count too; a tensor
     that two ops save counts twice. ``with SavedActivations() as meter: ...; meter.peak``.
 
-    Example:
+    Examples:
         >>> layer = torch.nn.Linear(100, 100)
         >>> with SavedActivations() as meter:
         ...     out = torch.relu(layer(torch.randn(8, 100)))
@@ -196,7 +199,7 @@ def collapse_alarm(
     Returns:
         The warning, or None.
 
-    Example:
+    Examples:
         >>> history = [{"target_std": 0.01}] * 3
         >>> collapse_alarm(history, below={"target_std": 0.05}, patience=3) is not None
         True
@@ -228,7 +231,7 @@ class CollapseWatch:
 
     In a loop: ``if means and (warning := watch(means)): print(warning)``.
 
-    Example:
+    Examples:
         >>> watch = CollapseWatch(below={"target_std": 0.05}, patience=2)
         >>> watch({"target_std": 0.01}) is None, watch({"target_std": 0.01}) is not None, watch.last != ""
         (True, True, True)

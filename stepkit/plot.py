@@ -13,6 +13,8 @@ from pathlib import Path
 
 from stepkit.log import metric_history, read_history
 
+__all__ = ["plot_run", "main"]
+
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write one PNG per metric of ``run_dir``'s history; return their paths.
@@ -28,7 +30,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ImportError: naming the ``plot`` extra when matplotlib is missing.
         FileNotFoundError: when there is no metrics file.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> run = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr/head": 0.1}\\n'
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     Raises:
         SystemExit: with one line, for a folder without metrics or no matplotlib.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> run = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\\n')

@@ -54,6 +54,10 @@ from torch import Tensor, nn
 
 from stepkit import check as _check
 
+__all__ = ["Decay", "DECAYS", "Step", "warmup_decay", "LRSchedule", "WDSchedule", "MomentumSchedule",
+           "warmup_steps_of", "lr_at", "wd_at", "momentum_at", "layer_decay_scales", "no_decay_by_default",
+           "param_groups"]
+
 Decay = Literal["cosine", "linear", "step", "constant"]
 DECAYS: tuple[str, ...] = get_args(Decay)
 
@@ -96,7 +100,7 @@ def warmup_decay(
         ValueError: naming the argument, for a length below 1, a warm-up longer
             than the run, an unknown ``decay`` or a ``"step"`` decay that rises.
 
-    Example:
+    Examples:
         >>> warmup_decay(1, peak=1.0, total_steps=10, warmup_steps=2)
         0.5
         >>> warmup_decay(6, peak=1.0, total_steps=10, warmup_steps=2)  # halfway through the cosine
@@ -184,7 +188,7 @@ class LRSchedule:
     Raises:
         ValueError: naming the field, for a negative rate, ``min_lr > lr`` or an unknown ``decay``.
 
-    Example:
+    Examples:
         >>> schedule = LRSchedule(lr=1e-3, warmup_steps=10, decay="linear")
         >>> lr_at(10, schedule, 110), lr_at(60, schedule, 110)
         (0.001, 0.0005)
@@ -228,7 +232,7 @@ class WDSchedule:
     Raises:
         ValueError: naming the field, for a negative value or an unknown ``wd_decay``.
 
-    Example:
+    Examples:
         >>> wd_at(100, WDSchedule(wd=0.05), 100)  # wd_final=None keeps wd
         0.05
     """
@@ -255,7 +259,7 @@ class MomentumSchedule:
     Raises:
         ValueError: naming the field, for a momentum outside [0, 1].
 
-    Example:
+    Examples:
         >>> momentum_at(0, MomentumSchedule(momentum=0.99), 10)
         0.99
     """
@@ -288,7 +292,7 @@ def warmup_steps_of(schedule: LRSchedule, total_steps: int) -> int:
     Returns:
         The warm-up length in updates.
 
-    Example:
+    Examples:
         >>> from typing import ClassVar
         >>> from dataclasses import dataclass
         >>> @dataclass
@@ -321,7 +325,7 @@ def lr_at(step: Step, schedule: LRSchedule, total_steps: int) -> float | Tensor:
     Raises:
         ValueError: when the warm-up is longer than ``total_steps``.
 
-    Example:
+    Examples:
         >>> schedule = LRSchedule(lr=1e-3, warmup_steps=100)
         >>> lr_at(50, schedule, 1000), lr_at(100, schedule, 1000), lr_at(1000, schedule, 1000)
         (0.0005, 0.001, 0.0)
@@ -352,7 +356,7 @@ def wd_at(step: Step, schedule: WDSchedule, total_steps: int) -> float | Tensor:
     Returns:
         The weight decay.
 
-    Example:
+    Examples:
         >>> schedule = WDSchedule(wd=0.04, wd_final=0.4)  # DINO's
         >>> [round(wd_at(t, schedule, 100), 6) for t in (0, 50, 100)]
         [0.04, 0.22, 0.4]
@@ -377,7 +381,7 @@ def momentum_at(step: Step, schedule: MomentumSchedule, total_steps: int) -> flo
     Returns:
         The momentum for ``ema_update``.
 
-    Example:
+    Examples:
         >>> schedule = MomentumSchedule(momentum=0.996, momentum_final=1.0)
         >>> [round(momentum_at(t, schedule, 100), 6) for t in (0, 50, 100)]
         [0.996, 0.998, 1.0]
@@ -410,7 +414,7 @@ def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
     Raises:
         ValueError: naming the argument, for a negative ``num_layers`` or a ``decay`` outside [0, 1].
 
-    Example:
+    Examples:
         >>> layer_decay_scales(2, 0.5)
         [0.125, 0.25, 0.5, 1.0]
     """
@@ -422,7 +426,7 @@ def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
 def no_decay_by_default(name: str, param: Tensor) -> bool:
     """Biases, norm weights and other 0-d/1-d tensors are usually excluded from weight decay.
 
-    Example:
+    Examples:
         >>> no_decay_by_default("bias", torch.zeros(3)), no_decay_by_default("weight", torch.zeros(3, 3))
         (True, False)
     """
@@ -458,7 +462,7 @@ def param_groups(
         ValueError: when ``layer_of`` and ``layer_scales`` are not given together,
             or a layer id has no scale.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
         >>> [(len(g["params"]), g["wd_scale"]) for g in param_groups(model)]
         [(1, 1.0), (3, 0.0)]

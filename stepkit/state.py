@@ -14,13 +14,16 @@ from torch import Tensor, nn
 from stepkit import check as _check
 from stepkit import dist
 
+__all__ = ["Target", "unwrap_compiled", "unwrap", "TrainState", "target_state_dict", "load_target_state_dict",
+           "load_extras", "torch_rng_state", "set_torch_rng_state", "rng_state", "set_rng_state"]
+
 Target = nn.Module | dict[str, Tensor] | None
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module under ``torch.compile``'s wrappers (``._orig_mod``), DDP left in place.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> unwrap_compiled(model) is model
         True
@@ -39,7 +42,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     Returns:
         The innermost module (``model`` itself when it is not wrapped).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> unwrap(model) is model
         True
@@ -70,7 +73,7 @@ class TrainState:
     Raises:
         ValueError: naming the field, for ``accum`` below 1 or a negative ``step`` / ``micro_step``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), accum=2)
         >>> state.step, state.micro_step, state.accum, int(state.skipped_steps)
@@ -121,7 +124,7 @@ class TrainState:
             "data_position", "run_id", "skipped_steps", "rng"}``, plus ``"target"``
             and ``"scaler"`` when the state has them.
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(2, 1)
             >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=3)
             >>> sd = state.state_dict()
@@ -154,7 +157,7 @@ class TrainState:
         Args:
             saved: The saved state's top-level keys.
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(2, 1)
             >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
             >>> state.check_parts(["model", "optimizer", "scaler"])
@@ -191,7 +194,7 @@ class TrainState:
             ValueError: for a dict that is not a ``state_dict()``, or one with (or without) a target
                 or a GradScaler this state does not (or does) have.
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(2, 1)
             >>> saved = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=9).state_dict()
             >>> fresh = torch.nn.Linear(2, 1)
@@ -238,7 +241,7 @@ def target_state_dict(target: nn.Module | dict[str, Tensor]) -> dict[str, Tensor
     Returns:
         ``{name: tensor}``, the tensors themselves (not copies).
 
-    Example:
+    Examples:
         >>> sorted(target_state_dict(torch.nn.Linear(2, 1)))
         ['bias', 'weight']
     """
@@ -257,7 +260,7 @@ def load_target_state_dict(target: nn.Module | dict[str, Tensor], saved: dict[st
     Raises:
         ValueError: naming the missing or unexpected names, or the tensor whose shape differs.
 
-    Example:
+    Examples:
         >>> target = {"w": torch.zeros(2)}
         >>> load_target_state_dict(target, {"w": torch.ones(2)})
         >>> target["w"]
@@ -289,7 +292,7 @@ def load_target_state_dict(target: nn.Module | dict[str, Tensor], saved: dict[st
 def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """Saved extras; a tensor already in ``current`` is copied into in place (it may be on a device).
 
-    Example:
+    Examples:
         >>> center = torch.zeros(2)
         >>> extras = load_extras({"center": center}, {"center": torch.ones(2), "epoch": 3})
         >>> extras["center"] is center, center.tolist(), extras["epoch"]  # copied in place
@@ -309,7 +312,7 @@ def load_extras(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any
 def torch_rng_state() -> tuple[Tensor, list[Tensor] | None]:
     """torch's CPU RNG state and, once CUDA is in use, every GPU's: the cheap part of ``rng_state``.
 
-    Example:
+    Examples:
         >>> saved = torch_rng_state()
         >>> a = torch.rand(1)
         >>> set_torch_rng_state(saved)
@@ -326,7 +329,7 @@ def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
     Args:
         states: ``(cpu_state, cuda_states or None)`` from ``torch_rng_state``.
 
-    Example:
+    Examples:
         >>> saved = torch_rng_state()
         >>> first = torch.randn(2)
         >>> set_torch_rng_state(saved)
@@ -341,7 +344,7 @@ def set_torch_rng_state(states: tuple[Tensor, list[Tensor] | None]) -> None:
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and (when present) CUDA RNG states, weights_only-safe.
 
-    Example:
+    Examples:
         >>> import random
         >>> saved = rng_state()
         >>> a = (random.random(), np.random.rand(), torch.rand(1).item())
@@ -367,7 +370,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     Args:
         state: The dict ``rng_state`` returned (as saved in a checkpoint).
 
-    Example:
+    Examples:
         >>> import random
         >>> saved = rng_state()
         >>> first = random.random()

@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from stepkit import check as _check
 from stepkit.state import TrainState, unwrap_compiled
 
+__all__ = ["AMP_MODES", "LossFn", "amp_dtype", "forward_loss", "at_least_float32", "accumulate", "clip",
+           "apply_update", "grad_norm", "device_type_of", "ddp_of", "fsdp_of"]
+
 AMP_MODES: tuple[str | None, ...] = (None, "none", "bf16", "fp16")
 _AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,7 +32,7 @@ LossFn = Callable[[TrainState, Any], "Tensor | tuple[Tensor, dict[str, Any]]"]
 def amp_dtype(amp: str | None) -> torch.dtype | None:
     """The autocast dtype for an ``amp`` mode (``None``/``"none"`` -> no autocast).
 
-    Example:
+    Examples:
         >>> amp_dtype("bf16"), amp_dtype(None)
         (torch.bfloat16, None)
     """
@@ -61,7 +64,7 @@ def forward_loss(
         ValueError: for an unknown ``amp``, fp16 without a scaler, or a ``loss_fn``
             that returns something else (the message says what it got).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> _ = torch.nn.init.ones_(model.weight)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -117,7 +120,7 @@ def _describe_output(out: Any) -> str:
 def at_least_float32(loss: Tensor) -> Tensor:
     """``loss`` upcast to float32 if it is bf16/fp16; float32 and float64 losses are kept as they are.
 
-    Example:
+    Examples:
         >>> half = torch.ones(1, dtype=torch.bfloat16)
         >>> at_least_float32(half).dtype, at_least_float32(torch.ones(1).double()).dtype
         (torch.float32, torch.float64)
@@ -146,7 +149,7 @@ def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> 
     Raises:
         ValueError: for ``every`` below 1.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
         >>> [accumulate(state, model(torch.ones(1, 2)).sum(), every=2) for _ in range(4)]
@@ -193,7 +196,7 @@ def clip(
     Raises:
         ValueError: for a ``max_norm`` or ``max_value`` that is not positive.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
         >>> model.weight.grad = torch.tensor([[3.0, 4.0]])
@@ -251,7 +254,7 @@ def apply_update(
     Raises:
         ValueError: when ``group_scales`` does not have one scale per group.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(1, 1, bias=False)
         >>> _ = torch.nn.init.ones_(model.weight)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
@@ -316,7 +319,7 @@ def grad_norm(grads: Sequence[Tensor]) -> Tensor:
     Returns:
         The norm (0 for no tensors).
 
-    Example:
+    Examples:
         >>> grad_norm([torch.tensor([3.0]), torch.tensor([[4.0]])])
         tensor(5.)
     """
@@ -394,7 +397,7 @@ def _scaler_found_inf(
 def device_type_of(model: nn.Module) -> str:
     """The device type of a model's first parameter (``"cpu"`` for one without parameters), for autocast.
 
-    Example:
+    Examples:
         >>> device_type_of(torch.nn.Linear(2, 1))
         'cpu'
     """
@@ -405,7 +408,7 @@ def device_type_of(model: nn.Module) -> str:
 def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The DDP wrapper under any ``torch.compile`` wrapper of ``model``, or None: what gradient sync sets.
 
-    Example:
+    Examples:
         >>> ddp_of(torch.nn.Linear(2, 1)) is None
         True
     """
@@ -416,7 +419,7 @@ def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
 def fsdp_of(model: nn.Module) -> Any:
     """The FSDP2 root under any ``torch.compile`` wrapper of ``model``, or None.
 
-    Example:
+    Examples:
         >>> fsdp_of(torch.nn.Linear(2, 1)) is None
         True
     """

@@ -34,12 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+__all__ = ["RandomSpec", "parse_grid", "parse_random", "plan_trials", "flags", "flag_name", "recipe_path",
+           "run_trial", "sweep", "print_table", "wandb_config", "trial_main", "main"]
+
 
 @dataclass
 class RandomSpec:
     """A random search dimension: ``low..high`` drawn as an integer, uniformly, or log-uniformly.
 
-    Example:
+    Examples:
         >>> import random
         >>> 1 <= RandomSpec(1, 4, "int").draw(random.Random(0)) <= 4
         True
@@ -66,7 +69,7 @@ class RandomSpec:
 def parse_grid(spec: str) -> tuple[str, list[str]]:
     """``KEY=V1,V2`` -> ``(KEY, [V1, V2])``.
 
-    Example:
+    Examples:
         >>> parse_grid("optim.lr=1e-3,3e-3")
         ('optim.lr', ['1e-3', '3e-3'])
     """
@@ -79,7 +82,7 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
 def parse_random(spec: str) -> tuple[str, RandomSpec]:
     """``KEY=LOW:HIGH`` (integers or floats) or ``KEY=log:LOW:HIGH``.
 
-    Example:
+    Examples:
         >>> key, spec = parse_random("optim.lr=log:1e-4:1e-2")
         >>> key, spec.kind
         ('optim.lr', 'log')
@@ -106,7 +109,7 @@ def plan_trials(
 ) -> list[dict[str, Any]]:
     """Each trial's parameters: grid point ``i mod G`` plus this trial's random draws.
 
-    Example:
+    Examples:
         >>> plan_trials({"optim.lr": ["1", "2"]}, {}, trials=None)
         [{'optim.lr': '1'}, {'optim.lr': '2'}]
     """
@@ -121,7 +124,7 @@ def plan_trials(
 def flags(params: dict[str, Any]) -> list[str]:
     """``{"optim.lr": 1e-3}`` -> ``["--optim.lr", "0.001"]`` (tyro's dashes for underscores).
 
-    Example:
+    Examples:
         >>> flags({"optim.warmup_steps": 10})
         ['--optim.warmup-steps', '10']
     """
@@ -134,7 +137,7 @@ def flags(params: dict[str, Any]) -> list[str]:
 def flag_name(key: str) -> str:
     """``optim.warmup_steps`` -> ``--optim.warmup-steps``: tyro spells flags with dashes.
 
-    Example:
+    Examples:
         >>> flag_name("optim.warmup_steps")
         '--optim.warmup-steps'
     """
@@ -145,7 +148,7 @@ def recipe_path(recipe: str | Path) -> Path:
     """A recipe script from its path, or from its name (``dino`` -> the installed ``stepkit.recipes``'
     ``dino.py``, the repository's ``recipes/dino.py`` in a checkout).
 
-    Example:
+    Examples:
         >>> recipe_path("dino").name
         'dino.py'
     """
@@ -178,7 +181,7 @@ def run_trial(recipe: Path, run_dir: Path, preset: list[str], args: list[str], l
     Returns:
         The subprocess's exit code.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> recipe = folder / "echo.py"
@@ -226,7 +229,7 @@ def sweep(
     Raises:
         ValueError: for a missing recipe, an unknown mode, or a trial folder that already exists.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> recipe = folder / "toy.py"  # a stand-in recipe: its loss is smallest at lr 0.3
@@ -279,7 +282,7 @@ def print_table(results: list[dict[str, Any]], metric: str) -> None:
         results: What ``sweep`` returned.
         metric: The column to show.
 
-    Example:
+    Examples:
         >>> print_table([{"trial": 1, "params": {"optim.lr": 0.3}, "loss": 0.0, "status": "ok",
         ...               "wall_s": 1.5}], "loss")  # doctest: +ELLIPSIS
         sweep results, best loss first
@@ -306,7 +309,7 @@ def wandb_config(
 ) -> dict[str, Any]:
     """The same search as a wandb sweep configuration (grid alone: method grid; else random).
 
-    Example:
+    Examples:
         >>> config = wandb_config(Path("recipes/dino.py"), Path("sweeps/s"), {"optim.lr": ["1e-3"]}, {},
         ...                       metric="knn_acc", mode="max", preset=None, extra=[])
         >>> config["method"], config["metric"]
@@ -349,7 +352,7 @@ def trial_main(argv: list[str]) -> int:
     Raises:
         SystemExit: with the usage line, for fewer than two arguments.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> recipe = folder / "makes_its_run_dir.py"  # a stand-in recipe
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     Raises:
         SystemExit: with one line (``error: ...``) for a bad search, recipe or sweep folder.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "sweep.json"  # a wandb sweep instead of running one
         >>> main(["dino", "--grid", "optim.lr=1e-3,3e-3", "--wandb-config", str(path)])  # doctest: +ELLIPSIS

@@ -12,12 +12,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stepkit import check as _check
+
+__all__ = ["LRRangeResult", "lr_range_test", "is_out_of_memory", "largest_batch_size", "MemoryCap",
+           "TuneConfig", "tune"]
 
 # --- LR range test -------------------------------------------------------------------------
 
@@ -26,7 +30,7 @@ from stepkit import check as _check
 class LRRangeResult:
     """What ``lr_range_test`` measured: one entry per step it ran.
 
-    Example:
+    Examples:
         >>> from stepkit import TrainState
         >>> model = torch.nn.Linear(1, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
@@ -89,7 +93,7 @@ def lr_range_test(
     itself, and the global RNGs, are left as they were. ``batches`` is
     cycled if it runs out.
 
-    Example:
+    Examples:
         >>> from stepkit import TrainState
         >>> model = torch.nn.Linear(1, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.0))
@@ -155,7 +159,7 @@ def lr_range_test(
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA's (and ``MemoryCap``'s) out-of-memory error, or a RuntimeError that says so.
 
-    Example:
+    Examples:
         >>> oom = RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
         >>> is_out_of_memory(oom), is_out_of_memory(ValueError())
         (True, False)
@@ -182,7 +186,7 @@ def largest_batch_size(
     try, and its gradients cleared, so the search changes nothing. Errors
     other than out-of-memory propagate. Returns 0 when ``start`` does not fit.
 
-    Example:
+    Examples:
         >>> def try_batch(size):
         ...     if size > 40:
         ...         raise torch.cuda.OutOfMemoryError("out of memory")
@@ -234,7 +238,7 @@ class MemoryCap(TorchDispatchMode):
     schema says) and never subtracts frees: a cap on what one step
     allocates, which grows with the batch like device memory does.
 
-    Example:
+    Examples:
         >>> with MemoryCap(1000):
         ...     small = torch.zeros(10)  # 40 bytes
         >>> try:
@@ -269,10 +273,13 @@ class MemoryCap(TorchDispatchMode):
 class TuneConfig:
     """``--tune.find-lr`` / ``--tune.find-batch``: measure instead of training.
 
-    Example:
+    Examples:
         >>> TuneConfig(find_lr=True).lr_steps
         100
     """
+
+    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True
+    """Every field may differ on --resume (a tuning run measures, it does not train)."""
 
     find_lr: bool = False
     """Run an LR range test on a copy of the model; write RUN_DIR/lr_range.png and tune.json, then stop."""
@@ -285,6 +292,11 @@ class TuneConfig:
     memory_cap_gb: float = 0.0
     """On the CPU, treat this many GB allocated in one step as out of memory (0: only real OOM)."""
 
+    @property
+    def measures(self) -> bool:
+        """Whether this run measures (``find_lr`` or ``find_batch``) instead of training."""
+        return self.find_lr or self.find_batch
+
     def __post_init__(self) -> None:
         _check.integer_at_least("lr_steps", self.lr_steps, 3)
         _check.integer_at_least("max_batch", self.max_batch, 1)
@@ -296,8 +308,8 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
 
     ``--tune.find-lr``: ``lr_range_test`` on a copy of ``state`` (its
     result saved before the plot is drawn, so a missing matplotlib loses
-    nothing); ``--tune.find-batch``: ``largest_batch_size``. An empty
-    ``metrics.jsonl`` is removed, so the run folder stays free for training.
+    nothing); ``--tune.find-batch``: ``largest_batch_size``. It writes
+    nothing else: the folder stays free for the training run.
 
     Args:
         cfg: What to measure.
@@ -312,7 +324,7 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
         What was written to ``tune.json``: ``suggested_lr``, ``diverged_at``, ``lrs``, ``smoothed_loss``
         and / or ``largest_batch``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from stepkit import TrainState
         >>> model = torch.nn.Linear(1, 1)
@@ -354,7 +366,4 @@ def tune(cfg: TuneConfig, run_dir, loss_fn, state, make_batch, *, batch_size: in
         out["largest_batch"] = largest_batch_size(one_step, state=state, max_size=cfg.max_batch)
         print(f"largest batch that fits: {out['largest_batch']}")
     tune_json.write_text(json.dumps(out, indent=2) + "\n")
-    metrics = Path(run_dir, "metrics.jsonl")
-    if metrics.exists() and metrics.stat().st_size == 0:  # measured, not trained: the folder stays usable
-        metrics.unlink()
     return out

@@ -171,7 +171,7 @@ def test_an_unknown_flag_is_named_with_the_closest_ones(flag, closest):
 
 @pytest.mark.slow
 def test_an_unknown_flag_from_the_command_line_is_one_line_and_a_bad_value_keeps_tyros_message(tmp_path):
-    out = recipe("ijepa", "--run-dir", str(tmp_path / "run"), "--mask.ratioo", "0.5")
+    out = recipe("jepa_sequences", "--run-dir", str(tmp_path / "run"), "--mask.ratioo", "0.5")
     refused(out, "unknown flag '--mask.ratioo'; the closest: --mask.ratio")
     assert not (tmp_path / "run").exists()
     out = recipe("ijepa", "--run-dir", str(tmp_path / "run"), "--train.steps", "many")

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ls_lists_every_recipe_with_its_presets(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for name in ("autoencoder", "contrastive", "dino", "ijepa"):
+    for name in ("autoencoder", "contrastive", "dino", "ijepa", "jepa_sequences"):
         assert f"\n{name}: " in f"\n{out}"
-    assert "    hjepa " in out and "    vit-h14 " in out and "    tiny " in out
+    assert "    hjepa " in out and "    vit-h14 " in out and "    tiny " in out and "    text " in out
     summary, presets = describe(recipe_dir() / "dino.py")
     assert summary.startswith("DINO: ") and [p for p, _ in presets] == ["tiny-cpu", "vit-s16"]
 
@@ -33,7 +33,8 @@ def test_cp_copies_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["cp", "dino", str(target), "--force"]) == 0 and target.stat().st_size > 1000
     assert main(["cp", "ijepa", str(tmp_path)]) == 0 and (tmp_path / "ijepa.py").is_file()  # into a folder
     assert main(["cp", "dnio", str(tmp_path / "x.py")]) == 2
-    assert "unknown recipe 'dnio'; recipes: autoencoder, contrastive, dino, ijepa" in capsys.readouterr().err
+    assert ("unknown recipe 'dnio'; recipes: autoencoder, contrastive, dino, ijepa, jepa_sequences"
+            in capsys.readouterr().err)
 
 
 def test_the_installed_recipes_are_the_repositorys_files():

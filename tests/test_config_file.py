@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import load_recipe
 
-from stepkit.run import cli
+from stepkit.cli import cli
 
 
 @dataclass

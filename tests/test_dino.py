@@ -117,3 +117,9 @@ def test_koleo_gradient_is_finite_for_duplicate_points():
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     koleo_loss(x).backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(("student_rows", "teacher_rows", "views"), [(10, 4, 4), (8, 6, 4), (8, 4, 1)])
+def test_dino_loss_refuses_rows_that_are_not_views_of_one_batch(student_rows, teacher_rows, views):
+    with pytest.raises(ValueError, match="not views of one batch"):
+        dino_loss(torch.zeros(student_rows, 3), torch.full((teacher_rows, 3), 1 / 3), n_student_views=views)

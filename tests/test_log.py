@@ -211,3 +211,11 @@ def test_a_long_interval_prints_a_heartbeat_when_output_goes_to_a_file(tmp_path,
         log({"loss": 1.0}, 1)
     out = capsys.readouterr().out
     assert "step 1/2000  (running:" in out and "it/s since start)" in out
+
+
+def test_an_evaluation_with_nothing_to_report_writes_no_line(tmp_path, capsys):
+    with Logger(tmp_path, LogConfig(every=2, heartbeat_s=3600), total_steps=4) as log:
+        log.write({}, 4)  # e.g. --eval.no-knn: the recipe's evaluation dict is empty
+        log.write({"val_acc": 0.5}, 4)
+    assert capsys.readouterr().out.splitlines() == ["eval step 4/4  val_acc 0.5"]
+    assert [r["val_acc"] for r in read_history(tmp_path)] == [0.5]

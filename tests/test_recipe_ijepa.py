@@ -1,5 +1,4 @@
 import json
-import math
 import re
 import subprocess
 import sys
@@ -8,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import crash_after_step, load_recipe
+
+from stepkit.jepa import level_values_at
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--log.no-console", "--optim.warmup-steps", "1", "--batch-size", "16",
@@ -28,7 +29,7 @@ def test_default_run_reports_both_probes_for_trained_untrained_and_pixels(recipe
     run = tmp_path / "run"
     cfg = recipe.parse(["--run-dir", str(run), "--device", "cpu", "--log.no-console", "--train.steps", "4",
                         "--optim.warmup-steps", "1", "--batch-size", "16", "--optim.lr", "0.002"])
-    assert (cfg.optim.lr, cfg.model.arch, recipe.Levels().resolved(5)) == (0.002, "cnn", ((5,), (1.0,)))
+    assert (cfg.optim.lr, cfg.model.arch, cfg.levels.resolved(5)) == (0.002, "cnn", ((5,), (1.0,)))
     summary = recipe.main(cfg)
     assert summary["steps"] == 4 and summary["probe_layers"] == 4
     for kind in ("linear_acc", "knn_acc"):
@@ -62,29 +63,11 @@ def test_vit_preset_runs_with_the_transformer_predictor(recipe, tmp_path):
     assert summary["steps"] == 3 and summary["probe_layers"] == 4
 
 
-def test_level_schedules_are_constant_or_cosine(recipe):
-    assert recipe.level_values_at(7, (0.25, 1.0), None, 10) == [0.25, 1.0]
-    start, final = (1.0, 0.5), (0.0, 1.0)
-    assert recipe.level_values_at(0, start, final, 10) == [1.0, 0.5]
-    assert recipe.level_values_at(10, start, final, 10) == [0.0, 1.0]
-    mid = recipe.level_values_at(5, start, final, 10)  # half-way: the mean of start and final
-    assert mid == pytest.approx([0.5, 0.75], abs=1e-12)
-    quarter = recipe.level_values_at(2, start, final, 8)  # cos(pi / 4)
-    assert quarter[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), abs=1e-12)
-
-
 def test_levels_resolve_to_the_last_layer_or_the_given_depths(recipe, tmp_path):
     cfg = recipe.parse(["--run-dir", str(tmp_path / "r"), "--levels.depths", "1", "3"])
     assert cfg.levels.resolved(3) == ((1, 3), (1.0, 1.0)) and cfg.levels.lr_scales is None
     assert recipe.parse(["hjepa", "--run-dir", str(tmp_path / "r")]).levels.resolved(5) == (
         (3, 4, 5), (0.25, 0.5, 1.0))
-
-
-def test_head_parameters_get_their_own_groups(recipe):
-    assert recipe.head_level("heads.2.weight") == 3
-    assert recipe.head_level("heads.0.bias") == 1
-    assert recipe.head_level("encoder.convs.0.weight") == 0
-    assert recipe.head_level("predictor.out.weight") == 0
 
 
 @pytest.mark.slow
@@ -100,7 +83,7 @@ def test_hierarchical_run_weights_each_level_by_its_schedule(recipe, tmp_path, a
     rows = [r for r in rows_of(run) if f"loss_depth{depths[0]}" in r]
     assert len(rows) == 4
     for i, row in enumerate(rows):  # the loss of update i used the weights of step i
-        weights = recipe.level_values_at(i, (1, 0.5, 0.25), (0, 0.5, 1), 4)
+        weights = level_values_at(i, (1, 0.5, 0.25), (0, 0.5, 1), 4)
         assert [row[f"weight_depth{d}"] for d in depths] == pytest.approx(weights, abs=1e-6)
         total = sum(w * row[f"loss_depth{d}"] for w, d in zip(weights, depths))
         assert row["loss"] == pytest.approx(total, rel=1e-5)
@@ -221,3 +204,12 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch, pres
     resumed = recipe.main(recipe.parse([*flags(tmp_path / "crashed"), "--resume"]))
     assert resumed["params_digest"] == straight["params_digest"]
     assert resumed["knn_acc"] == straight["knn_acc"]  # the target encoder (and its BatchNorm statistics) too
+
+
+@pytest.mark.slow
+def test_the_multiscale_loss_learns_on_images(recipe, tmp_path):
+    run = tmp_path / "run"
+    recipe.main(recipe.parse(["--run-dir", str(run), *FAST, "--train.steps", "16", "--log.every", "1",
+                              "--loss.kind", "multiscale", "--eval.k", "5"]))
+    losses = [r["loss"] for r in rows_of(run) if "loss" in r]
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])  # the predictor learns the targets

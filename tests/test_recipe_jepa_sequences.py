@@ -1,4 +1,4 @@
-"""The JEPA recipe on time series and text: runs, baselines, loss variants, bad input, resume."""
+"""The JEPA sequences recipe on time series and text: runs, baselines, loss variants, bad input, resume."""
 
 import json
 import re
@@ -20,7 +20,7 @@ TEXT = ["text", "--data.per-topic", "40"]
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe("ijepa")
+    return load_recipe("jepa_sequences")
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def rows_of(run: Path) -> list[dict]:
 def test_timeseries_preset_reports_probes_against_untrained_and_raw(recipe, tmp_path):
     run = tmp_path / "run"
     cfg = recipe.parse([*SERIES, "--run-dir", str(run), *FAST[:-3], "--train.steps", "4"])
-    assert (cfg.data.kind, cfg.model.arch, cfg.mask.span, cfg.mask.ratio) == ("timeseries", "tcn", 16, 0.5)
+    assert (cfg.data.kind, cfg.mask.span, cfg.mask.ratio) == ("timeseries", 16, 0.5)
     summary = recipe.main(cfg)
     assert summary["steps"] == 4 and summary["probe_layers"] == 4
     for kind in ("linear_acc", "knn_acc"):
@@ -47,8 +47,7 @@ def test_timeseries_preset_reports_probes_against_untrained_and_raw(recipe, tmp_
 @pytest.mark.slow
 def test_text_preset_reports_probes_against_bag_of_words(recipe, tmp_path):
     cfg = recipe.parse([*TEXT, "--run-dir", str(tmp_path / "run"), *FAST[:-3], "--train.steps", "3"])
-    assert (cfg.data.kind, cfg.model.arch, cfg.mask.ratio, cfg.mask.random_token_p) == (
-        "text", "transformer", 0.15, 0.1)
+    assert (cfg.data.kind, cfg.mask.ratio, cfg.mask.random_token_p) == ("text", 0.15, 0.1)
     summary = recipe.main(cfg)
     assert summary["steps"] == 3 and 0 < summary["linear_acc_bow"] <= 1 and 0 < summary["knn_acc_bow"] <= 1
     assert {"linear_acc", "linear_acc_random_init"} <= summary.keys()
@@ -70,29 +69,15 @@ def test_the_context_encoder_never_sees_a_masked_time_step(recipe):
 @pytest.mark.slow
 @pytest.mark.parametrize(("loss", "data"), [
     ("mse", SERIES), ("contrastive", SERIES), ("multiscale", SERIES), ("contrastive", TEXT),
-    ("multiscale", ["tiny-cpu"]),
-], ids=["mse-ts", "contrastive-ts", "multiscale-ts", "contrastive-text", "multiscale-image"])
-def test_each_loss_variant_trains_on_each_kind(recipe, tmp_path, loss, data):
+], ids=["mse-ts", "contrastive-ts", "multiscale-ts", "contrastive-text"])
+def test_each_loss_variant_learns_on_each_kind(recipe, tmp_path, loss, data):
     run = tmp_path / "run"
     extra = ["--loss.negative-samples", "8"] if loss == "contrastive" and data is TEXT else []
-    summary = recipe.main(recipe.parse([*data, "--run-dir", str(run), *FAST, "--train.steps", "2",
-                                        "--loss.kind", loss, *extra]))
-    assert summary["steps"] == 2
-    assert all(np.isfinite(r["loss"]) for r in rows_of(run) if "loss" in r)
-
-
-def test_the_recipe_loss_is_the_public_function(recipe):
-    from stepkit.losses import jepa_contrastive_loss, multiscale_jepa_loss
-
-    g = torch.Generator().manual_seed(0)
-    pred, target = torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g)
-    mask = torch.rand(2, 8, generator=g) < 0.5
-    loss = recipe.Loss(kind="multiscale", scales=(1, 2), scale_weights=(1.0, 0.5))
-    torch.testing.assert_close(recipe.prediction_loss(loss, pred, target, mask, g),
-                               multiscale_jepa_loss(pred, target, mask, scales=(1, 2), weights=(1.0, 0.5)))
-    loss = recipe.Loss(kind="contrastive", temperature=0.3)
-    torch.testing.assert_close(recipe.prediction_loss(loss, pred, target, mask, g),
-                               jepa_contrastive_loss(pred, target, mask, temperature=0.3))
+    recipe.main(recipe.parse([*data, "--run-dir", str(run), *FAST, "--train.steps", "16", "--log.every", "1",
+                              "--optim.lr", "3e-3", "--loss.kind", loss, *extra]))
+    losses = [r["loss"] for r in rows_of(run) if "loss" in r]
+    assert len(losses) == 16 and np.isfinite(losses).all()
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # the predictor learns the targets
 
 
 def write_series(path: Path, **arrays) -> Path:
@@ -135,8 +120,8 @@ def test_bad_series_stop_before_any_work_naming_the_array(recipe, tmp_path, arra
     (["text", "--mask.ratio", "1.5"], "mask.ratio=1.5"),
     (["timeseries", "--mask.span", "200"], "mask.span=200 is not allowed: expected at most data.window=128"),
     (["timeseries", "--data.name", "Nope"], "data.name='Nope' is not allowed: expected one of 'ArrowHead'"),
-    (["timeseries", "--model.arch", "cnn"], "model.arch='cnn' is not allowed: expected tcn for"),
-    (["--model.arch", "tcn"], "model.arch='tcn' is not allowed: expected cnn or vit-\\*"),
+    (["timeseries", "--levels.depths", "5"], "levels.depths=\\(5,\\) .*layers up to the encoder's depth, 4"),
+    (["text", "--model.transformer-dim", "30"], "model.transformer_dim=30 .*a positive multiple"),
     (["timeseries", "--loss.scales", "1", "2", "--loss.scale-weights", "1"], "loss.scale_weights"),
     (["timeseries", "--loss.temperature", "0"], "loss.temperature=0.0"),
 ])
@@ -149,8 +134,8 @@ def test_bad_sequence_config_names_the_field(recipe, tmp_path, flags, message):
 
 @pytest.mark.slow
 def test_a_window_longer_than_the_series_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "recipes/ijepa.py", "timeseries", "--data.name", "GunPoint",
-                          "--data.window", "200", "--run-dir", str(tmp_path / "r")],
+    out = subprocess.run([sys.executable, "recipes/jepa_sequences.py", "timeseries", "--data.name",
+                          "GunPoint", "--data.window", "200", "--run-dir", str(tmp_path / "r")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "data.window=200 is not allowed" in out.stderr and "150 (GunPoint)" in out.stderr

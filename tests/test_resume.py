@@ -11,7 +11,8 @@ import torch
 
 from stepkit import TrainState, ema_copy
 from stepkit.checkpoint import CheckpointError, resume, save_last, save_periodic
-from stepkit.run import HISTORY_FILE, RunArgs, TrainConfig, record_resume, saved_config, start_run
+from stepkit.config import RunArgs, TrainConfig, may_change_on_resume
+from stepkit.rundir import HISTORY_FILE, record_resume, saved_config, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits.py")
@@ -19,7 +20,8 @@ DIGITS = str(ROOT / "examples" / "digits.py")
 
 @dataclass
 class Log:
-    every: int = 10
+    every: int = may_change_on_resume(10)  # declared where it is defined, as a recipe does
+    level: int = 1
 
 
 @dataclass
@@ -66,6 +68,25 @@ def test_a_change_that_may_happen_is_printed_and_recorded_after_the_load(run_dir
     (line,) = (run_dir / HISTORY_FILE).read_text().splitlines()
     assert json.loads(line)["changes"] == {"log.every": [10, 5]}
     assert (run_dir / "config.json").read_bytes() == before
+
+
+def test_only_what_the_config_declares_may_change_and_a_class_may_declare_all_its_fields(run_dir):
+    from typing import ClassVar
+
+    with pytest.raises(ValueError, match="log.level: 1 → 2"):  # a sibling of a free field is not free
+        start_run(run_dir, Cfg(log=Log(level=2)), resume=True)
+
+    @dataclass
+    class FreeLog:
+        MAY_CHANGE_ON_RESUME: ClassVar[bool] = True
+        every: int = 10
+        level: int = 1
+
+    @dataclass
+    class Cfg2(Cfg):
+        log: FreeLog = field(default_factory=FreeLog)  # type: ignore[assignment]
+
+    start_run(run_dir, Cfg2(log=FreeLog(every=3, level=2)), resume=True)
 
 
 def test_resume_allow_extends_a_run_on_purpose_and_the_history_carries_it(run_dir):
@@ -167,6 +188,7 @@ def test_cli_resume_guards_config_and_resumes_from_a_periodic_checkpoint(tmp_pat
 RECIPES = {  # a field that shapes each recipe's run, and a value other than its default
     "dino": ("--model.out-dim", "64", "model.out_dim: 128 → 64"),
     "ijepa": ("--mask.targets", "2", "mask.targets: 4 → 2"),
+    "jepa_sequences": ("--mask.span", "8", "mask.span: 16 → 8"),
     "autoencoder": ("--data.window", "4", "data.window: 6 → 4"),
     "contrastive": ("--batch-size", "32", "batch_size: 64 → 32"),
 }
@@ -176,7 +198,7 @@ RECIPES = {  # a field that shapes each recipe's run, and a value other than its
 def test_every_recipe_refuses_a_resume_with_another_config(name, tmp_path):
     from conftest import load_recipe
 
-    from stepkit.run import to_jsonable
+    from stepkit.config import to_jsonable
 
     recipe = load_recipe(name)
     run_dir = tmp_path / "run"
@@ -202,3 +224,30 @@ def test_a_field_added_or_removed_since_the_run_started_is_listed_not_refused(ru
     start_run(run_dir, Cfg(), resume=True)
     printed = capsys.readouterr().out
     assert 'hidden: "<absent>" → 8' in printed and 'old_knob: 3 → "<absent>"' in printed
+
+
+FREE_ON_RESUME = {
+    "dino": ["--data.prefetch", "off", "--eval.no-knn", "--alarm.patience", "3", "--data.workers", "1",
+             "--device", "cpu", "--compile", "default", "--log.every", "3", "--dist.strategy", "fsdp"],
+    "ijepa": ["--eval.no-linear", "--alarm.patience", "3", "--mask-image-every", "0", "--ckpt.every", "7"],
+    "jepa_sequences": ["--eval.no-linear", "--alarm.min-std", "0.01", "--log.every", "5"],
+    "contrastive": ["--device", "cpu", "--log.every", "3", "--tune.max-batch", "64"],
+    "autoencoder": ["--ckpt.every", "7", "--log.no-console"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FREE_ON_RESUME))
+def test_every_recipe_lets_a_resume_change_what_its_config_declares_free(name, tmp_path, capsys):
+    from conftest import load_recipe
+
+    from stepkit.config import to_jsonable
+    from stepkit.run import open_run
+
+    recipe = load_recipe(name)
+    run_dir = tmp_path / "run"
+    saved = recipe.parse(["--run-dir", str(run_dir)])
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(to_jsonable(saved), indent=2))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not read by the config check")
+    assert open_run(recipe.parse(["--run-dir", str(run_dir), "--resume", *FREE_ON_RESUME[name]]))
+    assert "changed on purpose or allowed" in capsys.readouterr().out

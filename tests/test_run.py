@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from stepkit.run import CkptConfig, TrainConfig, params_digest, pick_device, start_run, write_summary
+from stepkit.config import BestCkptConfig, CkptConfig, TrainConfig
+from stepkit.run import params_digest, pick_device
+from stepkit.rundir import start_run, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits.py")
@@ -30,10 +32,10 @@ def test_config_pieces_validate():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="accum=0"):
         TrainConfig(accum=0)
+    with pytest.raises(ValueError, match="keep_last=-1"):
+        CkptConfig(keep_last=-1)
     with pytest.raises(ValueError, match="keep_best=-1"):
-        CkptConfig(keep_best=-1)
-    with pytest.raises(ValueError, match="mode='up'"):
-        CkptConfig(mode="up")
+        BestCkptConfig(keep_best=-1)
 
 
 def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path):
@@ -162,7 +164,7 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path):
 def test_cli_presets_pick_defaults_that_flags_override():
     from dataclasses import dataclass
 
-    from stepkit.run import cli
+    from stepkit.cli import cli
 
     @dataclass
     class Cfg:
@@ -178,7 +180,7 @@ def test_cli_presets_pick_defaults_that_flags_override():
 def test_an_unknown_preset_is_named_with_the_list():
     from dataclasses import dataclass
 
-    from stepkit.run import cli
+    from stepkit.cli import cli
 
     @dataclass
     class Cfg:
@@ -190,8 +192,8 @@ def test_an_unknown_preset_is_named_with_the_list():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "default"), [("dino", 30), ("ijepa", 100), ("autoencoder", 50),
-                                               ("contrastive", 20)])
+@pytest.mark.parametrize(("name", "default"), [("dino", 30), ("ijepa", 100), ("jepa_sequences", 100),
+                                               ("autoencoder", 50), ("contrastive", 20)])
 def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, default, tmp_path):
     from conftest import load_recipe
 

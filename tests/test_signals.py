@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stepkit.checkpoint import load_checkpoint
-from stepkit.run import EXIT_STOPPED, StopSignals
+from stepkit.signals import EXIT_STOPPED, StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = [sys.executable, str(ROOT / "examples" / "digits.py"), "--log.no-console"]
@@ -68,7 +68,8 @@ SLOW_LOOP = """
 import sys, time, torch
 from stepkit import TrainState
 from stepkit.checkpoint import save_last
-from stepkit.run import StopSignals, run_main
+from stepkit.cli import run_main
+from stepkit.signals import StopSignals
 
 def main(ckpt_dir):
     model = torch.nn.Linear(2, 2)

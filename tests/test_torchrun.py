@@ -145,16 +145,17 @@ def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
 
 # hjepa covers tiny-cpu's CNN (and adds the heads); the ViT's FSDP2 hooks are the risky part of vit-toy
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "strategy"), [
-    ("hjepa", "ddp"), ("hjepa", "fsdp"), ("vit-toy", "fsdp"), ("timeseries", "ddp"), ("timeseries", "fsdp"),
-    ("text", "ddp"), ("text", "fsdp"),
+@pytest.mark.parametrize(("recipe", "preset", "strategy"), [
+    ("ijepa", "hjepa", "ddp"), ("ijepa", "hjepa", "fsdp"), ("ijepa", "vit-toy", "fsdp"),
+    ("jepa_sequences", "timeseries", "ddp"), ("jepa_sequences", "timeseries", "fsdp"),
+    ("jepa_sequences", "text", "ddp"), ("jepa_sequences", "text", "fsdp"),
 ])
-def test_ijepa_two_ranks(strategy, preset, tmp_path):
+def test_jepa_two_ranks(recipe, strategy, preset, tmp_path):
     # Under DDP every level's head must get a gradient on every rank (an unused one would hang the
     # all-reduce); under FSDP2 the target encoder's intermediate layers come through forward.
     small = {"timeseries": ["--data.name", "GunPoint", "--data.window", "64", "--data.stride", "32"],
              "text": ["--data.per-topic", "40"]}.get(preset, [])
-    run([*TORCHRUN, "recipes/ijepa.py", preset, *small, "--run-dir", str(tmp_path / "run"),
+    run([*TORCHRUN, f"recipes/{recipe}.py", preset, *small, "--run-dir", str(tmp_path / "run"),
          "--train.steps", "3", "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console",
          "--eval.no-linear", "--dist.strategy", strategy])
     assert summary(tmp_path / "run")["ranks"] == 2

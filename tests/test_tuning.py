@@ -98,20 +98,18 @@ def test_batch_finder_edge_cases():
         largest_batch_size(lambda b: (_ for _ in ()).throw(ValueError("boom")))
 
 
-def test_tune_writes_its_numbers_without_matplotlib_and_frees_the_run_dir(tmp_path, monkeypatch, capsys):
+def test_tune_writes_its_numbers_without_matplotlib_and_nothing_else(tmp_path, monkeypatch, capsys):
     import json
     import sys
 
-    from stepkit.run import start_run
+    from stepkit.rundir import start_run
     from stepkit.tuning import TuneConfig, tune
 
     x, y, _ = least_squares()
-    start_run(tmp_path, {"a": 1}, resume=False)
-    (tmp_path / "metrics.jsonl").touch()  # what the recipe's logger leaves before it measures
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tune(TuneConfig(find_lr=True, lr_steps=20, min_lr=1e-4, max_lr=1.0), tmp_path, mse, linear_state(),
                lambda size: (x[:size], y[:size]), batch_size=64)
     assert json.loads((tmp_path / "tune.json").read_text())["suggested_lr"] == out["suggested_lr"]
     assert 'no plot: matplotlib is not installed (pip install "stepkit[plot]")' in capsys.readouterr().out
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "lr_range.png").exists()
-    start_run(tmp_path, {"a": 1}, resume=False)  # the real run may use the folder now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.json"]
+    start_run(tmp_path, {"a": 1}, resume=False)  # the real run may use the folder

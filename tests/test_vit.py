@@ -138,3 +138,13 @@ def test_gradient_checkpointing_gives_the_plain_gradients():
     with SavedActivations() as with_ckpt:
         checkpointed(x).sum()
     assert with_ckpt.peak < without.peak / 2
+
+
+def test_a_vit_with_a_handful_of_tokens_says_so():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"patch_size=16 on 32 px images gives 4 token\(s\) \(2 x 2\)"):
+        VisionTransformer(img_size=32, patch_size=16, dim=32, depth=1, heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VisionTransformer(img_size=32, patch_size=8, dim=32, depth=1, heads=2)  # 16 tokens: quiet

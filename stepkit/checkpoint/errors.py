@@ -19,7 +19,7 @@ BEST_INDEX = "best.json"
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unsafe, corrupt, or from another model.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from stepkit.checkpoint import load_checkpoint
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "torn.pt"
@@ -39,7 +39,7 @@ class CheckpointMismatch(CheckpointError):
     fit either), where an unreadable file gets the newest readable one beside
     it named instead.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from stepkit.checkpoint.errors import check_fits
         >>> try:
@@ -67,7 +67,7 @@ def check_fits(path: str | os.PathLike, what: str, current: dict[str, torch.Tens
     Raises:
         CheckpointMismatch: listing missing and unexpected keys (the first 8) and shape mismatches.
 
-    Example:
+    Examples:
         >>> check_fits("x.pt", "model", {"w": torch.zeros(2)}, {"w": torch.ones(2)}) is None
         True
     """
@@ -96,7 +96,7 @@ def _few(names: list[str], n: int = 8) -> str:
 def rank_rng_path(path: str | os.PathLike, rank: int) -> Path:
     """Where rank ``rank`` keeps its RNG state beside a replicated checkpoint ``path``.
 
-    Example:
+    Examples:
         >>> rank_rng_path("ckpt/last.pt", 1).name
         'last.rank1.rng.pt'
     """

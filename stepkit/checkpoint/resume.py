@@ -20,7 +20,7 @@ __all__ = ["has_checkpoint", "resume"]
 def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
     """Whether ``ckpt_dir`` holds a ``last.pt`` or a sharded ``last.dcp/`` to resume.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> has_checkpoint(tempfile.mkdtemp())
         False
@@ -44,7 +44,7 @@ def resume(
     ``CheckpointError`` naming the newest checkpoint beside it that still
     loads (to pass as ``checkpoint``, the recipes' ``--resume-from``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from stepkit.checkpoint import save_last
         >>> model = torch.nn.Linear(2, 1)

@@ -44,7 +44,7 @@ def save_last(ckpt_dir: str | os.PathLike, state: TrainState, *, meta: dict | No
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=3)
@@ -68,7 +68,7 @@ def save_periodic(
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -139,7 +139,7 @@ def save_best(
     before the index, so a crash between the two leaves an extra file, never
     an index entry without its file.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -183,7 +183,7 @@ def best_checkpoints(ckpt_dir: str | os.PathLike) -> list[dict]:
     Raises:
         CheckpointError: for an index that is not JSON or names files that ``save_best`` would not.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> best_checkpoints(folder)
@@ -225,7 +225,7 @@ def maybe_save(
 
     Call it after ``apply_update``; ``every=0`` never saves. Returns whether it saved.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=10)

@@ -99,7 +99,7 @@ def read_metadata(path: Path) -> Any:
         CheckpointError: naming the file, for an index that names anything but DCP's records, or
             points at a storage file outside ``path``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from stepkit import TrainState
         >>> from stepkit.checkpoint import save_sharded
@@ -134,7 +134,7 @@ def read_metadata(path: Path) -> Any:
 def safe_reader(path: Path) -> Any:
     """A DCP ``FileSystemReader`` of ``path`` whose index is read by ``read_metadata``.
 
-    Example:
+    Examples:
         >>> import pathlib
         >>> type(safe_reader(pathlib.Path("last.dcp"))).__name__
         'SafeReader'
@@ -156,7 +156,7 @@ def safe_reader(path: Path) -> Any:
 def safe_planner() -> Any:
     """DCP's default load planner, loading non-tensor values with ``weights_only=True``.
 
-    Example:
+    Examples:
         >>> type(safe_planner()).__name__
         'SafePlanner'
     """

@@ -54,7 +54,7 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     Returns:
         ``path``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=5)
@@ -112,7 +112,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: naming the folder, for one without a readable ``state.json`` of this format.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> folder = save_sharded(pathlib.Path(tempfile.mkdtemp()) / "last.dcp",
@@ -146,7 +146,7 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
         CheckpointError: naming the folder, for an incomplete or unsafe one.
         CheckpointMismatch: naming the folder, for one saved from another model, target or scaler.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> folder = save_sharded(pathlib.Path(tempfile.mkdtemp()) / "last.dcp",

@@ -49,7 +49,7 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
     Returns:
         The path written (``path`` with ``.dcp`` for a sharded model).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=7)
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: naming the file, for a missing, truncated or unsafe (code-running) one.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> class RunsCode:
         ...     def __reduce__(self):
@@ -127,7 +127,7 @@ def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike 
         CheckpointMismatch: naming ``path``, for missing or unexpected keys, a shape mismatch, or a
             target or GradScaler that only one side has.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
         >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "x.pt",

@@ -16,6 +16,8 @@ from stepkit import check as _check
 from stepkit.dist import all_gather_with_grad, rank, world_size
 from stepkit.step import at_least_float32
 
+__all__ = ["LogitScale", "info_nce", "clip_loss", "similarity_distillation_loss", "embedding_mse"]
+
 
 class LogitScale(nn.Module):
     """A learnable temperature: ``forward()`` = ``exp(min(log_scale, log(max_scale)))``.
@@ -35,7 +37,7 @@ class LogitScale(nn.Module):
         init_temperature: The starting temperature, > 0 (the scale starts at its inverse).
         max_scale: The largest scale ``forward`` returns.
 
-    Example:
+    Examples:
         >>> scale = LogitScale(init_temperature=0.5)
         >>> round(scale().item(), 4)
         2.0
@@ -67,7 +69,7 @@ def info_nce(queries: Tensor, keys: Tensor, logit_scale: Tensor | float, offset:
     Returns:
         A 0-d tensor, at least float32.
 
-    Example:
+    Examples:
         >>> q = k = torch.eye(2)
         >>> round(info_nce(q, k, 1.0).item(), 6)  # -1 + log(e + 1)
         0.313262
@@ -100,7 +102,7 @@ def clip_loss(
     Returns:
         A 0-d tensor, at least float32.
 
-    Example:
+    Examples:
         >>> e = torch.eye(2)
         >>> round(clip_loss(e, e, 1.0).item(), 6)  # both directions as in info_nce
         0.313262
@@ -139,7 +141,7 @@ def similarity_distillation_loss(
     Returns:
         A 0-d tensor, at least float32, 0 when the similarities agree.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 3)
         >>> similarity_distillation_loss(x, x, x, x).abs().item() < 1e-6
         True
@@ -162,7 +164,7 @@ def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
     Returns:
         A 0-d tensor, at least float32.
 
-    Example:
+    Examples:
         >>> embedding_mse(torch.zeros(2, 2), torch.ones(2, 2))
         tensor(1.)
     """

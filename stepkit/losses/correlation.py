@@ -8,6 +8,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
+__all__ = ["pearson_per_voxel", "correlation_loss", "voxel_corr_summary", "fmri_matching_loss"]
+
 
 def pearson_per_voxel(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
     """Pearson r between ``pred`` and ``target`` over time (dim 0), one value per voxel.
@@ -26,7 +28,7 @@ def pearson_per_voxel(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor
     Returns:
         ``(V,)`` correlations in [-1, 1].
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
         >>> pearson_per_voxel(t, torch.tensor([[0.0, 3.0], [2.0, 2.0], [4.0, 1.0]]))  # 2nd: constant pred
         tensor([1., 0.])
@@ -54,7 +56,7 @@ def correlation_loss(pred: Tensor, target: Tensor) -> Tensor:
     Returns:
         A 0-d tensor.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[0.0], [1.0], [2.0]])
         >>> correlation_loss(t, -t)
         tensor(2.)
@@ -73,7 +75,7 @@ def voxel_corr_summary(r: Tensor, threshold: float = 0.1, prefix: str = "voxel_c
     Returns:
         ``{prefix: mean, prefix_median: median, prefix_frac_above: fraction}`` as 0-d tensors.
 
-    Example:
+    Examples:
         >>> out = voxel_corr_summary(torch.tensor([0.0, 0.2, 0.4]))
         >>> [round(v.item(), 4) for v in out.values()]
         [0.2, 0.2, 0.6667]
@@ -100,7 +102,7 @@ def fmri_matching_loss(pred: Tensor, target: Tensor, kind: str = "correlation") 
     Raises:
         ValueError: for another ``kind``.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[0.0], [2.0]])
         >>> fmri_matching_loss(t, t + 1, kind="mse"), fmri_matching_loss(t, t + 1)
         (tensor(1.), tensor(0.))

@@ -12,6 +12,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
+__all__ = ["dino_loss", "teacher_softmax", "update_center", "teacher_temp_at", "sinkhorn_knopp", "koleo_loss"]
+
 
 def dino_loss(
     student_out: Tensor,
@@ -43,13 +45,19 @@ def dino_loss(
         A 0-d tensor, at least float32.
 
     Raises:
-        ValueError: when the row counts do not match the view counts.
+        ValueError: when the row counts are not ``S`` and ``T`` views of the same batch, or ``T > S``.
 
-    Example:
+    Examples:
         >>> q = torch.full((4, 2), 0.5)  # 2 teacher views of 2 samples, uniform targets
         >>> round(dino_loss(torch.zeros(4, 2), q, n_student_views=2).item(), 6)  # log 2
         0.693147
     """
+    rows_s, rows_t = student_out.shape[0], teacher_probs.shape[0]  # shapes: no host sync, compile-safe
+    if (n_teacher_views > n_student_views or rows_s % n_student_views or rows_t % n_teacher_views
+            or rows_s // n_student_views != rows_t // n_teacher_views):
+        raise ValueError(f"dino_loss: {rows_s} student rows as {n_student_views} views and {rows_t} teacher "
+                         f"rows as {n_teacher_views} views are not views of one batch (the teacher's "
+                         "views are the student's first ones)")
     log_p = F.log_softmax(at_least_float32(student_out) / student_temp, dim=-1).chunk(n_student_views)
     q = at_least_float32(teacher_probs).chunk(n_teacher_views)
     ce = -torch.einsum("ibk,jbk->ij", torch.stack(q), torch.stack(log_p)) / q[0].shape[0]
@@ -68,7 +76,7 @@ def teacher_softmax(teacher_out: Tensor, center: Tensor, teacher_temp: float | T
     Returns:
         ``(N, K)`` rows summing to 1, at least float32.
 
-    Example:
+    Examples:
         >>> teacher_softmax(torch.tensor([[1.0, 1.0]]), torch.zeros(2), 0.04)
         tensor([[0.5000, 0.5000]])
     """
@@ -84,7 +92,7 @@ def update_center(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) ->
         teacher_out: ``(N, K)`` this rank's teacher logits.
         momentum: ``m``.
 
-    Example:
+    Examples:
         >>> center = torch.zeros(1, 2)
         >>> update_center(center, torch.tensor([[2.0, 4.0]]), momentum=0.5)
         >>> center
@@ -114,7 +122,7 @@ def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps:
     Returns:
         The temperature.
 
-    Example:
+    Examples:
         >>> [round(teacher_temp_at(t, warmup_temp=0.04, temp=0.07, warmup_steps=4), 4) for t in range(5)]
         [0.04, 0.05, 0.06, 0.07, 0.07]
     """
@@ -157,7 +165,7 @@ def sinkhorn_knopp(teacher_out: Tensor, teacher_temp: float, iterations: int = 3
     Raises:
         ValueError: for a temperature <= 0 or fewer than 1 iteration.
 
-    Example:
+    Examples:
         >>> q = sinkhorn_knopp(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), teacher_temp=1.0)
         >>> q.sum(dim=1).tolist(), [round(v, 3) for v in q.sum(dim=0).tolist()]  # prototypes used equally
         ([1.0, 1.0], [1.0, 1.0])
@@ -210,7 +218,7 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     Returns:
         A 0-d tensor, at least float32.
 
-    Example:
+    Examples:
         >>> round(koleo_loss(torch.eye(2)).item(), 6)  # -log(sqrt(2))
         -0.346574
     """

@@ -8,6 +8,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
+__all__ = ["variance_covariance_loss", "jepa_loss", "jepa_contrastive_loss", "multiscale_jepa_loss"]
+
 
 def variance_covariance_loss(z: Tensor, *, gamma: float = 1.0, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
     """VICReg's variance and covariance terms of a batch of embeddings ``z`` ``(N, D)`` (C-JEPA's guard).
@@ -33,7 +35,7 @@ def variance_covariance_loss(z: Tensor, *, gamma: float = 1.0, eps: float = 1e-4
     Raises:
         ValueError: for fewer than 2 rows or a negative ``gamma`` / ``eps``.
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # std sqrt(2) > 1; the two dims fully correlated
         >>> [round(v.item(), 4) for v in variance_covariance_loss(z)]
         [0.0, 4.0]
@@ -83,7 +85,7 @@ def jepa_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     Raises:
         ValueError: when the shapes do not match.
 
-    Example:
+    Examples:
         >>> pred = torch.tensor([[[1.0, 1.0], [0.0, 2.0]]])
         >>> target = torch.zeros(1, 2, 2)
         >>> jepa_loss(pred, target, torch.tensor([[True, False]]))  # only the first token counts
@@ -125,7 +127,7 @@ def jepa_contrastive_loss(
     Raises:
         ValueError: for mismatched shapes, a temperature <= 0 or ``negative_samples`` below 1.
 
-    Example:
+    Examples:
         >>> pred = target = torch.eye(2)[None]  # two orthogonal tokens, each predicted exactly
         >>> loss = jepa_contrastive_loss(pred, target, torch.ones(1, 2, dtype=torch.bool), temperature=1.0)
         >>> round(loss.item(), 6)  # -1 + log(e + 1)
@@ -177,7 +179,7 @@ def multiscale_jepa_loss(
     Raises:
         ValueError: for mismatched shapes, a scale outside 1..N or weights not one per scale.
 
-    Example:
+    Examples:
         >>> pred = torch.tensor([[[2.0], [0.0]]])
         >>> target = torch.zeros(1, 2, 1)
         >>> mask = torch.tensor([[True, False]])

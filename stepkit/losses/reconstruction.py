@@ -10,6 +10,8 @@ from torch import Tensor
 
 from stepkit.step import at_least_float32
 
+__all__ = ["weighted_mse", "autoencoder_fmri_loss"]
+
 
 def weighted_mse(
     recon: Mapping[str, Tensor], target: Mapping[str, Tensor], weights: Mapping[str, float]
@@ -31,7 +33,7 @@ def weighted_mse(
     Raises:
         ValueError: for no weights, or a weighted modality missing from ``recon`` or ``target``.
 
-    Example:
+    Examples:
         >>> total, parts = weighted_mse({"a": torch.ones(2)}, {"a": torch.zeros(2)}, {"a": 0.5})
         >>> total, parts
         (tensor(0.5000), {'recon_a': tensor(1.)})
@@ -75,7 +77,7 @@ def autoencoder_fmri_loss(
     Returns:
         ``(total, parts)``.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[0.0], [1.0]])
         >>> total, parts = autoencoder_fmri_loss({"a": t}, {"a": t}, t, t, recon_weights={"a": 1.0})
         >>> total.item(), sorted(parts)

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
+__all__ = ["fixed_weighting", "UncertaintyWeighting"]
+
 
 def fixed_weighting(
     losses: Mapping[str, Tensor], weights: Mapping[str, float]
@@ -27,7 +29,7 @@ def fixed_weighting(
     Raises:
         ValueError: for no weights, or a weighted task without a loss.
 
-    Example:
+    Examples:
         >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
         >>> total, parts = fixed_weighting(losses, {"a": 0.5, "b": 2.0})
         >>> total
@@ -61,7 +63,7 @@ class UncertaintyWeighting(nn.Module):
     Raises:
         ValueError: for repeated names, or (in ``forward``) a task without a loss.
 
-    Example:
+    Examples:
         >>> weighting = UncertaintyWeighting(["a", "b"])
         >>> total, parts = weighting({"a": torch.tensor(2.0), "b": torch.tensor(4.0)})
         >>> total.item()  # 0.5 * 2 + 0.5 * 4 at s = 0

@@ -4,6 +4,7 @@ from stepkit.models.autoencoder import MultimodalAutoencoder
 from stepkit.models.cnn import SmallCNN
 from stepkit.models.dino import DINOHead, cancel_last_layer_gradients, multi_crop_forward
 from stepkit.models.jepa import (
+    JEPA,
     ConvPredictor,
     JEPAPredictor,
     MaskedBatchNorm2d,
@@ -13,7 +14,13 @@ from stepkit.models.jepa import (
     patch_tokens,
     pooled_patches,
 )
-from stepkit.models.sequence import MaskedTemporalCNN, SequencePredictor, TokenTransformer, sequence_tokens
+from stepkit.models.sequence import (
+    MaskedTemporalCNN,
+    SequenceJEPA,
+    SequencePredictor,
+    TokenTransformer,
+    sequence_tokens,
+)
 from stepkit.models.text import (
     PretrainedTextEncoder,
     TinyTextEncoder,
@@ -26,6 +33,8 @@ from stepkit.models.text import (
 from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
 
 __all__ = [
+    "JEPA",
+    "SequenceJEPA",
     "ConvPredictor",
     "DINOHead",
     "JEPAPredictor",

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+__all__ = ["TemporalEncoder", "MultimodalAutoencoder"]
+
 
 class TemporalEncoder(nn.Module):
     """One modality's window ``(B, W, d)`` -> ``(B, hidden)``: a temporal conv, then a linear.
 
-    Example:
+    Examples:
         >>> TemporalEncoder(dim=6, window=4, hidden=8, dropout=0.0)(torch.randn(2, 4, 6)).shape
         torch.Size([2, 8])
     """
@@ -34,7 +36,7 @@ class MultimodalAutoencoder(nn.Module):
     bottleneck ``(B, voxels)``, which the loss matches to the measured voxel
     responses, and each modality's reconstructed window ``(B, W, d)``.
 
-    Example:
+    Examples:
         >>> model = MultimodalAutoencoder({"video": 6, "audio": 3}, window=4, voxels=10, hidden=8)
         >>> fmri, recon = model({"video": torch.randn(2, 4, 6), "audio": torch.randn(2, 4, 3)})
         >>> fmri.shape, recon["audio"].shape

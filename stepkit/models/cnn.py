@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from stepkit import check as _check
+
+__all__ = ["SmallCNN", "grid_mean"]
 
 
 class SmallCNN(nn.Module):
@@ -18,14 +22,17 @@ class SmallCNN(nn.Module):
     ``forward(x)`` -> ``(B, widths[-1] * pool**2)``: adaptive average
     pooling to a ``pool x pool`` grid, flattened, so it takes DINO's global
     and local crops alike; ``pool > 1`` keeps a coarse spatial layout.
+    ``grad_checkpointing``: in training, each stage recomputes its
+    activations in the backward pass instead of storing them (less memory,
+    about one more forward; the same gradients).
 
-    Example:
+    Examples:
         >>> SmallCNN(in_chans=1, widths=(8, 16), pool=2)(torch.rand(3, 1, 16, 16)).shape  # 16 x 2 x 2
         torch.Size([3, 64])
     """
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), pool: int = 1,
-                 norm: str = "batch") -> None:
+                 norm: str = "batch", grad_checkpointing: bool = False) -> None:
         super().__init__()
         _check.one_of("norm", norm, ("batch", "group"))
         layers: list[nn.Module] = []
@@ -35,10 +42,15 @@ class SmallCNN(nn.Module):
                        nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.pool, self.dim = pool, widths[-1] * pool * pool
+        self.grad_checkpointing = grad_checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            features = checkpoint_sequential(self.features, len(self.features) // 3, x, use_reentrant=False)
+        else:
+            features = self.features(x)
         # a copy, not a view: FSDP2 cannot hook the backward of a module's view output safely
-        return grid_mean(self.features(x), self.pool).flatten(1).clone()
+        return grid_mean(features, self.pool).flatten(1).clone()
 
 
 def grid_mean(x: Tensor, grid: int) -> Tensor:
@@ -48,7 +60,7 @@ def grid_mean(x: Tensor, grid: int) -> Tensor:
     bit-reproducible on the CPU; ``adaptive_avg_pool2d`` (the fallback for
     other sizes) was not, and a resumed run must match the uninterrupted one.
 
-    Example:
+    Examples:
         >>> grid_mean(torch.arange(16.0).view(1, 1, 4, 4), 2).flatten().tolist()
         [2.5, 4.5, 10.5, 12.5]
     """

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from stepkit import check as _check
 
+__all__ = ["DINOHead", "WeightNormLinear", "cancel_last_layer_gradients", "resolution_groups",
+           "multi_crop_forward"]
+
 
 class DINOHead(nn.Module):
     """MLP (GELU, optional BatchNorm) -> bottleneck -> L2 normalise -> weight-normalised linear.
@@ -20,7 +23,7 @@ class DINOHead(nn.Module):
     ``norm_last_layer=True`` (DINO's default) ``g`` is fixed at 1, so its
     logits are cosine similarities in [-1, 1].
 
-    Example:
+    Examples:
         >>> head = DINOHead(16, 100, hidden=32, bottleneck=8)
         >>> head(torch.randn(4, 16)).shape
         torch.Size([4, 100])
@@ -60,7 +63,7 @@ class DINOHead(nn.Module):
 class WeightNormLinear(nn.Module):
     """``y = x @ (g * V / ||V||_row)^T``, no bias (``torch.nn.utils.weight_norm`` with ``dim=0``).
 
-    Example:
+    Examples:
         >>> layer = WeightNormLinear(3, 2)
         >>> [round(v, 4) for v in layer(torch.eye(3)).norm(dim=0).tolist()]  # unit-norm rows, g = 1
         [1.0, 1.0]
@@ -81,7 +84,7 @@ def cancel_last_layer_gradients(head: DINOHead, step: int, freeze_steps: int) ->
     ``freeze_last_layer``): it stays at its initial value while the rest of the head settles.
     Call between the backward pass and ``apply_update``.
 
-    Example:
+    Examples:
         >>> head = DINOHead(4, 10, hidden=8, bottleneck=4)
         >>> head(torch.randn(2, 4)).sum().backward()
         >>> cancel_last_layer_gradients(head, step=0, freeze_steps=1)
@@ -96,7 +99,7 @@ def cancel_last_layer_gradients(head: DINOHead, step: int, freeze_steps: int) ->
 def resolution_groups(views: Sequence[Tensor]) -> list[tuple[int, int]]:
     """``(start, end)`` runs of consecutive views with the same spatial size.
 
-    Example:
+    Examples:
         >>> resolution_groups([torch.zeros(1, 3, 8, 8)] * 2 + [torch.zeros(1, 3, 4, 4)] * 3)
         [(0, 2), (2, 5)]
     """
@@ -115,7 +118,7 @@ def multi_crop_forward(backbone: nn.Module, head: nn.Module | None, views: Seque
     Returns ``(len(views) * B, out)``, views in order (view-major), as the
     DINO loss expects.
 
-    Example:
+    Examples:
         >>> views = [torch.rand(2, 3, 8, 8)] * 2 + [torch.rand(2, 3, 4, 4)] * 3
         >>> multi_crop_forward(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), None,
         ...                    views).shape  # 5 views of 2 images, view-major

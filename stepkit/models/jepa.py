@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,15 @@ from stepkit.models.cnn import grid_mean
 from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
 from stepkit.state import unwrap
 
+__all__ = ["gather_tokens", "jepa_targets", "JEPAPredictor", "pooled_patches", "visible_grid",
+           "MaskedBatchNorm2d", "MaskedCNN", "grid_mean_to", "ConvPredictor", "patch_tokens", "encoder_depth",
+           "layer_dims", "JEPA"]
+
 
 def gather_tokens(tokens: Tensor, idx: Tensor) -> Tensor:
     """``tokens`` ``(B, N, D)`` at ``idx`` ``(B, ...)`` -> ``(B, ..., D)``.
 
-    Example:
+    Examples:
         >>> tokens = torch.arange(6.0).view(1, 3, 2)  # tokens [0, 1], [2, 3], [4, 5]
         >>> gather_tokens(tokens, torch.tensor([[2, 0]])).tolist()
         [[[4.0, 5.0], [0.0, 1.0]]]
@@ -32,7 +37,7 @@ def jepa_targets(tokens: Tensor, target_idx: Tensor) -> Tensor:
     """I-JEPA's regression targets: the target encoder's patch tokens, layer-normed over features
     (no affine), at the target blocks: ``(B, N, D)``, ``(B, M, K)`` -> ``(B, M, K, D)``.
 
-    Example:
+    Examples:
         >>> targets = jepa_targets(torch.tensor([[[1.0, 3.0], [5.0, 5.0]]]), torch.tensor([[[0]]]))
         >>> targets.shape, [round(v, 3) for v in targets.flatten().tolist()]  # token 0, normed
         (torch.Size([1, 1, 1, 2]), [-1.0, 1.0])
@@ -53,7 +58,7 @@ class JEPAPredictor(nn.Module):
     fixed 2-D sine-cosine embeddings of the (square) patch grid, or
     ``pos_embed="learned"``.
 
-    Example:
+    Examples:
         >>> pred = JEPAPredictor(16, enc_dim=8, dim=8, depth=1, heads=2)
         >>> context_idx, target_idx = torch.arange(5).repeat(2, 1), torch.tensor([[[10, 11]], [[12, 13]]])
         >>> out = pred(torch.randn(2, 5, 8), context_idx, target_idx)
@@ -115,7 +120,7 @@ def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 
     concatenated). ``pool=1`` is the plain mean of the patch tokens, a larger
     pool keeps where things are.
 
-    Example:
+    Examples:
         >>> net = MaskedCNN(img_size=8, widths=(4, 6), strides=(1, 2)).eval()
         >>> pooled_patches(net, torch.rand(3, 1, 8, 8), pool=2, layers=2).shape  # 2 layers x 2 x 2 x (4 + 6)
         torch.Size([3, 40])
@@ -140,7 +145,7 @@ def pooled_patches(encoder: nn.Module, images: Tensor, pool: int, layers: int = 
 def visible_grid(keep: Tensor, grid: tuple[int, int]) -> Tensor:
     """``keep`` ``(B, K)`` patch indices -> ``(B, 1, h, w)`` float mask, 1 at the kept patches, row-major.
 
-    Example:
+    Examples:
         >>> visible_grid(torch.tensor([[0, 3]]), (2, 2)).flatten().tolist()
         [1.0, 0.0, 0.0, 1.0]
     """
@@ -161,7 +166,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     encoder that sees a quarter of the image keeps the statistics of
     whole images, which its EMA target then uses.
 
-    Example:
+    Examples:
         >>> norm = MaskedBatchNorm2d(1, affine=False)
         >>> x = torch.tensor([[[[1.0, 3.0, 100.0]]]])
         >>> visible = torch.tensor([[[[1.0, 1.0, 0.0]]]])  # the 100 is masked: mean 2, var 1
@@ -210,7 +215,7 @@ class MaskedCNN(nn.Module):
     averaged onto the patch grid, ``(B, N, widths[i])`` each: the targets of
     hierarchical JEPA and the features of a last-stages probe.
 
-    Example:
+    Examples:
         >>> net = MaskedCNN(img_size=8, widths=(4, 8), strides=(1, 2))  # a 4 x 4 grid of 2-pixel patches
         >>> net(torch.rand(2, 1, 8, 8), keep=torch.tensor([[0, 5], [1, 2]])).shape
         torch.Size([2, 2, 8])
@@ -275,7 +280,7 @@ class MaskedCNN(nn.Module):
 def grid_mean_to(x: Tensor, grid: tuple[int, int]) -> Tensor:
     """Average ``(B, C, H, W)`` onto an ``h x w`` grid that divides it: ``(B, C, h, w)`` (reshape, mean).
 
-    Example:
+    Examples:
         >>> grid_mean_to(torch.arange(4.0).view(1, 1, 2, 2), (1, 1)).item()
         1.5
     """
@@ -296,7 +301,7 @@ class ConvPredictor(nn.Module):
     1x1 conv) and a 1x1 conv to ``out_dim`` (default ``enc_dim``); all
     targets come from one pass, gathered to ``(B, M, Kt, out_dim)``.
 
-    Example:
+    Examples:
         >>> pred = ConvPredictor(4, enc_dim=8, dim=8, depth=1)
         >>> context_idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
         >>> target_idx = torch.tensor([[[9, 10]], [[11, 12]]])
@@ -352,7 +357,7 @@ def patch_tokens(
     entry of ``layers`` (0-based blocks of a ViT, normed; stages of a CNN).
     ``encoder`` may be wrapped in DDP / FSDP2 (called through ``forward``).
 
-    Example:
+    Examples:
         >>> vit = VisionTransformer.preset("toy", img_size=16)  # 4 x 4 patches of 4 pixels
         >>> tokens, layers = patch_tokens(vit, torch.rand(2, 3, 16, 16), layers=(1,))
         >>> tuple(tokens.shape), tuple(layers[0].shape)  # no class token
@@ -369,7 +374,7 @@ def patch_tokens(
 def encoder_depth(encoder: nn.Module) -> int:
     """Blocks of a ViT, stages of a ``MaskedCNN`` (or of a sequence encoder): what ``layers=`` counts.
 
-    Example:
+    Examples:
         >>> encoder_depth(MaskedCNN(widths=(8, 16, 32), strides=(1, 2, 2)))
         3
     """
@@ -379,7 +384,7 @@ def encoder_depth(encoder: nn.Module) -> int:
 def layer_dims(encoder: nn.Module, layers: tuple[int, ...]) -> list[int]:
     """The width of each of ``layers`` (0-based) of a ViT, a ``MaskedCNN`` or a sequence encoder.
 
-    Example:
+    Examples:
         >>> layer_dims(MaskedCNN(widths=(8, 16, 32), strides=(1, 2, 2)), (0, 2))
         [8, 32]
     """
@@ -396,3 +401,38 @@ def _layer_widths(encoder: nn.Module) -> tuple[int, ...]:
         raise TypeError(f"expected a VisionTransformer, MaskedCNN or sequence encoder (with .widths), "
                         f"got {type(encoder).__name__}")
     return widths
+
+
+class JEPA(nn.Module):
+    """Context encoder + predictor (+ one linear head per level when there are several): what trains.
+
+    ``forward(images, context_idx, target_idx)`` -> ``(predictions, pooled)``:
+    one ``(B, M, Kt, dim_l)`` prediction per level, and the context tokens'
+    mean ``(B, dim)`` (for the variance guard). With ``head_dims`` empty
+    (one level, I-JEPA) the predictor's output is the prediction; with one
+    width per level (hierarchical JEPA), each level's linear head reads it.
+
+    Examples:
+        >>> encoder = MaskedCNN(img_size=16, in_chans=1, widths=(8, 16), strides=(2, 2))
+        >>> predictor = ConvPredictor(encoder.grid, encoder.dim, 8, 1, 3, out_dim=16)
+        >>> context, targets = torch.arange(8)[None], torch.arange(8, 12).view(1, 1, 4)
+        >>> preds, pooled = JEPA(encoder, predictor, [])(torch.rand(1, 1, 16, 16), context, targets)
+        >>> [p.shape for p in preds], pooled.shape
+        ([torch.Size([1, 1, 4, 16])], torch.Size([1, 16]))
+    """
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, head_dims: list[int]) -> None:
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+        out = cast(nn.Module, predictor.out)
+        width = int(cast(int, out.out_channels if isinstance(predictor, ConvPredictor) else out.out_features))
+        self.heads = nn.ModuleList(nn.Linear(width, d) for d in head_dims)  # empty: one level, no head
+
+    def forward(self, images: Tensor, context_idx: Tensor,
+                target_idx: Tensor) -> tuple[list[Tensor], Tensor]:
+        context, _ = patch_tokens(self.encoder, images, keep=context_idx)
+        return self.levels(self.predictor(context, context_idx, target_idx)), context.mean(dim=1)
+
+    def levels(self, hidden: Tensor) -> list[Tensor]:
+        """One prediction per level: the predictor's output itself, or each level's head on it."""
+        return [head(hidden) for head in self.heads] if len(self.heads) else [hidden]

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import check as _check
-from stepkit.models.jepa import MaskedBatchNorm2d
+from stepkit.models.jepa import JEPA, MaskedBatchNorm2d
+from stepkit.models.text import masked_mean
 from stepkit.models.vit import Block, _init_weights
+
+__all__ = ["MaskedTemporalCNN", "TokenTransformer", "SequencePredictor", "sequence_tokens", "SequenceJEPA"]
 
 
 class MaskedTemporalCNN(nn.Module):
@@ -35,7 +38,7 @@ class MaskedTemporalCNN(nn.Module):
     Raises:
         ValueError: for an even kernel, no stages, or dilations not one >= 1 per stage.
 
-    Example:
+    Examples:
         >>> net = MaskedTemporalCNN(in_chans=2, widths=(8, 16), dilations=(1, 2))
         >>> x, visible = torch.randn(3, 2, 10), torch.ones(3, 10, dtype=torch.bool)
         >>> tokens, layers = net(x, visible, return_layers=(0,))
@@ -96,7 +99,7 @@ class TokenTransformer(nn.Module):
     Raises:
         ValueError: for ``dim`` not a multiple of ``heads``, or sizes below 1.
 
-    Example:
+    Examples:
         >>> net = TokenTransformer(50, length=8, dim=16, depth=2, heads=2)
         >>> tuple(net(torch.randint(0, 50, (3, 8))).shape)
         (3, 8, 16)
@@ -147,7 +150,7 @@ class SequencePredictor(nn.Module):
         heads: Attention heads.
         out_dim: Output width (default ``enc_dim``; H-JEPA puts a head per level on top).
 
-    Example:
+    Examples:
         >>> pred = SequencePredictor(8, enc_dim=16, dim=8, depth=1, heads=2)
         >>> masked = torch.zeros(2, 8, dtype=torch.bool)
         >>> tuple(pred(torch.randn(2, 8, 16), masked).shape)
@@ -186,7 +189,7 @@ def sequence_tokens(encoder: nn.Module, x: Tensor, visible: Tensor | None = None
 
     ``encoder`` may be wrapped in DDP / FSDP2 (called through ``forward``).
 
-    Example:
+    Examples:
         >>> net = MaskedTemporalCNN(widths=(4, 8))
         >>> tokens, layers = sequence_tokens(net, torch.randn(2, 1, 12), layers=(0,))
         >>> tuple(tokens.shape), tuple(layers[0].shape)
@@ -194,3 +197,21 @@ def sequence_tokens(encoder: nn.Module, x: Tensor, visible: Tensor | None = None
     """
     out = encoder(x, visible, return_layers=layers)
     return out if layers else (out, [])
+
+
+class SequenceJEPA(JEPA):
+    """``JEPA`` for sequences: ``forward(inputs, visible, masked)`` -> one ``(B, L, dim_l)`` prediction
+    per level at every position (the loss reads the masked ones), and the visible tokens' mean.
+
+    Examples:
+        >>> encoder = TokenTransformer(vocab_size=10, length=4, dim=8, depth=1, heads=2)
+        >>> predictor = SequencePredictor(4, 8, 8, 1, 2, out_dim=8)
+        >>> ids, visible = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[True, True, False, False]])
+        >>> preds, pooled = SequenceJEPA(encoder, predictor, [])(ids, visible, ~visible)
+        >>> preds[0].shape, pooled.shape
+        (torch.Size([1, 4, 8]), torch.Size([1, 8]))
+    """
+
+    def forward(self, inputs: Tensor, visible: Tensor, masked: Tensor) -> tuple[list[Tensor], Tensor]:
+        tokens, _ = sequence_tokens(self.encoder, inputs, visible)
+        return self.levels(self.predictor(tokens, masked)), masked_mean(tokens, visible)

@@ -16,11 +16,14 @@ from torch import Tensor, nn
 
 from stepkit import check as _check
 
+__all__ = ["masked_mean", "WordTokenizer", "TinyTextEncoder", "MINILM_DIM", "text_extra", "minilm_path",
+           "PretrainedTextEncoder", "pretrained_tokenizer", "pretrained_vocab", "add_lora", "merge_lora"]
+
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``tokens`` (B, L, D) over the positions where ``mask`` (B, L) is 1.
 
-    Example:
+    Examples:
         >>> masked_mean(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[1, 1, 0]]))
         tensor([[2.]])
     """
@@ -31,7 +34,7 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
 class WordTokenizer:
     """Lower-cased words to ids over a fixed vocabulary (0 = padding, 1 = unknown word).
 
-    Example:
+    Examples:
         >>> tokenize = WordTokenizer(["a small seven", "a large one"])
         >>> tokenize(["A small two"])["input_ids"].tolist()  # 'two' is unknown
         [[2, 6, 1]]
@@ -58,7 +61,7 @@ class WordTokenizer:
 class TinyTextEncoder(nn.Module):
     """Word embeddings + learned positions + a pre-norm transformer encoder, mean-pooled.
 
-    Example:
+    Examples:
         >>> tokenize = WordTokenizer(["a small seven", "a large one"])
         >>> batch = tokenize(["a small one", "seven"])
         >>> encoder = TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2)
@@ -104,7 +107,7 @@ def text_extra(module: str):
     Raises:
         ImportError: naming the ``text`` extra and the from-scratch alternative.
 
-    Example:
+    Examples:
         >>> text_extra("peft").__name__
         'peft'
         >>> text_extra("no_such_text_package")  # doctest: +ELLIPSIS
@@ -131,7 +134,7 @@ def minilm_path() -> str:
     Raises:
         ImportError: naming the ``text`` extra when the package is missing.
 
-    Example:
+    Examples:
         >>> import pathlib
         >>> (pathlib.Path(minilm_path()) / "config.json").is_file()
         True
@@ -151,7 +154,7 @@ class PretrainedTextEncoder(nn.Module):
     Raises:
         ImportError: naming the ``text`` extra when transformers is missing.
 
-    Example:
+    Examples:
         >>> encoder, tokenize = PretrainedTextEncoder(), pretrained_tokenizer()
         >>> with torch.no_grad():
         ...     a, b, c = encoder(**tokenize(["a cat sat", "a kitten sat", "tax law"]))
@@ -179,7 +182,7 @@ def pretrained_tokenizer(path: str | None = None, max_len: int = 32):
     Returns:
         ``tokenize(texts) -> {"input_ids": (B, L), "attention_mask": (B, L)}``, padded to the longest.
 
-    Example:
+    Examples:
         >>> tokenize = pretrained_tokenizer(max_len=4)
         >>> tokenize(["a cat", "a very long sentence"])["input_ids"].tolist()  # [CLS] ... [SEP], 0 pads
         [[101, 1037, 4937, 102], [101, 1037, 2200, 102]]
@@ -202,7 +205,7 @@ def pretrained_vocab(path: str | None = None) -> tuple[int, int, list[int]]:
     Returns:
         ``(vocab_size, mask_id, special_ids)``; ``special_ids`` are never masked.
 
-    Example:
+    Examples:
         >>> vocab_size, mask_id, special = pretrained_vocab()
         >>> vocab_size, mask_id, sorted(special)  # [PAD], [UNK], [CLS], [SEP], [MASK]
         (30522, 103, [0, 100, 101, 102, 103])
@@ -234,7 +237,7 @@ def add_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: floa
         ImportError: naming the ``text`` extra when peft is missing.
         ValueError: naming ``lora_targets`` (and listing module names) for a target the model lacks.
 
-    Example:
+    Examples:
         >>> tokenize = WordTokenizer(["a small seven", "a large one"])
         >>> encoder = TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2, dropout=0.0)
         >>> batch = tokenize(["a small one"])
@@ -294,7 +297,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         The base model with merged weights and no adapter layers; it computes what ``model`` did.
 
-    Example:
+    Examples:
         >>> tokenize = WordTokenizer(["a small seven", "a large one"])
         >>> lora = add_lora(TinyTextEncoder(len(tokenize), dim=16, depth=1, heads=2, dropout=0.0), r=2,
         ...                 targets=("linear1",))

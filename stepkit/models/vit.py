@@ -8,6 +8,7 @@ the presets match the papers' parameter counts (ViT-S/16: 21.7M).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import cast
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from stepkit import check as _check
+
+__all__ = ["PRESETS", "DropPath", "Attention", "Block", "sincos_pos_embed_2d", "VisionTransformer"]
 
 PRESETS: dict[str, dict] = {
     "toy": dict(dim=64, depth=4, heads=4, patch_size=4),
@@ -29,7 +32,7 @@ PRESETS: dict[str, dict] = {
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch for a whole sample with probability ``p`` (training only).
 
-    Example:
+    Examples:
         >>> drop = DropPath(0.5).eval()
         >>> torch.equal(drop(torch.ones(2, 3)), torch.ones(2, 3))  # identity outside training
         True
@@ -49,7 +52,7 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with SDPA kernels (flash / memory-efficient where available).
 
-    Example:
+    Examples:
         >>> Attention(16, heads=2)(torch.randn(2, 5, 16)).shape
         torch.Size([2, 5, 16])
     """
@@ -69,7 +72,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer block: attention and an MLP, each residual, with stochastic depth.
 
-    Example:
+    Examples:
         >>> Block(16, heads=2)(torch.randn(2, 5, 16)).shape
         torch.Size([2, 5, 16])
     """
@@ -94,7 +97,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
     row, each as ``[sin(pos * f_k), cos(pos * f_k)]`` with
     ``f_k = 10000 ** (-k / (dim / 4))``, ``k = 0 .. dim / 4 - 1``.
 
-    Example:
+    Examples:
         >>> pos = sincos_pos_embed_2d(8, 2, 3)
         >>> tuple(pos.shape), pos[0].tolist()[:2]  # position (0, 0): sin 0, then cos 0
         ((6, 8), [0.0, 0.0])
@@ -126,7 +129,7 @@ class VisionTransformer(nn.Module):
     attribute to set later) recomputes each block in the backward pass
     instead of keeping its activations: less memory, one more forward.
 
-    Example:
+    Examples:
         >>> vit = VisionTransformer.preset("toy", img_size=16)
         >>> images, keep = torch.rand(2, 3, 16, 16), torch.tensor([[0, 5], [1, 2]])
         >>> vit(images).shape, vit(images, keep=keep, all_tokens=True).shape  # class token + 2 kept patches
@@ -157,6 +160,10 @@ class VisionTransformer(nn.Module):
             _check.fail("dim", dim, f"a multiple of heads={heads}")
         _check.in_range("drop_path", drop_path, 0.0, 1.0)
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
+        if self.grid < 4:  # legal, and almost never meant: say so rather than train on a handful of tokens
+            warnings.warn(f"ViT: patch_size={patch_size} on {img_size} px images gives {self.grid ** 2} "
+                          f"token(s) ({self.grid} x {self.grid}); a smaller patch or larger images give "
+                          "attention something to attend over", UserWarning, stacklevel=2)
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.fixed_positions = pos_embed == "sincos"

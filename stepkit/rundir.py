@@ -1,0 +1,285 @@
+"""The run directory every recipe writes, and the guard that keeps a resumed run what it was.
+
+A run writes into ``--run-dir DIR``::
+
+    config.json           the resolved config
+    config_history.jsonl  what each resume changed on purpose (--resume-allow)
+    metrics.jsonl         one JSON object per log event, always with "step"
+    checkpoints/          last.pt, periodic saves, the best N by a metric
+    tb/                   TensorBoard events (--log.tensorboard)
+    wandb/                wandb's files (--log.wandb; WANDB_MODE=offline works)
+    summary.json          final metrics, evaluation results, wall_s, steps, params_digest, environment
+
+A fresh run refuses a directory that already holds a run, so nothing on
+disk is overwritten; ``--resume`` continues from ``DIR/checkpoints/last.pt``
+and refuses a config that differs in a field that shapes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stepkit import check as _check
+from stepkit import dist
+from stepkit._atomic import atomic_write_bytes
+from stepkit.checkpoint import LAST, has_checkpoint
+from stepkit.config import flat_config, resume_free_fields, to_jsonable
+
+__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_FLAGS", "SUMMARY_FILE", "config_changes",
+           "environment", "record_resume", "saved_config", "start_run", "write_summary"]
+
+CONFIG_FILE, SUMMARY_FILE, CKPT_DIR = "config.json", "summary.json", "checkpoints"
+
+
+# The resume flags themselves: never compared, never recorded.
+_RUN_FLAGS = ("run_dir", "resume", "resume_from", "resume_allow", "resume_or_start", "stop_on_signal")
+
+HISTORY_FILE = "config_history.jsonl"
+
+
+def _matches(field: str, patterns: Any) -> bool:
+
+    return any(field == p or field.startswith(p + ".") or fnmatch.fnmatchcase(field, p) for p in patterns)
+
+def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The config a run directory's run is under now: ``config.json`` with every change from
+    ``config_history.jsonl`` applied, flattened as ``flat_config``; None without a config.json.
+
+    Examples:
+        >>> import tempfile
+        >>> saved_config(tempfile.mkdtemp()) is None  # no run there
+        True
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        config = flat_config(json.loads(path.read_text()))
+        history = run_dir / HISTORY_FILE
+        for line in history.read_text().splitlines() if history.exists() else []:
+            if line.strip():
+                for name, (_, new) in json.loads(line)["changes"].items():
+                    config[name] = new
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read the saved config to compare the resumed run with "
+                         f"({type(err).__name__}: {err})") from None
+    return config
+
+def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, given)}`` for every flattened field that differs (resume flags ignored).
+
+    Examples:
+        >>> config_changes({"optim.lr": 0.1, "steps": 5}, {"optim.lr": 0.2, "steps": 5})
+        {'optim.lr': (0.1, 0.2)}
+    """
+    return {k: (saved.get(k, _ABSENT), given.get(k, _ABSENT)) for k in sorted(saved.keys() | given.keys())
+            if not _matches(k, _RUN_FLAGS) and saved.get(k, _ABSENT) != given.get(k, _ABSENT)}
+
+_ABSENT = "<absent>"
+
+def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {json.dumps(a)} → {json.dumps(b)}" for k, (a, b) in changes.items())
+
+def start_run(
+    run_dir: str | os.PathLike,
+    config: Any,
+    *,
+    resume: bool,
+    resume_from: str | os.PathLike | None = None,
+    allow: Any = (),
+    or_start: bool = False,
+) -> Path:
+    """Check ``run_dir`` for a fresh or a resumed run; return ``run_dir/checkpoints``.
+
+    A fresh run (``resume=False``) refuses a folder that already holds a run
+    (a checkpoint or a metrics file), naming ``--resume`` and ``--run-dir``,
+    and writes ``config.json``.
+
+    A resumed run writes nothing here (``record_resume`` does, once the
+    checkpoint has loaded). It needs a checkpoint (``last.pt``/``last.dcp``,
+    or ``resume_from``); without one it is refused, or with ``or_start``
+    starts fresh. Its config is compared with the saved one (``config.json``
+    plus ``config_history.jsonl``): a differing field that shapes the run
+    raises ``ValueError`` listing every such field as ``name: saved → given``;
+    fields the config declares free to change (``may_change_on_resume``) or
+    that ``allow`` names (exact names,
+    prefixes such as ``train``, or globs) may differ and are printed in one
+    line. Every rank checks, so under torchrun every rank raises alike.
+
+    Args:
+        run_dir: The run directory.
+        config: The run's config (a dataclass), saved as ``config.json``.
+        resume: Continue the run there (``--resume``).
+        resume_from: Resume from this checkpoint instead of ``last``.
+        allow: Fields that may differ on resume (names, prefixes or globs).
+        or_start: With ``resume``, start fresh when there is no checkpoint.
+
+    Returns:
+        ``run_dir/checkpoints``.
+
+    Raises:
+        ValueError: one line naming the flag to use, for a fresh run over an old one, a resume without a
+            checkpoint, or a resume whose config differs in a field that shapes the run.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp()) / "run"
+        >>> from stepkit.config import TrainConfig
+        >>> start_run(run, TrainConfig(steps=10), resume=False).name, (run / "config.json").exists()
+        ('checkpoints', True)
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / CKPT_DIR
+    given = flat_config(config)
+    for name in allow:
+        if not any(_matches(k, [name]) for k in given):
+            import difflib
+
+            close = difflib.get_close_matches(name, list(given), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            _check.fail("resume_allow", name, f"names of config fields such as train.steps{hint}")
+    if resume and resume_from is not None and not Path(resume_from).exists():
+        _check.fail("resume_from", str(resume_from), "an existing checkpoint file or .dcp folder")
+    if resume and resume_from is None and not has_checkpoint(ckpt_dir):
+        if not or_start:
+            raise ValueError(
+                f"run_dir={str(run_dir)!r}: --resume found no checkpoint to continue (no {ckpt_dir / LAST}); "
+                "check --run-dir, or pass --resume-or-start to start a fresh run there when it has none")
+        resume = False  # a requeued job whose first attempt saved nothing: start over
+    else:
+        if not resume and (has_checkpoint(ckpt_dir) or (run_dir / "metrics.jsonl").exists()):
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} is not allowed: it already holds a run; "
+                "pass --resume to continue it, or choose another --run-dir"
+            )
+    if resume:
+        saved = saved_config(run_dir)
+        changes = config_changes(saved, given) if saved is not None else {}
+        free = resume_free_fields(config) if dataclasses.is_dataclass(config) else []
+        # A field only one side has comes from another stepkit or recipe version (a field added
+        # or removed since): nothing to compare, so it is listed, not refused.
+        refused = {k: v for k, v in changes.items() if _ABSENT not in v
+                   and not _matches(k, free) and not _matches(k, allow)}
+        if refused:
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} cannot resume with another config: {_describe(refused)} "
+                "(saved → given; these fields shape the run: pass them as saved, or --resume-allow "
+                "FIELD to change one on purpose, or choose another --run-dir)")
+        if changes and dist.is_main():
+            print(f"resume: changed on purpose or allowed: {_describe(changes)}")
+        return ckpt_dir
+    # Every rank checks (and so raises alike); rank 0 writes, the others wait for the folder.
+    if dist.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, config)
+    dist.barrier()
+    return ckpt_dir
+
+def _write_config(run_dir: Path, config: Any) -> None:
+    atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")
+
+def record_resume(run_dir: str | os.PathLike, config: Any, step: int) -> dict[str, tuple[Any, Any]]:
+    """After a resumed checkpoint has loaded: append the config's changes to ``config_history.jsonl``.
+
+    ``config.json`` is never rewritten; each resume that changed anything
+    adds one line ``{"step", "time", "changes": {field: [saved, given]}}``.
+    A run directory without a ``config.json`` (a user's own loop) gets one.
+    Rank 0 writes. Returns the changes.
+
+    Examples:
+        >>> import tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> from stepkit.config import TrainConfig
+        >>> _ = start_run(run, TrainConfig(steps=10), resume=False)
+        >>> record_resume(run, TrainConfig(steps=20), step=10)
+        {'steps': (10, 20)}
+    """
+
+    run_dir = Path(run_dir)
+    saved = saved_config(run_dir)
+    if saved is None:
+        if dist.is_main():
+            _write_config(run_dir, config)
+        return {}
+    changes = config_changes(saved, flat_config(config))
+    if changes and dist.is_main():
+        line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "changes": {k: list(v) for k, v in changes.items()}}
+        with open(run_dir / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return changes
+
+# The CPU features oneDNN and torch pick kernels by: two machines that differ in one of these may
+# round convolutions and matrix products differently from the first update on.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_int8")
+
+
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config: versions, threads, the CPU and its kernels.
+
+    The same command gives bit-identical results only with the same torch
+    build, thread count, CPU kernels and oneDNN version: torch picks AVX2 or
+    AVX512 kernels by the CPU (``cpu_capability``), and oneDNN picks its
+    convolution kernels by the CPU's features (``cpu_flags``: VNNI, BF16,
+    AMX ...), so two CPUs with the same ``cpu_capability`` can still round
+    convolutions differently.
+
+    Returns:
+        ``{"python", "torch", "numpy", "onednn", "cpu", "cpu_flags", "cpu_capability", "threads",
+        "cuda"}`` (``cpu``: the model name; ``cpu_flags``: which of ``KERNEL_FLAGS`` it has;
+        ``cuda``: the device's name, or None).
+
+    Examples:
+        >>> sorted(environment())
+        ['cpu', 'cpu_capability', 'cpu_flags', 'cuda', 'numpy', 'onednn', 'python', 'threads', 'torch']
+    """
+    import platform
+
+    import numpy as np
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        flags = set(fields.get("flags", "").split())
+    except OSError:  # not Linux: the model name platform gives, no flags
+        pass
+    onednn = re.search(r"(?:MKL-DNN|oneDNN) v([\d.]+)", torch.__config__.show())
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "onednn": onednn.group(1) if onednn else None, "cpu": cpu,
+            "cpu_flags": [f for f in KERNEL_FLAGS if f in flags],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "cuda": cuda}
+
+
+def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
+    """Write ``run_dir/summary.json`` atomically (rank 0 only under torch.distributed), with the run's
+    ``environment()`` added under ``"environment"`` unless the summary has one.
+
+    Examples:
+        >>> import tempfile, json
+        >>> path = write_summary(tempfile.mkdtemp(), {"acc": 0.9})
+        >>> sorted(json.loads(path.read_text()))
+        ['acc', 'environment']
+    """
+    path = Path(run_dir) / SUMMARY_FILE
+    if dist.is_main():
+        summary = {**summary, "environment": summary.get("environment") or environment()}
+        atomic_write_bytes(path, json.dumps(to_jsonable(summary), indent=2).encode() + b"\n")
+    return path
