@@ -33,8 +33,8 @@ from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint import LAST, has_checkpoint
 from stepkit.config import flat_config, resume_free_fields, to_jsonable
 
-__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_FLAGS", "SUMMARY_FILE", "config_changes",
-           "environment", "record_resume", "saved_config", "start_run", "write_summary"]
+__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "SUMMARY_FILE",
+           "config_changes", "environment", "record_resume", "saved_config", "start_run", "write_summary"]
 
 CONFIG_FILE, SUMMARY_FILE, CKPT_DIR = "config.json", "summary.json", "checkpoints"
 
@@ -224,6 +224,9 @@ def record_resume(run_dir: str | os.PathLike, config: Any, step: int) -> dict[st
 # round convolutions and matrix products differently from the first update on.
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
                 "amx_int8")
+# Variables that override those choices (torch's vector kernels, oneDNN's instruction set) or the threads.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS")
 
 
 def environment() -> dict[str, Any]:
@@ -234,16 +237,20 @@ def environment() -> dict[str, Any]:
     AVX512 kernels by the CPU (``cpu_capability``), and oneDNN picks its
     convolution kernels by the CPU's features (``cpu_flags``: VNNI, BF16,
     AMX ...), so two CPUs with the same ``cpu_capability`` can still round
-    convolutions differently.
+    convolutions differently. Measured on one machine (AMD EPYC, AVX512):
+    capping oneDNN at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, torch's kernels still
+    AVX512) changes a 30-update DINO run's ``params_digest``.
 
     Returns:
         ``{"python", "torch", "numpy", "onednn", "cpu", "cpu_flags", "cpu_capability", "threads",
-        "cuda"}`` (``cpu``: the model name; ``cpu_flags``: which of ``KERNEL_FLAGS`` it has;
-        ``cuda``: the device's name, or None).
+        "kernel_env", "cuda"}`` (``cpu``: the model name; ``cpu_flags``: which of ``KERNEL_FLAGS`` it
+        has; ``kernel_env``: the variables of ``KERNEL_ENV`` that are set; ``cuda``: the device's
+        name, or None).
 
     Examples:
-        >>> sorted(environment())
-        ['cpu', 'cpu_capability', 'cpu_flags', 'cuda', 'numpy', 'onednn', 'python', 'threads', 'torch']
+        >>> sorted(environment())  # doctest: +NORMALIZE_WHITESPACE
+        ['cpu', 'cpu_capability', 'cpu_flags', 'cuda', 'kernel_env', 'numpy', 'onednn', 'python', 'threads',
+         'torch']
     """
     import platform
 
@@ -256,6 +263,8 @@ def environment() -> dict[str, Any]:
         fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         cpu = fields.get("model name", cpu)
+        if "cache size" in fields:  # oneDNN sizes its blocks by the caches
+            cpu += f", {fields['cache size']} cache"
         flags = set(fields.get("flags", "").split())
     except OSError:  # not Linux: the model name platform gives, no flags
         pass
@@ -265,7 +274,7 @@ def environment() -> dict[str, Any]:
             "onednn": onednn.group(1) if onednn else None, "cpu": cpu,
             "cpu_flags": [f for f in KERNEL_FLAGS if f in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "cuda": cuda}
+            "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}, "cuda": cuda}
 
 
 def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:

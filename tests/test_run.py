@@ -210,7 +210,7 @@ def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, d
 
 @pytest.mark.slow
 def test_a_closed_output_pipe_ends_quietly():
-    code = ("from stepkit.run import run_main\n"
+    code = ("from stepkit.cli import run_main\n"
             "def main(cfg):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
             "run_main(main, lambda: None)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
