@@ -12,79 +12,36 @@ Use them in a config's ``__post_init__``::
             integer_at_least("width", self.width, 1)
 
 Each raises ``ValueError("width=0 is not allowed: expected an integer >= 1")``;
-parsed through ``stepkit.run.cli``, the field is named by its flag path
+parsed through ``stepkit.cli.cli``, the field is named by its flag path
 (``model.width=0 ...``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-from collections.abc import Collection, Iterator
-from contextvars import ContextVar
-from types import FrameType
-from typing import Any
+from collections.abc import Collection
+from typing import Any, NoReturn
 
-__all__ = ["fail", "collected_errors", "finite", "at_least", "in_range", "integer_at_least", "one_of"]
-
-# Set only while stepkit.run.cli parses flags: failed checks are collected (with the config
-# object whose __post_init__ made them) instead of raised, so the error can name the field by
-# its full flag path (data.image_size) once the whole config exists.
-_COLLECTED: ContextVar[list | None] = ContextVar("stepkit_collected_errors", default=None)
+__all__ = ["fail", "finite", "at_least", "in_range", "integer_at_least", "one_of"]
 
 
-def fail(field: str, value: Any, allowed: str) -> None:
-    """Raise ``ValueError("<field>=<value> is not allowed: expected <allowed>")`` (or collect it, see
-    ``collected_errors``).
+def fail(field: str, value: Any, allowed: str) -> NoReturn:
+    """Raise ``ValueError("<field>=<value> is not allowed: expected <allowed>")``.
 
     Args:
-        field: The field's name (``stepkit.run.cli`` prefixes its flag path).
+        field: The field's name (``stepkit.cli.cli`` prefixes its flag path).
         value: The value given.
         allowed: What is allowed, as a phrase.
 
     Raises:
-        ValueError: always, outside ``collected_errors``.
+        ValueError: always.
 
     Examples:
         >>> fail("lr", -1.0, "a number >= 0")
         Traceback (most recent call last):
         ValueError: lr=-1.0 is not allowed: expected a number >= 0
     """
-    error = ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
-    collected = _COLLECTED.get()
-    if collected is None:
-        raise error
-    collected.append((error, _post_init_self()))
-
-
-def _post_init_self() -> Any:
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__post_init__" and "self" in frame.f_locals:
-            return frame.f_locals["self"]
-        frame = frame.f_back
-    return None
-
-
-@contextlib.contextmanager
-def collected_errors() -> Iterator[list]:
-    """Within the block, ``fail`` appends ``(ValueError, config object or None)`` instead of raising.
-
-    ``stepkit.run.cli`` uses it to report every failed check of a nested config at once.
-
-    Examples:
-        >>> with collected_errors() as errors:
-        ...     fail("width", 0, "an integer >= 1")
-        >>> [str(e) for e, _ in errors]
-        ['width=0 is not allowed: expected an integer >= 1']
-    """
-    errors: list = []
-    token = _COLLECTED.set(errors)
-    try:
-        yield errors
-    finally:
-        _COLLECTED.reset(token)
+    raise ValueError(f"{field}={value!r} is not allowed: expected {allowed}")
 
 
 def finite(field: str, value: float) -> None:

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stepkit import check as _check
 from stepkit.config import INVOCATION_FIELDS, flat_config
 
-__all__ = ["FLAG_SYNONYMS", "cli", "config_file_flags", "known_flags", "run_main", "unknown_flag_error"]
+__all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
+           "unknown_flag_error"]
 
 def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
         argv: list[str] | None = None, description: str | None = None) -> Any:
@@ -69,18 +69,98 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
     argv = config_file_flags(argv, default)  # --config FILE: after the preset, before the flags
     text += ("\n\n--config FILE: a YAML or JSON file of fields (nested or dotted keys; a run's config.json "
              "as it is), applied after the preset and before the other flags.")
-    with _check.collected_errors() as errors:
-        try:
-            with _stderr_unless_unknown_flags(argv, default):
-                config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
-        except Exception:
-            if not errors:
-                raise
-            config = None  # a failed check let later code trip: report the check
-    if errors:
-        error, owner = errors[0]
-        raise ValueError(_with_path(str(error), owner, config, config_type)) from None
+    # Checks wait until the whole config exists, then run bottom-up with each node's flag path known:
+    # a failed one names the field as the user typed it (data.image_size=3 ...).
+    with _checks_deferred(_config_types(config_type, default)):
+        with _stderr_unless_unknown_flags(argv, default):
+            config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
+    check_config(config)
     return config
+
+
+def check_config(config: Any, path: str = "") -> None:
+    """Run every nested config's ``__post_init__`` checks, children first, naming a failure by its path.
+
+    Args:
+        config: A config dataclass instance.
+        path: Its flag path (``""`` for the root).
+
+    Raises:
+        ValueError: the first failed check, its field prefixed with the path (``data.image_size=3 ...``).
+
+    Examples:
+        >>> import dataclasses
+        >>> from stepkit.config import TrainConfig
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+        >>> cfg = Config()
+        >>> cfg.train.steps = 0  # set after construction: no check ran
+        >>> check_config(cfg)
+        Traceback (most recent call last):
+        ValueError: train.steps=0 is not allowed: expected an integer >= 1
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_config(value, f"{path}.{f.name}" if path else f.name)
+    checks = getattr(type(config), "__post_init__", None)
+    if checks is None:
+        return
+    try:
+        checks(config)
+    except ValueError as err:
+        message = str(err)
+        if path and not message.startswith(path + "."):
+            message = f"{path}.{message}"
+        raise ValueError(message) from None
+
+
+def _config_types(config_type: type, default: Any) -> set[type]:
+    """Every dataclass type a config tree is built of: the annotations' and the default's, bases too."""
+    import typing
+
+    found: set[type] = set()
+
+    def walk(kind: Any) -> None:
+        if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)) or kind in found:
+            return
+        found.update(k for k in kind.__mro__ if dataclasses.is_dataclass(k))
+        try:
+            hints = typing.get_type_hints(kind)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: the default's values still count
+            hints = {}
+        for f in dataclasses.fields(kind):
+            walk(hints.get(f.name))
+
+    def walk_values(obj: Any) -> None:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            walk(type(obj))
+            for f in dataclasses.fields(obj):
+                walk_values(getattr(obj, f.name))
+
+    walk(config_type)
+    walk_values(default)
+    return found
+
+
+@contextlib.contextmanager
+def _checks_deferred(types: set[type]) -> Iterator[None]:
+    """While tyro builds the config, its classes' ``__post_init__`` checks do nothing (``check_config``
+    runs them afterwards, knowing each one's flag path)."""
+    saved = {kind: kind.__dict__["__post_init__"] for kind in types if "__post_init__" in kind.__dict__}
+    try:
+        for kind in saved:
+            kind.__post_init__ = _no_checks  # type: ignore[attr-defined]
+        yield
+    finally:
+        for kind, checks in saved.items():
+            kind.__post_init__ = checks  # type: ignore[attr-defined]
+
+
+def _no_checks(self: Any) -> None:
+    return None
+
 
 def known_flags(config: Any) -> list[str]:
     """Every flag a config takes: ``--a.b-c`` for each field, and ``--a.no-flag`` for each boolean.
@@ -250,45 +330,6 @@ def _as_flags(key: str, value: Any, current: Any) -> list[str]:
     if isinstance(value, list):
         return [flag, *(str(v) for v in value)]
     return [flag, str(value)]
-
-def _with_path(message: str, owner: Any, config: Any, config_type: type) -> str:
-    """``image_size=3 ...`` -> ``data.image_size=3 ...``: where ``owner`` sits in the config tree."""
-    path = _path_to(config, owner) if config is not None else None
-    if path is None and owner is not None:
-        paths = _paths_of(config_type, type(owner))
-        path = paths[0] if len(paths) == 1 else None
-    if not path or message.startswith(path + "."):
-        return message
-    return f"{path}.{message}"
-
-def _path_to(tree: Any, target: Any, prefix: str = "") -> str | None:
-    if tree is target:
-        return prefix
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        for f in dataclasses.fields(tree):
-            found = _path_to(getattr(tree, f.name), target, f"{prefix}.{f.name}" if prefix else f.name)
-            if found is not None:
-                return found
-    return None
-
-def _paths_of(config_type: type, wanted: type, prefix: str = "") -> list[str]:
-    """Every dotted path in a tree of dataclass types where a field has type ``wanted``."""
-    import typing
-
-    if config_type is wanted:
-        return [prefix]
-    if not dataclasses.is_dataclass(config_type):
-        return []
-    try:
-        hints = typing.get_type_hints(config_type)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no path
-        return []
-    out = []
-    for f in dataclasses.fields(config_type):
-        kind = hints.get(f.name)
-        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            out += _paths_of(kind, wanted, f"{prefix}.{f.name}" if prefix else f.name)
-    return out
 
 def _one_line(err: BaseException) -> str:
     """The error's own message: a DataLoader worker's error arrives wrapped in its traceback text."""
