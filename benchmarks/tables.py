@@ -42,23 +42,26 @@ class Table:
     data_seed: bool = False  # the recipe's embedded data follows --train.seed (--data.seed too)
 
 
+JEPA_IMAGES = (  # ijepa and hjepa: the same columns
+    "| seed | `linear_acc` (last layer / last 4) | context encoder | untrained | raw pixels "
+    "| `knn_acc` (trained / untrained / pixels) | whole command |",
+    "| {seed} | **{linear_acc:.3f}** ({linear_acc_last_layer:.3f} / {linear_acc_last_layers:.3f}) "
+    "| {linear_acc_context_encoder:.3f} | {linear_acc_random_init:.3f} | {linear_acc_pixels:.3f} "
+    "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_pixels:.3f} | {wall} |")
+RETRIEVAL = (  # both contrastive presets
+    "| seed | recall@1 i→t / t→i | recall@5 i→t / t→i | before training, recall@1 | chance, recall@1 "
+    "| whole command |",
+    "| {seed} | {recall_at_1_i2t:.3f} / {recall_at_1_t2i:.3f} "
+    "| {recall_at_5_i2t:.3f} / {recall_at_5_t2i:.3f} "
+    "| {recall_at_1_i2t_before:.3f} / {recall_at_1_t2i_before:.3f} | {recall_at_1_chance:.3f} | {wall} |")
+
 TABLES = [
     Table("dino", "dino", None,
           "| seed | knn_acc (teacher) | student | untrained | raw pixels | whole command |",
           "| {seed} | {knn_acc:.3f} | {knn_acc_student:.3f} | {knn_acc_random_init:.3f} "
           "| {knn_acc_pixels:.3f} | {wall} |"),
-    Table("ijepa", "ijepa", None,
-          "| seed | `linear_acc` (last layer / last 4) | context encoder | untrained | raw pixels "
-          "| `knn_acc` (trained / untrained / pixels) | whole command |",
-          "| {seed} | **{linear_acc:.3f}** ({linear_acc_last_layer:.3f} / {linear_acc_last_layers:.3f}) "
-          "| {linear_acc_context_encoder:.3f} | {linear_acc_random_init:.3f} | {linear_acc_pixels:.3f} "
-          "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_pixels:.3f} | {wall} |"),
-    Table("hjepa", "ijepa", "hjepa",
-          "| seed | `linear_acc` (last layer / last 4) | context encoder | untrained | raw pixels "
-          "| `knn_acc` (trained / untrained / pixels) | whole command |",
-          "| {seed} | **{linear_acc:.3f}** ({linear_acc_last_layer:.3f} / {linear_acc_last_layers:.3f}) "
-          "| {linear_acc_context_encoder:.3f} | {linear_acc_random_init:.3f} | {linear_acc_pixels:.3f} "
-          "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_pixels:.3f} | {wall} |"),
+    Table("ijepa", "ijepa", None, *JEPA_IMAGES),
+    Table("hjepa", "ijepa", "hjepa", *JEPA_IMAGES),
     Table("timeseries", "jepa_sequences", "timeseries",
           "| seed | `linear_acc` (last layer / last 4) | context encoder | untrained | raw input "
           "| `knn_acc` (trained / untrained / raw) | whole command |",
@@ -71,20 +74,8 @@ TABLES = [
           "| {seed} | **{linear_acc:.3f}** ({linear_acc_last_layer:.3f} / {linear_acc_last_layers:.3f}) "
           "| {linear_acc_context_encoder:.3f} | {linear_acc_random_init:.3f} | {linear_acc_bow:.3f} "
           "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_bow:.3f} | {wall} |"),
-    Table("contrastive", "contrastive", None,
-          "| seed | recall@1 i→t / t→i | recall@5 i→t / t→i | before training, recall@1 | chance, recall@1 "
-          "| whole command |",
-          "| {seed} | {recall_at_1_i2t:.3f} / {recall_at_1_t2i:.3f} "
-          "| {recall_at_5_i2t:.3f} / {recall_at_5_t2i:.3f} "
-          "| {recall_at_1_i2t_before:.3f} / {recall_at_1_t2i_before:.3f} | {recall_at_1_chance:.3f} "
-          "| {wall} |"),
-    Table("contrastive-tiny", "contrastive", "tiny",
-          "| seed | recall@1 i→t / t→i | recall@5 i→t / t→i | before training, recall@1 | chance, recall@1 "
-          "| whole command |",
-          "| {seed} | {recall_at_1_i2t:.3f} / {recall_at_1_t2i:.3f} "
-          "| {recall_at_5_i2t:.3f} / {recall_at_5_t2i:.3f} "
-          "| {recall_at_1_i2t_before:.3f} / {recall_at_1_t2i_before:.3f} | {recall_at_1_chance:.3f} "
-          "| {wall} |"),
+    Table("contrastive", "contrastive", None, *RETRIEVAL),
+    Table("contrastive-tiny", "contrastive", "tiny", *RETRIEVAL),
     Table("autoencoder", "autoencoder", None,
           "| `--data.seed` = `--train.seed` | voxel_corr (model) | ridge, alpha per voxel | ridge, one alpha "
           "| noise ceiling | stopped / best step | whole command |",
