@@ -98,7 +98,7 @@ def test_cp_config_writes_a_commented_yaml_that_reads_back_to_the_preset(tmp_pat
     text = target.read_text()
     assert text.startswith(f"# {name} recipe, preset ") and "  # " in text  # the fields' --help as comments
     recipe = load_recipe(name)
-    parse = getattr(recipe, "parse", None) or (lambda argv: recipe.cli(recipe.Config, recipe.PRESETS, argv))
+    parse = recipe.parse  # every recipe has one
     from_file = parse(["--config", str(target)])
     assert from_file == parse([preset] if preset else [])
     assert main(["cp", "--config", name, str(target)]) == 2 and "exists" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, d
     from stepkit.schedules import warmup_steps_of
 
     recipe = load_recipe(name)
-    parse = getattr(recipe, "parse", None) or (lambda argv: recipe.cli(recipe.Config, recipe.PRESETS, argv))
+    parse = recipe.parse  # every recipe has one
     cfg = parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20"])
     assert cfg.optim.warmup_steps is None and warmup_steps_of(cfg.optim, 20) == 2  # a tenth of the run
     assert warmup_steps_of(cfg.optim, 1500) == default  # the recipe's warm-up once the run is long enough

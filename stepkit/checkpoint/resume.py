@@ -6,8 +6,6 @@ import os
 import re
 from pathlib import Path
 
-import torch  # noqa: F401 - the example below uses it
-
 from stepkit import dist
 from stepkit.checkpoint.errors import LAST, SHARDED_SUFFIX, CheckpointError, CheckpointMismatch, rank_rng_path
 from stepkit.checkpoint.sharded import load_sharded, read_info

@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import torch  # noqa: F401 - the examples below use it
-
 from stepkit import check as _check
 from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
