@@ -1,6 +1,7 @@
-"""On-device multi-crop augmentation: how many images per second it prepares, against what the step eats.
+"""Data preparation speed: on-device multi-crop against the step (``--case device``), and image files
+decoded and cropped per DataLoader worker against a plain Pillow pipeline (``--case files``).
 
-In one run: ``stepkit.augment.multi_crop`` on batches of decoded images
+``--case device``, in one run: ``stepkit.augment.multi_crop`` on batches of decoded images
 already on the device (random resized crops, flip, colour jitter,
 grayscale, blur, solarisation; DINO's 2 global + N local views), and the
 stepkit DINO step of ``benchmarks/dino_step.py`` at the same size. Headroom
@@ -10,7 +11,20 @@ augmentation (augmenting serially before each step costs 1/headroom of it).
     python benchmarks/data.py --device cuda                 # 256 px images -> 2x224 + 8x96, ViT-S/16 step
     python benchmarks/data.py --size tiny --steps 3         # smoke test (CPU, CI)
 
-Prints a table; writes benchmarks/results/data_<device>_<size>.json.
+``--case files``: photo-like JPEGs the benchmark writes (500 x 375 and
+1024 x 768), read one after the other in one process with one torch thread
+(what one DataLoader worker does) into DINO's crops (2 x 224 at scale 0.4-1
++ 8 x 96 at 0.05-0.4, flipped): a plain Pillow pipeline (open, decode,
+RandomResizedCrop on the full image with Pillow's bicubic resize, to tensor:
+what torchvision-style loaders do), stepkit's ``read_crops`` on the files
+(``TrainImages``), and the same images from tar shards (``ShardStream``).
+Target: stepkit >= 1.5x the plain pipeline, shards >= folders.
+
+    python benchmarks/data.py --case files                  # 200 images of each size
+    python benchmarks/data.py --case files --images 8       # smoke test (CI)
+
+Prints a table; writes benchmarks/results/data_<device>_<size>.json
+(``data_files_cpu.json`` for the files case).
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,14 +64,143 @@ def timed(fn, device, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def photo(width: int, height: int, rng) -> bytes:
+    """A photo-like JPEG: smooth colour fields, a few shapes and fine grain, quality 90."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                    Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(field)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(10, min(width, height) // 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    pixels = np.asarray(field).astype(np.float32) + rng.normal(0, 8, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def files_case(args) -> dict:
+    """Decoded and cropped images per second per worker: plain Pillow, stepkit folders, stepkit shards."""
+    import tarfile
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from stepkit.images import CropPlan, TrainImages, crop_box
+    from stepkit.shards import ShardCrops, ShardStream
+
+    torch.set_num_threads(1)  # a DataLoader worker's setting
+    plan = CropPlan(views=((224, (0.4, 1.0)),) * 2 + ((96, (0.05, 0.4)),) * 8)
+
+    def plain(path, rng):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        crops = []
+        for size, scale in plan.views:
+            left, top, w, h = crop_box(image.width, image.height, scale, plan.ratio, rng)
+            crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+            if rng.random() < plan.flip_p:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crops.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+        return crops
+
+    rows, folder = [], Path(tempfile.mkdtemp(prefix="stepkit-data-"))
+    for width, height in ((500, 375), (1024, 768)):
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(args.images):
+            paths.append(folder / f"{width}x{height}_{i:05d}.jpg")
+            paths[-1].write_bytes(photo(width, height, rng))
+        shard = folder / f"{width}x{height}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for path in paths:
+                tar.add(path, arcname=path.name)
+        images = TrainImages(paths, plan, seed=0)
+        stream = ShardStream([shard], ShardCrops(plan), seed=0)
+
+        indices = range(len(paths))
+        runs = {"plain": partial(_each, paths, plain), "folder": partial(_each, indices, None, images),
+                "shards": partial(_each, indices, None, iter(stream))}
+        times = {name: [] for name in ("plain", "folder", "shards")}
+        for _ in range(args.steps):  # interleaved, so drift on a noisy machine hits all three alike
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+        for name, label in (("plain", "plain Pillow pipeline"), ("folder", "stepkit, image files"),
+                            ("shards", "stepkit, tar shards")):
+            rows.append(dict(image=f"{width}x{height}", pipeline=label, images_per_s=round(rate[name], 1),
+                             vs_plain=round(rate[name] / rate["plain"], 2)))
+    worst = min(r["vs_plain"] for r in rows if r["pipeline"] != "plain Pillow pipeline")
+    shards_vs_folders = min(a["images_per_s"] / b["images_per_s"] for a, b in zip(rows[2::3], rows[1::3]))
+    result = dict(
+        benchmark="data_files", crops="2x224 (0.4-1) + 8x96 (0.05-0.4), bicubic, flip 0.5",
+        images_per_size=args.images, repeats=args.steps, cpu=_cpu_name(), threads=1, torch=torch.__version__,
+        pillow=Image.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        rows=rows, worst_vs_plain=worst, shards_vs_folders=round(shards_vs_folders, 2),
+        meets_target=bool(worst >= 1.5 and shards_vs_folders >= 1.0),
+    )
+    print(f"image files -> DINO's crops, one worker (1 thread), {result['cpu']}, torch {torch.__version__}, "
+          f"Pillow {result['pillow']}, {result['date']}; {args.images} JPEGs of each size, median of "
+          f"{args.steps}")
+    print(f"{'image':<10}{'pipeline':<26}{'images/s':>10}{'vs plain':>10}")
+    for r in rows:
+        print(f"{r['image']:<10}{r['pipeline']:<26}{r['images_per_s']:>10.1f}{r['vs_plain']:>9.2f}x")
+    print(f"target: >= 1.5x the plain pipeline (worst {worst:.2f}x), shards >= folders "
+          f"(worst {shards_vs_folders:.2f}x): {'met' if result['meets_target'] else 'NOT met'}")
+    out = args.out or Path(__file__).parent / "results" / "data_files_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {os.path.relpath(out)}")
+    return result
+
+
+def _each(items, plain=None, source=None) -> None:
+    """Read every item: through ``plain(path, rng)``, a ``TrainImages`` (``source[(i, 0)]``) or a stream."""
+    from stepkit.images import sample_rng
+
+    for i, item in enumerate(items):
+        if plain is not None:
+            plain(item, sample_rng(0, 0, i))
+        elif hasattr(source, "__getitem__"):
+            source[(item, 0)]
+        else:
+            next(source)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["device", "files"], default="device")
+    ap.add_argument("--images", type=int, default=200, help="--case files: JPEGs written of each size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default="vit-s16")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="repeats (default: 20; --case files: 5)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.case == "files":
+        args.steps = args.steps or 5
+        return files_case(args)
+    args.steps = args.steps or 20
     device = torch.device(args.device)
     size = SIZES[args.size]
     crops = MultiCrop(global_size=size["global_size"], local_size=size["local_size"],

@@ -2,6 +2,8 @@
 
     python recipes/dino.py --run-dir runs/dino                     # embedded digits, CPU, minutes
     python recipes/dino.py --run-dir runs/dino --optim.lr 1e-3
+    python recipes/dino.py --data.root ~/photos --eval.train-root L --eval.val-root V   # your images
+    python recipes/dino.py --data.shards 'data/{0000..0127}.tar'   # WebDataset shards, resumable
     python recipes/dino.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # GPU, paper
     python recipes/dino.py vit-s16 --compile reduce-overhead ...   # compiled, as CUDA graphs
     python recipes/dino.py --help
@@ -27,7 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from stepkit import (
     LRSchedule,
@@ -45,14 +47,15 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit
+from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit, view_colors
 from stepkit.bundled import digits_canvas
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ImageFolder, Prefetch, ResumableSampler, image_folders
+from stepkit.data import Prefetch, ResumableSampler
 from stepkit.evaluation import knn_accuracy
+from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
     dino_loss,
@@ -79,6 +82,7 @@ from stepkit.run import (
     seed_everything,
     stop_if_signalled,
 )
+from stepkit.shards import ShardCrops, ShardPositions, ShardStream, check_readers, expand_shards
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
@@ -86,17 +90,20 @@ from stepkit.tuning import TuneConfig, tune
 @dataclass
 class Data:
     root: Path | None = None
-    """An image folder with one sub-folder per class (held-out: a sibling 'val' folder or
-    --data.val-root); None: the embedded digits."""
-    val_root: Path | None = None
+    """Training images: a folder of any layout, searched recursively (no labels needed; for the k-NN
+    evaluation see --eval.train-root); None: the embedded digits."""
+    shards: str | None = None
+    """Training images from tar shards in the WebDataset layout, a brace pattern
+    ('data/{0000..0127}.tar'); streamed, and resumed to the sample."""
     image_size: int = 32
-    """Images are decoded and resized to this square size before the on-device crops."""
+    """Embedded digits, --data.synthetic: the images' side. Image files: the evaluation images' shorter
+    side before their centre crop of crops.global_size (training crops come from the full image)."""
     seed: int = 0
     """Embedded digits: the seed that draws each digit's placement."""
     workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
-    """DataLoader workers decoding image files (image folders only)."""
+    """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
     skip_unreadable: bool = False
-    """Image folders: leave out files that cannot be decoded (each file is checked before training;
+    """Image files and shards: leave out what cannot be decoded (folders are checked before training;
     the count is in the summary) instead of stopping with an error naming the first one."""
     synthetic: int = 0
     """N random images of image_size instead of a data set (for speed runs: the labels are random,
@@ -108,6 +115,9 @@ class Data:
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
         integer_at_least("synthetic", self.synthetic, 0)
+        integer_at_least("workers", self.workers, 0)
+        if self.root is not None and self.shards is not None:
+            fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 
 
 @dataclass
@@ -183,6 +193,11 @@ class Eval:
     temperature: float = 0.07
     knn: bool = may_change_on_resume(True)
     """The k-NN evaluations before and after training (--eval.no-knn: none, e.g. for speed runs)."""
+    train_root: Path | None = may_change_on_resume(None)
+    """Image files: labelled images (one sub-folder per class) the k-NN classifier votes with;
+    None: --data.root itself when it is one folder per class."""
+    val_root: Path | None = may_change_on_resume(None)
+    """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
 
 
 @dataclass
@@ -298,26 +313,47 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
+    files = cfg.data.root is not None or cfg.data.shards is not None
     if cfg.data.synthetic:  # random images: only the step's speed means anything
         g = torch.Generator().manual_seed(cfg.data.seed)
         size, n = cfg.data.image_size, cfg.data.synthetic
         pixels = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
         labels = torch.randint(0, 10, (n,), generator=g)
         train_set, test_set = TensorDataset(pixels, labels), TensorDataset(pixels[:64], labels[:64])
+        probe_set, shards, found = train_set, None, None
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    elif cfg.data.root is None:  # the embedded digits, held in memory
+    elif not files:  # the embedded digits, held in memory
         digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
         train_set = TensorDataset(digits["train_images"], digits["train_labels"])
         test_set = TensorDataset(digits["test_images"], digits["test_labels"])
+        probe_set, shards, found = train_set, None, None
         mean, std = (0.5,), (0.5,)
-    else:  # image files, decoded by DataLoader workers
-        train_set, test_set = image_folders(cfg.data.root, cfg.data.val_root, cfg.data.image_size,
-                                            skip_unreadable=cfg.data.skip_unreadable)
+    else:  # image files: crops cut from the full image in DataLoader workers, one seed per sample
+        found = find_image_data(cfg.data.root, cfg.eval.train_root, cfg.eval.val_root,
+                                skip_unreadable=cfg.data.skip_unreadable)
+        c = cfg.crops
+        plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
+                        + ((c.local_size, c.local_scale),) * c.local_crops)
+        train_set = TrainImages(found.train, plan, seed=cfg.train.seed) if cfg.data.root else None
+        shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
+        if shards is not None:  # found now, not after the run directory is made
+            check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
+        if found.eval_train is None:
+            test_set = probe_set = None
+        else:
+            size, resize = c.global_size, cfg.data.image_size
+            probe_set, test_set = (EvalImages(f.paths, f.labels, size=size, resize=resize)
+                                   for f in (found.eval_train, found.eval_val))
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    if cfg.eval.k > len(train_set):  # found now, not after training
-        fail("eval.k", cfg.eval.k, f"at most the number of training images ({len(train_set)})")
+        if dist.is_main():
+            print("\n".join(found.notes), flush=True)
+    evaluate = cfg.eval.knn and probe_set is not None
+    if evaluate and cfg.eval.k > len(probe_set):  # found now, not after training
+        fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
+    if cfg.tune.measures and shards is not None:
+        fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
-    in_chans = train_set[0][0].shape[0]
+    in_chans = 3 if files else train_set[0][0].shape[0]
 
     seed_everything(cfg.train.seed)
     backbone, dim = build_backbone(cfg, in_chans)
@@ -331,10 +367,19 @@ def main(cfg: Config) -> dict:
         images = images.to(device, non_blocking=True)  # pinned by the loader on CUDA
         return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
 
+    def prepare(batch) -> tuple[list[torch.Tensor], tuple | None]:
+        """A loader's batch -> (its normalised views on the device, the shard places it was read from)."""
+        if not files:
+            return views_of(batch[0]), None
+        crops = batch[0] if shards is None else batch[0][0]  # cut in the workers; colours drawn here
+        views = [normalize(view_colors(to_unit(x.to(device, non_blocking=True)), cfg.crops, i), mean, std)
+                 for i, x in enumerate(crops)]
+        return views, (tuple(batch[1:]) if shards is not None else None)
+
     def loader(dataset, **kw) -> DataLoader:
         # Its own generator: a DataLoader iterator otherwise draws its seed from the
         # global RNG, and a resumed run would draw it at another point of the stream.
-        workers = cfg.data.workers if isinstance(dataset, ImageFolder) else 0
+        workers = cfg.data.workers if files else 0
         return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                           pin_memory=device.type == "cuda",
                           generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
@@ -348,11 +393,11 @@ def main(cfg: Config) -> dict:
         return torch.cat(feats), torch.cat(labels)
 
     def knn(net: nn.Module) -> float:
-        (train_f, train_y), (test_f, test_y) = embed(net, train_set), embed(net, test_set)
+        (train_f, train_y), (test_f, test_y) = embed(net, probe_set), embed(net, test_set)
         return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
     backbone.eval()
-    knn_random_init = knn(backbone) if cfg.eval.knn else None  # same architecture and seed, untrained
+    knn_random_init = knn(backbone) if evaluate else None  # same architecture and seed, untrained
     backbone.train()
     teacher = copy.deepcopy(model).requires_grad_(False)
     # Under torchrun: DDP, or FSDP2 with the backbone's blocks, the backbone and the head sharded on
@@ -400,20 +445,31 @@ def main(cfg: Config) -> dict:
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> list[torch.Tensor]:
             idx = torch.randint(0, len(train_set), (size,)).tolist()
+            if files:
+                return prepare(default_collate([train_set[(i, 0)] for i in idx]))[0]
             return views_of(torch.stack([train_set[i][0] for i in idx]))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
-    # An epoch-seeded order that starts where the checkpoint left off; crops draw
-    # from the global RNG, which the checkpoint restores too.
-    start = state.data_position * cfg.batch_size
-    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, start=start,
-                               rank=dist.rank(), world=dist.world_size())
+    if shards is not None:  # each worker reads on from its place in the checkpoint
+        positions = ShardPositions(cfg.data.workers, state.rank_extras.get("shard_positions"))
+        state.rank_extras["shard_positions"] = positions.tensor  # saved per rank, updated in place
+        stream = ShardStream(shards, ShardCrops(plan), seed=cfg.train.seed, rank=dist.rank(),
+                             world=dist.world_size(), workers=cfg.data.workers,
+                             positions=positions.start if state.data_position else None,
+                             first_worker=state.data_position % positions.workers,
+                             skip_unreadable=cfg.data.skip_unreadable)
+        raw_batches = loader(stream)
+    else:  # an epoch-seeded order that starts where the checkpoint left off
+        sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, rank=dist.rank(),
+                                   world=dist.world_size(), start=state.data_position * cfg.batch_size,
+                                   with_epoch=files)
+        raw_batches = loader(train_set, sampler=sampler, drop_last=True)
+    # Colours (and the digits' crops) draw from the global RNG, which the checkpoint restores too.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
-    batches = Prefetch(loader(train_set, sampler=sampler, drop_last=True), lambda b: views_of(b[0]), device,
-                       enabled=prefetch)
+    batches = Prefetch(raw_batches, prepare, device, enabled=prefetch)
     uniform = cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim)  # log K: every prototype alike
     rank = cfg.alarm.min_effective_rank
     watch = CollapseWatch(above={"teacher_entropy": uniform}, below={"feat_effective_rank": rank},
@@ -424,8 +480,10 @@ def main(cfg: Config) -> dict:
         while state.step < steps:
             if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            views = next(batches)  # crops made while the last step ran (Prefetch)
+            views, places = next(batches)  # crops made while the last step ran (Prefetch)
             state.data_position += 1
+            if places is not None:  # where each shard reader is, for an exact resume
+                positions.update(*places, state.data_position)
             loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue
@@ -440,7 +498,7 @@ def main(cfg: Config) -> dict:
             if means and (warning := watch(means)):
                 print(f"step {state.step}: {warning}", flush=True)
                 log.write({"collapse_warning": warning}, state.step, kind="alarm")
-            if cfg.eval.knn and cfg.eval.every and state.step % cfg.eval.every == 0:
+            if evaluate and cfg.eval.every and state.step % cfg.eval.every == 0:
                 log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                           state.step)
             state.extras["wall_s"] = time.perf_counter() - started
@@ -459,13 +517,13 @@ def main(cfg: Config) -> dict:
         "images_per_s": round(cfg.batch_size * dist.world_size() * cfg.train.accum
                               * (state.step - steps_at_start) / max(train_s - wall_at_start, 1e-9), 1),
         "skipped_steps": int(state.skipped_steps),
-        "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
+        "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
         "collapse_warning": watch.last,
     }
-    if cfg.eval.knn:
+    if evaluate:
         summary.update({
             "knn_acc": knn(teacher.backbone),
             "knn_acc_student": knn(model.backbone),
@@ -478,7 +536,7 @@ def main(cfg: Config) -> dict:
     log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
     if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         return summary
-    if cfg.eval.knn:
+    if evaluate:
         print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
               f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
               f"summary in {cfg.run_dir / 'summary.json'}")

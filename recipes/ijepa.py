@@ -5,6 +5,8 @@
     python recipes/ijepa.py --loss.kind contrastive                # or multiscale: the guide's loss variants
     python recipes/ijepa.py --levels.depths 3 5 --levels.weights 0.5 1 --levels.weights-final 0 1
     python recipes/ijepa.py --loss.var-weight 1 --loss.cov-weight 0.04   # a variance guard (C-JEPA)
+    python recipes/ijepa.py --data.root ~/photos --eval.train-root L --eval.val-root V   # your images
+    python recipes/ijepa.py --data.shards 'data/{0000..0127}.tar'  # WebDataset shards, resumable
     python recipes/ijepa.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # one GPU
     python recipes/ijepa.py vit-h14 --run-dir runs/h14 --data.root /data/imagenet/train   # the paper, GPUs
     python recipes/ijepa.py --help
@@ -74,8 +76,9 @@ from stepkit.check import fail, integer_at_least
 from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ImageFolder, ResumableSampler, image_folders
+from stepkit.data import ResumableSampler
 from stepkit.evaluation import frozen_probes
+from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
 from stepkit.jepa import (
     JEPALoss,
     Levels,
@@ -109,6 +112,7 @@ from stepkit.run import (
     seed_everything,
     stop_if_signalled,
 )
+from stepkit.shards import ShardCrops, ShardPositions, ShardStream, check_readers, expand_shards
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
@@ -116,20 +120,29 @@ from stepkit.tuning import TuneConfig, tune
 @dataclass
 class Data:
     root: Path | None = None
-    """An image folder with one sub-folder per class (held-out: a sibling 'val' folder or
-    --data.val-root); None: the embedded digits."""
-    val_root: Path | None = None
+    """Training images: a folder of any layout, searched recursively (no labels needed; for the probes
+    see --eval.train-root); None: the embedded digits."""
+    shards: str | None = None
+    """Training images from tar shards in the WebDataset layout, a brace pattern
+    ('data/{0000..0127}.tar'); streamed, and resumed to the sample."""
     image_size: int = 32
+    """The side of the crops the encoder sees (image files: evaluation images are resized to
+    image_size / 0.875, the field's 256 for 224, and centre-cropped)."""
     crop_scale: tuple[float, float] = (0.6, 1.0)
-    """Random resized crop before masking (I-JEPA uses (0.3, 1.0) on ImageNet)."""
+    """Random resized crop before masking, as a fraction of the image's area (I-JEPA uses (0.3, 1.0)
+    on ImageNet)."""
     seed: int = 0
     workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
     skip_unreadable: bool = False
-    """Image folders: leave out files that cannot be decoded (each file is checked before training;
+    """Image files and shards: leave out what cannot be decoded (folders are checked before training;
     the count is in the summary) instead of stopping with an error naming the first one."""
 
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
+        integer_at_least("workers", self.workers, 0)
+        if self.root is not None and self.shards is not None:
+            fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 
 
 @dataclass
@@ -201,6 +214,11 @@ class Eval:
     temperature: float = 0.07
     linear: bool = may_change_on_resume(True)
     """Fit the linear probes (--eval.no-linear: k-NN only, a few seconds less)."""
+    train_root: Path | None = may_change_on_resume(None)
+    """Image files: labelled images (one sub-folder per class) the probes are fitted on;
+    None: --data.root itself when it is one folder per class."""
+    val_root: Path | None = may_change_on_resume(None)
+    """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
 
     def __post_init__(self) -> None:
         integer_at_least("eval.pool", self.pool, 1)
@@ -311,21 +329,38 @@ def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)
-    if cfg.data.root is None:
+    files = cfg.data.root is not None or cfg.data.shards is not None
+    if not files:
         digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
         train_set = TensorDataset(digits["train_images"], digits["train_labels"])
         test_set = TensorDataset(digits["test_images"], digits["test_labels"])
+        probe_set, shards, found = train_set, None, None
         mean, std = (0.5,), (0.5,)
-    else:
-        train_set, test_set = image_folders(cfg.data.root, cfg.data.val_root, cfg.data.image_size,
-                                            skip_unreadable=cfg.data.skip_unreadable)
+    else:  # image files: one crop of the full image per sample, cut in DataLoader workers
+        found = find_image_data(cfg.data.root, cfg.eval.train_root, cfg.eval.val_root,
+                                skip_unreadable=cfg.data.skip_unreadable)
+        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),))
+        train_set = TrainImages(found.train, plan, seed=cfg.train.seed) if cfg.data.root else None
+        shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
+        if shards is not None:  # found now, not after the run directory is made
+            check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
+        if found.eval_train is None:
+            probe_set = test_set = None
+        else:
+            size, resize = cfg.data.image_size, round(cfg.data.image_size / 0.875)
+            probe_set, test_set = (EvalImages(f.paths, f.labels, size=size, resize=resize)
+                                   for f in (found.eval_train, found.eval_val))
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    if cfg.eval.k > len(train_set):  # found now, not after training
-        fail("eval.k", cfg.eval.k, f"at most the number of training image items ({len(train_set)})")
+        if dist.is_main():
+            print("\n".join(found.notes), flush=True)
+    if probe_set is not None and cfg.eval.k > len(probe_set):  # found now, not after training
+        fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
+    if cfg.tune.measures and shards is not None:
+        fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
 
     seed_everything(cfg.train.seed)
-    encoder = build_encoder(cfg, in_chans=train_set[0][0].shape[0])
+    encoder = build_encoder(cfg, in_chans=3 if files else train_set[0][0].shape[0])
     grid = (encoder.grid, encoder.grid)
     depths, start_weights = cfg.levels.resolved(cfg.model.depth())
     blocks = tuple(d - 1 for d in depths)  # 0-based, for patch_tokens(layers=...)
@@ -338,7 +373,7 @@ def main(cfg: Config) -> dict:
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
 
     def loader(dataset, **kw) -> DataLoader:
-        workers = cfg.data.workers if isinstance(dataset, ImageFolder) else 0
+        workers = cfg.data.workers if files else 0
         return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                           generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
 
@@ -359,7 +394,10 @@ def main(cfg: Config) -> dict:
 
     def make_batch(x: torch.Tensor):
         """(images, context_idx, target_idx): a random resized crop of each image, and its masks."""
-        images = random_resized_crop(prep(x), cfg.data.image_size, scale=cfg.data.crop_scale)
+        if files:  # cut from the full image in the workers already
+            images = prep(x)
+        else:
+            images = random_resized_crop(prep(x), cfg.data.image_size, scale=cfg.data.crop_scale)
         context_idx, target_idx = multi_block_masks(len(images), grid, cfg.mask, mask_rng)
         return images, context_idx.to(device), target_idx.to(device)
 
@@ -379,22 +417,38 @@ def main(cfg: Config) -> dict:
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def tune_batch(size: int):
             idx = torch.randint(0, len(train_set), (size,)).tolist()
+            if files:  # the one crop of each sample, cut as the workers cut it
+                return make_batch(torch.stack([train_set[(i, 0)][0][0] for i in idx]))
             return make_batch(torch.stack([train_set[i][0] for i in idx]))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
-    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
-                               start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                               world=dist.world_size())
-    batches = iter(loader(train_set, sampler=sampler, drop_last=True))
+    if shards is not None:  # each worker reads on from its place in the checkpoint
+        positions = ShardPositions(cfg.data.workers, state.rank_extras.get("shard_positions"))
+        state.rank_extras["shard_positions"] = positions.tensor  # saved per rank, updated in place
+        stream = ShardStream(shards, ShardCrops(plan), seed=cfg.train.seed, rank=dist.rank(),
+                             world=dist.world_size(), workers=cfg.data.workers,
+                             positions=positions.start if state.data_position else None,
+                             first_worker=state.data_position % positions.workers,
+                             skip_unreadable=cfg.data.skip_unreadable)
+        batches = iter(loader(stream))
+    else:  # an epoch-seeded order that starts where the checkpoint left off
+        sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
+                                   start=state.data_position * cfg.batch_size, rank=dist.rank(),
+                                   world=dist.world_size(), with_epoch=files)
+        batches = iter(loader(train_set, sampler=sampler, drop_last=True))
     watch = target_collapse_watch(cfg.alarm, depths)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
-            images, _ = next(batches)
+            # (images, labels); image files: ([crop], index); shards: (([crop], class), places, skipped)
+            raw = next(batches)
             state.data_position += 1
+            if shards is not None:  # where each shard reader is, for an exact resume
+                positions.update(raw[1], raw[2], state.data_position)
+            images = raw[0][0][0] if shards is not None else raw[0][0] if files else raw[0]
             mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
             loss_rng.manual_seed(cfg.train.seed * 1_000_033 + state.data_position * 103 + dist.rank())
             batch = make_batch(images)
@@ -431,9 +485,22 @@ def main(cfg: Config) -> dict:
 
     def features(net: nn.Module, layers: int):
         pool = partial(pooled_patches, net, pool=cfg.eval.pool, layers=layers)
-        return embed(pool, train_set), embed(pool, test_set)
+        return embed(pool, probe_set), embed(pool, test_set)
 
-    pixels = embed(nn.Flatten(), train_set), embed(nn.Flatten(), test_set)
+    summary = {
+        "steps": state.step,
+        "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
+        "wall_s": round(train_s, 3),
+        "params_digest": params_digest(model),
+        "ranks": dist.world_size(),
+        "run_id": state.run_id,
+        "collapse_warning": watch.last,
+    }
+    if probe_set is None:  # no labelled images: the reason was printed before training
+        if finish_run(cfg, log, summary):
+            print(f"evaluation skipped (no labelled images); summary in {cfg.run_dir / 'summary.json'}")
+        return summary
+    pixels = embed(nn.Flatten(), probe_set), embed(nn.Flatten(), test_set)
     last_width = lambda net: cfg.eval.pool ** 2 * layer_dims(net, (cfg.model.depth() - 1,))[0]  # noqa: E731
     nets = {"": target_encoder, "_context_encoder": model.encoder, "_random_init": untrained}
     scores, last_layer_features = frozen_probes(
@@ -441,18 +508,8 @@ def main(cfg: Config) -> dict:
         k=cfg.eval.k, temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
     (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out images: the target's
     final = collapse_metrics(held_out[:256], "")
-    summary = {
-        "steps": state.step,
-        "skipped_unreadable": len(getattr(train_set, "skipped", [])) + len(getattr(test_set, "skipped", [])),
-        "wall_s": round(train_s, 3),
-        **scores,
-        "params_digest": params_digest(model),
-        "ranks": dist.world_size(),
-        "run_id": state.run_id,
-        "effective_rank": float(final["effective_rank"]),
-        "feature_std": float(final["std"]),
-        "collapse_warning": watch.last,
-    }
+    summary.update({**scores, "effective_rank": float(final["effective_rank"]),
+                    "feature_std": float(final["std"])})
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         s = summary

@@ -22,7 +22,7 @@ from torch import Tensor
 from stepkit import check as _check
 
 __all__ = ["random_resized_crop", "color_jitter", "random_grayscale", "gaussian_blur", "solarize",
-           "MultiCrop", "multi_crop", "to_unit", "normalize"]
+           "MultiCrop", "multi_crop", "view_colors", "to_unit", "normalize"]
 
 
 def _rand(n: int, generator: torch.Generator | None) -> Tensor:
@@ -286,6 +286,10 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
     """``2 + cfg.local_crops`` augmented views of a batch, global ones first (DINO's defaults:
     blur 1.0 / 0.1 / 0.5 and solarisation 0 / 0.2 / 0 for global 1 / global 2 / locals).
 
+    Each view is a random resized crop (``random_resized_crop``) followed by
+    ``view_colors``; views cropped elsewhere (from image files, in DataLoader
+    workers) go through ``view_colors`` alone.
+
     Args:
         images: ``(B, C, H, W)`` in [0, 1].
         cfg: The views' settings.
@@ -299,22 +303,42 @@ def multi_crop(images: Tensor, cfg: MultiCrop, generator: torch.Generator | None
         5
     """
     views = []
-    g1, g2, local = cfg.blur_p
-    plan = [
-        (cfg.global_size, cfg.global_scale, g1, 0.0),
-        (cfg.global_size, cfg.global_scale, g2, cfg.solarize_p),
-    ]
-    plan += [(cfg.local_size, cfg.local_scale, local, 0.0)] * cfg.local_crops
-    for size, scale, blur_p, solarize_p in plan:
+    for view in range(2 + cfg.local_crops):
+        size, scale = (cfg.global_size, cfg.global_scale) if view < 2 else (cfg.local_size, cfg.local_scale)
         x = random_resized_crop(images, size, scale=scale, generator=generator)
-        x = color_jitter(x, p=cfg.jitter_p, brightness=cfg.brightness, contrast=cfg.contrast,
-                         saturation=cfg.saturation, hue=cfg.hue, generator=generator)
-        x = random_grayscale(x, p=cfg.grayscale_p, generator=generator)
-        low, high = cfg.blur_sigma
-        sigma = (low * size / 224, high * size / 224) if size < 224 else (low, high)
-        x = gaussian_blur(x, p=blur_p, sigma=sigma, generator=generator)
-        views.append(solarize(x, p=solarize_p, generator=generator))
+        views.append(view_colors(x, cfg, view, generator))
     return views
+
+
+def view_colors(x: Tensor, cfg: MultiCrop, view: int, generator: torch.Generator | None = None) -> Tensor:
+    """The photometric part of DINO's view number ``view`` (0, 1: global; 2...: local): colour jitter,
+    grayscale, blur and solarisation with that view's probabilities.
+
+    Args:
+        x: ``(B, C, h, w)`` crops in [0, 1].
+        cfg: The views' settings.
+        view: The view's place among ``2 + cfg.local_crops``.
+        generator: The draw.
+
+    Returns:
+        ``x`` augmented, the same shape.
+
+    Examples:
+        >>> cfg = MultiCrop(global_size=8, local_size=4, local_crops=1, jitter_p=0.0, grayscale_p=0.0,
+        ...                 blur_p=(0.0, 0.0, 0.0), solarize_p=1.0)
+        >>> round(view_colors(torch.full((1, 3, 8, 8), 0.75), cfg, view=1).max().item(), 4)  # 1 - 0.75
+        0.25
+    """
+    g1, g2, local = cfg.blur_p
+    blur_p, solarize_p = [(g1, 0.0), (g2, cfg.solarize_p)][view] if view < 2 else (local, 0.0)
+    size = x.shape[-1]
+    x = color_jitter(x, p=cfg.jitter_p, brightness=cfg.brightness, contrast=cfg.contrast,
+                     saturation=cfg.saturation, hue=cfg.hue, generator=generator)
+    x = random_grayscale(x, p=cfg.grayscale_p, generator=generator)
+    low, high = cfg.blur_sigma
+    sigma = (low * size / 224, high * size / 224) if size < 224 else (low, high)
+    x = gaussian_blur(x, p=blur_p, sigma=sigma, generator=generator)
+    return solarize(x, p=solarize_p, generator=generator)
 
 
 def to_unit(images: Tensor) -> Tensor:

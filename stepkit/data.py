@@ -1,7 +1,7 @@
-"""Loaders for a user's own data (image folders, stimulus / fMRI ``.npz`` arrays) and the loop's samplers.
+"""Loaders for a user's own arrays (stimulus / fMRI, labelled series, sentences) and the loop's samplers.
 
 The bundled data sets (the recipes' defaults, shipped inside installed packages) are in
-``stepkit.bundled``.
+``stepkit.bundled``; image files in ``stepkit.images``, tar shards in ``stepkit.shards``.
 
 Stimulus / fMRI data (the autoencoder recipe): a dict of 2-D float32 arrays,
 time first, ``video``, ``audio``, ``text`` (features per time point) and
@@ -23,7 +23,6 @@ from stepkit import check as _check
 
 __all__ = ["MODALITIES", "FMRI_ARRAYS", "load_fmri_npz", "SERIES_ARRAYS", "load_series_npz", "series_windows",
            "windowed_series", "tokenized_sentences", "time_blocks",
-           "IMAGE_EXTENSIONS", "ImageFolder", "UnreadableImage", "unreadable_image", "image_folders",
            "ResumableSampler", "Prefetch"]
 
 MODALITIES = ("video", "audio", "text")
@@ -334,205 +333,15 @@ def time_blocks(
     return blocks[0], blocks[1], blocks[2]
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class ImageFolder:
-    """``root/<class>/<image>``: images decoded with Pillow, as ``(uint8 (3, size, size), label)``.
-
-    Classes are the sub-folder names in sorted order. Each image is converted
-    to RGB, its shorter side resized to ``size`` (bilinear), then centre-
-    cropped square; augmentation happens later, batched on the device.
-    Decoding runs in DataLoader workers. A missing folder, a folder without
-    class sub-folders or without images, is refused with a clear error that
-    names ``flag`` (the CLI flag the path came from).
-
-    Unreadable files (not an image, truncated, ...): with ``skip_unreadable``
-    every file is opened and verified here, the unreadable ones left out and
-    counted in ``self.skipped``; without it, the files are checked the same
-    way when there are at most ``check_up_to`` of them (cheap), so an
-    unreadable one stops the run before training with an error naming it;
-    in a larger folder one that fails to decode later raises
-    ``UnreadableImage`` naming the file.
-
-    Args:
-        root: The folder of class sub-folders.
-        size: The side of the square images returned.
-        flag: The CLI flag named in errors.
-        skip_unreadable: Leave unreadable files out (listed in ``skipped``) instead of stopping.
-        check_up_to: Verify every file up front when there are at most this many.
-
-    Raises:
-        ValueError: naming ``flag``, for a missing folder, no class folders or no images.
-        UnreadableImage: naming the file, for one Pillow cannot read (unless skipped).
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> for name in ("cat", "dog"):
-        ...     (root / name).mkdir()
-        ...     Image.new("RGB", (40, 30), "white").save(root / name / "1.png")
-        >>> images = ImageFolder(root, size=16)
-        >>> image, label = images[1]
-        >>> images.classes, image.shape, image.dtype, label
-        (['cat', 'dog'], torch.Size([3, 16, 16]), torch.uint8, 1)
-        >>> _ = (root / "dog" / "2.png").write_text("not an image")
-        >>> ImageFolder(root, size=16, skip_unreadable=True).skipped == [root / "dog" / "2.png"]
-        True
-    """
-
-    def __init__(self, root: str | os.PathLike, size: int, *, flag: str = "data.root",
-                 skip_unreadable: bool = False, check_up_to: int = 10_000) -> None:
-        root = Path(root)
-        _check.integer_at_least("data.image_size", size, 1)
-        if not root.is_dir():
-            raise ValueError(f"{flag}={str(root)!r} is not allowed: no such folder")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not self.classes:
-            raise ValueError(
-                f"{flag}={str(root)!r} is not allowed: expected one sub-folder per class, found none"
-            )
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not self.samples:
-            kinds = ", ".join(IMAGE_EXTENSIONS)
-            raise ValueError(
-                f"{flag}={str(root)!r} is not allowed: no images ({kinds}) in its class folders"
-            )
-        self.size = size
-        self.skipped: list[Path] = []
-        if skip_unreadable or len(self.samples) <= check_up_to:
-            readable = []
-            for path, label in self.samples:
-                problem = unreadable_image(path)
-                if problem is None:
-                    readable.append((path, label))
-                elif skip_unreadable:
-                    self.skipped.append(path)
-                else:
-                    raise UnreadableImage(f"{path}: {problem}; expected an image file "
-                                          "(pass --data.skip-unreadable to skip such files)")
-            self.samples = readable
-            if not self.samples:
-                raise ValueError(f"{flag}={str(root)!r} is not allowed: none of its images can be read")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        import torch
-        from PIL import Image
-
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-                w, h = image.size
-                scale = self.size / min(w, h)
-                image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                     Image.Resampling.BILINEAR)
-                w, h = image.size
-                left, top = (w - self.size) // 2, (h - self.size) // 2
-                image = image.crop((left, top, left + self.size, top + self.size))
-                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise UnreadableImage(f"{path}: not a readable image ({type(err).__name__}: {err}); "
-                                  "pass --data.skip-unreadable to skip such files") from None
-        return pixels.view(self.size, self.size, 3).permute(2, 0, 1).contiguous(), label
-
-
-class UnreadableImage(ValueError):
-    """An image file that cannot be decoded; the message names it (a ``ValueError``).
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> (root / "cat").mkdir()
-        >>> _ = (root / "cat" / "1.png").write_text("not an image")
-        >>> try:
-        ...     ImageFolder(root, size=16)
-        ... except UnreadableImage as err:
-        ...     print(str(err).replace(str(root), "ROOT").split(":")[0])
-        ROOT/cat/1.png
-    """
-
-
-def unreadable_image(path: str | os.PathLike) -> str | None:
-    """Why Pillow cannot read ``path`` as an image (opened and verified), or None if it can.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
-        >>> _ = path.write_bytes(b"not an image")
-        >>> unreadable_image(path) is not None
-        True
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for broken files
-        return f"not a readable image ({type(err).__name__}: {err})"
-    return None
-
-
-def image_folders(root: str | os.PathLike, val_root: str | os.PathLike | None, size: int, *,
-                  skip_unreadable: bool = False) -> tuple[ImageFolder, ImageFolder]:
-    """The training folder ``root`` and its held-out folder: ``val_root``, or ``val/`` beside ``root``.
-
-    Errors name the recipes' flags (``--data.root``, ``--data.val-root``),
-    including the held-out folder the user did not type.
-
-    Args:
-        root: The training images, one sub-folder per class.
-        val_root: The held-out images; None: ``val`` beside ``root``.
-        size: The side of the square images.
-        skip_unreadable: Leave unreadable files out instead of stopping.
-
-    Returns:
-        ``(train, held_out)``, two ``ImageFolder``.
-
-    Raises:
-        ValueError: naming the flag, for a missing or empty folder.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> data = pathlib.Path(tempfile.mkdtemp())
-        >>> for split in ("train", "val"):
-        ...     (data / split / "cat").mkdir(parents=True)
-        ...     Image.new("RGB", (8, 8)).save(data / split / "cat" / "1.png")
-        >>> train, held_out = image_folders(data / "train", None, size=8)
-        >>> len(train), len(held_out)
-        (1, 1)
-    """
-    root = Path(root)
-    train = ImageFolder(root, size, flag="data.root", skip_unreadable=skip_unreadable)
-    if val_root is None:
-        val_root = root.parent / "val"
-        if not val_root.is_dir():
-            raise ValueError(f"data.val_root=None is not allowed here: the held-out images default to "
-                             f"{str(val_root)!r} (a 'val' folder beside --data.root), which does not exist; "
-                             "pass --data.val-root DIR")
-        flag = "data.val_root (default: 'val' beside --data.root)"
-    else:
-        flag = "data.val_root"
-    return train, ImageFolder(val_root, size, flag=flag, skip_unreadable=skip_unreadable)
-
-
 class ResumableSampler:
     """Indices of an epoch-seeded permutation, this rank's share, starting ``start`` samples in.
 
     Epoch ``e`` draws ``randperm(n)`` from a generator seeded with ``seed``
     and ``e``, so every rank and every resumed run sees the same order; rank
     ``r`` of ``world`` takes every ``world``-th index (the epoch is cut to a
-    multiple of ``world``). Infinite: it runs over epoch after epoch.
+    multiple of ``world``). Infinite: it runs over epoch after epoch. With
+    ``with_epoch`` it yields ``(index, epoch)``, for datasets that draw a
+    sample's augmentation from its own seed (``stepkit.images.TrainImages``).
 
     Examples:
         >>> from itertools import islice
@@ -541,12 +350,14 @@ class ResumableSampler:
         True
     """
 
-    def __init__(self, n: int, *, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, *, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1,
+                 with_epoch: bool = False) -> None:
         _check.integer_at_least("n", n, 1)
         _check.integer_at_least("start", start, 0)
         if not 0 <= rank < world:
             _check.fail("rank", rank, f"an integer in [0, {world - 1}]")
         self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+        self.with_epoch = with_epoch
         self.per_rank = n // world
         if self.per_rank == 0:
             raise ValueError(f"{n} samples cannot be shared by {world} ranks")
@@ -561,7 +372,8 @@ class ResumableSampler:
     def __iter__(self):
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            yield from self.epoch_order(epoch)[offset:]
+            order = self.epoch_order(epoch)[offset:]
+            yield from ((i, epoch) for i in order) if self.with_epoch else order
             epoch, offset = epoch + 1, 0
 
 

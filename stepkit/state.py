@@ -65,6 +65,8 @@ class TrainState:
     ``torch.func.functional_call``. ``extras`` holds method state (DINO's
     center, a learnable temperature's history...): tensors or plain Python
     values. ``data_position`` is how many batches the loop has consumed;
+    ``rank_extras`` holds what differs per rank and is saved per rank beside
+    its RNG state (a streamed data set's reading positions).
     ``run_id`` is the experiment tracker's id, so a resumed run continues it.
     ``skipped_steps`` is a 0-d tensor (no host sync to count), created on
     the model's device. ``state_dict`` / ``load_state_dict`` carry all of it,
@@ -90,6 +92,7 @@ class TrainState:
     accum: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
     data_position: int = 0
+    rank_extras: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     skipped_steps: Tensor = None  # type: ignore[assignment]  # made on the model's device by __post_init__
     grad_norm: Tensor | None = field(default=None, repr=False)
@@ -121,7 +124,7 @@ class TrainState:
 
         Returns:
             ``{"model", "optimizer", "step", "micro_step", "accum", "extras",
-            "data_position", "run_id", "skipped_steps", "rng"}``, plus ``"target"``
+            "data_position", "run_id", "skipped_steps", "rng", "rank_extras"}``, plus ``"target"``
             and ``"scaler"`` when the state has them.
 
         Examples:
@@ -142,7 +145,7 @@ class TrainState:
             "data_position": self.data_position,
             "run_id": self.run_id,
             "skipped_steps": self.skipped_steps,
-            "rng": rng_state(),
+            **self.rank_part(),
         }
         if self.target is not None:
             out["target"] = target_state_dict(self.target)
@@ -229,7 +232,23 @@ class TrainState:
             self.skipped_steps.copy_(state["skipped_steps"])
         self.grad_norm = None
         if restore_rng and "rng" in state:
-            set_rng_state(state["rng"])
+            self.load_rank_part(state)
+
+    def rank_part(self) -> dict[str, Any]:
+        """What each rank saves for itself: ``{"rng": rng_state(), "rank_extras": ...}``.
+
+        Examples:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), rank_extras={"at": 3})
+            >>> sorted(state.rank_part()), state.rank_part()["rank_extras"]
+            (['rank_extras', 'rng'], {'at': 3})
+        """
+        return {"rng": rng_state(), "rank_extras": dict(self.rank_extras)}
+
+    def load_rank_part(self, part: dict[str, Any]) -> None:
+        """Restore what ``rank_part`` saved: this rank's RNG states and ``rank_extras``."""
+        set_rng_state(part["rng"])
+        self.rank_extras = load_extras(self.rank_extras, part.get("rank_extras", {}))
 
 
 def target_state_dict(target: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:

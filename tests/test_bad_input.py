@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from stepkit import TrainState, forward_loss
-from stepkit.data import ImageFolder, UnreadableImage, image_folders, load_fmri_npz
+from stepkit.data import load_fmri_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,26 +64,63 @@ def test_skip_unreadable_leaves_them_out_and_counts_them(folder):
     assert json.loads((folder / "run" / "summary.json").read_text())["skipped_unreadable"] == 1
 
 
-def test_an_image_that_fails_to_decode_later_names_itself(folder):
-    data = ImageFolder(folder / "train", 16, check_up_to=0)  # too many to check up front
-    bad = next(i for i, (p, _) in enumerate(data.samples) if p.name == "broken.png")
-    with pytest.raises(UnreadableImage, match=r"broken.png: not a readable image .*--data.skip-unreadable"):
-        data[bad]
-    assert data[bad + 1][0].shape == (3, 16, 16)
+@pytest.mark.slow
+def test_without_held_out_images_evaluation_is_skipped_with_one_line(folder):
+    (folder / "val").rename(folder / "elsewhere")
+    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"),
+                 "--data.skip-unreadable", *DINO_SMALL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "evaluation: skipped: no held-out images" in out.stdout and "--eval.val-root DIR" in out.stdout
+    assert "knn_acc" not in json.loads((folder / "run" / "summary.json").read_text())
+    out = recipe("dino", "--run-dir", str(folder / "run2"), "--data.root", str(folder / "train"),
+                 "--eval.val-root", str(folder / "elsewhere"), "--data.skip-unreadable", *DINO_SMALL)
+    assert out.returncode == 0 and "20 labelled training images" in out.stdout and "8 held-out" in out.stdout
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
-def test_a_missing_held_out_folder_is_explained_with_its_flag(folder):
-    (folder / "val").rename(folder / "elsewhere")
-    explained = r"data.val_root=None .*'val' folder beside --data.root.*--data.val-root"
-    with pytest.raises(ValueError, match=explained):
-        image_folders(folder / "train", None, 16, skip_unreadable=True)
-    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.root", str(folder / "train"),
-                 "--data.skip-unreadable", *DINO_SMALL)
-    refused(out, "--data.val-root")
-    assert not (folder / "run").exists()
-    train, val = image_folders(folder / "train", folder / "elsewhere", 16, skip_unreadable=True)
-    assert len(train) == 20 and len(val) == 8
+@pytest.mark.parametrize("name, args, fragments", [
+    ("dino", ["--data.shards", "{shards}/{{0004..0007}}.tar"], ["data.shards=", "matches no file", "0004"]),
+    ("ijepa", ["--data.shards", "{shards}/{{0000..0005}}.tar"], ["2 of its 6 shards do not exist"]),
+    ("dino", ["--data.shards", "{shards}/{{0000..0003}}.tar", "--data.workers", "8"],
+     ["data.workers=8 is not allowed: expected at most 4 with 4 shards over 1 ranks"]),
+    ("ijepa", ["--data.shards", "{shards}/{{0000..0003}}.tar", "--data.root", "{folder}/train"],
+     ["data.shards=", "None when --data.root is set"]),
+    ("dino", ["--data.root", "{folder}/train", "--eval.train-root", "{folder}/train"],
+     ["eval.val_root=None is not allowed with --eval.train-root"]),
+    ("ijepa", ["--data.root", "{folder}/nowhere"], ["data.root=", "nowhere' is not allowed: no such folder"]),
+])
+def test_bad_image_data_is_one_line_before_any_run_dir(folder, name, args, fragments):
+    from imagefiles import write_shards
+
+    shards = Path(write_shards(folder / "shards", 4, 2)).parent
+    before = tree_digest(folder)
+    args = [a.format(shards=shards, folder=folder) for a in args]
+    flags = [*args, "--data.skip-unreadable", "--train.steps", "2"]
+    refused(recipe(name, "--run-dir", str(folder / "run"), *flags), *fragments)
+    assert not (folder / "run").exists() and tree_digest(folder) == before
+
+
+@pytest.mark.slow
+def test_a_shard_cut_off_mid_member_is_named_and_left_as_it_was(folder):
+    from imagefiles import write_shards
+
+    pattern = write_shards(folder / "shards", 4, 6)
+    cut = folder / "shards" / "0002.tar"
+    cut.write_bytes(cut.read_bytes()[:5000])
+    before = tree_digest(folder / "shards")
+    out = recipe("dino", "--run-dir", str(folder / "run"), "--data.shards", pattern, *DINO_SMALL,
+                 "--train.steps", "8", "--eval.no-knn")
+    refused(out, "0002.tar: cut off or not a tar shard after member '00020000", "--data.shards",
+            "--data.skip-unreadable")
+    assert tree_digest(folder / "shards") == before
+    out = recipe("dino", "--run-dir", str(folder / "run2"), "--data.shards", pattern, *DINO_SMALL,
+                 "--train.steps", "8", "--eval.no-knn", "--data.skip-unreadable")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((folder / "run2" / "summary.json").read_text())["skipped_unreadable"] >= 1
 
 
 @pytest.mark.slow

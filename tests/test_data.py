@@ -124,52 +124,6 @@ def torch_equal(a, b):
     return torch.equal(a, b)
 
 
-def make_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 12)):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    (root / "cat" / "notes.txt").write_text("not an image")
-    return root
-
-
-def test_image_folder_decodes_resizes_and_labels(tmp_path):
-    from stepkit.data import ImageFolder
-
-    folder = ImageFolder(make_folder(tmp_path / "train"), size=8)
-    assert folder.classes == ["cat", "dog"] and len(folder) == 6
-    image, label = folder[4]
-    assert image.shape == (3, 8, 8) and image.dtype == torch_uint8() and label == 1
-
-
-def test_image_folder_in_dataloader_workers(tmp_path):
-    import torch
-
-    from stepkit.data import ImageFolder
-
-    folder = ImageFolder(make_folder(tmp_path / "train"), size=8)
-    batches = list(torch.utils.data.DataLoader(folder, batch_size=4, num_workers=2))
-    assert [tuple(b[0].shape) for b in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
-    assert batches[0][1].tolist() == [0, 0, 0, 1]
-
-
-def test_image_folder_errors(tmp_path):
-    from stepkit.data import ImageFolder
-
-    with pytest.raises(ValueError, match="no such folder"):
-        ImageFolder(tmp_path / "missing", 8)
-    (tmp_path / "flat").mkdir()
-    with pytest.raises(ValueError, match="one sub-folder per class"):
-        ImageFolder(tmp_path / "flat", 8)
-    (tmp_path / "flat" / "a").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        ImageFolder(tmp_path / "flat", 8)
-
-
 def test_resumable_sampler_resumes_and_shards():
     from itertools import islice
 
@@ -183,12 +137,8 @@ def test_resumable_sampler_resumes_and_shards():
     assert sorted(ranks[0] + ranks[1]) == list(range(10))
     with pytest.raises(ValueError, match="rank=2"):
         ResumableSampler(10, rank=2, world=2)
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
+    with_epoch = list(islice(iter(ResumableSampler(10, seed=3, start=8, with_epoch=True)), 4))
+    assert with_epoch == [(full[8], 0), (full[9], 0), (full[10], 1), (full[11], 1)]
 
 
 def test_captioned_digits_say_what_where_and_how_big():

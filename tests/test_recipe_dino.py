@@ -132,12 +132,13 @@ def test_bad_flags_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_image_folder_data(recipe, tmp_path):
-    from test_data import make_folder
+def test_the_labelled_layout_with_val_beside_it_trains_and_evaluates(recipe, tmp_path):
+    from imagefiles import write_folder
 
-    make_folder(tmp_path / "train", per_class=10, size=(40, 30))
-    make_folder(tmp_path / "val", per_class=3, size=(30, 40))
-    cfg = small(recipe, tmp_path / "run", "--data.root", str(tmp_path / "train"), "--data.workers", "0")
+    write_folder(tmp_path / "train", 6)
+    write_folder(tmp_path / "val", 2, seed=1)
+    cfg = small(recipe, tmp_path / "run", "--data.root", str(tmp_path / "train"), "--data.workers", "0",
+                "--crops.global-size", "32", "--crops.local-size", "16", "--eval.k", "5")
     summary = recipe.main(cfg)
     assert summary["steps"] == 6 and 0.0 <= summary["knn_acc"] <= 1.0
 

@@ -168,3 +168,37 @@ def test_jepa_two_ranks(recipe, strategy, preset, tmp_path):
          "--train.steps", "3", "--optim.warmup-steps", "1", "--batch-size", "16", "--log.no-console",
          "--eval.no-linear", "--dist.strategy", strategy])
     assert summary(tmp_path / "run")["ranks"] == 2
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """A folder of 24 photos and 4 shards of 12: what a user brings."""
+    from imagefiles import write_folder, write_shards
+
+    root = tmp_path_factory.mktemp("files")
+    write_folder(root / "photos", 8, labelled=False, nested=True)
+    return {"shards": ["--data.shards", write_shards(root / "shards", 4, 12)],
+            "photos": ["--data.root", str(root / "photos")]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="kills the whole process group")
+@pytest.mark.parametrize("source", ["shards", "photos"])
+def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(image_files, source, tmp_path):
+    flags = [*DINO[:1], *image_files[source], "--batch-size", "4", "--crops.global-size", "32",
+             "--crops.local-size", "16", "--crops.local-crops", "2", "--optim.warmup-steps", "2",
+             "--data.workers", "2", "--eval.no-knn", "--log.no-console", "--ckpt.every", "5",
+             "--ckpt.keep-last", "6", "--train.steps", "15"]
+    run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "whole")])
+    launcher = subprocess.Popen([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = tmp_path / "run" / "checkpoints" / "step_00000005.rank1.rng.pt"  # every rank's step-5 part
+    deadline = time.monotonic() + 120
+    while not saved.exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, "the run never saved step 5"
+        time.sleep(0.005)
+    os.killpg(launcher.pid, signal.SIGKILL)  # torchrun, both ranks and their DataLoader workers, at once
+    launcher.wait(timeout=60)
+    assert not (tmp_path / "run" / "summary.json").exists()  # it died mid-epoch, before its end
+    run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run"), "--resume"])
+    assert summary(tmp_path / "run")["params_digest"] == summary(tmp_path / "whole")["params_digest"]

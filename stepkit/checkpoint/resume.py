@@ -10,7 +10,7 @@ from stepkit import dist
 from stepkit.checkpoint.errors import LAST, SHARDED_SUFFIX, CheckpointError, CheckpointMismatch, rank_rng_path
 from stepkit.checkpoint.sharded import load_sharded, read_info
 from stepkit.checkpoint.single_file import load_checkpoint, restore
-from stepkit.state import TrainState, set_rng_state
+from stepkit.state import TrainState
 
 __all__ = ["has_checkpoint", "resume"]
 
@@ -95,7 +95,11 @@ def _resume_from(path: Path, state: TrainState) -> bool:
         raise CheckpointError(f"{err}; {_readable_alternative(path)}") from None
     rank_rng = rank_rng_path(path, dist.rank())
     if dist.rank() > 0 and rank_rng.exists():
-        set_rng_state(load_checkpoint(rank_rng)["rng"])
+        part = load_checkpoint(rank_rng)
+        if part.get("step", state.step) != state.step:  # a run killed between the two files' writes
+            raise CheckpointError(f"{rank_rng}: this rank's part is from step {part['step']}, {path.name} "
+                                  f"from step {state.step}; {_readable_alternative(path)}")
+        state.load_rank_part(part)
     return True
 
 

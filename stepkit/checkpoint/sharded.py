@@ -29,7 +29,7 @@ from stepkit._atomic import atomic_save, atomic_write_bytes
 from stepkit.checkpoint.errors import FORMAT, CheckpointError, CheckpointMismatch
 from stepkit.checkpoint.safe_metadata import read_metadata, safe_planner, safe_reader
 from stepkit.checkpoint.single_file import load_checkpoint
-from stepkit.state import TrainState, set_rng_state
+from stepkit.state import TrainState
 
 __all__ = ["load_sharded", "read_info", "save_sharded"]
 
@@ -75,10 +75,10 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     if isinstance(state.target, torch.nn.Module):
         dist.broadcast_buffers(state.target)
     saved = state.state_dict(by_name=True)
-    rng = saved.pop("rng")  # each rank's own, where DCP would keep one copy
+    saved.pop("rng"), saved.pop("rank_extras")  # each rank's own, where DCP would keep one copy
     with _one_process_is_intended():
         dcp.save(saved, checkpoint_id=tmp)
-    atomic_save({"format": FORMAT, "rng": rng}, tmp / f"rng_rank{dist.rank()}.pt")
+    atomic_save({"format": FORMAT, **state.rank_part()}, tmp / f"rng_rank{dist.rank()}.pt")
     if dist.is_main():
         info = {"format": FORMAT, "sharded": True, "world_size": dist.world_size(), "step": state.step,
                 "meta": meta or {}}
@@ -168,7 +168,7 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
     except ValueError as err:
         raise CheckpointMismatch(f"{path}: does not fit this run: {err}") from None
     loaded = state.state_dict(by_name=True)  # the shapes to read into, filled in place
-    loaded.pop("rng")
+    loaded.pop("rng"), loaded.pop("rank_extras")
     try:
         with _one_process_is_intended():
             dcp.load(loaded, storage_reader=safe_reader(path), planner=safe_planner())
@@ -185,4 +185,4 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
         raise CheckpointMismatch(f"{path}: does not fit this run: {err}") from None
     rng = path / f"rng_rank{dist.rank()}.pt"
     if rng.exists():  # a different world size: the new ranks keep their seeds
-        set_rng_state(load_checkpoint(rng)["rng"])
+        state.load_rank_part(load_checkpoint(rng))

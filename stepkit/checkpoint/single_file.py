@@ -26,7 +26,7 @@ from stepkit.checkpoint.errors import (
     check_fits,
     rank_rng_path,
 )
-from stepkit.state import TrainState, rng_state, target_state_dict, unwrap
+from stepkit.state import TrainState, target_state_dict, unwrap
 
 __all__ = ["load_checkpoint", "restore", "save_checkpoint"]
 
@@ -65,7 +65,8 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
     if dist.is_main():
         atomic_save({"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}, path)
     else:
-        atomic_save({"format": FORMAT, "rng": rng_state()}, rank_rng_path(path, dist.rank()))
+        part = {"format": FORMAT, "step": state.step, **state.rank_part()}
+        atomic_save(part, rank_rng_path(path, dist.rank()))
     dist.barrier()
     return path
 

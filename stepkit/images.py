@@ -1,0 +1,648 @@
+"""Image files for training and evaluation: found under a folder of any layout, cropped from the full image.
+
+Training crops are drawn on the full-resolution image in DataLoader workers
+(``read_crops``): each crop's box has an area fraction in ``scale`` of the
+*image's* area and a width / height in ``ratio`` (torchvision's
+``RandomResizedCrop`` rule: ten tries, then the largest centred box of an
+allowed aspect), and is resampled with an antialiased bicubic filter.
+A JPEG is decoded at the coarsest scale (1/2, 1/4, 1/8, Pillow's draft mode)
+that still leaves every crop at least its output size, so a large photo
+costs little more to read than a small one.
+
+The crops of a sample come from its own generator, seeded by the run's seed,
+the epoch and the sample (``sample_rng``): the same seed gives the same crops
+in any number of workers, and a resumed run draws them again exactly.
+The photometric augmentations run afterwards on the device (``stepkit.augment``).
+
+Evaluation images are deterministic (``center_view``): the shorter side
+resized, then the centre square cut, as the field evaluates.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepkit import check as _check
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "UnreadableImage",
+    "unreadable_image",
+    "find_images",
+    "LabelledFolder",
+    "labelled_folder",
+    "CropPlan",
+    "crop_box",
+    "sample_rng",
+    "read_crops",
+    "center_view",
+    "TrainImages",
+    "EvalImages",
+    "drop_unreadable",
+    "ImageData",
+    "find_image_data",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded; the message names the file (or shard member) and the flag.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
+        >>> _ = path.write_bytes(b"not an image")
+        >>> try:
+        ...     drop_unreadable([path, path], skip=False, flag="data.root")
+        ... except UnreadableImage as err:
+        ...     print(str(err).split(":")[1].strip())
+        not a readable image (UnidentifiedImageError
+    """
+
+
+def unreadable_image(source: str | os.PathLike | bytes) -> str | None:
+    """Why Pillow cannot read ``source`` (a path or the file's bytes) as an image, or None if it can.
+
+    The file is opened and fully decoded: a truncated JPEG passes ``verify`` but not this.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
+        >>> _ = path.write_bytes(b"not an image")
+        >>> unreadable_image(path) is not None
+        True
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for broken files
+        return f"not a readable image ({type(err).__name__}: {err})"
+    return None
+
+
+def find_images(root: str | os.PathLike, *, flag: str = "data.root") -> list[Path]:
+    """Every image file under ``root``, at any depth, in sorted order (hidden folders and files skipped).
+
+    Args:
+        root: The folder.
+        flag: The CLI flag named in errors.
+
+    Returns:
+        The image paths (extensions ``IMAGE_EXTENSIONS``, any case).
+
+    Raises:
+        ValueError: naming ``flag``, for a missing folder or one without images.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "a" / "b").mkdir(parents=True)
+        >>> for name in ("1.png", "a/2.JPG", "a/b/3.png"):
+        ...     Image.new("RGB", (4, 4)).save(root / name, format="PNG")
+        >>> [str(p.relative_to(root)) for p in find_images(root)]
+        ['1.png', 'a/2.JPG', 'a/b/3.png']
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{flag}={str(root)!r} is not allowed: no such folder")
+    found = sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    if not found:
+        raise ValueError(
+            f"{flag}={str(root)!r} is not allowed: no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
+        )
+    return found
+
+
+@dataclass
+class LabelledFolder:
+    """A class-per-folder image set: ``root/<class>/**/<image>`` (see ``labelled_folder``).
+
+    Examples:
+        >>> LabelledFolder(Path("d"), [Path("d/cat/1.png")], [0], ["cat"], []).classes
+        ['cat']
+    """
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    loose: list[Path]
+    """Images directly in ``root``, beside the class folders: in no class, so left out."""
+
+
+def labelled_folder(root: str | os.PathLike, *, flag: str) -> LabelledFolder:
+    """The images of ``root/<class>/...``, labelled by their first-level folder (classes sorted by name).
+
+    Args:
+        root: The folder of class folders.
+        flag: The CLI flag named in errors.
+
+    Raises:
+        ValueError: naming ``flag``, for a missing folder, one without class folders, or class folders
+            without images.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("cat/1.png", "dog/x/2.png", "3.png"):
+        ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
+        ...     Image.new("RGB", (4, 4)).save(root / name)
+        >>> found = labelled_folder(root, flag="eval.train_root")
+        >>> found.classes, found.labels, [p.name for p in found.loose]
+        (['cat', 'dog'], [0, 1], ['3.png'])
+    """
+    images = find_images(root, flag=flag)
+    root = Path(root)
+    classes = sorted({p.relative_to(root).parts[0] for p in images if len(p.relative_to(root).parts) > 1})
+    if not classes:
+        raise ValueError(
+            f"{flag}={str(root)!r} is not allowed: expected one sub-folder of images per class, "
+            f"found only {len(images)} images directly in it"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels, loose = [], [], []
+    for path in images:
+        parts = path.relative_to(root).parts
+        if len(parts) == 1:
+            loose.append(path)
+        else:
+            paths.append(path)
+            labels.append(index[parts[0]])
+    return LabelledFolder(root, paths, labels, classes, loose)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """The crops a training sample yields: one ``(size, scale)`` per view, drawn on the full image.
+
+    Examples:
+        >>> dino = CropPlan(views=((224, (0.4, 1.0)),) * 2 + ((96, (0.05, 0.4)),) * 8)
+        >>> len(dino.views), dino.ratio
+        (10, (0.75, 1.3333333333333333))
+    """
+
+    views: tuple[tuple[int, tuple[float, float]], ...]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.views:
+            raise ValueError("a CropPlan needs at least one view")
+        for size, (low, high) in self.views:
+            _check.integer_at_least("crop size", size, 1)
+            if not 0 < low <= high <= 1:
+                _check.fail("crop scale", (low, high), "(low, high) with 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            _check.fail("crop ratio", self.ratio, "(low, high) with 0 < low <= high")
+
+
+def sample_rng(seed: int, epoch: int, *sample: int) -> np.random.Generator:
+    """The generator of one sample's crops in one epoch: the same numbers in any worker and on resume.
+
+    Examples:
+        >>> sample_rng(0, 1, 7).random() == sample_rng(0, 1, 7).random() != sample_rng(0, 2, 7).random()
+        True
+    """
+    return np.random.default_rng([seed, epoch, *sample])
+
+
+def crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """A random crop ``(left, top, w, h)`` of a ``width x height`` image, as torchvision's
+    ``RandomResizedCrop`` draws it.
+
+    Up to ten tries of an area ``uniform(scale) * width * height`` and an
+    aspect ``w / h`` log-uniform in ``ratio``; the first box that fits is
+    placed uniformly. If none fits, the largest centred box whose aspect is
+    clamped into ``ratio``.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> left, top, w, h = crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        >>> 0 <= left <= 500 - w and 0 <= top <= 375 - h and 0.08 * 500 * 375 <= w * h * 1.05
+        True
+        >>> crop_box(100, 10, (1.0, 1.0), (1.0, 1.0), rng)  # no square of the whole area fits
+        (45, 0, 10, 10)
+    """
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _open(source: str | os.PathLike | bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _to_tensor(image) -> Any:
+    import torch
+
+    w, h = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(h, w, 3).permute(2, 0, 1).contiguous()
+
+
+def read_crops(source: str | os.PathLike | bytes, plan: CropPlan, rng: np.random.Generator) -> list[Any]:
+    """Decode an image once and cut ``plan``'s crops from it: a list of ``uint8 (3, size, size)`` tensors.
+
+    The boxes are drawn from the header's size before decoding, so a JPEG is
+    decoded at the coarsest power-of-two reduction that keeps every box at
+    least its output size (Pillow's draft mode). Each box is resampled to its
+    size with an antialiased bicubic filter (torch's ``interpolate(...,
+    antialias=True)`` on uint8: Pillow's ``resize`` filter, to a twentieth of a
+    level on average on photos, but vectorised, about twice as fast here; see
+    ``benchmarks/data.py --case files``) and mirrored left-right with
+    ``plan.flip_p``.
+
+    Args:
+        source: A path, or the file's bytes (a shard member).
+        plan: The views.
+        rng: This sample's generator (``sample_rng``).
+
+    Raises:
+        OSError, ValueError, SyntaxError: from Pillow, for a file it cannot decode.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "photo.jpg"
+        >>> Image.new("RGB", (500, 375), "red").save(path)
+        >>> plan = CropPlan(views=((32, (0.4, 1.0)), (16, (0.05, 0.4))))
+        >>> [tuple(c.shape) for c in read_crops(path, plan, sample_rng(0, 0, 0))]
+        [(3, 32, 32), (3, 16, 16)]
+    """
+    import torch
+    import torch.nn.functional as F
+
+    with _open(source) as image:
+        width, height = image.size
+        boxes = [crop_box(width, height, scale, plan.ratio, rng) for _, scale in plan.views]
+        flips = [rng.random() < plan.flip_p for _ in plan.views]
+        # the smallest box-to-output ratio over the views bounds the reduction the decoder may use
+        shrink = min(min(w, h) / size for (_, _, w, h), (size, _) in zip(boxes, plan.views))
+        if image.format == "JPEG" and shrink >= 2:
+            image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
+        rx, ry = image.size[0] / width, image.size[1] / height
+        pixels = torch.from_numpy(np.array(image.convert("RGB")))  # (h, w, 3)
+    image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last in memory: the fast path
+    crops = []
+    for (left, top, w, h), (size, _), flip in zip(boxes, plan.views, flips):
+        x0, y0 = math.floor(left * rx), math.floor(top * ry)
+        x1, y1 = max(x0 + 1, math.ceil((left + w) * rx)), max(y0 + 1, math.ceil((top + h) * ry))
+        crop = F.interpolate(image[:, :, y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)[0]
+        crops.append((crop.flip(-1) if flip else crop).contiguous())
+    return crops
+
+
+def center_view(source: str | os.PathLike | bytes, size: int, resize: int | None = None) -> Any:
+    """An evaluation image: the shorter side resized to ``resize`` (antialiased bicubic), the centre
+    ``size x size`` square cut; ``uint8 (3, size, size)``.
+
+    Args:
+        source: A path, or the file's bytes.
+        size: The side of the square returned.
+        resize: The shorter side before the cut (None: ``size``; the field's 256 for 224 is ``size / 0.875``).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "wide.png"
+        >>> Image.new("RGB", (80, 40)).save(path)
+        >>> tuple(center_view(path, 28, resize=32).shape)
+        (3, 28, 28)
+    """
+    from PIL import Image
+
+    resize = resize or size
+    with _open(source) as image:
+        width, height = image.size
+        scale = resize / min(width, height)
+        w, h = max(resize, round(width * scale)), max(resize, round(height * scale))
+        if image.format == "JPEG":
+            image.draft("RGB", (w, h))
+        image = image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return _to_tensor(image.crop((left, top, left + size, top + size)))
+
+
+def _unreadable(path: Path, err: Exception, flag: str) -> UnreadableImage:
+    return UnreadableImage(
+        f"{path}: not a readable image ({type(err).__name__}: {err}); pass "
+        f"--data.skip-unreadable to skip such files (from --{flag.replace('_', '-')})"
+    )
+
+
+def drop_unreadable(
+    paths: Sequence[Path], *, skip: bool, flag: str, check_up_to: int = 10_000
+) -> tuple[list[int], list[Path]]:
+    """Decode every file up front when skipping, or when there are at most ``check_up_to`` (cheap).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> Image.new("RGB", (4, 4)).save(folder / "good.png")
+        >>> _ = (folder / "bad.png").write_bytes(b"not an image")
+        >>> paths = [folder / "good.png", folder / "bad.png"]
+        >>> kept, skipped = drop_unreadable(paths, skip=True, flag="data.root")
+        >>> kept, [p.name for p in skipped]
+        ([0], ['bad.png'])
+
+    Returns:
+        ``(kept indices, skipped paths)``.
+
+    Raises:
+        UnreadableImage: naming the first unreadable file and ``--data.skip-unreadable`` (unless ``skip``).
+    """
+    if not skip and len(paths) > check_up_to:
+        return list(range(len(paths))), []
+    kept, skipped = [], []
+    for i, path in enumerate(paths):
+        problem = unreadable_image(path)
+        if problem is None:
+            kept.append(i)
+        elif skip:
+            skipped.append(path)
+        else:
+            raise UnreadableImage(
+                f"{path}: {problem}; pass --data.skip-unreadable to skip such files "
+                f"(from --{flag.replace('_', '-')})"
+            )
+    if not kept:
+        raise ValueError(f"{flag}: none of its {len(paths)} images can be read")
+    return kept, skipped
+
+
+class TrainImages:
+    """Image files as training samples: ``dataset[(index, epoch)]`` -> ``(crops, index)``.
+
+    The crops follow ``plan``, drawn from ``sample_rng(seed, epoch, index)``
+    (use ``ResumableSampler(..., with_epoch=True)``). Unreadable files are
+    checked up front (``drop_unreadable``); one that fails later raises
+    ``UnreadableImage`` naming it.
+
+    Args:
+        paths: The image files.
+        plan: The crops of each sample.
+        seed: The run's seed.
+        flag: The CLI flag the files came from, named in errors.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (60, 40)).save(path)
+        >>> images = TrainImages([path], CropPlan(views=((16, (0.5, 1.0)),)), seed=0)
+        >>> crops, index = images[(0, 3)]
+        >>> tuple(crops[0].shape), index
+        ((3, 16, 16), 0)
+    """
+
+    def __init__(self, paths: Sequence[Path], plan: CropPlan, *, seed: int, flag: str = "data.root") -> None:
+        self.paths, self.plan, self.seed, self.flag = list(paths), plan, seed, flag
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[list[Any], int]:
+        index, epoch = item
+        try:
+            return read_crops(self.paths[index], self.plan, sample_rng(self.seed, epoch, index)), index
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise _unreadable(self.paths[index], err, self.flag) from None
+
+
+class EvalImages:
+    """Labelled image files for evaluation: ``dataset[i]`` -> ``(uint8 (3, size, size), label)``
+    (``center_view``).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (60, 40)).save(path)
+        >>> image, label = EvalImages([path], [3], size=16)[0]
+        >>> tuple(image.shape), label
+        ((3, 16, 16), 3)
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        *,
+        size: int,
+        resize: int | None = None,
+        flag: str = "eval.val_root",
+    ) -> None:
+        self.paths, self.labels, self.flag = list(paths), list(labels), flag
+        self.size, self.resize = size, resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return center_view(self.paths[index], self.size, self.resize), self.labels[index]
+        except (OSError, ValueError, SyntaxError) as err:
+            raise _unreadable(self.paths[index], err, self.flag) from None
+
+
+@dataclass
+class ImageData:
+    """What ``find_image_data`` found: the training files, the labelled evaluation sets, and notes.
+
+    Examples:
+        >>> ImageData([], None, None, [], ["evaluation: skipped"]).eval_train is None
+        True
+    """
+
+    train: list[Path]
+    eval_train: LabelledFolder | None
+    """The probe's labelled training images (None: evaluation is skipped)."""
+    eval_val: LabelledFolder | None
+    """The held-out images, labelled with ``eval_train``'s class numbers."""
+    skipped: list[Path]
+    """Unreadable files left out (``--data.skip-unreadable``)."""
+    notes: list[str]
+    """Lines to print before training: what was found, and warnings."""
+
+
+def find_image_data(
+    root: str | os.PathLike | None,
+    eval_train_root: str | os.PathLike | None = None,
+    eval_val_root: str | os.PathLike | None = None,
+    *,
+    skip_unreadable: bool = False,
+    check_up_to: int = 10_000,
+) -> ImageData:
+    """The training images under ``root`` (any layout) and the labelled sets the probe evaluates on.
+
+    Training takes every image under ``root``, at any depth. Evaluation takes
+    ``eval_train_root`` and ``eval_val_root`` (class-per-folder); without
+    them, ``root`` itself when it is class-per-folder (two or more class
+    folders, no image beside them) with ``val/`` beside it. Otherwise evaluation is skipped, and a
+    note says how to get it. Held-out images are labelled by class *name*;
+    those of a class the training set lacks are left out, with a warning.
+
+    Args:
+        root: ``--data.root`` (None: training reads elsewhere, e.g. shards; only the evaluation folders).
+        eval_train_root: ``--eval.train-root`` (None: see above).
+        eval_val_root: ``--eval.val-root`` (None: ``val`` beside ``root`` or the probe's training set).
+        skip_unreadable: Leave unreadable files out (counted) instead of stopping.
+        check_up_to: Decode every file up front when there are at most this many.
+
+    Raises:
+        ValueError: naming the flag, for a missing or empty folder, or one of the two evaluation
+            folders without the other.
+        UnreadableImage: naming the first unreadable file (unless ``skip_unreadable``).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> data = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("photos/1.png", "photos/trip/2.png"):
+        ...     (data / name).parent.mkdir(parents=True, exist_ok=True)
+        ...     Image.new("RGB", (8, 8)).save(data / name)
+        >>> found = find_image_data(data / "photos")
+        >>> len(found.train), found.eval_train is None
+        (2, True)
+        >>> print(found.notes[-1].split(";")[0])
+        evaluation: skipped: data.root is not a labelled set (it is not one folder per class)
+    """
+    notes: list[str] = []
+    train: list[Path] = []
+    skipped: list[Path] = []
+    folders: list[str] = []
+    if root is not None:
+        root = Path(root)
+        train = find_images(root, flag="data.root")
+        kept, skipped = drop_unreadable(
+            train, skip=skip_unreadable, flag="data.root", check_up_to=check_up_to
+        )
+        train = [train[i] for i in kept]
+        folders = sorted({p.relative_to(root).parts[0] for p in train if len(p.relative_to(root).parts) > 1})
+        found = f"data.root {str(root)!r}: {len(train)} images ({len(folders)} sub-folders)"
+        notes.append(found + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
+    if eval_val_root is None and eval_train_root is not None:
+        raise ValueError(
+            "eval.val_root=None is not allowed with --eval.train-root: pass --eval.val-root DIR "
+            "too (the held-out images, one sub-folder per class)"
+        )
+    if eval_train_root is None and root is None:
+        if eval_val_root is not None:
+            raise ValueError(
+                "eval.train_root=None is not allowed with --eval.val-root: pass --eval.train-root "
+                "DIR too (labelled images to fit the probe, one sub-folder per class)"
+            )
+        notes.append(
+            "evaluation: skipped: pass --eval.train-root DIR and --eval.val-root DIR (one sub-folder "
+            "per class) for the k-NN / linear probe"
+        )
+        return ImageData(train, None, None, skipped, notes)
+    if eval_train_root is None:
+        val_beside = root.parent / "val"
+        if len(folders) < 2 and eval_val_root is not None:
+            raise ValueError(
+                "eval.train_root=None is not allowed here: data.root is not one folder per "
+                "class, so --eval.val-root needs --eval.train-root DIR (labelled images to fit the probe)"
+            )
+        loose = sum(len(p.relative_to(root).parts) == 1 for p in train)
+        if len(folders) < 2 or loose:
+            why = (
+                f"{loose} images lie beside its sub-folders"
+                if loose and len(folders) > 1
+                else "it is not one folder per class"
+            )
+            notes.append(
+                f"evaluation: skipped: data.root is not a labelled set ({why}); pass --eval.train-root "
+                "DIR and --eval.val-root DIR (one sub-folder per class) for the k-NN / linear probe"
+            )
+            return ImageData(train, None, None, skipped, notes)
+        if eval_val_root is None and not val_beside.is_dir():
+            notes.append(
+                f"evaluation: skipped: no held-out images ({str(val_beside)!r}, a 'val' folder beside "
+                "--data.root, does not exist); pass --eval.val-root DIR"
+            )
+            return ImageData(train, None, None, skipped, notes)
+        eval_train_root, train_flag = root, "data.root"
+        if eval_val_root is None:
+            eval_val_root, val_flag = val_beside, "eval.val_root (default: 'val' beside --data.root)"
+        else:
+            val_flag = "eval.val_root"
+    else:
+        train_flag, val_flag = "eval.train_root", "eval.val_root"
+    sets = []
+    for folder, flag in ((eval_train_root, train_flag), (eval_val_root, val_flag)):
+        labelled = labelled_folder(folder, flag=flag)
+        keep, bad = drop_unreadable(labelled.paths, skip=skip_unreadable, flag=flag, check_up_to=check_up_to)
+        skipped += [path for path in bad if path not in skipped]  # data.root may be the probe's set too
+        labelled.paths = [labelled.paths[i] for i in keep]
+        labelled.labels = [labelled.labels[i] for i in keep]
+        if labelled.loose:
+            notes.append(
+                f"warning: {len(labelled.loose)} images directly in {flag.split(' ')[0]} "
+                f"{str(folder)!r}, beside its class folders, are in no class: left out of evaluation"
+            )
+        sets.append(labelled)
+    fit, held = sets
+    index = {name: i for i, name in enumerate(fit.classes)}
+    unknown = [name for name in held.classes if name not in index]
+    missing = [name for name in fit.classes if name not in set(held.classes)]
+    if unknown or missing:
+        notes.append(
+            f"warning: the evaluation's class folders differ: held-out only {unknown[:5]}"
+            f"{'...' if len(unknown) > 5 else ''} (their images left out), training only "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
+    pairs = [(p, index[held.classes[y]]) for p, y in zip(held.paths, held.labels) if held.classes[y] in index]
+    if not pairs:
+        raise ValueError(
+            f"{val_flag}={str(held.root)!r} is not allowed: none of its classes "
+            f"{held.classes[:5]} is among the training classes {fit.classes[:5]}"
+        )
+    held.paths, held.labels = [p for p, _ in pairs], [y for _, y in pairs]
+    held.classes = fit.classes
+    notes.append(
+        f"evaluation: {len(fit.classes)} classes, {len(fit.paths)} labelled training images "
+        f"({str(fit.root)!r}), {len(held.paths)} held-out ({str(held.root)!r})"
+    )
+    return ImageData(train, fit, held, skipped, notes)

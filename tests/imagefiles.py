@@ -1,0 +1,84 @@
+"""Image files the tests write: photo-sized JPEGs and PNGs of several sizes and aspects, in folders or shards.
+
+Class ``c`` of ``CLASSES`` is a shape drawn at a random place and size on a
+noisy background, so a probe can tell the classes apart only by content.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("disc", "bar", "cross")
+SIZES = ((160, 120), (120, 160), (200, 150), (96, 96))
+
+
+def picture(label: int, rng: np.random.Generator, size: tuple[int, int] | None = None) -> Image.Image:
+    w, h = size or SIZES[int(rng.integers(len(SIZES)))]
+    pixels = rng.integers(60, 120, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    side = int(min(w, h) * rng.uniform(0.4, 0.7))
+    x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+    colour = tuple(int(v) for v in rng.integers(150, 256, 3))
+    if label == 0:
+        draw.ellipse((x, y, x + side, y + side), fill=colour)
+    elif label == 1:
+        draw.rectangle((x, y + side // 3, x + side, y + 2 * side // 3), fill=colour)
+    else:
+        draw.rectangle((x + side // 3, y, x + 2 * side // 3, y + side), fill=colour)
+        draw.rectangle((x, y + side // 3, x + side, y + 2 * side // 3), fill=colour)
+    return image
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def write_folder(
+    root: Path, per_class: int, *, seed: int = 0, labelled: bool = True, nested: bool = False
+) -> list[Path]:
+    """``root/<class>/<i>.jpg`` (labelled), or the same images flat (``nested``: half in sub-folders)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for label, name in enumerate(CLASSES):
+        for i in range(per_class):
+            fmt, ext = ("PNG", "png") if i % 4 == 3 else ("JPEG", "jpg")
+            if labelled:
+                path = root / name / f"{i}.{ext}"
+            elif nested and i % 2:
+                path = root / f"trip{i % 3}" / f"{name}_{i}.{ext}"
+            else:
+                path = root / f"{name}_{i}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encoded(picture(label, rng), fmt))
+            paths.append(path)
+    return paths
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder: Path, shards: int, per_shard: int, *, seed: int = 0, captions: bool = True) -> str:
+    """``folder/{0000..}.tar`` of ``key.jpg`` + ``key.cls`` (+ ``key.txt``); returns the brace pattern."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:04d}.tar", "w") as tar:
+            for i in range(per_shard):
+                label = int(rng.integers(len(CLASSES)))
+                key = f"{s:04d}{i:05d}"
+                add_member(tar, f"{key}.jpg", encoded(picture(label, rng), "JPEG"))
+                add_member(tar, f"{key}.cls", str(label).encode())
+                if captions:
+                    add_member(tar, f"{key}.txt", f"a {CLASSES[label]} on a grey background".encode())
+    return str(folder / f"{{0000..{shards - 1:04d}}}.tar")

@@ -1,0 +1,87 @@
+"""DINO and I-JEPA on a user's image files: unlabelled folders, labelled evaluation sets, tar shards."""
+
+import json
+
+import pytest
+from conftest import crash_after_step, load_recipe
+from imagefiles import write_folder, write_shards
+
+SMALL = {
+    "dino": ["--batch-size", "8", "--crops.global-size", "32", "--crops.local-size", "16",
+             "--crops.local-crops", "2", "--model.out-dim", "32", "--model.head-hidden", "32",
+             "--optim.warmup-steps", "2"],
+    "ijepa": ["--batch-size", "8", "--optim.warmup-steps", "2", "--eval.no-linear"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """An unlabelled nested folder, labelled train / val folders, and 4 shards: the files a user has."""
+    root = tmp_path_factory.mktemp("images")
+    write_folder(root / "photos", 8, labelled=False, nested=True, seed=2)
+    write_folder(root / "train", 6)
+    write_folder(root / "val", 3, seed=1)
+    return root, write_shards(root / "shards", 4, 6, seed=3)
+
+
+def run(name, run_dir, *flags, crash_at=None, monkeypatch=None):
+    recipe = load_recipe(name)
+    cfg = recipe.parse(["--run-dir", str(run_dir), "--device", "cpu", "--log.no-console", *SMALL[name],
+                        *flags])
+    if crash_at is not None:
+        crash_after_step(recipe, monkeypatch, cfg, step=crash_at)
+        return None
+    return recipe.main(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dino", "ijepa"])
+def test_an_unlabelled_folder_trains_and_a_labelled_pair_evaluates(name, data, tmp_path, capsys):
+    root, _ = data
+    summary = run(name, tmp_path / "run", "--data.root", str(root / "photos"), "--eval.train-root",
+                  str(root / "train"), "--eval.val-root", str(root / "val"), "--train.steps", "4",
+                  "--eval.k", "3", "--data.workers", "2")
+    out = capsys.readouterr().out
+    assert f"data.root '{root / 'photos'}': 24 images (3 sub-folders)" in out
+    assert "evaluation: 3 classes, 18 labelled training images" in out and "9 held-out" in out
+    assert summary["steps"] == 4 and summary["skipped_unreadable"] == 0
+    assert 0.0 <= summary["knn_acc"] <= 1.0 and "knn_acc_pixels" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, source, workers, crash_at", [
+    ("dino", "shards", 2, 5),  # odd: the resumed loader's first batch comes from worker 1
+    ("dino", "photos", 2, 5),
+    ("ijepa", "shards", 0, 4),
+    ("ijepa", "shards", 2, 3),
+])
+def test_a_run_on_files_resumes_bit_exact(name, source, workers, crash_at, data, tmp_path, monkeypatch):
+    root, pattern = data
+    where = ["--data.shards", pattern] if source == "shards" else ["--data.root", str(root / source)]
+    # 12 updates of 8: two epochs of the 24 samples, so the crash and the resume cross an epoch
+    flags = [*where, "--train.steps", "12", "--data.workers", str(workers), "--ckpt.every", "1"]
+    flags += ["--eval.no-knn"] if name == "dino" else []
+    whole = run(name, tmp_path / "whole", *flags)
+    run(name, tmp_path / "run", *flags, crash_at=crash_at, monkeypatch=monkeypatch)
+    resumed = run(name, tmp_path / "run", *flags, "--resume")
+    assert resumed["params_digest"] == whole["params_digest"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["workers"] == workers
+
+
+@pytest.mark.slow
+def test_shards_without_labelled_images_train_and_say_evaluation_is_skipped(data, tmp_path, capsys):
+    _, pattern = data
+    summary = run("ijepa", tmp_path / "run", "--data.shards", pattern, "--train.steps", "2",
+                  "--data.workers", "0")
+    assert "evaluation: skipped: pass --eval.train-root DIR and --eval.val-root" in capsys.readouterr().out
+    assert summary["steps"] == 2 and "knn_acc" not in summary
+
+
+@pytest.mark.slow
+def test_resuming_shards_with_other_workers_is_refused(data, tmp_path, monkeypatch):
+    _, pattern = data
+    flags = ["--data.shards", pattern, "--train.steps", "6", "--ckpt.every", "1", "--eval.no-knn"]
+    run("dino", tmp_path / "run", *flags, "--data.workers", "2", crash_at=3, monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match="data.workers=1 is not allowed: expected 2, the number this run"):
+        run("dino", tmp_path / "run", *flags, "--data.workers", "1", "--resume")
