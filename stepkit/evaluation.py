@@ -479,7 +479,10 @@ def chance_recall_at_k(
     Examples:
         >>> chance_recall_at_k(4, 4, k=1)  # one match among 4 keys
         0.25
+        >>> chance_recall_at_k(2, 2, k=5)  # a cut-off past the keys keeps them all, as recall_at_k does
+        1.0
     """
+    k = min(k, n_keys)
     relevant = _relevance(n_queries, n_keys, query_ids, key_ids).sum(dim=1).tolist()
     return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in relevant) / n_queries
 

@@ -82,3 +82,59 @@ def write_shards(folder: Path, shards: int, per_shard: int, *, seed: int = 0, ca
                 if captions:
                     add_member(tar, f"{key}.txt", f"a {CLASSES[label]} on a grey background".encode())
     return str(folder / f"{{0000..{shards - 1:04d}}}.tar")
+
+
+def write_pairs(folder: Path, per_class: int, fmt: str = "csv", *, seed: int = 0,
+                columns: tuple[str, str] = ("filepath", "title")) -> Path:
+    """``folder/images/*.jpg`` and ``folder/pairs.<fmt>`` (csv, tsv, jsonl, parquet): one caption per image,
+    naming its shape and where it is; image paths relative to the pairs file."""
+    import csv
+    import json
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, name in enumerate(CLASSES):
+        for i in range(per_class):
+            image = picture(label, rng)
+            path = f"images/{name}_{i}.jpg"
+            (folder / path).write_bytes(encoded(image, "JPEG"))
+            rows.append({columns[0]: path, columns[1]: f"a {name} in a {image.width}x{image.height} picture"})
+    out = folder / f"pairs.{fmt}"
+    if fmt in ("csv", "tsv"):
+        with open(out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({c: [r[c] for r in rows] for c in columns}), out)
+    return out
+
+
+def write_text_pairs(folder: Path, n: int, fmt: str = "jsonl", *, seed: int = 0) -> Path:
+    """``folder/qa.<fmt>``, ``anchor`` / ``positive`` rows: a question on a shape and a colour, its answer."""
+    import csv
+    import json
+
+    rng = np.random.default_rng(seed)
+    colours = ("red", "green", "blue", "yellow")
+    rows = []
+    for i in range(n):
+        shape, colour = CLASSES[i % 3], colours[int(rng.integers(4))]
+        rows.append({"anchor": f"which {colour} thing is a {shape}?",
+                     "positive": f"the {shape} painted {colour}"})
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"qa.{fmt}"
+    if fmt == "jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["anchor", "positive"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return out

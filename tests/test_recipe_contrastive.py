@@ -100,3 +100,70 @@ def test_bad_flag_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "tiny", "--run-dir", str(tmp_path / "r"),
                           "--gradcache.chunk", "-1"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "chunk=-1" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def pairs_files(tmp_path_factory):
+    """The same 24 captioned photos listed in each pairs format."""
+    from imagefiles import write_pairs
+
+    root = tmp_path_factory.mktemp("pairs")
+    return {fmt: write_pairs(root, 8, fmt) for fmt in ("csv", "tsv", "jsonl", "parquet")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_your_pairs_file_trains_and_reports_recall_before_after(recipe, pairs_files, fmt, tmp_path, capsys):
+    summary = recipe.main(small(recipe, tmp_path / "run", "--data.pairs", str(pairs_files[fmt]),
+                                "--batch-size", "8", "--data.workers", "2", "--data.val-fraction", "0.25"))
+    assert "data.pairs" in capsys.readouterr().out
+    assert summary["steps"] == 6 and RECALLS <= summary.keys() and summary["skipped_unreadable"] == 0
+    assert summary["recall_at_1_chance"] == pytest.approx(1 / 6)  # 6 held-out images, one caption each
+
+
+@pytest.mark.slow
+def test_a_run_on_pairs_resumes_bit_exact(recipe, pairs_files, tmp_path, monkeypatch):
+    from conftest import crash_after_step
+
+    flags = ("--data.pairs", str(pairs_files["tsv"]), "--batch-size", "8", "--data.workers", "2",
+             "--train.steps", "8", "--ckpt.every", "1")
+    whole = recipe.main(small(recipe, tmp_path / "whole", *flags))
+    crash_after_step(recipe, monkeypatch, small(recipe, tmp_path / "run", *flags), step=3)
+    resumed = recipe.main(small(recipe, tmp_path / "run", *flags, "--resume"))
+    assert resumed["params_digest"] == whole["params_digest"]
+
+
+@pytest.mark.slow
+def test_a_bad_pairs_row_is_one_line_and_no_run_dir(pairs_files, tmp_path):
+    bad = pairs_files["csv"].with_name("bad.csv")
+    bad.write_text(pairs_files["csv"].read_text() + "images/gone.jpg,a ghost\n")
+    command = [sys.executable, str(SCRIPT), "tiny", "--run-dir", str(tmp_path / "r"), "--data.pairs",
+               str(bad)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()
+    assert len(line) == 1 and "bad.csv:26: image 'images/gone.jpg' not found" in line[0], out.stderr
+    assert "--data.skip-unreadable" in line[0] and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_text_pairs_train_two_text_towers_with_gradcache_and_distillation(recipe, tmp_path, capsys):
+    from imagefiles import write_text_pairs
+
+    qa = write_text_pairs(tmp_path, 60)
+    flags = ("--data.pairs", str(qa), "--data.kind", "text-text", "--batch-size", "16", "--data.val-fraction",
+             "0.2")
+    teacher = recipe.main(small(recipe, tmp_path / "teacher", *flags))
+    assert "48 training text pairs" in capsys.readouterr().out  # 12 distinct answers: 3 held out
+    assert RECALLS <= teacher.keys() and teacher["steps"] == 6
+    model, _ = recipe.build(recipe.Model(text="scratch"), recipe.Loss(), ["a b"], 0, text_only=True)
+    assert type(model.image.encoder) is type(model.text.encoder) and model.image is not model.text
+    student = recipe.main(small(recipe, tmp_path / "student", *flags, "--gradcache.chunk", "8",
+                                "--distill.teacher-run", str(tmp_path / "teacher")))
+    assert "distill" in (tmp_path / "student" / "metrics.jsonl").read_text()
+    assert student["steps"] == 6 and 0.0 <= student["recall_at_1_i2t"] <= 1.0
+
+
+def test_text_pairs_need_a_pairs_file(recipe, tmp_path):
+    with pytest.raises(ValueError, match="data.kind='text-text' is not allowed: expected image-text without"):
+        recipe.parse(["tiny", "--run-dir", str(tmp_path), "--data.kind", "text-text"])

@@ -171,24 +171,25 @@ def test_jepa_two_ranks(recipe, strategy, preset, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def image_files(tmp_path_factory):
-    """A folder of 24 photos and 4 shards of 12: what a user brings."""
-    from imagefiles import write_folder, write_shards
+def user_files(tmp_path_factory):
+    """A folder of 24 photos, 4 shards of 12, a pairs file of 24: what a user brings."""
+    from imagefiles import write_folder, write_pairs, write_shards
 
     root = tmp_path_factory.mktemp("files")
     write_folder(root / "photos", 8, labelled=False, nested=True)
-    return {"shards": ["--data.shards", write_shards(root / "shards", 4, 12)],
-            "photos": ["--data.root", str(root / "photos")]}
+    dino = ["recipes/dino.py", "--crops.global-size", "32", "--crops.local-size", "16", "--crops.local-crops",
+            "2", "--eval.no-knn"]
+    return {"shards": [*dino, "--data.shards", write_shards(root / "shards", 4, 12)],
+            "photos": [*dino, "--data.root", str(root / "photos")],
+            "pairs": ["recipes/contrastive.py", "tiny", "--data.pairs", str(write_pairs(root / "pairs", 8))]}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="kills the whole process group")
-@pytest.mark.parametrize("source", ["shards", "photos"])
-def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(image_files, source, tmp_path):
-    flags = [*DINO[:1], *image_files[source], "--batch-size", "4", "--crops.global-size", "32",
-             "--crops.local-size", "16", "--crops.local-crops", "2", "--optim.warmup-steps", "2",
-             "--data.workers", "2", "--eval.no-knn", "--log.no-console", "--ckpt.every", "5",
-             "--ckpt.keep-last", "6", "--train.steps", "15"]
+@pytest.mark.parametrize("source", ["shards", "photos", "pairs"])
+def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(user_files, source, tmp_path):
+    flags = [*user_files[source], "--batch-size", "4", "--optim.warmup-steps", "2", "--data.workers", "2",
+             "--log.no-console", "--ckpt.every", "5", "--ckpt.keep-last", "6", "--train.steps", "15"]
     run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "whole")])
     launcher = subprocess.Popen([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
