@@ -498,7 +498,8 @@ def main(cfg: Config) -> dict:
     log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
     if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
         return summary
-    print(f"held-out recall@1 image->text {after['recall_at_1_i2t']:.3f}, text->image "
+    forth, back = ("anchor->positive", "positive->anchor") if text_only else ("image->text", "text->image")
+    print(f"held-out recall@1 {forth} {after['recall_at_1_i2t']:.3f}, {back} "
           f"{after['recall_at_1_t2i']:.3f} (before training {before['recall_at_1_i2t']:.3f} / "
           f"{before['recall_at_1_t2i']:.3f}, chance {summary['recall_at_1_chance']:.3f}); "
           f"summary in {cfg.run_dir / 'summary.json'}")

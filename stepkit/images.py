@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL.Image import DecompressionBombError
 
 from stepkit import check as _check
 
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# What Pillow raises for a file it cannot decode: UnidentifiedImageError and truncation are OSErrors; an
+# image past its pixel limit (Image.MAX_IMAGE_PIXELS) is a DecompressionBombError, which is not
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, DecompressionBombError)
 
 
 class UnreadableImage(ValueError):
@@ -446,7 +451,7 @@ class TrainImages:
         index, epoch = item
         try:
             return read_crops(self.paths[index], self.plan, sample_rng(self.seed, epoch, index)), index
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        except _DECODE_ERRORS as err:
             raise _unreadable(self.paths[index], err, self.flag) from None
 
 
@@ -482,7 +487,7 @@ class EvalImages:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         try:
             return center_view(self.paths[index], self.size, self.resize), self.labels[index]
-        except (OSError, ValueError, SyntaxError) as err:
+        except _DECODE_ERRORS as err:
             raise _unreadable(self.paths[index], err, self.flag) from None
 
 
@@ -613,8 +618,13 @@ def find_image_data(
     sets = []
     for folder, flag in ((eval_train_root, train_flag), (eval_val_root, val_flag)):
         labelled = labelled_folder(folder, flag=flag)
-        keep, bad = drop_unreadable(labelled.paths, skip=skip_unreadable, flag=flag, check_up_to=check_up_to)
-        skipped += [path for path in bad if path not in skipped]  # data.root may be the probe's set too
+        if root is not None and Path(folder) == root:  # data.root is the probe's set: checked above
+            readable = set(train)
+            keep, bad = [i for i, p in enumerate(labelled.paths) if p in readable], []
+        else:
+            keep, bad = drop_unreadable(labelled.paths, skip=skip_unreadable, flag=flag,
+                                        check_up_to=check_up_to)
+        skipped += bad
         labelled.paths = [labelled.paths[i] for i in keep]
         labelled.labels = [labelled.labels[i] for i in keep]
         if labelled.loose:

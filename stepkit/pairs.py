@@ -81,7 +81,7 @@ class TextPairs:
 def _rows(path: Path, kind: str, columns: tuple[str, str], flag: str):
     """``(row label, {column: value})`` per row; raises ValueError for a malformed file or row."""
     if kind in ("csv", "tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM, as Excel writes
             reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
             header = reader.fieldnames or []
             _check_columns(path, header, columns, flag)
@@ -94,7 +94,7 @@ def _rows(path: Path, kind: str, columns: tuple[str, str], flag: str):
                                      f"{found})")
                 yield f"line {line}", record
     elif kind == "jsonl":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, text in enumerate(handle, start=1):
                 if not text.strip():
                     continue
@@ -133,8 +133,10 @@ def _column_flag(columns: tuple[str, str], name: str, flag: str) -> str:
 def _check_columns(path: Path, header, columns: tuple[str, str], flag: str) -> None:
     for name in columns:
         if name not in header:
+            looks_like_text = {"anchor", "positive"} <= set(header)
+            text_pairs = "; for text pairs, --data.kind text-text" if looks_like_text else ""
             raise ValueError(f"{path}: no column {name!r} (found {list(header)[:8]}); name it with "
-                             f"{_column_flag(columns, name, flag)}")
+                             f"{_column_flag(columns, name, flag)}{text_pairs}")
 
 
 def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_column: str = "title",

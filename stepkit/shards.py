@@ -258,12 +258,12 @@ class ShardCrops:
         self.plan = plan
 
     def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], int]:
-        from stepkit.images import read_crops
+        from stepkit.images import _DECODE_ERRORS, read_crops
 
         image = image_field(fields, where)
         try:
             crops = read_crops(image, self.plan, rng)
-        except (OSError, ValueError, SyntaxError) as err:
+        except _DECODE_ERRORS as err:
             raise ValueError(
                 f"{where}: not a readable image ({type(err).__name__}: {err}); pass "
                 "--data.skip-unreadable to skip such samples (from --data.shards)"

@@ -273,3 +273,14 @@ def test_a_jpeg_in_memory_reads_like_the_file(tmp_path):
     from_file = read_crops(path, plan, sample_rng(1, 2, 3))
     from_bytes = read_crops(path.read_bytes(), plan, sample_rng(1, 2, 3))
     assert all(torch.equal(a, b) for a, b in zip(from_file, from_bytes))  # a shard member's bytes
+
+
+def test_an_image_past_pillows_pixel_limit_is_named_not_a_traceback(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    PILImage.new("RGB", (60, 60)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 3600 pixels > 2 x 100: a "decompression bomb"
+    with pytest.raises(UnreadableImage, match=r"huge.png: not a readable image \(DecompressionBombError"):
+        TrainImages([tmp_path / "huge.png"], CropPlan(views=((8, (0.5, 1.0)),)), seed=0)[(0, 0)]
+    with pytest.raises(UnreadableImage, match=r"huge.png: not a readable image \(DecompressionBombError"):
+        find_image_data(tmp_path)

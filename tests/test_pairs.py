@@ -129,3 +129,9 @@ def test_text_pairs_are_read_checked_and_named_with_their_own_flags(tmp_path):
                                          r"--data.skip-unreadable"):
         read_text_pairs(tmp_path / "empty.jsonl")
     assert read_text_pairs(tmp_path / "empty.jsonl", skip_unreadable=True).positives == ["b"]
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_as_any_other(tmp_path):
+    path = write_pairs(tmp_path, 1, "csv")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Excel's "CSV UTF-8" writes
+    assert len(read_pairs(path)) == 3
