@@ -118,6 +118,8 @@ class Data:
         integer_at_least("workers", self.workers, 0)
         if self.root is not None and self.shards is not None:
             fail("shards", self.shards, "None when --data.root is set (one source of training images)")
+        if self.synthetic and (self.root is not None or self.shards is not None):
+            fail("synthetic", self.synthetic, "0 with --data.root or --data.shards (one source of images)")
 
 
 @dataclass

@@ -557,8 +557,8 @@ def find_image_data(
     train: list[Path] = []
     skipped: list[Path] = []
     folders: list[str] = []
+    root = None if root is None else Path(root)
     if root is not None:
-        root = Path(root)
         train = find_images(root, flag="data.root")
         kept, skipped = drop_unreadable(
             train, skip=skip_unreadable, flag="data.root", check_up_to=check_up_to
@@ -584,6 +584,7 @@ def find_image_data(
         )
         return ImageData(train, None, None, skipped, notes)
     if eval_train_root is None:
+        assert root is not None  # both None returned above
         val_beside = root.parent / "val"
         if len(folders) < 2 and eval_val_root is not None:
             raise ValueError(
@@ -615,12 +616,14 @@ def find_image_data(
             val_flag = "eval.val_root"
     else:
         train_flag, val_flag = "eval.train_root", "eval.val_root"
+    assert eval_train_root is not None and eval_val_root is not None
     sets = []
-    for folder, flag in ((eval_train_root, train_flag), (eval_val_root, val_flag)):
+    for folder, flag in ((Path(eval_train_root), train_flag), (Path(eval_val_root), val_flag)):
         labelled = labelled_folder(folder, flag=flag)
-        if root is not None and Path(folder) == root:  # data.root is the probe's set: checked above
+        bad: list[Path] = []
+        if folder == root:  # data.root is the probe's set: checked above
             readable = set(train)
-            keep, bad = [i for i, p in enumerate(labelled.paths) if p in readable], []
+            keep = [i for i, p in enumerate(labelled.paths) if p in readable]
         else:
             keep, bad = drop_unreadable(labelled.paths, skip=skip_unreadable, flag=flag,
                                         check_up_to=check_up_to)

@@ -128,7 +128,8 @@ def shard_samples(
         ['b']
     """
     path = Path(path)
-    number, key, fields, member = -1, None, {}, "the first member"
+    number, key, member = -1, None, "the first member"
+    fields: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:") as tar:
             while (info := tar.next()) is not None:

@@ -85,3 +85,12 @@ def test_resuming_shards_with_other_workers_is_refused(data, tmp_path, monkeypat
     run("dino", tmp_path / "run", *flags, "--data.workers", "2", crash_at=3, monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match="data.workers=1 is not allowed: expected 2, the number this run"):
         run("dino", tmp_path / "run", *flags, "--data.workers", "1", "--resume")
+
+
+def test_one_source_of_training_images_at_a_time(tmp_path):
+    dino = load_recipe("dino")
+    with pytest.raises(ValueError, match="data.synthetic=8 is not allowed: expected 0 with --data.root"):
+        dino.parse(["--run-dir", str(tmp_path), "--data.synthetic", "8", "--data.root", str(tmp_path)])
+    with pytest.raises(ValueError, match="data.shards='d/0.tar' is not allowed: expected None when"):
+        load_recipe("ijepa").parse(["--run-dir", str(tmp_path), "--data.shards", "d/0.tar",
+                                    "--data.root", "x"])

@@ -67,12 +67,13 @@ def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
     shutil.copytree(whole_dir, run_dir)
     (run_dir / "summary.json").unlink()
     rewind_to_step_4(run_dir / "checkpoints")
-    config = (run_dir / "config.json").read_bytes()
-    changed = subprocess.run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(strategy),
-                              "--resume", "--train.seed", "1"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=240)
-    assert changed.returncode != 0 and changed.stderr.count("train.seed: 0 → 1") == 2  # every rank alike
-    assert (run_dir / "config.json").read_bytes() == config
+    if strategy == "ddp":  # a changed config is refused on every rank (the same check under FSDP2)
+        config = (run_dir / "config.json").read_bytes()
+        changed = subprocess.run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(strategy),
+                                  "--resume", "--train.seed", "1"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240)
+        assert changed.returncode != 0 and changed.stderr.count("train.seed: 0 → 1") == 2
+        assert (run_dir / "config.json").read_bytes() == config
     run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(strategy), "--resume"])
     # every rank's RNG and data resumed, and under FSDP2 the GradScaler's loss scale and growth tracker
     assert summary(run_dir)["params_digest"] == result["params_digest"]
@@ -190,14 +191,14 @@ def user_files(tmp_path_factory):
 @pytest.mark.parametrize("source", ["shards", "photos", "pairs"])
 def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(user_files, source, tmp_path):
     flags = [*user_files[source], "--batch-size", "4", "--optim.warmup-steps", "2", "--data.workers", "2",
-             "--log.no-console", "--ckpt.every", "5", "--ckpt.keep-last", "6", "--train.steps", "10"]
+             "--log.no-console", "--ckpt.every", "4", "--ckpt.keep-last", "6", "--train.steps", "8"]
     run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "whole")])
     launcher = subprocess.Popen([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    saved = tmp_path / "run" / "checkpoints" / "step_00000005.rank1.rng.pt"  # every rank's step-5 part
+    saved = tmp_path / "run" / "checkpoints" / "step_00000004.rank1.rng.pt"  # every rank's step-4 part
     deadline = time.monotonic() + 120
     while not saved.exists():
-        assert time.monotonic() < deadline and launcher.poll() is None, "the run never saved step 5"
+        assert time.monotonic() < deadline and launcher.poll() is None, "the run never saved step 4"
         time.sleep(0.005)
     os.killpg(launcher.pid, signal.SIGKILL)  # torchrun, both ranks and their DataLoader workers, at once
     launcher.wait(timeout=60)
