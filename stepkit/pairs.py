@@ -149,7 +149,8 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
 
     Args:
         path: The pairs file.
-        image_column, text_column: The columns (JSON keys) holding the image path and the caption.
+        image_column: The column (JSON key) holding the image path.
+        text_column: The column (JSON key) holding the caption.
         skip_unreadable: Leave out rows with a missing or unreadable image or an empty caption (listed in
             ``skipped``) instead of stopping.
         flag: The CLI flag named in errors.

@@ -287,7 +287,8 @@ class ShardStream(IterableDataset):
         shards: The shard files.
         make_sample: ``(fields, rng, where) -> sample``.
         seed: The run's seed.
-        rank, world: This rank and the number of ranks.
+        rank: This rank.
+        world: The number of ranks.
         workers: The DataLoader's workers (0: read in the main process).
         positions: ``ShardPositions.start`` to resume from (None: the start).
         first_worker: The worker whose batch comes first (``data_position % workers`` when resuming).
@@ -346,6 +347,7 @@ class ShardStream(IterableDataset):
         skipped = 0
         while True:
             mine = epoch_shards(len(self.shards), self.seed, epoch)[slot::slots]
+            whole_epoch, read = (first, start) == (0, 0), 0
             for place in range(first, len(mine)):
                 shard = mine[place]
                 samples = shard_samples(
@@ -372,7 +374,11 @@ class ShardStream(IterableDataset):
                         skipped += 1
                         continue
                     yield sample, torch.tensor([epoch, place, number]), skipped
-                    skipped = 0
+                    skipped, read = 0, read + 1
+            if whole_epoch and read == 0:  # empty or all unreadable: the stream would spin forever
+                names = ", ".join(str(self.shards[i]) for i in mine[:3])
+                raise ValueError(f"{self.flag}: no readable sample in a whole epoch of the shards {names}"
+                                 f"{', ...' if len(mine) > 3 else ''} (this reader's share)")
             epoch, first, start = epoch + 1, 0, 0
 
 

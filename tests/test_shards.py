@@ -202,3 +202,17 @@ def test_fields_text_and_class():
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     with pytest.raises(ValueError, match=r"s:a: no image member \(expected one of .jpg"):
         ShardCrops(CropPlan(views=((4, (0.5, 1.0)),)))({"txt": b"x"}, np.random.default_rng(0), "s:a")
+
+
+@pytest.mark.parametrize("content", ["empty", "broken"])
+def test_shards_with_nothing_readable_stop_instead_of_spinning(tmp_path, content):
+    path = tmp_path / "0000.tar"
+    if content == "empty":
+        with tarfile.open(path, "w"):
+            pass
+    else:
+        path.write_bytes(b"not a tar at all" * 64)
+    stream = ShardStream([path], key_of, seed=0, skip_unreadable=True)
+    with pytest.raises(ValueError, match=r"data.shards: no readable sample in a whole epoch of the shards "
+                                         r".*0000.tar \(this reader's share\)"):
+        next(iter(stream))
