@@ -340,6 +340,8 @@ def main(cfg: Config) -> dict:
         shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
         if shards is not None:  # found now, not after the run directory is made
             check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
+            found.notes.insert(0, f"data.shards {cfg.data.shards!r}: {len(shards)} shards, read by "
+                                  f"{dist.world_size()} x {max(1, cfg.data.workers)} readers")
         if found.eval_train is None:
             test_set = probe_set = None
         else:

@@ -74,7 +74,9 @@ def test_shards_without_labelled_images_train_and_say_evaluation_is_skipped(data
     _, pattern = data
     summary = run("ijepa", tmp_path / "run", "--data.shards", pattern, "--train.steps", "2",
                   "--data.workers", "0")
-    assert "evaluation: skipped: pass --eval.train-root DIR and --eval.val-root" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"data.shards '{pattern}': 4 shards, read by 1 x 1 readers" in out
+    assert "evaluation: skipped: pass --eval.train-root DIR and --eval.val-root" in out
     assert summary["steps"] == 2 and "knn_acc" not in summary
 
 
