@@ -82,7 +82,7 @@ from stepkit.run import (
     seed_everything,
     stop_if_signalled,
 )
-from stepkit.shards import ShardCrops, ShardPositions, ShardStream, check_readers, expand_shards
+from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 
@@ -457,14 +457,10 @@ def main(cfg: Config) -> dict:
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
 
-    if shards is not None:  # each worker reads on from its place in the checkpoint
-        positions = ShardPositions(cfg.data.workers, state.rank_extras.get("shard_positions"))
-        state.rank_extras["shard_positions"] = positions.tensor  # saved per rank, updated in place
-        stream = ShardStream(shards, ShardCrops(plan), seed=cfg.train.seed, rank=dist.rank(),
-                             world=dist.world_size(), workers=cfg.data.workers,
-                             positions=positions.start if state.data_position else None,
-                             first_worker=state.data_position % positions.workers,
-                             skip_unreadable=cfg.data.skip_unreadable)
+    if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
+        stream, positions = resumable_stream(shards, ShardCrops(plan), state, seed=cfg.train.seed,
+                                             workers=cfg.data.workers,
+                                             skip_unreadable=cfg.data.skip_unreadable)
         raw_batches = loader(stream)
     else:  # an epoch-seeded order that starts where the checkpoint left off
         sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, rank=dist.rank(),

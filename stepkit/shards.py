@@ -48,7 +48,7 @@ from torch.utils.data import IterableDataset
 from stepkit import check as _check
 
 __all__ = ["ShardError", "expand_shards", "shard_samples", "check_readers", "epoch_shards", "ShardStream",
-           "ShardPositions", "ShardCrops", "image_field", "text_field", "class_field"]
+           "ShardPositions", "resumable_stream", "ShardCrops", "image_field", "text_field", "class_field"]
 
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
 
@@ -237,6 +237,64 @@ class ShardPositions:
     @property
     def skipped(self) -> int:
         return int(self.tensor[:, 3].sum())
+
+
+def resumable_stream(shards: Sequence[Path], make_sample: Callable[[dict[str, bytes], Any, str], Any],
+                     state: Any, *, seed: int, workers: int, skip_unreadable: bool = False,
+                     flag: str = "data.shards") -> tuple[ShardStream, ShardPositions]:
+    """This rank's ``ShardStream``, continuing where ``state`` left off, and the positions the loop keeps.
+
+    The positions' tensor goes into ``state.rank_extras["shard_positions"]``
+    (saved per rank with the checkpoint, updated in place by
+    ``positions.update(places, skipped, state.data_position)`` after each
+    consumed batch); a resumed state starts every worker at its saved place,
+    the DataLoader's round-robin at the worker whose batch was next.
+
+    Args:
+        shards: The shard files.
+        make_sample: ``(fields, rng, where) -> sample`` (e.g. ``ShardCrops``).
+        state: The run's ``TrainState``, resumed or fresh.
+        seed: The run's seed.
+        workers: The DataLoader's workers (0: the main process).
+        skip_unreadable: Skip and count unreadable samples instead of stopping.
+        flag: The CLI flag named in errors.
+
+    Returns:
+        ``(stream, positions)``.
+
+    Raises:
+        ValueError: naming ``data.workers``, for another number of workers than the saved positions'.
+
+    Examples:
+        >>> import io, tarfile, tempfile, pathlib, torch
+        >>> from stepkit import TrainState
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "0.tar"
+        >>> with tarfile.open(path, "w") as tar:
+        ...     for key in ("a", "b", "c"):
+        ...         info = tarfile.TarInfo(f"{key}.txt"); info.size = 1
+        ...         tar.addfile(info, io.BytesIO(b"x"))
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> last_letter = lambda fields, rng, where: where[-1]
+        >>> stream, positions = resumable_stream([path], last_letter, state, seed=0, workers=0)
+        >>> key, places, skipped = next(iter(stream))
+        >>> state.data_position += 1
+        >>> positions.update(places[None], torch.tensor([skipped]), state.data_position)
+        >>> state.rank_extras["shard_positions"].tolist()  # what the checkpoint keeps: next is sample 1
+        [[0, 0, 1, 0]]
+        >>> again, _ = resumable_stream([path], last_letter, state, seed=0, workers=0)
+        >>> next(iter(again))[0]  # a resumed stream reads on from there
+        'b'
+    """
+    from stepkit import dist
+
+    positions = ShardPositions(workers, state.rank_extras.get("shard_positions"))
+    state.rank_extras["shard_positions"] = positions.tensor
+    stream = ShardStream(shards, make_sample, seed=seed, rank=dist.rank(), world=dist.world_size(),
+                         workers=workers, positions=positions.start if state.data_position else None,
+                         first_worker=state.data_position % positions.workers,
+                         skip_unreadable=skip_unreadable, flag=flag)
+    return stream, positions
 
 
 class ShardCrops:
