@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dino_step import SIZES, Dino, stepkit_loop, sync  # noqa: E402
 
 from stepkit.augment import MultiCrop, multi_crop, normalize  # noqa: E402
+from stepkit.rundir import environment  # noqa: E402
 
 IMAGE_SIZE = {"vit-s16": 256, "tiny": 40}
 
@@ -142,7 +143,8 @@ def files_case(args) -> dict:
     shards_vs_folders = min(a["images_per_s"] / b["images_per_s"] for a, b in zip(rows[2::3], rows[1::3]))
     result = dict(
         benchmark="data_files", crops="2x224 (0.4-1) + 8x96 (0.05-0.4), bicubic, flip 0.5",
-        images_per_size=args.images, repeats=args.steps, cpu=_cpu_name(), threads=1, torch=torch.__version__,
+        images_per_size=args.images, repeats=args.steps, cpu=environment()["cpu"], threads=1,
+        torch=torch.__version__,
         pillow=Image.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         rows=rows, worst_vs_plain=worst, shards_vs_folders=round(shards_vs_folders, 2),
         meets_target=bool(worst >= 1.5 and shards_vs_folders >= 1.0),
@@ -173,18 +175,6 @@ def _each(items, plain=None, source=None) -> None:
             source[(item, 0)]
         else:
             next(source)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> dict:

@@ -126,6 +126,22 @@ def _rows(path: Path, kind: str, columns: tuple[str, str], flag: str):
             yield f"row {number}", {columns[0]: a, columns[1]: b}
 
 
+def _file_kind(path: Path, flag: str) -> str:
+    """``csv``, ``tsv``, ``jsonl`` or ``parquet`` for an existing pairs file; ValueError naming ``flag``."""
+    kind = PAIR_FILE_KINDS.get(path.suffix.lower())
+    if kind is None:
+        _check.fail(flag, str(path), f"a file ending in one of {', '.join(PAIR_FILE_KINDS)}")
+    if not path.is_file():
+        raise ValueError(f"{flag}={str(path)!r} is not allowed: no such file")
+    return kind
+
+
+def _first_seen_ids(keys: list) -> list[int]:
+    """Each key's number in order of first appearance: rows that share an image (or a positive) share it."""
+    numbering: dict = {}
+    return [numbering.setdefault(key, len(numbering)) for key in keys]
+
+
 def _column_flag(columns: tuple[str, str], name: str, flag: str) -> str:
     return f"--{flag.rsplit('.', 1)[0]}.{'image' if name == columns[0] else 'text'}-column".replace("_", "-")
 
@@ -182,11 +198,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
     from stepkit.images import unreadable_image
 
     path = Path(path)
-    kind = PAIR_FILE_KINDS.get(path.suffix.lower())
-    if kind is None:
-        _check.fail(flag, str(path), f"a file ending in one of {', '.join(PAIR_FILE_KINDS)}")
-    if not path.is_file():
-        raise ValueError(f"{flag}={str(path)!r} is not allowed: no such file")
+    kind = _file_kind(path, flag)
     columns = (image_column, text_column)
     images, texts, skipped = [], [], []
     hint = "; pass --data.skip-unreadable to skip such rows"
@@ -221,8 +233,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
         images, texts = [images[i] for i in keep], [texts[i] for i in keep]
     if not images:
         raise ValueError(f"{flag}={str(path)!r} is not allowed: it holds no usable pairs")
-    numbering: dict[Path, int] = {}
-    ids = [numbering.setdefault(file, len(numbering)) for file in images]
+    ids = _first_seen_ids(images)
     return Pairs(images, texts, ids, skipped, path)
 
 
@@ -244,11 +255,7 @@ def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
         ['a feline']
     """
     path = Path(path)
-    kind = PAIR_FILE_KINDS.get(path.suffix.lower())
-    if kind is None:
-        _check.fail(flag, str(path), f"a file ending in one of {', '.join(PAIR_FILE_KINDS)}")
-    if not path.is_file():
-        raise ValueError(f"{flag}={str(path)!r} is not allowed: no such file")
+    kind = _file_kind(path, flag)
     columns = (anchor_column, positive_column)
     anchors, positives, skipped = [], [], []
     try:
@@ -268,8 +275,7 @@ def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
         raise ValueError(named.replace(".text-column", ".positive-column")) from None
     if not anchors:
         raise ValueError(f"{flag}={str(path)!r} is not allowed: it holds no usable pairs")
-    numbering: dict[str, int] = {}
-    ids = [numbering.setdefault(text, len(numbering)) for text in positives]
+    ids = _first_seen_ids(positives)
     return TextPairs(anchors, positives, ids, skipped, path)
 
 
