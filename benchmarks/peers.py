@@ -65,8 +65,20 @@ from stepkit.models import DINOHead, VisionTransformer, multi_crop_forward  # no
 STUDENT_TEMP, TEACHER_TEMP, CENTER_M, CLIP, LR, WD, STEPS_IN_RUN = 0.1, 0.04, 0.9, 3.0, 5e-4, 0.04, 1000
 
 
-class _Absent:
-    """Stands for any torchvision name lightly's package imports but the DINO step never uses."""
+class _AbsentAttributes(type):
+    """``_Absent.NEAREST`` (timm reads torchvision's enums at import, as distinct dict keys) is another
+    stand-in, one per name."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        member = _AbsentAttributes(name, (cls,), {})
+        setattr(cls, name, member)
+        return member
+
+
+class _Absent(metaclass=_AbsentAttributes):
+    """Stands for any torchvision name a peer's package imports but the compared code never uses."""
 
     def __init__(self, *args, **kwargs) -> None:
         raise RuntimeError("torchvision is not available here (benchmarks/peers.py stood in for it)")
@@ -92,17 +104,22 @@ class _AbsentTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__path__, module.__version__ = [], "0.0.0"
 
 
-def import_lightly() -> tuple[types.SimpleNamespace | None, str]:
-    """lightly's DINO pieces, or None and why not."""
-    note = ""
+def allow_without_torchvision() -> str:
+    """Where torchvision cannot import beside this torch, stand in an empty one; say so (or "")."""
     try:
         importlib.import_module("torchvision")
     except Exception as err:  # noqa: BLE001 - not installed, or built for another torch
-        # lightly's package __init__ imports torchvision for pieces the DINO step does not use.
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         sys.meta_path.insert(0, _AbsentTorchvision())
-        note = f"torchvision does not import here ({type(err).__name__}); an empty stand-in was used"
+        return f"torchvision does not import here ({type(err).__name__}); an empty stand-in was used"
+    return ""
+
+
+def import_lightly() -> tuple[types.SimpleNamespace | None, str]:
+    """lightly's DINO pieces, or None and why not."""
+    # lightly's package __init__ imports torchvision for pieces the DINO step does not use.
+    note = allow_without_torchvision()
     try:
         from lightly.loss import DINOLoss
         from lightly.models.modules import DINOProjectionHead

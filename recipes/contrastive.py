@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -58,12 +57,13 @@ from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
 from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
-from stepkit.models import SmallCNN
+from stepkit.models import ProjectedTower, SmallCNN
 from stepkit.models.text import (
     PretrainedTextEncoder,
     TinyTextEncoder,
     WordTokenizer,
     add_lora,
+    minilm_path,
     pretrained_tokenizer,
     text_extra,
 )
@@ -80,6 +80,7 @@ from stepkit.run import (
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
+from stepkit.weights import describe_part
 
 
 @dataclass
@@ -236,17 +237,6 @@ PRESETS = {
 }
 
 
-class Tower(nn.Module):
-    """An encoder and a linear projection to the shared space, L2-normalised."""
-
-    def __init__(self, encoder: nn.Module, embed_dim: int) -> None:
-        super().__init__()
-        self.encoder, self.proj = encoder, nn.Linear(encoder.dim, embed_dim)
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return F.normalize(self.proj(self.encoder(*args, **kwargs)), dim=-1)
-
-
 class TwoTower(nn.Module):
     """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
     checkpoints carry it (the loss, not the forward, uses it). Text-text: ``images`` is the anchors'
@@ -254,7 +244,7 @@ class TwoTower(nn.Module):
 
     def __init__(self, image: nn.Module, text: nn.Module, embed_dim: int, loss: Loss) -> None:
         super().__init__()
-        self.image, self.text = Tower(image, embed_dim), Tower(text, embed_dim)
+        self.image, self.text = ProjectedTower(image, embed_dim), ProjectedTower(text, embed_dim)
         self.logit_scale = LogitScale(loss.init_temperature, loss.max_logit_scale)
 
     def forward(self, images: torch.Tensor | dict[str, torch.Tensor], tokens: dict[str, torch.Tensor]):
@@ -354,6 +344,19 @@ def main(cfg: Config) -> dict:
     vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
     model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only)
     model = model.to(device)
+    words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})),
+             "max_len": cfg.model.max_len}
+    text_facts = {"tokenizer": {"kind": "hf", "path": minilm_path(), "max_len": cfg.model.max_len}
+                  if cfg.model.text == "minilm" else words}
+    if cfg.model.text == "minilm" and cfg.model.lora:  # merged into the weights on export
+        text_facts["lora_scale"] = cfg.model.lora_alpha / cfg.model.lora_r
+    image_facts = text_facts if text_only else {"input": {
+        "kind": "image", "size": cfg.data.image_size, "channels": in_chans,
+        **({"mean": mean, "std": std} if files else {"range": "[0, 1]"})}}
+    parts = {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
+                                    about="the anchor text tower" if text_only else "the image tower"),
+             "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
+                                   about="the text tower (LoRA merged on export)")}
     teacher = None
     if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
         teacher, teacher_tokenize = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
@@ -468,10 +471,11 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
             state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
+                       meta={"parts": parts})
             if signals.requested():  # every rank stops at the same update
                 break
-    save_last(ckpt_dir, state)
+    save_last(ckpt_dir, state, meta={"parts": parts})
     stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 

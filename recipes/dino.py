@@ -4,6 +4,7 @@
     python recipes/dino.py --run-dir runs/dino --optim.lr 1e-3
     python recipes/dino.py --data.root ~/photos --eval.train-root L --eval.val-root V   # your images
     python recipes/dino.py --data.shards 'data/{0000..0127}.tar'   # WebDataset shards, resumable
+    python recipes/dino.py --init.from runs/dino --run-dir runs/d2 # start from a run's teacher
     python recipes/dino.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # GPU, paper
     python recipes/dino.py vit-s16 --compile reduce-overhead ...   # compiled, as CUDA graphs
     python recipes/dino.py --help
@@ -85,6 +86,7 @@ from stepkit.run import (
 from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
+from stepkit.weights import InitConfig, describe_part
 
 
 @dataclass
@@ -223,6 +225,7 @@ class Alarm:
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/dino")
+    init: InitConfig = field(default_factory=InitConfig)
     device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     compile: Literal["none", "default", "reduce-overhead"] = may_change_on_resume("none")
@@ -309,6 +312,18 @@ def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     return net, net.dim
 
 
+def probe_source(cfg: Config, found, size: int) -> dict:
+    """The labelled images this run's k-NN probe reads, recorded for ``stepkit eval``."""
+    if cfg.data.synthetic:
+        return {}
+    if found is None:
+        return {"kind": "digits_canvas", "seed": cfg.data.seed, "size": cfg.data.image_size}
+    if found.eval_train is None:
+        return {}
+    return {"kind": "folders", "train_root": str(found.eval_train.root), "val_root": str(found.eval_val.root),
+            "size": size, "resize": cfg.data.image_size}
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1).mean()
 
@@ -356,11 +371,23 @@ def main(cfg: Config) -> dict:
         fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     in_chans = 3 if files else train_set[0][0].shape[0]
 
     seed_everything(cfg.train.seed)
     backbone, dim = build_backbone(cfg, in_chans)
+    init = cfg.init.load_into(backbone, part="teacher") if not cfg.resuming else None  # weights only
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    if init and dist.is_main():
+        print(init.line(), flush=True)
+    size = cfg.crops.global_size if files else cfg.data.image_size
+    facts = {"input": {"kind": "image", "size": size, "channels": in_chans, "mean": mean, "std": std},
+             "features": "the class token (ViT) or pooled grid (CNN), (B, dim): what the k-NN probe uses"}
+    probe = {"features": "forward", "k": cfg.eval.k, "temperature": cfg.eval.temperature, "linear": False,
+             "batch_size": cfg.batch_size, "seed": cfg.train.seed, "data": probe_source(cfg, found, size)}
+    parts = {"teacher": describe_part(backbone, source="target", prefix="backbone.", **facts, probe=probe,
+                                      about="the EMA teacher's backbone (what DINO evaluates)"),
+             "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,
+                                      about="the student's backbone")}
     head = DINOHead(dim, cfg.model.out_dim, hidden=cfg.model.head_hidden, bottleneck=cfg.model.bottleneck,
                     batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer)
     model = DinoModel(backbone, head).to(device)
@@ -401,7 +428,7 @@ def main(cfg: Config) -> dict:
         return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
     backbone.eval()
-    knn_random_init = knn(backbone) if evaluate else None  # same architecture and seed, untrained
+    knn_start = knn(backbone) if evaluate else None  # same architecture and seed, untrained (or --init)
     backbone.train()
     teacher = copy.deepcopy(model).requires_grad_(False)
     # Under torchrun: DDP, or FSDP2 with the backbone's blocks, the backbone and the head sharded on
@@ -503,11 +530,12 @@ def main(cfg: Config) -> dict:
                           state.step)
             state.extras["wall_s"] = time.perf_counter() - started
             with batches.rng_as_consumed():  # the next batch's crops are drawn already
-                maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+                maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
+                           meta={"parts": parts})
             if signals.requested():  # every rank stops at the same update
                 break
     with batches.rng_as_consumed():
-        save_last(ckpt_dir, state)
+        save_last(ckpt_dir, state, meta={"parts": parts})
     stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 
@@ -522,12 +550,13 @@ def main(cfg: Config) -> dict:
         "ranks": dist.world_size(),
         "run_id": state.run_id,
         "collapse_warning": watch.last,
+        **({"init": init.as_dict()} if init else {}),
     }
     if evaluate:
         summary.update({
             "knn_acc": knn(teacher.backbone),
             "knn_acc_student": knn(model.backbone),
-            "knn_acc_random_init": knn_random_init,
+            ("knn_acc_init" if init else "knn_acc_random_init"): knn_start,
             "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
         })
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
@@ -538,7 +567,8 @@ def main(cfg: Config) -> dict:
         return summary
     if evaluate:
         print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
-              f"untrained {knn_random_init:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
+              f"{'at init' if init else 'untrained'} {knn_start:.3f}, "
+              f"pixels {summary['knn_acc_pixels']:.3f}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     else:
         print(f"{summary['images_per_s']} images/s; summary in {cfg.run_dir / 'summary.json'}")

@@ -7,6 +7,7 @@
     python recipes/ijepa.py --loss.var-weight 1 --loss.cov-weight 0.04   # a variance guard (C-JEPA)
     python recipes/ijepa.py --data.root ~/photos --eval.train-root L --eval.val-root V   # your images
     python recipes/ijepa.py --data.shards 'data/{0000..0127}.tar'  # WebDataset shards, resumable
+    python recipes/ijepa.py vit-s16 --init.from vit_s16.pth ...    # from a timm / I-JEPA / DINO ViT
     python recipes/ijepa.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # one GPU
     python recipes/ijepa.py vit-h14 --run-dir runs/h14 --data.root /data/imagenet/train   # the paper, GPUs
     python recipes/ijepa.py --help
@@ -115,6 +116,7 @@ from stepkit.run import (
 from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
+from stepkit.weights import InitConfig, describe_part
 
 
 @dataclass
@@ -229,6 +231,7 @@ class Eval:
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/ijepa")
+    init: InitConfig = field(default_factory=InitConfig)
     device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 64
@@ -359,10 +362,30 @@ def main(cfg: Config) -> dict:
         fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
-
     seed_everything(cfg.train.seed)
-    encoder = build_encoder(cfg, in_chans=3 if files else train_set[0][0].shape[0])
+    in_chans = 3 if files else train_set[0][0].shape[0]
+    encoder = build_encoder(cfg, in_chans=in_chans)
+    init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    if init and dist.is_main():
+        print(init.line(), flush=True)
+    facts = {"input": {"kind": "image", "size": cfg.data.image_size, "channels": in_chans, "mean": mean,
+                       "std": std},
+             "features": f"patch tokens; the probes average them over a {cfg.eval.pool}x{cfg.eval.pool} grid "
+                         "(stepkit.models.pooled_patches)"}
+    if files and found.eval_train is not None:  # the labelled images the probes read (stepkit eval)
+        data = {"kind": "folders", "train_root": str(found.eval_train.root),
+                "val_root": str(found.eval_val.root), "size": cfg.data.image_size,
+                "resize": round(cfg.data.image_size / 0.875)}
+    else:
+        data = {} if files else {"kind": "digits_canvas", "seed": cfg.data.seed, "size": cfg.data.image_size}
+    probe = {"features": "pooled_patches", "pool": cfg.eval.pool, "layers": cfg.eval.layers, "k": cfg.eval.k,
+             "temperature": cfg.eval.temperature, "linear": cfg.eval.linear, "batch_size": cfg.batch_size,
+             "seed": cfg.train.seed, "data": data}
+    parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
+                                     about="the EMA target encoder (what I-JEPA evaluates)"),
+             "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
+                                      about="the context encoder")}
     grid = (encoder.grid, encoder.grid)
     depths, start_weights = cfg.levels.resolved(cfg.model.depth())
     blocks = tuple(d - 1 for d in depths)  # 0-based, for patch_tokens(layers=...)
@@ -371,7 +394,7 @@ def main(cfg: Config) -> dict:
     out_dim = cfg.model.predictor_dim if hierarchical else dims[0]
     model = JEPA(encoder, build_predictor(cfg, encoder, out_dim), dims if hierarchical else []).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
-    untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
+    untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation (or --init's weights)
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
 
     def loader(dataset, **kw) -> DataLoader:
@@ -470,10 +493,11 @@ def main(cfg: Config) -> dict:
             if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
                 log.image("masks", mask_image(*batch, encoder.patch_size), state.step)
             state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
+                       meta={"parts": parts})
             if signals.requested():  # every rank stops at the same update
                 break
-    save_last(ckpt_dir, state)
+    save_last(ckpt_dir, state, meta={"parts": parts})
     stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 
@@ -493,6 +517,7 @@ def main(cfg: Config) -> dict:
         "ranks": dist.world_size(),
         "run_id": state.run_id,
         "collapse_warning": watch.last,
+        **({"init": init.as_dict()} if init else {}),
     }
     if probe_set is None:  # no labelled images: the reason was printed before training
         if finish_run(cfg, log, summary):
@@ -500,7 +525,8 @@ def main(cfg: Config) -> dict:
         return summary
     pixels = embed(nn.Flatten(), probe_set), embed(nn.Flatten(), test_set)
     last_width = lambda net: cfg.eval.pool ** 2 * layer_dims(net, (cfg.model.depth() - 1,))[0]  # noqa: E731
-    nets = {"": target_encoder, "_context_encoder": model.encoder, "_random_init": untrained}
+    start = "_init" if init else "_random_init"  # the weights it started from
+    nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}
     scores, last_layer_features = frozen_probes(
         nets, features, last_width, pixels, "pixels", layers=min(cfg.eval.layers, cfg.model.depth()),
         k=cfg.eval.k, temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
@@ -510,11 +536,11 @@ def main(cfg: Config) -> dict:
                     "feature_std": float(final["std"])})
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
-        s = summary
+        s, begun = summary, "at init" if init else "untrained"
         linear = "" if not cfg.eval.linear else (
-            f"linear probe: trained {s['linear_acc']:.3f}, untrained {s['linear_acc_random_init']:.3f}, "
+            f"linear probe: trained {s['linear_acc']:.3f}, {begun} {s['linear_acc' + start]:.3f}, "
             f"pixels {s['linear_acc_pixels']:.3f}; ")
-        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, untrained {s['knn_acc_random_init']:.3f}, "
+        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, {begun} {s['knn_acc' + start]:.3f}, "
               f"pixels {s['knn_acc_pixels']:.3f}; effective rank {s['effective_rank']:.1f}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary

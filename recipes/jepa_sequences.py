@@ -97,6 +97,7 @@ from stepkit.run import (
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
+from stepkit.weights import describe_part
 
 
 @dataclass
@@ -308,6 +309,12 @@ def main(cfg: Config) -> dict:
     predictor = SequencePredictor(seq["length"], encoder.dim, m.predictor_dim, m.predictor_depth,
                                   m.predictor_heads, out_dim=m.predictor_dim if hierarchical else dims[0])
     model = SequenceJEPA(encoder, predictor, dims if hierarchical else []).to(device)
+    facts = {"input": {"kind": cfg.data.kind, "length": seq["length"]},
+             "features": "token features (B, length, dim), pooled by stepkit.jepa.sequence_features"}
+    parts = {"target": describe_part(encoder, source="target", prefix="", **facts,
+                                     about="the EMA target encoder (what the probes evaluate)"),
+             "context": describe_part(encoder, source="model", prefix="encoder.", **facts,
+                                      about="the context encoder")}
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=jepa_shard_units)
@@ -392,10 +399,11 @@ def main(cfg: Config) -> dict:
                 print(f"step {state.step}: {warning}", flush=True)
                 log.write({"collapse_warning": warning}, state.step, kind="alarm")
             state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
+                       meta={"parts": parts})
             if signals.requested():  # every rank stops at the same update
                 break
-    save_last(ckpt_dir, state)
+    save_last(ckpt_dir, state, meta={"parts": parts})
     stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
     train_s = time.perf_counter() - started
 

@@ -4,6 +4,9 @@
     stepkit cp dino ./my_dino.py            # a copy to edit (refuses to overwrite without --force)
     stepkit cp --config dino ./dino.yaml    # its preset as a commented YAML file for --config
     stepkit run dino [PRESET] [--flags]     # the shipped recipe, as python recipes/dino.py would run
+    stepkit export runs/dino                # the parts a run can export
+    stepkit export runs/dino --part teacher --out teacher.safetensors   # --format timm|hf|...
+    stepkit eval runs/dino [--all] [--train-root L --val-root V] [--linear]   # probe saved checkpoints
     torchrun --nproc_per_node=2 -m stepkit run dino --run-dir runs/d
 
 The recipes are the repository's ``recipes/`` folder, installed as
@@ -195,6 +198,64 @@ def run_recipe(path: Path, args: list[str]) -> None:
         sys.argv = saved
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    """``stepkit export``: list a run's parts, or write one; errors in one line, exit 2."""
+    from stepkit.checkpoint import CheckpointError
+    from stepkit.weights import checkpoint_parts, export, find_checkpoint
+
+    try:
+        if not args.part:
+            path = find_checkpoint(args.run, args.checkpoint)
+            parts = checkpoint_parts(path)
+            print(f"{path} holds these parts (stepkit export {args.run} --part NAME --out PATH):")
+            for name, part in parts.items():
+                print(f"  {name}: {part.get('about', '')} ({part['arch']['class']})")
+            return 0
+        if not args.out:
+            raise ValueError("--out is required: the file (safetensors) or folder to write")
+        written = export(args.run, args.part, args.out, format=args.format, checkpoint=args.checkpoint,
+                         force=args.force)
+    except (ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} ({args.format}, part {args.part}); load it with "
+          f"stepkit.weights.load_exported({str(written)!r})" if args.format in ("safetensors", "timm")
+          else f"wrote {written} ({args.format}, part {args.part})")
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    """``stepkit eval``: probe one checkpoint or every one; a result file each; errors in one line."""
+    from stepkit.checkpoint import CheckpointError
+    from stepkit.probe import checkpoints_of, evaluate_checkpoint, write_result
+    from stepkit.weights import checkpoint_parts, find_checkpoint
+
+    try:
+        targets = checkpoints_of(args.run) if args.all else [find_checkpoint(args.run, args.checkpoint)]
+        probed = [name for name, p in checkpoint_parts(targets[-1]).items() if p.get("probe")]
+        part = args.part or (probed[0] if probed else "")
+        if not part:
+            raise ValueError(f"{targets[-1]}: no part records a probe; name one with --part")
+        rows = []
+        for path in targets:
+            result = evaluate_checkpoint(path, part, train_root=args.train_root, val_root=args.val_root,
+                                         knn=not args.no_knn, linear=args.linear, batch_size=args.batch_size,
+                                         device=args.device)
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            result["file"] = str(write_result(run_dir, result))
+            rows.append(result)
+    except (ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    keys = [k for k in rows[0] if k.endswith("_acc")]
+    print(f"{'checkpoint':24} {'step':>8} " + " ".join(f"{k:>12}" for k in keys))
+    for row in rows:
+        print(f"{Path(row['checkpoint']).name:24} {row['step']:>8} "
+              + " ".join(f"{row.get(k, float('nan')):12.4f}" for k in keys))
+    print(f"results in {Path(rows[-1]['file']).parent}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``stepkit ls | cp | run`` (also ``python -m stepkit``); returns the exit code.
 
@@ -221,7 +282,32 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run a recipe: stepkit run NAME [PRESET] [--flags]", add_help=False)
     run.add_argument("recipe")
     run.add_argument("args", nargs=argparse.REMAINDER)
+    export = commands.add_parser("export", help="a part of a run as plain weights (safetensors, timm, hf, "
+                                                "sentence-transformers); without --part: list the parts")
+    export.add_argument("run", help="a run directory, a checkpoint .pt file or a .dcp folder")
+    export.add_argument("--part", help="which part (listed when omitted)")
+    export.add_argument("--out", help="the file (safetensors) or folder (timm, hf, sentence-transformers)")
+    export.add_argument("--format", default="safetensors",
+                        help="safetensors (default), timm, hf or sentence-transformers")
+    export.add_argument("--checkpoint", default="last", help="last (default), best or step_N")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    probe = commands.add_parser("eval", help="the probes of a run's checkpoint (or --all of them), "
+                                             "on its own labelled data or --train-root/--val-root")
+    probe.add_argument("run", help="a run directory (or a checkpoint file)")
+    probe.add_argument("--checkpoint", default="last", help="last (default), best or step_N")
+    probe.add_argument("--all", action="store_true", help="every checkpoint the run keeps, as a table")
+    probe.add_argument("--part", default="", help="the part to probe (default: the one the recipe evaluates)")
+    probe.add_argument("--train-root", help="labelled images (one folder per class) the probes fit on")
+    probe.add_argument("--val-root", help="held-out labelled images, the same classes")
+    probe.add_argument("--no-knn", action="store_true", help="skip the k-NN probe")
+    probe.add_argument("--linear", action="store_true", default=None, help="add the linear probe")
+    probe.add_argument("--batch-size", type=int, help="images per forward (default: the run's)")
+    probe.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "export":
+        return _export_command(args)
+    if args.command == "eval":
+        return _eval_command(args)
     try:
         if args.command == "ls":
             print(list_recipes())

@@ -33,7 +33,7 @@ from stepkit import dist
 from stepkit.checkpoint import resume
 from stepkit.config import RunArgs, to_jsonable
 from stepkit.log import Logger
-from stepkit.rundir import CKPT_DIR, record_resume, start_run, write_summary
+from stepkit.rundir import CKPT_DIR, record_resume, run_of, start_run, write_summary
 from stepkit.signals import StopSignals
 from stepkit.state import TrainState, unwrap
 
@@ -164,6 +164,12 @@ def continue_run(cfg: Any, state: TrainState, ckpt_dir: str | os.PathLike, *, to
         >>> log.close()
     """
     if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
+        branch = cfg.resume_from is not None \
+            and run_of(cfg.resume_from).resolve() != Path(cfg.run_dir).resolve()
+        if branch and state.step >= total_steps:
+            raise ValueError(f"resume_from={str(cfg.resume_from)!r} is at step {state.step}, and this run "
+                             f"ends at {total_steps}: nothing to train; to start a new run from its weights "
+                             f"use --init.from {run_of(cfg.resume_from)} instead")
         record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
         if dist.is_main():
             print(f"resumed from {cfg.resume_from or ckpt_dir} at step {state.step}")

@@ -33,7 +33,7 @@ from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint import LAST, has_checkpoint
 from stepkit.config import flat_config, resume_free_fields, to_jsonable
 
-__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "SUMMARY_FILE",
+__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "SUMMARY_FILE", "run_of",
            "config_changes", "environment", "record_resume", "saved_config", "start_run", "write_summary"]
 
 CONFIG_FILE, SUMMARY_FILE, CKPT_DIR = "config.json", "summary.json", "checkpoints"
@@ -149,6 +149,12 @@ def start_run(
             _check.fail("resume_allow", name, f"names of config fields such as train.steps{hint}")
     if resume and resume_from is not None and not Path(resume_from).exists():
         _check.fail("resume_from", str(resume_from), "an existing checkpoint file or .dcp folder")
+    source_run = run_of(resume_from) if resume and resume_from is not None else run_dir
+    branch = source_run.resolve() != run_dir.resolve()  # another run's checkpoint, continued here
+    if branch and (has_checkpoint(ckpt_dir) or (run_dir / "metrics.jsonl").exists()):
+        raise ValueError(f"run_dir={str(run_dir)!r} already holds a run, and --resume-from names a "
+                         f"checkpoint of another one ({source_run}): continue that run in its own folder "
+                         "(--run-dir), or choose a new --run-dir for the branch")
     if resume and resume_from is None and not has_checkpoint(ckpt_dir):
         if not or_start:
             raise ValueError(
@@ -162,27 +168,49 @@ def start_run(
                 "pass --resume to continue it, or choose another --run-dir"
             )
     if resume:
-        saved = saved_config(run_dir)
+        saved = saved_config(source_run)
+        if branch and saved is None:
+            raise ValueError(f"resume_from={str(resume_from)!r}: its run directory {source_run} has no "
+                             f"{CONFIG_FILE} to check this config against; to start from its weights "
+                             "instead, use --init.from")
         changes = config_changes(saved, given) if saved is not None else {}
+        if branch:
+            changes.pop("run_dir", None)
         free = resume_free_fields(config) if dataclasses.is_dataclass(config) else []
         # A field only one side has comes from another stepkit or recipe version (a field added
         # or removed since): nothing to compare, so it is listed, not refused.
         refused = {k: v for k, v in changes.items() if _ABSENT not in v
                    and not _matches(k, free) and not _matches(k, allow)}
         if refused:
+            who = (f"resume_from={str(resume_from)!r} (run {source_run})" if branch
+                   else f"run_dir={str(run_dir)!r}")
             raise ValueError(
-                f"run_dir={str(run_dir)!r} cannot resume with another config: {_describe(refused)} "
+                f"{who} cannot resume with another config: {_describe(refused)} "
                 "(saved → given; these fields shape the run: pass them as saved, or --resume-allow "
                 "FIELD to change one on purpose, or choose another --run-dir)")
         if changes and dist.is_main():
             print(f"resume: changed on purpose or allowed: {_describe(changes)}")
-        return ckpt_dir
+        if not branch:
+            return ckpt_dir
+        if dist.is_main():  # a branch: a run of its own from here on, under the checked config
+            print(f"resume: continuing {resume_from} (a checkpoint of {source_run}) in {run_dir}")
     # Every rank checks (and so raises alike); rank 0 writes, the others wait for the folder.
     if dist.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, config)
     dist.barrier()
     return ckpt_dir
+
+def run_of(checkpoint: str | os.PathLike) -> Path:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/last.pt`` -> ``RUN``).
+
+    Examples:
+        >>> run_of("runs/a/checkpoints/step_00000100.pt")
+        PosixPath('runs/a')
+    """
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
+
 
 def _write_config(run_dir: Path, config: Any) -> None:
     atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(to_jsonable(config), indent=2).encode() + b"\n")

@@ -205,3 +205,20 @@ def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(user_file
     assert not (tmp_path / "run" / "summary.json").exists()  # it died mid-epoch, before its end
     run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run"), "--resume"])
     assert summary(tmp_path / "run")["params_digest"] == summary(tmp_path / "whole")["params_digest"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole", ["fsdp"], indirect=True)
+def test_fsdp_sharded_checkpoint_exports_and_evaluates_in_one_process(whole, tmp_path):
+    """The teacher gathered from the 2-rank FSDP2 run's last.dcp gives that run's k-NN accuracy, through
+    stepkit eval, through an export, and as a new run's starting weights."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole[1], run_dir)
+    expected = summary(run_dir)["knn_acc"]
+    run([sys.executable, "-m", "stepkit", "eval", str(run_dir)])
+    assert json.loads((run_dir / "eval" / "last.json").read_text())["knn_acc"] == expected
+    out = tmp_path / "teacher.safetensors"
+    run([sys.executable, "-m", "stepkit", "export", str(run_dir), "--part", "teacher", "--out", str(out)])
+    run([sys.executable, *DINO, "--run-dir", str(tmp_path / "next"), "--train.steps", "2",
+         "--init.from", str(out)])
+    assert summary(tmp_path / "next")["knn_acc_init"] == expected

@@ -1,5 +1,6 @@
 """The small models the recipes need, and nothing more."""
 
+from stepkit.models.arguments import ARCHITECTURES, arch_record, build_arch, records_arguments
 from stepkit.models.autoencoder import MultimodalAutoencoder
 from stepkit.models.cnn import SmallCNN
 from stepkit.models.dino import DINOHead, cancel_last_layer_gradients, multi_crop_forward
@@ -30,9 +31,20 @@ from stepkit.models.text import (
     pretrained_tokenizer,
     pretrained_vocab,
 )
+from stepkit.models.tower import ProjectedTower
 from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
 
+# The classes exported weights may rebuild (stepkit.weights.load_exported): these and no others.
+ARCHITECTURES.update({cls.__name__: cls for cls in (VisionTransformer, SmallCNN, MaskedCNN, MaskedTemporalCNN,
+                                                    TokenTransformer, TinyTextEncoder, PretrainedTextEncoder,
+                                                    ProjectedTower)})
+
 __all__ = [
+    "ARCHITECTURES",
+    "ProjectedTower",
+    "arch_record",
+    "build_arch",
+    "records_arguments",
     "JEPA",
     "SequenceJEPA",
     "ConvPredictor",

@@ -8,10 +8,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from stepkit import check as _check
+from stepkit.models.arguments import records_arguments
 
 __all__ = ["SmallCNN", "grid_mean"]
 
 
+@records_arguments
 class SmallCNN(nn.Module):
     """Conv-norm-ReLU stages (the first at stride 1, the rest at stride 2), then average pooling.
 

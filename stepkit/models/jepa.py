@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import check as _check
+from stepkit.models.arguments import records_arguments
 from stepkit.models.cnn import grid_mean
 from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
 from stepkit.state import unwrap
@@ -197,6 +198,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         return out.to(dtype)
 
 
+@records_arguments
 class MaskedCNN(nn.Module):
     """A convolutional JEPA encoder that sees only the context patches (CNN-JEPA, Kalapos & Gyires-Tóth 2024).
 

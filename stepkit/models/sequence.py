@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import check as _check
+from stepkit.models.arguments import records_arguments
 from stepkit.models.jepa import JEPA, MaskedBatchNorm2d
 from stepkit.models.text import masked_mean
 from stepkit.models.vit import Block, _init_weights
@@ -20,6 +21,7 @@ from stepkit.models.vit import Block, _init_weights
 __all__ = ["MaskedTemporalCNN", "TokenTransformer", "SequencePredictor", "sequence_tokens", "SequenceJEPA"]
 
 
+@records_arguments
 class MaskedTemporalCNN(nn.Module):
     """A temporal CNN that sees only the visible time steps: masked spans never reach its features.
 
@@ -83,6 +85,7 @@ class MaskedTemporalCNN(nn.Module):
         return (tokens, layers) if return_layers else tokens
 
 
+@records_arguments
 class TokenTransformer(nn.Module):
     """Token embeddings + learned positions + pre-norm transformer blocks: one feature per token.
 

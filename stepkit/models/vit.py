@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from stepkit import check as _check
+from stepkit.models.arguments import records_arguments
 
 __all__ = ["PRESETS", "DropPath", "Attention", "Block", "sincos_pos_embed_2d", "VisionTransformer"]
 
@@ -115,6 +116,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
     return torch.cat([encode(cols.flatten()), encode(rows.flatten())], dim=1).float()
 
 
+@records_arguments
 class VisionTransformer(nn.Module):
     """ViT with a class token; ``forward`` gives the class token's features, ``tokens`` all of them.
 
@@ -163,7 +165,7 @@ class VisionTransformer(nn.Module):
         if self.grid < 4:  # legal, and almost never meant: say so rather than train on a handful of tokens
             warnings.warn(f"ViT: patch_size={patch_size} on {img_size} px images gives {self.grid ** 2} "
                           f"token(s) ({self.grid} x {self.grid}); a smaller patch or larger images give "
-                          "attention something to attend over", UserWarning, stacklevel=2)
+                          "attention something to attend over", UserWarning, stacklevel=3)
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.fixed_positions = pos_embed == "sincos"

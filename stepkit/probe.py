@@ -1,0 +1,186 @@
+"""Evaluate any saved checkpoint with the frozen-feature probes its recipe ends with: ``stepkit eval``.
+
+    stepkit eval runs/dino                                 # last checkpoint, the run's own probe data
+    stepkit eval runs/dino --all                           # every checkpoint kept, a table
+    stepkit eval runs/ijepa --train-root L --val-root V --linear   # your labelled images
+
+A recipe records with each part how it probes it (``probe`` in the part's
+description: features, k-NN settings, the data it evaluates on); this reads
+the part out of a checkpoint (``stepkit.weights.read_part``), rebuilds it and
+runs the same probes, so the last checkpoint reproduces ``summary.json``.
+Features are computed in batches; k-NN compares in chunks. One result file
+per checkpoint goes to ``RUN/eval/<checkpoint>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stepkit._atomic import atomic_write_bytes
+from stepkit.augment import normalize, to_unit
+from stepkit.checkpoint import SHARDED_SUFFIX, CheckpointError
+from stepkit.evaluation import frozen_probes, knn_accuracy, linear_probe
+from stepkit.models.arguments import build_arch
+from stepkit.weights.parts import find_checkpoint, read_part
+
+__all__ = ["checkpoints_of", "evaluate_checkpoint", "probe_data", "write_result"]
+
+
+def checkpoints_of(run: str | os.PathLike) -> list[Path]:
+    """Every checkpoint a run directory keeps, oldest first, ``last`` at the end.
+
+    Examples:
+        >>> import tempfile
+        >>> checkpoints_of(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        stepkit.checkpoint.CheckpointError: ...: no checkpoints here (a run directory holds checkpoints/)
+    """
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        raise CheckpointError(f"{run}: no checkpoints here (a run directory holds checkpoints/)")
+    found = sorted(p for p in folder.iterdir() if p.name.startswith(("step_", "best_"))
+                   and (p.suffix in (".pt", SHARDED_SUFFIX)) and ".rank" not in p.name)
+    last = find_checkpoint(run, "last")
+    return [*found, last]
+
+
+def probe_data(probe: dict[str, Any], train_root: str | os.PathLike | None = None,
+               val_root: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """The labelled (train, held-out) sets: ``train_root`` / ``val_root`` (class-per-folder) when
+    given, else the ones the run evaluated on (``probe["data"]``).
+
+    Examples:
+        >>> train, held_out = probe_data({"data": {"kind": "digits_canvas", "seed": 0, "size": 16}})
+        >>> len(train), len(held_out), tuple(train[0][0].shape)
+        (1438, 359, (1, 16, 16))
+    """
+    from stepkit.images import EvalImages, find_image_data
+
+    data = probe.get("data", {})
+    if train_root is not None or val_root is not None:
+        if train_root is None or val_root is None:
+            raise ValueError("--train-root and --val-root go together (labelled images, one folder per "
+                             "class)")
+        found = find_image_data(None, train_root, val_root)
+        print("\n".join(found.notes), flush=True)
+        assert found.eval_train is not None and found.eval_val is not None  # both roots were given
+        size = int(data.get("size") or probe["input_size"])
+        resize = data.get("resize")
+        return tuple(EvalImages(f.paths, f.labels, size=size, resize=resize)  # type: ignore[return-value]
+                     for f in (found.eval_train, found.eval_val))
+    if data.get("kind") == "digits_canvas":
+        from stepkit.bundled import digits_canvas
+
+        digits = digits_canvas(seed=int(data["seed"]), size=int(data["size"]))
+        return (TensorDataset(digits["train_images"], digits["train_labels"]),
+                TensorDataset(digits["test_images"], digits["test_labels"]))
+    if data.get("kind") == "folders":
+        return probe_data({**probe, "data": {**data, "kind": ""}}, data["train_root"], data["val_root"])
+    raise ValueError("this run evaluated on no labelled images of its own: pass --train-root and --val-root")
+
+
+def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str = "last",
+                        train_root: str | os.PathLike | None = None,
+                        val_root: str | os.PathLike | None = None,
+                        knn: bool = True, linear: bool | None = None, batch_size: int | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """The probes' numbers for one part of one checkpoint (the keys ``summary.json`` uses).
+
+    Args:
+        source: A run directory or a checkpoint.
+        part: The part to probe (the recipe's evaluated one: DINO ``teacher``, JEPA ``target``).
+        checkpoint: ``last``, ``best``, ``step_N`` or a file name in ``checkpoints/``.
+        train_root, val_root: Labelled images to probe on instead of the run's own.
+        knn: Run the k-NN probe.
+        linear: Run the linear probe (None: as the run did).
+        batch_size: Images per forward (None: as the run did).
+        device: Where the features are computed.
+
+    Raises:
+        CheckpointError: for a missing checkpoint or part; ValueError for a part without a probe.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from stepkit import TrainState
+        >>> from stepkit.checkpoint import save_last
+        >>> from stepkit.models import SmallCNN
+        >>> from stepkit.weights import describe_part
+        >>> net = SmallCNN(1, (8, 16), pool=2)
+        >>> probe = {"features": "forward", "k": 10, "data": {"kind": "digits_canvas", "seed": 0, "size": 16}}
+        >>> parts = {"encoder": describe_part(net, source="model", prefix="", about="a CNN", probe=probe)}
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> state = TrainState(net, torch.optim.SGD(net.parameters(), lr=0.1), step=3)
+        >>> _ = save_last(run / "checkpoints", state, meta={"parts": parts})
+        >>> result = evaluate_checkpoint(run, "encoder")
+        >>> result["step"], 0.1 < result["knn_acc"] <= 1.0  # an untrained CNN is above chance already
+        (3, True)
+    """
+    state, info = read_part(source, part, checkpoint=checkpoint)
+    probe = info.get("probe")
+    if not probe:
+        raise ValueError(f"part {part!r} records no probe (its recipe evaluates another part)")
+    net = build_arch(info["arch"])
+    net.load_state_dict(state)
+    net = net.to(device).eval()
+    facts = info.get("input", {})
+    mean, std = facts.get("mean", (0.5,)), facts.get("std", (0.5,))
+    train_set, test_set = probe_data({**probe, "input_size": facts.get("size")}, train_root, val_root)
+    size = batch_size or int(probe.get("batch_size", 64))
+    linear = bool(probe.get("linear", False)) if linear is None else linear
+    k, temperature = int(probe.get("k", 20)), float(probe.get("temperature", 0.07))
+    k = min(k, len(train_set))
+
+    def embed(features: Callable[[Tensor], Tensor], dataset) -> tuple[Tensor, Tensor]:
+        loader = DataLoader(dataset, batch_size=size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = [(features(normalize(to_unit(x.to(device)), mean, std)).float().cpu(), y)
+                   for x, y in loader]
+        return torch.cat([f for f, _ in out]), torch.cat([torch.as_tensor(y) for _, y in out])
+
+    result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
+    if probe.get("features") == "pooled_patches":  # I-JEPA's protocol: last layer and last layers
+        from stepkit.models.jepa import encoder_depth, layer_dims, pooled_patches
+
+        pool, layers = int(probe["pool"]), int(probe["layers"])
+        depth = encoder_depth(net)
+
+        def features(model: nn.Module, n: int):
+            pooled = partial(pooled_patches, model, pool=pool, layers=n)
+            return embed(pooled, train_set), embed(pooled, test_set)
+
+        scores, _ = frozen_probes({"": net}, features, lambda m: pool ** 2 * layer_dims(m, (depth - 1,))[0],
+                                  (embed(nn.Flatten(), train_set), embed(nn.Flatten(), test_set)), "pixels",
+                                  layers=min(layers, depth), k=k, temperature=temperature, linear=linear,
+                                  seed=int(probe.get("seed", 0)))
+        return {**result, **{key: v for key, v in scores.items() if not key.endswith("_pixels")}}
+    (train_f, train_y), (test_f, test_y) = embed(net, train_set), embed(net, test_set)
+    if knn:
+        result["knn_acc"] = knn_accuracy(train_f, train_y, test_f, test_y, k=k, temperature=temperature)
+    if linear:
+        fitted = linear_probe(train_f, train_y, test_f, test_y, seed=int(probe.get("seed", 0)))
+        result["linear_acc"] = fitted["acc"]
+    return result
+
+
+def write_result(run: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """Write ``result`` to ``RUN/eval/<checkpoint name>.json``; return that path.
+
+    Examples:
+        >>> import tempfile
+        >>> write_result(tempfile.mkdtemp(), {"checkpoint": "x/checkpoints/last.dcp", "knn_acc": 0.5}).name
+        'last.json'
+    """
+    name = Path(result["checkpoint"]).name.removesuffix(".pt").removesuffix(SHARDED_SUFFIX)
+    path = Path(run) / "eval" / f"{name}.json"
+    atomic_write_bytes(path, json.dumps(result, indent=2).encode() + b"\n")
+    return path

