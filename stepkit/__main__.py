@@ -226,10 +226,12 @@ def _export_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     """``stepkit eval``: probe one checkpoint or every one; a result file each; errors in one line."""
+    from stepkit import dist
     from stepkit.checkpoint import CheckpointError
     from stepkit.probe import checkpoints_of, evaluate_checkpoint, write_result
     from stepkit.weights import checkpoint_parts, find_checkpoint
 
+    dist.init_from_env("cuda" if args.device == "cuda" else "cpu")  # torchrun: batches dealt out to ranks
     try:
         targets = checkpoints_of(args.run) if args.all else [find_checkpoint(args.run, args.checkpoint)]
         probed = [name for name, p in checkpoint_parts(targets[-1]).items() if p.get("probe")]
@@ -242,11 +244,17 @@ def _eval_command(args: argparse.Namespace) -> int:
                                          knn=not args.no_knn, linear=args.linear, batch_size=args.batch_size,
                                          device=args.device)
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-            result["file"] = str(write_result(run_dir, result))
+            if dist.is_main():
+                result["file"] = str(write_result(run_dir, result))
             rows.append(result)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        main_process = dist.is_main()
+        dist.shutdown()
+    if not main_process:
+        return 0
     keys = [k for k in rows[0] if k.endswith("_acc")]
     print(f"{'checkpoint':24} {'step':>8} " + " ".join(f"{k:>12}" for k in keys))
     for row in rows:

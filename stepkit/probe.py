@@ -8,8 +8,10 @@ A recipe records with each part how it probes it (``probe`` in the part's
 description: features, k-NN settings, the data it evaluates on); this reads
 the part out of a checkpoint (``stepkit.weights.read_part``), rebuilds it and
 runs the same probes, so the last checkpoint reproduces ``summary.json``.
-Features are computed in batches; k-NN compares in chunks. One result file
-per checkpoint goes to ``RUN/eval/<checkpoint>.json``.
+Features are computed in batches, dealt out across the ranks under torchrun
+(``torchrun --nproc_per_node=N -m stepkit eval RUN``: the same numbers as one
+process); k-NN compares in chunks. One result file per checkpoint goes to
+``RUN/eval/<checkpoint>.json``, written by rank 0.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from stepkit.evaluation import frozen_probes, knn_accuracy, linear_probe
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
 
-__all__ = ["checkpoints_of", "evaluate_checkpoint", "probe_data", "write_result"]
+__all__ = ["checkpoints_of", "embed_split", "evaluate_checkpoint", "probe_data", "write_result"]
 
 
 def checkpoints_of(run: str | os.PathLike) -> list[Path]:
@@ -141,11 +143,7 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
     k = min(k, len(train_set))
 
     def embed(features: Callable[[Tensor], Tensor], dataset) -> tuple[Tensor, Tensor]:
-        loader = DataLoader(dataset, batch_size=size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            out = [(features(normalize(to_unit(x.to(device)), mean, std)).float().cpu(), y)
-                   for x, y in loader]
-        return torch.cat([f for f, _ in out]), torch.cat([torch.as_tensor(y) for _, y in out])
+        return embed_split(features, dataset, lambda x: normalize(to_unit(x.to(device)), mean, std), size)
 
     result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
     if probe.get("features") == "pooled_patches":  # I-JEPA's protocol: last layer and last layers
@@ -170,6 +168,36 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         fitted = linear_probe(train_f, train_y, test_f, test_y, seed=int(probe.get("seed", 0)))
         result["linear_acc"] = fitted["acc"]
     return result
+
+
+def embed_split(features: Callable[[Tensor], Tensor], dataset: Any, prep: Callable[[Tensor], Tensor],
+                batch_size: int) -> tuple[Tensor, Tensor]:
+    """``(features, labels)`` of every item of ``dataset``, in order, with batches dealt out across the
+    ranks of a torchrun group (rank r computes batches r, r + W, ...) and gathered on every rank.
+
+    Each batch is the batch one process would compute, so a world of any size gives the same features.
+
+    Examples:
+        >>> data = TensorDataset(torch.arange(10.0).view(5, 2), torch.arange(5))
+        >>> feats, labels = embed_split(lambda x: x.sum(1, keepdim=True), data, lambda x: x, batch_size=2)
+        >>> feats.flatten().tolist(), labels.tolist()
+        ([1.0, 5.0, 9.0, 13.0, 17.0], [0, 1, 2, 3, 4])
+    """
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from stepkit import dist
+
+    batches = list(BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False))
+    mine = list(range(dist.rank(), len(batches), dist.world_size()))
+    loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine])
+    with torch.no_grad():
+        done = {i: (features(prep(x)).float().cpu(), torch.as_tensor(y)) for i, (x, y) in zip(mine, loader)}
+    if dist.world_size() > 1:
+        every: list[Any] = [None] * dist.world_size()
+        torch.distributed.all_gather_object(every, done)
+        done = {i: batch for part in every for i, batch in part.items()}
+    ordered = [done[i] for i in range(len(batches))]
+    return torch.cat([f for f, _ in ordered]), torch.cat([y for _, y in ordered])
 
 
 def write_result(run: str | os.PathLike, result: dict[str, Any]) -> Path:

@@ -222,3 +222,17 @@ def test_fsdp_sharded_checkpoint_exports_and_evaluates_in_one_process(whole, tmp
     run([sys.executable, *DINO, "--run-dir", str(tmp_path / "next"), "--train.steps", "2",
          "--init.from", str(out)])
     assert summary(tmp_path / "next")["knn_acc_init"] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole", ["ddp"], indirect=True)
+def test_stepkit_eval_on_two_ranks_gives_the_one_rank_result(whole, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole[1], run_dir)
+    run([sys.executable, "-m", "stepkit", "eval", str(run_dir), "--linear"])
+    alone = json.loads((run_dir / "eval" / "last.json").read_text())
+    (run_dir / "eval" / "last.json").unlink()
+    run([*TORCHRUN, "-m", "stepkit", "eval", str(run_dir), "--linear"])
+    split = json.loads((run_dir / "eval" / "last.json").read_text())
+    assert split["knn_acc"] == alone["knn_acc"] == summary(run_dir)["knn_acc"]
+    assert split["linear_acc"] == alone["linear_acc"]
