@@ -311,9 +311,16 @@ def main(cfg: Config) -> dict:
     model = SequenceJEPA(encoder, predictor, dims if hierarchical else []).to(device)
     facts = {"input": {"kind": cfg.data.kind, "length": seq["length"]},
              "features": "token features (B, length, dim), pooled by stepkit.jepa.sequence_features"}
-    parts = {"target": describe_part(encoder, source="target", prefix="", **facts,
+    d = cfg.data  # the items the probes read, rebuilt by stepkit eval from the same library loaders
+    data = {"kind": d.kind, "name": d.name, "path": str(d.path) if d.path else None, "window": d.window,
+            "stride": d.stride} if d.kind == "timeseries" else {
+        "kind": d.kind, "topics": list(d.topics), "per_topic": d.per_topic, "seed": d.seed,
+        "tokenizer": d.tokenizer, "max_len": d.max_len, "unlabelled": d.unlabelled}
+    probe = {"features": "sequence", "layers": cfg.eval.layers, "k": cfg.eval.k, "data": data,
+             "temperature": cfg.eval.temperature, "linear": cfg.eval.linear, "seed": cfg.train.seed}
+    parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
                                      about="the EMA target encoder (what the probes evaluate)"),
-             "context": describe_part(encoder, source="model", prefix="encoder.", **facts,
+             "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
                                       about="the context encoder")}
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation

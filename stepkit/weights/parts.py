@@ -33,8 +33,8 @@ from stepkit.models.arguments import arch_record
 __all__ = ["WRAPPER_PREFIXES", "checkpoint_parts", "describe_part", "find_checkpoint", "merge_lora_state",
            "read_part", "strip_prefixes"]
 
-# What DDP, torch.compile, and peft put in front of parameter names.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What DDP, torch.compile, FSDP (1) and activation checkpointing put in front of parameter names.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def describe_part(module: nn.Module, *, source: str, prefix: str, about: str, **facts: Any) -> dict[str, Any]:
