@@ -110,7 +110,7 @@ def test_ijepa_eval_reproduces_knn_and_init_starts_there(tmp_path):
 
 
 def test_sequence_eval_reproduces_knn_and_linear(tmp_path):
-    """The text preset (the time-series one differs only in the loader stepkit eval calls, checked by hand)."""
+    """The text preset (the time-series one differs only in the loader stepkit eval calls)."""
     run_dir = tmp_path / "run"
     run("recipes/jepa_sequences.py", "text", "--run-dir", run_dir, "--train.steps", "8", "--log.no-console")
     stepkit("eval", run_dir)
