@@ -92,6 +92,7 @@ from stepkit.weights import (
     find_checkpoint,
     init_from,
 )
+from stepkit.weights.hub import TIMM_PREFIX, timm_vit, timm_vit_arguments
 
 
 @dataclass
@@ -140,8 +141,9 @@ class Model:
     """Text tower: minilm (pretrained all-MiniLM-L6-v2, the 'text' extra), scratch (a small encoder from
     scratch), or a Hugging Face text model's folder (a hub name where a network exists)."""
     image: str = "cnn"
-    """Image tower: cnn (a small CNN from scratch) or a Hugging Face image model's folder (ViT, DINOv2,
-    CLIP's vision tower...; a hub name where a network exists), normalised as its folder says."""
+    """Image tower: cnn (a small CNN from scratch), a Hugging Face image model's folder (ViT, DINOv2,
+    CLIP's vision tower...; a hub name where a network exists), or timm:NAME (a timm ViT, e.g.
+    timm:vit_small_patch16_224.augreg_in21k, as stepkit's ViT; its weights from the hub, or --init.from)."""
     image_lora: bool = False
     """A pretrained image tower: train LoRA adapters on image_lora_targets instead of every weight."""
     image_lora_targets: tuple[str, ...] = ()
@@ -177,9 +179,11 @@ class Model:
     def __post_init__(self) -> None:
         integer_at_least("embed_dim", self.embed_dim, 1)
         integer_at_least("lock_image_blocks", self.lock_image_blocks, 0)
+        if self.image.startswith(TIMM_PREFIX):
+            timm_vit_arguments(self.image)  # a name it can build, or one line naming model.image
         for name, builtin in (("text", ("minilm", "scratch")), ("image", ("cnn",))):
             value = getattr(self, name)
-            if value not in builtin and not _hugging_face_name(value):
+            if value not in builtin and not _hugging_face_name(value) and not value.startswith(TIMM_PREFIX):
                 fail(name, value, f"{' or '.join(builtin)}, a Hugging Face model's folder, or a hub name "
                                   "(org/name)")
         pretrained_image = self.image != "cnn"
@@ -301,9 +305,9 @@ class TwoTower(nn.Module):
 
 
 def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
-          text_only: bool = False) -> tuple[TwoTower, Callable]:
+          text_only: bool = False, image: nn.Module | None = None) -> tuple[TwoTower, Callable]:
     """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``);
-    ``text_only``: two text towers, for text-text pairs."""
+    ``text_only``: two text towers, for text-text pairs; ``image``: the image encoder, built already."""
     pretrained_text = None if cfg.text == "minilm" else cfg.text  # None: MiniLM, offline
     if cfg.text == "scratch":
         tokenize = WordTokenizer(captions)
@@ -326,23 +330,34 @@ def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
         if cfg.image == "cnn":
             return SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
                             grad_checkpointing=cfg.grad_checkpointing)
-        folder = Path(cfg.image).expanduser()
-        image = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
+        if image is not None:
+            encoder = image
+        elif cfg.image.startswith(TIMM_PREFIX):
+            encoder = timm_vit(cfg.image, pretrained=False)[0]  # the weights come from a checkpoint
+        else:
+            folder = Path(cfg.image).expanduser()
+            encoder = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
+        net = getattr(encoder, "model", encoder)  # a Hugging Face model inside, or stepkit's ViT
         if cfg.image_lora:
-            names = {name.rsplit(".", 1)[-1] for name, _ in image.model.named_modules()}
-            default = ("query", "value") if "query" in names else ("q_proj", "v_proj")
-            targets = cfg.image_lora_targets or default
-            image.model = add_lora(image.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                   targets=targets)
-        if cfg.grad_checkpointing and getattr(image.model, "supports_gradient_checkpointing", False):
-            image.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return image
+            names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
+            default = next(t for t in (("qkv",), ("query", "value"), ("q_proj", "v_proj")) if t[0] in names)
+            wrapped = add_lora(net, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               targets=cfg.image_lora_targets or default)
+            if net is not encoder:
+                encoder.model = wrapped  # stepkit's ViT holds its adapters in place, as it is
+        if cfg.grad_checkpointing:
+            if hasattr(encoder, "grad_checkpointing"):
+                encoder.grad_checkpointing = True
+            elif getattr(net, "supports_gradient_checkpointing", False):
+                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return encoder
 
     model = TwoTower(text_tower() if text_only else image_tower(), text_tower(), cfg.embed_dim, loss)
     if cfg.lock_image:  # LiT: the image encoder as it was loaded, for the whole run
         lock(model.image.encoder)
     elif cfg.lock_image_blocks:
-        lock(model.image.encoder.model, blocks=cfg.lock_image_blocks)
+        encoder = model.image.encoder
+        lock(getattr(encoder, "model", encoder), blocks=cfg.lock_image_blocks)
     return model, tokenize
 
 
@@ -423,13 +438,17 @@ def main(cfg: Config) -> dict:
                   *(["peft"] if m.lora or m.image_lora else [])]
         for package in needed:
             text_extra(package)
-    if m.image != "cnn" and cfg.data.kind == "image-text":  # the pretrained tower's own normalisation
-        mean, std = pretrained_image_stats(m.image)
-        prep = lambda x: normalize(to_unit(x) if files else x, mean, std)  # noqa: E731
     seed_everything(cfg.train.seed)
+    image = None
+    if m.image != "cnn" and cfg.data.kind == "image-text":  # the pretrained tower's own normalisation
+        if m.image.startswith(TIMM_PREFIX):  # the hub's weights, unless --init.from gives them
+            image, mean, std = timm_vit(m.image, pretrained=cfg.init.from_ is None and not cfg.resuming)
+        else:
+            mean, std = pretrained_image_stats(m.image)
+        prep = lambda x: normalize(to_unit(x) if files else x, mean, std)  # noqa: E731
     text_only = cfg.data.kind == "text-text"
     vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
-    model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only)
+    model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only, image=image)
     inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     if dist.is_main():

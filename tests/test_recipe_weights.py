@@ -2,6 +2,7 @@
 --resume-from another run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,31 @@ def test_contrastive_init_from_a_run_starts_where_it_ended(tmp_path):
     assert second["recall_at_1_i2t_before"] == first["recall_at_1_i2t"]
     assert second["recall_at_1_t2i_before"] == first["recall_at_1_t2i"]
     assert [r["part"] for r in second["init"]] == ["image", "text"]
+
+
+def test_contrastive_timm_vit_tower_from_a_timm_file_offline(tmp_path):
+    pytest.importorskip("peft")
+    from stepkit.weights.hub import timm_vit
+    from stepkit.weights.vit_keys import to_timm
+
+    torch.manual_seed(3)
+    released = to_timm(timm_vit("vit_tiny_patch16_224", pretrained=False)[0].state_dict())
+    released |= {"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}  # a classifier
+    torch.save(released, tmp_path / "vit_tiny.pth")
+    offline = subprocess.run([sys.executable, *SHORT, "--run-dir", tmp_path / "hub", "--model.image",
+                              "timm:vit_tiny_patch16_224"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert offline.returncode != 0 and offline.stderr.count("\n") == 1
+    assert "cannot fetch the weights of timm/vit_tiny_patch16_224" in offline.stderr
+    assert "--init.from FILE" in offline.stderr and not (tmp_path / "hub").exists()
+    out = run(*SHORT, "--run-dir", tmp_path / "run", "--model.image", "timm:vit_tiny_patch16_224",
+              "--init.from", tmp_path / "vit_tiny.pth", "--model.lock-image-blocks", "6")
+    assert "init: 150 tensors" in out.stdout
+    assert "unexpected (not loaded): head.weight, head.bias" in out.stdout
+    from stepkit.weights import read_part
+    from stepkit.weights.vit_keys import from_timm
+
+    state, _ = read_part(tmp_path / "run", "image")
+    loaded = from_timm(released)
+    assert torch.equal(state["encoder.blocks.5.mlp.0.weight"], loaded["blocks.5.mlp.0.weight"])  # locked
+    assert not torch.equal(state["encoder.blocks.6.mlp.0.weight"], loaded["blocks.6.mlp.0.weight"])

@@ -243,7 +243,7 @@ def init_from(module: nn.Module, source: str | os.PathLike, *, part: str, checkp
         raise ValueError(f"init.from={str(source)!r} holds a {arch}, and this run builds a "
                          f"{type(module).__name__}: choose the same architecture (--model.*)")
     state = strip_prefixes(state, WRAPPER_PREFIXES)
-    if not arch and isinstance(encoder, nn.Module) and not _fits(state, module) and _fits(state, encoder):
+    if not arch and isinstance(encoder, nn.Module) and _hits(state, encoder) > _hits(state, module):
         module = encoder  # a foreign state dict of the tower's encoder
     own = module.state_dict()
     # peft adapters in this model: saved plain weights go to their base layers, the adapters start fresh
@@ -286,10 +286,11 @@ def _without_adapters(name: str) -> str:
     return name.replace("base_model.model.", "").replace(".base_layer.", ".")
 
 
-def _fits(state: dict[str, Tensor], module: nn.Module) -> bool:
+def _hits(state: dict[str, Tensor], module: nn.Module) -> int:
+    """How many of ``state``'s tensors find their name in ``module`` (see ``_matched``)."""
     own = {_without_adapters(k) for k in module.state_dict()}
     vit = hasattr(module, "pos_embed_for")
-    return any(k in own for k in _matched(state, dict.fromkeys(own), vit=vit))  # type: ignore[arg-type]
+    return sum(k in own for k in _matched(state, dict.fromkeys(own), vit=vit))  # type: ignore[arg-type]
 
 
 def _matched(state: dict[str, Tensor], own: dict[str, Tensor], *, vit: bool) -> dict[str, Tensor]:
