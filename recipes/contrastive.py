@@ -375,17 +375,38 @@ def init_towers(model: TwoTower, init: InitConfig) -> list[InitReport]:
     return [init.load_into(model.image, part="image")]
 
 
-def load_teacher(run: Path, captions: list[str], in_chans: int, device) -> tuple[TwoTower, Callable]:
-    """A finished run's model, rebuilt from its own config.json and frozen."""
+def load_teacher(run: Path, captions: list[str], in_chans: int, device
+                 ) -> tuple[TwoTower, Callable, dict | None]:
+    """A finished run's model, rebuilt from its own config.json and frozen; and what its image tower
+    takes (``input`` of its checkpoint's image part: channels, mean and std; None for older runs)."""
     try:
         saved = json.loads((run / "config.json").read_text())
         model_cfg = Model(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
         text_only = saved["data"].get("kind") == "text-text"
         teacher, tokenize = build(model_cfg, Loss(), captions, in_chans, text_only=text_only)
-        teacher.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["state"]["model"])
+        payload = load_checkpoint(run / "checkpoints" / "last.pt")
+        teacher.load_state_dict(payload["state"]["model"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError, CheckpointError, RuntimeError) as err:
         fail("distill.teacher_run", str(run), f"a finished run of this recipe ({err})")
-    return teacher.to(device).eval().requires_grad_(False), tokenize
+    takes = payload.get("meta", {}).get("parts", {}).get("image", {}).get("input")
+    return teacher.to(device).eval().requires_grad_(False), tokenize, takes
+
+
+class Renormalized(nn.Module):
+    """An image tower fed images normalised for another: this run's normalisation undone, the tower's
+    own applied (a distillation teacher trained with other mean / std or channels)."""
+
+    def __init__(self, tower: nn.Module, given: tuple, wanted: tuple, channels: int) -> None:
+        super().__init__()
+        self.tower, self.given, self.wanted, self.channels = tower, given, wanted, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (gm, gs), (wm, ws) = self.given, self.wanted
+        pixels = x * torch.tensor(gs, device=x.device).view(1, -1, 1, 1) \
+            + torch.tensor(gm, device=x.device).view(1, -1, 1, 1)
+        if self.channels == 1 and pixels.shape[1] == 3:  # repeated from one channel: any copy will do
+            pixels = pixels[:, :1]
+        return self.tower(normalize(pixels, wm, ws))
 
 
 def main(cfg: Config) -> dict:
@@ -473,7 +494,11 @@ def main(cfg: Config) -> dict:
                                    about="the text tower (LoRA merged on export)")}
     teacher = None
     if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
-        teacher, teacher_tokenize = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
+        teacher, teacher_tokenize, takes = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
+        if takes is not None and not text_only:  # its own normalisation, whatever this run's
+            given = (mean, std) if files or m.image != "cnn" else ((0.0,), (1.0,))
+            wanted = (takes.get("mean", (0.0,)), takes.get("std", (1.0,)))
+            teacher.image = Renormalized(teacher.image, given, wanted, int(takes.get("channels", 3)))
         teacher_tokens = teacher_tokenize(train_texts)
         teacher_anchors = teacher_tokenize(train_anchors) if text_only else None
     tokens = tokenize(train_texts)  # every caption once, padded to the longest; a batch takes its rows

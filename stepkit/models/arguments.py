@@ -20,8 +20,9 @@ __all__ = ["ARCHITECTURES", "arch_record", "build_arch", "records_arguments"]
 # The classes a record may name; filled in by stepkit.models (no registry: this list is fixed).
 ARCHITECTURES: dict[str, type[nn.Module]] = {}
 
-# Arguments that change how a module trains, not what it computes: left at their defaults on rebuild.
-_TRAINING_ONLY = ("grad_checkpointing", "drop_path", "dropout")
+# Arguments that change how a module trains, not what it computes: left at their defaults on rebuild;
+# and a folder to read weights from (a record rebuilds the architecture; its weights come with it).
+_NOT_REBUILT = ("grad_checkpointing", "drop_path", "dropout", "path")
 
 ModuleClass = TypeVar("ModuleClass", bound=type[nn.Module])
 
@@ -105,7 +106,7 @@ def build_arch(record: dict[str, Any]) -> nn.Module:
                          f"(allowed: {', '.join(sorted(ARCHITECTURES))})")
     cls = ARCHITECTURES[record["class"]]
     arguments = {k: _built(v) for k, v in dict(record.get("arguments", {})).items()
-                 if k not in _TRAINING_ONLY}
+                 if k not in _NOT_REBUILT}
     try:
         return cls(**arguments)
     except TypeError as err:
