@@ -78,6 +78,7 @@ from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import ResumableSampler
+from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
 from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
 from stepkit.jepa import (
@@ -393,7 +394,7 @@ def main(cfg: Config) -> dict:
     hierarchical = len(depths) > 1  # a trunk of predictor_dim, then one head per level
     out_dim = cfg.model.predictor_dim if hierarchical else dims[0]
     model = JEPA(encoder, build_predictor(cfg, encoder, out_dim), dims if hierarchical else []).to(device)
-    target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
+    target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation (or --init's weights)
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
 

@@ -67,6 +67,7 @@ from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import ResumableSampler, load_series_npz, tokenized_sentences, windowed_series
+from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
 from stepkit.jepa import (
     JEPALoss,
@@ -322,7 +323,7 @@ def main(cfg: Config) -> dict:
                                      about="the EMA target encoder (what the probes evaluate)"),
              "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
                                       about="the context encoder")}
-    target_encoder = copy.deepcopy(encoder).requires_grad_(False).to(device)
+    target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=jepa_shard_units)
     target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device, shard=jepa_shard_units)

@@ -11,7 +11,7 @@ from stepkit import check as _check
 from stepkit.dist import dtensor_type
 from stepkit.state import unwrap
 
-__all__ = ["ema_update", "ema_copy"]
+__all__ = ["ema_update", "ema_copy", "target_copy"]
 
 
 @torch.no_grad()
@@ -178,3 +178,37 @@ def _local(t: Tensor) -> Tensor:
     # FSDP2 shards are DTensors; the EMA is elementwise, so each rank's shard suffices.
     dtensor = dtensor_type()
     return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
+
+
+def target_copy(online: nn.Module) -> nn.Module:
+    """The EMA target of ``online`` as a module: a deep copy that needs no gradient and is deterministic
+    in training mode (stochastic depth and dropout off), as DINO's teacher and I-JEPA's target encoder are.
+
+    Training mode still matters (a BatchNorm in it normalises with the batch's statistics, as the
+    online network does); only the random parts go.
+
+    Args:
+        online: The module to copy (DDP / ``torch.compile`` wrappers are looked through).
+
+    Returns:
+        The copy, in the mode ``online`` is in, with every ``DropPath`` and ``nn.Dropout`` at p = 0.
+
+    Examples:
+        >>> from stepkit.models import VisionTransformer
+        >>> student = VisionTransformer.preset("toy", img_size=16, drop_path=0.5).train()
+        >>> teacher = target_copy(student)
+        >>> x = torch.rand(2, 3, 16, 16)
+        >>> torch.equal(teacher(x), teacher(x)), teacher.training  # in training mode, and deterministic
+        (True, True)
+        >>> torch.equal(student(x), student(x))  # the student drops residual branches at random
+        False
+    """
+    import copy
+
+    from stepkit.models.vit import DropPath
+
+    target = copy.deepcopy(unwrap(online)).requires_grad_(False)
+    for module in target.modules():
+        if isinstance(module, (DropPath, nn.Dropout)):
+            module.p = 0.0
+    return target

@@ -174,14 +174,18 @@ def accumulate(state: TrainState, loss: Tensor, *, every: int | None = None) -> 
 
 
 def clip(
-    state: TrainState, *, max_norm: float | None = None, max_value: float | None = None
+    state: TrainState, *, max_norm: float | None = None, max_value: float | None = None,
+    max_norm_per_param: float | None = None,
 ) -> Tensor:
     """Clip gradients in place; return their global L2 norm before clipping (a 0-d tensor).
 
     Unscales through ``state.scaler`` first, so the norm is the true one.
-    ``max_norm`` scales all gradients by ``min(1, max_norm / (norm + 1e-6))``
+    ``max_norm_per_param`` scales each parameter's gradient ``g`` by
+    ``min(1, max_norm_per_param / (||g|| + 1e-6))`` on its own (DINO's
+    ``utils.clip_gradients``; under FSDP2 ``||g||`` is the whole parameter's);
+    ``max_norm`` then scales all gradients by ``min(1, max_norm / (norm + 1e-6))``
     (torch's ``clip_grad_norm_``); ``max_value`` then clamps each element to
-    ``[-max_value, max_value]``. With both None this only measures.
+    ``[-max_value, max_value]``. With all None this only measures.
     Multi-tensor (foreach) kernels, no host sync. The norm is kept in
     ``state.grad_norm`` so ``apply_update`` need not measure again.
 
@@ -189,6 +193,7 @@ def clip(
         state: The loop's state; its optimizer's gradients are clipped.
         max_norm: The global norm to clip to, or None.
         max_value: The largest absolute gradient element, or None.
+        max_norm_per_param: The norm each parameter's gradient is clipped to on its own, or None.
 
     Returns:
         The global gradient norm before clipping.
@@ -202,7 +207,15 @@ def clip(
         >>> model.weight.grad = torch.tensor([[3.0, 4.0]])
         >>> clip(state, max_norm=1.0).item(), [round(g, 4) for g in model.weight.grad[0].tolist()]
         (5.0, [0.6, 0.8])
+        >>> model = torch.nn.Linear(2, 1)  # per parameter: the weight's norm 5 -> 1, the bias's 0.5 kept
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.tensor([0.5])
+        >>> _ = clip(state, max_norm_per_param=1.0)
+        >>> [round(g, 4) for g in model.weight.grad[0].tolist()], model.bias.grad.tolist()
+        ([0.6, 0.8], [0.5])
     """
+    if max_norm_per_param is not None:
+        _check.at_least("max_norm_per_param", max_norm_per_param, 0.0)
     if max_norm is not None:
         _check.at_least("max_norm", max_norm, 0.0)
     if max_value is not None:
@@ -211,6 +224,8 @@ def clip(
         state.scaler.unscale_(state.optimizer)
     grads = _grads(state.optimizer)
     norm = grad_norm(grads)
+    if max_norm_per_param is not None:
+        _clip_each(grads, max_norm_per_param)
     by_device = _by_device(grads)
     if max_norm is not None:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -336,6 +351,39 @@ def grad_norm(grads: Sequence[Tensor]) -> Tensor:
     norm = torch.linalg.vector_norm(torch.stack(norms))
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
+
+
+def _clip_each(grads: Sequence[Tensor], max_norm: float) -> None:
+    """Scale each gradient ``g`` in place by ``min(1, max_norm / (||g|| + 1e-6))`` (DINO's per-parameter
+    clipping), with multi-tensor kernels and no host read; a sharded DTensor's norm is its whole
+    parameter's.
+
+    Examples:
+        >>> grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]
+        >>> _clip_each(grads, 1.0)
+        >>> [[round(x, 4) for x in g.tolist()] for g in grads]
+        [[0.6, 0.8], [0.3, 0.4]]
+    """
+    for tensors in _by_device_dtype(grads).values():
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n
+                 for n in torch._foreach_norm(tensors, 2.0)]
+        coefs = torch._foreach_add(norms, 1e-6)
+        torch._foreach_reciprocal_(coefs)
+        torch._foreach_mul_(coefs, max_norm)
+        torch._foreach_clamp_max_(coefs, 1.0)
+        if hasattr(tensors[0], "device_mesh"):  # FSDP2 shards: each scaled by its parameter's factor
+            for g, c in zip(tensors, coefs):
+                g.mul_(_like(g, c))
+        else:
+            torch._foreach_mul_(tensors, [c.to(t.dtype) for t, c in zip(tensors, coefs)])
+
+
+def _like(grad: Tensor, coef: Tensor) -> Tensor:
+    """``coef`` as ``grad``'s kind: a replicated DTensor beside a sharded one, else ``coef`` itself."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = grad.device_mesh  # type: ignore[attr-defined]  # a DTensor's
+    return DTensor.from_local(coef.to(grad.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:

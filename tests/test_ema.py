@@ -170,3 +170,18 @@ def test_a_shape_changed_in_place_still_gets_the_clear_error():
         online[0].weight.data = torch.zeros(7, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"'0.weight' has shape \(6, 4\) in target, \(7, 4\) online"):
         ema_update(target, online, 0.9)
+
+
+def test_target_copy_is_deterministic_in_training_mode():
+    from stepkit.ema import target_copy
+    from stepkit.models import DINOHead, VisionTransformer
+
+    student = nn.Sequential(VisionTransformer.preset("toy", img_size=16, drop_path=0.3), nn.Dropout(0.5),
+                            DINOHead(64, 32, hidden=16, bottleneck=8)).train()
+    teacher = target_copy(student)
+    x = torch.rand(4, 3, 16, 16)
+    assert teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher(x), teacher(x))
+    assert not torch.equal(student(x), student(x))  # the student keeps its stochastic depth and dropout
+    for a, b in zip(student.state_dict().values(), teacher.state_dict().values()):
+        assert torch.equal(a, b)

@@ -81,9 +81,21 @@ def test_centering_targets_and_a_vit_backbone_run(recipe, tmp_path):
 
 
 def test_presets_and_flags(recipe, tmp_path):
-    paper = recipe.parse(["vit-s16", "--optim.lr", "1e-3"])
-    assert paper.model.arch == "vit-small" and paper.model.out_dim == 65536 and paper.optim.lr == 1e-3
-    assert paper.crops.global_size == 224 and paper.crops.local_crops == 8 and paper.optim.clip == 3.0
+    paper = recipe.parse(["vit-s16", "--optim.lr", "2e-3"])
+    assert paper.model.arch == "vit-small" and paper.model.out_dim == 65536 and paper.optim.lr == 2e-3
+    # DINO's vanilla ViT-S/16 run (main_dino.py's defaults): 8 ranks x 64, 100 epochs of 2,502 updates
+    vanilla = recipe.parse(["vit-s16"])
+    assert vanilla.batch_size * 8 == 512 and vanilla.optim.lr == 5e-4 * 512 / 256
+    assert vanilla.train.steps == 100 * 2502 and vanilla.optim.warmup_steps == 10 * 2502
+    assert vanilla.model.freeze_last_layer_steps == 2502 and vanilla.model.norm_last_layer
+    assert (vanilla.loss.teacher_temp, vanilla.loss.warmup_teacher_temp) == (0.04, 0.04)
+    assert vanilla.optim.clip is None and vanilla.optim.clip_per_param == 3.0
+    assert (vanilla.optim.wd, vanilla.optim.wd_final, vanilla.optim.min_lr) == (0.04, 0.4, 1e-6)
+    ema = vanilla.ema
+    assert (ema.momentum, ema.momentum_final, ema.momentum_decay) == (0.996, 1.0, "cosine")
+    assert vanilla.model.drop_path == 0.1 and not vanilla.model.head_batch_norm
+    assert vanilla.crops.global_size == 224 and vanilla.crops.local_crops == 8
+    assert vanilla.crops.local_scale == (0.05, 0.4) and vanilla.crops.global_scale == (0.4, 1.0)
     assert recipe.parse([]).model.arch == "cnn"
     assert recipe.PRESETS["tiny-cpu"][1].optim.lr == recipe.Config().optim.lr  # parse() did not mutate it
 

@@ -370,3 +370,31 @@ def test_forward_loss_keeps_a_float64_loss_exact():
     loss, _ = forward_loss(mse, state, (x, y))
     assert loss.dtype == torch.float64
     assert loss.item() == torch.nn.functional.mse_loss(state.model(x), y).item()
+
+
+def dino_clip_gradients(model: nn.Module, clip_at: float) -> None:
+    """DINO's utils.clip_gradients, written out: each parameter's gradient on its own."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            coef = clip_at / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 10.0), st.integers(0, 10_000))
+def test_per_parameter_clipping_equals_dinos_formula(clip_at, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    model(torch.randn(4, 5)).pow(2).sum().mul(seed % 7 + 0.1).backward()
+    reference = copy.deepcopy(model)
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        theirs.grad = ours.grad.clone()
+    dino_clip_gradients(reference, clip_at)
+    before = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    norm = clip(TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1)), max_norm_per_param=clip_at)
+    assert torch.allclose(norm, before)  # the pre-clip global norm, as ever
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+        assert ours.grad.norm() <= clip_at * (1 + 1e-5) or torch.allclose(ours.grad, theirs.grad)
