@@ -73,7 +73,7 @@ from stepkit import (
 )
 from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.bundled import digits_canvas
-from stepkit.check import fail, integer_at_least
+from stepkit.check import fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
@@ -134,6 +134,8 @@ class Data:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     """Random resized crop before masking, as a fraction of the image's area (I-JEPA uses (0.3, 1.0)
     on ImageNet)."""
+    flip_p: float = 0.5
+    """The chance of mirroring a crop left-right (I-JEPA: 0, no flip; its presets say so)."""
     seed: int = 0
     workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
     """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
@@ -144,6 +146,7 @@ class Data:
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
         integer_at_least("workers", self.workers, 0)
+        in_range("flip_p", self.flip_p, 0.0, 1.0)
         if self.root is not None and self.shards is not None:
             fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 
@@ -271,17 +274,20 @@ class Config(RunArgs):
 
 
 def _vit_h14(**overrides) -> Config:
-    """I-JEPA's ViT-H/14 run (Assran et al. 2023): 300 epochs of ImageNet at batch 2048."""
+    """I-JEPA's ViT-H/14 run (Assran et al. 2023; facebookresearch/ijepa configs/in1k_vith14_ep300.yaml):
+    300 epochs of ImageNet, 128 images per GPU on 16 GPUs (2,048; 625 updates an epoch), no flip, the
+    predictor with the encoder's 16 heads, lr warmed up from 2e-4 over 40 epochs, EMA 0.996 -> 1 linear."""
     settings = dict(
-        device="cuda", amp="bf16", batch_size=2048,
-        data=Data(image_size=224, crop_scale=(0.3, 1.0)),
+        device="cuda", amp="bf16", batch_size=128,
+        data=Data(image_size=224, crop_scale=(0.3, 1.0), flip_p=0.0),
         model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
-                    predictor_heads=12, pos_embed="sincos"),
+                    predictor_heads=16, pos_embed="sincos"),
         mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                         context_scale=(0.85, 1.0), sampler="ijepa", min_keep=10),
         train=TrainConfig(steps=187500),
-        optim=Optim(lr=1e-3, min_lr=1e-6, warmup_steps=25000, wd=0.04, wd_final=0.4, clip=None),
-        ema=MomentumSchedule(momentum=0.996, momentum_final=1.0),
+        optim=Optim(lr=1e-3, warmup_start_lr=2e-4, min_lr=1e-6, warmup_steps=25000, wd=0.04, wd_final=0.4,
+                    clip=None),
+        ema=MomentumSchedule(momentum=0.996, momentum_final=1.0, momentum_decay="linear"),
         log=LogConfig(every=50),
         ckpt=CkptConfig(every=2500),
     )
@@ -299,11 +305,12 @@ PRESETS = {
         "One GPU: ViT-S/16 with I-JEPA's masks, predictor and schedules, batch 256 (set --data.root).",
         _vit_h14(batch_size=256,
                  model=Model(arch="vit-small", patch_size=16, predictor_dim=384, predictor_depth=6,
-                             predictor_heads=12, pos_embed="sincos"),
+                             predictor_heads=6, pos_embed="sincos"),
                  train=TrainConfig(steps=150000),
-                 optim=Optim(lr=2.5e-4, min_lr=1e-6, warmup_steps=10000, wd=0.04, wd_final=0.4, clip=None))),
-    "vit-h14": ("The paper's ViT-H/14 settings (I-JEPA, Assran et al. 2023): 300 epochs of ImageNet at "
-                "batch 2048.", _vit_h14()),
+                 optim=Optim(lr=2.5e-4, warmup_start_lr=5e-5, min_lr=1e-6, warmup_steps=10000, wd=0.04,
+                             wd_final=0.4, clip=None))),
+    "vit-h14": ("I-JEPA's ViT-H/14 run (in1k_vith14_ep300.yaml): 300 ImageNet epochs, 128 images per rank "
+                "on 16 ranks (torchrun: 2 nodes x 8).", _vit_h14()),
     "hjepa-vit-h14": ("I-JEPA's ViT-H/14 settings with targets at depths 8, 16, 24 and 32.",
                       _vit_h14(levels=Levels(depths=(8, 16, 24, 32), weights=(0.25, 0.25, 0.5, 1.0)))),
 }
@@ -343,7 +350,7 @@ def main(cfg: Config) -> dict:
     else:  # image files: one crop of the full image per sample, cut in DataLoader workers
         found = find_image_data(cfg.data.root, cfg.eval.train_root, cfg.eval.val_root,
                                 skip_unreadable=cfg.data.skip_unreadable)
-        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),))
+        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=cfg.data.flip_p)
         train_set = TrainImages(found.train, plan, seed=cfg.train.seed) if cfg.data.root else None
         shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
         if shards is not None:  # found now, not after the run directory is made
@@ -423,7 +430,8 @@ def main(cfg: Config) -> dict:
         if files:  # cut from the full image in the workers already
             images = prep(x)
         else:
-            images = random_resized_crop(prep(x), cfg.data.image_size, scale=cfg.data.crop_scale)
+            images = random_resized_crop(prep(x), cfg.data.image_size, scale=cfg.data.crop_scale,
+                                         flip_p=cfg.data.flip_p)
         context_idx, target_idx = multi_block_masks(len(images), grid, cfg.mask, mask_rng)
         return images, context_idx.to(device), target_idx.to(device)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import crash_after_step, load_recipe
 
+from stepkit import lr_at, momentum_at
 from stepkit.jepa import level_values_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,9 +188,30 @@ def test_paper_presets_have_the_papers_settings(recipe, tmp_path):
         assert (cfg.mask.context_scale, cfg.mask.sampler) == ((0.85, 1.0), "ijepa")
         assert (cfg.optim.wd, cfg.optim.wd_final) == (0.04, 0.4)
         assert (cfg.ema.momentum, cfg.ema.momentum_final) == (0.996, 1.0)
+        # in1k_vith14_ep300.yaml: 128 per GPU x 16, no flip, start_lr 2e-4, EMA linear, the encoder's heads
+        assert cfg.batch_size * 16 == 2048 and cfg.data.flip_p == 0.0 and cfg.data.crop_scale == (0.3, 1.0)
+        assert (cfg.optim.lr, cfg.optim.warmup_start_lr, cfg.optim.min_lr) == (1e-3, 2e-4, 1e-6)
+        assert (cfg.train.steps, cfg.optim.warmup_steps) == (300 * 625, 40 * 625)
+        assert cfg.model.predictor_heads == 16
+        assert (cfg.model.predictor_dim, cfg.model.predictor_depth) == (384, 12)
+        total = cfg.train.steps  # linear: a quarter of the way, a quarter of the rise
+        assert momentum_at(total // 4, cfg.ema, total) == pytest.approx(0.996 + 0.004 / 4)
+        assert momentum_at(3 * total // 4, cfg.ema, total) == pytest.approx(0.996 + 3 * 0.004 / 4)
+        assert lr_at(0, cfg.optim, total) == pytest.approx(2e-4)
     assert recipe.parse(["hjepa-vit-h14", "--run-dir", "r"]).levels.depths == (8, 16, 24, 32)
     s16 = recipe.parse(["vit-s16", "--run-dir", str(tmp_path / "r")])
     assert (s16.model.arch, s16.model.patch_size, s16.batch_size) == ("vit-small", 16, 256)
+    assert s16.model.predictor_heads == 6 and s16.data.flip_p == 0.0  # ViT-S's own 6 heads
+
+
+def test_flip_off_leaves_the_crop_unmirrored():
+    from stepkit.augment import random_resized_crop
+
+    images = torch.rand(8, 3, 16, 16)
+    same = random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    assert torch.allclose(same, images, atol=1e-5)
+    mirrored = random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
+    assert torch.allclose(mirrored, images.flip(-1), atol=1e-5)
 
 
 @pytest.mark.slow
