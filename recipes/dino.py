@@ -20,6 +20,7 @@ and raw pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -83,6 +84,7 @@ from stepkit.run import (
     seed_everything,
     stop_if_signalled,
 )
+from stepkit.schedules import scaled_lr
 from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
@@ -189,6 +191,9 @@ class Optim(LRSchedule, WDSchedule):
     """Largest global gradient norm (None: no clipping)."""
     clip_per_param: float | None = None
     """Largest gradient norm of each parameter on its own, as DINO clips (None: off)."""
+    lr_per_batch: int | None = None
+    """--optim.lr is for this many images per update: the run uses lr x (batch-size x ranks x accum) /
+    lr-per-batch, DINO's linear scaling rule with 256 (None: --optim.lr as it is)."""
 
 
 @dataclass
@@ -264,9 +269,9 @@ class Config(RunArgs):
 
 
 # DINO's vanilla ViT-S/16 run (Caron et al. 2021; facebookresearch/dino main_dino.py defaults: 100 epochs
-# of ImageNet, 64 images per GPU on 8 GPUs, lr 5e-4 x 512 / 256, teacher temperature 0.04, the last layer
-# weight-normalised and frozen for the first epoch, per-parameter clipping at 3.0; k-NN 69.3%). An epoch
-# is 2,502 updates at that global batch of 512. bf16 instead of fp16 (docs/recipes/dino.md).
+# of ImageNet, 64 images per GPU on 8 GPUs, lr 5e-4 x global batch / 256, teacher temperature 0.04, the
+# last layer weight-normalised and frozen for the first epoch, per-parameter clipping at 3.0; k-NN 69.3%).
+# An epoch is 2,502 updates at that global batch of 512. bf16 instead of fp16 (docs/recipes/dino.md).
 PRESETS = {
     "tiny-cpu": (
         "The CPU default: a small CNN on the embedded digits, Sinkhorn-Knopp targets and KoLeo.",
@@ -284,8 +289,8 @@ PRESETS = {
             loss=Loss(targets="centering", teacher_temp=0.04, warmup_teacher_temp=0.04,
                       teacher_temp_warmup_steps=0, koleo_weight=0.0),
             train=TrainConfig(steps=250200),
-            optim=Optim(lr=5e-4 * 512 / 256, min_lr=1e-6, warmup_steps=25020, wd=0.04, wd_final=0.4,
-                        clip=None, clip_per_param=3.0),
+            optim=Optim(lr=5e-4, lr_per_batch=256, min_lr=1e-6, warmup_steps=25020, wd=0.04,
+                        wd_final=0.4, clip=None, clip_per_param=3.0),
             ema=MomentumSchedule(momentum=0.996, momentum_final=1.0),
             log=LogConfig(every=50),
             ckpt=CkptConfig(every=2502),
@@ -454,6 +459,14 @@ def main(cfg: Config) -> dict:
         extras={"center": torch.zeros(1, cfg.model.out_dim, device=device), "wall_s": 0.0},
     )
     steps = cfg.train.steps
+    schedule = cfg.optim  # under --optim.lr-per-batch, the lr scaled to this run's global batch
+    if cfg.optim.lr_per_batch:
+        images = cfg.batch_size * dist.world_size() * cfg.train.accum
+        lr = scaled_lr(cfg.optim.lr, images, cfg.optim.lr_per_batch)
+        schedule = dataclasses.replace(cfg.optim, lr=lr)
+        if dist.is_main():
+            print(f"lr {cfg.optim.lr:g} x {images} images per update / {cfg.optim.lr_per_batch} = "
+                  f"{schedule.lr:g} (--optim.lr-per-batch)", flush=True)
 
     mode = None if cfg.compile == "default" else cfg.compile
     run_student = wrapped if cfg.compile == "none" else torch.compile(wrapped, mode=mode)
@@ -522,7 +535,7 @@ def main(cfg: Config) -> dict:
                 continue
             cancel_last_layer_gradients(model.head, state.step, cfg.model.freeze_last_layer_steps)
             grad_norm = clip(state, max_norm=cfg.optim.clip, max_norm_per_param=cfg.optim.clip_per_param)
-            lr = lr_at(state.step, cfg.optim, steps)
+            lr = lr_at(state.step, schedule, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, state.model, momentum)

@@ -56,7 +56,7 @@ from stepkit import check as _check
 
 __all__ = ["Decay", "DECAYS", "Step", "warmup_decay", "LRSchedule", "WDSchedule", "MomentumSchedule",
            "warmup_steps_of", "lr_at", "wd_at", "momentum_at", "layer_decay_scales", "no_decay_by_default",
-           "param_groups"]
+           "param_groups", "scaled_lr"]
 
 Decay = Literal["cosine", "linear", "step", "constant"]
 DECAYS: tuple[str, ...] = get_args(Decay)
@@ -176,6 +176,20 @@ def _post_init_next(obj: object, cls: type) -> None:
     after = getattr(super(cls, obj), "__post_init__", None)
     if after is not None:
         after()
+
+
+def scaled_lr(lr: float, global_batch: int, per_batch: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017; DINO's ``lr * batch / 256``): ``lr`` is given for
+    ``per_batch`` images per update, the run updates on ``global_batch`` (per-rank batch x ranks x
+    accumulation).
+
+    Examples:
+        >>> [scaled_lr(5e-4, 64 * ranks, 256) for ranks in (1, 2, 4, 8)]
+        [0.000125, 0.00025, 0.0005, 0.001]
+    """
+    _check.integer_at_least("global_batch", global_batch, 1)
+    _check.integer_at_least("per_batch", per_batch, 1)
+    return lr * global_batch / per_batch
 
 
 @dataclass

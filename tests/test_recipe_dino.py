@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import crash_after_step, load_recipe
 
+from stepkit.schedules import scaled_lr
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "dino.py"
 
@@ -85,7 +87,8 @@ def test_presets_and_flags(recipe, tmp_path):
     assert paper.model.arch == "vit-small" and paper.model.out_dim == 65536 and paper.optim.lr == 2e-3
     # DINO's vanilla ViT-S/16 run (main_dino.py's defaults): 8 ranks x 64, 100 epochs of 2,502 updates
     vanilla = recipe.parse(["vit-s16"])
-    assert vanilla.batch_size * 8 == 512 and vanilla.optim.lr == 5e-4 * 512 / 256
+    assert vanilla.batch_size * 8 == 512 and (vanilla.optim.lr, vanilla.optim.lr_per_batch) == (5e-4, 256)
+    assert [scaled_lr(5e-4, 64 * ranks, 256) for ranks in (1, 2, 4)] == [1.25e-4, 2.5e-4, 5e-4]
     assert vanilla.train.steps == 100 * 2502 and vanilla.optim.warmup_steps == 10 * 2502
     assert vanilla.model.freeze_last_layer_steps == 2502 and vanilla.model.norm_last_layer
     assert (vanilla.loss.teacher_temp, vanilla.loss.warmup_teacher_temp) == (0.04, 0.04)
