@@ -32,17 +32,17 @@ from stepkit.checkpoint import save_last  # noqa: E402
 from stepkit.models import VisionTransformer  # noqa: E402
 from stepkit.weights import describe_part, export, init_from  # noqa: E402
 
-CASES = {  # name: (stepkit preset, image size, position embeddings)
-    "toy, learned": ("toy", 32, "learned"),
-    "toy, sincos (I-JEPA)": ("toy", 32, "sincos"),
-    "ViT-S/16": ("small", 224, "learned"),
-    "ViT-B/16": ("base", 224, "learned"),
+CASES = {  # name: (stepkit preset, image size, position embeddings, class token)
+    "toy, learned": ("toy", 32, "learned", True),
+    "toy, sincos, no class token (I-JEPA)": ("toy", 32, "sincos", False),
+    "ViT-S/16": ("small", 224, "learned", True),
+    "ViT-B/16": ("base", 224, "learned", True),
 }
 
 
-def compare(timm, preset: str, size: int, pos: str, folder: Path) -> dict:
+def compare(timm, preset: str, size: int, pos: str, class_token: bool, folder: Path) -> dict:
     torch.manual_seed(0)
-    ours = VisionTransformer.preset(preset, img_size=size, pos_embed=pos).eval()
+    ours = VisionTransformer.preset(preset, img_size=size, pos_embed=pos, class_token=class_token).eval()
     run = folder / "run"
     state = TrainState(ours, torch.optim.SGD(ours.parameters(), lr=0.1))
     save_last(run / "checkpoints", state, meta={"parts": {"encoder": describe_part(
@@ -65,7 +65,7 @@ def compare(timm, preset: str, size: int, pos: str, folder: Path) -> dict:
         theirs = timm.create_model(config["architecture"], pretrained=False, num_classes=0,
                                    **config["model_args"]).eval()
         torch.save(theirs.state_dict(), folder / "timm_state.pth")
-        fresh = VisionTransformer.preset(preset, img_size=size).eval()
+        fresh = VisionTransformer.preset(preset, img_size=size, class_token=class_token).eval()
         report = init_from(fresh, folder / "timm_state.pth", part="")
         init_diff = (fresh(x) - theirs(x)).abs().max().item()
     return {"timm_name": config["architecture"], "export_max_abs_diff": export_diff,
@@ -92,12 +92,12 @@ def main() -> None:
     else:
         results.update(status="ran", timm=timm.__version__, torch=torch.__version__, cases={})
         print(f"timm {timm.__version__}, torch {torch.__version__}{'; ' + note if note else ''}")
-        print(f"{'case':24} {'timm model':24} {'export |diff|':>14} {'init |diff|':>12}")
-        for name, (preset, size, pos) in cases.items():
+        print(f"{'case':38} {'timm model':24} {'export |diff|':>14} {'init |diff|':>12}")
+        for name, (preset, size, pos, class_token) in cases.items():
             with tempfile.TemporaryDirectory() as tmp:
-                row = compare(timm, preset, size, pos, Path(tmp))
+                row = compare(timm, preset, size, pos, class_token, Path(tmp))
             results["cases"][name] = row
-            print(f"{name:24} {row['timm_name']:24} {row['export_max_abs_diff']:14.2e} "
+            print(f"{name:38} {row['timm_name']:24} {row['export_max_abs_diff']:14.2e} "
                   f"{row['init_max_abs_diff']:12.2e}")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -169,6 +169,9 @@ class Model:
     pos_embed: Literal["learned", "sincos"] = "learned"
     """vit: encoder and predictor positions, learned or I-JEPA's fixed 2-D sine-cosine (the paper
     presets)."""
+    class_token: bool = True
+    """vit: a class token in the encoders (--model.no-class-token: none, as I-JEPA's ViT; the paper
+    presets)."""
     predictor_dim: int = 128
     predictor_depth: int = 3
     """Predictor blocks: residual depthwise-separable conv blocks (cnn), transformer blocks (vit)."""
@@ -275,13 +278,14 @@ class Config(RunArgs):
 
 def _vit_h14(**overrides) -> Config:
     """I-JEPA's ViT-H/14 run (Assran et al. 2023; facebookresearch/ijepa configs/in1k_vith14_ep300.yaml):
-    300 epochs of ImageNet, 128 images per GPU on 16 GPUs (2,048; 625 updates an epoch), no flip, the
-    predictor with the encoder's 16 heads, lr warmed up from 2e-4 over 40 epochs, EMA 0.996 -> 1 linear."""
+    300 epochs of ImageNet, 128 images per GPU on 16 GPUs (2,048; 625 updates an epoch), no flip, no
+    class token, the predictor with the encoder's 16 heads, lr warmed up from 2e-4 over 40 epochs, EMA
+    0.996 -> 1 linear."""
     settings = dict(
         device="cuda", amp="bf16", batch_size=128,
         data=Data(image_size=224, crop_scale=(0.3, 1.0), flip_p=0.0),
         model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
-                    predictor_heads=16, pos_embed="sincos"),
+                    predictor_heads=16, pos_embed="sincos", class_token=False),
         mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                         context_scale=(0.85, 1.0), sampler="ijepa", min_keep=10),
         train=TrainConfig(steps=187500),
@@ -305,7 +309,7 @@ PRESETS = {
         "One GPU: ViT-S/16 with I-JEPA's masks, predictor and schedules, batch 256 (set --data.root).",
         _vit_h14(batch_size=256,
                  model=Model(arch="vit-small", patch_size=16, predictor_dim=384, predictor_depth=6,
-                             predictor_heads=6, pos_embed="sincos"),
+                             predictor_heads=6, pos_embed="sincos", class_token=False),
                  train=TrainConfig(steps=150000),
                  optim=Optim(lr=2.5e-4, warmup_start_lr=5e-5, min_lr=1e-6, warmup_steps=10000, wd=0.04,
                              wd_final=0.4, clip=None))),
@@ -324,7 +328,8 @@ def build_encoder(cfg: Config, in_chans: int) -> nn.Module:
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
     overrides["pos_embed"] = cfg.model.pos_embed
     return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans,
-                                    grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
+                                    grad_checkpointing=cfg.model.grad_checkpointing,
+                                    class_token=cfg.model.class_token, **overrides)
 
 
 def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:

@@ -192,7 +192,7 @@ def test_paper_presets_have_the_papers_settings(recipe, tmp_path):
         assert cfg.batch_size * 16 == 2048 and cfg.data.flip_p == 0.0 and cfg.data.crop_scale == (0.3, 1.0)
         assert (cfg.optim.lr, cfg.optim.warmup_start_lr, cfg.optim.min_lr) == (1e-3, 2e-4, 1e-6)
         assert (cfg.train.steps, cfg.optim.warmup_steps) == (300 * 625, 40 * 625)
-        assert cfg.model.predictor_heads == 16
+        assert cfg.model.predictor_heads == 16 and not cfg.model.class_token
         assert (cfg.model.predictor_dim, cfg.model.predictor_depth) == (384, 12)
         total = cfg.train.steps  # linear: a quarter of the way, a quarter of the rise
         assert momentum_at(total // 4, cfg.ema, total) == pytest.approx(0.996 + 0.004 / 4)

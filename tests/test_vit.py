@@ -148,3 +148,16 @@ def test_a_vit_with_a_handful_of_tokens_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         VisionTransformer(img_size=32, patch_size=8, dim=32, depth=1, heads=2)  # 16 tokens: quiet
+
+
+def test_a_vit_without_class_token_has_only_patch_tokens_and_pools_their_mean():
+    from stepkit.models import patch_tokens
+
+    for positions in ("learned", "sincos"):
+        vit = VisionTransformer.preset("toy", img_size=16, pos_embed=positions, class_token=False).eval()
+        assert "cls_token" not in vit.state_dict() and vit.state_dict()["pos_embed"].shape == (1, 16, 64)
+        x = torch.rand(2, 3, 16, 16)
+        tokens = vit(x, all_tokens=True)
+        assert tokens.shape == (2, 16, 64) and torch.equal(patch_tokens(vit, x)[0], tokens)
+        assert torch.allclose(vit(x), tokens.mean(dim=1))
+        assert vit(torch.rand(2, 3, 24, 24), all_tokens=True).shape == (2, 36, 64)  # positions resized

@@ -368,7 +368,8 @@ def patch_tokens(
     if isinstance(unwrap(encoder), VisionTransformer):
         out = encoder(images, keep=keep, all_tokens=True, return_layers=layers)
         tokens, extra = out if layers else (out, [])
-        return tokens[:, 1:], [t[:, 1:] for t in extra]
+        skip = unwrap(encoder).prefix  # the class token, when there is one
+        return tokens[:, skip:], [t[:, skip:] for t in extra]
     out = encoder(images, keep=keep, return_layers=layers)
     return out if layers else (out, [])
 

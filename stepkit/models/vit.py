@@ -130,6 +130,8 @@ class VisionTransformer(nn.Module):
     blocks (hierarchical JEPA's targets). ``grad_checkpointing`` (also an
     attribute to set later) recomputes each block in the backward pass
     instead of keeping its activations: less memory, one more forward.
+    ``class_token=False`` leaves the class token out (I-JEPA's encoder):
+    ``tokens`` are the patches' alone and ``forward`` gives their mean.
 
     Examples:
         >>> vit = VisionTransformer.preset("toy", img_size=16)
@@ -151,6 +153,7 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
         pos_embed: str = "learned",
         grad_checkpointing: bool = False,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
@@ -167,17 +170,20 @@ class VisionTransformer(nn.Module):
                           f"token(s) ({self.grid} x {self.grid}); a smaller patch or larger images give "
                           "attention something to attend over", UserWarning, stacklevel=3)
         self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.prefix = 1 if class_token else 0  # tokens before the patches' (and their position rows)
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.fixed_positions = pos_embed == "sincos"
         if self.fixed_positions:
             self.register_buffer("pos_embed", self._sincos(self.grid, self.grid))
         else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.prefix + self.grid**2, dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks dropped more often
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if class_token:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
     @classmethod
@@ -188,7 +194,7 @@ class VisionTransformer(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     def _sincos(self, h: int, w: int) -> Tensor:
-        return torch.cat([torch.zeros(1, self.dim), sincos_pos_embed_2d(self.dim, h, w)])[None]
+        return torch.cat([torch.zeros(self.prefix, self.dim), sincos_pos_embed_2d(self.dim, h, w)])[None]
 
     def pos_embed_for(self, h: int, w: int) -> Tensor:
         """Position embeddings for an ``h x w`` patch grid (bicubic interpolation of the learned grid)."""
@@ -196,7 +202,7 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         if self.fixed_positions:
             return self._sincos(h, w).to(self.pos_embed)
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        cls_pos, patch_pos = self.pos_embed[:, :self.prefix], self.pos_embed[:, self.prefix:]
         grid = patch_pos.reshape(1, self.grid, self.grid, self.dim).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
         patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.dim)
@@ -217,16 +223,18 @@ class VisionTransformer(nn.Module):
     def tokens(
         self, x: Tensor, keep: Tensor | None = None, return_layers: tuple[int, ...] = ()
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Normed tokens ``(B, 1 + K, dim)``, class token first; K = all patches or ``keep``'s."""
+        """Normed tokens ``(B, 1 + K, dim)``, class token first (``(B, K, dim)`` without one); K = all
+        patches or ``keep``'s."""
         b, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input {h}x{w} is not a multiple of patch_size={self.patch_size}")
         patches = self.embed_patches(x)
         pos = self.pos_embed_for(h // self.patch_size, w // self.patch_size)
-        patches = patches + pos[:, 1:]
+        patches = patches + pos[:, self.prefix:]
         if keep is not None:
             patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, self.dim))
-        out = torch.cat([(self.cls_token + pos[:, :1]).expand(b, -1, -1), patches], dim=1)
+        out = torch.cat([(self.cls_token + pos[:, :1]).expand(b, -1, -1), patches], dim=1) if self.prefix \
+            else patches
         layers = []
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -245,14 +253,18 @@ class VisionTransformer(nn.Module):
         all_tokens: bool = False,
         return_layers: tuple[int, ...] = (),
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """The class token's features ``(B, dim)``; with ``all_tokens``, what ``tokens`` returns (through
-        ``forward``, so FSDP2's hooks gather the parameters). With ``return_layers``, also the
-        normed outputs of those blocks (0-based), as ``(out, layers)``."""
+        """The class token's features ``(B, dim)`` (without one: the mean of the normed patch tokens);
+        with ``all_tokens``, what ``tokens`` returns (through ``forward``, so FSDP2's hooks gather the
+        parameters). With ``return_layers``, also the normed outputs of those blocks (0-based), as
+        ``(out, layers)``."""
         if return_layers:
             out, layers = self.tokens(x, keep=keep, return_layers=return_layers)
-            return (out if all_tokens else out[:, 0]), layers
+            return (out if all_tokens else self._pooled(out)), layers
         tokens = cast(Tensor, self.tokens(x, keep=keep))
-        return tokens if all_tokens else tokens[:, 0]
+        return tokens if all_tokens else self._pooled(tokens)
+
+    def _pooled(self, tokens: Tensor) -> Tensor:
+        return tokens[:, 0] if self.prefix else tokens.mean(dim=1)
 
 
 def _init_weights(module: nn.Module) -> None:

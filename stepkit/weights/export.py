@@ -152,15 +152,20 @@ def _write_timm(state: dict[str, Tensor], info: dict[str, Any], folder: Path) ->
     folder.mkdir()
     a = info["arch"]["arguments"]
     name = timm_model_name(a["dim"], a["depth"], a["heads"], a["patch_size"], a["img_size"])
+    class_token = a.get("class_token", True)
+    # without a class token: the mean of the normed patch tokens, timm's "avg" pool with no fc_norm
+    pool = {"global_pool": "token"} if class_token else {"global_pool": "avg", "class_token": False,
+                                                          "fc_norm": False}
     model_args = {"img_size": a["img_size"], "patch_size": a["patch_size"], "in_chans": a["in_chans"],
                   "embed_dim": a["dim"], "depth": a["depth"], "num_heads": a["heads"],
-                  "mlp_ratio": a["mlp_ratio"], "global_pool": "token"}
+                  "mlp_ratio": a["mlp_ratio"], **pool}
     facts = info.get("input", {})
     size = facts.get("size", a["img_size"])
     pretrained_cfg = {"input_size": [a["in_chans"], size, size], "mean": facts.get("mean"),
                       "std": facts.get("std"), "num_classes": 0, "interpolation": "bicubic",
                       "crop_pct": facts.get("crop_pct", 1.0)}
-    config = {"architecture": name, "num_classes": 0, "global_pool": "token", "model_args": model_args,
+    config = {"architecture": name, "num_classes": 0, "global_pool": pool["global_pool"],
+              "model_args": model_args,
               "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if v is not None}}
     atomic_write_bytes(folder / "model.safetensors", _safetensors_bytes(to_timm(state)))
     atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode() + b"\n")

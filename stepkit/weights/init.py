@@ -316,14 +316,20 @@ def _positions(module: nn.Module, saved: Tensor, own: Tensor) -> tuple[Tensor | 
     n_saved = saved.shape[1]
     with_class = n_saved != int(round(n_saved ** 0.5)) ** 2  # 1 + side^2 rows, or side^2
     resized = resize_pos_embed(saved, (grid, grid), class_token=with_class)
-    if not with_class:
+    has_class = bool(getattr(module, "prefix", 1))
+    if has_class and not with_class:  # I-JEPA's grid into a ViT with a class token: its own position
         resized = torch.cat([own[:, :1].to(resized), resized], dim=1)
-    note = ""
-    if resized.shape[1] != n_saved or not with_class:
-        side = int(round((n_saved - with_class) ** 0.5))
-        note = (f"pos_embed: {side}x{side} grid resized to {grid}x{grid}"
-                + ("" if with_class else ", the class token's position kept as initialised"))
-    return resized, note
+    if with_class and not has_class:  # the other way: the class token's position has no place
+        resized = resized[:, 1:]
+    notes = []
+    side = int(round((n_saved - with_class) ** 0.5))
+    if side != grid:
+        notes.append(f"pos_embed: {side}x{side} grid resized to {grid}x{grid}")
+    if has_class and not with_class:
+        notes.append("the class token's position kept as initialised")
+    if with_class and not has_class:
+        notes.append("the class token's position left out (this ViT has no class token)")
+    return resized, ", ".join(notes)
 
 
 def _shape_hint(name: str, saved: Tensor, own: Tensor) -> str:
