@@ -245,7 +245,8 @@ class Config(RunArgs):
     crops: MultiCrop = field(
         # no solarisation: it erases the white strokes of the embedded digits
         default_factory=lambda: MultiCrop(global_size=32, local_size=16, local_crops=4,
-                                          global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0)
+                                          global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0,
+                                          blur_relative=True)
     )
     loss: Loss = field(default_factory=Loss)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500))

@@ -262,7 +262,11 @@ class MultiCrop:
     hue: float = 0.1
     grayscale_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur sigma range in pixels of a 224 px view (scaled down for smaller views)."""
+    """Gaussian blur sigma range, in pixels of every view (DINO's: the 96 px local views get the 224 px
+    global views' sigma)."""
+    blur_relative: bool = False
+    """Scale blur_sigma by view side / 224 for views under 224 px (for tiny images, e.g. the CPU
+    preset's 32 px digits, where 2 px would erase them)."""
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     """Blur probability for global view 1, global view 2, local views (DINO's)."""
     solarize_p: float = 0.2
@@ -336,7 +340,7 @@ def view_colors(x: Tensor, cfg: MultiCrop, view: int, generator: torch.Generator
                      saturation=cfg.saturation, hue=cfg.hue, generator=generator)
     x = random_grayscale(x, p=cfg.grayscale_p, generator=generator)
     low, high = cfg.blur_sigma
-    sigma = (low * size / 224, high * size / 224) if size < 224 else (low, high)
+    sigma = (low * size / 224, high * size / 224) if cfg.blur_relative and size < 224 else (low, high)
     x = gaussian_blur(x, p=blur_p, sigma=sigma, generator=generator)
     return solarize(x, p=solarize_p, generator=generator)
 

@@ -121,3 +121,18 @@ def test_a_generator_off_the_host_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="generator is on cuda:0; .* pass a CPU torch.Generator"):
         crops = MultiCrop(global_size=16, local_size=8, local_crops=1)
         multi_crop(images(), crops, generator=CudaGenerator())
+
+
+def test_blur_sigma_is_in_pixels_of_every_view_unless_relative():
+    """DINO blurs its 96 px local views with the 224 px views' sigma; blur_relative scales it down."""
+    from stepkit.augment import view_colors
+
+    impulse = torch.zeros(1, 3, 16, 16)
+    impulse[..., 8, 8] = 1.0
+    quiet = dict(global_size=16, local_size=16, local_crops=1, jitter_p=0.0, grayscale_p=0.0,
+                 blur_sigma=(2.0, 2.0), blur_p=(1.0, 1.0, 1.0), solarize_p=0.0)
+    pixels = view_colors(impulse, MultiCrop(**quiet), 2, torch.Generator().manual_seed(0))
+    relative = view_colors(impulse, MultiCrop(**quiet, blur_relative=True), 2,
+                           torch.Generator().manual_seed(0))
+    # a sigma of 2 px spreads the impulse: its peak falls far below that of a sigma of 2 x 16/224 px
+    assert pixels[0, 0, 8, 8] < 0.1 < 0.9 < relative[0, 0, 8, 8]
