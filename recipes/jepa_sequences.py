@@ -98,7 +98,7 @@ from stepkit.run import (
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
-from stepkit.weights import describe_part
+from stepkit.weights import InitConfig, describe_part
 
 
 @dataclass
@@ -224,6 +224,7 @@ class Eval:
 @dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/jepa-timeseries")
+    init: InitConfig = field(default_factory=InitConfig)
     device: Device = may_change_on_resume("auto")
     amp: Amp = "none"
     batch_size: int = 64
@@ -298,10 +299,12 @@ def main(cfg: Config) -> dict:
     if cfg.eval.k > len(seq["train"][1]):  # found now, not after training
         fail("eval.k", cfg.eval.k, f"at most the number of training {cfg.data.kind} items "
              f"({len(seq['train'][1])})")
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
-
     seed_everything(cfg.train.seed)
     encoder = build_encoder(cfg, seq)
+    init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
+    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    if init and dist.is_main():
+        print(init.line(), flush=True)
     depths, start_weights = cfg.levels.resolved(cfg.encoder_depth())
     blocks = tuple(d - 1 for d in depths)  # 0-based, for sequence_tokens(layers=...)
     dims = layer_dims(encoder, blocks)
@@ -425,7 +428,8 @@ def main(cfg: Config) -> dict:
     raw_name = "raw" if cfg.data.kind == "timeseries" else "bow"
     raw = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
     last_width = lambda net: layer_dims(net, (depth - 1,))[0]  # noqa: E731
-    nets = {"": target_encoder, "_context_encoder": model.encoder, "_random_init": untrained}
+    start = "_init" if init else "_random_init"  # the weights it started from
+    nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}
     scores, last_layer_features = frozen_probes(
         nets, features, last_width, raw, raw_name, layers=min(cfg.eval.layers, depth), k=cfg.eval.k,
         temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
@@ -441,14 +445,15 @@ def main(cfg: Config) -> dict:
         "effective_rank": float(final["effective_rank"]),
         "feature_std": float(final["std"]),
         "collapse_warning": watch.last,
+        **({"init": init.as_dict()} if init else {}),
     }
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
-        s = summary
+        s, begun = summary, "at init" if init else "untrained"
         linear = "" if not cfg.eval.linear else (
-            f"linear probe: trained {s['linear_acc']:.3f}, untrained {s['linear_acc_random_init']:.3f}, "
+            f"linear probe: trained {s['linear_acc']:.3f}, {begun} {s['linear_acc' + start]:.3f}, "
             f"{raw_name} {s[f'linear_acc_{raw_name}']:.3f}; ")
-        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, untrained {s['knn_acc_random_init']:.3f}, "
+        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, {begun} {s['knn_acc' + start]:.3f}, "
               f"{raw_name} {s[f'knn_acc_{raw_name}']:.3f}; effective rank {s['effective_rank']:.1f}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary

@@ -145,6 +145,9 @@ def test_sequence_eval_reproduces_knn_and_linear(tmp_path):
     result = json.loads((run_dir / "eval" / "last.json").read_text())
     assert result["knn_acc"] == summary(run_dir)["knn_acc"]
     assert result["linear_acc"] == summary(run_dir)["linear_acc"]
+    run("recipes/jepa_sequences.py", "text", "--run-dir", tmp_path / "next", "--train.steps", "2",
+        "--log.no-console", "--eval.no-linear", "--init.from", run_dir)
+    assert summary(tmp_path / "next")["knn_acc_init"] == summary(run_dir)["knn_acc"]
 
 
 def test_contrastive_towers_export_with_their_embeddings(tmp_path):
