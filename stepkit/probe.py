@@ -102,7 +102,8 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         source: A run directory or a checkpoint.
         part: The part to probe (the recipe's evaluated one: DINO ``teacher``, JEPA ``target``).
         checkpoint: ``last``, ``best``, ``step_N`` or a file name in ``checkpoints/``.
-        train_root, val_root: Labelled images to probe on instead of the run's own.
+        train_root: Labelled images (one folder per class) the probes fit on, instead of the run's own.
+        val_root: The held-out labelled images they are scored on (with ``train_root``).
         knn: Run the k-NN probe.
         linear: Run the linear probe (None: as the run did).
         batch_size: Images per forward (None: as the run did).
