@@ -69,6 +69,8 @@ def probe_data(probe: dict[str, Any], train_root: str | os.PathLike | None = Non
     from stepkit.images import EvalImages, find_image_data
 
     data = probe.get("data", {})
+    if train_root is None and val_root is None and data.get("kind") == "folders":  # the run's own
+        train_root, val_root = data["train_root"], data["val_root"]
     if train_root is not None or val_root is not None:
         if train_root is None or val_root is None:
             raise ValueError("--train-root and --val-root go together (labelled images, one folder per "
@@ -86,8 +88,6 @@ def probe_data(probe: dict[str, Any], train_root: str | os.PathLike | None = Non
         digits = digits_canvas(seed=int(data["seed"]), size=int(data["size"]))
         return (TensorDataset(digits["train_images"], digits["train_labels"]),
                 TensorDataset(digits["test_images"], digits["test_labels"]))
-    if data.get("kind") == "folders":
-        return probe_data({**probe, "data": {**data, "kind": ""}}, data["train_root"], data["val_root"])
     raise ValueError("this run evaluated on no labelled images of its own: pass --train-root and --val-root")
 
 

@@ -110,12 +110,22 @@ def find_checkpoint(source: str | os.PathLike, which: str = "last") -> Path:
                           "(use last, best, step_N or one of those names)")
 
 
-def _meta(path: Path) -> tuple[dict[str, Any], int]:
+def _read(path: Path) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+    """A checkpoint's ``meta``, its step, and (single-file) the whole saved state, read once."""
     if path.is_dir():
         info = read_info(path)
-        return info.get("meta") or {}, int(info.get("step", 0))
+        return info.get("meta") or {}, int(info.get("step", 0)), None
     payload = load_checkpoint(path)
-    return payload.get("meta") or {}, int(payload["state"].get("step", 0))
+    return payload.get("meta") or {}, int(payload["state"].get("step", 0)), payload["state"]
+
+
+def _parts_of(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    parts = meta.get("parts")
+    if not isinstance(parts, dict) or not parts:
+        raise CheckpointError(f"{path}: names no parts to export (meta['parts'] is missing: a recipe "
+                              "saves it; your own loop can pass meta={'parts': {...}} with "
+                              "stepkit.weights.describe_part)")
+    return parts
 
 
 def checkpoint_parts(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -137,13 +147,7 @@ def checkpoint_parts(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         >>> sorted(checkpoint_parts(run / "checkpoints" / "last.pt"))
         ['encoder']
     """
-    meta, _ = _meta(Path(path))
-    parts = meta.get("parts")
-    if not isinstance(parts, dict) or not parts:
-        raise CheckpointError(f"{path}: names no parts to export (meta['parts'] is missing: a recipe "
-                              "saves it; your own loop can pass meta={'parts': {...}} with "
-                              "stepkit.weights.describe_part)")
-    return parts
+    return _parts_of(_read(Path(path))[0], path)
 
 
 def strip_prefixes(state: dict[str, Tensor],
@@ -216,17 +220,16 @@ def read_part(source: str | os.PathLike, part: str, *, checkpoint: str = "last"
         (3, True)
     """
     path = find_checkpoint(source, checkpoint)
-    parts = checkpoint_parts(path)
+    meta, step, saved = _read(path)  # a single-file checkpoint is loaded this once
+    parts = _parts_of(meta, path)
     if part not in parts:
         listing = "; ".join(f"{name} ({p.get('about', '')})" for name, p in parts.items())
         raise CheckpointError(f"part={part!r} is not one {path} has; parts: {listing}")
     info = dict(parts[part])
-    meta, step = _meta(path)
     want = info["source"] + "." + info["prefix"]
-    if path.is_dir():
+    if saved is None:
         state = _sharded_tensors(path, want)
     else:
-        saved = load_checkpoint(path)["state"]
         flat = {f"{info['source']}.{k}": v for k, v in strip_prefixes(saved.get(info["source"], {})).items()}
         state = {k[len(want):]: v for k, v in flat.items() if k.startswith(want)}
     if not state:
