@@ -55,7 +55,7 @@ from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ResumableSampler
+from stepkit.data import ResumableSampler, seeded_loader
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
@@ -505,9 +505,8 @@ def main(cfg: Config) -> dict:
     anchor_tokens = tokenize(train_anchors) if text_only else None
     workers = cfg.data.workers if files else 0
 
-    def loader(dataset, **kw) -> DataLoader:
-        seeded = torch.Generator().manual_seed(cfg.train.seed)  # not drawn from the global RNG
-        return DataLoader(dataset, num_workers=workers, generator=seeded, **kw)
+    def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, **kw)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

@@ -54,7 +54,7 @@ from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import Prefetch, ResumableSampler
+from stepkit.data import Prefetch, ResumableSampler, seeded_loader
 from stepkit.ema import target_copy
 from stepkit.evaluation import knn_accuracy
 from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
@@ -419,13 +419,9 @@ def main(cfg: Config) -> dict:
                  for i, x in enumerate(crops)]
         return views, (tuple(batch[1:]) if shards is not None else None)
 
-    def loader(dataset, **kw) -> DataLoader:
-        # Its own generator: a DataLoader iterator otherwise draws its seed from the
-        # global RNG, and a resumed run would draw it at another point of the stream.
-        workers = cfg.data.workers if files else 0
-        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                          pin_memory=device.type == "cuda",
-                          generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
+    def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
+                             batch_size=cfg.batch_size, pin_memory=device.type == "cuda", **kw)
 
     @torch.no_grad()
     def embed(net: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,7 +77,7 @@ from stepkit.check import fail, in_range, integer_at_least
 from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ResumableSampler
+from stepkit.data import ResumableSampler, seeded_loader
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
 from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
@@ -410,10 +410,9 @@ def main(cfg: Config) -> dict:
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation (or --init's weights)
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
 
-    def loader(dataset, **kw) -> DataLoader:
-        workers = cfg.data.workers if files else 0
-        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                          generator=torch.Generator().manual_seed(cfg.train.seed), **kw)
+    def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
+                             batch_size=cfg.batch_size, **kw)
 
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=jepa_shard_units)
     target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device, shard=jepa_shard_units)

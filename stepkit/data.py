@@ -23,7 +23,7 @@ from stepkit import check as _check
 
 __all__ = ["MODALITIES", "FMRI_ARRAYS", "load_fmri_npz", "SERIES_ARRAYS", "load_series_npz", "series_windows",
            "windowed_series", "tokenized_sentences", "time_blocks",
-           "ResumableSampler", "Prefetch"]
+           "ResumableSampler", "seeded_loader", "Prefetch"]
 
 MODALITIES = ("video", "audio", "text")
 FMRI_ARRAYS = (*MODALITIES, "fmri")
@@ -375,6 +375,56 @@ class ResumableSampler:
             order = self.epoch_order(epoch)[offset:]
             yield from ((i, epoch) for i in order) if self.with_epoch else order
             epoch, offset = epoch + 1, 0
+
+
+def seeded_loader(dataset: Any, *, seed: int, workers: int = 0, **kwargs: Any) -> Any:
+    """A ``DataLoader`` whose shuffling and worker seeds come from ``seed``, whose workers leave stop
+    signals to the main process.
+
+    Its own generator: a DataLoader otherwise draws its base seed from the
+    global RNG, so a resumed run would draw it at another point of the
+    stream. Its worker processes ignore SIGTERM, SIGUSR1 and SIGINT
+    (``stepkit.signals.leave_stop_signals_to_main``): a scheduler signals
+    the whole process group (SLURM, ``scancel``, ``timeout``), and a worker
+    that died of it would end the run in "DataLoader worker is killed by
+    signal" before the main process could save. A ``worker_init_fn`` given
+    in ``kwargs`` runs after that.
+
+    Args:
+        dataset: What to load.
+        seed: The run's seed.
+        workers: ``num_workers``.
+        **kwargs: Any other ``DataLoader`` argument (``batch_size``, ``sampler``, ...).
+
+    Returns:
+        The ``DataLoader``.
+
+    Examples:
+        >>> import torch
+        >>> first = [b.tolist() for b in seeded_loader(torch.arange(6), seed=0, batch_size=3, shuffle=True)]
+        >>> first == [b.tolist() for b in seeded_loader(torch.arange(6), seed=0, batch_size=3, shuffle=True)]
+        True
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from stepkit.signals import leave_stop_signals_to_main
+
+    then = kwargs.pop("worker_init_fn", None)
+    init = leave_stop_signals_to_main if then is None else _Chained(leave_stop_signals_to_main, then)
+    return DataLoader(dataset, num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=init if workers else then, **kwargs)
+
+
+class _Chained:
+    """Two worker_init_fns, one after the other (a class: it must pickle for spawned workers)."""
+
+    def __init__(self, first: Any, then: Any) -> None:
+        self.first, self.then = first, then
+
+    def __call__(self, worker_id: int) -> None:
+        self.first(worker_id)
+        self.then(worker_id)
 
 
 class Prefetch:

@@ -13,7 +13,7 @@ import torch
 from stepkit import check as _check
 from stepkit import dist
 
-__all__ = ["EXIT_STOPPED", "StopSignals"]
+__all__ = ["EXIT_STOPPED", "StopSignals", "leave_stop_signals_to_main"]
 
 EXIT_STOPPED = 75
 """The exit code of a run stopped by a signal after saving its checkpoint (``EX_TEMPFAIL``:
@@ -128,6 +128,25 @@ class StopSignals:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+def leave_stop_signals_to_main(worker_id: int = 0) -> None:
+    """Ignore SIGTERM, SIGUSR1 and SIGINT in this (DataLoader worker) process.
+
+    SLURM's ``scancel``, ``timeout`` and a terminal's Ctrl-C signal the whole
+    process group, worker processes included. A worker killed by it ends the
+    main process's next batch in ``RuntimeError: DataLoader worker ... is
+    killed by signal``, before ``StopSignals`` can finish the update and
+    save. Ignoring them, the worker keeps loading until the main process,
+    having saved, shuts it down. ``stepkit.data.seeded_loader`` passes it as
+    the ``worker_init_fn``.
+
+    Args:
+        worker_id: The DataLoader's worker index (unused: the same in every worker).
+    """
+    for name in StopSignals.SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
 
 def _on_main_thread() -> bool:
 

@@ -163,3 +163,28 @@ def test_captioned_digits_say_what_where_and_how_big():
     again = digits_captioned(seed=3)
     assert torch.equal(again["test_images"], d["test_images"])
     assert again["test_captions"] == d["test_captions"]
+
+
+class _SignalsInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+
+        import torch.utils.data as tud
+
+        ignored = all(signal.getsignal(getattr(signal, n)) == signal.SIG_IGN
+                      for n in ("SIGTERM", "SIGUSR1", "SIGINT"))
+        return torch.tensor([ignored, getattr(tud.get_worker_info().dataset, "chained", False)])
+
+
+def _mark(worker_id):
+    torch.utils.data.get_worker_info().dataset.chained = True
+
+
+def test_seeded_loader_workers_ignore_stop_signals_and_run_a_given_init():
+    from stepkit.data import seeded_loader
+
+    (batch,) = list(seeded_loader(_SignalsInWorker(), seed=0, workers=1, batch_size=2, worker_init_fn=_mark))
+    assert batch.tolist() == [[True, True], [True, True]]

@@ -123,3 +123,29 @@ def test_every_limits_how_often_the_flag_is_read():
     with StopSignals(every=3) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert [stop.requested() for _ in range(3)] == [False, False, True]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75(tmp_path):
+    """What SLURM, scancel and ``timeout`` send: the signal reaches the DataLoader workers too."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from imagefiles import write_folder
+
+    write_folder(tmp_path / "photos", 6, labelled=False, seed=0)
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "dino.py"), "--data.root", str(tmp_path / "photos"),
+         "--data.workers", "2", "--run-dir", str(run_dir), "--device", "cpu", "--log.no-console",
+         "--batch-size", "4", "--crops.global-size", "32", "--crops.local-size", "16",
+         "--crops.local-crops", "2", "--model.out-dim", "32", "--model.head-hidden", "32",
+         "--train.steps", "100000", "--ckpt.every", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(run_dir / "checkpoints" / "step_00000002.pt")
+    workers = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) >= 2, "the run has no DataLoader worker processes"
+    os.killpg(child.pid, signal.SIGTERM)  # the recipe, its workers: the whole group
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == EXIT_STOPPED, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]["step"]
+    assert stopped_at >= 2 and f"stopped by SIGTERM at step {stopped_at} " in err
