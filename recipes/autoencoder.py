@@ -55,6 +55,7 @@ from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import MODALITIES, load_fmri_npz, time_blocks
 from stepkit.evaluation import ridge_regression
+from stepkit.faults import NonFiniteWatch
 from stepkit.log import LogConfig, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
 from stepkit.models import MultimodalAutoencoder
@@ -65,6 +66,7 @@ from stepkit.run import (
     params_digest,
     pick_device,
     seed_everything,
+    stop_if_diverged,
     stop_if_signalled,
 )
 from stepkit.signals import StopSignals
@@ -219,6 +221,7 @@ def main(cfg: Config) -> dict:
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
+    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
     # Epochs: a fresh permutation of the training time points each, seeded by the
     # epoch, so a resumed run draws the same batches (data_position counts batches).
@@ -239,7 +242,9 @@ def main(cfg: Config) -> dict:
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-            log({"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+            terms = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr}
+            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
+            log(terms, step=state.step)
 
             stop = False
             if state.step % updates_per_epoch == 0 or state.step == steps:  # one validation per epoch
@@ -278,6 +283,7 @@ def main(cfg: Config) -> dict:
     r_shared = pearson_per_voxel(shared(flat(test_t)), series["fmri"][test_t].double())
     summary = {
         "steps": state.step,
+        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "best_step": best[0]["step"] if best else state.step,
         "wall_s": round(time.perf_counter() - started, 3),
         **{k: v for k, v in test.items() if k.startswith("voxel_corr")},

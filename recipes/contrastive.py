@@ -57,6 +57,7 @@ from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import ResumableSampler, seeded_loader
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
+from stepkit.faults import NonFiniteWatch
 from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
@@ -80,6 +81,7 @@ from stepkit.run import (
     params_digest,
     pick_device,
     seed_everything,
+    stop_if_diverged,
     stop_if_signalled,
 )
 from stepkit.signals import StopSignals
@@ -581,6 +583,7 @@ def main(cfg: Config) -> dict:
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
+    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
     sampler = ResumableSampler(len(train_source), seed=cfg.train.seed,
                                start=state.data_position * cfg.batch_size, rank=dist.rank(),
@@ -607,7 +610,9 @@ def main(cfg: Config) -> dict:
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}
+            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
+            log(terms, step=state.step)
             state.extras["wall_s"] = time.perf_counter() - started
             maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
                        meta={"parts": parts})
@@ -628,7 +633,7 @@ def main(cfg: Config) -> dict:
         "recall_at_1_chance": chance_recall_at_k(n, n, 1, query_ids=ids, key_ids=ids),
         "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
         "logit_scale": float(model.logit_scale().detach()),
-        "skipped_steps": int(state.skipped_steps),
+        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "skipped_unreadable": skipped,
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),

@@ -57,6 +57,7 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import Prefetch, ResumableSampler, seeded_loader
 from stepkit.ema import target_copy
 from stepkit.evaluation import knn_accuracy
+from stepkit.faults import NonFiniteWatch
 from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
@@ -82,6 +83,7 @@ from stepkit.run import (
     params_digest,
     pick_device,
     seed_everything,
+    stop_if_diverged,
     stop_if_signalled,
 )
 from stepkit.schedules import scaled_lr
@@ -499,6 +501,7 @@ def main(cfg: Config) -> dict:
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
+    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
     if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
         stream, positions = resumable_stream(shards, ShardCrops(plan), state, seed=cfg.train.seed,
@@ -536,8 +539,9 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, state.model, momentum)
-            means = log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum},
-                        step=state.step)
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}
+            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
+            means = log(terms, step=state.step)
             if means and (warning := watch(means)):
                 print(f"step {state.step}: {warning}", flush=True)
                 log.write({"collapse_warning": warning}, state.step, kind="alarm")
@@ -560,7 +564,7 @@ def main(cfg: Config) -> dict:
         "wall_s": round(train_s, 3),
         "images_per_s": round(cfg.batch_size * dist.world_size() * cfg.train.accum
                               * (state.step - steps_at_start) / max(train_s - wall_at_start, 1e-9), 1),
-        "skipped_steps": int(state.skipped_steps),
+        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),

@@ -80,6 +80,7 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import ResumableSampler, seeded_loader
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
+from stepkit.faults import NonFiniteWatch
 from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
 from stepkit.jepa import (
     JEPALoss,
@@ -112,6 +113,7 @@ from stepkit.run import (
     params_digest,
     pick_device,
     seed_everything,
+    stop_if_diverged,
     stop_if_signalled,
 )
 from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
@@ -462,6 +464,7 @@ def main(cfg: Config) -> dict:
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
+    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
     if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
         stream, positions = resumable_stream(shards, ShardCrops(plan), state, seed=cfg.train.seed,
@@ -497,9 +500,11 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
-            means = log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
-                         **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
-                            else {})}, step=state.step)
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
+                     **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
+                        else {})}
+            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
+            means = log(terms, step=state.step)
             if means and (warning := watch(means)):
                 print(f"step {state.step}: {warning}", flush=True)
                 log.write({"collapse_warning": warning}, state.step, kind="alarm")
@@ -524,6 +529,7 @@ def main(cfg: Config) -> dict:
 
     summary = {
         "steps": state.step,
+        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
         "wall_s": round(train_s, 3),
         "params_digest": params_digest(model),

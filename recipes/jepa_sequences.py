@@ -69,6 +69,7 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import ResumableSampler, load_series_npz, tokenized_sentences, windowed_series
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
+from stepkit.faults import NonFiniteWatch
 from stepkit.jepa import (
     JEPALoss,
     Levels,
@@ -94,6 +95,7 @@ from stepkit.run import (
     params_digest,
     pick_device,
     seed_everything,
+    stop_if_diverged,
     stop_if_signalled,
 )
 from stepkit.signals import StopSignals
@@ -378,6 +380,7 @@ def main(cfg: Config) -> dict:
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
+    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
     sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
                                start=state.data_position * cfg.batch_size, rank=dist.rank(),
@@ -403,9 +406,11 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
-            means = log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
-                         **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
-                            else {})}, step=state.step)
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
+                     **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
+                        else {})}
+            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
+            means = log(terms, step=state.step)
             if means and (warning := watch(means)):
                 print(f"step {state.step}: {warning}", flush=True)
                 log.write({"collapse_warning": warning}, state.step, kind="alarm")
@@ -437,6 +442,7 @@ def main(cfg: Config) -> dict:
     final = collapse_metrics(held_out[:256], "")
     summary = {
         "steps": state.step,
+        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "wall_s": round(train_s, 3),
         **scores,
         "params_digest": params_digest(model),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stepkit.config import INVOCATION_FIELDS, flat_config
+from stepkit.faults import EXIT_DIVERGED, Diverged
 
 __all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
            "unknown_flag_error"]
@@ -348,7 +349,8 @@ def run_main(main: Any, parse: Any) -> None:
 
     A config or data error (``ValueError``, ``CheckpointError``) or a missing
     optional extra (an ``ImportError`` that says what to ``pip install``)
-    prints ``error: ...`` and exits 1; Ctrl-C outside the training loop (or twice
+    prints ``error: ...`` and exits 1; a run stopped for non-finite updates
+    (``stepkit.faults.Diverged``) prints its line and exits 65; Ctrl-C outside the training loop (or twice
     inside it) prints one line and exits 130, the shell's code for SIGINT.
 
     Examples:
@@ -362,6 +364,9 @@ def run_main(main: Any, parse: Any) -> None:
     """
     try:
         main(parse())
+    except Diverged as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
     except ValueError as err:
         sys.exit(f"error: {_one_line(err)}")
     except ImportError as err:

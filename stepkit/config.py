@@ -31,9 +31,42 @@ Device = Literal["auto", "cpu", "cuda"]
 Amp = Literal["none", "bf16", "fp16"]
 
 
+RESUME_MAY_CHANGE = "stepkit.may_change_on_resume"
+"""The dataclass field metadata key that ``may_change_on_resume`` sets."""
+
+
+def may_change_on_resume(default: Any = dataclasses.MISSING, *,
+                         default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that a resumed run may set differently without breaking it.
+
+    Use it for fields that change where or how often a run logs, saves or
+    evaluates, or where it runs; ``start_run`` refuses a resume that changes
+    any other field unless ``--resume-allow`` names it. A config class whose
+    fields all may change sets ``MAY_CHANGE_ON_RESUME = True`` instead.
+
+    Args:
+        default: The field's default.
+        default_factory: Or a factory for it (as ``dataclasses.field`` takes).
+
+    Returns:
+        A ``dataclasses.field`` marked with ``RESUME_MAY_CHANGE``.
+
+    Examples:
+        >>> @dataclass
+        ... class Eval:
+        ...     every: int = may_change_on_resume(0)
+        ...     k: int = 20
+        >>> resume_free_fields(Eval())
+        ['every']
+    """
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={RESUME_MAY_CHANGE: True})
+
+
 @dataclass
 class TrainConfig:
-    """The run's length and randomness (``--train.steps``, ``--train.seed``, ``--train.accum``).
+    """The run's length and randomness (``--train.steps``, ``--train.seed``, ``--train.accum``), and when
+    a broken run stops (``--train.max-skipped``).
 
     Examples:
         >>> TrainConfig(steps=100).seed
@@ -46,11 +79,15 @@ class TrainConfig:
     """Seeds python, numpy and torch."""
     accum: int = 1
     """Micro-batches accumulated into one update."""
+    max_skipped: int = may_change_on_resume(100)
+    """Stop the run (exit code 65) after this many non-finite, skipped updates in a row, naming the
+    first non-finite term and the checkpoint to go back to (0: never stop)."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("steps", self.steps, 1)
         _check.integer_at_least("seed", self.seed, 0)
         _check.integer_at_least("accum", self.accum, 1)
+        _check.integer_at_least("max_skipped", self.max_skipped, 0)
 
 @dataclass
 class CkptConfig:
@@ -162,36 +199,6 @@ def flat_config(config: Any) -> dict[str, Any]:
     walk("", json.loads(json.dumps(to_jsonable(config))))
     return out
 
-RESUME_MAY_CHANGE = "stepkit.may_change_on_resume"
-"""The dataclass field metadata key that ``may_change_on_resume`` sets."""
-
-
-def may_change_on_resume(default: Any = dataclasses.MISSING, *,
-                         default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that a resumed run may set differently without breaking it.
-
-    Use it for fields that change where or how often a run logs, saves or
-    evaluates, or where it runs; ``start_run`` refuses a resume that changes
-    any other field unless ``--resume-allow`` names it. A config class whose
-    fields all may change sets ``MAY_CHANGE_ON_RESUME = True`` instead.
-
-    Args:
-        default: The field's default.
-        default_factory: Or a factory for it (as ``dataclasses.field`` takes).
-
-    Returns:
-        A ``dataclasses.field`` marked with ``RESUME_MAY_CHANGE``.
-
-    Examples:
-        >>> @dataclass
-        ... class Eval:
-        ...     every: int = may_change_on_resume(0)
-        ...     k: int = 20
-        >>> resume_free_fields(Eval())
-        ['every']
-    """
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={RESUME_MAY_CHANGE: True})
 
 
 def resume_free_fields(config: Any, prefix: str = "") -> list[str]:
@@ -212,7 +219,7 @@ def resume_free_fields(config: Any, prefix: str = "") -> list[str]:
         ...     device: str = may_change_on_resume("cpu")
         ...     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
         >>> resume_free_fields(Config())
-        ['ckpt', 'device']
+        ['ckpt', 'device', 'train.max_skipped']
     """
     if getattr(type(config), "MAY_CHANGE_ON_RESUME", False):
         return [prefix]

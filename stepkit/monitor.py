@@ -47,16 +47,24 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
         >>> m = collapse_metrics(torch.eye(3))
         >>> [round(v.item(), 4) for v in m.values()]  # 3 orthogonal rows: effective rank 3
         [0.5774, 1.0, 3.0]
+        >>> [v.item() for v in collapse_metrics(torch.tensor([[1.0, float("inf")]])).values()]
+        [nan, nan, nan]
     """
     z = at_least_float32(embeddings.detach()).reshape(-1, embeddings.shape[-1])
-    s = torch.linalg.svdvals(z)
+    # A diverged run's features are NaN or infinite, where the SVD raises: monitoring must never end
+    # a run, so they get NaN metrics instead (chosen on the device, no host read).
+    finite = torch.isfinite(z).all()
+    safe = torch.where(finite, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    s = torch.linalg.svdvals(safe)
     p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
     entropy = -torch.special.xlogy(p, p).sum()
-    return {
-        f"{prefix}std": z.std(dim=0, unbiased=z.shape[0] > 1).mean(),
-        f"{prefix}norm": z.norm(dim=-1).mean(),
+    metrics = {
+        f"{prefix}std": safe.std(dim=0, unbiased=z.shape[0] > 1).mean(),
+        f"{prefix}norm": safe.norm(dim=-1).mean(),
         f"{prefix}effective_rank": entropy.exp(),
     }
+    nan = torch.full((), float("nan"), dtype=z.dtype, device=z.device)
+    return {k: torch.where(finite, v, nan) for k, v in metrics.items()}
 
 
 def layer_group(name: str, depth: int = 1) -> str:

@@ -32,13 +32,14 @@ from stepkit import check as _check
 from stepkit import dist
 from stepkit.checkpoint import resume
 from stepkit.config import RunArgs, to_jsonable
+from stepkit.faults import Diverged, NonFiniteWatch
 from stepkit.log import Logger
 from stepkit.rundir import CKPT_DIR, record_resume, run_of, start_run, write_summary
 from stepkit.signals import StopSignals
 from stepkit.state import TrainState, unwrap
 
 __all__ = ["continue_run", "finish_run", "open_run", "params_digest", "pick_device",
-           "seed_everything", "stop_if_signalled"]
+           "seed_everything", "stop_if_diverged", "stop_if_signalled"]
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
@@ -206,6 +207,79 @@ def stop_if_signalled(signals: StopSignals, state: TrainState, ckpt_dir: str | o
     if signals.signal_name:
         log.close()
         signals.exit(state.step, ckpt_dir)
+
+
+def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[str, Any], log: Logger) -> None:
+    """After each update: watch its terms; stop the run after ``watch.max_skipped`` skipped updates in a row.
+
+    Every update queues ``watch.update`` on the device; every ``log.cfg.every``
+    updates (when the logger reads its values anyway) it reads the counts
+    back. The first time a term is NaN or infinite it prints and logs one
+    line naming it (kind ``alarm``). After ``--train.max-skipped`` skipped
+    updates in a row it writes ``summary.json`` (``"status": "diverged"``,
+    the counts, the first non-finite term and the checkpoint to go back to),
+    closes the log and raises ``Diverged`` on every rank, which the recipes'
+    ``run_main`` turns into one line and exit code 65. Nothing is saved: the
+    checkpoints written before the storm stay as they were.
+
+    Args:
+        watch: The run's ``NonFiniteWatch``.
+        state: The run's state (updated already).
+        terms: This update's logged values.
+        log: The run's logger (its ``run_dir`` and ``cfg.every``).
+
+    Raises:
+        Diverged: naming the step, the first non-finite term and the last checkpoint saved before the storm.
+    """
+    watch.update(state, terms)
+    if state.step % log.cfg.every:
+        return
+    first = watch.first_nonfinite()
+    if first is not None and not watch.reported:
+        watch.reported = True
+        if dist.is_main():
+            print(f"step {state.step}: {', '.join(first[1])} went non-finite first, at step {first[0]}; "
+                  "such updates are skipped", flush=True)
+        log.write({"first_nonfinite": ", ".join(first[1]), "first_nonfinite_step": first[0]}, state.step,
+                  kind="alarm")
+    if not watch.storm():
+        return
+    in_a_row = watch.in_a_row()
+    began = state.step - in_a_row + 1
+    back_to = _newest_checkpoint(Path(log.run_dir) / CKPT_DIR, before=began)
+    summary = {"status": "diverged", "steps": state.step, "skipped_in_a_row": in_a_row,
+               **watch.summary(state), "resume_from": str(back_to[0]) if back_to else None}
+    log.write({"diverged_at": state.step, "skipped_in_a_row": in_a_row}, state.step, kind="alarm")
+    log.close()
+    write_summary(log.run_dir, summary)
+    what = f"{', '.join(first[1])} went non-finite first, at step {first[0]}" if first else "the gradients"
+    if back_to is None:
+        where = "no checkpoint was saved: start again with a lower --optim.lr"
+    else:
+        path, step = back_to
+        # Skipped updates change no weight, only the step: a save during the storm holds the weights
+        # from before it, as one from before does.
+        when = "before it" if step < began else "during it (the weights are those from before it)"
+        where = (f"the newest checkpoint, {path} (step {step}), was saved {when}: continue from it with "
+                 f"--resume-from {path} and a lower --optim.lr (--resume-allow optim.lr)")
+    raise Diverged(f"step {state.step}: the last {in_a_row} updates were all non-finite and skipped "
+                   f"(--train.max-skipped {watch.max_skipped}; 0 never stops); {what}; {where}")
+
+
+def _newest_checkpoint(ckpt_dir: Path, *, before: int) -> tuple[Path, int] | None:
+    """The newest checkpoint in ``ckpt_dir`` from before step ``before`` (else the newest), and its step."""
+    from stepkit.checkpoint import checkpoint_step
+
+    found = []
+    for path in ckpt_dir.glob("*"):
+        if path.name.startswith(("last.", "step_", "best_")) and path.suffix in (".pt", ".dcp") \
+                and ".rank" not in path.name:
+            try:
+                found.append((checkpoint_step(path), path.name.startswith("last."), path))
+            except (ValueError, OSError):
+                continue
+    earlier = sorted(c for c in found if c[0] < before) or sorted(found)
+    return (earlier[-1][2], earlier[-1][0]) if earlier else None
 
 
 def finish_run(cfg: RunArgs, log: Logger, summary: Mapping[str, Any]) -> bool:

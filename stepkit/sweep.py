@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+_EXIT_DIVERGED = 65  # stepkit.faults.EXIT_DIVERGED, without importing torch into the launcher
+
 __all__ = ["RandomSpec", "parse_grid", "parse_random", "plan_trials", "flags", "flag_name", "recipe_path",
            "run_trial", "sweep", "print_table", "wandb_config", "trial_main", "main"]
 
@@ -264,7 +266,8 @@ def sweep(
         value = summary.get(metric)
         results.append({
             "trial": i, "params": params, metric: value, "returncode": code,
-            "status": "failed" if code != 0 else "ok" if value is not None else f"no {metric} in summary",
+            "status": "diverged" if code == _EXIT_DIVERGED else "failed" if code != 0
+                      else "ok" if value is not None else f"no {metric} in summary",
             "wall_s": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
         })
         print(f"trial {i}: {params} -> {metric}={value} ({results[-1]['status']})", flush=True)

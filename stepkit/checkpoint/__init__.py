@@ -23,7 +23,7 @@ from stepkit.checkpoint.errors import (
     CheckpointError,
     CheckpointMismatch,
 )
-from stepkit.checkpoint.resume import has_checkpoint, resume
+from stepkit.checkpoint.resume import checkpoint_step, has_checkpoint, resume
 from stepkit.checkpoint.retention import best_checkpoints, maybe_save, save_best, save_last, save_periodic
 from stepkit.checkpoint.safe_metadata import SAFE_METADATA_GLOBALS, read_metadata
 from stepkit.checkpoint.sharded import load_sharded, read_info, save_sharded
@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatch",
     "best_checkpoints",
+    "checkpoint_step",
     "has_checkpoint",
     "load_checkpoint",
     "load_sharded",

@@ -6,13 +6,15 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from stepkit import dist
 from stepkit.checkpoint.errors import LAST, SHARDED_SUFFIX, CheckpointError, CheckpointMismatch, rank_rng_path
 from stepkit.checkpoint.sharded import load_sharded, read_info
 from stepkit.checkpoint.single_file import load_checkpoint, restore
 from stepkit.state import TrainState
 
-__all__ = ["has_checkpoint", "resume"]
+__all__ = ["checkpoint_step", "has_checkpoint", "resume"]
 
 
 def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
@@ -25,6 +27,35 @@ def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
     """
     last = Path(ckpt_dir) / LAST
     return last.exists() or last.with_suffix(SHARDED_SUFFIX).exists()
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint (a single file or a ``.dcp`` folder) was saved at, read without its tensors.
+
+    Raises:
+        CheckpointError: naming the file, for one that is not a readable stepkit checkpoint.
+
+    Examples:
+        >>> import tempfile
+        >>> from stepkit.checkpoint import save_last
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=7)
+        >>> checkpoint_step(save_last(tempfile.mkdtemp(), state))
+        7
+    """
+    path = Path(path)
+    if path.is_dir():
+        step = read_info(path).get("step")
+    else:
+        try:  # memory-mapped: the tensors are not read
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = payload["state"]["step"]
+        except Exception as err:  # any unreadable file: the full load names the reason
+            load_checkpoint(path)
+            raise CheckpointError(f"{path}: no step in it ({type(err).__name__})") from None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"{path}: its step is {step!r}, not a whole number")
+    return step
 
 
 def resume(

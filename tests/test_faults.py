@@ -1,0 +1,100 @@
+"""Runs whose updates turn non-finite: counted, named, and stopped with exit code 65."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import load_recipe
+
+from stepkit import TrainState
+from stepkit.checkpoint import checkpoint_step, load_checkpoint
+from stepkit.cli import run_main
+from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STOPPED, NonFiniteWatch
+from stepkit.monitor import collapse_metrics
+
+
+def a_state() -> TrainState:
+    model = torch.nn.Linear(2, 1)
+    return TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def drive(watch: NonFiniteWatch, state: TrainState, losses, **more) -> None:
+    for value in losses:
+        state.step += 1
+        state.skipped_steps += not math.isfinite(value)  # what apply_update counts
+        watch.update(state, {"loss": torch.tensor(value), **{k: v(state.step) for k, v in more.items()}})
+
+
+def test_exit_codes_differ_from_success_errors_and_each_other():
+    assert len({0, 1, 130, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STOPPED}) == 6
+
+
+def test_the_count_is_of_skipped_updates_in_a_row():
+    state, nan = a_state(), float("nan")
+    watch = NonFiniteWatch(max_skipped=3, state=state)
+    drive(watch, state, [1.0, nan, nan, 2.0, nan, nan])
+    assert watch.in_a_row() == 2 and not watch.storm()  # 4 skipped, but a finite update between
+    drive(watch, state, [nan])
+    assert watch.in_a_row() == 3 and watch.storm()
+    drive(watch, state, [0.5])
+    assert watch.in_a_row() == 0 and not watch.storm()
+    assert watch.summary(state) == {"skipped_steps": 5, "first_nonfinite": {"step": 2, "terms": ["loss"]}}
+
+
+def test_the_first_nonfinite_term_is_named_with_its_step():
+    state = a_state()
+    watch = NonFiniteWatch(max_skipped=0, state=state)
+    grad_norm = {"grad_norm": lambda step: torch.tensor(float("inf") if step >= 3 else 1.0),
+                 "lr": lambda step: 0.1 if step < 5 else float("nan")}
+    drive(watch, state, [1.0, 1.0, 1.0, float("nan"), float("nan")], **grad_norm)
+    assert watch.first_nonfinite() == (3, ["grad_norm"])  # before the loss, which followed at step 4
+    assert not watch.storm()  # max_skipped 0 never stops
+
+
+def test_a_resumed_run_counts_from_its_own_start():
+    state = a_state()
+    state.skipped_steps += 7  # skipped before the checkpoint
+    watch = NonFiniteWatch(max_skipped=2, state=state)
+    drive(watch, state, [1.0])
+    assert watch.in_a_row() == 0 and watch.first_nonfinite() is None
+
+
+def test_collapse_metrics_of_nonfinite_features_are_nan_not_an_error():
+    features = torch.randn(8, 4)
+    features[3, 1] = float("nan")
+    assert all(math.isnan(v) for v in collapse_metrics(features).values())
+    assert all(math.isfinite(v) for v in collapse_metrics(torch.randn(8, 4)).values())
+
+
+@pytest.mark.slow
+def test_a_diverging_dino_run_stops_with_65_naming_the_term_and_the_checkpoint(tmp_path, capsys):
+    dino = load_recipe("dino")
+    run_dir = tmp_path / "run"
+    cfg = dino.parse(["--run-dir", str(run_dir), "--device", "cpu", "--log.no-console", "--batch-size", "16",
+                      "--crops.local-crops", "2", "--model.out-dim", "64", "--optim.warmup-steps", "0",
+                      "--optim.lr", "1e30", "--train.steps", "200", "--train.max-skipped", "5",
+                      "--log.every", "2", "--ckpt.every", "1", "--ckpt.keep-last", "20"])
+    with pytest.raises(SystemExit) as stopped:
+        run_main(dino.main, lambda: cfg)
+    assert stopped.value.code == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_in_a_row"] >= 5
+    first = summary["first_nonfinite"]
+    assert "loss" in first["terms"] and first["step"] <= summary["steps"] - summary["skipped_in_a_row"] + 1
+    began = summary["steps"] - summary["skipped_in_a_row"] + 1
+    back_to = run_dir / "checkpoints" / f"step_{began - 1:08d}.pt"
+    assert summary["resume_from"] == str(back_to) and checkpoint_step(back_to) == began - 1
+    assert f"--resume-from {back_to}" in err and f"step {summary['steps']}:" in err
+    assert f"went non-finite first, at step {first['step']}" in err
+    load_checkpoint(back_to)  # whole
+    alarms = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(a.get("first_nonfinite") for a in alarms) and any(a.get("diverged_at") for a in alarms)
+
+
+def test_the_sweep_launcher_knows_the_diverged_code():
+    from stepkit import sweep
+
+    assert sweep._EXIT_DIVERGED == EXIT_DIVERGED
