@@ -17,8 +17,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    return _atomic(Path(path), lambda f: torch.save(obj, f))
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    A failed write (disk full, quota, file size limit) raises its ``OSError``,
+    which ``torch.save`` would otherwise turn into an opaque ``RuntimeError``.
+    """
+    def write(f) -> None:
+        recording = _RecordingWriter(f)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+    return _atomic(Path(path), write)
+
+
+class _RecordingWriter:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write (its C++ writer drops it)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _atomic(path: Path, write) -> Path:

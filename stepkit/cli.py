@@ -18,8 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stepkit.checkpoint.errors import SaveFailed
 from stepkit.config import INVOCATION_FIELDS, flat_config
-from stepkit.faults import EXIT_DIVERGED, Diverged
+from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, Diverged
 
 __all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
            "unknown_flag_error"]
@@ -350,8 +351,10 @@ def run_main(main: Any, parse: Any) -> None:
     A config or data error (``ValueError``, ``CheckpointError``) or a missing
     optional extra (an ``ImportError`` that says what to ``pip install``)
     prints ``error: ...`` and exits 1; a run stopped for non-finite updates
-    (``stepkit.faults.Diverged``) prints its line and exits 65; Ctrl-C outside the training loop (or twice
-    inside it) prints one line and exits 130, the shell's code for SIGINT.
+    (``stepkit.faults.Diverged``) prints its line and exits 65, one that
+    could not write a checkpoint (``SaveFailed``: disk full) exits 74;
+    Ctrl-C outside the training loop (or twice inside it) prints one line
+    and exits 130, the shell's code for SIGINT.
 
     Examples:
         >>> def main(cfg):
@@ -367,6 +370,9 @@ def run_main(main: Any, parse: Any) -> None:
     except Diverged as err:
         print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except SaveFailed as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SAVE_FAILED)
     except ValueError as err:
         sys.exit(f"error: {_one_line(err)}")
     except ImportError as err:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from stepkit import check as _check
 
 __all__ = ["Strategy", "DistConfig", "launched_by_torchrun", "init_from_env", "is_initialized", "rank",
-           "world_size", "is_main", "barrier", "shutdown", "same_on_all_ranks", "broadcast_buffers",
+           "world_size", "is_main", "barrier", "shutdown", "any_rank", "gather_to_main",
+           "same_on_all_ranks", "broadcast_buffers",
            "all_reduce_mean", "all_gather_with_grad", "parallelize", "dtensor_type", "is_sharded"]
 
 Strategy = Literal["ddp", "fsdp"]
@@ -154,6 +155,38 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
         gc.collect()  # what the group's work still held (see init_from_env)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a MAX all-reduce; ``flag`` itself in a world of one).
+
+    A barrier that also says whether some rank failed: every rank calls it at
+    the same point and learns the same answer, so all of them raise alike.
+
+    Examples:
+        >>> any_rank(False), any_rank(True)
+        (False, True)
+    """
+    if not is_initialized() or world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces device tensors only
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's ``obj`` (small, picklable) as a list on rank 0, by rank; None on the other ranks.
+
+    Examples:
+        >>> gather_to_main({"rank": 0})  # a world of one: its own
+        [{'rank': 0}]
+    """
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)  # all_gather: nccl has no gather of objects everywhere
+    return gathered if is_main() else None
 
 
 def same_on_all_ranks(text: str) -> bool:

@@ -98,3 +98,64 @@ def test_the_sweep_launcher_knows_the_diverged_code():
     from stepkit import sweep
 
     assert sweep._EXIT_DIVERGED == EXIT_DIVERGED
+
+
+def test_a_failed_write_raises_save_failed_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from stepkit import _atomic
+    from stepkit.checkpoint import SaveFailed, save_last, save_sharded
+
+    state = a_state()
+    state.step = 3
+    last = save_last(tmp_path, state)
+    sharded = save_sharded(tmp_path / "last.dcp", state)
+    before = last.read_bytes(), {p.name: p.read_bytes() for p in sharded.iterdir()}
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic, "_atomic", disk_full)
+    state.step = 4
+    with pytest.raises(SaveFailed) as failed:
+        save_last(tmp_path, state)
+    message = str(failed.value)
+    assert message.startswith(f"{tmp_path}: could not save last.pt (No space left on device); it needs about ")
+    assert " MB is free there" in message and "continue with --resume" in message
+    with pytest.raises(SaveFailed, match=r"could not save last.dcp \(No space left on device\)"):
+        save_sharded(tmp_path / "last.dcp", state)  # DCP wrote its shards; the RNG part failed
+    assert (last.read_bytes(), {p.name: p.read_bytes() for p in sharded.iterdir()}) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.dcp", "last.pt"]  # no partial one left
+    assert checkpoint_step(last) == checkpoint_step(sharded) == 3
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_with_74_and_the_last_checkpoint_whole(tmp_path):
+    """A real failing write: the process may write files of at most 1 MB (RLIMIT_FSIZE), a checkpoint
+    needs about 23 MB; the log and the config stay small enough."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    flags = ["--run-dir", str(run_dir), "--device", "cpu", "--log.no-console", "--batch-size", "16",
+             "--crops.local-crops", "2", "--model.out-dim", "64", "--optim.warmup-steps", "1",
+             "--ckpt.every", "2", "--eval.no-knn"]
+    dino = load_recipe("dino")
+    dino.main(dino.parse([*flags, "--train.steps", "2"]))
+    last = run_dir / "checkpoints" / "last.pt"
+    saved = last.read_bytes()
+
+    def one_megabyte_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    out = subprocess.run([sys.executable, str(root / "recipes" / "dino.py"), *flags, "--train.steps", "4",
+                          "--resume", "--resume-allow", "train.steps"], capture_output=True, text=True,
+                         timeout=300, preexec_fn=one_megabyte_files)
+    assert out.returncode == EXIT_SAVE_FAILED, out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert f"error: {run_dir / 'checkpoints'}: could not save last.pt (File too large)" in out.stderr
+    assert "it needs about 22 MB" in out.stderr or "it needs about 23 MB" in out.stderr
+    assert last.read_bytes() == saved and not list(last.parent.glob(".*.tmp"))

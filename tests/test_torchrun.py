@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from stepkit.checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DINO = ["recipes/dino.py", "--batch-size", "16", "--crops.local-crops", "2", "--optim.warmup-steps", "2",
@@ -29,7 +31,7 @@ def summary(run_dir: Path) -> dict:
 
 def rewind_to_step_4(ckpt: Path) -> None:
     """What a crash after the step-4 save leaves: last = the step-4 checkpoint."""
-    for name in ("last.pt", "last.rank1.rng.pt", "last.dcp"):
+    for name in ("last.pt", "last.dcp"):
         path = ckpt / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     for periodic in ckpt.glob("step_00000004*"):
@@ -58,7 +60,8 @@ def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
     assert result["ranks"] == 2 and result["steps"] == 12
     if strategy == "ddp":
         assert result["replicas_identical"] is True
-        assert (whole_dir / "checkpoints" / "last.rank1.rng.pt").exists()
+        parts = load_checkpoint(whole_dir / "checkpoints" / "last.pt")["rank_parts"]  # every rank's RNG
+        assert [sorted(p) for p in parts] == [["rank_extras", "rng"]] * 2
     else:
         assert {p.name for p in (whole_dir / "checkpoints" / "last.dcp").iterdir()} >= {
             "state.json", ".metadata", "rng_rank0.pt", "rng_rank1.pt"}
@@ -195,7 +198,7 @@ def test_files_two_ranks_two_workers_killed_mid_epoch_resume_bit_exact(user_file
     run([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "whole")])
     launcher = subprocess.Popen([*TORCHRUN, *flags, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    saved = tmp_path / "run" / "checkpoints" / "step_00000004.rank1.rng.pt"  # every rank's step-4 part
+    saved = tmp_path / "run" / "checkpoints" / "step_00000004.pt"  # every rank's part is in it
     deadline = time.monotonic() + 120
     while not saved.exists():
         assert time.monotonic() < deadline and launcher.poll() is None, "the run never saved step 4"

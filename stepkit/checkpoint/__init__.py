@@ -22,6 +22,7 @@ from stepkit.checkpoint.errors import (
     SHARDED_SUFFIX,
     CheckpointError,
     CheckpointMismatch,
+    SaveFailed,
 )
 from stepkit.checkpoint.resume import checkpoint_step, has_checkpoint, resume
 from stepkit.checkpoint.retention import best_checkpoints, maybe_save, save_best, save_last, save_periodic
@@ -37,6 +38,7 @@ __all__ = [
     "SHARDED_SUFFIX",
     "CheckpointError",
     "CheckpointMismatch",
+    "SaveFailed",
     "best_checkpoints",
     "checkpoint_step",
     "has_checkpoint",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["BEST_INDEX", "FORMAT", "LAST", "SHARDED_SUFFIX", "CheckpointError", "CheckpointMismatch",
-           "check_fits", "rank_rng_path"]
+           "SaveFailed", "check_fits", "rank_rng_path", "save_failed"]
 
 FORMAT = "stepkit.checkpoint/1"
 LAST = "last.pt"
@@ -50,8 +50,47 @@ class CheckpointMismatch(CheckpointError):
     """
 
 
+class SaveFailed(OSError):
+    """A checkpoint that could not be written (disk full, quota, permissions): the run stops.
+
+    Raised on every rank alike; the message names the folder, the space the
+    checkpoint needs and what is free, and says that the checkpoints already
+    there are whole. ``stepkit.cli.run_main`` prints it and exits 74
+    (``stepkit.faults.EXIT_SAVE_FAILED``).
+    """
+
+
 # Shown as users import them, in tracebacks and doctests.
-CheckpointError.__module__ = CheckpointMismatch.__module__ = "stepkit.checkpoint"
+CheckpointError.__module__ = CheckpointMismatch.__module__ = SaveFailed.__module__ = "stepkit.checkpoint"
+
+
+def save_failed(path: Path, err: BaseException | None, needed_bytes: int | None) -> SaveFailed:
+    """The one-line ``SaveFailed`` for ``path``: why (``err``; None on a rank that only heard of it),
+    how much it needs and how much is free."""
+    import shutil
+
+    folder = path.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MB"
+    except OSError:
+        free = "an unknown amount"
+    needs = f"about {needed_bytes / 2**20:,.0f} MB" if needed_bytes else "its size"
+    why = (f"{err.strerror or err}" if isinstance(err, OSError) else str(err).splitlines()[0]) if err \
+        else "another rank could not write its part"
+    return SaveFailed(f"{folder}: could not save {path.name} ({why}); it needs {needs} and {free} is free "
+                      f"there; the checkpoints already in {folder} are as they were: free space (or choose "
+                      "another --run-dir) and continue with --resume")
+
+
+def tensor_bytes(tree: object) -> int:
+    """The bytes of every tensor in a nested dict / list (what a checkpoint of it roughly needs on disk)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def check_fits(path: str | os.PathLike, what: str, current: dict[str, torch.Tensor],

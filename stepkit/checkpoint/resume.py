@@ -119,12 +119,18 @@ def _resume_from(path: Path, state: TrainState) -> bool:
         if path.is_dir():
             load_sharded(path, state)
             return True
-        restore(state, load_checkpoint(path), path)
+        payload = load_checkpoint(path)
+        restore(state, payload, path)
     except CheckpointMismatch:
         raise  # another checkpoint of this run would not fit either
     except CheckpointError as err:
         raise CheckpointError(f"{err}; {_readable_alternative(path)}") from None
-    rank_rng = rank_rng_path(path, dist.rank())
+    parts = payload.get("rank_parts")
+    if dist.rank() > 0 and isinstance(parts, list):  # every rank's part, saved in the one file
+        if dist.rank() < len(parts):  # a larger world than was saved: the new ranks keep their seeds
+            state.load_rank_part(parts[dist.rank()])
+        return True
+    rank_rng = rank_rng_path(path, dist.rank())  # the format before 2026-12: a file per rank beside it
     if dist.rank() > 0 and rank_rng.exists():
         part = load_checkpoint(rank_rng)
         if part.get("step", state.step) != state.step:  # a run killed between the two files' writes

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from stepkit import check as _check
 from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
-from stepkit.checkpoint.errors import BEST_INDEX, LAST, SHARDED_SUFFIX, CheckpointError, rank_rng_path
+from stepkit.checkpoint.errors import BEST_INDEX, LAST, SHARDED_SUFFIX, CheckpointError, save_failed
 from stepkit.checkpoint.single_file import save_checkpoint
 from stepkit.state import TrainState
 
@@ -239,11 +239,15 @@ def maybe_save(
     if keep_last > 0:
         if dist.is_sharded(state.model):  # a folder per rank's shards: saved again, not linked
             save_checkpoint(_periodic_path(ckpt_dir, state.step), state, meta=meta)
-        elif dist.is_main():
-            _link_or_copy(last, _periodic_path(ckpt_dir, state.step))
-        else:  # this rank's RNG beside the periodic copy, so that one resumes every rank too
-            periodic = _periodic_path(ckpt_dir, state.step)
-            _link_or_copy(rank_rng_path(last, dist.rank()), rank_rng_path(periodic, dist.rank()))
+        else:  # one file holds every rank's part: a link of it is a whole checkpoint
+            periodic, failure = _periodic_path(ckpt_dir, state.step), None
+            if dist.is_main():
+                try:
+                    _link_or_copy(last, periodic)
+                except OSError as err:
+                    failure = err
+            if dist.any_rank(failure is not None):
+                raise save_failed(periodic, failure, last.stat().st_size if last.exists() else None)
         if dist.is_main():
             _prune_periodic(Path(ckpt_dir), keep_last)
         dist.barrier()

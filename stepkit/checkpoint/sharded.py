@@ -26,7 +26,7 @@ import torch
 
 from stepkit import dist
 from stepkit._atomic import atomic_save, atomic_write_bytes
-from stepkit.checkpoint.errors import FORMAT, CheckpointError, CheckpointMismatch
+from stepkit.checkpoint.errors import FORMAT, CheckpointError, CheckpointMismatch, save_failed, tensor_bytes
 from stepkit.checkpoint.safe_metadata import read_metadata, safe_planner, safe_reader
 from stepkit.checkpoint.single_file import load_checkpoint
 from stepkit.state import TrainState
@@ -63,6 +63,7 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
         ['.metadata', '__0_0.distcp', 'rng_rank0.pt', 'state.json']
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -76,14 +77,21 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
         dist.broadcast_buffers(state.target)
     saved = state.state_dict(by_name=True)
     saved.pop("rng"), saved.pop("rank_extras")  # each rank's own, where DCP would keep one copy
-    with _one_process_is_intended():
-        dcp.save(saved, checkpoint_id=tmp)
-    atomic_save({"format": FORMAT, **state.rank_part()}, tmp / f"rng_rank{dist.rank()}.pt")
-    if dist.is_main():
-        info = {"format": FORMAT, "sharded": True, "world_size": dist.world_size(), "step": state.step,
-                "meta": meta or {}}
-        atomic_write_bytes(tmp / INFO, json.dumps(info).encode())
-    dist.barrier()
+    failure: BaseException | None = None
+    try:
+        with _one_process_is_intended():
+            dcp.save(saved, checkpoint_id=tmp)
+        atomic_save({"format": FORMAT, **state.rank_part()}, tmp / f"rng_rank{dist.rank()}.pt")
+        if dist.is_main():
+            info = {"format": FORMAT, "sharded": True, "world_size": dist.world_size(), "step": state.step,
+                    "meta": meta or {}}
+            atomic_write_bytes(tmp / INFO, json.dumps(info).encode())
+    except (OSError, CheckpointException) as err:  # DCP raises its own on every rank, wrapping the cause
+        failure = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
+    if dist.any_rank(failure is not None):
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failed(path, failure, tensor_bytes(saved) * dist.world_size())
     if dist.is_main():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

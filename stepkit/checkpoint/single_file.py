@@ -24,7 +24,8 @@ from stepkit.checkpoint.errors import (
     CheckpointError,
     CheckpointMismatch,
     check_fits,
-    rank_rng_path,
+    save_failed,
+    tensor_bytes,
 )
 from stepkit.state import TrainState, target_state_dict, unwrap
 
@@ -35,11 +36,16 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
     """Atomically save ``state`` (and JSON-like ``meta``) to ``path``.
 
     Under torch.distributed every rank calls it: a replicated model (DDP)
-    is written by rank 0 alone, and each other rank writes only its own RNG
-    state beside it (``last.rank1.rng.pt``), so a resumed run continues every
-    rank's augmentation stream; a sharded model (FSDP2) goes to a
-    ``torch.distributed.checkpoint`` folder instead (``last.dcp/``, see
+    is written by rank 0 alone, in one file that also holds every other
+    rank's RNG state and ``rank_extras`` (``"rank_parts"``, gathered first),
+    so a resumed run continues every rank's augmentation stream and a rank
+    killed mid-save can leave no file half new; a sharded model (FSDP2) goes
+    to a ``torch.distributed.checkpoint`` folder instead (``last.dcp/``, see
     ``save_sharded``). In a world of one it is a plain file.
+
+    A write that fails (disk full, quota) raises ``SaveFailed`` on every
+    rank, naming the folder, the space needed and the space free; the file
+    it would have replaced is left whole.
 
     Args:
         path: The file to write.
@@ -48,6 +54,9 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
 
     Returns:
         The path written (``path`` with ``.dcp`` for a sharded model).
+
+    Raises:
+        SaveFailed: on every rank, when the file could not be written.
 
     Examples:
         >>> import tempfile, pathlib
@@ -62,12 +71,18 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | 
 
         return save_sharded(Path(path).with_suffix(SHARDED_SUFFIX), state, meta=meta)
     path = Path(path)
+    parts = dist.gather_to_main(state.rank_part()) if dist.world_size() > 1 else None
+    failure, needed = None, None
     if dist.is_main():
-        atomic_save({"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}, path)
-    else:
-        part = {"format": FORMAT, "step": state.step, **state.rank_part()}
-        atomic_save(part, rank_rng_path(path, dist.rank()))
-    dist.barrier()
+        payload = {"format": FORMAT, "state": state.state_dict(), "meta": meta or {}}
+        if parts is not None:
+            payload["rank_parts"] = parts  # by rank; rank 0's is in "state" too
+        try:
+            atomic_save(payload, path)
+        except OSError as err:
+            failure, needed = err, tensor_bytes(payload)
+    if dist.any_rank(failure is not None):  # every rank learns it, and stops alike
+        raise save_failed(path, failure, needed)
     return path
 
 
