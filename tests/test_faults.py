@@ -120,7 +120,7 @@ def test_a_failed_write_raises_save_failed_and_keeps_the_old_checkpoint(tmp_path
     with pytest.raises(SaveFailed) as failed:
         save_last(tmp_path, state)
     message = str(failed.value)
-    assert message.startswith(f"{tmp_path}: could not save last.pt (No space left on device); it needs about ")
+    assert message.startswith(f"{tmp_path}: could not save last.pt (No space left on device); it needs ")
     assert " MB is free there" in message and "continue with --resume" in message
     with pytest.raises(SaveFailed, match=r"could not save last.dcp \(No space left on device\)"):
         save_sharded(tmp_path / "last.dcp", state)  # DCP wrote its shards; the RNG part failed
