@@ -152,14 +152,20 @@ class RunArgs:
     """Config fields a resumed run may change on purpose (e.g. train.steps to extend it); each
     change is appended to RUN_DIR/config_history.jsonl, config.json stays as it was."""
     resume_or_start: bool = False
-    """With --resume: start a fresh run when RUN_DIR holds no checkpoint yet (requeued jobs)."""
+    """Continue the run in RUN_DIR from its last checkpoint if it has one, else start it there: the
+    flag for a job that is requeued or restarted by torchrun --max-restarts."""
     stop_on_signal: bool = True
     """On SIGTERM, SIGUSR1 or Ctrl-C: finish the update, save last, exit 75 (see StopSignals)."""
 
     @property
     def resuming(self) -> bool:
-        """Whether this run continues a saved one (``--resume`` or ``--resume-from``)."""
-        return self.resume or self.resume_from is not None
+        """Whether this run continues a saved one: ``--resume``, ``--resume-from``, or
+        ``--resume-or-start`` where RUN_DIR holds a checkpoint."""
+        if self.resume or self.resume_from is not None:
+            return True
+        ckpt = Path(self.run_dir) / "checkpoints"
+        return self.resume_or_start and any(
+            (ckpt / name).exists() for name in ("last.pt", "last.dcp", "last.dcp.old"))
 
 def to_jsonable(obj: Any) -> Any:
     """A config dataclass as JSON-ready values (paths and enums as strings).

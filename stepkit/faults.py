@@ -41,7 +41,12 @@ EXIT_SAVE_FAILED = 74
 
 class Diverged(RuntimeError):
     """A run whose updates stayed non-finite: the message names the step, the first non-finite term
-    and the checkpoint to go back to. ``stepkit.cli.run_main`` prints it and exits 65."""
+    and the checkpoint to go back to. ``stepkit.cli.run_main`` prints it and exits 65.
+
+    Examples:
+        >>> Diverged("step 40: the last 38 updates were all non-finite").exit_code
+        65
+    """
 
     exit_code = EXIT_DIVERGED
 

@@ -230,6 +230,22 @@ def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[st
 
     Raises:
         Diverged: naming the step, the first non-finite term and the last checkpoint saved before the storm.
+
+    Examples:
+        >>> import tempfile
+        >>> from stepkit.log import LogConfig
+        >>> log = Logger(tempfile.mkdtemp(), LogConfig(console=False, every=1))
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> watch = NonFiniteWatch(max_skipped=2, state=state)
+        >>> for state.step in (1, 2):
+        ...     state.skipped_steps += 1  # apply_update skipped it: the loss was NaN
+        ...     try:
+        ...         stop_if_diverged(watch, state, {"loss": torch.tensor(float("nan"))}, log)
+        ...     except Diverged as err:
+        ...         print(str(err).split(";")[0])
+        step 1: loss went non-finite first, at step 1; such updates are skipped
+        step 2: the last 2 updates were all non-finite and skipped (--train.max-skipped 2
     """
     watch.update(state, terms)
     if state.step % log.cfg.every:

@@ -30,7 +30,7 @@ from typing import Any
 from stepkit import check as _check
 from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
-from stepkit.checkpoint import LAST, has_checkpoint
+from stepkit.checkpoint import LAST, has_checkpoint, recover_interrupted_saves
 from stepkit.config import flat_config, resume_free_fields, to_jsonable
 
 __all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "SUMMARY_FILE", "run_of",
@@ -121,7 +121,8 @@ def start_run(
         resume: Continue the run there (``--resume``).
         resume_from: Resume from this checkpoint instead of ``last``.
         allow: Fields that may differ on resume (names, prefixes or globs).
-        or_start: With ``resume``, start fresh when there is no checkpoint.
+        or_start: Resume when there is a checkpoint, else start fresh (a requeued job's first attempt
+            may have saved nothing, or been killed before its first save).
 
     Returns:
         ``run_dir/checkpoints``.
@@ -139,6 +140,7 @@ def start_run(
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CKPT_DIR
+    resume = resume or or_start
     given = flat_config(config)
     for name in allow:
         if not any(_matches(k, [name]) for k in given):
@@ -155,6 +157,8 @@ def start_run(
         raise ValueError(f"run_dir={str(run_dir)!r} already holds a run, and --resume-from names a "
                          f"checkpoint of another one ({source_run}): continue that run in its own folder "
                          "(--run-dir), or choose a new --run-dir for the branch")
+    if resume and resume_from is None:
+        recover_interrupted_saves(ckpt_dir)  # a save killed midway: its partial files go, the old one stays
     if resume and resume_from is None and not has_checkpoint(ckpt_dir):
         if not or_start:
             raise ValueError(

@@ -142,6 +142,14 @@ def leave_stop_signals_to_main(worker_id: int = 0) -> None:
 
     Args:
         worker_id: The DataLoader's worker index (unused: the same in every worker).
+
+    Examples:
+        >>> saved = {n: signal.getsignal(getattr(signal, n)) for n in StopSignals.SIGNALS}
+        >>> leave_stop_signals_to_main()  # what a DataLoader worker of seeded_loader runs first
+        >>> signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        True
+        >>> for name, handler in saved.items():  # this process is no worker: put them back
+        ...     _ = signal.signal(getattr(signal, name), handler)
     """
     for name in StopSignals.SIGNALS:
         if hasattr(signal, name):

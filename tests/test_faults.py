@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,87 @@ def test_a_full_disk_ends_the_run_with_74_and_the_last_checkpoint_whole(tmp_path
     assert f"error: {run_dir / 'checkpoints'}: could not save last.pt (File too large)" in out.stderr
     assert "it needs about 22 MB" in out.stderr or "it needs about 23 MB" in out.stderr
     assert last.read_bytes() == saved and not list(last.parent.glob(".*.tmp"))
+
+
+def kill_mid_save(cmd, ckpt_dir, partial_glob, victim) -> int:
+    """Start ``cmd`` (its own session), wait until it has saved twice and a third save is on disk half
+    written (``partial_glob`` matches), SIGKILL ``victim(pid)``, then the whole group; the last step
+    saved whole before the kill."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
+    saved = 0
+    try:
+        while saved < 2:
+            line = child.stdout.readline()
+            assert line, "the save loop ended"
+            saved = int(line.split()[1])
+        deadline = time.monotonic() + 60
+        while not list(ckpt_dir.glob(partial_glob)):
+            assert time.monotonic() < deadline, f"no {partial_glob} ever appeared"
+            time.sleep(0.001)
+        os.kill(victim(child.pid), signal.SIGKILL)  # while the save is being written
+        time.sleep(0.5)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        rest, _ = child.communicate(timeout=60)
+    steps = [int(line.split()[1]) for line in rest.splitlines() if line.startswith("saved")]
+    return max([saved, *steps])
+
+
+def loaded_step(ckpt_dir) -> int:
+    from stepkit.checkpoint import resume
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024) for _ in range(6)))
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert resume(ckpt_dir, state)
+    assert all(bool((p == state.step).all()) for p in model.parameters())  # that save's weights, whole
+    return state.step
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_writing_its_checkpoint_leaves_the_previous_one(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "save_loop.py"
+    last_whole = kill_mid_save([sys.executable, str(script), str(tmp_path)], tmp_path, ".last.pt.*.tmp",
+                               victim=lambda pid: pid)
+    assert list(tmp_path.glob(".last.pt.*.tmp"))  # the half-written file it left
+    assert loaded_step(tmp_path) == last_whole
+    assert "removed, the partial write of a save that was interrupted" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
+def test_a_rank_killed_while_writing_a_sharded_checkpoint_leaves_the_previous_one(tmp_path, capsys):
+
+    from test_torchrun import TORCHRUN, rank_pid
+
+    script = Path(__file__).parent / "scripts" / "save_loop.py"
+    last_whole = kill_mid_save([*TORCHRUN, str(script), str(tmp_path), "--fsdp"], tmp_path, "last.dcp.tmp",
+                               victim=lambda pid: rank_pid(pid, 1))
+    assert (tmp_path / "last.dcp.tmp").exists()
+    assert loaded_step(tmp_path) == last_whole  # an FSDP2 checkpoint loads into one process
+    assert "last.dcp.tmp: removed" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.dcp"]
+
+
+def test_a_sharded_save_killed_between_its_two_renames_is_restored(tmp_path, capsys):
+    from stepkit.checkpoint import has_checkpoint, resume, save_sharded
+
+    model = torch.nn.Linear(2, 1)
+    save_sharded(tmp_path / "last.dcp", TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=6))
+    (tmp_path / "last.dcp").rename(tmp_path / "last.dcp.old")  # the old one moved aside, the new not in
+    (tmp_path / "last.dcp.tmp").mkdir()
+    assert not has_checkpoint(tmp_path)
+    state = a_state()
+    assert resume(tmp_path, state) and state.step == 6
+    out = capsys.readouterr().out
+    assert "last.dcp: restored from last.dcp.old" in out and "last.dcp.tmp: removed" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.dcp"]

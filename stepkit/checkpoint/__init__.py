@@ -24,7 +24,7 @@ from stepkit.checkpoint.errors import (
     CheckpointMismatch,
     SaveFailed,
 )
-from stepkit.checkpoint.resume import checkpoint_step, has_checkpoint, resume
+from stepkit.checkpoint.resume import checkpoint_step, has_checkpoint, recover_interrupted_saves, resume
 from stepkit.checkpoint.retention import best_checkpoints, maybe_save, save_best, save_last, save_periodic
 from stepkit.checkpoint.safe_metadata import SAFE_METADATA_GLOBALS, read_metadata
 from stepkit.checkpoint.sharded import load_sharded, read_info, save_sharded
@@ -47,6 +47,7 @@ __all__ = [
     "maybe_save",
     "read_info",
     "read_metadata",
+    "recover_interrupted_saves",
     "restore",
     "resume",
     "save_best",

@@ -57,6 +57,17 @@ class SaveFailed(OSError):
     checkpoint needs and what is free, and says that the checkpoints already
     there are whole. ``stepkit.cli.run_main`` prints it and exits 74
     (``stepkit.faults.EXIT_SAVE_FAILED``).
+
+    Examples:
+        >>> import errno
+        >>> from pathlib import Path
+        >>> from stepkit.checkpoint.errors import save_failed
+        >>> full = OSError(errno.ENOSPC, "No space left")
+        >>> err = save_failed(Path("/runs/a/checkpoints/last.pt"), full, 2**30)
+        >>> str(err).split(";")[0]
+        '/runs/a/checkpoints: could not save last.pt (No space left)'
+        >>> isinstance(err, OSError)
+        True
     """
 
 
@@ -66,7 +77,12 @@ CheckpointError.__module__ = CheckpointMismatch.__module__ = SaveFailed.__module
 
 def save_failed(path: Path, err: BaseException | None, needed_bytes: int | None) -> SaveFailed:
     """The one-line ``SaveFailed`` for ``path``: why (``err``; None on a rank that only heard of it),
-    how much it needs and how much is free."""
+    how much it needs and how much is free.
+
+    Examples:
+        >>> str(save_failed(Path("/runs/a/checkpoints/last.pt"), None, None)).split(";")[0]
+        '/runs/a/checkpoints: could not save last.pt (another rank could not write its part)'
+    """
     import shutil
 
     folder = path.parent
@@ -83,7 +99,12 @@ def save_failed(path: Path, err: BaseException | None, needed_bytes: int | None)
 
 
 def tensor_bytes(tree: object) -> int:
-    """The bytes of every tensor in a nested dict / list (what a checkpoint of it roughly needs on disk)."""
+    """The bytes of every tensor in a nested dict / list (what a checkpoint of it roughly needs on disk).
+
+    Examples:
+        >>> tensor_bytes({"w": torch.zeros(4), "opt": [torch.zeros(2, dtype=torch.float64)], "step": 3})
+        32
+    """
     if isinstance(tree, torch.Tensor):
         return tree.numel() * tree.element_size()
     if isinstance(tree, dict):

@@ -14,7 +14,7 @@ from stepkit.checkpoint.sharded import load_sharded, read_info
 from stepkit.checkpoint.single_file import load_checkpoint, restore
 from stepkit.state import TrainState
 
-__all__ = ["checkpoint_step", "has_checkpoint", "resume"]
+__all__ = ["checkpoint_step", "has_checkpoint", "recover_interrupted_saves", "resume"]
 
 
 def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
@@ -27,6 +27,56 @@ def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
     """
     last = Path(ckpt_dir) / LAST
     return last.exists() or last.with_suffix(SHARDED_SUFFIX).exists()
+
+
+def recover_interrupted_saves(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Undo what a save killed midway left in ``ckpt_dir``; return one line per file it touched.
+
+    A single-file save writes ``.<name>.<pid>.tmp`` and renames it over the
+    old file; a sharded one writes ``<name>.dcp.tmp/``, then renames the old
+    folder to ``<name>.dcp.old`` and the new one into place. A process
+    killed on the way leaves the old checkpoint whole and these behind: temp
+    files and folders are deleted (never read), and a ``.dcp.old`` whose
+    replacement never landed is renamed back. Rank 0 does it, the other
+    ranks wait; ``resume`` and ``start_run`` call it before they look.
+
+    Args:
+        ckpt_dir: The checkpoints folder.
+
+    Returns:
+        What was done, one line per file (printed by rank 0 too).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / ".last.pt.1234.tmp").write_bytes(b"half a checkpoint")
+        >>> done = recover_interrupted_saves(folder)  # doctest: +ELLIPSIS
+        /.../.last.pt.1234.tmp: removed, the partial write of a save that was interrupted
+        >>> (folder / ".last.pt.1234.tmp").exists()
+        False
+    """
+    import shutil
+
+    folder, done = Path(ckpt_dir), []
+    if dist.is_main() and folder.is_dir():
+        for old in sorted(folder.glob(f"*{SHARDED_SUFFIX}.old")):
+            final = old.with_name(old.name[: -len(".old")])
+            if final.exists():  # the new one landed: the old copy is what a killed cleanup left
+                shutil.rmtree(old, ignore_errors=True)
+                done.append(f"{old}: removed, the previous copy of {final.name}")
+            else:
+                os.replace(old, final)
+                done.append(f"{final}: restored from {old.name} (a save killed between two renames)")
+        for partial in sorted([*folder.glob(f"*{SHARDED_SUFFIX}.tmp"), *folder.glob(".*.tmp")]):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+            done.append(f"{partial}: removed, the partial write of a save that was interrupted")
+        for line in done:
+            print(line, flush=True)
+    dist.barrier()
+    return done
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -93,6 +143,7 @@ def resume(
     if not (ckpt_dir / LAST).exists() and not (ckpt_dir / LAST).with_suffix(SHARDED_SUFFIX).exists() \
             and (ckpt_dir / "checkpoints").is_dir():
         ckpt_dir = ckpt_dir / "checkpoints"  # handed the run directory
+    recover_interrupted_saves(ckpt_dir)
     last = ckpt_dir / LAST
     sharded = last.with_suffix(SHARDED_SUFFIX)
     if dist.is_sharded(state.model):
