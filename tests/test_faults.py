@@ -234,8 +234,9 @@ def test_a_rank_killed_while_writing_a_sharded_checkpoint_leaves_the_previous_on
 def test_a_sharded_save_killed_between_its_two_renames_is_restored(tmp_path, capsys):
     from stepkit.checkpoint import has_checkpoint, resume, save_sharded
 
-    model = torch.nn.Linear(2, 1)
-    save_sharded(tmp_path / "last.dcp", TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=6))
+    state = a_state()
+    state.step = 6
+    save_sharded(tmp_path / "last.dcp", state)
     (tmp_path / "last.dcp").rename(tmp_path / "last.dcp.old")  # the old one moved aside, the new not in
     (tmp_path / "last.dcp.tmp").mkdir()
     assert not has_checkpoint(tmp_path)
