@@ -85,14 +85,83 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
     else:
         device = torch.device(device_type)
     if launched_by_torchrun() and not is_initialized():
+        store = _restart_store()
+        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                          "world_size": int(os.environ["WORLD_SIZE"])}
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                device_id=device if device_type == "cuda" else None)
+                                device_id=device if device_type == "cuda" else None, **where)
         # FSDP2 modules sit in reference cycles that hold communication work; left to the
         # interpreter's final teardown, their C++ destructors can abort the process ("terminate
         # called without an active exception", SIGABRT: 1 in 3-6 two-rank gloo runs here). A
         # collection at exit, while the interpreter is still whole, frees them cleanly.
         atexit.register(gc.collect)
     return device
+
+
+def _restart_store() -> dist.Store | None:
+    """torchrun's store, under a namespace that this group of workers alone uses.
+
+    Since torch 2.5 torchrun's workers share the agent's rendezvous TCPStore,
+    which outlives a restart (``--max-restarts``), and torch adds no prefix
+    per restart: the workers of a restarted group read the addresses the dead
+    group published and gloo fails in ``connectFullMesh`` (connection
+    refused; pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` is no remedy on
+    several machines: each agent counts its own restarts, and they differ.
+    So the group agrees on a fresh namespace (``_agree_on_namespace``).
+    None (torch's own ``env://``) where the store is not shared.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    world = int(os.environ["WORLD_SIZE"])
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                           is_master=False, timeout=default_pg_timeout)
+    rank, timeout_s = int(os.environ["RANK"]), default_pg_timeout.total_seconds()
+    return dist.PrefixStore(f"stepkit/{_agree_on_namespace(shared, rank, world, timeout_s)}/", shared)
+
+
+def _agree_on_namespace(store: dist.Store, rank: int, world: int, timeout_s: float) -> str:
+    """A name every worker of this group learns, that no earlier group used, through a store that keeps
+    the earlier groups' keys.
+
+    Each worker posts a fresh nonce under ``hello/<rank>``; rank 0 answers
+    every nonce it reads with ``ack/<rank> = nonce:name``, its own new name;
+    a worker takes the name from the answer to its own nonce (an earlier
+    group's rank 0, dead before this group started, cannot have read it) and
+    confirms it; rank 0 goes on answering until every rank confirmed ``name``.
+    """
+    import time
+    import uuid
+
+    nonce = uuid.uuid4().hex
+    store.set(f"stepkit/hello/{rank}", nonce)
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        name, answered, others = nonce, {}, range(1, world)
+        while True:
+            hellos = store.multi_get([f"stepkit/hello/{r}" for r in others]) if world > 1 else []
+            for r, hello in zip(others, hellos):
+                if answered.get(r) != hello:  # a new nonce, or one left by an earlier group
+                    store.set(f"stepkit/ack/{r}", hello + b":" + name.encode())
+                    answered[r] = hello
+            keys = [f"stepkit/ok/{r}" for r in others]
+            if store.check(keys) and store.multi_get(keys) == [answered[r] + b":" + name.encode()
+                                                               for r in others]:
+                return name
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"torchrun's workers did not all start within {timeout_s:.0f} s")
+            time.sleep(0.01)
+    while True:
+        if store.check([f"stepkit/ack/{rank}"]):
+            answer = store.get(f"stepkit/ack/{rank}").decode()
+            heard, _, name = answer.partition(":")
+            if heard == nonce:
+                store.set(f"stepkit/ok/{rank}", answer)
+                return name
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 of torchrun's workers did not answer within {timeout_s:.0f} s")
+        time.sleep(0.01)
 
 
 def is_initialized() -> bool:

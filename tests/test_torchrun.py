@@ -83,8 +83,8 @@ def test_dino_two_ranks_resume_bit_exact(whole, tmp_path):
     assert summary(run_dir)["skipped_steps"] == result["skipped_steps"]
 
 
-def rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
-    """The pid of torchrun's child with ``RANK=rank`` (read from /proc)."""
+def rank_pid(parent: int, rank: int | None, timeout: float = 60) -> int:
+    """The pid of torchrun's child with ``RANK=rank`` (any rank for None; read from /proc)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():
@@ -95,7 +95,8 @@ def rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
                 parent_pid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if parent_pid == parent and f"RANK={rank}".encode() in env:
+            wanted = f"RANK={rank}".encode() if rank is not None else b"RANK="
+            if parent_pid == parent and any(v.startswith(wanted) for v in env):
                 return int(entry.name)
         time.sleep(0.05)
     raise AssertionError(f"no rank {rank} under {parent}")
@@ -121,6 +122,56 @@ def test_two_ranks_stop_at_the_same_update_when_one_is_signalled(whole, tmp_path
     assert not (tmp_path / "run" / "summary.json").exists()
     run([*TORCHRUN, *flags, "--resume"])
     assert summary(tmp_path / "run")["params_digest"] == summary(whole_dir)["params_digest"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
+def test_a_rank_killed_under_max_restarts_is_restarted_and_resumes_bit_exact(whole, tmp_path):
+    """torchrun --max-restarts restarts the group; --resume-or-start continues from the last checkpoint."""
+    strategy, whole_dir = whole
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([*TORCHRUN, "--max-restarts", "1", *DINO, *strategy_flags(strategy),
+                                 "--run-dir", str(run_dir), "--resume-or-start"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step_4(run_dir, strategy, launcher)
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGKILL)
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "exitcode  : -9" not in err and "resumed from" in out  # restarted, not failed
+    assert summary(run_dir)["params_digest"] == summary(whole_dir)["params_digest"]
+
+
+def wait_for_step_4(run_dir: Path, strategy: str, *launchers) -> None:
+    saved = run_dir / "checkpoints" / f"step_00000004{'.dcp' if strategy == 'fsdp' else '.pt'}"
+    deadline = time.monotonic() + 120
+    while not saved.exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in launchers), "no step-4 save"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("whole", ["ddp"], indirect=True)
+def test_two_torchrun_agents_as_two_machines_restart_a_killed_rank(whole, tmp_path):
+    """The multi-node command of the docs: two agents meet by c10d rendezvous on localhost, one
+    process each; one's worker is killed, both agents restart their workers, and the run resumes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+             "--rdzv-id", "two-machines", *DINO, "--run-dir", str(run_dir), "--resume-or-start"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as --standalone sets for 2 processes: the same sums
+    agents = [subprocess.Popen(agent, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    wait_for_step_4(run_dir, "ddp", *agents)
+    os.kill(rank_pid(agents[1].pid, None), signal.SIGKILL)  # the second machine's worker
+    ends = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [e[1][-2000:] for e in ends]
+    assert summary(run_dir)["params_digest"] == summary(whole[1])["params_digest"]
 
 
 @pytest.mark.slow
