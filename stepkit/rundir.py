@@ -64,14 +64,24 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         config = flat_config(json.loads(path.read_text()))
-        history = run_dir / HISTORY_FILE
-        for line in history.read_text().splitlines() if history.exists() else []:
-            if line.strip():
-                for name, (_, new) in json.loads(line)["changes"].items():
-                    config[name] = new
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: cannot read the saved config to compare the resumed run with "
                          f"({type(err).__name__}: {err})") from None
+    history = run_dir / HISTORY_FILE
+    try:
+        lines = history.read_text().splitlines() if history.exists() else []
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{history}: cannot read it ({type(err).__name__}: {err})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            for name, (_, new) in json.loads(line)["changes"].items():
+                config[name] = new
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{history}, line {number}: not a record of changed fields "
+                             '({"step", "time", "changes": {field: [saved, given]}}): '
+                             f"{type(err).__name__}: {err}; repair or remove that line") from None
     return config
 
 def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = ["BEST_INDEX", "FORMAT", "LAST", "SHARDED_SUFFIX", "CheckpointError", "CheckpointMismatch",
-           "SaveFailed", "check_fits", "rank_rng_path", "save_failed"]
+           "SaveFailed", "check_fits", "rank_rng_path", "restore_rank_part", "save_failed"]
 
 FORMAT = "stepkit.checkpoint/1"
 LAST = "last.pt"
@@ -73,6 +74,29 @@ class SaveFailed(OSError):
 
 # Shown as users import them, in tracebacks and doctests.
 CheckpointError.__module__ = CheckpointMismatch.__module__ = SaveFailed.__module__ = "stepkit.checkpoint"
+
+
+def restore_rank_part(state: Any, part: Any, path: str | os.PathLike) -> None:
+    """``state.load_rank_part(part)``, or ``CheckpointError`` naming ``path`` for a part that is not what
+    stepkit saves (an edited file: RNG states of the wrong kind, a missing key).
+
+    Examples:
+        >>> from stepkit.state import TrainState
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> try:
+        ...     restore_rank_part(state, {"rng": "garbage"}, "rng_rank0.pt")
+        ... except CheckpointError as err:
+        ...     print(str(err).split(" (")[0])
+        rng_rank0.pt: refused: this rank's RNG part is not one stepkit saves
+    """
+    try:
+        if not isinstance(part, dict):
+            raise TypeError(f"a {type(part).__name__}, not a dict")
+        state.load_rank_part(part)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: refused: this rank's RNG part is not one stepkit saves "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def save_failed(path: Path, err: BaseException | None, needed_bytes: int | None) -> SaveFailed:

@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 
 from stepkit import dist
-from stepkit.checkpoint.errors import LAST, SHARDED_SUFFIX, CheckpointError, CheckpointMismatch, rank_rng_path
+from stepkit.checkpoint.errors import (
+    BEST_INDEX,
+    LAST,
+    SHARDED_SUFFIX,
+    CheckpointError,
+    CheckpointMismatch,
+    rank_rng_path,
+    restore_rank_part,
+)
+from stepkit.checkpoint.retention import best_checkpoints
 from stepkit.checkpoint.sharded import load_sharded, read_info
 from stepkit.checkpoint.single_file import load_checkpoint, restore
 from stepkit.state import TrainState
@@ -146,6 +155,10 @@ def resume(
     recover_interrupted_saves(ckpt_dir)
     last = ckpt_dir / LAST
     sharded = last.with_suffix(SHARDED_SUFFIX)
+    for path in (last, sharded):
+        _refuse_a_link_out(path, ckpt_dir)
+    if (ckpt_dir / BEST_INDEX).exists():  # read on the run's first save_best: refuse an edited one now
+        best_checkpoints(ckpt_dir)
     if dist.is_sharded(state.model):
         if not sharded.exists():
             if last.exists():
@@ -163,6 +176,19 @@ def resume(
     return _resume_from(last, state)
 
 
+def _refuse_a_link_out(path: Path, ckpt_dir: Path) -> None:
+    """A run continues from its own files: ``last`` may link within the run, never out of it."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    homes = [ckpt_dir.resolve(), (ckpt_dir.resolve().parent if ckpt_dir.name == "checkpoints"
+                                  else ckpt_dir.resolve())]
+    if not any(target.is_relative_to(home) for home in homes):
+        raise CheckpointError(f"{path}: refused: a symbolic link to {target}, outside the run directory "
+                              f"{homes[1]}; to continue from that checkpoint, pass it with --resume-from "
+                              f"{target}")
+
+
 def _resume_from(path: Path, state: TrainState) -> bool:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
@@ -176,10 +202,12 @@ def _resume_from(path: Path, state: TrainState) -> bool:
         raise  # another checkpoint of this run would not fit either
     except CheckpointError as err:
         raise CheckpointError(f"{err}; {_readable_alternative(path)}") from None
-    parts = payload.get("rank_parts")
-    if dist.rank() > 0 and isinstance(parts, list):  # every rank's part, saved in the one file
-        if dist.rank() < len(parts):  # a larger world than was saved: the new ranks keep their seeds
-            state.load_rank_part(parts[dist.rank()])
+    if "rank_parts" in payload:  # every rank's part, saved in the one file
+        parts = payload["rank_parts"]
+        if not isinstance(parts, list):
+            raise CheckpointError(f"{path}: refused: its rank_parts is a {type(parts).__name__}, not a list")
+        if 0 < dist.rank() < len(parts):  # a larger world than was saved: the new ranks keep their seeds
+            restore_rank_part(state, parts[dist.rank()], path)
         return True
     rank_rng = rank_rng_path(path, dist.rank())  # the format before 2026-12: a file per rank beside it
     if dist.rank() > 0 and rank_rng.exists():
@@ -187,7 +215,7 @@ def _resume_from(path: Path, state: TrainState) -> bool:
         if part.get("step", state.step) != state.step:  # a run killed between the two files' writes
             raise CheckpointError(f"{rank_rng}: this rank's part is from step {part['step']}, {path.name} "
                                   f"from step {state.step}; {_readable_alternative(path)}")
-        state.load_rank_part(part)
+        restore_rank_part(state, part, rank_rng)
     return True
 
 

@@ -26,7 +26,14 @@ import torch
 
 from stepkit import dist
 from stepkit._atomic import atomic_save, atomic_write_bytes
-from stepkit.checkpoint.errors import FORMAT, CheckpointError, CheckpointMismatch, save_failed, tensor_bytes
+from stepkit.checkpoint.errors import (
+    FORMAT,
+    CheckpointError,
+    CheckpointMismatch,
+    restore_rank_part,
+    save_failed,
+    tensor_bytes,
+)
 from stepkit.checkpoint.safe_metadata import read_metadata, safe_planner, safe_reader
 from stepkit.checkpoint.single_file import load_checkpoint
 from stepkit.state import TrainState
@@ -136,7 +143,19 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise CheckpointError(f"{path}: not a stepkit checkpoint (format {found!r})")
+    expected = {"sharded": (lambda v: v is True, "true"),
+                "world_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+                "step": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+                "meta": (lambda v: isinstance(v, dict), "an object")}
+    for key, (ok, what) in expected.items():
+        if key not in info or not ok(info[key]):
+            found = f"{info[key]!r}" if key in info else "missing"
+            raise CheckpointError(f"{path / INFO}: refused: {key} is {found}, expected {what}")
     return info
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
@@ -193,4 +212,4 @@ def load_sharded(path: str | os.PathLike, state: TrainState) -> None:
         raise CheckpointMismatch(f"{path}: does not fit this run: {err}") from None
     rng = path / f"rng_rank{dist.rank()}.pt"
     if rng.exists():  # a different world size: the new ranks keep their seeds
-        state.load_rank_part(load_checkpoint(rng))
+        restore_rank_part(state, load_checkpoint(rng), rng)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +120,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: refused: it holds Python objects that only arbitrary code can rebuild "
             f"(weights_only load failed: {reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path}: truncated or corrupt file ({err})") from None
+    except Exception as err:  # torch's readers raise many kinds (RuntimeError, struct.error, ...)
+        raise CheckpointError(f"{path}: truncated or corrupt file ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a stepkit checkpoint (expected format {FORMAT!r}, "
@@ -162,5 +161,5 @@ def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike 
         check_fits(path, "target", target_state_dict(state.target), saved["target"])
     try:
         state.load_state_dict(saved)
-    except (ValueError, RuntimeError, KeyError) as err:
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise CheckpointMismatch(f"{path}: does not fit this run: {err}") from None
