@@ -25,7 +25,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     def write(f) -> None:
         recording = _RecordingWriter(f)
         try:
-            torch.save(obj, recording)
+            torch.save(obj, recording)  # type: ignore[arg-type]  # it has write and flush
         except RuntimeError:
             if recording.error is not None:
                 raise recording.error from None
@@ -38,7 +38,8 @@ class _RecordingWriter:
     """A file for ``torch.save`` that keeps the ``OSError`` of a failed write (its C++ writer drops it)."""
 
     def __init__(self, f: Any) -> None:
-        self.f, self.error = f, None
+        self.f = f
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:

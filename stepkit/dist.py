@@ -86,10 +86,12 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
         device = torch.device(device_type)
     if launched_by_torchrun() and not is_initialized():
         store = _restart_store()
-        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
-                                          "world_size": int(os.environ["WORLD_SIZE"])}
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                device_id=device if device_type == "cuda" else None, **where)
+        backend, device_id = ("nccl", device) if device_type == "cuda" else ("gloo", None)
+        if store is None:  # torch's env:// reads what torchrun set
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         # FSDP2 modules sit in reference cycles that hold communication work; left to the
         # interpreter's final teardown, their C++ destructors can abort the process ("terminate
         # called without an active exception", SIGABRT: 1 in 3-6 two-rank gloo runs here). A
@@ -138,12 +140,13 @@ def _agree_on_namespace(store: dist.Store, rank: int, world: int, timeout_s: flo
     store.set(f"stepkit/hello/{rank}", nonce)
     deadline = time.monotonic() + timeout_s
     if rank == 0:
-        name, answered, others = nonce, {}, range(1, world)
+        name, others = nonce, range(1, world)
+        answered: dict[int, bytes] = {}
         while True:
             hellos = store.multi_get([f"stepkit/hello/{r}" for r in others]) if world > 1 else []
             for r, hello in zip(others, hellos):
                 if answered.get(r) != hello:  # a new nonce, or one left by an earlier group
-                    store.set(f"stepkit/ack/{r}", hello + b":" + name.encode())
+                    store.set(f"stepkit/ack/{r}", (hello + b":" + name.encode()).decode())
                     answered[r] = hello
             keys = [f"stepkit/ok/{r}" for r in others]
             if store.check(keys) and store.multi_get(keys) == [answered[r] + b":" + name.encode()

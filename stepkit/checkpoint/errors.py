@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 __all__ = ["BEST_INDEX", "FORMAT", "LAST", "SHARDED_SUFFIX", "CheckpointError", "CheckpointMismatch",
-           "SaveFailed", "check_fits", "rank_rng_path", "restore_rank_part", "save_failed"]
+           "SaveFailed", "check_fits", "rank_rng_path", "restore_rank_part", "save_failed", "tensor_bytes"]
 
 FORMAT = "stepkit.checkpoint/1"
 LAST = "last.pt"
