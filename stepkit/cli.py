@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import io
 import json
 import os
@@ -345,6 +346,9 @@ def _one_line(err: BaseException) -> str:
         message = last.split(": ", 1)[1] if ": " in last else last
     return message
 
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def run_main(main: Any, parse: Any) -> None:
     """A recipe's ``__main__``: ``main(parse())`` with one-line errors instead of tracebacks.
 
@@ -352,7 +356,8 @@ def run_main(main: Any, parse: Any) -> None:
     optional extra (an ``ImportError`` that says what to ``pip install``)
     prints ``error: ...`` and exits 1; a run stopped for non-finite updates
     (``stepkit.faults.Diverged``) prints its line and exits 65, one that
-    could not write a checkpoint (``SaveFailed``: disk full) exits 74;
+    could not write a checkpoint (``SaveFailed``) or any file for a full
+    disk or quota exits 74;
     Ctrl-C outside the training loop (or twice inside it) prints one line
     and exits 130, the shell's code for SIGINT.
 
@@ -386,3 +391,10 @@ def run_main(main: Any, parse: Any) -> None:
     except BrokenPipeError:  # output piped into a reader that closed early (``--help | head``)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(1)
+    except OSError as err:  # a log or summary write that found the disk full: as a failed save
+        if err.errno not in _DISK_FULL:
+            raise
+        print(f"error: {err.filename or 'a write'}: {err.strerror}; the checkpoints already saved are whole: "
+              "free space (or choose another --run-dir) and continue with --resume",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_SAVE_FAILED)

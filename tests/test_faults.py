@@ -245,3 +245,17 @@ def test_a_sharded_save_killed_between_its_two_renames_is_restored(tmp_path, cap
     out = capsys.readouterr().out
     assert "last.dcp: restored from last.dcp.old" in out and "last.dcp.tmp: removed" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.dcp"]
+
+
+def test_a_log_write_on_a_full_disk_is_one_line_and_74(capsys):
+    import errno
+
+    def main(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/a/metrics.jsonl")
+
+    with pytest.raises(SystemExit) as ended:
+        run_main(main, lambda: None)
+    assert ended.value.code == EXIT_SAVE_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs/a/metrics.jsonl: No space left on device; the checkpoints already saved")
+    assert err.count("\n") == 1

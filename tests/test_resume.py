@@ -122,6 +122,21 @@ def test_resume_without_a_checkpoint_is_refused_unless_asked_to_start(tmp_path):
         start_run(tmp_path / "typo", Cfg(), resume=True, resume_from=tmp_path / "nope.pt")
 
 
+def test_resume_or_start_alone_resumes_a_run_and_starts_one_killed_before_its_first_save(run_dir, tmp_path):
+    before = (run_dir / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="train.steps: 20 → 30"):  # it resumes: the config is checked
+        start_run(run_dir, Cfg(train=TrainConfig(steps=30)), resume=False, or_start=True)
+    start_run(run_dir, Cfg(), resume=False, or_start=True)
+    assert (run_dir / "config.json").read_bytes() == before
+    assert RunArgs(run_dir=run_dir, resume_or_start=True).resuming
+    killed = tmp_path / "killed"  # its first attempt logged, then died before saving anything
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert not RunArgs(run_dir=killed, resume_or_start=True).resuming
+    start_run(killed, Cfg(), resume=False, or_start=True)  # a fresh run there, not "already holds a run"
+    assert (killed / "config.json").exists()
+
+
 def test_resume_takes_the_run_directory_too(run_dir):
     state = make_state()
     assert resume(run_dir, state)
