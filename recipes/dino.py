@@ -149,6 +149,10 @@ class Model:
     grad_checkpointing: bool = False
     """ViT only: recompute each block in the backward pass instead of storing its activations (less
     memory, about one more forward; the same gradients)."""
+    weight_init: Literal["stepkit", "dino"] = "stepkit"
+    """dino: DINO's initialisation (a ViT's patch embedding at PyTorch's Conv2d default, the head's last
+    layer at nn.Linear's; the vit-s16 preset); stepkit: truncated normals there (the measured CPU
+    numbers)."""
 
     def __post_init__(self) -> None:
         if self.grad_checkpointing and self.arch == "cnn":
@@ -287,7 +291,8 @@ PRESETS = {
             device="cuda", amp="bf16", batch_size=64,
             data=Data(image_size=256),
             model=Model(arch="vit-small", drop_path=0.1, out_dim=65536, head_hidden=2048, bottleneck=256,
-                        head_batch_norm=False, norm_last_layer=True, freeze_last_layer_steps=2502),
+                        head_batch_norm=False, norm_last_layer=True, freeze_last_layer_steps=2502,
+                        weight_init="dino"),
             crops=MultiCrop(global_size=224, local_size=96, local_crops=8),
             loss=Loss(targets="centering", teacher_temp=0.04, warmup_teacher_temp=0.04,
                       teacher_temp_warmup_steps=0, koleo_weight=0.0),
@@ -321,7 +326,7 @@ def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     preset = cfg.model.arch.removeprefix("vit-")
     overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
     net = VisionTransformer.preset(preset, img_size=cfg.crops.global_size, in_chans=in_chans,
-                                   drop_path=cfg.model.drop_path,
+                                   drop_path=cfg.model.drop_path, init=cfg.model.weight_init,
                                    grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
     return net, net.dim
 
@@ -403,7 +408,8 @@ def main(cfg: Config) -> dict:
              "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,
                                       about="the student's backbone")}
     head = DINOHead(dim, cfg.model.out_dim, hidden=cfg.model.head_hidden, bottleneck=cfg.model.bottleneck,
-                    batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer)
+                    batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer,
+                    last_layer_init=cfg.model.weight_init)
     model = DinoModel(backbone, head).to(device)
     prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
 

@@ -181,6 +181,10 @@ class Model:
     """vit: the predictor's attention heads."""
     predictor_kernel: int = 3
     """cnn: the predictor's depthwise kernel size (odd)."""
+    weight_init: Literal["stepkit", "ijepa"] = "stepkit"
+    """vit: ijepa: I-JEPA's initialisation (the patch embedding std 0.02, each block's output projections
+    divided by sqrt(2 x depth) in the encoders and the predictor; the paper presets); stepkit: the patch
+    embedding std 1/sqrt(fan-in), no rescaling (the measured vit-toy numbers)."""
     grad_checkpointing: bool = False
     """vit: recompute each encoder block in the backward pass instead of storing its activations (less
     memory, about one more forward; the same gradients)."""
@@ -195,6 +199,9 @@ class Model:
                  f"one dilation >= 1 per stage (model.widths={self.widths})")
         if self.predictor_kernel < 1 or self.predictor_kernel % 2 == 0:
             fail("model.predictor_kernel", self.predictor_kernel, "an odd size >= 1")
+        if self.weight_init != "stepkit" and self.arch == "cnn":
+            fail("model.weight_init", self.weight_init, "stepkit with --model.arch cnn (I-JEPA's "
+                 "initialisation is a ViT's: choose --model.arch vit-...)")
 
     def depth(self) -> int:
         """Stages of the CNN, blocks of the ViT: what --levels.depths counts."""
@@ -287,7 +294,7 @@ def _vit_h14(**overrides) -> Config:
         device="cuda", amp="bf16", batch_size=128,
         data=Data(image_size=224, crop_scale=(0.3, 1.0), flip_p=0.0),
         model=Model(arch="vit-huge", patch_size=14, predictor_dim=384, predictor_depth=12,
-                    predictor_heads=16, pos_embed="sincos", class_token=False),
+                    predictor_heads=16, pos_embed="sincos", class_token=False, weight_init="ijepa"),
         mask=MultiBlock(targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                         context_scale=(0.85, 1.0), sampler="ijepa", min_keep=10),
         train=TrainConfig(steps=187500),
@@ -311,7 +318,7 @@ PRESETS = {
         "One GPU: ViT-S/16 with I-JEPA's masks, predictor and schedules, batch 256 (set --data.root).",
         _vit_h14(batch_size=256,
                  model=Model(arch="vit-small", patch_size=16, predictor_dim=384, predictor_depth=6,
-                             predictor_heads=6, pos_embed="sincos", class_token=False),
+                             predictor_heads=6, pos_embed="sincos", class_token=False, weight_init="ijepa"),
                  train=TrainConfig(steps=150000),
                  optim=Optim(lr=2.5e-4, warmup_start_lr=5e-5, min_lr=1e-6, warmup_steps=10000, wd=0.04,
                              wd_final=0.4, clip=None))),
@@ -331,7 +338,8 @@ def build_encoder(cfg: Config, in_chans: int) -> nn.Module:
     overrides["pos_embed"] = cfg.model.pos_embed
     return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans,
                                     grad_checkpointing=cfg.model.grad_checkpointing,
-                                    class_token=cfg.model.class_token, **overrides)
+                                    class_token=cfg.model.class_token, init=cfg.model.weight_init,
+                                    **overrides)
 
 
 def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
@@ -340,7 +348,7 @@ def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
         return ConvPredictor(encoder.grid, encoder.dim, m.predictor_dim, m.predictor_depth,
                              m.predictor_kernel, out_dim=out_dim)
     return JEPAPredictor(encoder.grid**2, encoder.dim, m.predictor_dim, m.predictor_depth,
-                         m.predictor_heads, out_dim=out_dim, pos_embed=m.pos_embed)
+                         m.predictor_heads, out_dim=out_dim, pos_embed=m.pos_embed, init=m.weight_init)
 
 
 

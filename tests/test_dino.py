@@ -123,3 +123,13 @@ def test_koleo_gradient_is_finite_for_duplicate_points():
 def test_dino_loss_refuses_rows_that_are_not_views_of_one_batch(student_rows, teacher_rows, views):
     with pytest.raises(ValueError, match="not views of one batch"):
         dino_loss(torch.zeros(student_rows, 3), torch.full((teacher_rows, 3), 1 / 3), n_student_views=views)
+
+
+def test_dino_last_layer_init_is_nn_linears_default():
+    torch.manual_seed(0)
+    head = DINOHead(64, 4096, hidden=64, bottleneck=256, last_layer_init="dino")
+    v = head.last_layer.weight_v
+    assert v.abs().max() <= 1 / 16 and abs(v.std().item() / (1 / 16 / math.sqrt(3)) - 1) < 0.01
+    torch.manual_seed(0)
+    ours = DINOHead(64, 4096, hidden=64, bottleneck=256).last_layer.weight_v
+    assert abs(ours.std().item() / 0.02 - 1) < 0.01  # stepkit's: a truncated normal, std 0.02

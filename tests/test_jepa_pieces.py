@@ -185,3 +185,18 @@ def test_shard_units_put_the_encoder_on_its_own():
     model = JEPA(vit, JEPAPredictor(16, 16, 8, 1, 2, out_dim=16), [])
     units = jepa_shard_units(model)
     assert units[:3] == [*vit.blocks, vit] and units[3:] == list(model.predictor.blocks)
+
+
+def test_ijepa_predictor_init_divides_residual_outputs_by_sqrt_2_depth():
+    import math
+
+    from stepkit.models.jepa import JEPAPredictor
+
+    torch.manual_seed(0)
+    plain = JEPAPredictor(16, enc_dim=8, dim=16, depth=3, heads=2)
+    torch.manual_seed(0)
+    ijepa = JEPAPredictor(16, enc_dim=8, dim=16, depth=3, heads=2, init="ijepa")
+    for depth, (a, b) in enumerate(zip(plain.blocks, ijepa.blocks), start=1):
+        assert torch.equal(b.mlp[2].weight, a.mlp[2].weight / math.sqrt(2 * depth))
+        assert torch.equal(b.attn.proj.weight, a.attn.proj.weight / math.sqrt(2 * depth))
+    assert torch.equal(plain.embed.weight, ijepa.embed.weight)

@@ -99,7 +99,8 @@ def test_presets_and_flags(recipe, tmp_path):
     assert vanilla.model.drop_path == 0.1 and not vanilla.model.head_batch_norm
     assert vanilla.crops.global_size == 224 and vanilla.crops.local_crops == 8
     assert vanilla.crops.local_scale == (0.05, 0.4) and vanilla.crops.global_scale == (0.4, 1.0)
-    assert recipe.parse([]).model.arch == "cnn"
+    assert vanilla.model.weight_init == "dino"  # the patch embedding and the last layer as DINO leaves them
+    assert recipe.parse([]).model.arch == "cnn" and recipe.parse([]).model.weight_init == "stepkit"
     assert recipe.PRESETS["tiny-cpu"][1].optim.lr == recipe.Config().optim.lr  # parse() did not mutate it
 
 

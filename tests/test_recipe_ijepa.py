@@ -193,6 +193,7 @@ def test_paper_presets_have_the_papers_settings(recipe, tmp_path):
         assert (cfg.optim.lr, cfg.optim.warmup_start_lr, cfg.optim.min_lr) == (1e-3, 2e-4, 1e-6)
         assert (cfg.train.steps, cfg.optim.warmup_steps) == (300 * 625, 40 * 625)
         assert cfg.model.predictor_heads == 16 and not cfg.model.class_token
+        assert cfg.model.weight_init == "ijepa"  # std 0.02 patch embedding, fix_init_weight's rescaling
         assert (cfg.model.predictor_dim, cfg.model.predictor_depth) == (384, 12)
         total = cfg.train.steps  # linear: a quarter of the way, a quarter of the rise
         assert momentum_at(total // 4, cfg.ema, total) == pytest.approx(0.996 + 0.004 / 4)
@@ -202,6 +203,7 @@ def test_paper_presets_have_the_papers_settings(recipe, tmp_path):
     s16 = recipe.parse(["vit-s16", "--run-dir", str(tmp_path / "r")])
     assert (s16.model.arch, s16.model.patch_size, s16.batch_size) == ("vit-small", 16, 256)
     assert s16.model.predictor_heads == 6 and s16.data.flip_p == 0.0  # ViT-S's own 6 heads
+    assert s16.model.weight_init == "ijepa" and recipe.parse([]).model.weight_init == "stepkit"
 
 
 def test_flip_off_leaves_the_crop_unmirrored():

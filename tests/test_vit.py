@@ -161,3 +161,34 @@ def test_a_vit_without_class_token_has_only_patch_tokens_and_pools_their_mean():
         assert tokens.shape == (2, 16, 64) and torch.equal(patch_tokens(vit, x)[0], tokens)
         assert torch.allclose(vit(x), tokens.mean(dim=1))
         assert vit(torch.rand(2, 3, 24, 24), all_tokens=True).shape == (2, 36, 64)  # positions resized
+
+
+def small(init, seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, dim=64, depth=4, heads=4, init=init)
+
+
+def test_dino_init_is_stepkits_with_the_patch_embedding_reset_to_pytorchs_conv_default():
+    expected = small("stepkit")
+    expected.patch_embed.reset_parameters()  # drawn where init="dino" draws it: after everything else
+    got = small("dino").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    bound = 1 / math.sqrt(3 * 8 * 8)
+    assert got["patch_embed.weight"].abs().max() <= bound  # uniform within +-1/sqrt(fan-in)
+
+
+def test_ijepa_init_patch_std_002_and_residual_outputs_divided_by_sqrt_2_depth():
+    stepkit, ijepa = small("stepkit"), small("ijepa")
+    for depth, (a, b) in enumerate(zip(stepkit.blocks, ijepa.blocks), start=1):
+        assert torch.allclose(b.attn.proj.weight, a.attn.proj.weight / math.sqrt(2 * depth), atol=0)
+        assert torch.allclose(b.mlp[2].weight, a.mlp[2].weight / math.sqrt(2 * depth), atol=0)
+        assert torch.equal(b.attn.qkv.weight, a.attn.qkv.weight)
+        assert torch.equal(b.mlp[0].weight, a.mlp[0].weight)
+    torch.manual_seed(0)
+    wide = VisionTransformer.preset("small", init="ijepa")
+    assert abs(wide.patch_embed.weight.std().item() / 0.02 - 1) < 0.02
+
+
+def test_an_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init='xavier' is not allowed"):
+        small("xavier")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,11 @@ class DINOHead(nn.Module):
     hidden 2048, bottleneck 256). The last layer is ``weight_norm`` with one
     norm per output unit, ``W = g * V / ||V||`` row-wise; with
     ``norm_last_layer=True`` (DINO's default) ``g`` is fixed at 1, so its
-    logits are cosine similarities in [-1, 1].
+    logits are cosine similarities in [-1, 1]. ``last_layer_init``: ``V``
+    a truncated normal of std 0.02 (``stepkit``) or ``nn.Linear``'s default,
+    uniform within +-1/sqrt(bottleneck) (``dino``, as DINO's code leaves it):
+    only ``V``'s directions reach the logits, but its norm sets how far an
+    update turns them.
 
     Examples:
         >>> head = DINOHead(16, 100, hidden=32, bottleneck=8)
@@ -39,6 +44,7 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
         batch_norm: bool = False,
         norm_last_layer: bool = True,
+        last_layer_init: str = "stepkit",
     ) -> None:
         super().__init__()
         _check.integer_at_least("nlayers", nlayers, 1)
@@ -50,7 +56,8 @@ class DINOHead(nn.Module):
                 layers += [nn.BatchNorm1d(b)] if batch_norm else []
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = WeightNormLinear(bottleneck, out_dim, fixed_norm=norm_last_layer)
+        self.last_layer = WeightNormLinear(bottleneck, out_dim, fixed_norm=norm_last_layer,
+                                           init=last_layer_init)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -69,10 +76,14 @@ class WeightNormLinear(nn.Module):
         [1.0, 1.0]
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, fixed_norm: bool = True) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, fixed_norm: bool = True, init: str = "stepkit") -> None:
         super().__init__()
+        _check.one_of("init", init, ("stepkit", "dino"))
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        if init == "dino":  # nn.Linear's default, which DINO's weight-normed last layer keeps
+            nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        else:
+            nn.init.trunc_normal_(self.weight_v, std=0.02)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)
 
     def forward(self, x: Tensor) -> Tensor:

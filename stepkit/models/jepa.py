@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from stepkit import check as _check
 from stepkit.models.arguments import records_arguments
 from stepkit.models.cnn import grid_mean
-from stepkit.models.vit import Block, VisionTransformer, _init_weights, sincos_pos_embed_2d
+from stepkit.models.vit import (
+    Block,
+    VisionTransformer,
+    _init_weights,
+    rescale_residual_outputs,
+    sincos_pos_embed_2d,
+)
 from stepkit.state import unwrap
 
 __all__ = ["gather_tokens", "jepa_targets", "JEPAPredictor", "pooled_patches", "visible_grid",
@@ -57,7 +63,8 @@ class JEPAPredictor(nn.Module):
     returns ``(B, M, Kt, out_dim)``, ``out_dim`` defaulting to ``enc_dim``
     (H-JEPA sets it to put one head per level on top). Positions are I-JEPA's
     fixed 2-D sine-cosine embeddings of the (square) patch grid, or
-    ``pos_embed="learned"``.
+    ``pos_embed="learned"``. ``init="ijepa"`` divides each block's output
+    projections by ``sqrt(2 x depth)``, as I-JEPA's predictor does.
 
     Examples:
         >>> pred = JEPAPredictor(16, enc_dim=8, dim=8, depth=1, heads=2)
@@ -76,10 +83,12 @@ class JEPAPredictor(nn.Module):
         heads: int = 4,
         out_dim: int | None = None,
         pos_embed: str = "sincos",
+        init: str = "stepkit",
     ) -> None:
         super().__init__()
         _check.integer_at_least("num_patches", num_patches, 1)
         _check.one_of("pos_embed", pos_embed, ("learned", "sincos"))
+        _check.one_of("init", init, ("stepkit", "ijepa"))
         if dim % heads:
             _check.fail("predictor dim", dim, f"a multiple of heads={heads}")
         self.embed = nn.Linear(enc_dim, dim)
@@ -97,6 +106,8 @@ class JEPAPredictor(nn.Module):
         self.out = nn.Linear(dim, enc_dim if out_dim is None else out_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
+        if init == "ijepa":  # I-JEPA's fix_init_weight, as in its encoders
+            rescale_residual_outputs(self.blocks)
 
     def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor) -> Tensor:
         b, m, kt = target_idx.shape

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -19,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from stepkit import check as _check
 from stepkit.models.arguments import records_arguments
 
-__all__ = ["PRESETS", "DropPath", "Attention", "Block", "sincos_pos_embed_2d", "VisionTransformer"]
+__all__ = ["INITS", "PRESETS", "DropPath", "Attention", "Block", "rescale_residual_outputs",
+           "sincos_pos_embed_2d", "VisionTransformer"]
 
 PRESETS: dict[str, dict] = {
     "toy": dict(dim=64, depth=4, heads=4, patch_size=4),
@@ -154,11 +156,13 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "learned",
         grad_checkpointing: bool = False,
         class_token: bool = True,
+        init: str = "stepkit",
     ) -> None:
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
         _check.integer_at_least("patch_size", patch_size, 1)
         _check.one_of("pos_embed", pos_embed, ("learned", "sincos"))
+        _check.one_of("init", init, INITS)
         if img_size % patch_size:
             _check.fail("img_size", img_size, f"a multiple of patch_size={patch_size}")
         if dim % heads:
@@ -185,6 +189,11 @@ class VisionTransformer(nn.Module):
         if class_token:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+        if init == "dino":  # DINO leaves the patch embedding's Conv2d at PyTorch's default (as timm does)
+            self.patch_embed.reset_parameters()
+        elif init == "ijepa":  # I-JEPA: std 0.02 there too, and the residual outputs scaled by depth
+            nn.init.trunc_normal_(self.patch_embed.weight, std=0.02)
+            rescale_residual_outputs(self.blocks)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VisionTransformer:
@@ -265,6 +274,34 @@ class VisionTransformer(nn.Module):
 
     def _pooled(self, tokens: Tensor) -> Tensor:
         return tokens[:, 0] if self.prefix else tokens.mean(dim=1)
+
+
+INITS = ("stepkit", "dino", "ijepa")
+"""A ViT's initialisations: every Linear a truncated normal of std 0.02, LayerNorms 1 and 0, and
+``stepkit``: the patch embedding a truncated normal of std 1/sqrt(fan-in); ``dino``: DINO's (and
+timm's): the patch embedding at PyTorch's Conv2d default, uniform within +-1/sqrt(fan-in); ``ijepa``:
+I-JEPA's: the patch embedding std 0.02 too, and each block's output projections divided by
+sqrt(2 x its depth) (``rescale_residual_outputs``)."""
+
+
+def rescale_residual_outputs(blocks: Iterable[nn.Module]) -> None:
+    """Divide block ``l``'s (from 1) attention output and second MLP weights by ``sqrt(2 l)``, in place.
+
+    I-JEPA's ``fix_init_weight``, for its encoders and predictor: deeper blocks add smaller updates to
+    the residual stream at initialisation.
+
+    Examples:
+        >>> blocks = [Block(8, heads=2) for _ in range(2)]
+        >>> before = blocks[1].mlp[2].weight.clone()
+        >>> rescale_residual_outputs(blocks)
+        >>> torch.allclose(blocks[1].mlp[2].weight, before / 2)  # block 2: sqrt(2 x 2)
+        True
+    """
+    with torch.no_grad():
+        for depth, block in enumerate(blocks, start=1):
+            block = cast(Block, block)
+            for layer in (block.attn.proj, block.mlp[2]):
+                cast(nn.Linear, layer).weight.div_(math.sqrt(2.0 * depth))
 
 
 def _init_weights(module: nn.Module) -> None:
