@@ -16,7 +16,8 @@ from stepkit.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 DINO = ["recipes/dino.py", "--batch-size", "16", "--crops.local-crops", "2", "--optim.warmup-steps", "2",
-        "--log.no-console", "--ckpt.every", "4", "--ckpt.keep-last", "6", "--train.steps", "12"]
+        "--log.no-console", "--ckpt.every", "4", "--ckpt.keep-last", "6", "--train.steps", "12",
+        "--optim.lr-per-batch", "32"]  # DINO's rule: the lr is given for 32 images per update
 
 
 def run(cmd, timeout=240):
@@ -49,7 +50,8 @@ def strategy_flags(strategy: str) -> list[str]:
 def whole(request, tmp_path_factory):
     """An uninterrupted 2-rank DINO run: (strategy, its run directory)."""
     run_dir = tmp_path_factory.mktemp(request.param) / "whole"
-    run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(request.param)])
+    out = run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(request.param)])
+    assert "lr 0.003 x 32 images per update / 32 = 0.003 (--optim.lr-per-batch)" in out.stdout  # 2 x 16
     return request.param, run_dir
 
 
@@ -179,9 +181,10 @@ def test_two_torchrun_agents_as_two_machines_restart_a_killed_rank(whole, tmp_pa
 def test_fsdp_checkpoint_continues_in_one_process(whole, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(whole[1], run_dir)
-    run([sys.executable, *DINO, "--run-dir", str(run_dir), "--resume", "--train.steps", "16", "--amp", "fp16",
-         "--resume-allow", "train.steps"])
+    out = run([sys.executable, *DINO, "--run-dir", str(run_dir), "--resume", "--train.steps", "16", "--amp",
+               "fp16", "--resume-allow", "train.steps"])
     assert summary(run_dir)["steps"] == 16 and summary(run_dir)["ranks"] == 1
+    assert "lr 0.003 x 16 images per update / 32 = 0.0015" in out.stdout  # the rule, on the new world
 
 
 @pytest.mark.slow
