@@ -273,11 +273,13 @@ def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[st
         where = "no checkpoint was saved: start again with a lower --optim.lr"
     else:
         path, step = back_to
-        # Skipped updates change no weight, only the step: a save during the storm holds the weights
-        # from before it, as one from before does.
-        when = "before it" if step < began else "during it (the weights are those from before it)"
-        where = (f"the newest checkpoint, {path} (step {step}), was saved {when}: continue from it with "
-                 f"--resume-from {path} and a lower --optim.lr (--resume-allow optim.lr)")
+        again = f"continue from it with --resume-from {path} and a lower --optim.lr (--resume-allow optim.lr)"
+        if step < began:
+            where = f"the newest checkpoint from before it is {path} (step {step}): {again}"
+        else:  # skipped updates change no weight: a save during the storm holds those from before it
+            where = (f"the newest checkpoint, {path} (step {step}), was saved during it and holds the "
+                     f"weights of step {began - 1} (skipped updates change none): {again}, or start again with a "
+                     "lower --optim.lr")
     raise Diverged(f"step {state.step}: the last {in_a_row} updates were all non-finite and skipped "
                    f"(--train.max-skipped {watch.max_skipped}; 0 never stops); {what}; {where}")
 
