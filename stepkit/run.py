@@ -278,8 +278,8 @@ def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[st
             where = f"the newest checkpoint from before it is {path} (step {step}): {again}"
         else:  # skipped updates change no weight: a save during the storm holds those from before it
             where = (f"the newest checkpoint, {path} (step {step}), was saved during it and holds the "
-                     f"weights of step {began - 1} (skipped updates change none): {again}, or start again with a "
-                     "lower --optim.lr")
+                     f"weights of step {began - 1} (skipped updates change none): {again}, or start again "
+                     "with a lower --optim.lr")
     raise Diverged(f"step {state.step}: the last {in_a_row} updates were all non-finite and skipped "
                    f"(--train.max-skipped {watch.max_skipped}; 0 never stops); {what}; {where}")
 
