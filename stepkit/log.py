@@ -248,8 +248,21 @@ class _JsonlSink(_Sink):
 
 
 def _truncate_history(path: Path, last_step: int) -> None:
-    lines = path.read_bytes().splitlines()
-    kept = [line for line in lines if line.strip() and orjson.loads(line)["step"] <= last_step]
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            step = orjson.loads(line)["step"]
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise TypeError(f"step {step!r}")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as err:
+            if number == len(lines):  # the last write, cut short when the run was killed
+                print(f"{path}, line {number}: cut short when the run stopped: left out", flush=True)
+                continue
+            raise ValueError(f"{path}, line {number}: not a metrics record ({type(err).__name__}: {err}); "
+                             'each line is {"step": N, ...}: repair or remove that line') from None
+        if step <= last_step:
+            kept.append(line)
     atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
 
 

@@ -156,3 +156,30 @@ def test_a_single_file_whose_rank_parts_were_edited_is_refused(tmp_path):
                tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match=r"last.pt: refused: its rank_parts is a dict, not a list"):
         resume(tmp_path, a_state())
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_the_run_goes_on(finished, tmp_path, capsys):
+    run_dir = shutil.copytree(finished, tmp_path / "run")
+    with open(run_dir / "metrics.jsonl", "ab") as metrics:
+        metrics.write(b'{"step": 7, "loss": 0.5')  # what kill -9 mid-write leaves
+    example = digits()
+    example.main(example.parse(["--run-dir", str(run_dir), *STEPS, "--train.steps", "8", "--resume",
+                                "--resume-allow", "train.steps"]))
+    assert "metrics.jsonl, line " in capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 8
+
+
+def test_a_garbage_metrics_line_before_the_last_is_named(finished, tmp_path, capsys):
+    run_dir = shutil.copytree(finished, tmp_path / "run")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    example = digits()
+    cfg = example.parse(["--run-dir", str(run_dir), *STEPS, "--train.steps", "8", "--resume",
+                         "--resume-allow", "train.steps"])
+    before = (run_dir / "metrics.jsonl").read_bytes(), listing(run_dir / "checkpoints")
+    with pytest.raises(SystemExit) as ended:
+        run_main(example.main, lambda: cfg)
+    message = str(ended.value.code)
+    assert message.startswith(f"error: {run_dir / 'metrics.jsonl'}, line 2: not a metrics record")
+    assert ((run_dir / "metrics.jsonl").read_bytes(), listing(run_dir / "checkpoints")) == before
