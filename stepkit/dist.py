@@ -127,43 +127,36 @@ def _agree_on_namespace(store: dist.Store, rank: int, world: int, timeout_s: flo
     """A name every worker of this group learns, that no earlier group used, through a store that keeps
     the earlier groups' keys.
 
-    Each worker posts a fresh nonce under ``hello/<rank>``; rank 0 answers
-    every nonce it reads with ``ack/<rank> = nonce:name``, its own new name;
-    a worker takes the name from the answer to its own nonce (an earlier
-    group's rank 0, dead before this group started, cannot have read it) and
-    confirms it; rank 0 goes on answering until every rank confirmed ``name``.
+    Each worker posts a fresh nonce under ``hello/<rank>`` and waits for the
+    key ``ack/<its nonce>``, which only a rank 0 that read that nonce can have
+    written: rank 0 of this group (an earlier group's died before this one
+    started) writes its own new name there for every nonce it reads. The
+    worker confirms under ``ok/<nonce>``; rank 0 reads the nonces again
+    until every rank's is confirmed with this name (a nonce it read may be
+    an earlier group's, whose worker is gone).
     """
     import time
     import uuid
 
     nonce = uuid.uuid4().hex
-    store.set(f"stepkit/hello/{rank}", nonce)
-    deadline = time.monotonic() + timeout_s
-    if rank == 0:
-        name, others = nonce, range(1, world)
-        answered: dict[int, bytes] = {}
-        while True:
-            hellos = store.multi_get([f"stepkit/hello/{r}" for r in others]) if world > 1 else []
-            for r, hello in zip(others, hellos):
-                if answered.get(r) != hello:  # a new nonce, or one left by an earlier group
-                    store.set(f"stepkit/ack/{r}", (hello + b":" + name.encode()).decode())
-                    answered[r] = hello
-            keys = [f"stepkit/ok/{r}" for r in others]
-            if store.check(keys) and store.multi_get(keys) == [answered[r] + b":" + name.encode()
-                                                               for r in others]:
-                return name
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"torchrun's workers did not all start within {timeout_s:.0f} s")
-            time.sleep(0.01)
+    if rank != 0:
+        store.set(f"stepkit/hello/{rank}", nonce)
+        name = store.get(f"stepkit/ack/{nonce}").decode()  # blocks in the store: no polling
+        store.set(f"stepkit/ok/{nonce}", name)
+        return name
+    name, deadline = nonce, time.monotonic() + timeout_s
+    answered: set[str] = set()
+    hello_keys = [f"stepkit/hello/{r}" for r in range(1, world)]
     while True:
-        if store.check([f"stepkit/ack/{rank}"]):
-            answer = store.get(f"stepkit/ack/{rank}").decode()
-            heard, _, name = answer.partition(":")
-            if heard == nonce:
-                store.set(f"stepkit/ok/{rank}", answer)
-                return name
+        hellos = [h.decode() for h in store.multi_get(hello_keys)] if hello_keys else []
+        for hello in set(hellos) - answered:  # a new nonce, or one an earlier group left
+            store.set(f"stepkit/ack/{hello}", name)
+            answered.add(hello)
+        ok_keys = [f"stepkit/ok/{h}" for h in hellos]
+        if not ok_keys or (store.check(ok_keys) and set(store.multi_get(ok_keys)) == {name.encode()}):
+            return name
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rank 0 of torchrun's workers did not answer within {timeout_s:.0f} s")
+            raise RuntimeError(f"torchrun's workers did not all start within {timeout_s:.0f} s")
         time.sleep(0.01)
 
 

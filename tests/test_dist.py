@@ -181,3 +181,36 @@ if __name__ == "__main__":  # a rank under torchrun
         _sinkhorn_worker(out_dir, int(arg))
     else:
         _train(out_dir, arg)
+
+
+def test_a_restarted_group_agrees_on_a_namespace_the_dead_group_never_used():
+    """torchrun's shared store keeps the dead group's keys (its nonces, acks and confirmations); the new
+    group's rank 0 may read a stale nonce first. Every new worker still learns the new name."""
+    import datetime
+    import threading
+    import time
+
+    from stepkit.dist import _agree_on_namespace
+
+    store = torch.distributed.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=20))
+    old = {}
+    threads = [threading.Thread(target=lambda r=r: old.__setitem__(r, _agree_on_namespace(store, r, 3, 20)))
+               for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(old.values())) == 1  # the first group agreed
+    new = {}
+
+    def late(rank, delay):
+        time.sleep(delay)  # rank 0 reads this rank's stale nonce meanwhile
+        new[rank] = _agree_on_namespace(store, rank, 3, 20)
+
+    threads = [threading.Thread(target=late, args=(r, d)) for r, d in ((0, 0.0), (1, 0.2), (2, 0.4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(new) == 3 and len(set(new.values())) == 1 and set(new.values()) != set(old.values())
