@@ -84,6 +84,7 @@ from stepkit.run import (
     stop_if_diverged,
     stop_if_signalled,
 )
+from stepkit.shards import ShardPairs, check_readers, expand_shards, read_shard_pairs, resumable_stream
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import (
@@ -107,6 +108,12 @@ class Data:
     text tower of --model.text's kind."""
     anchor_column: str = "anchor"
     positive_column: str = "positive"
+    shards: str | None = None
+    """Your image-text pairs in tar shards (img2dataset's layout: key.jpg with key.txt, or the "caption"
+    of key.json), a brace pattern such as 'data/{00000..00127}.tar': streamed in the DataLoader workers,
+    resumable to the sample; needs held-out pairs (--data.val-shards or --data.val-pairs)."""
+    val_shards: str | None = None
+    """Held-out image-text shards for the retrieval evaluation (read once into memory)."""
     val_pairs: Path | None = None
     """Held-out pairs for the retrieval evaluation; None: a seeded val_fraction of --data.pairs' images."""
     val_fraction: float = 0.1
@@ -133,8 +140,17 @@ class Data:
             fail("val_fraction", self.val_fraction, "a number in (0, 1)")
         if self.kind == "text-text" and self.pairs is None:
             fail("kind", self.kind, "image-text without --data.pairs (the digits are images)")
-        if self.val_pairs is not None and self.pairs is None:
+        if self.pairs is not None and self.shards is not None:
+            fail("shards", self.shards, "None with --data.pairs (one source of training pairs)")
+        if self.val_pairs is not None and self.pairs is None and self.shards is None:
             fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
+        if self.val_shards is not None and self.shards is None:
+            fail("val_shards", self.val_shards, "None without --data.shards")
+        if self.shards is not None and self.kind == "text-text":
+            fail("kind", self.kind, "image-text with --data.shards (shards hold images and captions)")
+        if self.shards is not None and (self.val_shards is None) == (self.val_pairs is None):
+            fail("val_shards", self.val_shards, "one source of held-out pairs with --data.shards: "
+                 "--data.val-shards PATTERN or --data.val-pairs FILE (the retrieval evaluation's)")
 
 
 @dataclass
@@ -268,6 +284,12 @@ class Config(RunArgs):
 
     def __post_init__(self) -> None:
         integer_at_least("batch_size", self.batch_size, 2)
+        if self.data.shards is not None and self.model.text == "scratch":
+            fail("model.text", "scratch", "a pretrained tokenizer (minilm or a Hugging Face folder) with "
+                 "--data.shards: a from-scratch tower's vocabulary is built from every caption up front")
+        if self.data.shards is not None and self.tune.measures:
+            fail("data.shards", self.data.shards, "None with --tune.* (it measures on --data.pairs or the "
+                 "digits)")
         if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.steps:
             fail("optim.warmup_steps", self.optim.warmup_steps, f"at most train.steps={self.train.steps}")
 
@@ -413,7 +435,10 @@ class Renormalized(nn.Module):
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    if cfg.data.pairs is None:  # the embedded captioned digits, held in memory
+    shards = expand_shards(cfg.data.shards) if cfg.data.shards is not None else None
+    if shards is not None:
+        check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
+    if cfg.data.pairs is None and shards is None:  # the embedded captioned digits, held in memory
         data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
         train_texts, test_texts = data["train_captions"], data["test_captions"]
         test_ids = data["test_caption_ids"]
@@ -439,21 +464,33 @@ def main(cfg: Config) -> dict:
     else:  # your image-text pairs: images decoded and cropped in DataLoader workers, one seed per sample
         columns = {"image_column": cfg.data.image_column, "text_column": cfg.data.text_column,
                    "skip_unreadable": cfg.data.skip_unreadable}
-        pairs = read_pairs(cfg.data.pairs, **columns)
-        if cfg.data.val_pairs is None:
-            train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
-        else:
-            train, held = pairs, read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
-        train_texts, test_texts, test_ids = train.texts, held.texts, torch.tensor(held.ids)
         plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=0.0)
-        train_source = TrainImages(train.images, plan, seed=cfg.train.seed, flag="data.pairs")
+        if shards is not None:  # captions stream with their images, tokenized a batch at a time
+            train_texts, train_source, train_about = [], ShardPairs(plan), f"{len(shards)} shards"
+            if cfg.data.val_shards is None:
+                held = read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
+            else:
+                held = read_shard_pairs(expand_shards(cfg.data.val_shards, flag="data.val_shards"),
+                                        skip_unreadable=cfg.data.skip_unreadable)
+            skipped = len(held.skipped)
+        else:
+            pairs = read_pairs(cfg.data.pairs, **columns)
+            if cfg.data.val_pairs is None:
+                train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
+            else:
+                train, held = pairs, read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
+            train_texts = train.texts
+            train_source = TrainImages(train.images, plan, seed=cfg.train.seed, flag="data.pairs")
+            train_about = f"{len(train)} training pairs of {len(set(train.ids))} images"
+            skipped = len(pairs.skipped) + len(held.skipped)
+        test_texts, test_ids = held.texts, torch.tensor(held.ids)
         test_source = EvalImages(held.images, held.ids, size=cfg.data.image_size, flag="data.pairs")
-        in_chans, files, skipped = 3, True, len(pairs.skipped) + len(held.skipped)
+        in_chans, files = 3, True
         mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
         prep = lambda x: normalize(to_unit(x), mean, std)  # noqa: E731
         if dist.is_main():
-            print(f"data.pairs {str(cfg.data.pairs)!r}: {len(train)} training pairs of {len(set(train.ids))} "
-                  f"images, {len(held)} held-out pairs of {len(set(held.ids))} images"
+            print(f"data.{'shards' if shards else 'pairs'} {str(cfg.data.shards or cfg.data.pairs)!r}: "
+                  f"{train_about}, {len(held)} held-out pairs of {len(set(held.ids))} images"
                   + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
     m = cfg.model
     if m.text != "scratch" or m.image != "cnn":  # the 'text' extra: say so before any folder is made
@@ -501,9 +538,10 @@ def main(cfg: Config) -> dict:
             given = (mean, std) if files or m.image != "cnn" else ((0.0,), (1.0,))
             wanted = (takes.get("mean", (0.0,)), takes.get("std", (1.0,)))
             teacher.image = Renormalized(teacher.image, given, wanted, int(takes.get("channels", 3)))
-        teacher_tokens = teacher_tokenize(train_texts)
+        teacher_tokens = teacher_tokenize(train_texts) if shards is None else None
         teacher_anchors = teacher_tokenize(train_anchors) if text_only else None
-    tokens = tokenize(train_texts)  # every caption once, padded to the longest; a batch takes its rows
+    # Every caption once, padded to the longest; a batch takes its rows (streamed captions: per batch).
+    tokens = tokenize(train_texts) if shards is None else None
     anchor_tokens = tokenize(train_anchors) if text_only else None
     workers = cfg.data.workers if files else 0
 
@@ -541,13 +579,15 @@ def main(cfg: Config) -> dict:
     steps = cfg.train.steps
 
     def to_device(batch):
-        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device."""
+        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device;
+        streamed pairs carry their captions where the rows would be."""
         rows = batch[-1]
         if text_only:
             queries = {k: v[rows].to(device) for k, v in anchor_tokens.items()}
         else:
             queries = prep((batch[0][0] if files else batch[0]).to(device))  # files: ([crop], rows)
-        return queries, {k: v[rows].to(device) for k, v in tokens.items()}, rows
+        taken = tokenize(list(rows)) if tokens is None else {k: v[rows] for k, v in tokens.items()}
+        return queries, {k: v.to(device) for k, v in taken.items()}, rows
 
     def objective(image: torch.Tensor, text: torch.Tensor, images: torch.Tensor, rows: torch.Tensor):
         """The loss of the batch's embeddings; ``images`` and ``rows`` (dataset indices) feed the teacher."""
@@ -557,7 +597,9 @@ def main(cfg: Config) -> dict:
         loss = contrastive
         if teacher is not None:
             with torch.no_grad():
-                t_tokens = {k: v[rows].to(device) for k, v in teacher_tokens.items()}
+                taken = teacher_tokenize(list(rows)) if teacher_tokens is None \
+                    else {k: v[rows] for k, v in teacher_tokens.items()}
+                t_tokens = {k: v.to(device) for k, v in taken.items()}
                 if text_only:  # the teacher's own tokens of the anchors
                     images = {k: v[rows].to(device) for k, v in teacher_anchors.items()}
                 t_image, t_text = teacher(images, t_tokens)
@@ -585,15 +627,25 @@ def main(cfg: Config) -> dict:
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    sampler = ResumableSampler(len(train_source), seed=cfg.train.seed,
-                               start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                               world=dist.world_size(), with_epoch=files)
-    batches = iter(loader(train_source, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
+    if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
+        stream, positions = resumable_stream(shards, train_source, state, seed=cfg.train.seed,
+                                             workers=cfg.data.workers,
+                                             skip_unreadable=cfg.data.skip_unreadable)
+        batches = iter(loader(stream, batch_size=cfg.batch_size))
+    else:  # an epoch-seeded order that starts where the checkpoint left off
+        sampler = ResumableSampler(len(train_source), seed=cfg.train.seed,
+                                   start=state.data_position * cfg.batch_size, rank=dist.rank(),
+                                   world=dist.world_size(), with_epoch=files)
+        batches = iter(loader(train_source, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
-            batch = to_device(next(batches))
+            batch = next(batches)
             state.data_position += 1
+            if shards is not None:  # ((crops, captions), places, skipped): where each reader is now
+                batch, places, unreadable = batch
+                positions.update(places, unreadable, state.data_position)
+            batch = to_device(batch)
             if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
                 images, _, rows = batch
                 loss, aux, due = gradcache(
@@ -634,7 +686,7 @@ def main(cfg: Config) -> dict:
         "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
         "logit_scale": float(model.logit_scale().detach()),
         **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": skipped,
+        "skipped_unreadable": skipped + (positions.skipped if shards is not None else 0),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,

@@ -48,7 +48,8 @@ from torch.utils.data import IterableDataset
 from stepkit import check as _check
 
 __all__ = ["ShardError", "expand_shards", "shard_samples", "check_readers", "epoch_shards", "ShardStream",
-           "ShardPositions", "resumable_stream", "ShardCrops", "image_field", "text_field", "class_field"]
+           "ShardPositions", "resumable_stream", "ShardCrops", "ShardPairs", "read_shard_pairs",
+           "image_field", "text_field", "class_field"]
 
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
 
@@ -328,6 +329,74 @@ class ShardCrops:
                 "--data.skip-unreadable to skip such samples (from --data.shards)"
             ) from None
         return crops, class_field(fields, where)
+
+
+class ShardPairs(ShardCrops):
+    """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``.
+
+    The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``.
+
+    Examples:
+        >>> import io
+        >>> from PIL import Image
+        >>> from stepkit.images import CropPlan
+        >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
+        >>> crops, caption = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)))(
+        ...     {"png": buffer.getvalue(), "txt": b"a black square"}, np.random.default_rng(0), "s.tar:a")
+        >>> tuple(crops[0].shape), caption
+        ((3, 16, 16), 'a black square')
+    """
+
+    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:  # type: ignore[override]
+        caption = text_field(fields, where)  # before decoding: a sample without one is refused cheaply
+        return super().__call__(fields, rng, where)[0], caption
+
+
+def read_shard_pairs(shards: Sequence[Path], *, skip_unreadable: bool = False,
+                     flag: str = "data.val_shards") -> Any:
+    """Every image-text sample of ``shards``, in order, as ``stepkit.pairs.Pairs`` holding the images'
+    bytes (a held-out set, read once into memory; ``stepkit.images.EvalImages`` takes bytes too).
+
+    Raises:
+        ValueError: naming the shard and member, for a sample without an image or a caption (or, without
+            ``skip_unreadable``, a shard that is cut off); ``skip_unreadable`` counts them in ``skipped``.
+
+    Examples:
+        >>> import io, tarfile, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "0.tar"
+        >>> with tarfile.open(path, "w") as tar:
+        ...     for name, data in [("a.jpg", b"1"), ("a.txt", b"cat"), ("b.jpg", b"2"), ("b.txt", b"dog")]:
+        ...         info = tarfile.TarInfo(name); info.size = len(data)
+        ...         tar.addfile(info, io.BytesIO(data))
+        >>> pairs = read_shard_pairs([path])
+        >>> pairs.texts, pairs.ids, pairs.images[0]
+        (['cat', 'dog'], [0, 1], b'1')
+    """
+    from stepkit.pairs import Pairs
+
+    images: list[Any] = []
+    texts: list[str] = []
+    skipped: list[str] = []
+    for shard in shards:
+        try:
+            for _, key, fields in shard_samples(shard, flag=flag):
+                where = f"{shard}:{key}"
+                try:
+                    images.append(image_field(fields, where))
+                    texts.append(text_field(fields, where))
+                except ValueError as err:
+                    if not skip_unreadable:
+                        raise
+                    del images[len(texts):]
+                    skipped.append(str(err))
+        except ShardError as err:
+            if not skip_unreadable:
+                raise
+            skipped.append(str(err))
+    if not texts:
+        raise ValueError(f"{flag}: no image-text sample in {', '.join(map(str, shards[:3]))}"
+                         f"{', ...' if len(shards) > 3 else ''}")
+    return Pairs(images, texts, list(range(len(texts))), skipped)
 
 
 class ShardStream(IterableDataset):

@@ -11,6 +11,7 @@ SMALL = {
              "--crops.local-crops", "2", "--model.out-dim", "32", "--model.head-hidden", "32",
              "--optim.warmup-steps", "2"],
     "ijepa": ["--batch-size", "8", "--optim.warmup-steps", "2", "--eval.no-linear"],
+    "contrastive": ["--batch-size", "8", "--optim.warmup-steps", "2", "--data.image-size", "32"],
 }
 
 
@@ -96,3 +97,30 @@ def test_one_source_of_training_images_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="data.shards='d/0.tar' is not allowed: expected None when"):
         load_recipe("ijepa").parse(["--run-dir", str(tmp_path), "--data.shards", "d/0.tar",
                                     "--data.root", "x"])
+
+
+@pytest.mark.slow
+def test_contrastive_on_shards_reports_recall_and_resumes_to_the_sample(data, tmp_path, monkeypatch):
+    """img2dataset's layout (key.jpg + key.txt), 4 training shards read by 2 workers, held-out shards."""
+    from imagefiles import write_shards as shards_of
+
+    val = shards_of(tmp_path / "val", 1, 6, seed=5)
+    flags = ["--data.shards", data[1], "--data.val-shards", val, "--train.steps", "6", "--data.workers", "2",
+             "--ckpt.every", "1"]
+    whole = run("contrastive", tmp_path / "whole", *flags)
+    assert 0.0 <= whole["recall_at_1_i2t"] <= 1.0 and whole["recall_at_1_chance"] == pytest.approx(1 / 6)
+    assert whole["skipped_unreadable"] == 0
+    run("contrastive", tmp_path / "run", *flags, crash_at=3, monkeypatch=monkeypatch)
+    resumed = run("contrastive", tmp_path / "run", *flags, "--resume")
+    assert resumed["params_digest"] == whole["params_digest"]  # every worker read on from its place
+
+
+def test_contrastive_shards_settings_that_cannot_work_are_one_line(data, tmp_path):
+    recipe = load_recipe("contrastive")
+    shards = ["--data.shards", data[1]]
+    with pytest.raises(ValueError, match=r"data.val_shards=None is not allowed: expected one source of held"):
+        recipe.parse(shards)
+    with pytest.raises(ValueError, match=r"model.text='scratch' is not allowed: expected a pretrained token"):
+        recipe.parse(["tiny", *shards, "--data.val-shards", data[1]])
+    with pytest.raises(ValueError, match=r"data.shards=.* is not allowed: expected None with --data.pairs"):
+        recipe.parse([*shards, "--data.pairs", "p.csv"])

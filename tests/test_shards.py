@@ -216,3 +216,25 @@ def test_shards_with_nothing_readable_stop_instead_of_spinning(tmp_path, content
     with pytest.raises(ValueError, match=r"data.shards: no readable sample in a whole epoch of the shards "
                                          r".*0000.tar \(this reader's share\)"):
         next(iter(stream))
+
+
+def test_image_text_samples_give_crops_and_caption_and_name_a_missing_caption(tmp_path):
+    from stepkit.shards import ShardPairs, read_shard_pairs
+
+    rng = np.random.default_rng(0)
+    plan = CropPlan(views=((16, (0.5, 1.0)),))
+    image = encoded(picture(0, rng), "JPEG")
+    crops, caption = ShardPairs(plan)({"jpg": image, "json": b'{"caption": "a disc"}'}, rng, "s.tar:k")
+    assert tuple(crops[0].shape) == (3, 16, 16) and caption == "a disc"
+    with pytest.raises(ValueError, match=r"^s.tar:k: no text member \(expected one of .txt, .json; found"):
+        ShardPairs(plan)({"jpg": image}, rng, "s.tar:k")
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        add_member(tar, "a.jpg", image)
+        add_member(tar, "a.txt", b"a disc")
+        add_member(tar, "b.jpg", image)  # no caption
+        add_member(tar, "c.jpg", image)
+        add_member(tar, "c.txt", b"a bar")
+    with pytest.raises(ValueError, match=r"val.tar:b: no text member"):
+        read_shard_pairs([tmp_path / "val.tar"])
+    held = read_shard_pairs([tmp_path / "val.tar"], skip_unreadable=True)
+    assert held.texts == ["a disc", "a bar"] and held.images == [image, image] and len(held.skipped) == 1
