@@ -106,9 +106,10 @@ class NonFiniteWatch:
             return
         if list(tensors) != self._names:
             self._rekey(list(tensors), skipped.device)
-        finite = torch.stack([torch.isfinite(v.detach()).all() for v in tensors.values()])
+        # .to: a term computed on another device (the CPU) joins the rest without a host read
+        finite = torch.stack([torch.isfinite(v.detach()).all().to(skipped.device) for v in tensors.values()])
         assert self._first is not None
-        self._first = torch.where((self._first < 0) & ~finite.to(self._first.device),
+        self._first = torch.where((self._first < 0) & ~finite,
                                   torch.full_like(self._first, state.step), self._first)
 
     def _rekey(self, names: list[str], device: torch.device) -> None:

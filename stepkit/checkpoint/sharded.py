@@ -98,7 +98,7 @@ def save_sharded(path: str | os.PathLike, state: TrainState, *, meta: dict | Non
     if dist.any_rank(failure is not None):
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise save_failed(path, failure, tensor_bytes(saved) * dist.world_size())
+        raise save_failed(path, failure, tensor_bytes(saved))  # a DTensor counts its whole size
     if dist.is_main():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
