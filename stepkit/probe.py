@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stepkit._atomic import atomic_write_bytes
 from stepkit.augment import normalize, to_unit
-from stepkit.checkpoint import SHARDED_SUFFIX, CheckpointError
+from stepkit.checkpoint import SHARDED_SUFFIX, CheckpointError, checkpoint_files
 from stepkit.evaluation import frozen_probes, knn_accuracy, linear_probe
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
@@ -50,8 +50,7 @@ def checkpoints_of(run: str | os.PathLike) -> list[Path]:
     folder = Path(run) / "checkpoints"
     if not folder.is_dir():
         raise CheckpointError(f"{run}: no checkpoints here (a run directory holds checkpoints/)")
-    found = sorted(p for p in folder.iterdir() if p.name.startswith(("step_", "best_"))
-                   and (p.suffix in (".pt", SHARDED_SUFFIX)) and ".rank" not in p.name)
+    found = [p for p in checkpoint_files(folder) if not p.name.startswith("last.")]
     last = find_checkpoint(run, "last")
     return [*found, last]
 

@@ -286,16 +286,14 @@ def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[st
 
 def _newest_checkpoint(ckpt_dir: Path, *, before: int) -> tuple[Path, int] | None:
     """The newest checkpoint in ``ckpt_dir`` from before step ``before`` (else the newest), and its step."""
-    from stepkit.checkpoint import checkpoint_step
+    from stepkit.checkpoint import checkpoint_files, checkpoint_step
 
     found = []
-    for path in ckpt_dir.glob("*"):
-        if path.name.startswith(("last.", "step_", "best_")) and path.suffix in (".pt", ".dcp") \
-                and ".rank" not in path.name:
-            try:
-                found.append((checkpoint_step(path), path.name.startswith("last."), path))
-            except (ValueError, OSError):
-                continue
+    for path in checkpoint_files(ckpt_dir):
+        try:
+            found.append((checkpoint_step(path), path.name.startswith("last."), path))
+        except (ValueError, OSError):
+            continue
     earlier = sorted(c for c in found if c[0] < before) or sorted(found)
     return (earlier[-1][2], earlier[-1][0]) if earlier else None
 

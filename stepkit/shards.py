@@ -318,20 +318,24 @@ class ShardCrops:
         self.plan = plan
 
     def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], int]:
-        from stepkit.images import _DECODE_ERRORS, read_crops
-
-        image = image_field(fields, where)
-        try:
-            crops = read_crops(image, self.plan, rng)
-        except _DECODE_ERRORS as err:
-            raise ValueError(
-                f"{where}: not a readable image ({type(err).__name__}: {err}); pass "
-                "--data.skip-unreadable to skip such samples (from --data.shards)"
-            ) from None
-        return crops, class_field(fields, where)
+        return _crops(fields, self.plan, rng, where), class_field(fields, where)
 
 
-class ShardPairs(ShardCrops):
+def _crops(fields: dict[str, bytes], plan: Any, rng: Any, where: str) -> list[Any]:
+    """The sample's image decoded once and cut into ``plan``'s crops; ValueError naming it if unreadable."""
+    from stepkit.images import _DECODE_ERRORS, read_crops
+
+    image = image_field(fields, where)
+    try:
+        return read_crops(image, plan, rng)
+    except _DECODE_ERRORS as err:
+        raise ValueError(
+            f"{where}: not a readable image ({type(err).__name__}: {err}); pass "
+            "--data.skip-unreadable to skip such samples (from --data.shards)"
+        ) from None
+
+
+class ShardPairs:
     """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``.
 
     The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``.
@@ -347,9 +351,12 @@ class ShardPairs(ShardCrops):
         ((3, 16, 16), 'a black square')
     """
 
-    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:  # type: ignore[override]
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+
+    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:
         caption = text_field(fields, where)  # before decoding: a sample without one is refused cheaply
-        return super().__call__(fields, rng, where)[0], caption
+        return _crops(fields, self.plan, rng, where), caption
 
 
 def read_shard_pairs(shards: Sequence[Path], *, skip_unreadable: bool = False,

@@ -25,7 +25,14 @@ from stepkit.checkpoint.errors import (
     SaveFailed,
 )
 from stepkit.checkpoint.resume import checkpoint_step, has_checkpoint, recover_interrupted_saves, resume
-from stepkit.checkpoint.retention import best_checkpoints, maybe_save, save_best, save_last, save_periodic
+from stepkit.checkpoint.retention import (
+    best_checkpoints,
+    checkpoint_files,
+    maybe_save,
+    save_best,
+    save_last,
+    save_periodic,
+)
 from stepkit.checkpoint.safe_metadata import SAFE_METADATA_GLOBALS, read_metadata
 from stepkit.checkpoint.sharded import load_sharded, read_info, save_sharded
 from stepkit.checkpoint.single_file import load_checkpoint, restore, save_checkpoint
@@ -40,6 +47,7 @@ __all__ = [
     "CheckpointMismatch",
     "SaveFailed",
     "best_checkpoints",
+    "checkpoint_files",
     "checkpoint_step",
     "has_checkpoint",
     "load_checkpoint",

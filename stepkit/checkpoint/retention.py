@@ -26,9 +26,29 @@ from stepkit.checkpoint.errors import BEST_INDEX, LAST, SHARDED_SUFFIX, Checkpoi
 from stepkit.checkpoint.single_file import save_checkpoint
 from stepkit.state import TrainState
 
-__all__ = ["best_checkpoints", "maybe_save", "save_best", "save_last", "save_periodic"]
+__all__ = ["best_checkpoints", "checkpoint_files", "maybe_save", "save_best", "save_last", "save_periodic"]
 
 _PERIODIC = re.compile(r"step_(\d{8,})(?:\.rank\d+\.rng)?\.(?:pt|dcp)")
+
+
+def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints a run's folder keeps, by name: ``best_*``, ``last``, ``step_*``, single files and
+    ``.dcp`` folders (not the partial ``.tmp`` of a save, nor the old layout's per-rank RNG files).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=10)
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = maybe_save(folder, state, every=5)
+        >>> [p.name for p in checkpoint_files(folder)]
+        ['last.pt', 'step_00000010.pt']
+    """
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(("last.", "step_", "best_"))
+                  and p.suffix in (".pt", SHARDED_SUFFIX) and ".rank" not in p.name)
 
 
 def save_last(ckpt_dir: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
