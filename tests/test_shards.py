@@ -238,3 +238,12 @@ def test_image_text_samples_give_crops_and_caption_and_name_a_missing_caption(tm
         read_shard_pairs([tmp_path / "val.tar"])
     held = read_shard_pairs([tmp_path / "val.tar"], skip_unreadable=True)
     assert held.texts == ["a disc", "a bar"] and held.images == [image, image] and len(held.skipped) == 1
+
+
+def test_an_image_text_sample_ignores_a_cls_member_it_has_no_use_for():
+    from stepkit.shards import ShardPairs
+
+    rng = np.random.default_rng(0)
+    fields = {"jpg": encoded(picture(1, rng), "JPEG"), "txt": b"a bar", "cls": b"bar"}  # not an integer
+    crops, caption = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)))(fields, rng, "s.tar:k")
+    assert caption == "a bar" and tuple(crops[0].shape) == (3, 16, 16)
