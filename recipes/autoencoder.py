@@ -47,9 +47,7 @@ from stepkit.checkpoint import (
     best_checkpoints,
     load_checkpoint,
     load_sharded,
-    maybe_save,
     save_best,
-    save_last,
 )
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
@@ -61,13 +59,14 @@ from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_
 from stepkit.models import MultimodalAutoencoder
 from stepkit.run import (
     continue_run,
+    end_loop,
     finish_run,
     open_run,
     params_digest,
     pick_device,
+    save_or_stop,
     seed_everything,
     stop_if_diverged,
-    stop_if_signalled,
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
@@ -254,15 +253,12 @@ def main(cfg: Config) -> dict:
                 if cfg.ckpt.keep_best:
                     save_best(ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
                 stop = cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience)
-            state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
+            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started) and not stop:
+                break  # a signal: every rank stops at this update
             if stop:
                 print(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} epochs")
                 break
-            if signals.requested():  # every rank stops at the same update
-                break
-    save_last(ckpt_dir, state)
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
+    end_loop(ckpt_dir, state, signals, log)  # last.pt; after a signal, exit 75
     log.close()
     final_digest = params_digest(model)
 

@@ -24,16 +24,13 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stepkit import (
@@ -52,50 +49,42 @@ from stepkit import (
 from stepkit.augment import normalize, to_unit
 from stepkit.bundled import digits_captioned
 from stepkit.check import at_least, fail, integer_at_least
-from stepkit.checkpoint import CheckpointError, load_checkpoint, maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ResumableSampler, seeded_loader
+from stepkit.data import seeded_loader, train_batches
 from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
 from stepkit.faults import NonFiniteWatch
 from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
-from stepkit.losses.contrastive import LogitScale, clip_loss, embedding_mse, similarity_distillation_loss
-from stepkit.models import PretrainedImageEncoder, ProjectedTower, SmallCNN, lock, pretrained_image_stats
+from stepkit.losses.contrastive import clip_loss, embedding_mse, similarity_distillation_loss
+from stepkit.models import pretrained_image_stats
 from stepkit.models.text import (
-    PretrainedTextEncoder,
-    TinyTextEncoder,
-    WordTokenizer,
-    add_lora,
     minilm_path,
-    pretrained_tokenizer,
     text_extra,
 )
 from stepkit.monitor import collapse_metrics
 from stepkit.pairs import read_pairs, read_text_pairs, split_pairs
 from stepkit.run import (
     continue_run,
+    end_loop,
     finish_run,
     open_run,
     params_digest,
     pick_device,
+    save_or_stop,
     seed_everything,
     stop_if_diverged,
-    stop_if_signalled,
 )
-from stepkit.shards import ShardPairs, check_readers, expand_shards, read_shard_pairs, resumable_stream
+from stepkit.shards import ShardPairs, check_readers, expand_shards, read_shard_pairs
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
+from stepkit.two_tower import Renormalized, TwoTowerConfig, build_two_tower, init_towers, load_teacher
 from stepkit.weights import (
     InitConfig,
-    InitReport,
-    checkpoint_parts,
     describe_part,
-    find_checkpoint,
-    init_from,
 )
-from stepkit.weights.hub import TIMM_PREFIX, timm_vit, timm_vit_arguments
+from stepkit.weights.hub import TIMM_PREFIX, timm_vit
 
 
 @dataclass
@@ -154,71 +143,6 @@ class Data:
 
 
 @dataclass
-class Model:
-    text: str = "minilm"
-    """Text tower: minilm (pretrained all-MiniLM-L6-v2, the 'text' extra), scratch (a small encoder from
-    scratch), or a Hugging Face text model's folder (a hub name where a network exists)."""
-    image: str = "cnn"
-    """Image tower: cnn (a small CNN from scratch), a Hugging Face image model's folder (ViT, DINOv2,
-    CLIP's vision tower...; a hub name where a network exists), or timm:NAME (a timm ViT, e.g.
-    timm:vit_small_patch16_224.augreg_in21k, as stepkit's ViT; its weights from the hub, or --init.from)."""
-    image_lora: bool = False
-    """A pretrained image tower: train LoRA adapters on image_lora_targets instead of every weight."""
-    image_lora_targets: tuple[str, ...] = ()
-    """Names of the image tower's linear layers that get adapters (empty: its attention's query and value
-    maps, as the model names them: query value, or q_proj v_proj)."""
-    lock_image: bool = False
-    """LiT: freeze the image tower's encoder (its projection still trains)."""
-    lock_image_blocks: int = 0
-    """Freeze only the image encoder's embeddings and first N blocks (0: see --model.lock-image)."""
-    embed_dim: int = 128
-    """The shared embedding space both towers project to."""
-    cnn_widths: tuple[int, ...] = (32, 64, 128)
-    cnn_pool: int = 2
-    """Image tower output: a pool x pool grid of CNN features (it must see where the digit is)."""
-    cnn_norm: Literal["group", "batch"] = "group"
-    """GroupNorm keeps rows independent, so gradient caching gives the plain gradient
-    (BatchNorm would not)."""
-    text_dim: int = 64
-    """From-scratch text tower: width (depth 2)."""
-    text_dropout: float = 0.1
-    """From-scratch text tower: dropout."""
-    lora: bool = True
-    """MiniLM: train LoRA adapters only (False: fine-tune every weight)."""
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: tuple[str, ...] = ("query", "value")
-    """Names of the linear layers that get adapters."""
-    grad_checkpointing: bool = False
-    """Recompute each tower's activations in the backward pass instead of keeping them."""
-    max_len: int = 32
-
-    def __post_init__(self) -> None:
-        integer_at_least("embed_dim", self.embed_dim, 1)
-        integer_at_least("lock_image_blocks", self.lock_image_blocks, 0)
-        if self.image.startswith(TIMM_PREFIX):
-            timm_vit_arguments(self.image)  # a name it can build, or one line naming model.image
-        for name, builtin in (("text", ("minilm", "scratch")), ("image", ("cnn",))):
-            value = getattr(self, name)
-            if value not in builtin and not _hugging_face_name(value) and not value.startswith(TIMM_PREFIX):
-                fail(name, value, f"{' or '.join(builtin)}, a Hugging Face model's folder, or a hub name "
-                                  "(org/name)")
-        pretrained_image = self.image != "cnn"
-        if (self.image_lora or self.lock_image or self.lock_image_blocks) and not pretrained_image:
-            fail("image", self.image, "a Hugging Face image model's folder with --model.image-lora / "
-                                      "--model.lock-image / --model.lock-image-blocks")
-        if self.lock_image and self.lock_image_blocks:
-            fail("lock_image_blocks", self.lock_image_blocks, "0 with --model.lock-image (it locks it all)")
-        if self.image_lora and (self.lock_image or self.lock_image_blocks):
-            fail("image_lora", True, "False with a locked image tower (its adapters would be locked too)")
-        integer_at_least("text_dim", self.text_dim, 4)
-        integer_at_least("max_len", self.max_len, 4)
-        if not 0.0 <= self.text_dropout < 1.0:
-            fail("text_dropout", self.text_dropout, "a number in [0, 1)")
-
-
-@dataclass
 class Loss:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
@@ -271,7 +195,7 @@ class Config(RunArgs):
     batch_size: int = 64
     """Pairs per update on each rank; under torchrun every rank's pairs are negatives for all."""
     data: Data = field(default_factory=Data)
-    model: Model = field(default_factory=Model)
+    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     loss: Loss = field(default_factory=Loss)
     distill: Distill = field(default_factory=Distill)
     gradcache: GradCache = field(default_factory=GradCache)
@@ -298,139 +222,10 @@ PRESETS = {
     "minilm-lora": ("The default: pretrained MiniLM text tower with LoRA, CNN image tower, CPU.", Config()),
     "tiny": (
         "Both towers from scratch (no pretrained model, no extra packages); fastest.",
-        Config(model=Model(text="scratch"), train=TrainConfig(steps=400),
+        Config(model=TwoTowerConfig(text="scratch"), train=TrainConfig(steps=400),
                optim=Optim(lr=3e-3, warmup_steps=20)),
     ),
 }
-
-
-def _hugging_face_name(value: str) -> bool:
-    """A local folder, or something shaped like a hub name (``org/name``) that is not a missing path."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        return True
-    local = value.startswith((".", "/", "~")) or path.exists()
-    return not local and value.count("/") == 1 and all(value.split("/"))
-
-
-class TwoTower(nn.Module):
-    """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
-    checkpoints carry it (the loss, not the forward, uses it). Text-text: ``images`` is the anchors'
-    tokens, and the image tower a text tower."""
-
-    def __init__(self, image: nn.Module, text: nn.Module, embed_dim: int, loss: Loss) -> None:
-        super().__init__()
-        self.image, self.text = ProjectedTower(image, embed_dim), ProjectedTower(text, embed_dim)
-        self.logit_scale = LogitScale(loss.init_temperature, loss.max_logit_scale)
-
-    def forward(self, images: torch.Tensor | dict[str, torch.Tensor], tokens: dict[str, torch.Tensor]):
-        queries = self.image(**images) if isinstance(images, dict) else self.image(images)
-        return queries, self.text(**tokens)
-
-
-def build(cfg: Model, loss: Loss, captions: list[str], in_chans: int,
-          text_only: bool = False, image: nn.Module | None = None) -> tuple[TwoTower, Callable]:
-    """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``);
-    ``text_only``: two text towers, for text-text pairs; ``image``: the image encoder, built already."""
-    pretrained_text = None if cfg.text == "minilm" else cfg.text  # None: MiniLM, offline
-    if cfg.text == "scratch":
-        tokenize = WordTokenizer(captions)
-    else:
-        tokenize = pretrained_tokenizer(pretrained_text, max_len=cfg.max_len)
-
-    def text_tower() -> nn.Module:
-        if cfg.text == "scratch":
-            return TinyTextEncoder(len(tokenize), dim=cfg.text_dim, max_len=cfg.max_len,
-                                   dropout=cfg.text_dropout)
-        text = PretrainedTextEncoder(pretrained_text)
-        if cfg.lora:
-            text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=cfg.lora_targets)
-        if cfg.grad_checkpointing:
-            text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return text
-
-    def image_tower() -> nn.Module:
-        if cfg.image == "cnn":
-            return SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
-                            grad_checkpointing=cfg.grad_checkpointing)
-        if image is not None:
-            encoder = image
-        elif cfg.image.startswith(TIMM_PREFIX):
-            encoder = timm_vit(cfg.image, pretrained=False)[0]  # the weights come from a checkpoint
-        else:
-            folder = Path(cfg.image).expanduser()
-            encoder = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
-        net = getattr(encoder, "model", encoder)  # a Hugging Face model inside, or stepkit's ViT
-        if cfg.image_lora:
-            names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
-            default = next(t for t in (("qkv",), ("query", "value"), ("q_proj", "v_proj")) if t[0] in names)
-            wrapped = add_lora(net, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               targets=cfg.image_lora_targets or default)
-            if net is not encoder:
-                encoder.model = wrapped  # stepkit's ViT holds its adapters in place, as it is
-        if cfg.grad_checkpointing:
-            if hasattr(encoder, "grad_checkpointing"):
-                encoder.grad_checkpointing = True
-            elif getattr(net, "supports_gradient_checkpointing", False):
-                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return encoder
-
-    model = TwoTower(text_tower() if text_only else image_tower(), text_tower(), cfg.embed_dim, loss)
-    if cfg.lock_image:  # LiT: the image encoder as it was loaded, for the whole run
-        lock(model.image.encoder)
-    elif cfg.lock_image_blocks:
-        encoder = model.image.encoder
-        lock(getattr(encoder, "model", encoder), blocks=cfg.lock_image_blocks)
-    return model, tokenize
-
-
-def init_towers(model: TwoTower, init: InitConfig) -> list[InitReport]:
-    """--init.from: both towers from a run of this recipe, or any other weights into the image tower."""
-    if init.from_ is None:
-        return []
-    try:
-        source_parts = set(checkpoint_parts(find_checkpoint(init.from_, init.checkpoint)))
-    except (CheckpointError, OSError):
-        source_parts = set()
-    if not init.part and {"image", "text"} <= source_parts:
-        return [init_from(getattr(model, tower), init.from_, part=tower, checkpoint=init.checkpoint)
-                for tower in ("image", "text")]
-    return [init.load_into(model.image, part="image")]
-
-
-def load_teacher(run: Path, captions: list[str], in_chans: int, device
-                 ) -> tuple[TwoTower, Callable, dict | None]:
-    """A finished run's model, rebuilt from its own config.json and frozen; and what its image tower
-    takes (``input`` of its checkpoint's image part: channels, mean and std; None for older runs)."""
-    try:
-        saved = json.loads((run / "config.json").read_text())
-        model_cfg = Model(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
-        text_only = saved["data"].get("kind") == "text-text"
-        teacher, tokenize = build(model_cfg, Loss(), captions, in_chans, text_only=text_only)
-        payload = load_checkpoint(run / "checkpoints" / "last.pt")
-        teacher.load_state_dict(payload["state"]["model"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError, CheckpointError, RuntimeError) as err:
-        fail("distill.teacher_run", str(run), f"a finished run of this recipe ({err})")
-    takes = payload.get("meta", {}).get("parts", {}).get("image", {}).get("input")
-    return teacher.to(device).eval().requires_grad_(False), tokenize, takes
-
-
-class Renormalized(nn.Module):
-    """An image tower fed images normalised for another: this run's normalisation undone, the tower's
-    own applied (a distillation teacher trained with other mean / std or channels)."""
-
-    def __init__(self, tower: nn.Module, given: tuple, wanted: tuple, channels: int) -> None:
-        super().__init__()
-        self.tower, self.given, self.wanted, self.channels = tower, given, wanted, channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (gm, gs), (wm, ws) = self.given, self.wanted
-        pixels = x * torch.tensor(gs, device=x.device).view(1, -1, 1, 1) \
-            + torch.tensor(gm, device=x.device).view(1, -1, 1, 1)
-        if self.channels == 1 and pixels.shape[1] == 3:  # repeated from one channel: any copy will do
-            pixels = pixels[:, :1]
-        return self.tower(normalize(pixels, wm, ws))
 
 
 def main(cfg: Config) -> dict:
@@ -508,7 +303,9 @@ def main(cfg: Config) -> dict:
         prep = lambda x: normalize(to_unit(x) if files else x, mean, std)  # noqa: E731
     text_only = cfg.data.kind == "text-text"
     vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
-    model, tokenize = build(cfg.model, cfg.loss, vocabulary, in_chans, text_only=text_only, image=image)
+    model, tokenize = build_two_tower(cfg.model, vocabulary, in_chans, text_only=text_only, image=image,
+                                      init_temperature=cfg.loss.init_temperature,
+                                      max_logit_scale=cfg.loss.max_logit_scale)
     inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
     if dist.is_main():
@@ -627,16 +424,11 @@ def main(cfg: Config) -> dict:
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
-        stream, positions = resumable_stream(shards, train_source, state, seed=cfg.train.seed,
-                                             workers=cfg.data.workers,
-                                             skip_unreadable=cfg.data.skip_unreadable)
-        batches = iter(loader(stream, batch_size=cfg.batch_size))
-    else:  # an epoch-seeded order that starts where the checkpoint left off
-        sampler = ResumableSampler(len(train_source), seed=cfg.train.seed,
-                                   start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                                   world=dist.world_size(), with_epoch=files)
-        batches = iter(loader(train_source, batch_size=cfg.batch_size, sampler=sampler, drop_last=True))
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
+    train_loader, positions = train_batches(train_source, state, batch_size=cfg.batch_size,
+                                            seed=cfg.train.seed, workers=workers, shards=shards,
+                                            with_epoch=files, skip_unreadable=cfg.data.skip_unreadable)
+    batches = iter(train_loader)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
@@ -665,13 +457,9 @@ def main(cfg: Config) -> dict:
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}
             stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
             log(terms, step=state.step)
-            state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
-                       meta={"parts": parts})
-            if signals.requested():  # every rank stops at the same update
-                break
-    save_last(ckpt_dir, state, meta={"parts": parts})
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
+            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
+                break  # a signal: every rank stops at this update
+    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
     train_s = time.perf_counter() - started
 
     after = evaluate()
@@ -686,7 +474,7 @@ def main(cfg: Config) -> dict:
         "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
         "logit_scale": float(model.logit_scale().detach()),
         **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": skipped + (positions.skipped if shards is not None else 0),
+        "skipped_unreadable": skipped + (positions.skipped if positions is not None else 0),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,

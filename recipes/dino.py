@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from stepkit import (
     LRSchedule,
@@ -49,16 +48,14 @@ from stepkit import (
     wd_at,
 )
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit, view_colors
-from stepkit.bundled import digits_canvas
 from stepkit.check import at_least, fail, in_range, integer_at_least
-from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import Prefetch, ResumableSampler, seeded_loader
+from stepkit.data import Prefetch, seeded_loader, train_batches
 from stepkit.ema import target_copy
-from stepkit.evaluation import knn_accuracy
+from stepkit.evaluation import knn_accuracy, loader_features
 from stepkit.faults import NonFiniteWatch
-from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
+from stepkit.images import CropPlan, ImageDataConfig, ProbeImagesConfig, image_sets, random_images
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
     dino_loss,
@@ -70,47 +67,35 @@ from stepkit.losses.dino import (
 )
 from stepkit.models import (
     DINOHead,
+    DINOModel,
     SmallCNN,
     VisionTransformer,
     cancel_last_layer_gradients,
-    multi_crop_forward,
 )
-from stepkit.monitor import CollapseWatch, collapse_metrics
+from stepkit.monitor import CollapseWatch, collapse_metrics, mean_entropy
 from stepkit.run import (
     continue_run,
+    end_loop,
     finish_run,
     open_run,
     params_digest,
     pick_device,
+    save_or_stop,
     seed_everything,
     stop_if_diverged,
-    stop_if_signalled,
 )
 from stepkit.schedules import scaled_lr
-from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
+from stepkit.shards import ShardCrops
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
 
 @dataclass
-class Data:
-    root: Path | None = None
-    """Training images: a folder of any layout, searched recursively (no labels needed; for the k-NN
-    evaluation see --eval.train-root); None: the embedded digits."""
-    shards: str | None = None
-    """Training images from tar shards in the WebDataset layout, a brace pattern
-    ('data/{0000..0127}.tar'); streamed, and resumed to the sample."""
+class Data(ImageDataConfig):  # root, shards, seed, workers, skip_unreadable
     image_size: int = 32
     """Embedded digits, --data.synthetic: the images' side. Image files: the evaluation images' shorter
     side before their centre crop of crops.global_size (training crops come from the full image)."""
-    seed: int = 0
-    """Embedded digits: the seed that draws each digit's placement."""
-    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
-    """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
-    skip_unreadable: bool = False
-    """Image files and shards: leave out what cannot be decoded (folders are checked before training;
-    the count is in the summary) instead of stopping with an error naming the first one."""
     synthetic: int = 0
     """N random images of image_size instead of a data set (for speed runs: the labels are random,
     so k-NN accuracy means nothing; 0: off)."""
@@ -119,11 +104,9 @@ class Data:
     Checkpoints keep the RNG as of the consumed batch, so resume stays exact."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         integer_at_least("image_size", self.image_size, 8)
         integer_at_least("synthetic", self.synthetic, 0)
-        integer_at_least("workers", self.workers, 0)
-        if self.root is not None and self.shards is not None:
-            fail("shards", self.shards, "None when --data.root is set (one source of training images)")
         if self.synthetic and (self.root is not None or self.shards is not None):
             fail("synthetic", self.synthetic, "0 with --data.root or --data.shards (one source of images)")
 
@@ -203,18 +186,11 @@ class Optim(LRSchedule, WDSchedule):
 
 
 @dataclass
-class Eval:
+class Eval(ProbeImagesConfig):  # k, temperature, train_root, val_root
     every: int = may_change_on_resume(0)
     """Updates between k-NN evaluations during training (0: only at the end)."""
-    k: int = 20
-    temperature: float = 0.07
     knn: bool = may_change_on_resume(True)
     """The k-NN evaluations before and after training (--eval.no-knn: none, e.g. for speed runs)."""
-    train_root: Path | None = may_change_on_resume(None)
-    """Image files: labelled images (one sub-folder per class) the k-NN classifier votes with;
-    None: --data.root itself when it is one folder per class."""
-    val_root: Path | None = may_change_on_resume(None)
-    """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
 
 
 @dataclass
@@ -307,18 +283,6 @@ PRESETS = {
 }
 
 
-class DinoModel(nn.Module):
-    """Backbone + head over a list of views: ``(backbone features, head logits)``, view-major."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        features = multi_crop_forward(self.backbone, None, views)  # one backbone call per crop size
-        return features, self.head(features)
-
-
 def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     if cfg.model.arch == "cnn":
         net = SmallCNN(in_chans, cfg.model.cnn_widths, cfg.model.cnn_pool)
@@ -331,66 +295,22 @@ def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
     return net, net.dim
 
 
-def probe_source(cfg: Config, found, size: int) -> dict:
-    """The labelled images this run's k-NN probe reads, recorded for ``stepkit eval``."""
-    if cfg.data.synthetic:
-        return {}
-    if found is None:
-        return {"kind": "digits_canvas", "seed": cfg.data.seed, "size": cfg.data.image_size}
-    if found.eval_train is None:
-        return {}
-    return {"kind": "folders", "train_root": str(found.eval_train.root), "val_root": str(found.eval_val.root),
-            "size": size, "resize": cfg.data.image_size}
-
-
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(p, p).sum(dim=-1).mean()
-
-
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    files = cfg.data.root is not None or cfg.data.shards is not None
+    c = cfg.crops
+    plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
+                    + ((c.local_size, c.local_scale),) * c.local_crops)
     if cfg.data.synthetic:  # random images: only the step's speed means anything
-        g = torch.Generator().manual_seed(cfg.data.seed)
-        size, n = cfg.data.image_size, cfg.data.synthetic
-        pixels = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-        labels = torch.randint(0, 10, (n,), generator=g)
-        train_set, test_set = TensorDataset(pixels, labels), TensorDataset(pixels[:64], labels[:64])
-        probe_set, shards, found = train_set, None, None
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    elif not files:  # the embedded digits, held in memory
-        digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
-        train_set = TensorDataset(digits["train_images"], digits["train_labels"])
-        test_set = TensorDataset(digits["test_images"], digits["test_labels"])
-        probe_set, shards, found = train_set, None, None
-        mean, std = (0.5,), (0.5,)
-    else:  # image files: crops cut from the full image in DataLoader workers, one seed per sample
-        found = find_image_data(cfg.data.root, cfg.eval.train_root, cfg.eval.val_root,
-                                skip_unreadable=cfg.data.skip_unreadable)
-        c = cfg.crops
-        plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
-                        + ((c.local_size, c.local_scale),) * c.local_crops)
-        train_set = TrainImages(found.train, plan, seed=cfg.train.seed) if cfg.data.root else None
-        shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
-        if shards is not None:  # found now, not after the run directory is made
-            check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
-            found.notes.insert(0, f"data.shards {cfg.data.shards!r}: {len(shards)} shards, read by "
-                                  f"{dist.world_size()} x {max(1, cfg.data.workers)} readers")
-        if found.eval_train is None:
-            test_set = probe_set = None
-        else:
-            size, resize = c.global_size, cfg.data.image_size
-            probe_set, test_set = (EvalImages(f.paths, f.labels, size=size, resize=resize)
-                                   for f in (found.eval_train, found.eval_val))
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        if dist.is_main():
-            print("\n".join(found.notes), flush=True)
-    evaluate = cfg.eval.knn and probe_set is not None
-    if evaluate and cfg.eval.k > len(probe_set):  # found now, not after training
-        fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
+        data = random_images(cfg.data.synthetic, cfg.data.image_size, seed=cfg.data.seed)
+    else:  # image files (crops cut from the full image in DataLoader workers), shards, or the digits
+        data = image_sets(cfg.data, cfg.eval, plan=plan, seed=cfg.train.seed, eval_size=c.global_size,
+                          eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size,
+                          min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
+    files, shards, mean, std = data.files, data.shards, data.mean, data.std
+    evaluate = cfg.eval.knn and data.probe is not None
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
-    in_chans = 3 if files else train_set[0][0].shape[0]
+    in_chans = data.channels
 
     seed_everything(cfg.train.seed)
     backbone, dim = build_backbone(cfg, in_chans)
@@ -402,7 +322,7 @@ def main(cfg: Config) -> dict:
     facts = {"input": {"kind": "image", "size": size, "channels": in_chans, "mean": mean, "std": std},
              "features": "the class token (ViT) or pooled grid (CNN), (B, dim): what the k-NN probe uses"}
     probe = {"features": "forward", "k": cfg.eval.k, "temperature": cfg.eval.temperature, "linear": False,
-             "batch_size": cfg.batch_size, "seed": cfg.train.seed, "data": probe_source(cfg, found, size)}
+             "batch_size": cfg.batch_size, "seed": cfg.train.seed, "data": data.probe_data}
     parts = {"teacher": describe_part(backbone, source="target", prefix="backbone.", **facts, probe=probe,
                                       about="the EMA teacher's backbone (what DINO evaluates)"),
              "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,
@@ -410,7 +330,7 @@ def main(cfg: Config) -> dict:
     head = DINOHead(dim, cfg.model.out_dim, hidden=cfg.model.head_hidden, bottleneck=cfg.model.bottleneck,
                     batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer,
                     last_layer_init=cfg.model.weight_init)
-    model = DinoModel(backbone, head).to(device)
+    model = DINOModel(backbone, head).to(device)
     prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
 
     def views_of(images: torch.Tensor) -> list[torch.Tensor]:
@@ -431,17 +351,10 @@ def main(cfg: Config) -> dict:
         return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
                              batch_size=cfg.batch_size, pin_memory=device.type == "cuda", **kw)
 
-    @torch.no_grad()
-    def embed(net: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        was_training = net.training
-        net.eval()
-        feats, labels = zip(*[(net(prep(to_unit(x))).float().cpu(), y) for x, y in loader(dataset)])
-        net.train(was_training)
-        return torch.cat(feats), torch.cat(labels)
-
-    def knn(net: nn.Module) -> float:
-        (train_f, train_y), (test_f, test_y) = embed(net, probe_set), embed(net, test_set)
-        return knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.eval.k, temperature=cfg.eval.temperature)
+    def knn(net: nn.Module) -> float:  # the frozen net's features of the labelled images, eval mode
+        fit, held = (loader_features(net, loader(d), lambda x: prep(to_unit(x)))
+                     for d in (data.probe, data.test))
+        return knn_accuracy(*fit, *held, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
     backbone.eval()
     knn_start = knn(backbone) if evaluate else None  # same architecture and seed, untrained (or --init)
@@ -493,32 +406,27 @@ def main(cfg: Config) -> dict:
         n_global = 2 * len(views[0])
         koleo = sum(koleo_loss(f) for f in features[:n_global].chunk(2)) / 2
         student_p = torch.softmax(student_out[:n_global].float() / cfg.loss.student_temp, dim=-1)
-        aux = {"dino": distill, "koleo": koleo, "teacher_entropy": entropy(targets),
-               "student_entropy": entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
+        aux = {"dino": distill, "koleo": koleo, "teacher_entropy": mean_entropy(targets),
+               "student_entropy": mean_entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
         return distill + cfg.loss.koleo_weight * koleo, aux
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> list[torch.Tensor]:
-            idx = torch.randint(0, len(train_set), (size,)).tolist()
+            idx = torch.randint(0, len(data.train), (size,)).tolist()
             if files:
-                return prepare(default_collate([train_set[(i, 0)] for i in idx]))[0]
-            return views_of(torch.stack([train_set[i][0] for i in idx]))
+                return prepare(default_collate([data.train[(i, 0)] for i in idx]))[0]
+            return views_of(torch.stack([data.train[i][0] for i in idx]))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
-        stream, positions = resumable_stream(shards, ShardCrops(plan), state, seed=cfg.train.seed,
-                                             workers=cfg.data.workers,
-                                             skip_unreadable=cfg.data.skip_unreadable)
-        raw_batches = loader(stream)
-    else:  # an epoch-seeded order that starts where the checkpoint left off
-        sampler = ResumableSampler(len(train_set), seed=cfg.train.seed, rank=dist.rank(),
-                                   world=dist.world_size(), start=state.data_position * cfg.batch_size,
-                                   with_epoch=files)
-        raw_batches = loader(train_set, sampler=sampler, drop_last=True)
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
+    raw_batches, positions = train_batches(
+        ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
+        workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+        with_epoch=files, pin_memory=device.type == "cuda")
     # Colours (and the digits' crops) draw from the global RNG, which the checkpoint restores too.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
     batches = Prefetch(raw_batches, prepare, device, enabled=prefetch)
@@ -548,21 +456,17 @@ def main(cfg: Config) -> dict:
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}
             stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
             means = log(terms, step=state.step)
-            if means and (warning := watch(means)):
-                print(f"step {state.step}: {warning}", flush=True)
-                log.write({"collapse_warning": warning}, state.step, kind="alarm")
+            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
             if evaluate and cfg.eval.every and state.step % cfg.eval.every == 0:
                 log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                           state.step)
-            state.extras["wall_s"] = time.perf_counter() - started
             with batches.rng_as_consumed():  # the next batch's crops are drawn already
-                maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
-                           meta={"parts": parts})
-            if signals.requested():  # every rank stops at the same update
-                break
+                stop = save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started,
+                                    meta={"parts": parts})
+            if stop:
+                break  # a signal: every rank stops at this update
     with batches.rng_as_consumed():
-        save_last(ckpt_dir, state, meta={"parts": parts})
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
+        end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
     train_s = time.perf_counter() - started
 
     summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
@@ -571,7 +475,7 @@ def main(cfg: Config) -> dict:
         "images_per_s": round(cfg.batch_size * dist.world_size() * cfg.train.accum
                               * (state.step - steps_at_start) / max(train_s - wall_at_start, 1e-9), 1),
         **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
+        "skipped_unreadable": data.skipped + (positions.skipped if positions is not None else 0),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
         "run_id": state.run_id,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,7 +52,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from stepkit import (
     LRSchedule,
@@ -68,27 +67,24 @@ from stepkit import (
     forward_loss,
     lr_at,
     momentum_at,
-    param_groups,
     wd_at,
 )
 from stepkit.augment import normalize, random_resized_crop, to_unit
-from stepkit.bundled import digits_canvas
 from stepkit.check import fail, in_range, integer_at_least
-from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ResumableSampler, seeded_loader
+from stepkit.data import seeded_loader, train_batches
 from stepkit.ema import target_copy
-from stepkit.evaluation import frozen_probes
+from stepkit.evaluation import frozen_probes, loader_features
 from stepkit.faults import NonFiniteWatch
-from stepkit.images import CropPlan, EvalImages, TrainImages, find_image_data
+from stepkit.images import CropPlan, ImageDataConfig, ProbeImagesConfig, image_sets
 from stepkit.jepa import (
     JEPALoss,
     Levels,
     TargetAlarm,
-    head_level,
-    jepa_shard_units,
+    jepa_train_state,
     level_losses,
+    level_lr_scales,
     level_values_at,
     target_collapse_watch,
 )
@@ -108,28 +104,23 @@ from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
     continue_run,
+    end_loop,
     finish_run,
     open_run,
     params_digest,
     pick_device,
+    save_or_stop,
     seed_everything,
     stop_if_diverged,
-    stop_if_signalled,
 )
-from stepkit.shards import ShardCrops, check_readers, expand_shards, resumable_stream
+from stepkit.shards import ShardCrops
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
 
 @dataclass
-class Data:
-    root: Path | None = None
-    """Training images: a folder of any layout, searched recursively (no labels needed; for the probes
-    see --eval.train-root); None: the embedded digits."""
-    shards: str | None = None
-    """Training images from tar shards in the WebDataset layout, a brace pattern
-    ('data/{0000..0127}.tar'); streamed, and resumed to the sample."""
+class Data(ImageDataConfig):  # root, shards, seed, workers, skip_unreadable
     image_size: int = 32
     """The side of the crops the encoder sees (image files: evaluation images are resized to
     image_size / 0.875, the field's 256 for 224, and centre-cropped)."""
@@ -138,19 +129,11 @@ class Data:
     on ImageNet)."""
     flip_p: float = 0.5
     """The chance of mirroring a crop left-right (I-JEPA: 0, no flip; its presets say so)."""
-    seed: int = 0
-    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
-    """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
-    skip_unreadable: bool = False
-    """Image files and shards: leave out what cannot be decoded (folders are checked before training;
-    the count is in the summary) instead of stopping with an error naming the first one."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         integer_at_least("image_size", self.image_size, 8)
-        integer_at_least("workers", self.workers, 0)
         in_range("flip_p", self.flip_p, 0.0, 1.0)
-        if self.root is not None and self.shards is not None:
-            fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 
 
 @dataclass
@@ -223,25 +206,18 @@ class Optim(LRSchedule, WDSchedule):
 
 
 @dataclass
-class Eval:
+class Eval(ProbeImagesConfig):  # k, temperature, train_root, val_root
     pool: int = 1
     """Probe features: patch tokens averaged over a pool x pool grid (1: the plain mean, I-JEPA's)."""
     layers: int = 4
     """The second linear probe reads the last this many layers (vit blocks, cnn stages) concatenated."""
-    k: int = 20
-    temperature: float = 0.07
     linear: bool = may_change_on_resume(True)
     """Fit the linear probes (--eval.no-linear: k-NN only, a few seconds less)."""
-    train_root: Path | None = may_change_on_resume(None)
-    """Image files: labelled images (one sub-folder per class) the probes are fitted on;
-    None: --data.root itself when it is one folder per class."""
-    val_root: Path | None = may_change_on_resume(None)
-    """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         integer_at_least("eval.pool", self.pool, 1)
         integer_at_least("eval.layers", self.layers, 1)
-        integer_at_least("eval.k", self.k, 1)
 
 
 @dataclass
@@ -355,38 +331,16 @@ def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)
-    files = cfg.data.root is not None or cfg.data.shards is not None
-    if not files:
-        digits = digits_canvas(seed=cfg.data.seed, size=cfg.data.image_size)
-        train_set = TensorDataset(digits["train_images"], digits["train_labels"])
-        test_set = TensorDataset(digits["test_images"], digits["test_labels"])
-        probe_set, shards, found = train_set, None, None
-        mean, std = (0.5,), (0.5,)
-    else:  # image files: one crop of the full image per sample, cut in DataLoader workers
-        found = find_image_data(cfg.data.root, cfg.eval.train_root, cfg.eval.val_root,
-                                skip_unreadable=cfg.data.skip_unreadable)
-        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=cfg.data.flip_p)
-        train_set = TrainImages(found.train, plan, seed=cfg.train.seed) if cfg.data.root else None
-        shards = expand_shards(cfg.data.shards) if cfg.data.shards else None
-        if shards is not None:  # found now, not after the run directory is made
-            check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
-            found.notes.insert(0, f"data.shards {cfg.data.shards!r}: {len(shards)} shards, read by "
-                                  f"{dist.world_size()} x {max(1, cfg.data.workers)} readers")
-        if found.eval_train is None:
-            probe_set = test_set = None
-        else:
-            size, resize = cfg.data.image_size, round(cfg.data.image_size / 0.875)
-            probe_set, test_set = (EvalImages(f.paths, f.labels, size=size, resize=resize)
-                                   for f in (found.eval_train, found.eval_val))
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        if dist.is_main():
-            print("\n".join(found.notes), flush=True)
-    if probe_set is not None and cfg.eval.k > len(probe_set):  # found now, not after training
-        fail("eval.k", cfg.eval.k, f"at most the number of labelled training images ({len(probe_set)})")
+    # Image files (one crop of the full image per sample, cut in DataLoader workers), shards, or the digits
+    plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=cfg.data.flip_p)
+    data = image_sets(cfg.data, cfg.eval, plan=plan, seed=cfg.train.seed, eval_size=cfg.data.image_size,
+                      eval_resize=round(cfg.data.image_size / 0.875), digits_size=cfg.data.image_size,
+                      min_probe_images=cfg.eval.k)
+    files, shards, mean, std = data.files, data.shards, data.mean, data.std
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     seed_everything(cfg.train.seed)
-    in_chans = 3 if files else train_set[0][0].shape[0]
+    in_chans = data.channels
     encoder = build_encoder(cfg, in_chans=in_chans)
     init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
     ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
@@ -396,15 +350,9 @@ def main(cfg: Config) -> dict:
                        "std": std},
              "features": f"patch tokens; the probes average them over a {cfg.eval.pool}x{cfg.eval.pool} grid "
                          "(stepkit.models.pooled_patches)"}
-    if files and found.eval_train is not None:  # the labelled images the probes read (stepkit eval)
-        data = {"kind": "folders", "train_root": str(found.eval_train.root),
-                "val_root": str(found.eval_val.root), "size": cfg.data.image_size,
-                "resize": round(cfg.data.image_size / 0.875)}
-    else:
-        data = {} if files else {"kind": "digits_canvas", "seed": cfg.data.seed, "size": cfg.data.image_size}
     probe = {"features": "pooled_patches", "pool": cfg.eval.pool, "layers": cfg.eval.layers, "k": cfg.eval.k,
              "temperature": cfg.eval.temperature, "linear": cfg.eval.linear, "batch_size": cfg.batch_size,
-             "seed": cfg.train.seed, "data": data}
+             "seed": cfg.train.seed, "data": data.probe_data}
     parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
                                      about="the EMA target encoder (what I-JEPA evaluates)"),
              "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
@@ -424,16 +372,12 @@ def main(cfg: Config) -> dict:
         return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
                              batch_size=cfg.batch_size, **kw)
 
-    wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=jepa_shard_units)
-    target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device, shard=jepa_shard_units)
-    if dist.world_size() > 1:
+    # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
+    state, group_level = jepa_train_state(model, target_encoder, strategy=cfg.dist.strategy, device=device,
+                                          amp=cfg.amp, accum=cfg.train.accum)
+    target_encoder = state.target
+    if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(cfg.train.seed + dist.rank())
-    # A parameter group per level's head (the rest in group 0): each head's lr follows its own schedule.
-    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
-    group_level = [head_level(g["names"][0]) for g in groups]
-    state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(groups), target=target_encoder,
-                       scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                       accum=cfg.train.accum, extras={"wall_s": 0.0})
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
@@ -464,26 +408,22 @@ def main(cfg: Config) -> dict:
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def tune_batch(size: int):
-            idx = torch.randint(0, len(train_set), (size,)).tolist()
+            idx = torch.randint(0, len(data.train), (size,)).tolist()
             if files:  # the one crop of each sample, cut as the workers cut it
-                return make_batch(torch.stack([train_set[(i, 0)][0][0] for i in idx]))
-            return make_batch(torch.stack([train_set[i][0] for i in idx]))
+                return make_batch(torch.stack([data.train[(i, 0)][0][0] for i in idx]))
+            return make_batch(torch.stack([data.train[i][0] for i in idx]))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    if shards is not None:  # each worker reads on from its place in the checkpoint (saved per rank)
-        stream, positions = resumable_stream(shards, ShardCrops(plan), state, seed=cfg.train.seed,
-                                             workers=cfg.data.workers,
-                                             skip_unreadable=cfg.data.skip_unreadable)
-        batches = iter(loader(stream))
-    else:  # an epoch-seeded order that starts where the checkpoint left off
-        sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
-                                   start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                                   world=dist.world_size(), with_epoch=files)
-        batches = iter(loader(train_set, sampler=sampler, drop_last=True))
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
+    train_loader, positions = train_batches(
+        ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
+        workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+        with_epoch=files)
+    batches = iter(train_loader)
     watch = target_collapse_watch(cfg.alarm, depths)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
@@ -502,43 +442,30 @@ def main(cfg: Config) -> dict:
                 continue
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
-            head_scales = level_values_at(state.step, levels.lr_scales or (1.0,) * len(depths),
-                                          levels.lr_scales_final, steps)
-            scales = [1.0 if level == 0 else head_scales[level - 1] for level in group_level]
+            scales, level_terms = level_lr_scales(state.step, levels, depths, group_level, steps)  # per head
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
-                     **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
-                        else {})}
+                     **level_terms}
             stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
             means = log(terms, step=state.step)
-            if means and (warning := watch(means)):
-                print(f"step {state.step}: {warning}", flush=True)
-                log.write({"collapse_warning": warning}, state.step, kind="alarm")
+            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
             if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
                 log.image("masks", mask_image(*batch, encoder.patch_size), state.step)
-            state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
-                       meta={"parts": parts})
-            if signals.requested():  # every rank stops at the same update
-                break
-    save_last(ckpt_dir, state, meta={"parts": parts})
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
+            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
+                break  # a signal: every rank stops at this update
+    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
     train_s = time.perf_counter() - started
 
-    def embed(features, dataset):
-        out = [(features(prep(x)).float().cpu(), y) for x, y in loader(dataset)]
-        return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
-
-    def features(net: nn.Module, layers: int):
+    def features(net: nn.Module, layers: int):  # its last `layers` blocks' pooled patches, eval mode
         pool = partial(pooled_patches, net, pool=cfg.eval.pool, layers=layers)
-        return embed(pool, probe_set), embed(pool, test_set)
+        return tuple(loader_features(pool, loader(d), prep) for d in (data.probe, data.test))
 
     summary = {
         "steps": state.step,
         **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": (len(found.skipped) if found else 0) + (positions.skipped if shards else 0),
+        "skipped_unreadable": data.skipped + (positions.skipped if positions is not None else 0),
         "wall_s": round(train_s, 3),
         "params_digest": params_digest(model),
         "ranks": dist.world_size(),
@@ -546,11 +473,11 @@ def main(cfg: Config) -> dict:
         "collapse_warning": watch.last,
         **({"init": init.as_dict()} if init else {}),
     }
-    if probe_set is None:  # no labelled images: the reason was printed before training
+    if data.probe is None:  # no labelled images: the reason was printed before training
         if finish_run(cfg, log, summary):
             print(f"evaluation skipped (no labelled images); summary in {cfg.run_dir / 'summary.json'}")
         return summary
-    pixels = embed(nn.Flatten(), probe_set), embed(nn.Flatten(), test_set)
+    pixels = tuple(loader_features(nn.Flatten(), loader(d), prep) for d in (data.probe, data.test))
     last_width = lambda net: cfg.eval.pool ** 2 * layer_dims(net, (cfg.model.depth() - 1,))[0]  # noqa: E731
     start = "_init" if init else "_random_init"  # the weights it started from
     nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}

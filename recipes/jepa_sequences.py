@@ -43,7 +43,6 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from stepkit import (
     LRSchedule,
@@ -58,15 +57,13 @@ from stepkit import (
     forward_loss,
     lr_at,
     momentum_at,
-    param_groups,
     wd_at,
 )
 from stepkit.bundled import CHAT_TOPICS, UCR_UEA, chat_topics, ucr_uea
 from stepkit.check import fail, in_range, integer_at_least, one_of
-from stepkit.checkpoint import maybe_save, save_last
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import ResumableSampler, load_series_npz, tokenized_sentences, windowed_series
+from stepkit.data import load_series_npz, tokenized_sentences, train_batches, windowed_series
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes
 from stepkit.faults import NonFiniteWatch
@@ -74,9 +71,9 @@ from stepkit.jepa import (
     JEPALoss,
     Levels,
     TargetAlarm,
-    head_level,
-    jepa_shard_units,
+    jepa_train_state,
     level_losses,
+    level_lr_scales,
     level_values_at,
     raw_sequence_features,
     sequence_features,
@@ -90,13 +87,14 @@ from stepkit.models.sequence import sequence_tokens
 from stepkit.monitor import collapse_metrics
 from stepkit.run import (
     continue_run,
+    end_loop,
     finish_run,
     open_run,
     params_digest,
     pick_device,
+    save_or_stop,
     seed_everything,
     stop_if_diverged,
-    stop_if_signalled,
 )
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
@@ -330,16 +328,12 @@ def main(cfg: Config) -> dict:
                                       about="the context encoder")}
     target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
-    wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=jepa_shard_units)
-    target_encoder = dist.parallelize(target_encoder, cfg.dist.strategy, device, shard=jepa_shard_units)
-    if dist.world_size() > 1:
+    # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
+    state, group_level = jepa_train_state(model, target_encoder, strategy=cfg.dist.strategy, device=device,
+                                          amp=cfg.amp, accum=cfg.train.accum)
+    target_encoder = state.target
+    if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(cfg.train.seed + dist.rank())
-    # A parameter group per level's head (the rest in group 0): each head's lr follows its own schedule.
-    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
-    group_level = [head_level(g["names"][0]) for g in groups]
-    state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(groups), target=target_encoder,
-                       scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                       accum=cfg.train.accum, extras={"wall_s": 0.0})
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
@@ -382,11 +376,8 @@ def main(cfg: Config) -> dict:
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    sampler = ResumableSampler(len(train_set), seed=cfg.train.seed,
-                               start=state.data_position * cfg.batch_size, rank=dist.rank(),
-                               world=dist.world_size())
-    batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.train.seed)))
+    # An epoch-seeded order that starts where the checkpoint left off
+    batches = iter(train_batches(train_set, state, batch_size=cfg.batch_size, seed=cfg.train.seed)[0])
     watch = target_collapse_watch(cfg.alarm, depths)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
@@ -400,27 +391,18 @@ def main(cfg: Config) -> dict:
                 continue
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
-            head_scales = level_values_at(state.step, levels.lr_scales or (1.0,) * len(depths),
-                                          levels.lr_scales_final, steps)
-            scales = [1.0 if level == 0 else head_scales[level - 1] for level in group_level]
+            scales, level_terms = level_lr_scales(state.step, levels, depths, group_level, steps)  # per head
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
-                     **({f"lr_scale_depth{d}": v for d, v in zip(depths, head_scales)} if hierarchical
-                        else {})}
+                     **level_terms}
             stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
             means = log(terms, step=state.step)
-            if means and (warning := watch(means)):
-                print(f"step {state.step}: {warning}", flush=True)
-                log.write({"collapse_warning": warning}, state.step, kind="alarm")
-            state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last,
-                       meta={"parts": parts})
-            if signals.requested():  # every rank stops at the same update
-                break
-    save_last(ckpt_dir, state, meta={"parts": parts})
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved above; a signal ends the run here (exit 75)
+            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
+            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
+                break  # a signal: every rank stops at this update
+    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
     train_s = time.perf_counter() - started
 
     window = cfg.data.window if cfg.data.kind == "timeseries" else None  # None: sentences of token ids

@@ -23,7 +23,7 @@ from stepkit import check as _check
 
 __all__ = ["MODALITIES", "FMRI_ARRAYS", "load_fmri_npz", "SERIES_ARRAYS", "load_series_npz", "series_windows",
            "windowed_series", "tokenized_sentences", "time_blocks",
-           "ResumableSampler", "seeded_loader", "Prefetch"]
+           "ResumableSampler", "seeded_loader", "train_batches", "Prefetch"]
 
 MODALITIES = ("video", "audio", "text")
 FMRI_ARRAYS = (*MODALITIES, "fmri")
@@ -414,6 +414,63 @@ def seeded_loader(dataset: Any, *, seed: int, workers: int = 0, **kwargs: Any) -
     init = leave_stop_signals_to_main if then is None else _Chained(leave_stop_signals_to_main, then)
     return DataLoader(dataset, num_workers=workers, generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=init if workers else then, **kwargs)
+
+
+
+def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
+                  shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
+                  **loader_kwargs: Any) -> tuple[Any, Any]:
+    """A run's training batches, starting where ``state`` left off: a ``seeded_loader`` over an
+    epoch-seeded ``ResumableSampler`` of ``source``, or over this rank's shard stream.
+
+    Without shards, rank ``r`` of ``world`` takes its share of each epoch's permutation from sample
+    ``state.data_position x batch_size`` on (incomplete batches dropped). With ``shards``, ``source``
+    makes each sample (``(fields, rng, where) -> sample``, e.g. ``stepkit.shards.ShardCrops``) and every
+    worker reads on from its place in the checkpoint (``stepkit.shards.resumable_stream``); the loop
+    calls ``positions.update(places, skipped, state.data_position)`` after each consumed batch, which
+    comes as ``(samples, places, skipped)``.
+
+    Args:
+        source: A map-style dataset, or with ``shards`` the sample maker.
+        state: The run's ``TrainState``, fresh or resumed.
+        batch_size: Samples per batch on this rank.
+        seed: The run's seed (order, worker seeds, each sample's crops).
+        workers: DataLoader workers.
+        shards: The shard files (None: ``source`` is the dataset).
+        skip_unreadable: Shards: count and skip unreadable samples instead of stopping.
+        with_epoch: The sampler yields ``(index, epoch)`` (``stepkit.images.TrainImages``).
+        **loader_kwargs: Any other ``DataLoader`` argument (``pin_memory``, ...).
+
+    Returns:
+        ``(loader, positions)``: positions is a ``stepkit.shards.ShardPositions``, or None without shards.
+
+    Examples:
+        >>> import torch
+        >>> from stepkit import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> from itertools import islice
+        >>> data = torch.utils.data.TensorDataset(torch.arange(6))
+        >>> loader, _ = train_batches(data, state, batch_size=2, seed=0)  # endless: epoch after epoch
+        >>> first = [b.tolist() for b, in islice(loader, 3)]
+        >>> state.data_position = 1  # one batch consumed: a resumed run starts at the second
+        >>> again, _ = train_batches(data, state, batch_size=2, seed=0)
+        >>> [b.tolist() for b, in islice(again, 2)] == first[1:]
+        True
+    """
+    from stepkit import dist
+
+    if shards is not None:
+        from stepkit.shards import resumable_stream
+
+        stream, positions = resumable_stream(shards, source, state, seed=seed, workers=workers,
+                                             skip_unreadable=skip_unreadable)
+        loader = seeded_loader(stream, seed=seed, workers=workers, batch_size=batch_size, **loader_kwargs)
+        return loader, positions
+    sampler = ResumableSampler(len(source), seed=seed, start=state.data_position * batch_size,
+                               rank=dist.rank(), world=dist.world_size(), with_epoch=with_epoch)
+    return seeded_loader(source, seed=seed, workers=workers, batch_size=batch_size, sampler=sampler,
+                         drop_last=True, **loader_kwargs), None
 
 
 class _Chained:

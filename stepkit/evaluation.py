@@ -18,9 +18,9 @@ from stepkit import check as _check
 from stepkit.losses.correlation import pearson_per_voxel
 from stepkit.step import at_least_float32
 
-__all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "knn_accuracy", "PROBE_CS",
-           "validation_split", "linear_probe", "fit_logistic", "linear_probe_accuracy", "recall_at_k",
-           "chance_recall_at_k", "retrieval_metrics", "frozen_probes"]
+__all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "loader_features",
+           "knn_accuracy", "PROBE_CS", "validation_split", "linear_probe", "fit_logistic",
+           "linear_probe_accuracy", "recall_at_k", "chance_recall_at_k", "retrieval_metrics", "frozen_probes"]
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -154,6 +154,36 @@ def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=N
             encoder.train()
     return torch.cat(chunks)
 
+
+
+@torch.no_grad()
+def loader_features(encoder, batches, prep=None) -> tuple[Tensor, Tensor]:
+    """``encoder(prep(x))`` over a loader's ``(x, y)`` batches, without gradients and in eval mode
+    (a module's mode is restored): float32 features and their labels, on the CPU.
+
+    Args:
+        encoder: A module, or any function of a batch of inputs.
+        batches: ``(inputs, labels)`` pairs, e.g. a ``DataLoader`` of a labelled dataset.
+        prep: Applied to each batch's inputs first (to the device, normalised, ...).
+
+    Returns:
+        ``(features (N, D), labels (N,))``.
+
+    Examples:
+        >>> batches = [(torch.ones(2, 2, 2), torch.tensor([0, 1])), (torch.zeros(1, 2, 2), torch.tensor([2]))]
+        >>> features, labels = loader_features(torch.nn.Flatten(), batches, prep=lambda x: 2 * x)
+        >>> features.sum(dim=1).tolist(), labels.tolist()
+        ([8.0, 8.0, 0.0], [0, 1, 2])
+    """
+    was_training = getattr(encoder, "training", False)
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    try:
+        out = [(encoder(x if prep is None else prep(x)).float().cpu(), y) for x, y in batches]
+    finally:
+        if was_training:
+            encoder.train()
+    return torch.cat([f for f, _ in out]), torch.cat([torch.as_tensor(y) for _, y in out])
 
 @torch.no_grad()
 def knn_accuracy(

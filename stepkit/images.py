@@ -32,6 +32,7 @@ import numpy as np
 from PIL.Image import DecompressionBombError
 
 from stepkit import check as _check
+from stepkit.config import may_change_on_resume
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,6 +40,13 @@ __all__ = [
     "unreadable_image",
     "find_images",
     "LabelledFolder",
+    "ImageDataConfig",
+    "ProbeImagesConfig",
+    "ImageSets",
+    "random_images",
+    "image_sets",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "labelled_folder",
     "CropPlan",
     "crop_box",
@@ -659,3 +667,207 @@ def find_image_data(
         f"({str(fit.root)!r}), {len(held.paths)} held-out ({str(held.root)!r})"
     )
     return ImageData(train, fit, held, skipped, notes)
+
+
+
+
+@dataclass
+class ImageDataConfig:
+    """Where an image recipe's training images come from (its ``--data.*``; a recipe's ``Data``
+    extends it with its crops' settings).
+
+    Examples:
+        >>> ImageDataConfig(root=Path("photos")).shards is None
+        True
+        >>> ImageDataConfig(root=Path("photos"), shards="d/{0..3}.tar")
+        Traceback (most recent call last):
+        ...
+        ValueError: shards='d/{0..3}.tar' is not allowed: expected None when --data.root is set (one ...
+    """
+
+    root: Path | None = None
+    """Training images: a folder of any layout, searched recursively (no labels needed; the probes'
+    labelled images: --eval.train-root); None: the embedded digits."""
+    shards: str | None = None
+    """Training images from tar shards in the WebDataset layout, a brace pattern
+    ('data/{0000..0127}.tar'); streamed, and resumed to the sample."""
+    seed: int = 0
+    """Embedded digits: the seed that draws each digit's placement."""
+    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """DataLoader workers decoding and cropping image files (with --data.shards: fixed for the run)."""
+    skip_unreadable: bool = False
+    """Image files and shards: leave out what cannot be decoded (folders are checked before training;
+    the count is in the summary) instead of stopping with an error naming the first one."""
+
+    def __post_init__(self) -> None:
+        _check.integer_at_least("workers", self.workers, 0)
+        if self.root is not None and self.shards is not None:
+            _check.fail("shards", self.shards, "None when --data.root is set (one source of training images)")
+
+
+@dataclass
+class ProbeImagesConfig:
+    """The labelled images an image recipe's probes read (its ``--eval.*``; a recipe's ``Eval`` extends
+    it). Either may change on resume.
+
+    Examples:
+        >>> ProbeImagesConfig(k=5).train_root is None
+        True
+    """
+
+    k: int = 20
+    """k-NN: the neighbours that vote."""
+    temperature: float = 0.07
+    """k-NN: the temperature of their cosine-similarity weights."""
+    train_root: Path | None = may_change_on_resume(None)
+    """Image files: labelled images (one sub-folder per class) the probes are fitted on;
+    None: --data.root itself when it is one folder per class."""
+    val_root: Path | None = may_change_on_resume(None)
+    """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
+
+    def __post_init__(self) -> None:
+        _check.integer_at_least("eval.k", self.k, 1)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageSets:
+    """An image recipe's data: what it trains on, the labelled sets its probes read, and how to
+    normalise them (what ``image_sets`` returns).
+
+    Examples:
+        >>> sets = ImageSets(train=None, probe=None, test=None, shards=None, files=True, channels=3,
+        ...                  mean=IMAGENET_MEAN, std=IMAGENET_STD, probe_data={}, skipped=0)
+        >>> sets.probe is None  # no labelled images: the recipe skips its probes
+        True
+    """
+
+    train: Any
+    """Training samples: a ``TensorDataset`` of ``(image, label)`` (the embedded digits), ``TrainImages``
+    (``(index, epoch) -> (crops, index)``), or None (shards)."""
+    probe: Any | None
+    """Labelled images the probes fit on (None: no labels; evaluation is skipped)."""
+    test: Any | None
+    """Held-out labelled images."""
+    shards: list[Path] | None
+    """The training shards, streamed with ``stepkit.shards`` (None: ``train``)."""
+    files: bool
+    """Images from files or shards (uint8, crops cut in DataLoader workers), not float tensors in memory."""
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    probe_data: dict
+    """Where the probes' images come from: recorded with each checkpoint's parts (``stepkit eval``)."""
+    skipped: int
+    """Unreadable files left out before training."""
+
+
+def image_sets(
+    data: ImageDataConfig,
+    probe: ProbeImagesConfig,
+    *,
+    plan: CropPlan,
+    seed: int,
+    eval_size: int,
+    eval_resize: int | None,
+    digits_size: int = 32,
+    min_probe_images: int = 1,
+) -> ImageSets:
+    """The data of an image recipe (DINO, I-JEPA): image files, shards, or the embedded digits.
+
+    With ``root`` or ``shards``: every image under ``root`` (``find_image_data``; its notes are
+    printed on rank 0), cropped by ``plan`` from the full image in the DataLoader workers, or the
+    shards of the brace pattern ``shards`` (checked against the ranks x workers that will read them);
+    the probes' labelled sets at ``eval_size`` (the centre of the image resized to ``eval_resize``),
+    ImageNet's normalisation. Without either: the embedded digits (``stepkit.bundled.digits_canvas``)
+    as tensors, the probes fitting on the training split, normalised with mean and std 0.5.
+
+    Args:
+        data: ``--data.*``: ``root`` (any layout) or ``shards`` (a brace pattern), ``workers`` per rank
+            (each reads its own shards), ``skip_unreadable``, and the embedded digits' ``seed``.
+        probe: ``--eval.*``: the labelled folders ``train_root`` and ``val_root``.
+        plan: The crops of each training sample.
+        seed: The run's seed (each sample's crops draw from it).
+        eval_size: The probe images' side.
+        eval_resize: Their shorter side before the centre crop (None: ``eval_size``).
+        digits_size: The embedded digits' side.
+        min_probe_images: The probe needs at least this many labelled training images (the k of k-NN).
+
+    Returns:
+        The ``ImageSets``.
+
+    Raises:
+        ValueError: naming the flag, for missing folders, a shard pattern that matches nothing, too
+            few shards for the readers, or fewer labelled images than ``min_probe_images``
+            (``eval.k``).
+
+    Examples:
+        >>> plan = CropPlan(views=((16, (0.5, 1.0)),))
+        >>> sets = image_sets(ImageDataConfig(), ProbeImagesConfig(), plan=plan, seed=0, eval_size=16,
+        ...                   eval_resize=None, digits_size=16)
+        >>> sets.files, sets.channels, sets.probe_data["kind"], len(sets.train) + len(sets.test)
+        (False, 1, 'digits_canvas', 1797)
+    """
+    from stepkit import dist
+
+    root, shards, workers = data.root, data.shards, data.workers
+    train: Any
+    if root is None and shards is None:
+        from torch.utils.data import TensorDataset
+
+        from stepkit.bundled import digits_canvas
+
+        digits = digits_canvas(seed=data.seed, size=digits_size)
+        train = TensorDataset(digits["train_images"], digits["train_labels"])
+        sets = ImageSets(train=train, probe=train, shards=None, files=False, channels=1, mean=(0.5,),
+                         std=(0.5,), test=TensorDataset(digits["test_images"], digits["test_labels"]),
+                         probe_data={"kind": "digits_canvas", "seed": data.seed, "size": digits_size},
+                         skipped=0)
+    else:
+        from stepkit.shards import check_readers, expand_shards
+
+        found = find_image_data(root, probe.train_root, probe.val_root, skip_unreadable=data.skip_unreadable)
+        shard_files = expand_shards(shards) if shards is not None else None
+        if shard_files is not None:  # found now, not after the run directory is made
+            check_readers(len(shard_files), world=dist.world_size(), workers=workers)
+            found.notes.insert(0, f"data.shards {shards!r}: {len(shard_files)} shards, read by "
+                                  f"{dist.world_size()} x {max(1, workers)} readers")
+        fit = test = None
+        probe_data: dict = {}
+        if found.eval_train is not None and found.eval_val is not None:
+            fit, test = (EvalImages(f.paths, f.labels, size=eval_size, resize=eval_resize)
+                         for f in (found.eval_train, found.eval_val))
+            probe_data = {"kind": "folders", "train_root": str(found.eval_train.root),
+                          "val_root": str(found.eval_val.root), "size": eval_size,
+                          "resize": eval_resize if eval_resize is not None else eval_size}
+        train = TrainImages(found.train, plan, seed=seed) if root is not None else None
+        sets = ImageSets(train=train, probe=fit, test=test, shards=shard_files, files=True, channels=3,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, probe_data=probe_data,
+                         skipped=len(found.skipped))
+        if dist.is_main():
+            print("\n".join(found.notes), flush=True)
+    if sets.probe is not None and min_probe_images > len(sets.probe):  # found now, not after training
+        _check.fail("eval.k", min_probe_images,
+                    f"at most the number of labelled training images ({len(sets.probe)})")
+    return sets
+
+
+def random_images(n: int, size: int, seed: int) -> ImageSets:
+    """``n`` random uint8 RGB images with random labels of 10 classes, for speed runs (the probes score
+    chance): the probes fit on all of them and are scored on the first 64.
+
+    Examples:
+        >>> sets = random_images(100, 16, seed=0)
+        >>> tuple(sets.train[0][0].shape), len(sets.test), sets.files
+        ((3, 16, 16), 64, False)
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageSets(train=TensorDataset(pixels, labels), probe=TensorDataset(pixels, labels),
+                     test=TensorDataset(pixels[:64], labels[:64]), shards=None, files=False, channels=3,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD, probe_data={}, skipped=0)

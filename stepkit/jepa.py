@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stepkit import dist
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.data import series_windows
 from stepkit.losses.jepa import (
@@ -37,11 +38,12 @@ from stepkit.models.sequence import TokenTransformer, sequence_tokens
 from stepkit.models.text import masked_mean
 from stepkit.models.vit import VisionTransformer
 from stepkit.monitor import CollapseWatch, collapse_metrics
-from stepkit.schedules import warmup_decay
+from stepkit.schedules import param_groups, warmup_decay
+from stepkit.state import TrainState
 
-__all__ = ["JEPALoss", "Levels", "TargetAlarm", "head_level", "jepa_shard_units", "level_losses",
-           "level_values_at", "prediction_loss", "raw_sequence_features", "sequence_features",
-           "target_collapse_watch"]
+__all__ = ["JEPALoss", "Levels", "TargetAlarm", "head_level", "level_lr_scales", "jepa_shard_units",
+           "jepa_train_state", "level_losses", "level_values_at", "prediction_loss", "raw_sequence_features",
+           "sequence_features", "target_collapse_watch"]
 
 
 @dataclass
@@ -120,6 +122,32 @@ def level_values_at(
     return [float(warmup_decay(step, peak=a, final=b, total_steps=total_steps)) for a, b in zip(start, final)]
 
 
+
+def level_lr_scales(step: int, levels: Levels, depths: tuple[int, ...], group_levels: list[int],
+                    total_steps: int) -> tuple[list[float], dict[str, float]]:
+    """Each parameter group's lr scale at ``step``: 1 for the encoder and trunk (level 0), each level's
+    head its own (``--levels.lr-scales``, cosine to ``--levels.lr-scales-final``).
+
+    Args:
+        step: The update.
+        levels: The run's levels.
+        depths: The levels' depths (``levels.resolved``).
+        group_levels: Each optimizer group's ``head_level`` (0, or 1 + the level).
+        total_steps: The run's length.
+
+    Returns:
+        ``(group_scales, log_terms)``: ``apply_update``'s ``group_scales``, and with two or more levels
+        each level's scale as ``lr_scale_depth<d>`` (empty with one).
+
+    Examples:
+        >>> level_lr_scales(0, Levels(depths=(2, 4), lr_scales=(0.5, 1.0)), (2, 4), [0, 1, 2], 100)
+        ([1.0, 0.5, 1.0], {'lr_scale_depth2': 0.5, 'lr_scale_depth4': 1.0})
+    """
+    start = levels.lr_scales or (1.0,) * len(depths)
+    heads = level_values_at(step, start, levels.lr_scales_final, total_steps)
+    scales = [1.0 if level == 0 else heads[level - 1] for level in group_levels]
+    return scales, ({f"lr_scale_depth{d}": v for d, v in zip(depths, heads)} if len(depths) > 1 else {})
+
 def head_level(name: str) -> int:
     """Parameter group id of a JEPA module's parameter: 1 + the level for ``heads.<level>.*``, else 0.
 
@@ -160,6 +188,45 @@ def jepa_shard_units(module: nn.Module) -> list[nn.Module]:
         predictor_blocks = cast(nn.ModuleList, module.predictor.blocks)
         return [*jepa_shard_units(module.encoder), module.encoder, *predictor_blocks]
     return list(module.blocks) if isinstance(module, (VisionTransformer, TokenTransformer)) else []
+
+
+def jepa_train_state(model: nn.Module, target: nn.Module, *, strategy: dist.Strategy, device: torch.device,
+                     amp: str = "none", accum: int = 1) -> tuple[TrainState, list[int]]:
+    """The ``TrainState`` of a JEPA run, and each optimizer group's level.
+
+    The model and its EMA target encoder are wrapped for ``strategy`` (``dist.parallelize``: DDP, or
+    FSDP2 over ``jepa_shard_units``; as they are in one process); AdamW gets a parameter group per
+    level's head (``head_level``; the encoder and predictor trunk in group 0), so each head's lr can
+    follow its own schedule (``level_lr_scales``); a GradScaler under fp16.
+
+    Args:
+        model: A ``JEPA`` or ``SequenceJEPA`` on its device.
+        target: The EMA target encoder (``stepkit.ema.target_copy`` of the encoder).
+        strategy: ``--dist.strategy`` (``ddp`` or ``fsdp``).
+        device: This rank's device.
+        amp: ``none``, ``bf16`` or ``fp16``.
+        accum: Micro-batches per update.
+
+    Returns:
+        ``(state, group_levels)``; ``state.target`` is the wrapped target.
+
+    Examples:
+        >>> from stepkit.models import JEPA, MaskedCNN, ConvPredictor
+        >>> encoder = MaskedCNN(img_size=8, in_chans=1, widths=(4, 8), strides=(1, 2))
+        >>> model = JEPA(encoder, ConvPredictor(encoder.grid, encoder.dim, 8, 1, 3, out_dim=8), [])
+        >>> state, levels = jepa_train_state(model, MaskedCNN(img_size=8, in_chans=1, widths=(4, 8),
+        ...                                  strides=(1, 2)), strategy="ddp", device=torch.device("cpu"))
+        >>> levels, state.scaler is None  # weights with and without decay, both in the trunk's level
+        ([0, 0], True)
+    """
+    wrapped = dist.parallelize(model, strategy, device, shard=jepa_shard_units)
+    target = dist.parallelize(target, strategy, device, shard=jepa_shard_units)
+    heads = cast(nn.ModuleList, model.heads)
+    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(heads)))
+    state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(groups), target=target,
+                       scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, accum=accum,
+                       extras={"wall_s": 0.0})
+    return state, [head_level(g["names"][0]) for g in groups]
 
 
 @dataclass

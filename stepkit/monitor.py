@@ -11,6 +11,7 @@ import re
 import resource
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +20,8 @@ from stepkit import check as _check
 from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 
-__all__ = ["collapse_metrics", "layer_group", "norms_by_group", "system_metrics", "host_rss_bytes",
-           "SavedActivations", "collapse_alarm", "CollapseWatch"]
+__all__ = ["collapse_metrics", "mean_entropy", "layer_group", "norms_by_group", "system_metrics",
+           "host_rss_bytes", "SavedActivations", "collapse_alarm", "CollapseWatch"]
 
 
 @torch.no_grad()
@@ -66,6 +67,18 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
     nan = torch.full((), float("nan"), dtype=z.dtype, device=z.device)
     return {k: torch.where(finite, v, nan) for k, v in metrics.items()}
 
+
+
+def mean_entropy(probs: Tensor) -> Tensor:
+    """The mean over rows of each distribution's entropy, ``-sum p log p`` (0 log 0 = 0), in nats.
+
+    DINO's uniform collapse shows as the teacher's entropy near ``log K`` (``CollapseWatch``).
+
+    Examples:
+        >>> mean_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))  # log 2 and 0
+        tensor(0.3466)
+    """
+    return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()
 
 def layer_group(name: str, depth: int = 1) -> str:
     """A parameter name's group: its first ``depth`` dotted parts (``blocks.3.attn.qkv.weight``,
@@ -260,3 +273,24 @@ class CollapseWatch:
         new = warning if warning and flagged != re.sub(r" \(last [^)]*\)", "", self.last) else None
         self.last = warning
         return new
+
+    def report(self, means: Mapping[str, float] | None, log: Any, step: int) -> str | None:
+        """After a logged interval (``means``, what ``log(...)`` returned; None between intervals): a
+        new warning printed and written to ``log`` (kind ``alarm``), and returned.
+
+        Examples:
+            >>> import tempfile
+            >>> from stepkit.log import LogConfig, Logger
+            >>> log = Logger(tempfile.mkdtemp(), LogConfig(console=False))
+            >>> watch = CollapseWatch(below={"std": 0.1}, patience=1)
+            >>> watch.report(None, log, step=1) is None, watch.report({"std": 0.5}, log, step=2) is None
+            (True, True)
+            >>> watch.report({"std": 0.01}, log, step=3) is not None
+            step 3: ...
+            True
+        """
+        warning = self(means) if means else None
+        if warning:
+            print(f"step {step}: {warning}", flush=True)
+            log.write({"collapse_warning": warning}, step, kind="alarm")
+        return warning

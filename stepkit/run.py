@@ -5,9 +5,13 @@
     ckpt_dir = open_run(cfg)                         # the run directory checked, before any work
     ...                                              # build data, model, TrainState
     log = continue_run(cfg, state, ckpt_dir, total_steps=cfg.train.steps)
+    started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:
-        ...                                          # the recipe's loop
-    stop_if_signalled(signals, state, ckpt_dir, log)  # saved already; exits 75 on a signal
+        while state.step < cfg.train.steps:
+            ...                                      # the recipe's step
+            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started):
+                break                                # a signal: every rank stops at this update
+    end_loop(ckpt_dir, state, signals, log)          # last.pt; exits 75 after a signal
     if finish_run(cfg, log, summary):                # rank 0 prints
         print(...)
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,16 +35,16 @@ from torch import nn
 
 from stepkit import check as _check
 from stepkit import dist
-from stepkit.checkpoint import resume
-from stepkit.config import RunArgs, to_jsonable
+from stepkit.checkpoint import maybe_save, resume, save_last
+from stepkit.config import CkptConfig, RunArgs, to_jsonable
 from stepkit.faults import Diverged, NonFiniteWatch
 from stepkit.log import Logger
 from stepkit.rundir import CKPT_DIR, record_resume, run_of, start_run, write_summary
 from stepkit.signals import StopSignals
 from stepkit.state import TrainState, unwrap
 
-__all__ = ["continue_run", "finish_run", "open_run", "params_digest", "pick_device",
-           "seed_everything", "stop_if_diverged", "stop_if_signalled"]
+__all__ = ["continue_run", "end_loop", "finish_run", "open_run", "params_digest", "pick_device",
+           "save_or_stop", "seed_everything", "stop_if_diverged", "stop_if_signalled"]
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
@@ -208,6 +213,60 @@ def stop_if_signalled(signals: StopSignals, state: TrainState, ckpt_dir: str | o
         log.close()
         signals.exit(state.step, ckpt_dir)
 
+
+
+def save_or_stop(ckpt_dir: str | os.PathLike, state: TrainState, signals: StopSignals, ckpt: CkptConfig, *,
+                 started: float, meta: dict | None = None) -> bool:
+    """After each update: record the run's wall time, save when ``--ckpt.every`` says so, and say
+    whether a signal asks every rank to stop here.
+
+    ``state.extras["wall_s"]`` becomes the seconds since ``started`` (a
+    ``time.perf_counter()`` that counts the resumed run's earlier time), so
+    checkpoints carry it; then ``maybe_save(ckpt_dir, state, every=ckpt.every,
+    keep_last=ckpt.keep_last, meta=meta)``; then ``signals.requested()``
+    (a collective under torchrun: call it on every rank at every update).
+
+    Returns:
+        True when the loop should stop (then ``end_loop`` saves and exits 75).
+
+    Examples:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), extras={"wall_s": 0.0})
+        >>> state.step = 2
+        >>> ckpt_dir = Path(tempfile.mkdtemp())
+        >>> started = time.perf_counter()
+        >>> with StopSignals() as signals:
+        ...     stop = save_or_stop(ckpt_dir, state, signals, CkptConfig(every=2), started=started)
+        >>> stop, sorted(p.name for p in ckpt_dir.iterdir()), state.extras["wall_s"] >= 0
+        (False, ['last.pt', 'step_00000002.pt'], True)
+    """
+    state.extras["wall_s"] = time.perf_counter() - started
+    maybe_save(ckpt_dir, state, every=ckpt.every, keep_last=ckpt.keep_last, meta=meta)
+    return signals.requested()
+
+
+def end_loop(ckpt_dir: str | os.PathLike, state: TrainState, signals: StopSignals, log: Logger, *,
+             meta: dict | None = None) -> None:
+    """After the loop: save ``last.pt``; if a signal stopped the loop, close the log and exit 75.
+
+    Raises:
+        SystemExit: 75 (``EXIT_STOPPED``) after a signal (``stop_if_signalled``), once saved.
+
+    Examples:
+        >>> import tempfile
+        >>> from stepkit.log import LogConfig
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> ckpt_dir = Path(tempfile.mkdtemp())
+        >>> with StopSignals() as signals:
+        ...     pass
+        >>> end_loop(ckpt_dir, state, signals, Logger(tempfile.mkdtemp(), LogConfig(console=False)))
+        >>> [p.name for p in ckpt_dir.iterdir()]
+        ['last.pt']
+    """
+    save_last(ckpt_dir, state, meta=meta)
+    stop_if_signalled(signals, state, ckpt_dir, log)
 
 def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[str, Any], log: Logger) -> None:
     """After each update: watch its terms; stop the run after ``watch.max_skipped`` skipped updates in a row.

