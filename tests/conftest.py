@@ -29,7 +29,9 @@ def load_recipe(name: str):
 
 def crash_after_step(recipe, monkeypatch, cfg, step: int = 3) -> None:
     """Run ``recipe.main(cfg)`` until the checkpoint of update ``step`` is written, then die there."""
-    real_maybe_save = recipe.maybe_save
+    import stepkit.run
+
+    real_maybe_save = stepkit.run.maybe_save  # what save_or_stop calls after each update
 
     def crash(ckpt_dir, state, **kw):
         saved = real_maybe_save(ckpt_dir, state, **kw)
@@ -37,7 +39,7 @@ def crash_after_step(recipe, monkeypatch, cfg, step: int = 3) -> None:
             raise RuntimeError("simulated crash")
         return saved
 
-    monkeypatch.setattr(recipe, "maybe_save", crash)
+    monkeypatch.setattr(stepkit.run, "maybe_save", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         recipe.main(cfg)
-    monkeypatch.setattr(recipe, "maybe_save", real_maybe_save)
+    monkeypatch.setattr(stepkit.run, "maybe_save", real_maybe_save)
