@@ -75,7 +75,7 @@ from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import seeded_loader, train_batches
 from stepkit.ema import target_copy
-from stepkit.evaluation import frozen_probes, loader_features
+from stepkit.evaluation import frozen_probes, loader_features, probes_line
 from stepkit.faults import NonFiniteWatch
 from stepkit.images import CropPlan, ImageDataConfig, ProbeImagesConfig, image_sets
 from stepkit.jepa import (
@@ -490,12 +490,7 @@ def main(cfg: Config) -> dict:
                     "feature_std": float(final["std"])})
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
-        s, begun = summary, "at init" if init else "untrained"
-        linear = "" if not cfg.eval.linear else (
-            f"linear probe: trained {s['linear_acc']:.3f}, {begun} {s['linear_acc' + start]:.3f}, "
-            f"pixels {s['linear_acc_pixels']:.3f}; ")
-        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, {begun} {s['knn_acc' + start]:.3f}, "
-              f"pixels {s['knn_acc_pixels']:.3f}; effective rank {s['effective_rank']:.1f}; "
+        print(f"{probes_line(summary, baseline=start, raw_name='pixels', linear=cfg.eval.linear)}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary
 

@@ -65,7 +65,7 @@ from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import load_series_npz, tokenized_sentences, train_batches, windowed_series
 from stepkit.ema import target_copy
-from stepkit.evaluation import frozen_probes
+from stepkit.evaluation import frozen_probes, probes_line
 from stepkit.faults import NonFiniteWatch
 from stepkit.jepa import (
     JEPALoss,
@@ -437,12 +437,7 @@ def main(cfg: Config) -> dict:
     }
     log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
-        s, begun = summary, "at init" if init else "untrained"
-        linear = "" if not cfg.eval.linear else (
-            f"linear probe: trained {s['linear_acc']:.3f}, {begun} {s['linear_acc' + start]:.3f}, "
-            f"{raw_name} {s[f'linear_acc_{raw_name}']:.3f}; ")
-        print(f"{linear}k-NN: trained {s['knn_acc']:.3f}, {begun} {s['knn_acc' + start]:.3f}, "
-              f"{raw_name} {s[f'knn_acc_{raw_name}']:.3f}; effective rank {s['effective_rank']:.1f}; "
+        print(f"{probes_line(summary, baseline=start, raw_name=raw_name, linear=cfg.eval.linear)}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary
 

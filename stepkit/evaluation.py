@@ -6,7 +6,7 @@ Each a function of tensors (and labels); nothing here trains the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,8 @@ from stepkit.step import at_least_float32
 
 __all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "loader_features",
            "knn_accuracy", "PROBE_CS", "validation_split", "linear_probe", "fit_logistic",
-           "linear_probe_accuracy", "recall_at_k", "chance_recall_at_k", "retrieval_metrics", "frozen_probes"]
+           "linear_probe_accuracy", "recall_at_k", "chance_recall_at_k", "retrieval_metrics", "frozen_probes",
+           "probes_line"]
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -625,3 +626,23 @@ def frozen_probes(
     result |= probes(raw, "", f"_{raw_name}")
     result["probe_layers"] = layers
     return result, last_layer_features
+
+
+def probes_line(scores: Mapping[str, Any], *, baseline: str, raw_name: str, linear: bool = True) -> str:
+    """``frozen_probes``' headline numbers in one line: the trained network, its ``baseline`` (the
+    summary-key suffix of the weights it started from, ``_random_init`` or ``_init``) and the raw input.
+
+    Examples:
+        >>> scores = {"knn_acc": 0.7, "knn_acc_random_init": 0.4, "knn_acc_pixels": 0.5,
+        ...           "effective_rank": 9.0}
+        >>> probes_line(scores, baseline="_random_init", raw_name="pixels", linear=False)
+        'k-NN: trained 0.700, untrained 0.400, pixels 0.500; effective rank 9.0'
+    """
+    begun = "untrained" if baseline == "_random_init" else "at init"
+    line = (f"k-NN: trained {scores['knn_acc']:.3f}, {begun} {scores['knn_acc' + baseline]:.3f}, "
+            f"{raw_name} {scores[f'knn_acc_{raw_name}']:.3f}; effective rank {scores['effective_rank']:.1f}")
+    if not linear:
+        return line
+    fitted = scores["linear_acc" + baseline]
+    return (f"linear probe: trained {scores['linear_acc']:.3f}, {begun} {fitted:.3f}, "
+            f"{raw_name} {scores[f'linear_acc_{raw_name}']:.3f}; " + line)

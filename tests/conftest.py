@@ -1,9 +1,20 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch.distributed as dist
-from hypothesis import settings
+# pytest -n 2 (the default, pyproject's addopts): two workers share the machine's cores, so each, and
+# the recipe and torchrun processes its tests start, computes on one thread; two processes of two
+# threads on two cores spin against each other and run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # CI runs the same examples every time, so a red run is reproducible; locally
 # hypothesis explores new ones on every run.
@@ -11,6 +22,19 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+# Module-scoped fixtures that run a recipe: under pytest -n, the tests that share one go to the worker
+# that built it (--dist loadgroup), instead of each worker running it again.
+SHARED_RUNS = ("whole", "dino_run", "straight", "finished")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{shared[0]}"))
+    # The torchrun tests are the longest: started first, the two workers finish close together.
+    items.sort(key=lambda item: item.path.name != "test_torchrun.py")
 
 @pytest.fixture
 def gloo_world_of_one(tmp_path):
