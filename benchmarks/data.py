@@ -125,14 +125,14 @@ def files_case(args) -> dict:
         images = TrainImages(paths, plan, seed=0)
         stream = ShardStream([shard], ShardCrops(plan), seed=0)
 
-        indices = range(len(paths))
+        indices, shard_samples = range(len(paths)), iter(stream)  # the stream's epoch e: the e-th pass
         runs = {"plain": partial(_each, paths, plain), "folder": partial(_each, indices, None, images),
-                "shards": partial(_each, indices, None, iter(stream))}
+                "shards": partial(_each, indices, None, shard_samples)}
         times = {name: [] for name in ("plain", "folder", "shards")}
-        for _ in range(args.steps):  # interleaved, so drift on a noisy machine hits all three alike
-            for name, fn in runs.items():
+        for epoch in range(args.steps):  # interleaved, so drift on a noisy machine hits all three alike
+            for name, fn in runs.items():  # each pass draws new crops (epoch e), as training does
                 t0 = time.perf_counter()
-                fn()
+                fn(epoch=epoch)
                 times[name].append(time.perf_counter() - t0)
         rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
         for name, label in (("plain", "plain Pillow pipeline"), ("folder", "stepkit, image files"),
@@ -164,15 +164,16 @@ def files_case(args) -> dict:
     return result
 
 
-def _each(items, plain=None, source=None) -> None:
-    """Read every item: through ``plain(path, rng)``, a ``TrainImages`` (``source[(i, 0)]``) or a stream."""
+def _each(items, plain=None, source=None, *, epoch: int = 0) -> None:
+    """Read every item of an epoch: through ``plain(path, rng)``, a ``TrainImages``
+    (``source[(i, epoch)]``) or a stream (whose next pass is the next epoch)."""
     from stepkit.images import sample_rng
 
     for i, item in enumerate(items):
         if plain is not None:
-            plain(item, sample_rng(0, 0, i))
+            plain(item, sample_rng(0, epoch, i))
         elif hasattr(source, "__getitem__"):
-            source[(item, 0)]
+            source[(item, epoch)]
         else:
             next(source)
 

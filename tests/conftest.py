@@ -31,8 +31,9 @@ SHARED_RUNS = ("whole", "dino_run", "straight", "finished")
 def pytest_collection_modifyitems(config, items):
     for item in items:
         shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{shared[0]}"))
+        if shared:  # a parametrized fixture is built once per value: one group each
+            value = getattr(item, "callspec", None) and item.callspec.params.get(shared[0])
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{shared[0]}-{value or ''}"))
     # The torchrun tests are the longest: started first, the two workers finish close together.
     items.sort(key=lambda item: item.path.name != "test_torchrun.py")
 
