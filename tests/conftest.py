@@ -23,7 +23,8 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-# Module-scoped fixtures that run a recipe: under pytest -n, the tests that share one go to the worker
+# Fixtures that run a recipe are session-scoped (a worker of pytest -n runs tests of many modules in
+# turn, which would tear a module-scoped one down each time); the tests that share one go to the worker
 # that built it (--dist loadgroup), instead of each worker running it again.
 SHARED_RUNS = ("whole", "dino_run", "straight", "finished")
 
@@ -34,8 +35,11 @@ def pytest_collection_modifyitems(config, items):
         if shared:  # a parametrized fixture is built once per value: one group each
             value = getattr(item, "callspec", None) and item.callspec.params.get(shared[0])
             item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{shared[0]}-{value or ''}"))
-    # The torchrun tests are the longest: started first, the two workers finish close together.
-    items.sort(key=lambda item: item.path.name != "test_torchrun.py")
+    # Longest first (torchrun, then the other slow tests, the unit tests last to fill the gaps): the two
+    # workers finish close together.
+    items.sort(key=lambda item: (item.path.name != "test_torchrun.py",
+                                 item.get_closest_marker("slow") is None))
+
 
 @pytest.fixture
 def gloo_world_of_one(tmp_path):

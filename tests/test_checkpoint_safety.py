@@ -35,7 +35,7 @@ def fresh(seed=0):
     return TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def genuine(tmp_path_factory):
     state = fresh()
     state.model(torch.randn(4, 3)).sum().backward()

@@ -41,7 +41,7 @@ def test_the_installed_recipes_are_the_repositorys_files():
     assert recipe_dir().resolve() == (ROOT / "recipes").resolve()  # one source, no copies (editable install)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed(tmp_path_factory):
     """A regular (not editable) install of this checkout into a folder of its own."""
     source, target = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("site")

@@ -104,7 +104,7 @@ def test_bad_flag_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "chunk=-1" in out.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pairs_files(tmp_path_factory):
     """The same 24 captioned photos listed in each pairs format."""
     from imagefiles import write_pairs

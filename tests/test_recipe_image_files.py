@@ -15,7 +15,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """An unlabelled nested folder, labelled train / val folders, and 4 shards: the files a user has."""
     root = tmp_path_factory.mktemp("images")

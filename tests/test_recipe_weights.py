@@ -58,7 +58,7 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dino_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dino") / "run"
     run(*DINO, "--run-dir", run_dir, "--log.no-console")
@@ -177,7 +177,7 @@ def test_contrastive_towers_export_with_their_embeddings(tmp_path):
     assert image.exported["input"]["channels"] == 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vit_folder(tmp_path_factory):
     """A small Hugging Face ViT saved as a pretrained folder (random weights, a fixed seed)."""
     transformers = pytest.importorskip("transformers")

