@@ -29,6 +29,7 @@ if os.environ.get("CI"):
 SHARED_RUNS = ("whole", "dino_run", "straight", "finished")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         shared = [name for name in SHARED_RUNS if name in item.fixturenames]
