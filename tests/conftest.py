@@ -6,6 +6,7 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,21 +24,28 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-# Fixtures that run a recipe are session-scoped (a worker of pytest -n runs tests of many modules in
-# turn, which would tear a module-scoped one down each time); the tests that share one go to the worker
-# that built it (--dist loadgroup), instead of each worker running it again.
-SHARED_RUNS = ("whole", "dino_run", "straight", "finished")
+def run_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once per test session, shared by the workers of pytest -n
+    (the first to need it builds it under a lock; the others wait, then read it). Tests read or copy it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # every worker's base temp sits in this one
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-        if shared:  # a parametrized fixture is built once per value: one group each
-            value = getattr(item, "callspec", None) and item.callspec.params.get(shared[0])
-            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{shared[0]}-{value or ''}"))
     # Longest first (torchrun, then the other slow tests, the unit tests last to fill the gaps): the two
-    # workers finish close together.
+    # workers of pytest -n finish close together.
     items.sort(key=lambda item: (item.path.name != "test_torchrun.py",
                                  item.get_closest_marker("slow") is None))
 

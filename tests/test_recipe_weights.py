@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe
+from conftest import load_recipe, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -60,9 +60,8 @@ def summary(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def dino_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("dino") / "run"
-    run(*DINO, "--run-dir", run_dir, "--log.no-console")
-    return run_dir
+    return run_once(tmp_path_factory, "weights-dino", lambda folder: run(*DINO, "--run-dir", folder / "run",
+                                                                           "--log.no-console")) / "run"
 
 
 def test_dino_init_from_a_run_starts_at_its_knn_accuracy(dino_run, tmp_path):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_once
 
 from stepkit.checkpoint import load_checkpoint
 from stepkit.signals import EXIT_STOPPED, StopSignals
@@ -31,10 +32,11 @@ def digest(run_dir: Path) -> str:
 
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run([*DIGITS, "--run-dir", str(run_dir), *COMMON], check=True, capture_output=True,
-                   timeout=300)
-    return digest(run_dir)
+    def build(folder: Path) -> None:
+        subprocess.run([*DIGITS, "--run-dir", str(folder / "run"), *COMMON], check=True, capture_output=True,
+                       timeout=300)
+
+    return digest(run_once(tmp_path_factory, "signals-straight", build) / "run")
 
 
 # one handler serves the three signals: the resumed run is compared for one of them (the suite's time)

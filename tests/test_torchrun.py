@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_once
 
 from stepkit.checkpoint import load_checkpoint
 
@@ -49,18 +50,14 @@ def strategy_flags(strategy: str) -> list[str]:
     return ["--dist.strategy", strategy, *fp16]
 
 
-WHOLE_RUNS: dict[str, Path] = {}  # per strategy, kept should pytest tear the fixture down between tests
-
-
 @pytest.fixture(scope="session", params=["ddp", "fsdp"])
 def whole(request, tmp_path_factory):
-    """An uninterrupted 2-rank DINO run: (strategy, its run directory), which the tests only read or copy."""
-    if request.param not in WHOLE_RUNS:
-        run_dir = tmp_path_factory.mktemp(request.param) / "whole"
-        out = run([*TORCHRUN, *DINO, "--run-dir", str(run_dir), *strategy_flags(request.param)])
+    """An uninterrupted 2-rank DINO run: (strategy, its run directory), made once per session."""
+    def build(folder: Path) -> None:
+        out = run([*TORCHRUN, *DINO, "--run-dir", str(folder / "whole"), *strategy_flags(request.param)])
         assert "lr 0.003 x 32 images per update / 32 = 0.003 (--optim.lr-per-batch)" in out.stdout  # 2 x 16
-        WHOLE_RUNS[request.param] = run_dir
-    return request.param, WHOLE_RUNS[request.param]
+
+    return request.param, run_once(tmp_path_factory, f"dino-{request.param}", build) / "whole"
 
 
 @pytest.mark.slow
