@@ -301,7 +301,8 @@ def main(cfg: Config) -> dict:
     plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
                     + ((c.local_size, c.local_scale),) * c.local_crops)
     if cfg.data.synthetic:  # random images: only the step's speed means anything
-        data = random_images(cfg.data.synthetic, cfg.data.image_size, seed=cfg.data.seed)
+        data = random_images(cfg.data.synthetic, cfg.data.image_size, seed=cfg.data.seed,
+                             min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
     else:  # image files (crops cut from the full image in DataLoader workers), shards, or the digits
         data = image_sets(cfg.data, cfg.eval, plan=plan, seed=cfg.train.seed, eval_size=c.global_size,
                           eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size,

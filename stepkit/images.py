@@ -853,15 +853,20 @@ def image_sets(
     return sets
 
 
-def random_images(n: int, size: int, seed: int) -> ImageSets:
+def random_images(n: int, size: int, seed: int, *, min_probe_images: int = 1) -> ImageSets:
     """``n`` random uint8 RGB images with random labels of 10 classes, for speed runs (the probes score
     chance): the probes fit on all of them and are scored on the first 64.
+
+    Raises:
+        ValueError: naming ``eval.k``, for fewer images than ``min_probe_images`` (the k of k-NN).
 
     Examples:
         >>> sets = random_images(100, 16, seed=0)
         >>> tuple(sets.train[0][0].shape), len(sets.test), sets.files
         ((3, 16, 16), 64, False)
     """
+    if min_probe_images > n:  # found now, not after training
+        _check.fail("eval.k", min_probe_images, f"at most the number of labelled training images ({n})")
     import torch
     from torch.utils.data import TensorDataset
 
