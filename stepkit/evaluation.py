@@ -5,6 +5,7 @@ Each a function of tensors (and labels); nothing here trains the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,17 +145,23 @@ def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=N
         >>> extract_features(torch.nn.Flatten(), torch.zeros(3, 2, 2), batch_size=2).shape
         torch.Size([3, 4])
     """
+    with _eval_mode(encoder):
+        chunks = [at_least_float32(encoder(images[i : i + batch_size].to(device))).cpu()
+                  for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+@contextlib.contextmanager
+def _eval_mode(encoder):
+    """A module in eval mode for the block, its mode restored after (a plain function: nothing to do)."""
     was_training = getattr(encoder, "training", False)
     if hasattr(encoder, "eval"):
         encoder.eval()
     try:
-        chunks = [at_least_float32(encoder(images[i : i + batch_size].to(device))).cpu()
-                  for i in range(0, len(images), batch_size)]
+        yield
     finally:
         if was_training:
             encoder.train()
-    return torch.cat(chunks)
-
 
 
 @torch.no_grad()
@@ -176,15 +183,10 @@ def loader_features(encoder, batches, prep=None) -> tuple[Tensor, Tensor]:
         >>> features.sum(dim=1).tolist(), labels.tolist()
         ([8.0, 8.0, 0.0], [0, 1, 2])
     """
-    was_training = getattr(encoder, "training", False)
-    if hasattr(encoder, "eval"):
-        encoder.eval()
-    try:
+    with _eval_mode(encoder):
         out = [(encoder(x if prep is None else prep(x)).float().cpu(), y) for x, y in batches]
-    finally:
-        if was_training:
-            encoder.train()
     return torch.cat([f for f, _ in out]), torch.cat([torch.as_tensor(y) for _, y in out])
+
 
 @torch.no_grad()
 def knn_accuracy(
@@ -610,10 +612,8 @@ def frozen_probes(
     result: dict[str, float] = {}
     last_layer_features = {}
     for suffix, net in nets.items():
-        was_training = net.training
-        net.eval()
-        chosen = features(net, layers)
-        net.train(was_training)
+        with _eval_mode(net):
+            chosen = features(net, layers)
         width = last_width(net)
         (train_f, train_y), (test_f, test_y) = chosen
         last_layer_features[suffix] = ((train_f[:, -width:], train_y), (test_f[:, -width:], test_y))

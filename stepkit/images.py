@@ -847,10 +847,16 @@ def image_sets(
                          skipped=len(found.skipped))
         if dist.is_main():
             print("\n".join(found.notes), flush=True)
-    if sets.probe is not None and min_probe_images > len(sets.probe):  # found now, not after training
-        _check.fail("eval.k", min_probe_images,
-                    f"at most the number of labelled training images ({len(sets.probe)})")
+    if sets.probe is not None:
+        _check_probe_size(len(sets.probe), min_probe_images)
     return sets
+
+
+def _check_probe_size(labelled: int, min_probe_images: int) -> None:
+    # found before the run directory is made, not after training
+    if min_probe_images > labelled:
+        _check.fail("eval.k", min_probe_images,
+                    f"at most the number of labelled training images ({labelled})")
 
 
 def random_images(n: int, size: int, seed: int, *, min_probe_images: int = 1) -> ImageSets:
@@ -865,8 +871,7 @@ def random_images(n: int, size: int, seed: int, *, min_probe_images: int = 1) ->
         >>> tuple(sets.train[0][0].shape), len(sets.test), sets.files
         ((3, 16, 16), 64, False)
     """
-    if min_probe_images > n:  # found now, not after training
-        _check.fail("eval.k", min_probe_images, f"at most the number of labelled training images ({n})")
+    _check_probe_size(n, min_probe_images)
     import torch
     from torch.utils.data import TensorDataset
 
