@@ -9,6 +9,8 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from imagefiles import add_member, encoded, picture, write_shards
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -55,6 +57,48 @@ def test_a_sample_is_the_members_that_share_a_key(tmp_path):
     assert [(n, key, sorted(f)) for n, key, f in samples] == [(0, "dir/a", ["b.jpg", "b.txt"]),
                                                               (1, "dir/c", ["jpg", "json"])]
     assert list(shard_samples(path, start=1))[0][0] == 1
+
+
+SEGMENT = st.text(alphabet="abcXYZ019_-é漢 ", min_size=1, max_size=70)
+
+
+@st.composite
+def tar_samples(draw):
+    """Samples with distinct keys (nested, long, non-ASCII paths) and their members' bytes."""
+    keys = draw(st.lists(st.lists(SEGMENT, min_size=1, max_size=3).map("/".join), min_size=1, max_size=6,
+                         unique=True))
+    return [(key, draw(st.dictionaries(st.sampled_from(["jpg", "txt", "json", "cls", "b.txt", "PNG"]),
+                                       st.binary(max_size=1100), min_size=1, max_size=3))) for key in keys]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(samples=tar_samples(), start=st.integers(0, 6),
+       fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+@example(samples=[("d" * 80 + "/" + "k" * 60, {"jpg": b"1"}), ("é" * 40, {"txt": b""})], start=0,
+         fmt=tarfile.USTAR_FORMAT)  # paths over 100 bytes: ustar's prefix field
+@example(samples=[("d" * 80 + "/" + "k" * 60, {"jpg": b"1"}), ("é" * 90, {"txt": b""})], start=1,
+         fmt=tarfile.GNU_FORMAT)  # GNU's long-name members
+def test_shard_samples_read_what_tarfile_wrote_in_every_tar_format(tmp_path, samples, fmt, start):
+    path = tmp_path / "0.tar"
+    try:
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for i, (key, fields) in enumerate(samples):
+                if i % 2:  # directories and links between samples are passed over
+                    folder = tarfile.TarInfo(f"{key}-d")
+                    folder.type = tarfile.DIRTYPE
+                    link = tarfile.TarInfo(f"{key}-l.txt")
+                    link.type = tarfile.SYMTYPE
+                    link.linkname = "elsewhere" if fmt == tarfile.USTAR_FORMAT else key  # GNU: long links
+                    tar.addfile(folder)
+                    tar.addfile(link)
+                for ext, data in fields.items():
+                    add_member(tar, f"{key}.{ext}", data)
+    except ValueError:  # ustar has no room for this path
+        assert fmt == tarfile.USTAR_FORMAT
+        return
+    expected = [(n, key, {ext.lower(): data for ext, data in fields.items()})
+                for n, (key, fields) in enumerate(samples) if n >= start]
+    assert list(shard_samples(path, start=start)) == expected
 
 
 def test_shard_patterns_expand_and_missing_shards_are_named(tmp_path):
