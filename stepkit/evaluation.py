@@ -285,6 +285,7 @@ def linear_probe(
     cs: Sequence[float] = PROBE_CS,
     val_fraction: float = 0.2,
     seed: int = 0,
+    search_tol: float = 1e-4,
 ) -> dict[str, float]:
     """A logistic-regression probe whose regularisation is chosen on held-out training rows.
 
@@ -296,6 +297,11 @@ def linear_probe(
     training row and scored on the test set, which took no part in the
     choice (I-JEPA's protocol). Returns ``acc`` (test), ``c`` and ``val_acc``.
 
+    The fits that choose ``C`` stop at ``search_tol`` (scikit-learn's
+    default tolerance, on the same mean objective), the refit at
+    ``fit_logistic``'s 1e-6: on I-JEPA's digits probes this chose the same
+    ``C`` as fits to 1e-6 everywhere, in a third of the time.
+
     Args:
         train_features: ``(N, D)``.
         train_labels: ``(N,)``.
@@ -304,6 +310,7 @@ def linear_probe(
         cs: Inverse regularisations to choose from.
         val_fraction: The validation share of each class.
         seed: The split's seed.
+        search_tol: The gradient tolerance of the fits that choose ``C``.
 
     Returns:
         ``{"acc": test accuracy, "c": the chosen C, "val_acc": its validation accuracy}``.
@@ -325,7 +332,7 @@ def linear_probe(
     x_fit, x_val = _standardise(train[fit], train[val])
     best, weights = None, None
     for c in sorted(cs):  # each fit starts from the previous C's solution: fewer iterations
-        weights = fit_logistic(x_fit, labels[fit], c, classes=classes, init=weights)
+        weights = fit_logistic(x_fit, labels[fit], c, classes=classes, init=weights, tol=search_tol)
         score = _accuracy(x_val, labels[val], weights) if len(val) else 0.0
         if best is None or score > best[1]:
             best = (c, score, weights)
