@@ -188,3 +188,13 @@ def test_seeded_loader_workers_ignore_stop_signals_and_run_a_given_init():
 
     (batch,) = list(seeded_loader(_SignalsInWorker(), seed=0, workers=1, batch_size=2, worker_init_fn=_mark))
     assert batch.tolist() == [[True, True], [True, True]]
+
+
+def test_the_digits_read_without_scikit_learn_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from stepkit.bundled import _digits
+
+    x, y = _digits()
+    expected_x, expected_y = load_digits(return_X_y=True)
+    assert np.array_equal(x, expected_x) and np.array_equal(y, expected_y) and x.dtype == expected_x.dtype
