@@ -72,16 +72,16 @@ def tar_samples(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(samples=tar_samples(), start=st.integers(0, 6),
+@given(samples=tar_samples(), start=st.integers(0, 6), gzipped=st.booleans(),
        fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
 @example(samples=[("d" * 80 + "/" + "k" * 60, {"jpg": b"1"}), ("é" * 40, {"txt": b""})], start=0,
-         fmt=tarfile.USTAR_FORMAT)  # paths over 100 bytes: ustar's prefix field
+         fmt=tarfile.USTAR_FORMAT, gzipped=False)  # paths over 100 bytes: ustar's prefix field
 @example(samples=[("d" * 80 + "/" + "k" * 60, {"jpg": b"1"}), ("é" * 90, {"txt": b""})], start=1,
-         fmt=tarfile.GNU_FORMAT)  # GNU's long-name members
-def test_shard_samples_read_what_tarfile_wrote_in_every_tar_format(tmp_path, samples, fmt, start):
+         fmt=tarfile.GNU_FORMAT, gzipped=True)  # GNU's long-name members
+def test_shard_samples_read_what_tarfile_wrote_in_every_tar_format(tmp_path, samples, fmt, start, gzipped):
     path = tmp_path / "0.tar"
     try:
-        with tarfile.open(path, "w", format=fmt) as tar:
+        with tarfile.open(path, "w:gz" if gzipped else "w", format=fmt) as tar:
             for i, (key, fields) in enumerate(samples):
                 if i % 2:  # directories and links between samples are passed over
                     folder = tarfile.TarInfo(f"{key}-d")
@@ -126,6 +126,29 @@ def test_a_file_that_is_not_a_tar_is_named(tmp_path):
     (tmp_path / "0.tar").write_bytes(b"hello" * 300)
     with pytest.raises(ShardError, match="0.tar: cut off or not a tar shard at its start"):
         list(shard_samples(tmp_path / "0.tar"))
+
+
+def test_a_shard_compressed_otherwise_than_gzip_is_named_with_what_to_do(tmp_path):
+    import lzma
+
+    small_shards(tmp_path / "s", shards=1)
+    path = tmp_path / "0000.tar.xz"
+    path.write_bytes(lzma.compress((tmp_path / "s" / "0000.tar").read_bytes()))
+    expected = r"0000.tar.xz: cut off or not a tar shard at its start \(compressed with xz: decompress it"
+    with pytest.raises(ShardError, match=expected):
+        list(shard_samples(path))
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7])
+def test_a_gzipped_shard_cut_off_is_named(tmp_path, cut):
+    import gzip
+
+    small_shards(tmp_path / "s", shards=1)
+    path = tmp_path / "0000.tar.gz"
+    whole = gzip.compress((tmp_path / "s" / "0000.tar").read_bytes())
+    path.write_bytes(whole[:int(cut * len(whole))])
+    with pytest.raises(ShardError, match=r"0000.tar.gz: cut off or not a tar shard .*--data.shards"):
+        list(shard_samples(path))
 
 
 def epoch_keys(shards, *, world, workers, epochs=1, seed=0, start=None, first=0):
