@@ -334,7 +334,7 @@ def read_crops(source: str | os.PathLike | bytes, plan: CropPlan, rng: np.random
         if image.format == "JPEG" and shrink >= 2:
             image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
         rx, ry = image.size[0] / width, image.size[1] / height
-        pixels = torch.from_numpy(np.array(image.convert("RGB")))  # (h, w, 3)
+        pixels = torch.from_numpy(np.array(_rgb(image)))  # (h, w, 3)
     image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last in memory: the fast path
     crops = []
     for (left, top, w, h), (size, _), flip in zip(boxes, plan.views, flips):
@@ -343,6 +343,11 @@ def read_crops(source: str | os.PathLike | bytes, plan: CropPlan, rng: np.random
         crop = F.interpolate(image[:, :, y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)[0]
         crops.append((crop.flip(-1) if flip else crop).contiguous())
     return crops
+
+
+def _rgb(image: Any) -> Any:
+    # convert("RGB") copies an image that already is RGB (a tenth of a millisecond a photo)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def center_view(source: str | os.PathLike | bytes, size: int, resize: int | None = None) -> Any:
@@ -371,7 +376,7 @@ def center_view(source: str | os.PathLike | bytes, size: int, resize: int | None
         w, h = max(resize, round(width * scale)), max(resize, round(height * scale))
         if image.format == "JPEG":
             image.draft("RGB", (w, h))
-        image = image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+        image = _rgb(image).resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
     return _to_tensor(image.crop((left, top, left + size, top + size)))
 
