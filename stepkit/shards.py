@@ -171,6 +171,8 @@ def shard_samples(
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)
 _COMPRESSED = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_REGULAR = (b"0", b"\0", b"7")  # a file, an old-style file, a contiguous file
+_POSIX = b"ustar\x00"
 
 
 def _open_shard(path: Path) -> Any:
@@ -186,8 +188,6 @@ def _open_shard(path: Path) -> Any:
             raise tarfile.ReadError(f"compressed with {name}: decompress it first (stepkit reads tar and "
                                     "gzip-compressed tar shards)")
     return file
-_REGULAR = (b"0", b"\0", b"7")  # a file, an old-style file, a contiguous file
-_POSIX = b"ustar\x00"
 
 
 class _TarFiles:
@@ -229,10 +229,9 @@ class _TarFiles:
                 continue
             name = pax.get("path") or long_name or _header_name(header)
             if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise tarfile.ReadError("invalid pax size") from None
+                size = int(pax["size"]) if pax["size"].isdigit() else -1
+                if size < 0:
+                    raise tarfile.ReadError("invalid pax size")
                 offset = data + -(-size // _BLOCK) * _BLOCK
             long_name, pax = None, {}
             if not name.endswith("/"):  # an old-style directory
@@ -246,6 +245,8 @@ def _header_size(header: bytes) -> int:
         size = _number(header[124:136])
     except ValueError:
         raise tarfile.ReadError("invalid header") from None
+    if size < 0:  # a negative size would send the reader back over what it read
+        raise tarfile.ReadError("invalid header")
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
     if stored != unsigned and stored != sum(struct.unpack_from("148b8x356b", header)) + 8 * 32:
         raise tarfile.ReadError("bad checksum")  # (the second: writers that sum signed bytes)

@@ -128,6 +128,17 @@ def test_a_file_that_is_not_a_tar_is_named(tmp_path):
         list(shard_samples(tmp_path / "0.tar"))
 
 
+def test_a_header_with_a_negative_size_is_refused_not_looped_over(tmp_path):
+    header = bytearray(tarfile.TarInfo("a.txt").tobuf(format=tarfile.USTAR_FORMAT)[:512])
+    header[124:136] = b"-0001000000\0"  # would send a reader 512 bytes back, onto this header again
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    path = tmp_path / "0.tar"
+    path.write_bytes(bytes(header) + bytes(1024))
+    with pytest.raises(ShardError, match=r"0.tar: cut off or not a tar shard at its start \(invalid header"):
+        list(shard_samples(path))
+
+
 def test_a_shard_compressed_otherwise_than_gzip_is_named_with_what_to_do(tmp_path):
     import lzma
 
