@@ -327,8 +327,6 @@ def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
                          m.predictor_heads, out_dim=out_dim, pos_embed=m.pos_embed, init=m.weight_init)
 
 
-
-
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)
     # Image files (one crop of the full image per sample, cut in DataLoader workers), shards, or the digits

@@ -416,7 +416,6 @@ def seeded_loader(dataset: Any, *, seed: int, workers: int = 0, **kwargs: Any) -
                       worker_init_fn=init if workers else then, **kwargs)
 
 
-
 def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
                   shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
                   **loader_kwargs: Any) -> tuple[Any, Any]:

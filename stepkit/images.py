@@ -674,8 +674,6 @@ def find_image_data(
     return ImageData(train, fit, held, skipped, notes)
 
 
-
-
 @dataclass
 class ImageDataConfig:
     """Where an image recipe's training images come from (its ``--data.*``; a recipe's ``Data``
@@ -732,6 +730,7 @@ class ProbeImagesConfig:
 
     def __post_init__(self) -> None:
         _check.integer_at_least("eval.k", self.k, 1)
+
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -122,7 +122,6 @@ def level_values_at(
     return [float(warmup_decay(step, peak=a, final=b, total_steps=total_steps)) for a, b in zip(start, final)]
 
 
-
 def level_lr_scales(step: int, levels: Levels, depths: tuple[int, ...], group_levels: list[int],
                     total_steps: int) -> tuple[list[float], dict[str, float]]:
     """Each parameter group's lr scale at ``step``: 1 for the encoder and trunk (level 0), each level's
@@ -147,6 +146,7 @@ def level_lr_scales(step: int, levels: Levels, depths: tuple[int, ...], group_le
     heads = level_values_at(step, start, levels.lr_scales_final, total_steps)
     scales = [1.0 if level == 0 else heads[level - 1] for level in group_levels]
     return scales, ({f"lr_scale_depth{d}": v for d, v in zip(depths, heads)} if len(depths) > 1 else {})
+
 
 def head_level(name: str) -> int:
     """Parameter group id of a JEPA module's parameter: 1 + the level for ``heads.<level>.*``, else 0.

@@ -68,7 +68,6 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
     return {k: torch.where(finite, v, nan) for k, v in metrics.items()}
 
 
-
 def mean_entropy(probs: Tensor) -> Tensor:
     """The mean over rows of each distribution's entropy, ``-sum p log p`` (0 log 0 = 0), in nats.
 
@@ -79,6 +78,7 @@ def mean_entropy(probs: Tensor) -> Tensor:
         tensor(0.3466)
     """
     return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()
+
 
 def layer_group(name: str, depth: int = 1) -> str:
     """A parameter name's group: its first ``depth`` dotted parts (``blocks.3.attn.qkv.weight``,

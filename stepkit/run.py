@@ -46,6 +46,7 @@ from stepkit.state import TrainState, unwrap
 __all__ = ["continue_run", "end_loop", "finish_run", "open_run", "params_digest", "pick_device",
            "save_or_stop", "seed_everything", "stop_if_diverged", "stop_if_signalled"]
 
+
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
 
@@ -71,6 +72,7 @@ def pick_device(name: str) -> torch.device:
         )
     return torch.device(name)
 
+
 def seed_everything(seed: int) -> None:
     """Seed python's, numpy's and torch's global generators (CUDA included).
 
@@ -82,6 +84,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
 
 def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the state_dict's names and tensors' bytes in key order: equal iff bit-identical.
@@ -104,6 +107,7 @@ def params_digest(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
 
 def open_run(cfg: RunArgs) -> Path:
     """Check the run directory for a fresh or a resumed run, before any work; return its checkpoints folder.
@@ -214,7 +218,6 @@ def stop_if_signalled(signals: StopSignals, state: TrainState, ckpt_dir: str | o
         signals.exit(state.step, ckpt_dir)
 
 
-
 def save_or_stop(ckpt_dir: str | os.PathLike, state: TrainState, signals: StopSignals, ckpt: CkptConfig, *,
                  started: float, meta: dict | None = None) -> bool:
     """After each update: record the run's wall time, save when ``--ckpt.every`` says so, and say
@@ -267,6 +270,7 @@ def end_loop(ckpt_dir: str | os.PathLike, state: TrainState, signals: StopSignal
     """
     save_last(ckpt_dir, state, meta=meta)
     stop_if_signalled(signals, state, ckpt_dir, log)
+
 
 def stop_if_diverged(watch: NonFiniteWatch, state: TrainState, terms: Mapping[str, Any], log: Logger) -> None:
     """After each update: watch its terms; stop the run after ``watch.max_skipped`` skipped updates in a row.
