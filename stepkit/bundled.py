@@ -85,17 +85,25 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
 
 
+def _package_data(package: str) -> Path | None:
+    """``<package>/datasets/data`` of an installed package, found without importing it (None if absent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+        if folder.is_dir():
+            return folder
+    return None
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits, ``load_digits(return_X_y=True)``, read from the file its wheel ships without
     importing scikit-learn (a second of every run's start-up)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            data = np.loadtxt(path, delimiter=",")
-            return data[:, :-1], data[:, -1].astype(int)
+    folder = _package_data("sklearn")
+    if folder is not None and (folder / "digits.csv.gz").is_file():
+        data = np.loadtxt(folder / "digits.csv.gz", delimiter=",")
+        return data[:, :-1], data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     return load_digits(return_X_y=True)
@@ -291,14 +299,10 @@ def ucr_uea_dir() -> Path:
         >>> sorted(p.name for p in (ucr_uea_dir() / "GunPoint").glob("*.ts"))
         ['GunPoint_TEST.ts', 'GunPoint_TRAIN.ts']
     """
-    import importlib.util
-
     for package in ("sktime", "aeon"):
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
-            if folder.is_dir():
-                return folder
+        folder = _package_data(package)
+        if folder is not None:
+            return folder
     raise ValueError("the embedded time series ship inside sktime's wheel, which is not installed: "
                      "pip install 'stepkit[timeseries]' (or pass your own arrays with --data.path)")
 

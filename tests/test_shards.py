@@ -130,7 +130,7 @@ def test_a_file_that_is_not_a_tar_is_named(tmp_path):
 
 def test_a_header_with_a_negative_size_is_refused_not_looped_over(tmp_path):
     header = bytearray(tarfile.TarInfo("a.txt").tobuf(format=tarfile.USTAR_FORMAT)[:512])
-    header[124:136] = b"-0001000000\0"  # would send a reader 512 bytes back, onto this header again
+    header[124:136] = b"-0001000000\0"  # a reader following it would seek back before this header
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
     path = tmp_path / "0.tar"

@@ -246,10 +246,9 @@ def user_files(tmp_path_factory):
     dino = ["recipes/dino.py", "--crops.global-size", "32", "--crops.local-size", "16", "--crops.local-crops",
             "2", "--eval.no-knn"]
     shards, held_out = write_shards(root / "shards", 4, 12), write_shards(root / "val", 1, 8, seed=5)
-    contrastive = ["recipes/contrastive.py", "tiny"]
     return {"shards": [*dino, "--data.shards", shards],
             "photos": [*dino, "--data.root", str(root / "photos")],
-            "pairs": [*contrastive, "--data.pairs", str(write_pairs(root / "pairs", 8))],
+            "pairs": ["recipes/contrastive.py", "tiny", "--data.pairs", str(write_pairs(root / "pairs", 8))],
             "pair shards": ["recipes/contrastive.py", "--data.shards", shards, "--data.val-shards", held_out]}
 
 
