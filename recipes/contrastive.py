@@ -121,10 +121,15 @@ class Data:
     skip_unreadable: bool = False
     """Your pairs: leave out rows with a missing or unreadable image or an empty caption (the count is in
     the summary) instead of stopping with an error naming the first one."""
+    timeout: float = may_change_on_resume(600.0)
+    """Seconds the loop waits for one batch before it stops, naming the DataLoader workers it waited for
+    (a read hung on a network filesystem, a pipe); 0: wait forever."""
 
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
         integer_at_least("workers", self.workers, 0)
+        if not self.timeout >= 0:  # NaN too
+            fail("timeout", self.timeout, "seconds >= 0 (0: wait forever)")
         if not 0.0 < self.val_fraction < 1.0:
             fail("val_fraction", self.val_fraction, "a number in (0, 1)")
         if self.kind == "text-text" and self.pairs is None:
@@ -343,7 +348,7 @@ def main(cfg: Config) -> dict:
     workers = cfg.data.workers if files else 0
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
-        return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, **kw)
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, timeout=cfg.data.timeout, **kw)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -427,7 +432,8 @@ def main(cfg: Config) -> dict:
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
     train_loader, positions = train_batches(train_source, state, batch_size=cfg.batch_size,
                                             seed=cfg.train.seed, workers=workers, shards=shards,
-                                            with_epoch=files, skip_unreadable=cfg.data.skip_unreadable)
+                                            with_epoch=files, skip_unreadable=cfg.data.skip_unreadable,
+                                            timeout=cfg.data.timeout)
     batches = iter(train_loader)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C

@@ -350,7 +350,8 @@ def main(cfg: Config) -> dict:
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
-                             batch_size=cfg.batch_size, pin_memory=device.type == "cuda", **kw)
+                             timeout=cfg.data.timeout, batch_size=cfg.batch_size,
+                             pin_memory=device.type == "cuda", **kw)
 
     def knn(net: nn.Module) -> float:  # the frozen net's features of the labelled images, eval mode
         fit, held = (loader_features(net, loader(d), lambda x: prep(to_unit(x)))
@@ -427,7 +428,7 @@ def main(cfg: Config) -> dict:
     raw_batches, positions = train_batches(
         ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
         workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
-        with_epoch=files, pin_memory=device.type == "cuda")
+        timeout=cfg.data.timeout, with_epoch=files, pin_memory=device.type == "cuda")
     # Colours (and the digits' crops) draw from the global RNG, which the checkpoint restores too.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
     batches = Prefetch(raw_batches, prepare, device, enabled=prefetch)

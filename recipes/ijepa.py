@@ -368,7 +368,7 @@ def main(cfg: Config) -> dict:
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
-                             batch_size=cfg.batch_size, **kw)
+                             timeout=cfg.data.timeout, batch_size=cfg.batch_size, **kw)
 
     # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
     state, group_level = jepa_train_state(model, target_encoder, strategy=cfg.dist.strategy, device=device,
@@ -420,7 +420,7 @@ def main(cfg: Config) -> dict:
     train_loader, positions = train_batches(
         ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
         workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
-        with_epoch=files)
+        timeout=cfg.data.timeout, with_epoch=files)
     batches = iter(train_loader)
     watch = target_collapse_watch(cfg.alarm, depths)
     started = time.perf_counter() - state.extras["wall_s"]

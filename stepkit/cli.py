@@ -19,9 +19,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stepkit import dist
 from stepkit.checkpoint.errors import SaveFailed
 from stepkit.config import INVOCATION_FIELDS, flat_config
-from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, Diverged
+from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, DataError, DataStalled, Diverged
+from stepkit.loader import error_line
 
 __all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
            "unknown_flag_error"]
@@ -338,28 +340,25 @@ def _as_flags(key: str, value: Any, current: Any) -> list[str]:
         return [flag, *(str(v) for v in value)]
     return [flag, str(value)]
 
-def _one_line(err: BaseException) -> str:
-    """The error's own message: a DataLoader worker's error arrives wrapped in its traceback text."""
-    message = str(err)
-    if "Original Traceback" in message:  # "Caught X in DataLoader worker ... Original Traceback ... X: msg"
-        last = message.rstrip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    return message
-
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def run_main(main: Any, parse: Any) -> None:
     """A recipe's ``__main__``: ``main(parse())`` with one-line errors instead of tracebacks.
 
-    A config or data error (``ValueError``, ``CheckpointError``) or a missing
-    optional extra (an ``ImportError`` that says what to ``pip install``)
-    prints ``error: ...`` and exits 1; a run stopped for non-finite updates
-    (``stepkit.faults.Diverged``) prints its line and exits 65, one that
-    could not write a checkpoint (``SaveFailed``) or any file for a full
-    disk or quota exits 74;
-    Ctrl-C outside the training loop (or twice inside it) prints one line
-    and exits 130, the shell's code for SIGINT.
+    A config or data error (``ValueError``, ``CheckpointError``), a sample
+    that cannot be read while training (``DataError``), a loader that
+    stalled (``DataStalled``) or a missing optional extra (an
+    ``ImportError`` that says what to ``pip install``) prints ``error: ...``
+    and exits 1, the loader's workers already ended (``stepkit.loader``);
+    under torchrun a data error is noted for the other ranks, which stop
+    with its line too, and for the agent's restarts, which refuse to run
+    into it again (``stepkit.dist.note_data_error``). A run stopped for
+    non-finite updates (``stepkit.faults.Diverged``) prints its line and
+    exits 65, one that could not write a checkpoint (``SaveFailed``) or any
+    file for a full disk or quota exits 74; Ctrl-C outside the training
+    loop (or twice inside it) prints one line and exits 130, the shell's
+    code for SIGINT.
 
     Examples:
         >>> def main(cfg):
@@ -372,14 +371,19 @@ def run_main(main: Any, parse: Any) -> None:
     """
     try:
         main(parse())
+    except DataError as err:
+        dist.note_data_error(error_line(err))
+        sys.exit(f"error: {error_line(err)}")
+    except DataStalled as err:
+        sys.exit(f"error: {err}")
     except Diverged as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
     except SaveFailed as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_SAVE_FAILED)
     except ValueError as err:
-        sys.exit(f"error: {_one_line(err)}")
+        sys.exit(f"error: {error_line(err)}")
     except ImportError as err:
         if "pip install" not in str(err):  # not one of stepkit's "install the extra" messages
             raise
@@ -398,3 +402,8 @@ def run_main(main: Any, parse: Any) -> None:
               "free space (or choose another --run-dir) and continue with --resume",
               file=sys.stderr, flush=True)
         sys.exit(EXIT_SAVE_FAILED)
+    except Exception:
+        noted = dist.noted_data_error()  # under torchrun: a collective that lost the rank that stopped
+        if noted is None:
+            raise
+        sys.exit(f"error: {noted} (rank {dist.rank()} stopped with it)")

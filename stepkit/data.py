@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from stepkit import check as _check
+from stepkit.loader import seeded_loader
 
 __all__ = ["MODALITIES", "FMRI_ARRAYS", "load_fmri_npz", "SERIES_ARRAYS", "load_series_npz", "series_windows",
            "windowed_series", "tokenized_sentences", "time_blocks",
@@ -377,48 +378,9 @@ class ResumableSampler:
             epoch, offset = epoch + 1, 0
 
 
-def seeded_loader(dataset: Any, *, seed: int, workers: int = 0, **kwargs: Any) -> Any:
-    """A ``DataLoader`` whose shuffling and worker seeds come from ``seed``, whose workers leave stop
-    signals to the main process.
-
-    Its own generator: a DataLoader otherwise draws its base seed from the
-    global RNG, so a resumed run would draw it at another point of the
-    stream. Its worker processes ignore SIGTERM, SIGUSR1 and SIGINT
-    (``stepkit.signals.leave_stop_signals_to_main``): a scheduler signals
-    the whole process group (SLURM, ``scancel``, ``timeout``), and a worker
-    that died of it would end the run in "DataLoader worker is killed by
-    signal" before the main process could save. A ``worker_init_fn`` given
-    in ``kwargs`` runs after that.
-
-    Args:
-        dataset: What to load.
-        seed: The run's seed.
-        workers: ``num_workers``.
-        **kwargs: Any other ``DataLoader`` argument (``batch_size``, ``sampler``, ...).
-
-    Returns:
-        The ``DataLoader``.
-
-    Examples:
-        >>> import torch
-        >>> first = [b.tolist() for b in seeded_loader(torch.arange(6), seed=0, batch_size=3, shuffle=True)]
-        >>> first == [b.tolist() for b in seeded_loader(torch.arange(6), seed=0, batch_size=3, shuffle=True)]
-        True
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from stepkit.signals import leave_stop_signals_to_main
-
-    then = kwargs.pop("worker_init_fn", None)
-    init = leave_stop_signals_to_main if then is None else _Chained(leave_stop_signals_to_main, then)
-    return DataLoader(dataset, num_workers=workers, generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=init if workers else then, **kwargs)
-
-
 def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
                   shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
-                  **loader_kwargs: Any) -> tuple[Any, Any]:
+                  timeout: float = 0, **loader_kwargs: Any) -> tuple[Any, Any]:
     """A run's training batches, starting where ``state`` left off: a ``seeded_loader`` over an
     epoch-seeded ``ResumableSampler`` of ``source``, or over this rank's shard stream.
 
@@ -438,6 +400,7 @@ def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, worker
         shards: The shard files (None: ``source`` is the dataset).
         skip_unreadable: Shards: count and skip unreadable samples instead of stopping.
         with_epoch: The sampler yields ``(index, epoch)`` (``stepkit.images.TrainImages``).
+        timeout: Seconds to wait for a batch before ``stepkit.faults.DataStalled`` (0: forever).
         **loader_kwargs: Any other ``DataLoader`` argument (``pin_memory``, ...).
 
     Returns:
@@ -464,23 +427,13 @@ def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, worker
 
         stream, positions = resumable_stream(shards, source, state, seed=seed, workers=workers,
                                              skip_unreadable=skip_unreadable)
-        loader = seeded_loader(stream, seed=seed, workers=workers, batch_size=batch_size, **loader_kwargs)
+        loader = seeded_loader(stream, seed=seed, workers=workers, batch_size=batch_size, timeout=timeout,
+                               **loader_kwargs)
         return loader, positions
     sampler = ResumableSampler(len(source), seed=seed, start=state.data_position * batch_size,
                                rank=dist.rank(), world=dist.world_size(), with_epoch=with_epoch)
     return seeded_loader(source, seed=seed, workers=workers, batch_size=batch_size, sampler=sampler,
-                         drop_last=True, **loader_kwargs), None
-
-
-class _Chained:
-    """Two worker_init_fns, one after the other (a class: it must pickle for spawned workers)."""
-
-    def __init__(self, first: Any, then: Any) -> None:
-        self.first, self.then = first, then
-
-    def __call__(self, worker_id: int) -> None:
-        self.first(worker_id)
-        self.then(worker_id)
+                         drop_last=True, timeout=timeout, **loader_kwargs), None
 
 
 class Prefetch:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from stepkit import check as _check
 
-__all__ = ["Strategy", "DistConfig", "launched_by_torchrun", "init_from_env", "is_initialized", "rank",
+__all__ = ["Strategy", "DistConfig", "launched_by_torchrun", "init_from_env", "note_data_error",
+           "noted_data_error", "is_initialized", "rank",
            "world_size", "is_main", "barrier", "shutdown", "any_rank", "gather_to_main",
            "same_on_all_ranks", "broadcast_buffers",
            "all_reduce_mean", "all_gather_with_grad", "parallelize", "dtensor_type", "is_sharded"]
@@ -111,16 +112,82 @@ def _restart_store() -> dist.Store | None:
     several machines: each agent counts its own restarts, and they differ.
     So the group agrees on a fresh namespace (``_agree_on_namespace``).
     None (torch's own ``env://``) where the store is not shared.
+
+    A group started after a rank noted a data error (``note_data_error``)
+    refuses to run: the same sample would stop it again, and the agent
+    would restart it until its restarts ran out.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
     from torch.distributed.constants import default_pg_timeout
 
-    world = int(os.environ["WORLD_SIZE"])
-    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                           is_master=False, timeout=default_pg_timeout)
-    rank, timeout_s = int(os.environ["RANK"]), default_pg_timeout.total_seconds()
+    shared = _agent_store(default_pg_timeout.total_seconds())
+    if shared is None:
+        return None
+    if shared.check([_DATA_ERROR_KEY]):
+        noted = shared.get(_DATA_ERROR_KEY).decode()
+        raise ValueError(f"not started again after torchrun's restart: {noted}; it would stop the run at "
+                         "the same sample again: fix the data (or pass "
+                         "--data.skip-unreadable), then start torchrun again with --resume")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout_s = default_pg_timeout.total_seconds()
     return dist.PrefixStore(f"stepkit/{_agree_on_namespace(shared, rank, world, timeout_s)}/", shared)
+
+
+_DATA_ERROR_KEY = "stepkit/data_error"
+
+
+def _agent_store(timeout_s: float) -> dist.Store | None:
+    """A client of torchrun's agent store (shared by every agent of the job, kept across restarts), or None
+    where the workers are not given it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    env = os.environ
+    return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def note_data_error(line: str) -> None:
+    """Under torchrun, leave a data error where the job's other ranks and its restarted workers read it.
+
+    ``stepkit.cli.run_main`` calls it with a ``stepkit.faults.DataError``'s
+    line. A restart by ``--max-restarts`` then refuses to start (in
+    ``init_from_env``) instead of training up to the same sample again, and
+    a rank that lost its peer in a collective says why (``noted_data_error``).
+    The note lives in torchrun's agent store, so a new ``torchrun`` starts
+    afresh. Outside torchrun, or where the store cannot be reached, nothing
+    happens.
+
+    Args:
+        line: The error's one line (it names the file).
+
+    Examples:
+        >>> note_data_error("st/0002.tar: cut off")  # not under torchrun: nothing to tell
+        >>> noted_data_error() is None
+        True
+    """
+    try:
+        store = _agent_store(5.0)
+        if store is not None and not store.check([_DATA_ERROR_KEY]):
+            store.set(_DATA_ERROR_KEY, f"rank {os.environ.get('RANK', '?')} stopped on a data error: {line}")
+    except (RuntimeError, OSError, ValueError, KeyError):  # the agent gone: there is no restart to stop
+        pass
+
+
+def noted_data_error() -> str | None:
+    """The data error a rank of this torchrun job noted (``note_data_error``), or None.
+
+    Examples:
+        >>> noted_data_error() is None  # not under torchrun
+        True
+    """
+    try:
+        store = _agent_store(5.0)
+        if store is not None and store.check([_DATA_ERROR_KEY]):
+            return store.get(_DATA_ERROR_KEY).decode()
+    except (RuntimeError, OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 def _agree_on_namespace(store: dist.Store, rank: int, world: int, timeout_s: float) -> str:

@@ -6,7 +6,9 @@ A scheduler reads the exit code to decide what to do next:
 code  name                   what happened; what a job script should do
 ====  =====================  ==============================================================
 0                            the run finished: ``summary.json`` holds its results
-1                            bad input or a bug: one ``error:`` line says which flag or file
+1                            bad input or a bug: one ``error:`` line says which flag or file;
+                             a sample that cannot be read (``DataError``) or a loader that
+                             stalled (``DataStalled``) too: fix the data, do not requeue
 65    ``EXIT_DIVERGED``      ``--train.max-skipped`` updates in a row were non-finite: do not
                              requeue; lower the lr or resume from the checkpoint it names
 74    ``EXIT_SAVE_FAILED``   a checkpoint could not be written (disk full, quota): free space,
@@ -29,7 +31,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.signals import EXIT_STOPPED
 
-__all__ = ["EXIT_DIVERGED", "EXIT_SAVE_FAILED", "EXIT_STOPPED", "Diverged", "NonFiniteWatch"]
+__all__ = ["EXIT_DIVERGED", "EXIT_SAVE_FAILED", "EXIT_STOPPED", "DataError", "DataStalled", "Diverged",
+           "NonFiniteWatch"]
 
 EXIT_DIVERGED = 65
 """A run stopped after ``--train.max-skipped`` non-finite updates in a row (``EX_DATAERR``): its
@@ -49,6 +52,33 @@ class Diverged(RuntimeError):
     """
 
     exit_code = EXIT_DIVERGED
+
+
+class DataError(ValueError):
+    """A sample that could not be read while a loader was iterated (in a DataLoader worker or not): the
+    message is the original error's own line, which names the file. ``stepkit.cli.run_main`` prints it and
+    exits 1; under torchrun it also tells the agent's restarts not to run the same data again
+    (``stepkit.dist.note_data_error``).
+
+    Examples:
+        >>> DataError("st/0002.tar: cut off or not a tar shard").exit_code
+        1
+    """
+
+    exit_code = 1
+
+
+class DataStalled(RuntimeError):
+    """A loader that produced no batch for ``--data.timeout`` seconds: the message names the DataLoader
+    workers it was waiting for (or, without workers, where the main process was). ``run_main`` prints it
+    and exits 1.
+
+    Examples:
+        >>> DataStalled("no batch for 5 s: waiting for worker 1 (pid 42)").exit_code
+        1
+    """
+
+    exit_code = 1
 
 
 class NonFiniteWatch:

@@ -701,9 +701,14 @@ class ImageDataConfig:
     skip_unreadable: bool = False
     """Image files and shards: leave out what cannot be decoded (folders are checked before training;
     the count is in the summary) instead of stopping with an error naming the first one."""
+    timeout: float = may_change_on_resume(600.0)
+    """Seconds the loop waits for one batch before it stops, naming the DataLoader workers it waited for
+    (a read hung on a network filesystem, a pipe); 0: wait forever."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("workers", self.workers, 0)
+        if not self.timeout >= 0:  # NaN too
+            _check.fail("timeout", self.timeout, "seconds >= 0 (0: wait forever)")
         if self.root is not None and self.shards is not None:
             _check.fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 
