@@ -52,7 +52,7 @@ from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import seeded_loader, train_batches
-from stepkit.evaluation import chance_recall_at_k, retrieval_metrics
+from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
 from stepkit.faults import NonFiniteWatch
 from stepkit.gradcache import gradcache
 from stepkit.images import CropPlan, EvalImages, TrainImages
@@ -242,6 +242,7 @@ def main(cfg: Config) -> dict:
         data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
         train_texts, test_texts = data["train_captions"], data["test_captions"]
         test_ids = data["test_caption_ids"]
+        test_pairs = (range(len(test_ids)), test_ids.tolist())  # each image once; equal ids: one caption
         train_source = TensorDataset(data["train_images"], torch.arange(len(train_texts)))
         test_source = TensorDataset(data["test_images"], test_ids)
         in_chans, files, skipped = data["train_images"].shape[1], False, 0
@@ -254,8 +255,9 @@ def main(cfg: Config) -> dict:
             train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
         else:
             train, held = pairs, read_text_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
-        train_texts, test_texts, test_ids = train.positives, held.positives, torch.tensor(held.ids)
+        train_texts, test_texts = train.positives, held.positives
         train_anchors, test_anchors = train.anchors, held.anchors
+        test_pairs = (test_anchors, test_texts)
         train_source = TensorDataset(torch.arange(len(train)))
         in_chans, files, skipped = 0, False, len(pairs.skipped) + len(held.skipped)
         if dist.is_main():
@@ -283,7 +285,8 @@ def main(cfg: Config) -> dict:
             train_source = TrainImages(train.images, plan, seed=cfg.train.seed, flag="data.pairs")
             train_about = f"{len(train)} training pairs of {len(set(train.ids))} images"
             skipped = len(pairs.skipped) + len(held.skipped)
-        test_texts, test_ids = held.texts, torch.tensor(held.ids)
+        test_texts = held.texts
+        test_pairs = (held.ids, test_texts)  # held.ids number the images
         test_source = EvalImages(held.images, held.ids, size=cfg.data.image_size, flag="data.pairs")
         in_chans, files = 3, True
         mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
@@ -361,7 +364,13 @@ def main(cfg: Config) -> dict:
             image = torch.cat([model.image(prep(x.to(device))) for x, _ in batches])
         text = model.text(**test_tokens)
         model.train()  # a locked image encoder stays in eval mode (stepkit.models.lock)
-        return retrieval_metrics(image, text, (1, 5, 10), ids=test_ids)
+        return retrieval_metrics(image, text, (1, 5, 10), relevant=relevant)
+
+    # A hit is any image or text equal to the query's partner: identical captions are one target.
+    relevant = paired_relevance(*test_pairs)
+    repeats = repeated_targets_line(test_texts, "texts" if text_only else "captions")
+    if repeats and dist.is_main():
+        print(repeats, flush=True)
 
     before = evaluate()
     # Under torchrun: DDP, or FSDP2 with each tower sharded on its own (evaluation calls them
@@ -469,15 +478,14 @@ def main(cfg: Config) -> dict:
     train_s = time.perf_counter() - started
 
     after = evaluate()
-    ids = test_ids
-    n = len(ids)
+    n = len(relevant)
     summary = {
         "steps": state.step,
         "wall_s": round(train_s, 3),
         **after,
         **{f"{k}_before": v for k, v in before.items()},
-        "recall_at_1_chance": chance_recall_at_k(n, n, 1, query_ids=ids, key_ids=ids),
-        "recall_at_5_chance": chance_recall_at_k(n, n, 5, query_ids=ids, key_ids=ids),
+        "recall_at_1_chance": chance_recall_at_k(n, n, 1, relevant=relevant),
+        "recall_at_5_chance": chance_recall_at_k(n, n, 5, relevant=relevant),
         "logit_scale": float(model.logit_scale().detach()),
         **nonfinite.summary(state),  # skipped_steps, first_nonfinite
         "skipped_unreadable": skipped + (positions.skipped if positions is not None else 0),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,8 @@ from stepkit.step import at_least_float32
 
 __all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "loader_features",
            "knn_accuracy", "PROBE_CS", "validation_split", "linear_probe", "fit_logistic",
-           "linear_probe_accuracy", "recall_at_k", "chance_recall_at_k", "retrieval_metrics", "frozen_probes",
-           "probes_line"]
+           "linear_probe_accuracy", "recall_at_k", "paired_relevance", "repeated_targets_line",
+           "chance_recall_at_k", "retrieval_metrics", "frozen_probes", "probes_line"]
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -449,7 +449,67 @@ def linear_probe_accuracy(
 # --- retrieval ------------------------------------------------------------------------------
 
 
-def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: Tensor | None) -> Tensor:
+def paired_relevance(left: Sequence[Hashable], right: Sequence[Hashable]) -> Tensor:
+    """Which right-hand items answer each left-hand one, for held-out pairs ``(left[m], right[m])`` in which
+    an item may repeat: ``R[i, j]`` is True when some pair joins an item equal to ``left[i]`` to one equal
+    to ``right[j]``.
+
+    Identical captions are one target: a caption written for two images is a hit for either, and an image
+    captioned twice is found by either caption. Counting only row ``i`` as row ``i``'s match would score a
+    perfect model at 1 / (copies) on such data. Image → text recall reads ``R``, text → image ``R.T``.
+
+    Args:
+        left: Each row's left item or its identity (an image's path or id, an anchor text).
+        right: Each row's right item or its identity (a caption, a positive text).
+
+    Returns:
+        ``(N, N)`` bool.
+
+    Examples:
+        >>> paired_relevance(["a.jpg", "b.jpg", "c.jpg"], ["a bar", "a bar", "a disc"]).int()
+        tensor([[1, 1, 0],
+                [1, 1, 0],
+                [0, 0, 1]], dtype=torch.int32)
+    """
+    if len(left) != len(right):
+        raise ValueError(f"{len(left)} left items and {len(right)} right items: a pair is one of each")
+    left_ids, right_ids = _first_seen(left), _first_seen(right)
+    table = torch.zeros(int(left_ids.max()) + 1, int(right_ids.max()) + 1, dtype=torch.bool)
+    table[left_ids, right_ids] = True  # the pairs, between identities
+    return table[left_ids][:, right_ids]
+
+
+def repeated_targets_line(texts: Sequence[Hashable], what: str = "captions") -> str | None:
+    """``"held-out: 60 pairs, 10 distinct captions: identical captions are one target (...)"``, or None when
+    every held-out text differs.
+
+    Examples:
+        >>> repeated_targets_line(["a bar", "a bar", "a disc"])
+        'held-out: 3 pairs, 2 distinct captions: identical captions count as one target in the recall'
+        >>> repeated_targets_line(["a bar", "a disc"]) is None
+        True
+    """
+    distinct = len(set(texts))
+    if distinct == len(texts):
+        return None
+    return (f"held-out: {len(texts)} pairs, {distinct} distinct {what}: identical {what} count as one target "
+            "in the recall")
+
+
+def _first_seen(items: Sequence[Hashable]) -> Tensor:
+    numbers: dict[Hashable, int] = {}
+    return torch.tensor([numbers.setdefault(item, len(numbers)) for item in items], dtype=torch.long)
+
+
+def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: Tensor | None,
+               relevant: Tensor | None = None) -> Tensor:
+    if relevant is not None:
+        if query_ids is not None or key_ids is not None:
+            raise ValueError("give relevant or query_ids and key_ids, not both")
+        if tuple(relevant.shape) != (n_queries, n_keys):
+            raise ValueError(f"relevant {tuple(relevant.shape)} must match the similarity matrix's "
+                             f"{n_queries} x {n_keys}")
+        return relevant.bool().cpu()
     if (query_ids is None) != (key_ids is None):
         raise ValueError("give both query_ids and key_ids, or neither (then key i is query i's match)")
     if query_ids is None:
@@ -466,20 +526,22 @@ def _relevance(n_queries: int, n_keys: int, query_ids: Tensor | None, key_ids: T
 @torch.no_grad()
 def recall_at_k(
     similarity: Tensor, ks: Sequence[int] = (1, 5, 10), *,
-    query_ids: Tensor | None = None, key_ids: Tensor | None = None,
+    query_ids: Tensor | None = None, key_ids: Tensor | None = None, relevant: Tensor | None = None,
 ) -> dict[int, float]:
     """Recall@k of a ``(queries, keys)`` similarity matrix: the fraction of queries with a relevant key
     among their ``k`` most similar.
 
     Key j is relevant to query i when ``query_ids[i] == key_ids[j]`` (e.g.
-    the same caption, or the image a caption was written for); without ids,
-    key i is query i's only match.
+    the same caption, or the image a caption was written for), or where
+    ``relevant[i, j]`` (``paired_relevance``); without either, key i is query
+    i's only match.
 
     Args:
         similarity: ``(queries, keys)`` scores.
         ks: The cut-offs.
         query_ids: ``(queries,)`` ids, with ``key_ids``.
         key_ids: ``(keys,)`` ids.
+        relevant: ``(queries, keys)`` bool, instead of ids.
 
     Returns:
         ``{k: recall}``.
@@ -491,7 +553,7 @@ def recall_at_k(
         >>> recall_at_k(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), ks=(1, 2))  # query 1's match ranks second
         {1: 0.5, 2: 1.0}
     """
-    relevant = _relevance(similarity.shape[0], similarity.shape[1], query_ids, key_ids)
+    relevant = _relevance(similarity.shape[0], similarity.shape[1], query_ids, key_ids, relevant)
     out = {}
     for k in ks:
         _check.integer_at_least("k", k, 1)
@@ -501,7 +563,8 @@ def recall_at_k(
 
 
 def chance_recall_at_k(
-    n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None, key_ids: Tensor | None = None
+    n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None,
+    key_ids: Tensor | None = None, relevant: Tensor | None = None,
 ) -> float:
     """Expected recall@k of a random ranking: mean over queries of ``1 - C(K - r, k) / C(K, k)``,
     with ``r`` the query's relevant keys among ``K``.
@@ -512,6 +575,7 @@ def chance_recall_at_k(
         k: The cut-off.
         query_ids: As in ``recall_at_k``.
         key_ids: As in ``recall_at_k``.
+        relevant: As in ``recall_at_k``.
 
     Returns:
         The expected recall@k of a random ranking.
@@ -523,22 +587,25 @@ def chance_recall_at_k(
         1.0
     """
     k = min(k, n_keys)
-    relevant = _relevance(n_queries, n_keys, query_ids, key_ids).sum(dim=1).tolist()
-    return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in relevant) / n_queries
+    counts = _relevance(n_queries, n_keys, query_ids, key_ids, relevant).sum(dim=1).tolist()
+    return sum(1.0 - math.comb(n_keys - r, k) / math.comb(n_keys, k) for r in counts) / n_queries
 
 
 def retrieval_metrics(
-    image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), *, ids: Tensor | None = None
+    image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), *, ids: Tensor | None = None,
+    relevant: Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
     ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
-    (the same caption): any row with the query's id counts as a hit.
+    (the same caption): any row with the query's id counts as a hit; ``relevant`` (``paired_relevance``)
+    says which caption rows answer each image row where images and captions both repeat.
 
     Args:
         image: ``(N, D)`` image embeddings.
         text: ``(N, D)`` text embeddings, row i paired with image row i.
         ks: The cut-offs.
         ids: ``(N,)`` ids of matching rows (None: row i matches row i only).
+        relevant: ``(N, N)`` bool, image rows by text rows, instead of ``ids``.
 
     Returns:
         ``{"recall_at_{k}_i2t": ..., "recall_at_{k}_t2i": ...}``.
@@ -549,8 +616,12 @@ def retrieval_metrics(
     """
     image, text = F.normalize(at_least_float32(image), dim=-1), F.normalize(at_least_float32(text), dim=-1)
     similarity = image @ text.T
-    kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
-    i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
+    if relevant is not None:
+        i2t = recall_at_k(similarity, ks, relevant=relevant)
+        t2i = recall_at_k(similarity.T, ks, relevant=relevant.T)
+    else:
+        kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
+        i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
     return {**{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
             **{f"recall_at_{k}_t2i": v for k, v in t2i.items()}}
 

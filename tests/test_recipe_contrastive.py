@@ -118,9 +118,18 @@ def pairs_files(tmp_path_factory):
 def test_your_pairs_file_trains_and_reports_recall_before_after(recipe, pairs_files, fmt, tmp_path, capsys):
     summary = recipe.main(small(recipe, tmp_path / "run", "--data.pairs", str(pairs_files[fmt]),
                                 "--batch-size", "8", "--data.workers", "2", "--data.val-fraction", "0.25"))
-    assert "data.pairs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data.pairs" in out
     assert summary["steps"] == 6 and RECALLS <= summary.keys() and summary["skipped_unreadable"] == 0
-    assert summary["recall_at_1_chance"] == pytest.approx(1 / 6)  # 6 held-out images, one caption each
+    # 6 held-out images, one caption each; identical captions are one target (a caption equal to the
+    # image's own counts as a hit), so chance is the mean share of held-out captions equal to the image's
+    from stepkit.pairs import read_pairs, split_pairs
+
+    held = split_pairs(read_pairs(pairs_files[fmt]), 0.25, 0)[1].texts
+    assert len(held) == 6 and len(set(held)) < 6  # the case that counting by row got wrong
+    same = sum(sum(t == u for u in held) for t in held) / 36
+    assert summary["recall_at_1_chance"] == pytest.approx(same)
+    assert "held-out: 6 pairs, " in out and "identical captions count as one target" in out
 
 
 @pytest.mark.slow

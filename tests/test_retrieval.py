@@ -2,8 +2,16 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from stepkit.evaluation import chance_recall_at_k, recall_at_k, retrieval_metrics
+from stepkit.evaluation import (
+    chance_recall_at_k,
+    paired_relevance,
+    recall_at_k,
+    repeated_targets_line,
+    retrieval_metrics,
+)
 
 
 def test_recall_at_k_on_a_hand_made_matrix():
@@ -51,3 +59,40 @@ def test_bad_shapes_are_refused():
         recall_at_k(torch.zeros(2, 2), query_ids=torch.arange(2))
     with pytest.raises(ValueError, match="k=0"):
         recall_at_k(torch.zeros(2, 2), (0,))
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from("abcd")), min_size=1, max_size=12))
+def test_paired_relevance_joins_every_copy_of_an_item_to_every_copy_of_its_partners(pairs):
+    left, right = [p[0] for p in pairs], [p[1] for p in pairs]
+    relevant = paired_relevance(left, right)
+    n = len(pairs)
+    expected = [[any(left[m] == left[i] and right[m] == right[j] for m in range(n)) for j in range(n)]
+                for i in range(n)]
+    assert relevant.tolist() == expected
+
+
+def test_a_model_that_finds_every_caption_scores_one_when_captions_repeat():
+    # 60 held-out pairs, 10 distinct captions (6 images each): embeddings that tell the captions apart
+    # perfectly. Counted by row, a caption's hit is 1 of its 6 images: recall@1 1/6.
+    captions = [f"caption {i % 10}" for i in range(60)]
+    image = text = torch.nn.functional.one_hot(torch.arange(60) % 10).float()
+    by_row = retrieval_metrics(image, text, ks=(1,))
+    by_target = retrieval_metrics(image, text, ks=(1,), relevant=paired_relevance(range(60), captions))
+    assert by_row["recall_at_1_t2i"] == pytest.approx(1 / 6)
+    assert by_target == {"recall_at_1_i2t": 1.0, "recall_at_1_t2i": 1.0}
+    assert chance_recall_at_k(60, 60, 1, relevant=paired_relevance(range(60), captions)) == pytest.approx(0.1)
+    assert repeated_targets_line(captions) == ("held-out: 60 pairs, 10 distinct captions: identical captions "
+                                               "count as one target in the recall")
+
+
+def test_an_image_captioned_twice_is_found_by_either_caption_and_finds_either():
+    images, captions = ["a.jpg", "a.jpg", "b.jpg"], ["a cat", "a cat asleep", "a dog"]
+    relevant = paired_relevance(images, captions)
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0]])  # caption 1 ranks image row 0 first
+    assert retrieval_metrics(image, text, ks=(1,), relevant=relevant) == {"recall_at_1_i2t": 1.0,
+                                                                          "recall_at_1_t2i": 1.0}
+    with pytest.raises(ValueError, match="give relevant or query_ids and key_ids, not both"):
+        recall_at_k(torch.zeros(3, 3), relevant=relevant, query_ids=torch.arange(3), key_ids=torch.arange(3))
+    with pytest.raises(ValueError, match=r"relevant \(3, 3\) must match the similarity matrix's 2 x 2"):
+        recall_at_k(torch.zeros(2, 2), relevant=relevant)
