@@ -1,5 +1,6 @@
-"""Data preparation speed: on-device multi-crop against the step (``--case device``), and image files
-decoded and cropped per DataLoader worker against a plain Pillow pipeline (``--case files``).
+"""Data preparation speed: on-device multi-crop against the step (``--case device``), image files
+decoded and cropped per DataLoader worker against a plain Pillow pipeline (``--case files``), and what
+stepkit's watched loader adds to a plain DataLoader per batch (``--case loader``).
 
 ``--case device``, in one run: ``stepkit.augment.multi_crop`` on batches of decoded images
 already on the device (random resized crops, flip, colour jitter,
@@ -26,8 +27,18 @@ Target: stepkit >= 1.5x the plain pipeline, shards >= folders from disk.
     python benchmarks/data.py --case files                  # 200 images of each size
     python benchmarks/data.py --case files --images 8       # smoke test (CI)
 
+``--case loader``: ``stepkit.loader.WatchedLoader`` (its batch timer armed,
+``timeout=600``, as the recipes run it) against ``torch.utils.data.DataLoader``
+over the same small in-memory samples, with 0 and 2 workers, rounds
+alternating the two; the median round's microseconds per batch. Target: the
+watched loader's extra cost per batch is small against any step (tens of
+microseconds).
+
+    python benchmarks/data.py --case loader
+    python benchmarks/data.py --case loader --batches 20 --steps 1   # smoke test (CI)
+
 Prints a table; writes benchmarks/results/data_<device>_<size>.json
-(``data_files_cpu.json`` for the files case).
+(``data_files_cpu.json`` for the files case, ``data_loader_cpu.json`` for the loader case).
 """
 
 from __future__ import annotations
@@ -205,9 +216,46 @@ def _each(items, plain=None, source=None, *, epoch: int = 0) -> None:
             next(source)
 
 
+def loader_case(args) -> dict:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stepkit.loader import WatchedLoader
+
+    samples = TensorDataset(torch.randn(args.batches * 16, 64), torch.arange(args.batches * 16))
+    rows = []
+    for workers in (0, 2):
+        loaders = {"DataLoader": DataLoader(samples, batch_size=16, num_workers=workers),
+                   "WatchedLoader": WatchedLoader(samples, batch_size=16, num_workers=workers, timeout=600)}
+        rounds: dict[str, list[float]] = {name: [] for name in loaders}
+        for r in range(args.steps + 1):  # round 0 warms up (workers started, pages touched)
+            for name in sorted(loaders, reverse=bool(r % 2)):
+                started = time.perf_counter()
+                for _ in loaders[name]:
+                    pass
+                if r:
+                    rounds[name].append((time.perf_counter() - started) / args.batches * 1e6)
+        plain, watched = (statistics.median(rounds[n]) for n in ("DataLoader", "WatchedLoader"))
+        rows.append(dict(workers=workers, dataloader_us=round(plain, 1), watched_us=round(watched, 1),
+                         extra_us=round(watched - plain, 1)))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    result = dict(benchmark="data", case="loader", batches=args.batches, batch=16, rounds=args.steps,
+                  torch=torch.__version__, date=date, rows=rows)
+    print(f"microseconds per batch, {args.batches} batches of 16, median of {args.steps} rounds, "
+          f"torch {torch.__version__}, {result['date']}")
+    print(f"{'workers':>8}{'DataLoader':>12}{'WatchedLoader':>15}{'extra':>8}")
+    for r in rows:
+        print(f"{r['workers']:>8}{r['dataloader_us']:>12.1f}{r['watched_us']:>15.1f}{r['extra_us']:>8.1f}")
+    out = args.out or Path(__file__).parent / "results" / "data_loader_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {os.path.relpath(out)}")
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["device", "files"], default="device")
+    ap.add_argument("--case", choices=["device", "files", "loader"], default="device")
+    ap.add_argument("--batches", type=int, default=2000, help="--case loader: batches a round")
     ap.add_argument("--images", type=int, default=200, help="--case files: JPEGs written of each size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default="vit-s16")
@@ -220,6 +268,9 @@ def main(argv=None) -> dict:
     if args.case == "files":
         args.steps = args.steps or 5
         return files_case(args)
+    if args.case == "loader":
+        args.steps = args.steps or 5
+        return loader_case(args)
     args.steps = args.steps or 20
     device = torch.device(args.device)
     size = SIZES[args.size]
