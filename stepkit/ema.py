@@ -16,7 +16,7 @@ __all__ = ["ema_update", "ema_copy", "target_copy"]
 
 @torch.no_grad()
 def ema_update(
-    target: nn.Module | dict[str, Tensor], online: nn.Module, momentum: float | Tensor
+    target: nn.Module | dict[str, Tensor], online: nn.Module | dict[str, Tensor], momentum: float | Tensor
 ) -> None:
     """``target = momentum * target + (1 - momentum) * online``, in place; buffers copied.
 
@@ -36,7 +36,10 @@ def ema_update(
     Args:
         target: A module with the online module's parameter and buffer names, or
             a dict of tensors keyed like ``online.state_dict()`` (``ema_copy``).
-        online: The trained module; DDP and ``torch.compile`` wrappers are looked through.
+        online: The trained module (DDP and ``torch.compile`` wrappers are looked through), or a dict of
+            tensors keyed like ``target`` (weights trained functionally): the target module's parameters
+            are averaged and its buffers copied (a dict target: floating-point tensors averaged, the
+            others, such as step counters, copied).
         momentum: In [0, 1]; 1 keeps the target, 0 copies the online weights. A
             0-d tensor works too (a tensor-valued schedule in a compiled step).
 
@@ -53,6 +56,9 @@ def ema_update(
     """
     if not isinstance(momentum, Tensor):
         _check.in_range("momentum", momentum, 0.0, 1.0)
+    if not isinstance(online, nn.Module):  # a dict of tensors: nothing to cache the plan on
+        _plan(target, online).run(momentum)
+        return
     online = unwrap(online)
     if isinstance(target, nn.Module):
         target = unwrap(target)
@@ -90,10 +96,10 @@ class _Plan:
     """The grouped tensor lists one ``ema_update`` works on, and what they were built from."""
 
     def __init__(self, groups: dict, buffers: tuple[list[Tensor], list[Tensor]], cacheable: bool,
-                 target: nn.Module | dict[str, Tensor], online: nn.Module) -> None:
+                 target: nn.Module | dict[str, Tensor], online: nn.Module | dict[str, Tensor]) -> None:
         self.groups, self.buffers, self.cacheable = groups, buffers, cacheable
         self.cast = {key: any(o.dtype != t.dtype for t, o in zip(*lists)) for key, lists in groups.items()}
-        self.modules = list(online.modules())
+        self.modules = list(online.modules()) if isinstance(online, nn.Module) else []
         if isinstance(target, nn.Module):
             self.modules += list(target.modules())
         self.identity = _identity(target, self.modules)
@@ -114,9 +120,15 @@ class _Plan:
             torch._foreach_copy_(*self.buffers)
 
 
-def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module) -> _Plan:
-    online_params: dict[str, Tensor] = dict(online.named_parameters())
-    online_buffers = dict(online.named_buffers())
+def _plan(target: nn.Module | dict[str, Tensor], online: nn.Module | dict[str, Tensor]) -> _Plan:
+    if isinstance(online, nn.Module):
+        online_params: dict[str, Tensor] = dict(online.named_parameters())
+        online_buffers = dict(online.named_buffers())
+    else:  # a dict: split as the target module is, or else average what can be (integer counters copied)
+        averaged = (dict(target.named_parameters()).keys() if isinstance(target, nn.Module)
+                    else {k for k, v in online.items() if v.is_floating_point()})
+        online_params = {k: v for k, v in online.items() if k in averaged}
+        online_buffers = {k: v for k, v in online.items() if k not in averaged}
     if isinstance(target, nn.Module):
         target_params: dict[str, Tensor] = dict(target.named_parameters())
         target_buffers = dict(target.named_buffers())

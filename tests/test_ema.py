@@ -84,6 +84,29 @@ def test_dict_target_evaluated_with_functional_call():
     torch.testing.assert_close(functional_call(online, target, (x,)), module_target(x), rtol=0, atol=0)
 
 
+def test_a_dict_of_tensors_is_an_online_too():
+    # weights trained functionally (torch.func): a dict online, into a module target or a dict one
+    online = net(1)
+    train_bn_stats(online)
+    weights = {k: v.detach().clone() for k, v in online.state_dict().items()}
+    module_target, dict_target = copy.deepcopy(net(2)), ema_copy(net(2))
+    before_module = copy.deepcopy(module_target.state_dict())
+    before_dict = {k: v.clone() for k, v in dict_target.items()}
+    ema_update(module_target, weights, 0.75)
+    ema_update(dict_target, weights, 0.75)
+    buffers = {name for name, _ in online.named_buffers()}
+    for name, value in module_target.state_dict().items():  # the module's split: buffers copied
+        expected = weights[name] if name in buffers else 0.75 * before_module[name] + 0.25 * weights[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-15)
+    for name, value in dict_target.items():  # a dict's: floats averaged, the batch counter copied
+        floating = value.is_floating_point()
+        expected = 0.75 * before_dict[name] + 0.25 * weights[name] if floating else weights[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-15)
+    assert int(dict_target["1.num_batches_tracked"]) == 1
+    with pytest.raises(ValueError, match="0.weight"):
+        ema_update(dict_target, {k: v for k, v in weights.items() if k != "0.weight"}, 0.5)
+
+
 def test_ddp_and_compile_wrappers_are_seen_through():
     target, online = net(0), net(1)
     wrapped = torch.compile(online)  # lazy: nothing is compiled until called

@@ -148,7 +148,17 @@ def test_export_refuses_without_writing(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no checkpoints here"):
         export(empty, "teacher", tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match=r"kept.safetensors is a file, not a folder; choose another path"):
+        export(run, "teacher", tmp_path / "kept.safetensors" / "e.safetensors")
+    assert (tmp_path / "kept.safetensors").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept.safetensors", "run"]
+
+
+def test_export_makes_the_folders_of_a_new_path(tmp_path):
+    run, _, _ = saved_run(tmp_path, SmallCNN(1, (8,)))
+    out = export(run, "teacher", tmp_path / "new" / "dir" / "teacher")
+    assert out == tmp_path / "new" / "dir" / "teacher.safetensors"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["teacher.json", "teacher.safetensors"]
 
 
 def test_find_checkpoint_names_what_a_run_holds(tmp_path):

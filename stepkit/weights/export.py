@@ -8,7 +8,7 @@ Formats:
 
 - ``safetensors``: one file (tensors only, nothing that runs code), with the
   part's description in its header (architecture, input size, channels,
-  normalisation, step, the run's config hash) and again in ``PATH.json``.
+  normalisation, step, the run's config hash) and again beside it in ``STEM.json``.
   ``load_exported(PATH)`` rebuilds the module from it, without the recipe.
 - ``timm`` (ViT parts): a folder timm reads as it is, ``config.json`` and
   ``model.safetensors`` under timm's names, e.g.
@@ -86,8 +86,9 @@ def export(source: str | os.PathLike, part: str, out: str | os.PathLike, *, form
         out = out.with_suffix(".safetensors")
     if out.exists() and not force:
         raise ValueError(f"out={str(out)!r} exists; choose another path or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise ValueError(f"out={str(out)!r}: its folder {out.parent} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"out={str(out)!r}: {out.parent} is a file, not a folder; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as torch.save users expect of a new path
     state, info = read_part(source, part, checkpoint=checkpoint)
     arch = info["arch"]
     if format == "timm" and arch["class"] != "VisionTransformer":
