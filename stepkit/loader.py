@@ -66,12 +66,11 @@ class WatchedLoader(DataLoader):
     becomes ``stepkit.faults.DataStalled``, naming the workers it waited for
     and the line each was at (asked with SIGUSR2, which makes a worker write
     its stack, ``faulthandler``), or, without workers, the line the main
-    process was at. Either way the workers are
-    ended first (SIGKILL: they ignore SIGTERM), so the error's exit is
-    prompt, and so is any other exit (an exit hook ends the workers of
-    iterators still alive). The timeout is a ``SIGALRM`` timer armed around
-    each batch on the main thread (elsewhere: no timeout); the DataLoader's
-    own ``timeout`` is left at 0.
+    process was at. Either way the workers are ended first (SIGKILL: they
+    ignore SIGTERM), so the error's exit is prompt, and so is any other exit
+    (an exit hook ends the workers of iterators still alive). The timeout is
+    a ``SIGALRM`` timer armed around each batch on the main thread
+    (elsewhere: no timeout); the DataLoader's own ``timeout`` is left at 0.
 
     Args:
         *args: ``DataLoader``'s.
