@@ -91,7 +91,7 @@ def test_the_main_process_stalled_without_workers_names_the_line_it_was_at():
 
 
 def test_a_stalled_worker_is_named_with_its_pid_and_line_and_every_worker_ends():
-    batches = iter(seeded_loader(Samples(hang=4), seed=0, workers=2, batch_size=2, timeout=2))
+    batches = iter(seeded_loader(Samples(hang=4), seed=0, workers=2, batch_size=2, timeout=3))
     assert [next(batches).tolist() for _ in range(2)] == [[[0], [1]], [[2], [3]]]
     workers = batches._inner._workers
     with pytest.raises(DataStalled) as caught:
@@ -234,9 +234,9 @@ def test_contrastive_on_a_cut_off_pair_shard_ends_with_its_line(workers, tmp_pat
 def test_a_shard_whose_read_hangs_ends_the_run_after_data_timeout(tmp_path):
     # without workers, the main process's place is named instead (the unit test above)
     pattern = write_shards(tmp_path / "shards", 4, 12, captions=False)
-    done = run_recipe(recipe("dino", "--data.shards", pattern, "--data.workers", "2", "--data.timeout", "2",
+    done = run_recipe(recipe("dino", "--data.shards", pattern, "--data.workers", "2", "--data.timeout", "3",
                              *SMALL, faults=("--hang", "0002.tar")), tmp_path)
-    assert_stopped_on(done, tmp_path / "run", "no batch for 2 s (--data.timeout)",
+    assert_stopped_on(done, tmp_path / "run", "no batch for 3 s (--data.timeout)",
                       "the DataLoader waited for worker ", f"{FAULTS}:", "(hang_on)")
 
 
