@@ -80,6 +80,26 @@ class TextPairs:
 
 def _rows(path: Path, kind: str, columns: tuple[str, str], flag: str):
     """``(row label, {column: value})`` per row; raises ValueError for a malformed file or row."""
+    try:
+        yield from _records(path, kind, columns, flag)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """The first line of ``path`` that is not UTF-8, named with its line, column and byte."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            byte = line[err.start]
+            return ValueError(f"{path}:{number}: not UTF-8 (byte 0x{byte:02x} at column {err.start + 1}); "
+                              f"pairs files are read as UTF-8 (with or without a BOM): save it as UTF-8, "
+                              f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8{path.suffix}")
+    return ValueError(f"{path}: not UTF-8; pairs files are read as UTF-8 (with or without a BOM)")
+
+
+def _records(path: Path, kind: str, columns: tuple[str, str], flag: str):
     if kind in ("csv", "tsv"):
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM, as Excel writes
             reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")

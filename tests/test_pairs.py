@@ -135,3 +135,21 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_as_any_other(tmp_path):
     path = write_pairs(tmp_path, 1, "csv")
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Excel's "CSV UTF-8" writes
     assert len(read_pairs(path)) == 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path, fmt):
+    from stepkit.pairs import read_text_pairs
+
+    rows = ["anchor,positive", "a tea?,a hot drink", "a coffee?,a caf\u00e9 drink"]
+    if fmt == "jsonl":
+        rows = [f'{{"anchor": "{a}", "positive": "{b}"}}' for a, b in (r.split(",") for r in rows[1:])]
+    path = tmp_path / f"qa.{fmt}"
+    path.write_bytes("\n".join(rows).encode("latin-1"))  # é is 0xe9 in latin-1, not UTF-8
+    line = 3 if fmt == "csv" else 2
+    column = rows[line - 1].index("\u00e9") + 1
+    with pytest.raises(ValueError) as caught:
+        read_text_pairs(path)
+    assert str(caught.value) == (f"{path}:{line}: not UTF-8 (byte 0xe9 at column {column}); pairs files "
+                                 "are read as UTF-8 (with or without a BOM): save it as UTF-8, e.g. iconv -f "
+                                 f"latin1 -t utf-8 qa.{fmt} > utf8.{fmt}")
