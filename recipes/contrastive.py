@@ -128,8 +128,7 @@ class Data:
     def __post_init__(self) -> None:
         integer_at_least("image_size", self.image_size, 8)
         integer_at_least("workers", self.workers, 0)
-        if not self.timeout >= 0:  # NaN too
-            fail("timeout", self.timeout, "seconds >= 0 (0: wait forever)")
+        at_least("timeout", self.timeout, 0.0)  # finite: 0 is the way to wait forever
         if not 0.0 < self.val_fraction < 1.0:
             fail("val_fraction", self.val_fraction, "a number in (0, 1)")
         if self.kind == "text-text" and self.pairs is None:

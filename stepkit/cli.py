@@ -372,8 +372,9 @@ def run_main(main: Any, parse: Any) -> None:
     try:
         main(parse())
     except DataError as err:
-        dist.note_data_error(error_line(err))
-        sys.exit(f"error: {error_line(err)}")
+        line = error_line(err)
+        dist.note_data_error(line)
+        sys.exit(f"error: {line}")
     except DataStalled as err:
         sys.exit(f"error: {err}")
     except Diverged as err:

@@ -707,8 +707,7 @@ class ImageDataConfig:
 
     def __post_init__(self) -> None:
         _check.integer_at_least("workers", self.workers, 0)
-        if not self.timeout >= 0:  # NaN too
-            _check.fail("timeout", self.timeout, "seconds >= 0 (0: wait forever)")
+        _check.at_least("timeout", self.timeout, 0.0)  # finite: 0 is the way to wait forever
         if self.root is not None and self.shards is not None:
             _check.fail("shards", self.shards, "None when --data.root is set (one source of training images)")
 

@@ -91,7 +91,7 @@ class WatchedLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, timeout: float = 0, **kwargs: Any) -> None:
-        if not timeout >= 0:  # NaN too
+        if not 0 <= timeout < float("inf"):  # NaN too; infinity overflows the timer: 0 waits forever
             raise ValueError(f"data.timeout={timeout} is not allowed: expected seconds >= 0 (0: forever)")
         if kwargs.get("num_workers", 0) and _STACK_SIGNAL is not None:
             kwargs["worker_init_fn"] = _Chained(_StackOnSignal(_stack_folder()), kwargs.get("worker_init_fn"))

@@ -106,7 +106,7 @@ def test_a_stalled_worker_is_named_with_its_pid_and_line_and_every_worker_ends()
 
 def test_a_timeout_of_zero_waits_and_a_negative_one_is_refused():
     assert list(WatchedLoader(Samples(), batch_size=4, timeout=0))[1].tolist() == [[4], [5], [6], [7]]
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"data.timeout=.* is not allowed: expected seconds >= 0"):
             WatchedLoader(Samples(), timeout=bad)
 
