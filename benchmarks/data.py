@@ -27,7 +27,7 @@ Target: stepkit >= 1.5x the plain pipeline, shards >= folders from disk.
     python benchmarks/data.py --case files                  # 200 images of each size
     python benchmarks/data.py --case files --images 8       # smoke test (CI)
 
-``--case loader``: ``stepkit.loader.WatchedLoader`` (its batch timer armed,
+``--case loader``: ``stepkit.data.WatchedLoader`` (its batch timer armed,
 ``timeout=600``, as the recipes run it) against ``torch.utils.data.DataLoader``
 over the same small in-memory samples, with 0 and 2 workers, rounds
 alternating the two; the median round's microseconds per batch. Target: the
@@ -108,8 +108,7 @@ def files_case(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from stepkit.images import CropPlan, TrainImages, crop_box
-    from stepkit.shards import ShardCrops, ShardStream
+    from stepkit.data import CropPlan, ShardCrops, ShardStream, TrainImages, crop_box
 
     torch.set_num_threads(1)  # a DataLoader worker's setting
     plan = CropPlan(views=((224, (0.4, 1.0)),) * 2 + ((96, (0.05, 0.4)),) * 8)
@@ -205,7 +204,7 @@ def _evict(paths) -> None:
 def _each(items, plain=None, source=None, *, epoch: int = 0) -> None:
     """Read every item of an epoch: through ``plain(path, rng)``, a ``TrainImages``
     (``source[(i, epoch)]``) or a stream (whose next pass is the next epoch)."""
-    from stepkit.images import sample_rng
+    from stepkit.data import sample_rng
 
     for i, item in enumerate(items):
         if plain is not None:
@@ -219,7 +218,7 @@ def _each(items, plain=None, source=None, *, epoch: int = 0) -> None:
 def loader_case(args) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from stepkit.loader import WatchedLoader
+    from stepkit.data import WatchedLoader
 
     samples = TensorDataset(torch.randn(args.batches * 16, 64), torch.arange(args.batches * 16))
     rows = []

@@ -40,7 +40,6 @@ from stepkit import (
     param_groups,
     wd_at,
 )
-from stepkit.bundled import synthetic_fmri
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import (
     SHARDED_SUFFIX,
@@ -51,7 +50,7 @@ from stepkit.checkpoint import (
 )
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import MODALITIES, load_fmri_npz, time_blocks
+from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks
 from stepkit.evaluation import ridge_regression
 from stepkit.faults import NonFiniteWatch
 from stepkit.log import LogConfig, should_stop

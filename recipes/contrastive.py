@@ -47,15 +47,27 @@ from stepkit import (
     wd_at,
 )
 from stepkit.augment import normalize, to_unit
-from stepkit.bundled import digits_captioned
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import seeded_loader, train_batches
+from stepkit.data import (
+    CropPlan,
+    EvalImages,
+    ShardPairs,
+    TrainImages,
+    check_readers,
+    digits_captioned,
+    expand_shards,
+    read_pairs,
+    read_shard_pairs,
+    read_text_pairs,
+    seeded_loader,
+    split_pairs,
+    train_batches,
+)
 from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
 from stepkit.faults import NonFiniteWatch
 from stepkit.gradcache import gradcache
-from stepkit.images import CropPlan, EvalImages, TrainImages
 from stepkit.log import LogConfig
 from stepkit.losses.contrastive import clip_loss, embedding_mse, similarity_distillation_loss
 from stepkit.models import pretrained_image_stats
@@ -64,7 +76,6 @@ from stepkit.models.text import (
     text_extra,
 )
 from stepkit.monitor import collapse_metrics
-from stepkit.pairs import read_pairs, read_text_pairs, split_pairs
 from stepkit.run import (
     continue_run,
     end_loop,
@@ -76,7 +87,6 @@ from stepkit.run import (
     seed_everything,
     stop_if_diverged,
 )
-from stepkit.shards import ShardPairs, check_readers, expand_shards, read_shard_pairs
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.two_tower import Renormalized, TwoTowerConfig, build_two_tower, init_towers, load_teacher

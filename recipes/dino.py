@@ -51,11 +51,20 @@ from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit, view_colo
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import Prefetch, seeded_loader, train_batches
+from stepkit.data import (
+    CropPlan,
+    ImageDataConfig,
+    Prefetch,
+    ProbeImagesConfig,
+    ShardCrops,
+    image_sets,
+    random_images,
+    seeded_loader,
+    train_batches,
+)
 from stepkit.ema import target_copy
 from stepkit.evaluation import knn_accuracy, loader_features
 from stepkit.faults import NonFiniteWatch
-from stepkit.images import CropPlan, ImageDataConfig, ProbeImagesConfig, image_sets, random_images
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
     dino_loss,
@@ -73,6 +82,7 @@ from stepkit.models import (
     cancel_last_layer_gradients,
 )
 from stepkit.monitor import CollapseWatch, collapse_metrics, mean_entropy
+from stepkit.probe import ProbeRecord
 from stepkit.run import (
     continue_run,
     end_loop,
@@ -85,7 +95,6 @@ from stepkit.run import (
     stop_if_diverged,
 )
 from stepkit.schedules import scaled_lr
-from stepkit.shards import ShardCrops
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
@@ -322,8 +331,9 @@ def main(cfg: Config) -> dict:
     size = cfg.crops.global_size if files else cfg.data.image_size
     facts = {"input": {"kind": "image", "size": size, "channels": in_chans, "mean": mean, "std": std},
              "features": "the class token (ViT) or pooled grid (CNN), (B, dim): what the k-NN probe uses"}
-    probe = {"features": "forward", "k": cfg.eval.k, "temperature": cfg.eval.temperature, "linear": False,
-             "batch_size": cfg.batch_size, "seed": cfg.train.seed, "data": data.probe_data}
+    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
+    probe = ProbeRecord("forward", k=cfg.eval.k, temperature=cfg.eval.temperature, linear=False,
+                        batch_size=cfg.batch_size, seed=cfg.train.seed, data=data.probe_data).as_dict()
     parts = {"teacher": describe_part(backbone, source="target", prefix="backbone.", **facts, probe=probe,
                                       about="the EMA teacher's backbone (what DINO evaluates)"),
              "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,

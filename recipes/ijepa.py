@@ -73,11 +73,18 @@ from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.check import fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import seeded_loader, train_batches
+from stepkit.data import (
+    CropPlan,
+    ImageDataConfig,
+    ProbeImagesConfig,
+    ShardCrops,
+    image_sets,
+    seeded_loader,
+    train_batches,
+)
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes, loader_features, probes_line
 from stepkit.faults import NonFiniteWatch
-from stepkit.images import CropPlan, ImageDataConfig, ProbeImagesConfig, image_sets
 from stepkit.jepa import (
     JEPALoss,
     Levels,
@@ -102,6 +109,7 @@ from stepkit.models.jepa import (
 )
 from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
+from stepkit.probe import ProbeRecord
 from stepkit.run import (
     continue_run,
     end_loop,
@@ -113,7 +121,6 @@ from stepkit.run import (
     seed_everything,
     stop_if_diverged,
 )
-from stepkit.shards import ShardCrops
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
@@ -348,9 +355,10 @@ def main(cfg: Config) -> dict:
                        "std": std},
              "features": f"patch tokens; the probes average them over a {cfg.eval.pool}x{cfg.eval.pool} grid "
                          "(stepkit.models.pooled_patches)"}
-    probe = {"features": "pooled_patches", "pool": cfg.eval.pool, "layers": cfg.eval.layers, "k": cfg.eval.k,
-             "temperature": cfg.eval.temperature, "linear": cfg.eval.linear, "batch_size": cfg.batch_size,
-             "seed": cfg.train.seed, "data": data.probe_data}
+    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
+    probe = ProbeRecord("pooled_patches", pool=cfg.eval.pool, layers=cfg.eval.layers, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, linear=cfg.eval.linear, batch_size=cfg.batch_size,
+                        seed=cfg.train.seed, data=data.probe_data).as_dict()
     parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
                                      about="the EMA target encoder (what I-JEPA evaluates)"),
              "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,

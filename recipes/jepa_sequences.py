@@ -59,11 +59,19 @@ from stepkit import (
     momentum_at,
     wd_at,
 )
-from stepkit.bundled import CHAT_TOPICS, UCR_UEA, chat_topics, ucr_uea
 from stepkit.check import fail, in_range, integer_at_least, one_of
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import load_series_npz, tokenized_sentences, train_batches, windowed_series
+from stepkit.data import (
+    CHAT_TOPICS,
+    UCR_UEA,
+    chat_topics,
+    load_series_npz,
+    tokenized_sentences,
+    train_batches,
+    ucr_uea,
+    windowed_series,
+)
 from stepkit.ema import target_copy
 from stepkit.evaluation import frozen_probes, probes_line
 from stepkit.faults import NonFiniteWatch
@@ -85,6 +93,7 @@ from stepkit.models import MaskedTemporalCNN, SequenceJEPA, SequencePredictor, T
 from stepkit.models.jepa import layer_dims
 from stepkit.models.sequence import sequence_tokens
 from stepkit.monitor import collapse_metrics
+from stepkit.probe import ProbeRecord
 from stepkit.run import (
     continue_run,
     end_loop,
@@ -320,8 +329,9 @@ def main(cfg: Config) -> dict:
             "stride": d.stride} if d.kind == "timeseries" else {
         "kind": d.kind, "topics": list(d.topics), "per_topic": d.per_topic, "seed": d.seed,
         "tokenizer": d.tokenizer, "max_len": d.max_len, "unlabelled": d.unlabelled}
-    probe = {"features": "sequence", "layers": cfg.eval.layers, "k": cfg.eval.k, "data": data,
-             "temperature": cfg.eval.temperature, "linear": cfg.eval.linear, "seed": cfg.train.seed}
+    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
+    probe = ProbeRecord("sequence", layers=cfg.eval.layers, k=cfg.eval.k, data=data, linear=cfg.eval.linear,
+                        temperature=cfg.eval.temperature, seed=cfg.train.seed).as_dict()
     parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
                                      about="the EMA target encoder (what the probes evaluate)"),
              "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,

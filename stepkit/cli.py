@@ -22,8 +22,8 @@ from typing import Any
 from stepkit import dist
 from stepkit.checkpoint.errors import SaveFailed
 from stepkit.config import INVOCATION_FIELDS, flat_config
+from stepkit.data import error_line
 from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, DataError, DataStalled, Diverged
-from stepkit.loader import error_line
 
 __all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
            "unknown_flag_error"]
@@ -350,7 +350,7 @@ def run_main(main: Any, parse: Any) -> None:
     that cannot be read while training (``DataError``), a loader that
     stalled (``DataStalled``) or a missing optional extra (an
     ``ImportError`` that says what to ``pip install``) prints ``error: ...``
-    and exits 1, the loader's workers already ended (``stepkit.loader``);
+    and exits 1, the loader's workers already ended (``stepkit.data.loader``);
     under torchrun a data error is noted for the other ranks, which stop
     with its line too, and for the agent's restarts, which refuse to run
     into it again (``stepkit.dist.note_data_error``). A run stopped for

@@ -16,12 +16,14 @@ process); k-NN compares in chunks. One result file per checkpoint goes to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +36,94 @@ from stepkit.evaluation import frozen_probes, knn_accuracy, linear_probe
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
 
-__all__ = ["checkpoints_of", "embed_split", "evaluate_checkpoint", "probe_data", "write_result"]
+__all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "probe_data",
+           "write_result"]
+
+Features = Literal["forward", "pooled_patches", "sequence"]
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """How ``stepkit eval`` probes a part: which features, the probes' settings, the labelled data.
+
+    A recipe saves one with each part it evaluates (``describe_part(..., probe=record.as_dict())``);
+    ``stepkit eval`` reads it back with ``from_dict``, which refuses a record it cannot honour (another
+    version, an unknown feature kind, a missing or unknown field) in one line, so a recipe whose
+    evaluation changes must change its record, and an old ``stepkit`` never probes a new record wrongly.
+
+    ``features``: ``"forward"`` (the part's output, ``(B, dim)``), ``"pooled_patches"`` (patch tokens
+    averaged over a ``pool x pool`` grid, the last 1 and ``layers`` blocks: I-JEPA's protocol) or
+    ``"sequence"`` (token features of series or sentences, the last 1 and ``layers`` blocks).
+
+    Examples:
+        >>> record = ProbeRecord("pooled_patches", data={"kind": "digits_canvas", "seed": 0, "size": 32},
+        ...                      pool=2, layers=4)
+        >>> ProbeRecord.from_dict(record.as_dict()) == record
+        True
+        >>> ProbeRecord.from_dict({**record.as_dict(), "version": 9})
+        Traceback (most recent call last):
+        ...
+        ValueError: probe record: version 9, this stepkit reads version 1 (upgrade stepkit to evaluate
+        this run)
+    """
+
+    features: Features
+    data: dict[str, Any]
+    """What the probes fit and score on: ``{"kind": "digits_canvas" | "folders" | "timeseries" | "text",
+    ...}``; ``{}``: the run had no labelled data (``stepkit eval`` asks for ``--train-root`` and
+    ``--val-root``)."""
+    k: int = 20
+    temperature: float = 0.07
+    linear: bool = False
+    batch_size: int = 64
+    seed: int = 0
+    pool: int | None = None
+    """``pooled_patches`` only: the grid the patch tokens are averaged over."""
+    layers: int | None = None
+    """``pooled_patches`` and ``sequence``: how many last blocks the multi-layer probe concatenates."""
+    version: int = 1
+
+    VERSION: ClassVar[int] = 1
+    NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {"forward": (), "pooled_patches": ("pool", "layers"),
+                                                   "sequence": ("layers",)}
+
+    def __post_init__(self) -> None:
+        if self.version != self.VERSION:
+            raise ValueError(f"probe record: version {self.version}, this stepkit reads version "
+                             f"{self.VERSION} (upgrade stepkit to evaluate this run)")
+        if self.features not in self.NEEDS:
+            raise ValueError(f"probe record: features={self.features!r} is not one stepkit eval knows: "
+                             f"{' | '.join(self.NEEDS)}")
+        missing = [name for name in self.NEEDS[self.features] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"probe record: features={self.features!r} needs {', '.join(missing)}")
+        if not isinstance(self.data, dict) or (self.data and "kind" not in self.data):
+            raise ValueError("probe record: data must say its kind, e.g. {'kind': 'digits_canvas', ...}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as JSON-like values, as checkpoints keep it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], where: str = "probe record") -> ProbeRecord:
+        """Read a saved record; records written before versions existed are version 1.
+
+        Raises:
+            ValueError: one line naming ``where`` and what is wrong.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}: written by a newer stepkit "
+                             f"or an edited recipe; this stepkit reads {', '.join(sorted(known))}")
+        missing = [name for name in ("features", "data") if name not in record]
+        if missing:
+            raise ValueError(f"{where}: no {' or '.join(missing)}")
+        try:
+            return cls(**record)
+        except ValueError as err:
+            raise ValueError(f"{where}: {str(err).removeprefix('probe record: ')}") from None
+
 
 
 def checkpoints_of(run: str | os.PathLike) -> list[Path]:
@@ -65,7 +154,7 @@ def probe_data(probe: dict[str, Any], train_root: str | os.PathLike | None = Non
         >>> len(train), len(held_out), tuple(train[0][0].shape)
         (1438, 359, (1, 16, 16))
     """
-    from stepkit.images import EvalImages, find_image_data
+    from stepkit.data import EvalImages, find_image_data
 
     data = probe.get("data", {})
     if train_root is None and val_root is None and data.get("kind") == "folders":  # the run's own
@@ -82,7 +171,7 @@ def probe_data(probe: dict[str, Any], train_root: str | os.PathLike | None = Non
         return tuple(EvalImages(f.paths, f.labels, size=size, resize=resize)  # type: ignore[return-value]
                      for f in (found.eval_train, found.eval_val))
     if data.get("kind") == "digits_canvas":
-        from stepkit.bundled import digits_canvas
+        from stepkit.data import digits_canvas
 
         digits = digits_canvas(seed=int(data["seed"]), size=int(data["size"]))
         return (TensorDataset(digits["train_images"], digits["train_labels"]),
@@ -118,8 +207,9 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         >>> from stepkit.models import SmallCNN
         >>> from stepkit.weights import describe_part
         >>> net = SmallCNN(1, (8, 16), pool=2)
-        >>> probe = {"features": "forward", "k": 10, "data": {"kind": "digits_canvas", "seed": 0, "size": 16}}
-        >>> parts = {"encoder": describe_part(net, source="model", prefix="", about="a CNN", probe=probe)}
+        >>> probe = ProbeRecord("forward", k=10, data={"kind": "digits_canvas", "seed": 0, "size": 16})
+        >>> parts = {"encoder": describe_part(net, source="model", prefix="", about="a CNN",
+        ...                                   probe=probe.as_dict())}
         >>> run = pathlib.Path(tempfile.mkdtemp())
         >>> state = TrainState(net, torch.optim.SGD(net.parameters(), lr=0.1), step=3)
         >>> _ = save_last(run / "checkpoints", state, meta={"parts": parts})
@@ -128,33 +218,32 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         (3, True)
     """
     state, info = read_part(source, part, checkpoint=checkpoint)
-    probe = info.get("probe")
-    if not probe:
+    if not info.get("probe"):
         raise ValueError(f"part {part!r} records no probe (its recipe evaluates another part)")
+    record = ProbeRecord.from_dict(info["probe"], where=f"{info['checkpoint']}: part {part!r}'s probe record")
     net = build_arch(info["arch"])
     net.load_state_dict(state)
     net = net.to(device).eval()
     result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
-    if probe.get("features") == "sequence":  # time series or sentences, as jepa_sequences probes them
+    linear = record.linear if linear is None else linear
+    if record.features == "sequence":  # time series or sentences, as jepa_sequences probes them
         if train_root is not None or val_root is not None:
             raise ValueError("--train-root / --val-root are image folders; this part encodes sequences")
-        linear = bool(probe.get("linear", False)) if linear is None else linear
-        return {**result, **_sequence_probes(net, probe, linear=linear, device=torch.device(device))}
+        return {**result, **_sequence_probes(net, record, linear=linear, device=torch.device(device))}
     facts = info.get("input", {})
     mean, std = facts.get("mean", (0.5,)), facts.get("std", (0.5,))
-    train_set, test_set = probe_data({**probe, "input_size": facts.get("size")}, train_root, val_root)
-    size = batch_size or int(probe.get("batch_size", 64))
-    linear = bool(probe.get("linear", False)) if linear is None else linear
-    k, temperature = int(probe.get("k", 20)), float(probe.get("temperature", 0.07))
-    k = min(k, len(train_set))
+    train_set, test_set = probe_data({"data": record.data, "input_size": facts.get("size")}, train_root,
+                                     val_root)
+    size = batch_size or record.batch_size
+    k, temperature = min(record.k, len(train_set)), record.temperature
 
     def embed(features: Callable[[Tensor], Tensor], dataset) -> tuple[Tensor, Tensor]:
         return embed_split(features, dataset, lambda x: normalize(to_unit(x.to(device)), mean, std), size)
 
-    if probe.get("features") == "pooled_patches":  # I-JEPA's protocol: last layer and last layers
+    if record.features == "pooled_patches":  # I-JEPA's protocol: last layer and last layers
         from stepkit.models.jepa import encoder_depth, layer_dims, pooled_patches
 
-        pool, layers = int(probe["pool"]), int(probe["layers"])
+        pool, layers = int(record.pool or 1), int(record.layers or 1)  # both set: checked by the record
         depth = encoder_depth(net)
 
         def features(model: nn.Module, n: int):
@@ -164,26 +253,25 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         scores, _ = frozen_probes({"": net}, features, lambda m: pool ** 2 * layer_dims(m, (depth - 1,))[0],
                                   (embed(nn.Flatten(), train_set), embed(nn.Flatten(), test_set)), "pixels",
                                   layers=min(layers, depth), k=k, temperature=temperature, linear=linear,
-                                  seed=int(probe.get("seed", 0)))
+                                  seed=record.seed)
         return {**result, **{key: v for key, v in scores.items() if not key.endswith("_pixels")}}
     (train_f, train_y), (test_f, test_y) = embed(net, train_set), embed(net, test_set)
     if knn:
         result["knn_acc"] = knn_accuracy(train_f, train_y, test_f, test_y, k=k, temperature=temperature)
     if linear:
-        fitted = linear_probe(train_f, train_y, test_f, test_y, seed=int(probe.get("seed", 0)))
+        fitted = linear_probe(train_f, train_y, test_f, test_y, seed=record.seed)
         result["linear_acc"] = fitted["acc"]
     return result
 
 
-def _sequence_probes(net: nn.Module, probe: dict[str, Any], *, linear: bool, device: torch.device
+def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, device: torch.device
                      ) -> dict[str, float]:
     """The JEPA sequence recipe's probes, on the items it evaluated (rebuilt from ``probe["data"]``)."""
-    from stepkit.bundled import chat_topics, ucr_uea
-    from stepkit.data import load_series_npz, tokenized_sentences, windowed_series
+    from stepkit.data import chat_topics, load_series_npz, tokenized_sentences, ucr_uea, windowed_series
     from stepkit.jepa import raw_sequence_features, sequence_features
     from stepkit.models.jepa import encoder_depth, layer_dims
 
-    data = probe["data"]
+    data = record.data
     if data["kind"] == "timeseries":
         raw = load_series_npz(data["path"]) if data.get("path") else ucr_uea(data["name"])
         seq = windowed_series(raw, window=data["window"], stride=data["stride"], source=data.get("path")
@@ -202,9 +290,8 @@ def _sequence_probes(net: nn.Module, probe: dict[str, Any], *, linear: bool, dev
 
     raw_features = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
     scores, _ = frozen_probes({"": net}, features, lambda m: layer_dims(m, (depth - 1,))[0], raw_features,
-                              "raw", layers=min(int(probe["layers"]), depth), k=int(probe.get("k", 20)),
-                              temperature=float(probe.get("temperature", 0.07)), linear=linear,
-                              seed=int(probe.get("seed", 0)))
+                              "raw", layers=min(int(record.layers or 1), depth), k=record.k,
+                              temperature=record.temperature, linear=linear, seed=record.seed)
     return {key: v for key, v in scores.items() if not key.endswith("_raw")}
 
 

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepkit.bundled import synthetic_fmri
-from stepkit.data import load_fmri_npz, time_blocks
+from stepkit.data import load_fmri_npz, synthetic_fmri, time_blocks
 
 
 def test_synthetic_fmri_is_seeded_and_shaped():
@@ -98,7 +97,7 @@ def test_not_an_npz(tmp_path):
 
 
 def test_digits_canvas_is_seeded_split_and_in_range():
-    from stepkit.bundled import digits_canvas
+    from stepkit.data import digits_canvas
 
     a, b = digits_canvas(seed=1, size=24), digits_canvas(seed=1, size=24)
     assert a["train_images"].shape == (1438, 1, 24, 24) and a["test_images"].shape == (359, 1, 24, 24)
@@ -109,7 +108,7 @@ def test_digits_canvas_is_seeded_split_and_in_range():
 
 
 def test_digits_canvas_is_hard_for_raw_pixels():
-    from stepkit.bundled import digits_canvas
+    from stepkit.data import digits_canvas
     from stepkit.evaluation import knn_accuracy
 
     d = digits_canvas()
@@ -142,7 +141,7 @@ def test_resumable_sampler_resumes_and_shards():
 
 
 def test_captioned_digits_say_what_where_and_how_big():
-    from stepkit.bundled import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
+    from stepkit.data import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
 
     d = digits_captioned(seed=3)
     assert d["train_images"].shape[1:] == (1, 32, 32)
@@ -193,7 +192,7 @@ def test_seeded_loader_workers_ignore_stop_signals_and_run_a_given_init():
 def test_the_digits_read_without_scikit_learn_are_scikit_learns():
     from sklearn.datasets import load_digits
 
-    from stepkit.bundled import _digits
+    from stepkit.data.bundled import _digits
 
     x, y = _digits()
     expected_x, expected_y = load_digits(return_X_y=True)

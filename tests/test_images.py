@@ -11,10 +11,10 @@ from imagefiles import picture, write_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stepkit.data import ResumableSampler
-from stepkit.images import (
+from stepkit.data import (
     CropPlan,
     EvalImages,
+    ResumableSampler,
     TrainImages,
     UnreadableImage,
     center_view,

@@ -17,10 +17,8 @@ import torch
 from imagefiles import write_folder, write_pairs, write_shards
 
 from stepkit.checkpoint import load_checkpoint
-from stepkit.data import ResumableSampler
+from stepkit.data import ResumableSampler, WatchedLoader, end_loader_workers, find_images, seeded_loader
 from stepkit.faults import DataError, DataStalled
-from stepkit.images import find_images
-from stepkit.loader import WatchedLoader, end_loader_workers, seeded_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ROOT / "tests" / "scripts" / "recipe_with_faults.py"
@@ -128,7 +126,7 @@ def test_a_process_that_leaves_with_workers_mid_epoch_exits_at_once(how, tmp_pat
     script = tmp_path / "leave.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
-        from stepkit.loader import seeded_loader
+        from stepkit.data import seeded_loader
         batches = iter(seeded_loader(torch.arange(1000), seed=0, workers=2, batch_size=2))
         next(batches)
         print(" ".join(str(w.pid) for w in batches._inner._workers), flush=True)

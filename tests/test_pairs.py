@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from imagefiles import write_pairs
 
-from stepkit.pairs import Pairs, read_pairs, split_pairs
+from stepkit.data import Pairs, read_pairs, split_pairs
 
 
 def tree(root: Path) -> dict:
@@ -114,7 +114,7 @@ def test_the_held_out_split_is_by_image_seeded_and_about_the_fraction():
 def test_text_pairs_are_read_checked_and_named_with_their_own_flags(tmp_path):
     from imagefiles import write_text_pairs
 
-    from stepkit.pairs import read_text_pairs
+    from stepkit.data import read_text_pairs
 
     pairs = read_text_pairs(write_text_pairs(tmp_path, 9, "csv"))
     assert len(pairs) == 9 and pairs.anchors[0].startswith("which ") and len(set(pairs.ids)) <= 9
@@ -139,7 +139,7 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_as_any_other(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path, fmt):
-    from stepkit.pairs import read_text_pairs
+    from stepkit.data import read_text_pairs
 
     rows = ["anchor,positive", "a tea?,a hot drink", "a coffee?,a caf\u00e9 drink"]
     if fmt == "jsonl":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import load_recipe
 
-from stepkit.bundled import synthetic_fmri
+from stepkit.data import synthetic_fmri
 from stepkit.log import metric_history, read_history, should_stop
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -123,7 +123,7 @@ def test_your_pairs_file_trains_and_reports_recall_before_after(recipe, pairs_fi
     assert summary["steps"] == 6 and RECALLS <= summary.keys() and summary["skipped_unreadable"] == 0
     # 6 held-out images, one caption each; identical captions are one target (a caption equal to the
     # image's own counts as a hit), so chance is the mean share of held-out captions equal to the image's
-    from stepkit.pairs import read_pairs, split_pairs
+    from stepkit.data import read_pairs, split_pairs
 
     held = split_pairs(read_pairs(pairs_files[fmt]), 0.25, 0)[1].texts
     assert len(held) == 6 and len(set(held)) < 6  # the case that counting by row got wrong

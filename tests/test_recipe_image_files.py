@@ -109,7 +109,7 @@ def test_contrastive_on_shards_reports_recall_and_resumes_to_the_sample(data, tm
              "--ckpt.every", "1"]
     whole = run("contrastive", tmp_path / "whole", *flags)
     # 6 held-out images; a caption equal to an image's own is a hit too (identical captions: one target)
-    from stepkit.shards import expand_shards, read_shard_pairs
+    from stepkit.data import expand_shards, read_shard_pairs
 
     captions = read_shard_pairs(expand_shards(val)).texts
     same = sum(sum(c == d for d in captions) for c in captions) / 36

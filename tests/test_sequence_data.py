@@ -5,8 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from stepkit import bundled
-from stepkit.bundled import UCR_UEA, chat_topics, read_ts, ucr_uea
+from stepkit.data import UCR_UEA, bundled, chat_topics, read_ts, ucr_uea
 
 
 def test_read_ts_parses_channels_labels_and_missing_values(tmp_path):

@@ -15,8 +15,8 @@ from imagefiles import add_member, encoded, picture, write_shards
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stepkit.images import CropPlan
-from stepkit.shards import (
+from stepkit.data import (
+    CropPlan,
     ShardCrops,
     ShardError,
     ShardPositions,
@@ -297,7 +297,7 @@ def test_shards_with_nothing_readable_stop_instead_of_spinning(tmp_path, content
 
 
 def test_image_text_samples_give_crops_and_caption_and_name_a_missing_caption(tmp_path):
-    from stepkit.shards import ShardPairs, read_shard_pairs
+    from stepkit.data import ShardPairs, read_shard_pairs
 
     rng = np.random.default_rng(0)
     plan = CropPlan(views=((16, (0.5, 1.0)),))
@@ -319,7 +319,7 @@ def test_image_text_samples_give_crops_and_caption_and_name_a_missing_caption(tm
 
 
 def test_an_image_text_sample_ignores_a_cls_member_it_has_no_use_for():
-    from stepkit.shards import ShardPairs
+    from stepkit.data import ShardPairs
 
     rng = np.random.default_rng(0)
     fields = {"jpg": encoded(picture(1, rng), "JPEG"), "txt": b"a bar", "cls": b"bar"}  # not an integer

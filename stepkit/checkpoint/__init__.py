@@ -34,8 +34,9 @@ from stepkit.checkpoint.retention import (
     save_periodic,
 )
 from stepkit.checkpoint.safe_metadata import SAFE_METADATA_GLOBALS, read_metadata
+from stepkit.checkpoint.save import save_checkpoint
 from stepkit.checkpoint.sharded import load_sharded, read_info, save_sharded
-from stepkit.checkpoint.single_file import load_checkpoint, restore, save_checkpoint
+from stepkit.checkpoint.single_file import load_checkpoint, restore
 
 __all__ = [
     "BEST_INDEX",

@@ -23,7 +23,7 @@ from stepkit import check as _check
 from stepkit import dist
 from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint.errors import BEST_INDEX, LAST, SHARDED_SUFFIX, CheckpointError, save_failed
-from stepkit.checkpoint.single_file import save_checkpoint
+from stepkit.checkpoint.save import save_checkpoint
 from stepkit.state import TrainState
 
 __all__ = ["best_checkpoints", "checkpoint_files", "maybe_save", "save_best", "save_last", "save_periodic"]

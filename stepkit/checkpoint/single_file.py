@@ -19,7 +19,6 @@ from stepkit import dist
 from stepkit._atomic import atomic_save
 from stepkit.checkpoint.errors import (
     FORMAT,
-    SHARDED_SUFFIX,
     CheckpointError,
     CheckpointMismatch,
     check_fits,
@@ -28,47 +27,23 @@ from stepkit.checkpoint.errors import (
 )
 from stepkit.state import TrainState, target_state_dict, unwrap
 
-__all__ = ["load_checkpoint", "restore", "save_checkpoint"]
+__all__ = ["load_checkpoint", "restore", "save_single_file"]
 
 
-def save_checkpoint(path: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
-    """Atomically save ``state`` (and JSON-like ``meta``) to ``path``.
+def save_single_file(path: str | os.PathLike, state: TrainState, *, meta: dict | None = None) -> Path:
+    """Atomically save ``state`` in one file, written by rank 0 with every rank's RNG and ``rank_extras``.
 
-    Under torch.distributed every rank calls it: a replicated model (DDP)
-    is written by rank 0 alone, in one file that also holds every other
-    rank's RNG state and ``rank_extras`` (``"rank_parts"``, gathered first),
-    so a resumed run continues every rank's augmentation stream and a rank
-    killed mid-save can leave no file half new; a sharded model (FSDP2) goes
-    to a ``torch.distributed.checkpoint`` folder instead (``last.dcp/``, see
-    ``save_sharded``). In a world of one it is a plain file.
-
-    A write that fails (disk full, quota) raises ``SaveFailed`` on every
-    rank, naming the folder, the space needed and the space free; the file
-    it would have replaced is left whole.
-
-    Args:
-        path: The file to write.
-        state: What to save (``state.state_dict()``).
-        meta: JSON-like facts saved beside it (e.g. the config).
-
-    Returns:
-        The path written (``path`` with ``.dcp`` for a sharded model).
-
-    Raises:
-        SaveFailed: on every rank, when the file could not be written.
+    ``save_checkpoint`` calls it for a replicated model (``save_sharded`` for a sharded one); every
+    rank calls it. Raises ``SaveFailed`` on every rank when the file could not be written.
 
     Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
-        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=7)
-        >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "x.pt", state)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=3)
+        >>> path = save_single_file(pathlib.Path(tempfile.mkdtemp()) / "x.pt", state)
         >>> load_checkpoint(path)["state"]["step"]
-        7
+        3
     """
-    if dist.is_sharded(state.model):
-        from stepkit.checkpoint.sharded import save_sharded
-
-        return save_sharded(Path(path).with_suffix(SHARDED_SUFFIX), state, meta=meta)
     path = Path(path)
     parts = dist.gather_to_main(state.rank_part()) if dist.world_size() > 1 else None
     failure, needed = None, None
@@ -145,7 +120,7 @@ def restore(state: TrainState, payload: dict[str, Any], path: str | os.PathLike 
     Examples:
         >>> import tempfile, pathlib
         >>> model = torch.nn.Linear(2, 1)
-        >>> path = save_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "x.pt",
+        >>> path = save_single_file(pathlib.Path(tempfile.mkdtemp()) / "x.pt",
         ...                        TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), step=4))
         >>> wider = torch.nn.Linear(3, 1)
         >>> try:

@@ -11,25 +11,25 @@ import runpy
 import sys
 import time
 
-import stepkit.images
-import stepkit.pairs
-import stepkit.shards
+import stepkit.data.images
+import stepkit.data.pairs
+import stepkit.data.streams
 
 args = sys.argv[1:]
 while args[0].startswith("--"):
     flag, value, args = args[0], args[1], args[2:]
     if flag == "--check-up-to":
-        stepkit.images.find_image_data.__kwdefaults__["check_up_to"] = int(value)
-        stepkit.pairs.read_pairs.__kwdefaults__["check_up_to"] = int(value)
+        stepkit.data.images.find_image_data.__kwdefaults__["check_up_to"] = int(value)
+        stepkit.data.pairs.read_pairs.__kwdefaults__["check_up_to"] = int(value)
     elif flag == "--hang":
-        read = stepkit.shards.shard_samples
+        read = stepkit.data.streams.shard_samples
 
         def hang_on(path, *a, _read=read, _name=value, **kw):
             while str(path).endswith(_name):
                 time.sleep(3600)
             return _read(path, *a, **kw)
 
-        stepkit.shards.shard_samples = hang_on
+        stepkit.data.streams.shard_samples = hang_on  # as the streams read it
     else:
         raise SystemExit(f"unknown flag {flag}")
 sys.argv = args

@@ -1,432 +1,31 @@
-"""Image files for training and evaluation: found under a folder of any layout, cropped from the full image.
+"""Image data sets for the recipes: training crops and evaluation views of folders, shards or the digits.
 
-Training crops are drawn on the full-resolution image in DataLoader workers
-(``read_crops``): each crop's box has an area fraction in ``scale`` of the
-*image's* area and a width / height in ``ratio`` (torchvision's
-``RandomResizedCrop`` rule: ten tries, then the largest centred box of an
-allowed aspect), and is resampled with an antialiased bicubic filter.
-A JPEG is decoded at the coarsest scale (1/2, 1/4, 1/8, Pillow's draft mode)
-that still leaves every crop at least its output size, so a large photo
-costs little more to read than a small one.
-
-The crops of a sample come from its own generator, seeded by the run's seed,
-the epoch and the sample (``sample_rng``): the same seed gives the same crops
-in any number of workers, and a resumed run draws them again exactly.
-The photometric augmentations run afterwards on the device (``stepkit.augment``).
-
-Evaluation images are deterministic (``center_view``): the shorter side
-resized, then the centre square cut, as the field evaluates.
+``image_sets`` turns ``--data.*`` and ``--eval.*`` flags into the training set and the labelled probe / test
+sets DINO and I-JEPA read; ``random_images`` is its stand-in for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL.Image import DecompressionBombError
-
 from stepkit import check as _check
 from stepkit.config import may_change_on_resume
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "UnreadableImage",
-    "unreadable_image",
-    "find_images",
-    "LabelledFolder",
-    "ImageDataConfig",
-    "ProbeImagesConfig",
-    "ImageSets",
-    "random_images",
-    "image_sets",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "labelled_folder",
-    "CropPlan",
-    "crop_box",
-    "sample_rng",
-    "read_crops",
-    "center_view",
-    "TrainImages",
-    "EvalImages",
-    "drop_unreadable",
-    "ImageData",
-    "find_image_data",
-]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-# What Pillow raises for a file it cannot decode: UnidentifiedImageError and truncation are OSErrors; an
-# image past its pixel limit (Image.MAX_IMAGE_PIXELS) is a DecompressionBombError, which is not
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, DecompressionBombError)
-
-
-class UnreadableImage(ValueError):
-    """An image that cannot be decoded; the message names the file (or shard member) and the flag.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
-        >>> _ = path.write_bytes(b"not an image")
-        >>> try:
-        ...     drop_unreadable([path, path], skip=False, flag="data.root")
-        ... except UnreadableImage as err:
-        ...     print(str(err).split(":")[1].strip())
-        not a readable image (UnidentifiedImageError
-    """
-
-
-def unreadable_image(source: str | os.PathLike | bytes) -> str | None:
-    """Why Pillow cannot read ``source`` (a path or the file's bytes) as an image, or None if it can.
-
-    The file is opened and fully decoded: a truncated JPEG passes ``verify`` but not this.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.png"
-        >>> _ = path.write_bytes(b"not an image")
-        >>> unreadable_image(path) is not None
-        True
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.load()
-    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for broken files
-        return f"not a readable image ({type(err).__name__}: {err})"
-    return None
-
-
-def find_images(root: str | os.PathLike, *, flag: str = "data.root") -> list[Path]:
-    """Every image file under ``root``, at any depth, in sorted order (hidden folders and files skipped).
-
-    Args:
-        root: The folder.
-        flag: The CLI flag named in errors.
-
-    Returns:
-        The image paths (extensions ``IMAGE_EXTENSIONS``, any case).
-
-    Raises:
-        ValueError: naming ``flag``, for a missing folder or one without images.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> (root / "a" / "b").mkdir(parents=True)
-        >>> for name in ("1.png", "a/2.JPG", "a/b/3.png"):
-        ...     Image.new("RGB", (4, 4)).save(root / name, format="PNG")
-        >>> [str(p.relative_to(root)) for p in find_images(root)]
-        ['1.png', 'a/2.JPG', 'a/b/3.png']
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{flag}={str(root)!r} is not allowed: no such folder")
-    found = sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
-    if not found:
-        raise ValueError(
-            f"{flag}={str(root)!r} is not allowed: no image files "
-            f"({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
-        )
-    return found
-
-
-@dataclass
-class LabelledFolder:
-    """A class-per-folder image set: ``root/<class>/**/<image>`` (see ``labelled_folder``).
-
-    Examples:
-        >>> LabelledFolder(Path("d"), [Path("d/cat/1.png")], [0], ["cat"], []).classes
-        ['cat']
-    """
-
-    root: Path
-    paths: list[Path]
-    labels: list[int]
-    classes: list[str]
-    loose: list[Path]
-    """Images directly in ``root``, beside the class folders: in no class, so left out."""
-
-
-def labelled_folder(root: str | os.PathLike, *, flag: str) -> LabelledFolder:
-    """The images of ``root/<class>/...``, labelled by their first-level folder (classes sorted by name).
-
-    Args:
-        root: The folder of class folders.
-        flag: The CLI flag named in errors.
-
-    Raises:
-        ValueError: naming ``flag``, for a missing folder, one without class folders, or class folders
-            without images.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> for name in ("cat/1.png", "dog/x/2.png", "3.png"):
-        ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
-        ...     Image.new("RGB", (4, 4)).save(root / name)
-        >>> found = labelled_folder(root, flag="eval.train_root")
-        >>> found.classes, found.labels, [p.name for p in found.loose]
-        (['cat', 'dog'], [0, 1], ['3.png'])
-    """
-    images = find_images(root, flag=flag)
-    root = Path(root)
-    classes = sorted({p.relative_to(root).parts[0] for p in images if len(p.relative_to(root).parts) > 1})
-    if not classes:
-        raise ValueError(
-            f"{flag}={str(root)!r} is not allowed: expected one sub-folder of images per class, "
-            f"found only {len(images)} images directly in it"
-        )
-    index = {name: i for i, name in enumerate(classes)}
-    paths, labels, loose = [], [], []
-    for path in images:
-        parts = path.relative_to(root).parts
-        if len(parts) == 1:
-            loose.append(path)
-        else:
-            paths.append(path)
-            labels.append(index[parts[0]])
-    return LabelledFolder(root, paths, labels, classes, loose)
-
-
-@dataclass(frozen=True)
-class CropPlan:
-    """The crops a training sample yields: one ``(size, scale)`` per view, drawn on the full image.
-
-    Examples:
-        >>> dino = CropPlan(views=((224, (0.4, 1.0)),) * 2 + ((96, (0.05, 0.4)),) * 8)
-        >>> len(dino.views), dino.ratio
-        (10, (0.75, 1.3333333333333333))
-    """
-
-    views: tuple[tuple[int, tuple[float, float]], ...]
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not self.views:
-            raise ValueError("a CropPlan needs at least one view")
-        for size, (low, high) in self.views:
-            _check.integer_at_least("crop size", size, 1)
-            if not 0 < low <= high <= 1:
-                _check.fail("crop scale", (low, high), "(low, high) with 0 < low <= high <= 1")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            _check.fail("crop ratio", self.ratio, "(low, high) with 0 < low <= high")
-
-
-def sample_rng(seed: int, epoch: int, *sample: int) -> np.random.Generator:
-    """The generator of one sample's crops in one epoch: the same numbers in any worker and on resume.
-
-    Examples:
-        >>> sample_rng(0, 1, 7).random() == sample_rng(0, 1, 7).random() != sample_rng(0, 2, 7).random()
-        True
-    """
-    return np.random.default_rng([seed, epoch, *sample])
-
-
-def crop_box(
-    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """A random crop ``(left, top, w, h)`` of a ``width x height`` image, as torchvision's
-    ``RandomResizedCrop`` draws it.
-
-    Up to ten tries of an area ``uniform(scale) * width * height`` and an
-    aspect ``w / h`` log-uniform in ``ratio``; the first box that fits is
-    placed uniformly. If none fits, the largest centred box whose aspect is
-    clamped into ``ratio``.
-
-    Examples:
-        >>> rng = np.random.default_rng(0)
-        >>> left, top, w, h = crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng)
-        >>> 0 <= left <= 500 - w and 0 <= top <= 375 - h and 0.08 * 500 * 375 <= w * h * 1.05
-        True
-        >>> crop_box(100, 10, (1.0, 1.0), (1.0, 1.0), rng)  # no square of the whole area fits
-        (45, 0, 10, 10)
-    """
-    area = width * height
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_low, log_high))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _open(source: str | os.PathLike | bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-
-
-def _to_tensor(image) -> Any:
-    import torch
-
-    w, h = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(h, w, 3).permute(2, 0, 1).contiguous()
-
-
-def read_crops(source: str | os.PathLike | bytes, plan: CropPlan, rng: np.random.Generator) -> list[Any]:
-    """Decode an image once and cut ``plan``'s crops from it: a list of ``uint8 (3, size, size)`` tensors.
-
-    The boxes are drawn from the header's size before decoding, so a JPEG is
-    decoded at the coarsest power-of-two reduction that keeps every box at
-    least its output size (Pillow's draft mode). Each box is resampled to its
-    size with an antialiased bicubic filter (torch's ``interpolate(...,
-    antialias=True)`` on uint8: Pillow's ``resize`` filter, to a twentieth of a
-    level on average on photos, but vectorised, about twice as fast here; see
-    ``benchmarks/data.py --case files``) and mirrored left-right with
-    ``plan.flip_p``.
-
-    Args:
-        source: A path, or the file's bytes (a shard member).
-        plan: The views.
-        rng: This sample's generator (``sample_rng``).
-
-    Raises:
-        OSError, ValueError, SyntaxError: from Pillow, for a file it cannot decode.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "photo.jpg"
-        >>> Image.new("RGB", (500, 375), "red").save(path)
-        >>> plan = CropPlan(views=((32, (0.4, 1.0)), (16, (0.05, 0.4))))
-        >>> [tuple(c.shape) for c in read_crops(path, plan, sample_rng(0, 0, 0))]
-        [(3, 32, 32), (3, 16, 16)]
-    """
-    import torch
-    import torch.nn.functional as F
-
-    with _open(source) as image:
-        width, height = image.size
-        boxes = [crop_box(width, height, scale, plan.ratio, rng) for _, scale in plan.views]
-        flips = [rng.random() < plan.flip_p for _ in plan.views]
-        # the smallest box-to-output ratio over the views bounds the reduction the decoder may use
-        shrink = min(min(w, h) / size for (_, _, w, h), (size, _) in zip(boxes, plan.views))
-        if image.format == "JPEG" and shrink >= 2:
-            image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
-        rx, ry = image.size[0] / width, image.size[1] / height
-        pixels = torch.from_numpy(np.array(_rgb(image)))  # (h, w, 3)
-    image = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last in memory: the fast path
-    crops = []
-    for (left, top, w, h), (size, _), flip in zip(boxes, plan.views, flips):
-        x0, y0 = math.floor(left * rx), math.floor(top * ry)
-        x1, y1 = max(x0 + 1, math.ceil((left + w) * rx)), max(y0 + 1, math.ceil((top + h) * ry))
-        crop = F.interpolate(image[:, :, y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)[0]
-        crops.append((crop.flip(-1) if flip else crop).contiguous())
-    return crops
-
-
-def _rgb(image: Any) -> Any:
-    # convert("RGB") copies an image that already is RGB (a tenth of a millisecond a photo)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def center_view(source: str | os.PathLike | bytes, size: int, resize: int | None = None) -> Any:
-    """An evaluation image: the shorter side resized to ``resize`` (antialiased bicubic), the centre
-    ``size x size`` square cut; ``uint8 (3, size, size)``.
-
-    Args:
-        source: A path, or the file's bytes.
-        size: The side of the square returned.
-        resize: The shorter side before the cut (None: ``size``; the field's 256 for 224 is ``size / 0.875``).
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "wide.png"
-        >>> Image.new("RGB", (80, 40)).save(path)
-        >>> tuple(center_view(path, 28, resize=32).shape)
-        (3, 28, 28)
-    """
-    from PIL import Image
-
-    resize = resize or size
-    with _open(source) as image:
-        width, height = image.size
-        scale = resize / min(width, height)
-        w, h = max(resize, round(width * scale)), max(resize, round(height * scale))
-        if image.format == "JPEG":
-            image.draft("RGB", (w, h))
-        image = _rgb(image).resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return _to_tensor(image.crop((left, top, left + size, top + size)))
-
-
-def _unreadable(path: Path, err: Exception, flag: str) -> UnreadableImage:
-    return UnreadableImage(
-        f"{path}: not a readable image ({type(err).__name__}: {err}); pass "
-        f"--data.skip-unreadable to skip such files (from --{flag.replace('_', '-')})"
-    )
-
-
-def drop_unreadable(
-    paths: Sequence[Path], *, skip: bool, flag: str, check_up_to: int = 10_000
-) -> tuple[list[int], list[Path]]:
-    """Decode every file up front when skipping, or when there are at most ``check_up_to`` (cheap).
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from PIL import Image
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> Image.new("RGB", (4, 4)).save(folder / "good.png")
-        >>> _ = (folder / "bad.png").write_bytes(b"not an image")
-        >>> paths = [folder / "good.png", folder / "bad.png"]
-        >>> kept, skipped = drop_unreadable(paths, skip=True, flag="data.root")
-        >>> kept, [p.name for p in skipped]
-        ([0], ['bad.png'])
-
-    Returns:
-        ``(kept indices, skipped paths)``.
-
-    Raises:
-        UnreadableImage: naming the first unreadable file and ``--data.skip-unreadable`` (unless ``skip``).
-    """
-    if not skip and len(paths) > check_up_to:
-        return list(range(len(paths))), []
-    kept, skipped = [], []
-    for i, path in enumerate(paths):
-        problem = unreadable_image(path)
-        if problem is None:
-            kept.append(i)
-        elif skip:
-            skipped.append(path)
-        else:
-            raise UnreadableImage(
-                f"{path}: {problem}; pass --data.skip-unreadable to skip such files "
-                f"(from --{flag.replace('_', '-')})"
-            )
-    if not kept:
-        raise ValueError(f"{flag}: none of its {len(paths)} images can be read")
-    return kept, skipped
+from stepkit.data.crops import CropPlan, center_view, read_crops, sample_rng
+from stepkit.data.folders import (
+    DECODE_ERRORS,
+    LabelledFolder,
+    drop_unreadable,
+    find_images,
+    labelled_folder,
+    unreadable_error,
+)
+
+__all__ = ["TrainImages", "EvalImages", "ImageData", "find_image_data", "ImageDataConfig",
+           "ProbeImagesConfig", "IMAGENET_MEAN", "IMAGENET_STD", "ImageSets", "image_sets", "random_images"]
 
 
 class TrainImages:
@@ -464,8 +63,8 @@ class TrainImages:
         index, epoch = item
         try:
             return read_crops(self.paths[index], self.plan, sample_rng(self.seed, epoch, index)), index
-        except _DECODE_ERRORS as err:
-            raise _unreadable(self.paths[index], err, self.flag) from None
+        except DECODE_ERRORS as err:
+            raise unreadable_error(self.paths[index], err, self.flag) from None
 
 
 class EvalImages:
@@ -500,8 +99,8 @@ class EvalImages:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         try:
             return center_view(self.paths[index], self.size, self.resize), self.labels[index]
-        except _DECODE_ERRORS as err:
-            raise _unreadable(self.paths[index], err, self.flag) from None
+        except DECODE_ERRORS as err:
+            raise unreadable_error(self.paths[index], err, self.flag) from None
 
 
 @dataclass
@@ -759,7 +358,7 @@ class ImageSets:
     test: Any | None
     """Held-out labelled images."""
     shards: list[Path] | None
-    """The training shards, streamed with ``stepkit.shards`` (None: ``train``)."""
+    """The training shards, streamed by ``stepkit.data.streams`` (None: ``train``)."""
     files: bool
     """Images from files or shards (uint8, crops cut in DataLoader workers), not float tensors in memory."""
     channels: int
@@ -788,7 +387,7 @@ def image_sets(
     printed on rank 0), cropped by ``plan`` from the full image in the DataLoader workers, or the
     shards of the brace pattern ``shards`` (checked against the ranks x workers that will read them);
     the probes' labelled sets at ``eval_size`` (the centre of the image resized to ``eval_resize``),
-    ImageNet's normalisation. Without either: the embedded digits (``stepkit.bundled.digits_canvas``)
+    ImageNet's normalisation. Without either: the embedded digits (``stepkit.data.digits_canvas``)
     as tensors, the probes fitting on the training split, normalised with mean and std 0.5.
 
     Args:
@@ -824,7 +423,7 @@ def image_sets(
     if root is None and shards is None:
         from torch.utils.data import TensorDataset
 
-        from stepkit.bundled import digits_canvas
+        from stepkit.data.bundled import digits_canvas
 
         digits = digits_canvas(seed=data.seed, size=digits_size)
         train = TensorDataset(digits["train_images"], digits["train_labels"])
@@ -833,7 +432,7 @@ def image_sets(
                          probe_data={"kind": "digits_canvas", "seed": data.seed, "size": digits_size},
                          skipped=0)
     else:
-        from stepkit.shards import check_readers, expand_shards
+        from stepkit.data.shards import check_readers, expand_shards
 
         found = find_image_data(root, probe.train_root, probe.val_root, skip_unreadable=data.skip_unreadable)
         shard_files = expand_shards(shards) if shards is not None else None
@@ -846,8 +445,9 @@ def image_sets(
         if found.eval_train is not None and found.eval_val is not None:
             fit, test = (EvalImages(f.paths, f.labels, size=eval_size, resize=eval_resize)
                          for f in (found.eval_train, found.eval_val))
-            probe_data = {"kind": "folders", "train_root": str(found.eval_train.root),
-                          "val_root": str(found.eval_val.root), "size": eval_size,
+            # absolute: `stepkit eval` may run from another folder than the run did
+            probe_data = {"kind": "folders", "train_root": os.path.abspath(found.eval_train.root),
+                          "val_root": os.path.abspath(found.eval_val.root), "size": eval_size,
                           "resize": eval_resize if eval_resize is not None else eval_size}
         train = TrainImages(found.train, plan, seed=seed) if root is not None else None
         sets = ImageSets(train=train, probe=fit, test=test, shards=shard_files, files=True, channels=3,

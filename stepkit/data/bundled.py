@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stepkit import check as _check
-from stepkit.data import MODALITIES
+from stepkit.data.arrays import MODALITIES
 
 __all__ = ["HRF", "synthetic_fmri", "digits_canvas", "DIGIT_WORDS", "SIZE_WORDS", "PLACE_WORDS",
            "digits_captioned", "UCR_UEA", "read_ts", "ucr_uea_dir", "ucr_uea", "CHAT_TOPICS", "chat_topics"]

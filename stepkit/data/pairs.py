@@ -181,7 +181,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
 
     Image paths are relative to the file's folder (absolute ones stay).
     Every image must exist; up to ``check_up_to`` of them are also decoded
-    up front (``stepkit.images.unreadable_image``).
+    up front (``stepkit.data.unreadable_image``).
 
     Args:
         path: The pairs file.
@@ -215,7 +215,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
         ...     print(str(err).replace(str(folder), "DIR").split(";")[0])
         DIR/bad.csv:2: image 'b.png' not found (DIR/b.png)
     """
-    from stepkit.images import unreadable_image
+    from stepkit.data.folders import unreadable_image
 
     path = Path(path)
     kind = _file_kind(path, flag)
