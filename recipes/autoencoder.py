@@ -65,6 +65,7 @@ from stepkit.run import (
     pick_device,
     save_or_stop,
     seed_everything,
+    set_threads,
     stop_if_diverged,
 )
 from stepkit.signals import StopSignals
@@ -167,6 +168,7 @@ def windows(series: dict[str, torch.Tensor], t: torch.Tensor, window: int) -> di
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
+    set_threads(cfg.threads, device=device, workers=0)  # --threads
     arrays = load_fmri_npz(cfg.data.path) if cfg.data.path else synthetic_fmri(
         seed=cfg.data.seed, time_points=cfg.data.time_points, voxels=cfg.data.voxels
     )

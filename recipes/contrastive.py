@@ -85,6 +85,7 @@ from stepkit.run import (
     pick_device,
     save_or_stop,
     seed_everything,
+    set_threads,
     stop_if_diverged,
 )
 from stepkit.signals import StopSignals
@@ -358,6 +359,7 @@ def main(cfg: Config) -> dict:
     tokens = tokenize(train_texts) if shards is None else None
     anchor_tokens = tokenize(train_anchors) if text_only else None
     workers = cfg.data.workers if files else 0
+    set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, timeout=cfg.data.timeout, **kw)

@@ -92,6 +92,7 @@ from stepkit.run import (
     pick_device,
     save_or_stop,
     seed_everything,
+    set_threads,
     stop_if_diverged,
 )
 from stepkit.schedules import scaled_lr
@@ -317,6 +318,8 @@ def main(cfg: Config) -> dict:
                           eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size,
                           min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
     files, shards, mean, std = data.files, data.shards, data.mean, data.std
+    # on a CPU the DataLoader workers take cores from the model (--threads)
+    set_threads(cfg.threads, device=device, workers=cfg.data.workers if files else 0)
     evaluate = cfg.eval.knn and data.probe is not None
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")

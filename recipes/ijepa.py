@@ -119,6 +119,7 @@ from stepkit.run import (
     pick_device,
     save_or_stop,
     seed_everything,
+    set_threads,
     stop_if_diverged,
 )
 from stepkit.signals import StopSignals
@@ -342,6 +343,8 @@ def main(cfg: Config) -> dict:
                       eval_resize=round(cfg.data.image_size / 0.875), digits_size=cfg.data.image_size,
                       min_probe_images=cfg.eval.k)
     files, shards, mean, std = data.files, data.shards, data.mean, data.std
+    # on a CPU the DataLoader workers take cores from the model (--threads)
+    set_threads(cfg.threads, device=device, workers=cfg.data.workers if files else 0)
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     seed_everything(cfg.train.seed)

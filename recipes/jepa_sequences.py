@@ -103,6 +103,7 @@ from stepkit.run import (
     pick_device,
     save_or_stop,
     seed_everything,
+    set_threads,
     stop_if_diverged,
 )
 from stepkit.signals import StopSignals
@@ -296,6 +297,7 @@ def build_encoder(cfg: Config, seq: dict) -> nn.Module:
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)
+    set_threads(cfg.threads, device=device, workers=0)  # --threads
     if cfg.data.kind == "timeseries":
         source = str(cfg.data.path) if cfg.data.path is not None else cfg.data.name
         raw = load_series_npz(cfg.data.path) if cfg.data.path is not None else ucr_uea(cfg.data.name)

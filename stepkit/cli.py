@@ -21,7 +21,7 @@ from typing import Any
 
 from stepkit import dist
 from stepkit.checkpoint.errors import SaveFailed
-from stepkit.config import INVOCATION_FIELDS, flat_config
+from stepkit.config import INVOCATION_FIELDS, absolute_paths, flat_config
 from stepkit.data import error_line
 from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, DataError, DataStalled, Diverged
 
@@ -80,7 +80,7 @@ def cli(config_type: type, presets: Mapping[str, tuple[str, Any]] | None = None,
         with _stderr_unless_unknown_flags(argv, default):
             config = tyro.cli(config_type, default=default, args=argv, description=text.strip())
     check_config(config)
-    return config
+    return absolute_paths(config)  # config.json names the files wherever stepkit eval or a resume runs
 
 
 def check_config(config: Any, path: str = "") -> None:

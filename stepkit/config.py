@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 from stepkit import check as _check
 
 __all__ = ["INVOCATION_FIELDS", "RESUME_MAY_CHANGE", "Amp", "BestCkptConfig", "CkptConfig", "Device",
-           "RunArgs", "TrainConfig", "config_yaml", "field_docs", "flat_config", "may_change_on_resume",
+           "PATTERN_FIELDS", "RunArgs", "TrainConfig", "absolute_paths", "config_yaml", "field_docs",
+           "flat_config", "may_change_on_resume",
            "resume_free_fields", "to_jsonable"]
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -132,7 +134,7 @@ class BestCkptConfig(CkptConfig):
 
 @dataclass
 class RunArgs:
-    """The run-directory flags every recipe shares: ``--run-dir``, ``--resume`` and its options.
+    """The flags every recipe shares: ``--run-dir``, ``--resume`` and its options, ``--threads``.
 
     A recipe's ``Config`` inherits them (and may redefine ``run_dir``'s default).
 
@@ -156,6 +158,9 @@ class RunArgs:
     flag for a job that is requeued or restarted by torchrun --max-restarts."""
     stop_on_signal: bool = True
     """On SIGTERM, SIGUSR1 or Ctrl-C: finish the update, save last, exit 75 (see StopSignals)."""
+    threads: int = may_change_on_resume(0)
+    """torch's CPU threads; 0: torch's choice, less one per DataLoader worker on a CPU (see
+    stepkit.run.set_threads). A resume under another count goes on, but not bit for bit."""
 
     @property
     def resuming(self) -> bool:
@@ -185,6 +190,52 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return obj.name
     return obj
+
+
+# String fields that hold a brace pattern of files (tar shards); made absolute as paths are.
+PATTERN_FIELDS = ("shards", "val_shards")
+
+
+def absolute_paths(config: Any, *, top: bool = True) -> Any:
+    """``config`` with its sections' relative paths that exist made absolute, as ``config.json`` keeps them.
+
+    A run evaluated (``stepkit eval``) or resumed from another folder then reads the same files. Only
+    paths that name an existing file or folder change (a shard pattern: when its folder exists), so a
+    missing path's error still names what was typed, and ``--init.from timm:NAME`` stays a name. The
+    run's own flags at the top level (``--run-dir``, ``--resume-from``) stay as given.
+
+    Examples:
+        >>> import dataclasses, os, tempfile
+        >>> @dataclasses.dataclass
+        ... class Data:
+        ...     root: Path | None = None
+        ...     shards: str | None = None
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     run_dir: Path = Path("runs/x")
+        ...     data: Data = dataclasses.field(default_factory=Data)
+        >>> here = os.getcwd(); os.chdir(tempfile.mkdtemp()); os.makedirs("photos")
+        >>> cfg = absolute_paths(Config(data=Data(root=Path("photos"), shards="gone/{0..1}.tar")))
+        >>> cfg.data.root == Path.cwd() / "photos", cfg.data.shards, cfg.run_dir
+        (True, 'gone/{0..1}.tar', PosixPath('runs/x'))
+        >>> os.chdir(here)
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = absolute_paths(value, top=False)
+        elif top:
+            continue
+        elif isinstance(value, Path) and not value.is_absolute() and value.exists():
+            changes[f.name] = Path(os.path.abspath(value))
+        elif (f.name in PATTERN_FIELDS and isinstance(value, str) and "://" not in value
+              and not os.path.isabs(value) and os.path.isdir(os.path.dirname(value.split("{")[0]) or ".")):
+            changes[f.name] = os.path.abspath(value)
+    return dataclasses.replace(config, **changes) if changes else config
+
 
 def flat_config(config: Any) -> dict[str, Any]:
     """A config (dataclass or mapping) as ``{"dotted.field": JSON value}``; lists stay values.

@@ -4,6 +4,8 @@ A run writes into ``--run-dir DIR``::
 
     config.json           the resolved config
     config_history.jsonl  what each resume changed on purpose (--resume-allow)
+    provenance.jsonl      per start: the recipe and its sha256, stepkit's version, the git commit, threads
+    recipe.py             a copy of the recipe that ran (recipe-<sha>.py for an edited one on resume)
     metrics.jsonl         one JSON object per log event, always with "step"
     checkpoints/          last.pt, periodic saves, the best N by a metric
     tb/                   TensorBoard events (--log.tensorboard)
@@ -33,10 +35,12 @@ from stepkit._atomic import atomic_write_bytes
 from stepkit.checkpoint import LAST, has_checkpoint, recover_interrupted_saves
 from stepkit.config import flat_config, resume_free_fields, to_jsonable
 
-__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "SUMMARY_FILE", "run_of",
-           "config_changes", "environment", "record_resume", "saved_config", "start_run", "write_summary"]
+__all__ = ["CKPT_DIR", "CONFIG_FILE", "HISTORY_FILE", "KERNEL_ENV", "KERNEL_FLAGS", "PROVENANCE_FILE",
+           "SUMMARY_FILE", "run_of", "config_changes", "environment", "record_provenance", "record_resume",
+           "saved_config", "start_run", "write_summary"]
 
 CONFIG_FILE, SUMMARY_FILE, CKPT_DIR = "config.json", "summary.json", "checkpoints"
+PROVENANCE_FILE = "provenance.jsonl"
 
 
 # The resume flags themselves: never compared, never recorded.
@@ -92,7 +96,15 @@ def config_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[s
         {'optim.lr': (0.1, 0.2)}
     """
     return {k: (saved.get(k, _ABSENT), given.get(k, _ABSENT)) for k in sorted(saved.keys() | given.keys())
-            if not _matches(k, _RUN_FLAGS) and saved.get(k, _ABSENT) != given.get(k, _ABSENT)}
+            if not _matches(k, _RUN_FLAGS) and not _same(saved.get(k, _ABSENT), given.get(k, _ABSENT))}
+
+
+def _same(saved: Any, given: Any) -> bool:
+    """Equal, or a relative path saved by an older stepkit that is the absolute one given now."""
+    if saved == given:
+        return True
+    return (isinstance(saved, str) and isinstance(given, str) and os.path.isabs(given)
+            and not os.path.isabs(saved) and os.path.abspath(saved) == given)
 
 _ABSENT = "<absent>"
 
@@ -317,6 +329,96 @@ def environment() -> dict[str, Any]:
             "cpu_flags": [f for f in KERNEL_FLAGS if f in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}, "cuda": cuda}
+
+
+
+def _git_commit(folder: Path, file: Path) -> dict[str, Any] | None:
+    """The commit of the repository ``file`` lives in, and whether the file differs from it (None: no git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", file.name],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine, or a hung file system
+        return None
+    return {"commit": head.stdout.strip(), "recipe_edited": bool(status.stdout.strip())}
+
+
+def record_provenance(run_dir: str | os.PathLike, recipe: str | os.PathLike | None, *,
+                      resumed: bool) -> dict[str, Any]:
+    """Append where this start (or resume) of a run came from to ``run_dir/provenance.jsonl``.
+
+    One line per start: the time, the command line, the recipe file (absolute) with its sha256 and
+    a copy in the run directory (``recipe.py``; a resume under an edited recipe adds
+    ``recipe-<sha256[:12]>.py``), stepkit's version, the git commit of the repository the recipe is
+    in (and whether the recipe differs from it), and torch's thread count. A resume whose thread
+    count or recipe differs from the last start's says so in a line: a resume is bit-exact only
+    under the same threads. Rank 0 writes; the other ranks return the same record.
+
+    Args:
+        run_dir: The run directory (it exists: ``start_run`` made it).
+        recipe: The script that runs (None: not known; nothing copied).
+        resumed: Whether this start continues a saved run.
+
+    Returns:
+        The line written.
+
+    Examples:
+        >>> import tempfile, pathlib, json
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> script = run / "my_loop.py"; _ = script.write_text("print('hi')\\n")
+        >>> line = record_provenance(run, script, resumed=False)
+        >>> line["recipe_sha256"][:12], (run / "recipe.py").read_text()
+        ('caf026f25d71', "print('hi')\\n")
+    """
+    import hashlib
+    import importlib.metadata
+    import shutil
+    import sys
+
+    import torch
+
+    run_dir = Path(run_dir)
+    path = run_dir / PROVENANCE_FILE
+    try:
+        version: str | None = importlib.metadata.version("stepkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = None
+    line: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": resumed,
+                            "argv": list(sys.argv), "stepkit": version, "torch": torch.__version__,
+                            "threads": torch.get_num_threads()}
+    if recipe is not None:
+        recipe = Path(recipe).resolve()
+        text = recipe.read_bytes()
+        line.update(recipe=str(recipe), recipe_sha256=hashlib.sha256(text).hexdigest(),
+                    git=_git_commit(recipe.parent, recipe))
+    if not dist.is_main():
+        return line
+    before = [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
+    last = before[-1] if before else None
+    if recipe is not None:
+        copy = "recipe.py" if not before else None
+        if last is not None and last.get("recipe_sha256") != line["recipe_sha256"]:
+            copy = f"recipe-{line['recipe_sha256'][:12]}.py"
+            print(f"resume: the recipe differs from the last start's ({last.get('recipe')}, sha256 "
+                  f"{str(last.get('recipe_sha256'))[:12]} -> {line['recipe_sha256'][:12]}); this one is kept "
+                  f"as {run_dir / copy}", flush=True)
+        if copy is not None and not (run_dir / copy).exists():
+            shutil.copyfile(recipe, run_dir / copy)
+        line["recipe_copy"] = copy or (last or {}).get("recipe_copy")
+    if last is not None and last.get("threads") != line["threads"]:
+        print(f"resume: torch threads {last.get('threads')} -> {line['threads']} since the last start; "
+              "the run goes on, but not bit for bit as it would have (pass --threads "
+              f"{last.get('threads')} to keep it exact)", flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return line
 
 
 def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:

@@ -1,24 +1,10 @@
+"""stepkit.data: a user's arrays (stimulus / fMRI .npz), time blocks, the resumable sampler, loaders."""
+
 import numpy as np
 import pytest
 import torch
 
-from stepkit.data import load_fmri_npz, synthetic_fmri, time_blocks
-
-
-def test_synthetic_fmri_is_seeded_and_shaped():
-    a, b = (synthetic_fmri(seed=3, time_points=400, voxels=7) for _ in range(2))
-    assert {k: v.shape for k, v in a.items()} == {
-        "video": (400, 64), "audio": (400, 32), "text": (400, 48), "fmri": (400, 7), "fmri_clean": (400, 7)
-    }
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["fmri"], synthetic_fmri(seed=4, time_points=400, voxels=7)["fmri"])
-    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
-
-
-def test_synthetic_fmri_noise_ceiling_is_below_one():
-    d = synthetic_fmri(time_points=2000, voxels=20)
-    r = [np.corrcoef(d["fmri"][:, v], d["fmri_clean"][:, v])[0, 1] for v in range(20)]
-    assert 0.8 < np.mean(r) < 0.95  # fmri_noise 0.5 on unit-variance responses: r = 1/sqrt(1.25)
+from stepkit.data import load_fmri_npz, time_blocks
 
 
 def test_time_blocks_are_ordered_and_never_share_a_time_point():
@@ -96,33 +82,6 @@ def test_not_an_npz(tmp_path):
         load_fmri_npz(path)
 
 
-def test_digits_canvas_is_seeded_split_and_in_range():
-    from stepkit.data import digits_canvas
-
-    a, b = digits_canvas(seed=1, size=24), digits_canvas(seed=1, size=24)
-    assert a["train_images"].shape == (1438, 1, 24, 24) and a["test_images"].shape == (359, 1, 24, 24)
-    assert all(torch_equal(a[k], b[k]) for k in a)
-    assert 0 <= a["train_images"].min() and a["train_images"].max() <= 1
-    assert not torch_equal(a["train_images"], digits_canvas(seed=2, size=24)["train_images"])
-    assert sorted(a["train_labels"].unique().tolist()) == list(range(10))
-
-
-def test_digits_canvas_is_hard_for_raw_pixels():
-    from stepkit.data import digits_canvas
-    from stepkit.evaluation import knn_accuracy
-
-    d = digits_canvas()
-    train, test = d["train_images"].flatten(1), d["test_images"].flatten(1)
-    acc = knn_accuracy(train, d["train_labels"], test, d["test_labels"])
-    assert 0.3 < acc < 0.75  # plain 8x8 digits give 0.98: learning has room to show
-
-
-def torch_equal(a, b):
-    import torch
-
-    return torch.equal(a, b)
-
-
 def test_resumable_sampler_resumes_and_shards():
     from itertools import islice
 
@@ -138,30 +97,6 @@ def test_resumable_sampler_resumes_and_shards():
         ResumableSampler(10, rank=2, world=2)
     with_epoch = list(islice(iter(ResumableSampler(10, seed=3, start=8, with_epoch=True)), 4))
     assert with_epoch == [(full[8], 0), (full[9], 0), (full[10], 1), (full[11], 1)]
-
-
-def test_captioned_digits_say_what_where_and_how_big():
-    from stepkit.data import DIGIT_WORDS, PLACE_WORDS, SIZE_WORDS, digits_captioned
-
-    d = digits_captioned(seed=3)
-    assert d["train_images"].shape[1:] == (1, 32, 32)
-    assert len(d["train_images"]) + len(d["test_images"]) == 1797
-    for split in ("train", "test"):
-        rows = zip(d[f"{split}_captions"], d[f"{split}_labels"], d[f"{split}_caption_ids"])
-        for caption, label, cid in rows:
-            size, digit = caption.split()[1:3]
-            place = " ".join(caption.split()[3:])
-            assert digit == DIGIT_WORDS[label] and size in SIZE_WORDS and place in PLACE_WORDS
-            s, p = list(SIZE_WORDS).index(size), list(PLACE_WORDS).index(place)
-            assert cid == (label * 3 + s) * 9 + p  # equal ids <=> equal captions
-    # a digit "in the upper left" has its ink there: the mean row/column of the ink is up and left
-    img = d["train_images"][[i for i, c in enumerate(d["train_captions"]) if c.endswith("upper left")]]
-    ink = img.clamp_min(0.3) - 0.3
-    rows = (ink.sum(dim=(1, 3)) * torch.arange(32)).sum(1) / ink.sum(dim=(1, 2, 3))
-    assert (rows < 16).float().mean() > 0.95
-    again = digits_captioned(seed=3)
-    assert torch.equal(again["test_images"], d["test_images"])
-    assert again["test_captions"] == d["test_captions"]
 
 
 class _SignalsInWorker(torch.utils.data.Dataset):
@@ -189,11 +124,3 @@ def test_seeded_loader_workers_ignore_stop_signals_and_run_a_given_init():
     assert batch.tolist() == [[True, True], [True, True]]
 
 
-def test_the_digits_read_without_scikit_learn_are_scikit_learns():
-    from sklearn.datasets import load_digits
-
-    from stepkit.data.bundled import _digits
-
-    x, y = _digits()
-    expected_x, expected_y = load_digits(return_X_y=True)
-    assert np.array_equal(x, expected_x) and np.array_equal(y, expected_y) and x.dtype == expected_x.dtype

@@ -130,3 +130,17 @@ def test_every_module_says_its_concern_on_its_first_line():
     for info in pkgutil.walk_packages(stepkit.__path__, "stepkit."):
         doc = importlib.import_module(info.name).__doc__ or ""
         assert doc.strip().splitlines() and len(doc.strip().splitlines()[0]) > 20, info.name
+
+
+def test_every_module_and_package_has_its_test_file():
+    """A library module's tests are in tests/test_<module>.py (a package's in tests/test_<package>.py)."""
+    from pathlib import Path
+
+    root = Path(stepkit.__file__).parent
+    tests = Path(__file__).parent
+    elsewhere = {"__main__": "test_command.py"}  # the command line, run as users run it
+    names = [p.stem for p in root.glob("*.py") if p.stem != "__init__" and not p.stem.startswith("_")]
+    names += [p.name for p in root.iterdir() if (p / "__init__.py").exists()]
+    missing = [name for name in names if not (tests / elsewhere.get(name, f"test_{name}.py")).exists()]
+    assert missing == []
+    assert (tests / elsewhere["__main__"]).exists()

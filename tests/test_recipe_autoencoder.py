@@ -70,7 +70,10 @@ def test_few_step_run_on_a_users_npz(recipe, tmp_path):
     assert summary["steps"] == 16 and "voxel_corr_ceiling" not in summary
     assert np.isfinite(summary["voxel_corr"])
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "metrics.jsonl", "checkpoints",
-                                                              "summary.json"}
+                                                              "summary.json", "provenance.jsonl", "recipe.py"}
+    ran = json.loads((tmp_path / "run" / "provenance.jsonl").read_text())["recipe"]
+    assert ran.endswith("autoencoder.py")
+    assert (tmp_path / "run" / "recipe.py").read_bytes() == Path(ran).read_bytes()
 
 
 def run_cli(*args):

@@ -32,7 +32,10 @@ def test_tiny_preset_few_steps_writes_the_run_directory(recipe, tmp_path):
     assert RECALLS | before | {"recall_at_1_chance", "params_digest"} <= summary.keys()
     assert 0 < summary["recall_at_1_chance"] < 0.01  # 359 held-out pairs, a few share a caption
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "metrics.jsonl", "checkpoints",
-                                                              "summary.json"}
+                                                              "summary.json", "provenance.jsonl", "recipe.py"}
+    ran = json.loads((tmp_path / "run" / "provenance.jsonl").read_text())["recipe"]
+    assert ran.endswith("contrastive.py")
+    assert (tmp_path / "run" / "recipe.py").read_bytes() == Path(ran).read_bytes()
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
     assert {p.name for p in (tmp_path / "run").iterdir()} == {
         "config.json",
         "metrics.jsonl",
+        "provenance.jsonl",
+        "recipe.py",
         "checkpoints",
         "summary.json",
     }
