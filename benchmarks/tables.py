@@ -3,6 +3,7 @@
     python benchmarks/tables.py                            # every table: about 45 minutes on 2 cores
     python benchmarks/tables.py --only dino --seeds 0      # one table, one seed
     python benchmarks/tables.py --only autoencoder --steps 2 --seeds 0   # smoke test (CI)
+    python benchmarks/tables.py --page docs/measurements.md   # the docs' page of measurements
 
 Each run is the README's command as a new user types it (a fresh run
 directory, the recipe's defaults, ``--train.seed`` and, where a recipe ties
@@ -120,6 +121,41 @@ def row(table: Table, run: dict) -> str:
     return table.row.format(seed=run["seed"], wall=wall, **run["summary"])
 
 
+
+PAGE_HEAD = """# Measurements
+
+Every learning number the docs quote comes from this page, and this page from one command:
+
+    python benchmarks/tables.py --page docs/measurements.md
+
+It runs each recipe's default command (and the presets below) as a new user types it, on seeds 0, 1
+and 2, one after the other, and writes each table under the machine and the date it was measured
+on (the same command gives other numbers on a CPU that differs in its kernels: see
+[Reproducing a run](guides/reproduce.md)). `--only NAME` re-runs one table and keeps the others.
+"""
+
+
+def section(table: Table, machine: str, rows: list[str]) -> str:
+    """One table of the measurements page: its command, the machine and date, the rows."""
+    command = f"python recipes/{table.recipe}.py {table.preset + ' ' if table.preset else ''}--train.seed S"
+    if table.data_seed:
+        command += " --data.seed S"
+    rule = "|" + " --- |" * (table.header.count(" | ") + 1)
+    return (f"## {table.name}\n\n`{command}` (S = the seed), measured on {machine}:\n\n"
+            f"{table.header}\n{rule}\n" + "\n".join(rows) + "\n")
+
+
+def write_page(path: Path, sections: dict[str, str]) -> None:
+    """Write the page, keeping the sections of tables that were not re-run, in TABLES' order."""
+    kept: dict[str, str] = {}
+    if path.exists():
+        for part in path.read_text().split("\n## ")[1:]:
+            kept[part.split("\n", 1)[0].strip()] = "## " + part.rstrip() + "\n"
+    kept.update(sections)
+    body = "\n".join(kept[t.name] for t in TABLES if t.name in kept)
+    path.write_text(PAGE_HEAD + "\n" + body)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=[t.name for t in TABLES],
@@ -127,17 +163,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="shorter runs, for a smoke test only")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "tables.json")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="write the tables that ran into this Markdown page (docs/measurements.md)")
     args = parser.parse_args(argv)
     machine = machine_line()
     result: dict = {"machine": machine, "steps": args.steps, "runs": []}
+    sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as work:
         for table in [t for t in TABLES if t.name in args.only]:
             rule = "|" + " --- |" * (table.header.count(" | ") + 1)
             print(f"\n{table.name} — {machine}\n\n{table.header}\n{rule}", flush=True)
+            rows = []
             for seed in args.seeds:
                 run = run_one(table, seed, args.steps, Path(work))
                 result["runs"].append(run)
-                print(row(table, run), flush=True)
+                rows.append(row(table, run))
+                print(rows[-1], flush=True)
+            sections[table.name] = section(table, machine, rows)
+            if args.page is not None:  # after each table: a run stopped midway keeps what it measured
+                write_page(args.page, sections)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from torch.utils.data import TensorDataset
 
 from stepkit import (
     LRSchedule,
@@ -50,7 +51,7 @@ from stepkit.checkpoint import (
 )
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks
+from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks, train_batches
 from stepkit.evaluation import ridge_regression
 from stepkit.faults import NonFiniteWatch
 from stepkit.log import LogConfig, should_stop
@@ -69,6 +70,7 @@ from stepkit.run import (
     stop_if_diverged,
 )
 from stepkit.signals import StopSignals
+from stepkit.step import adamw
 from stepkit.tuning import TuneConfig, tune
 
 
@@ -185,7 +187,7 @@ def main(cfg: Config) -> dict:
     wrapped = dist.parallelize(model, cfg.dist.strategy, device)
     state = TrainState(
         model=wrapped,
-        optimizer=torch.optim.AdamW(param_groups(model)),
+        optimizer=adamw(param_groups(model), device=device),  # fused: no host read per update
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         accum=cfg.train.accum,
         extras={"val_losses": [], "wall_s": 0.0},
@@ -223,18 +225,16 @@ def main(cfg: Config) -> dict:
     log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
     nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
 
-    # Epochs: a fresh permutation of the training time points each, seeded by the
-    # epoch, so a resumed run draws the same batches (data_position counts batches).
+    # Epochs: a fresh permutation of the training time points each, seeded by the run's seed and
+    # the epoch, so a resumed run draws the same batches (data_position counts batches).
+    batches, _ = train_batches(TensorDataset(train_t), state, batch_size=cfg.batch_size, seed=cfg.train.seed)
+    batches = iter(batches)
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
-            epoch, offset = divmod(state.data_position, per_epoch)
-            epoch_rng = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_t), generator=epoch_rng)
-            order = order[dist.rank()::dist.world_size()]  # this rank's share of the epoch
-            batch = train_t[order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].to(device)]
+            (batch,) = next(batches)  # this rank's share of the epoch
             state.data_position += 1
             loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):

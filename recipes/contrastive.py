@@ -88,7 +88,9 @@ from stepkit.run import (
     set_threads,
     stop_if_diverged,
 )
+from stepkit.seeds import seed_of
 from stepkit.signals import StopSignals
+from stepkit.step import adamw
 from stepkit.tuning import TuneConfig, tune
 from stepkit.two_tower import Renormalized, TwoTowerConfig, build_two_tower, init_towers, load_teacher
 from stepkit.weights import (
@@ -390,10 +392,10 @@ def main(cfg: Config) -> dict:
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=lambda m: [m.image, m.text],
                                param_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, ignore=scale_param)
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own dropout
-        seed_everything(cfg.train.seed + dist.rank())
+        seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     state = TrainState(
         model=wrapped,
-        optimizer=torch.optim.AdamW(param_groups(model)),
+        optimizer=adamw(param_groups(model), device=device),  # fused: no host read per update
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         accum=cfg.train.accum,
         extras={"wall_s": 0.0},

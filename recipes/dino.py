@@ -96,7 +96,9 @@ from stepkit.run import (
     stop_if_diverged,
 )
 from stepkit.schedules import scaled_lr
+from stepkit.seeds import seed_of
 from stepkit.signals import StopSignals
+from stepkit.step import adamw
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -382,10 +384,10 @@ def main(cfg: Config) -> dict:
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=shard, param_dtype=dtype)
     teacher = dist.parallelize(teacher, cfg.dist.strategy, device, shard=shard, param_dtype=dtype)
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own crops
-        seed_everything(cfg.train.seed + dist.rank())
+        seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     state = TrainState(
         model=wrapped,
-        optimizer=torch.optim.AdamW(param_groups(model)),
+        optimizer=adamw(param_groups(model), device=device),  # fused: no host read per update
         target=teacher,
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         accum=cfg.train.accum,

@@ -122,6 +122,7 @@ from stepkit.run import (
     set_threads,
     stop_if_diverged,
 )
+from stepkit.seeds import seed_of
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
@@ -386,7 +387,7 @@ def main(cfg: Config) -> dict:
                                           amp=cfg.amp, accum=cfg.train.accum)
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
-        seed_everything(cfg.train.seed + dist.rank())
+        seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
@@ -443,8 +444,8 @@ def main(cfg: Config) -> dict:
             if shards is not None:  # where each shard reader is, for an exact resume
                 positions.update(raw[1], raw[2], state.data_position)
             images = raw[0][0][0] if shards is not None else raw[0][0] if files else raw[0]
-            mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
-            loss_rng.manual_seed(cfg.train.seed * 1_000_033 + state.data_position * 103 + dist.rank())
+            mask_rng.manual_seed(seed_of(cfg.train.seed, "masks", state.data_position, dist.rank()))
+            loss_rng.manual_seed(seed_of(cfg.train.seed, "negatives", state.data_position, dist.rank()))
             batch = make_batch(images)
             loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):

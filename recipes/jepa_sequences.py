@@ -106,6 +106,7 @@ from stepkit.run import (
     set_threads,
     stop_if_diverged,
 )
+from stepkit.seeds import seed_of
 from stepkit.signals import StopSignals
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
@@ -345,7 +346,7 @@ def main(cfg: Config) -> dict:
                                           amp=cfg.amp, accum=cfg.train.accum)
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
-        seed_everything(cfg.train.seed + dist.rank())
+        seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
@@ -396,8 +397,8 @@ def main(cfg: Config) -> dict:
         while state.step < steps:
             x, _ = next(batches)
             state.data_position += 1
-            mask_rng.manual_seed(cfg.train.seed * 1_000_003 + state.data_position * 101 + dist.rank())
-            loss_rng.manual_seed(cfg.train.seed * 1_000_033 + state.data_position * 103 + dist.rank())
+            mask_rng.manual_seed(seed_of(cfg.train.seed, "masks", state.data_position, dist.rank()))
+            loss_rng.manual_seed(seed_of(cfg.train.seed, "negatives", state.data_position, dist.rank()))
             loss, aux = forward_loss(loss_fn, state, make_batch(x), amp=cfg.amp)
             if not accumulate(state, loss):
                 continue

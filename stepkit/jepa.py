@@ -40,6 +40,7 @@ from stepkit.models.vit import VisionTransformer
 from stepkit.monitor import CollapseWatch, collapse_metrics
 from stepkit.schedules import param_groups, warmup_decay
 from stepkit.state import TrainState
+from stepkit.step import adamw
 
 __all__ = ["JEPALoss", "Levels", "TargetAlarm", "head_level", "level_lr_scales", "jepa_shard_units",
            "jepa_train_state", "level_losses", "level_values_at", "prediction_loss", "raw_sequence_features",
@@ -223,7 +224,7 @@ def jepa_train_state(model: nn.Module, target: nn.Module, *, strategy: dist.Stra
     target = dist.parallelize(target, strategy, device, shard=jepa_shard_units)
     heads = cast(nn.ModuleList, model.heads)
     groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(heads)))
-    state = TrainState(model=wrapped, optimizer=torch.optim.AdamW(groups), target=target,
+    state = TrainState(model=wrapped, optimizer=adamw(groups, device=device), target=target,
                        scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, accum=accum,
                        extras={"wall_s": 0.0})
     return state, [head_level(g["names"][0]) for g in groups]

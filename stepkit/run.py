@@ -111,13 +111,16 @@ def set_threads(threads: int, *, device: torch.device, workers: int) -> int:
 def seed_everything(seed: int) -> None:
     """Seed python's, numpy's and torch's global generators (CUDA included).
 
+    Any seed in ``[0, 2**63)`` (``stepkit.seeds.seed_of``'s): numpy's legacy generator takes its
+    low 32 bits.
+
     Examples:
         >>> seed_everything(0); a = torch.rand(1)
         >>> seed_everything(0); torch.equal(a, torch.rand(1))
         True
     """
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed & 0xFFFF_FFFF)
     torch.manual_seed(seed)
 
 

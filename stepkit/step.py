@@ -21,7 +21,7 @@ from stepkit import check as _check
 from stepkit.state import TrainState, unwrap_compiled
 
 __all__ = ["AMP_MODES", "LossFn", "amp_dtype", "forward_loss", "at_least_float32", "accumulate", "clip",
-           "apply_update", "grad_norm", "device_type_of", "ddp_of", "fsdp_of"]
+           "apply_update", "adamw", "grad_norm", "device_type_of", "ddp_of", "fsdp_of"]
 
 AMP_MODES: tuple[str | None, ...] = (None, "none", "bf16", "fp16")
 _AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -237,6 +237,33 @@ def clip(
             torch._foreach_clamp_max_(tensors, max_value)
     state.grad_norm = norm
     return norm
+
+
+FUSED_DEVICES = ("cuda", "cpu", "xpu", "mps")  # where torch's AdamW has a fused kernel
+
+
+def adamw(params: Any, *, device: torch.device | str, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW on the fused kernel where the device has one: ``apply_update`` then reads nothing on the host.
+
+    A fused optimizer takes ``apply_update``'s non-finite check as a device flag (``found_inf``); a
+    foreach one needs the gradient norm on the host every update, which stalls a GPU's queue.
+    The arithmetic is AdamW's either way (the kernels round differently in the last bits).
+
+    Args:
+        params: Parameters or parameter groups (``param_groups``).
+        device: Where the parameters live.
+        **kwargs: AdamW's own arguments (``betas``, ``eps`` ...).
+
+    Returns:
+        ``torch.optim.AdamW(params, fused=True, ...)`` where fused kernels exist, else the foreach one.
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> adamw(model.parameters(), device="cpu").defaults["fused"]
+        True
+    """
+    fused = torch.device(device).type in FUSED_DEVICES
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def apply_update(

@@ -74,6 +74,8 @@ def test_few_step_run_on_a_users_npz(recipe, tmp_path):
     ran = json.loads((tmp_path / "run" / "provenance.jsonl").read_text())["recipe"]
     assert ran.endswith("autoencoder.py")
     assert (tmp_path / "run" / "recipe.py").read_bytes() == Path(ran).read_bytes()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(g["fused"] for g in saved["state"]["optimizer"]["param_groups"])  # no host read per update
 
 
 def run_cli(*args):

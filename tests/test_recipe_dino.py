@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import crash_after_step, load_recipe
 
 from stepkit.schedules import scaled_lr
@@ -62,6 +63,8 @@ def test_few_step_run_writes_the_run_directory(recipe, tmp_path):
         "checkpoints",
         "summary.json",
     }
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(g["fused"] for g in saved["state"]["optimizer"]["param_groups"])  # no host read per update
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"dino", "koleo", "teacher_entropy", "feat_effective_rank", "momentum"} <= records[0].keys()
 

@@ -398,3 +398,46 @@ def test_per_parameter_clipping_equals_dinos_formula(clip_at, seed):
     for ours, theirs in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
         assert ours.grad.norm() <= clip_at * (1 + 1e-5) or torch.allclose(ours.grad, theirs.grad)
+
+
+class _NoHostReads:
+    """Fails any ``bool(tensor)``: the host read a foreach optimizer's non-finite check makes."""
+
+    def __enter__(self):
+        self.original = torch.Tensor.__bool__
+
+        def refuse(tensor):
+            raise AssertionError("a tensor was read on the host")
+
+        torch.Tensor.__bool__ = refuse
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.__bool__ = self.original
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_recipes_optimizer_is_fused_and_its_update_reads_nothing_on_the_host(finite):
+    from stepkit.step import adamw
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    state = TrainState(model=model, optimizer=adamw(param_groups(model), device="cpu"))
+    assert state.optimizer.defaults["fused"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1.0 if finite else float("nan"))
+    with _NoHostReads():
+        apply_update(state, lr=0.1, wd=0.0)
+    moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+    assert moved == [finite, finite] and state.skipped_steps.item() == (0 if finite else 1)
+    assert state.step == 1
+
+
+def test_a_foreach_optimizer_reads_the_norm_on_the_host():  # the check above can fail
+    model = nn.Linear(3, 2)
+    state = TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters(), foreach=True))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(AssertionError, match="read on the host"), _NoHostReads():
+        apply_update(state, lr=0.1)

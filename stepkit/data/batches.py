@@ -8,6 +8,7 @@ from typing import Any
 
 from stepkit import check as _check
 from stepkit.data.loader import seeded_loader
+from stepkit.seeds import torch_generator
 
 __all__ = ["ResumableSampler", "train_batches", "Prefetch"]
 
@@ -44,7 +45,7 @@ class ResumableSampler:
     def epoch_order(self, epoch: int) -> list[int]:
         import torch
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch_generator(self.seed, "order", epoch)
         order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
         return order[self.rank :: self.world].tolist()
 

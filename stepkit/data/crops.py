@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from stepkit import check as _check
+from stepkit.seeds import numpy_rng
 
 __all__ = ["CropPlan", "crop_box", "sample_rng", "read_crops", "center_view"]
 
@@ -66,7 +67,7 @@ def sample_rng(seed: int, epoch: int, *sample: int) -> np.random.Generator:
         >>> sample_rng(0, 1, 7).random() == sample_rng(0, 1, 7).random() != sample_rng(0, 2, 7).random()
         True
     """
-    return np.random.default_rng([seed, epoch, *sample])
+    return numpy_rng(seed, "crops", epoch, *sample)
 
 
 def crop_box(

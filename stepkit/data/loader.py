@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stepkit.faults import DataError, DataStalled
+from stepkit.seeds import torch_generator
 
 __all__ = ["WatchedLoader", "seeded_loader", "end_workers", "end_loader_workers", "error_line"]
 
@@ -318,7 +319,7 @@ def seeded_loader(dataset: Any, *, seed: int, workers: int = 0, timeout: float =
 
     then = kwargs.pop("worker_init_fn", None)
     init = leave_stop_signals_to_main if then is None else _Chained(leave_stop_signals_to_main, then)
-    return WatchedLoader(dataset, num_workers=workers, generator=torch.Generator().manual_seed(seed),
+    return WatchedLoader(dataset, num_workers=workers, generator=torch_generator(seed, "loader"),
                          worker_init_fn=init if workers else then, timeout=timeout, **kwargs)
 
 

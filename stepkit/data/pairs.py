@@ -16,9 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from stepkit import check as _check
+from stepkit.seeds import numpy_rng
 
 __all__ = ["PAIR_FILE_KINDS", "Pairs", "TextPairs", "read_pairs", "read_text_pairs", "split_pairs"]
 
@@ -316,7 +315,7 @@ def split_pairs(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]
     if held >= len(images):
         _check.fail("data.val_fraction", fraction,
                     f"a fraction that leaves training images ({len(images)} in {pairs.source})")
-    chosen = set(np.random.default_rng([seed, 0x9A1]).permutation(images)[:held].tolist())
+    chosen = set(numpy_rng(seed, "held-out split").permutation(images)[:held].tolist())
     rows = range(len(pairs))
     return (pairs.select(i for i in rows if pairs.ids[i] not in chosen),
             pairs.select(i for i in rows if pairs.ids[i] in chosen))

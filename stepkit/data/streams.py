@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import IterableDataset
 
 from stepkit import check as _check
+from stepkit.data.crops import sample_rng
 from stepkit.data.shards import ShardError, class_field, image_field, shard_samples, text_field
+from stepkit.seeds import numpy_rng
 
 __all__ = ["epoch_shards", "ShardPositions", "resumable_stream", "ShardStream", "ShardCrops", "ShardPairs",
            "read_shard_pairs"]
@@ -40,7 +41,7 @@ def epoch_shards(n: int, seed: int, epoch: int) -> list[int]:
         >>> sorted(epoch_shards(5, seed=0, epoch=3)) == list(range(5))
         True
     """
-    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(n).tolist()
+    return numpy_rng(seed, "shard order", epoch).permutation(n).tolist()
 
 
 class ShardPositions:
@@ -161,7 +162,7 @@ class ShardCrops:
         >>> from stepkit.data import CropPlan
         >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
         >>> crops, label = ShardCrops(CropPlan(views=((16, (0.5, 1.0)),)))(
-        ...     {"png": buffer.getvalue(), "cls": b"3"}, np.random.default_rng(0), "s.tar:a")
+        ...     {"png": buffer.getvalue(), "cls": b"3"}, sample_rng(0, 0, 0), "s.tar:a")
         >>> tuple(crops[0].shape), label
         ((3, 16, 16), 3)
     """
@@ -199,7 +200,7 @@ class ShardPairs:
         >>> from stepkit.data import CropPlan
         >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
         >>> crops, caption = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)))(
-        ...     {"png": buffer.getvalue(), "txt": b"a black square"}, np.random.default_rng(0), "s.tar:a")
+        ...     {"png": buffer.getvalue(), "txt": b"a black square"}, sample_rng(0, 0, 0), "s.tar:a")
         >>> tuple(crops[0].shape), caption
         ((3, 16, 16), 'a black square')
     """
@@ -293,7 +294,7 @@ class ShardStream(IterableDataset):
         >>> stream = ShardStream(expand_shards(str(folder / "{0,1}.tar")), lambda f, rng, where: where[-2:],
         ...                      seed=0)
         >>> [(key, place.tolist()) for (key, place, _), _ in zip(stream, range(5))]  # ..., then epoch 1
-        [('a1', [0, 0, 0]), ('b1', [0, 0, 1]), ('a0', [0, 1, 0]), ('b0', [0, 1, 1]), ('a1', [1, 0, 0])]
+        [('a1', [0, 0, 0]), ('b1', [0, 0, 1]), ('a0', [0, 1, 0]), ('b0', [0, 1, 1]), ('a0', [1, 0, 0])]
     """
 
     def __init__(
@@ -354,7 +355,7 @@ class ShardStream(IterableDataset):
                     where = f"{self.shards[shard]}:{key}"
                     try:
                         sample = self.make_sample(
-                            fields, np.random.default_rng([self.seed, epoch, shard, number]), where
+                            fields, sample_rng(self.seed, epoch, shard, number), where
                         )
                     except (ValueError, OSError):
                         if not self.skip:
