@@ -37,6 +37,15 @@ microseconds).
     python benchmarks/data.py --case loader
     python benchmarks/data.py --case loader --batches 20 --steps 1   # smoke test (CI)
 
+``--case tar``: a shard of 500 x 375 JPEGs read by ``shard_samples`` (``tarfile`` in stream mode)
+against the whole pipeline that turns its samples into DINO's crops (``ShardStream`` with
+``ShardCrops``), one worker; the read's share bounds what any faster tar reader could gain: a reader
+that took no time makes the pipeline at most ``1 / (1 - share)`` times as fast. Target: < 1.2x, so
+the standard library reads the untrusted bytes (#42: a hand parser must win 1.2x to stay).
+
+    python benchmarks/data.py --case tar
+    python benchmarks/data.py --case tar --images 8 --steps 1   # smoke test (CI)
+
 Prints a table; writes benchmarks/results/data_<device>_<size>.json
 (``data_files_cpu.json`` for the files case, ``data_loader_cpu.json`` for the loader case).
 """
@@ -46,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import io
 import json
 import os
 import statistics
@@ -251,9 +261,60 @@ def loader_case(args) -> dict:
     return result
 
 
+def tar_case(args) -> dict:
+    """What reading the tar costs in the whole shard pipeline: the bound on any faster tar reader."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    import numpy as np
+
+    from stepkit.data import CropPlan, ShardCrops, ShardStream, shard_samples
+
+    torch.set_num_threads(1)  # a DataLoader worker's setting
+    plan = CropPlan(views=((224, (0.4, 1.0)),) * 2 + ((96, (0.05, 0.4)),) * 8)
+    folder = Path(tempfile.mkdtemp(prefix="stepkit-tar-", dir=args.dir))
+    rng = np.random.default_rng(0)
+    shard = folder / "0.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(args.images):
+            members = ((f"{i:05d}.jpg", photo(500, 375, rng)), (f"{i:05d}.cls", str(i % 10).encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stream = iter(ShardStream([shard], ShardCrops(plan), seed=0))
+    runs = {"read": lambda: sum(1 for _ in shard_samples(shard)),
+            "pipeline": lambda: [next(stream) for _ in range(args.images)]}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.steps + 1):  # round 0 warms the page cache
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            if r:
+                times[name].append((time.perf_counter() - started) / args.images * 1e3)
+    read, whole = (statistics.median(times[n]) for n in ("read", "pipeline"))
+    bound = whole / max(whole - read, 1e-9)  # a reader that took no time at all
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    result = dict(benchmark="data", case="tar", images=args.images, image="500x375 JPEG", rounds=args.steps,
+                  cpu=environment()["cpu"], torch=torch.__version__, date=date, read_ms=round(read, 4),
+                  pipeline_ms=round(whole, 3), read_share=round(read / whole, 4),
+                  faster_reader_bound=round(bound, 3), meets_target=bool(bound < 1.2))
+    print(f"ms per sample, {args.images} samples of one shard (500x375 JPEG + .cls) into DINO's crops, one "
+          f"worker (1 thread), median of {args.steps}, {result['cpu']}, torch {torch.__version__}, {date}")
+    print(f"tarfile stream read {read:.4f} ms; whole pipeline {whole:.3f} ms; read share {read / whole:.2%}; "
+          f"a reader taking no time: at most {bound:.3f}x the pipeline (target: < 1.2x, tarfile stays)")
+    shutil.rmtree(folder)
+    out = args.out or Path(__file__).parent / "results" / "data_tar_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {os.path.relpath(out)}")
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["device", "files", "loader"], default="device")
+    ap.add_argument("--case", choices=["device", "files", "loader", "tar"], default="device")
     ap.add_argument("--batches", type=int, default=2000, help="--case loader: batches a round")
     ap.add_argument("--images", type=int, default=200, help="--case files: JPEGs written of each size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -270,6 +331,9 @@ def main(argv=None) -> dict:
     if args.case == "loader":
         args.steps = args.steps or 5
         return loader_case(args)
+    if args.case == "tar":
+        args.steps = args.steps or 5
+        return tar_case(args)
     args.steps = args.steps or 20
     device = torch.device(args.device)
     size = SIZES[args.size]

@@ -82,3 +82,67 @@ def test_every_docs_page_is_in_the_navigation():
     listed = set(pages(config["nav"]))
     on_disk = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert listed == on_disk
+
+
+# Flags of other programs the guides show (torchrun, Slurm, coreutils, pip, mkdocs).
+OTHER_TOOLS = {"--nproc_per_node", "--nnodes", "--standalone", "--rdzv-backend", "--rdzv-endpoint",
+               "--rdzv-id", "--max-restarts", "--requeue", "--signal", "--preserve-status", "--no-deps",
+               "--strict", "--help"}
+NOT_FLAGS = {"--flags", "--lr"}  # "[--flags]" in a usage line; the unknown flag of an error example
+PAGES = [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
+
+
+def recipe_flags() -> dict[str, tuple[set[str], set[str]]]:
+    """``{recipe: (every flag of its config and presets, its presets)}``, as tyro spells the flags."""
+    import dataclasses
+
+    from conftest import load_recipe
+
+    from stepkit.config import flat_config
+
+    found = {}
+    for path in sorted((ROOT / "recipes").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        recipe = load_recipe(path.stem)
+        flags: set[str] = set()
+        for config in [recipe.Config(), *(c for _, c in recipe.PRESETS.values())]:
+            for name in flat_config(dataclasses.asdict(config)):
+                dotted = ".".join(part.rstrip("_") for part in name.split(".")).replace("_", "-")
+                head, _, last = dotted.rpartition(".")
+                flags |= {f"--{dotted}", f"--{head + '.' if head else ''}no-{last}"}
+        found[path.stem] = (flags, set(recipe.PRESETS))
+    return found
+
+
+def argparse_flags(*paths: Path) -> set[str]:
+    return {flag for p in paths for flag in re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", p.read_text())}
+
+
+@pytest.mark.slow
+def test_every_flag_the_docs_name_exists():
+    """A flag renamed or removed in the code and still in a page fails here, naming the page."""
+    recipes = recipe_flags()
+    known = set().union(*(flags for flags, _ in recipes.values())) | OTHER_TOOLS
+    known |= argparse_flags(ROOT / "stepkit" / "__main__.py", ROOT / "stepkit" / "sweep.py",
+                            *(ROOT / "benchmarks").glob("*.py"))
+    known |= {"--config"} | NOT_FLAGS  # every recipe's config file (stepkit.cli)
+    unknown = sorted({(flag, page.name) for page in PAGES
+                      for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]", page.read_text())
+                      if flag not in known and not any(k.startswith(flag + ".") for k in known)})
+    assert unknown == []
+
+
+@pytest.mark.slow
+def test_every_recipe_and_preset_the_docs_run_exists():
+    recipes = recipe_flags()
+    runs = r"(?:python recipes/(\w+)\.py|stepkit run (\w+))(?: ([a-z][\w-]*))?"  # [PRESET] may follow
+    named = [(m.group(1) or m.group(2), m.group(3), page.name) for page in PAGES
+             for m in re.finditer(runs, page.read_text())]
+    named += [(m.group(1), None, page.name) for page in PAGES
+              for m in re.finditer(r"stepkit cp (?:--config )?(\w+)", page.read_text())]
+    assert len(named) > 20  # the pattern finds the docs' commands
+    missing = [(recipe, page) for recipe, _, page in named if recipe not in recipes]
+    no_preset = [(recipe, preset, page) for recipe, preset, page in named
+                 if recipe in recipes and preset and preset not in recipes[recipe][1]]
+    assert missing == [] and no_preset == []

@@ -139,14 +139,36 @@ def test_a_header_with_a_negative_size_is_refused_not_looped_over(tmp_path):
         list(shard_samples(path))
 
 
-def test_a_shard_compressed_otherwise_than_gzip_is_named_with_what_to_do(tmp_path):
-    import lzma
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_a_shard_compressed_with_gzip_bzip2_or_xz_reads_as_the_tar(tmp_path, compress):
+    import importlib
 
     small_shards(tmp_path / "s", shards=1)
-    path = tmp_path / "0000.tar.xz"
-    path.write_bytes(lzma.compress((tmp_path / "s" / "0000.tar").read_bytes()))
-    expected = r"0000.tar.xz: cut off or not a tar shard at its start \(compressed with xz: decompress it"
+    plain = tmp_path / "s" / "0000.tar"
+    path = tmp_path / "0000.tar.z"
+    path.write_bytes(importlib.import_module(compress).compress(plain.read_bytes()))
+    assert list(shard_samples(path)) == list(shard_samples(plain)) and len(list(shard_samples(plain))) > 1
+
+
+def test_a_shard_compressed_with_zstd_is_named_with_what_to_do(tmp_path):
+    path = tmp_path / "0000.tar.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(600))  # zstd's magic number
+    expected = (r"0000.tar.zst: cut off or not a tar shard at its start \(compressed with zstd: decompress "
+                r"it first \(stepkit reads tar shards as they are or compressed with gzip, bzip2 or xz\)\)")
     with pytest.raises(ShardError, match=expected):
+        list(shard_samples(path))
+
+
+def test_a_tar_that_stops_between_members_is_cut_off_though_tarfile_lets_it_pass(tmp_path):
+    path = small_shards(tmp_path, shards=1)[0]
+    whole = path.read_bytes()
+    with tarfile.open(path) as tar:
+        boundary = tar.getmembers()[2].offset  # where the third member's header starts
+    path.write_bytes(whole[:boundary])
+    with tarfile.open(path) as tar:
+        assert len(tar.getmembers()) == 2  # the standard library reads it as a whole tar
+    with pytest.raises(ShardError, match=r"0000.tar: cut off or not a tar shard after member .* \(no "
+                                         r"end-of-archive marker\)"):
         list(shard_samples(path))
 
 
