@@ -124,7 +124,7 @@ def row(table: Table, run: dict) -> str:
 
 PAGE_HEAD = """# Measurements
 
-Every learning number the docs quote comes from this page, and this page from one command:
+The recipes' measured tables are on this page, and this page comes from one command:
 
     python benchmarks/tables.py --page docs/measurements.md
 
