@@ -227,14 +227,16 @@ def main(cfg: Config) -> dict:
 
     # Epochs: a fresh permutation of the training time points each, seeded by the run's seed and
     # the epoch, so a resumed run draws the same batches (data_position counts batches).
-    batches, _ = train_batches(TensorDataset(train_t), state, batch_size=cfg.batch_size, seed=cfg.train.seed)
+    positions = TensorDataset(torch.arange(len(train_t)))  # indexed on the host, train_t once a batch
+    batches, _ = train_batches(positions, state, batch_size=cfg.batch_size, seed=cfg.train.seed)
     batches = iter(batches)
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
     started = time.perf_counter() - state.extras["wall_s"]
     with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
         while state.step < steps:
-            (batch,) = next(batches)  # this rank's share of the epoch
+            (picked,) = next(batches)  # this rank's share of the epoch
+            batch = train_t[picked.to(device)]
             state.data_position += 1
             loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):

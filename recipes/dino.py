@@ -320,8 +320,8 @@ def main(cfg: Config) -> dict:
                           eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size,
                           min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
     files, shards, mean, std = data.files, data.shards, data.mean, data.std
-    # on a CPU the DataLoader workers take cores from the model (--threads)
-    set_threads(cfg.threads, device=device, workers=cfg.data.workers if files else 0)
+    workers = cfg.data.workers if files else 0  # tensors in memory are read by the main process
+    set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
     evaluate = cfg.eval.knn and data.probe is not None
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
@@ -364,7 +364,7 @@ def main(cfg: Config) -> dict:
         return views, (tuple(batch[1:]) if shards is not None else None)
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
-        return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
                              timeout=cfg.data.timeout, batch_size=cfg.batch_size,
                              pin_memory=device.type == "cuda", **kw)
 
@@ -442,7 +442,7 @@ def main(cfg: Config) -> dict:
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
     raw_batches, positions = train_batches(
         ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
-        workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+        workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
         timeout=cfg.data.timeout, with_epoch=files, pin_memory=device.type == "cuda")
     # Colours (and the digits' crops) draw from the global RNG, which the checkpoint restores too.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")

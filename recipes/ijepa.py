@@ -344,8 +344,8 @@ def main(cfg: Config) -> dict:
                       eval_resize=round(cfg.data.image_size / 0.875), digits_size=cfg.data.image_size,
                       min_probe_images=cfg.eval.k)
     files, shards, mean, std = data.files, data.shards, data.mean, data.std
-    # on a CPU the DataLoader workers take cores from the model (--threads)
-    set_threads(cfg.threads, device=device, workers=cfg.data.workers if files else 0)
+    workers = cfg.data.workers if files else 0  # tensors in memory are read by the main process
+    set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     seed_everything(cfg.train.seed)
@@ -379,7 +379,7 @@ def main(cfg: Config) -> dict:
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
-        return seeded_loader(dataset, seed=cfg.train.seed, workers=cfg.data.workers if files else 0,
+        return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
                              timeout=cfg.data.timeout, batch_size=cfg.batch_size, **kw)
 
     # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
@@ -431,7 +431,7 @@ def main(cfg: Config) -> dict:
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
     train_loader, positions = train_batches(
         ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
-        workers=cfg.data.workers if files else 0, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+        workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
         timeout=cfg.data.timeout, with_epoch=files)
     batches = iter(train_loader)
     watch = target_collapse_watch(cfg.alarm, depths)

@@ -22,8 +22,7 @@ from typing import Any
 from stepkit import dist
 from stepkit.checkpoint.errors import SaveFailed
 from stepkit.config import INVOCATION_FIELDS, absolute_paths, flat_config
-from stepkit.data import error_line
-from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, DataError, DataStalled, Diverged
+from stepkit.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED, DataError, DataStalled, Diverged, error_line
 
 __all__ = ["FLAG_SYNONYMS", "check_config", "cli", "config_file_flags", "known_flags", "run_main",
            "unknown_flag_error"]

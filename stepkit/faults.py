@@ -32,7 +32,7 @@ from stepkit import check as _check
 from stepkit.signals import EXIT_STOPPED
 
 __all__ = ["EXIT_DIVERGED", "EXIT_SAVE_FAILED", "EXIT_STOPPED", "DataError", "DataStalled", "Diverged",
-           "NonFiniteWatch"]
+           "NonFiniteWatch", "error_line"]
 
 EXIT_DIVERGED = 65
 """A run stopped after ``--train.max-skipped`` non-finite updates in a row (``EX_DATAERR``): its
@@ -171,3 +171,19 @@ class NonFiniteWatch:
         first = self.first_nonfinite()
         return {"skipped_steps": int(state.skipped_steps),
                 "first_nonfinite": {"step": first[0], "terms": first[1]} if first else None}
+
+
+def error_line(err: BaseException) -> str:
+    """The error's own message: a DataLoader worker's error arrives wrapped in its traceback text.
+
+    Examples:
+        >>> error_line(ValueError("Caught ValueError in DataLoader worker process 0.\\n"
+        ...                       "Original Traceback (most recent call last):\\n  ...\\n"
+        ...                       "ValueError: a.png: not a readable image"))
+        'a.png: not a readable image'
+    """
+    message = str(err)
+    if "Original Traceback" in message:  # "Caught X in DataLoader worker ... Original Traceback ... X: msg"
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message

@@ -74,7 +74,6 @@ from stepkit.data.loader import (
     WatchedLoader,
     end_loader_workers,
     end_workers,
-    error_line,
     seeded_loader,
 )
 from stepkit.data.pairs import (
@@ -174,7 +173,6 @@ __all__ = [
     "seeded_loader",
     "end_workers",
     "end_loader_workers",
-    "error_line",
     "epoch_shards",
     "ShardPositions",
     "resumable_stream",

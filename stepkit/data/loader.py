@@ -30,31 +30,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from stepkit.faults import DataError, DataStalled
+from stepkit.faults import DataError, DataStalled, error_line
 from stepkit.seeds import torch_generator
 
-__all__ = ["WatchedLoader", "seeded_loader", "end_workers", "end_loader_workers", "error_line"]
+__all__ = ["WatchedLoader", "seeded_loader", "end_workers", "end_loader_workers"]
 
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's iterators that started workers
 _reaper_registered = False
 _STACK_SIGNAL = getattr(signal, "SIGUSR2", None)  # a worker asked where it is writes its stack to a file
 _stacks_dir: str | None = None  # this process's folder of those files (removed at exit)
-
-
-def error_line(err: BaseException) -> str:
-    """The error's own message: a DataLoader worker's error arrives wrapped in its traceback text.
-
-    Examples:
-        >>> error_line(ValueError("Caught ValueError in DataLoader worker process 0.\\n"
-        ...                       "Original Traceback (most recent call last):\\n  ...\\n"
-        ...                       "ValueError: a.png: not a readable image"))
-        'a.png: not a readable image'
-    """
-    message = str(err)
-    if "Original Traceback" in message:  # "Caught X in DataLoader worker ... Original Traceback ... X: msg"
-        last = message.rstrip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    return message
 
 
 class WatchedLoader(DataLoader):
