@@ -10,7 +10,6 @@ them the CLI), data and model in plain code, then the loop.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -19,40 +18,28 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.func import functional_call
+from torch.utils.data import TensorDataset
 
-from stepkit import (
+from stepkit.check import integer_at_least
+from stepkit.checkpoint import save_best
+from stepkit.cli import cli, run_main
+from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
+from stepkit.data import train_batches
+from stepkit.ema import ema_copy, ema_update
+from stepkit.log import LogConfig, should_stop
+from stepkit.monitor import collapse_metrics
+from stepkit.run import Run, params_digest, pick_device, seed_everything
+from stepkit.schedules import (
     LRSchedule,
     MomentumSchedule,
-    TrainState,
     WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    ema_copy,
-    ema_update,
-    forward_loss,
     lr_at,
     momentum_at,
     param_groups,
     wd_at,
 )
-from stepkit.check import integer_at_least
-from stepkit.checkpoint import maybe_save, resume, save_best, save_last
-from stepkit.cli import cli, run_main
-from stepkit.config import (
-    Amp,
-    BestCkptConfig,
-    Device,
-    RunArgs,
-    TrainConfig,
-    may_change_on_resume,
-    to_jsonable,
-)
-from stepkit.log import LogConfig, Logger, should_stop
-from stepkit.monitor import collapse_metrics
-from stepkit.run import params_digest, pick_device, seed_everything
-from stepkit.rundir import record_resume, start_run, write_summary
-from stepkit.signals import StopSignals
+from stepkit.state import TrainState
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 
 
 @dataclass
@@ -99,8 +86,7 @@ class Config(RunArgs):
 
 def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
-    ckpt_dir = start_run(cfg.run_dir, cfg, resume=cfg.resuming, resume_from=cfg.resume_from,
-                         allow=cfg.resume_allow, or_start=cfg.resume_or_start)
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     seed_everything(cfg.train.seed)
 
     x, y = load_digits(return_X_y=True)
@@ -112,19 +98,13 @@ def main(cfg: Config) -> dict:
     ).to(device)
     state = TrainState(
         model=model,
-        optimizer=torch.optim.AdamW(param_groups(model)),
+        optimizer=adamw(param_groups(model), device=device),
         target=ema_copy(model),
         scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         accum=cfg.train.accum,
-        extras={"val_history": [], "wall_s": 0.0},
+        extras={"val_history": []},
     )
-    if cfg.resuming and resume(ckpt_dir, state, checkpoint=cfg.resume_from):
-        record_resume(cfg.run_dir, cfg, state.step)  # config.json stays as it was
-        print(f"resumed from {ckpt_dir / 'last.pt'} at step {state.step}")
     steps = cfg.train.steps
-    log = Logger(cfg.run_dir, cfg.log, total_steps=steps, start_step=state.step,
-                 run_id=state.run_id, config=to_jsonable(cfg))
-    state.run_id = log.run_id
 
     def loss_fn(state, batch):
         features = state.model[:2](batch[0])
@@ -137,54 +117,38 @@ def main(cfg: Config) -> dict:
         logits = functional_call(model, weights, (x_val,))
         return (logits.argmax(1) == y_val).float().mean().item()
 
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
-            idx = torch.randint(0, len(x_train), (cfg.batch_size,), device=device)  # RNG restored on resume
-            state.data_position += 1
-            loss, aux = forward_loss(loss_fn, state, (x_train[idx], y_train[idx]), amp=cfg.amp)
+    # An epoch-seeded order; each batch counted in the state as consumed, so a resume starts at the next
+    batches = train_batches(TensorDataset(x_train, y_train), state, batch_size=cfg.batch_size,
+                            seed=cfg.train.seed)
+    with run.start(state, steps=steps):  # resumed when asked; the log; SIGTERM / Ctrl-C stop after the update
+        for batch in run.batches(batches):  # saved between updates; ends at the last step, a signal or stop()
+            loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             ema_update(state.target, state.model, momentum_at(state.step, cfg.ema, steps))
-            log({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}, step=state.step)
+            run.after_update({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr})  # NaN watch, log
 
-            stop = False
             if state.step % cfg.eval_every == 0 or state.step == steps:
                 acc = val_acc(state.target)
-                history = state.extras["val_history"]
-                history.append(acc)
-                log.write({"val_acc": acc}, state.step)
+                state.extras["val_history"].append(acc)
+                run.log.write({"val_acc": acc}, state.step)
                 if cfg.ckpt.keep_best:
-                    save_best(ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode="max")
-                stop = cfg.patience > 0 and should_stop(history, patience=cfg.patience, mode="max")
-            state.extras["wall_s"] = time.perf_counter() - started
-            maybe_save(ckpt_dir, state, every=cfg.ckpt.every, keep_last=cfg.ckpt.keep_last)
-            if stop:
-                print(f"early stop at step {state.step}: no better val_acc in {cfg.patience} evaluations")
-                break
-            if signals.requested():  # every rank stops at the same update
-                break
+                    save_best(run.ckpt_dir, state, acc, keep_best=cfg.ckpt.keep_best, mode="max")
+                history = state.extras["val_history"]
+                if cfg.patience > 0 and should_stop(history, patience=cfg.patience, mode="max"):
+                    run.stop(f"early stop at step {state.step}: no better val_acc in {cfg.patience} "
+                             "evaluations")
+    # left the run: last.pt saved (after a signal: exit 75 with the command that continues)
 
-    save_last(ckpt_dir, state)
-    if signals.signal_name:  # stopped by a signal: the checkpoint is saved, continue with --resume
-        log.close()
-        signals.exit(state.step, ckpt_dir)
-    log.close()
-    summary = {
-        "steps": state.step,
-        "wall_s": round(time.perf_counter() - started, 3),
-        "val_acc": val_acc(state.target),
-        "val_acc_online": val_acc(dict(model.named_parameters())),
-        "skipped_steps": int(state.skipped_steps),
-        "params_digest": params_digest(model),
-        "run_id": state.run_id,
-    }
-    write_summary(cfg.run_dir, summary)
-    print(f"val_acc {summary['val_acc']:.3f} (EMA weights), {summary['val_acc_online']:.3f} (online); "
-          f"summary in {cfg.run_dir / 'summary.json'}")
+    online = dict(model.named_parameters())
+    summary = run.summary(val_acc=val_acc(state.target), val_acc_online=val_acc(online),
+                          params_digest=params_digest(model))
+    if run.finish(summary):  # summary.json written; only rank 0 prints
+        print(f"val_acc {summary['val_acc']:.3f} (EMA weights), {summary['val_acc_online']:.3f} (online); "
+              f"summary in {cfg.run_dir / 'summary.json'}")
     return summary
 
 

@@ -20,7 +20,6 @@ it, one alpha shared by all voxels).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -28,49 +27,20 @@ from typing import ClassVar, Literal
 import torch
 from torch.utils.data import TensorDataset
 
-from stepkit import (
-    LRSchedule,
-    TrainState,
-    WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    dist,
-    forward_loss,
-    lr_at,
-    param_groups,
-    wd_at,
-)
+from stepkit import dist
 from stepkit.check import at_least, fail, integer_at_least
-from stepkit.checkpoint import (
-    SHARDED_SUFFIX,
-    best_checkpoints,
-    load_checkpoint,
-    load_sharded,
-    save_best,
-)
+from stepkit.checkpoint import SHARDED_SUFFIX, best_checkpoints, load_checkpoint, load_sharded, save_best
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks, train_batches
 from stepkit.evaluation import ridge_regression
-from stepkit.faults import NonFiniteWatch
 from stepkit.log import LogConfig, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
 from stepkit.models import MultimodalAutoencoder
-from stepkit.run import (
-    continue_run,
-    end_loop,
-    finish_run,
-    open_run,
-    params_digest,
-    pick_device,
-    save_or_stop,
-    seed_everything,
-    set_threads,
-    stop_if_diverged,
-)
-from stepkit.signals import StopSignals
-from stepkit.step import adamw
+from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
+from stepkit.schedules import LRSchedule, WDSchedule, lr_at, param_groups, wd_at
+from stepkit.state import TrainState
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 
 
@@ -175,7 +145,7 @@ def main(cfg: Config) -> dict:
         seed=cfg.data.seed, time_points=cfg.data.time_points, voxels=cfg.data.voxels
     )
     blocks = time_blocks(len(arrays["fmri"]), window=cfg.data.window)  # too short? said before any work
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     seed_everything(cfg.train.seed)
     series = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
     train_t, val_t, test_t = (torch.from_numpy(b).to(device) for b in blocks)
@@ -222,22 +192,15 @@ def main(cfg: Config) -> dict:
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
-    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
-
     # Epochs: a fresh permutation of the training time points each, seeded by the run's seed and
-    # the epoch, so a resumed run draws the same batches (data_position counts batches).
+    # the epoch, so a resumed run draws the same batches (each batch counted in the state as consumed).
     positions = TensorDataset(torch.arange(len(train_t)))  # indexed on the host, train_t once a batch
-    batches, _ = train_batches(positions, state, batch_size=cfg.batch_size, seed=cfg.train.seed)
-    batches = iter(batches)
+    batches = train_batches(positions, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
+                            prepare=lambda b: train_t[b[0].to(device)])  # this rank's share of the epoch
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
-            (picked,) = next(batches)  # this rank's share of the epoch
-            batch = train_t[picked.to(device)]
-            state.data_position += 1
+    with run.start(state, steps=steps):  # resumed when asked; log; signals
+        for batch in run.batches(batches):  # saved between updates; ends at the last step, a signal or stop()
             loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue
@@ -245,29 +208,23 @@ def main(cfg: Config) -> dict:
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             terms = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr}
-            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
-            log(terms, step=state.step)
-
-            stop = False
+            run.after_update(terms)  # NaN watch (exit 65 after a storm), log
             if state.step % updates_per_epoch == 0 or state.step == steps:  # one validation per epoch
                 val = evaluate(val_t)
                 state.extras["val_losses"].append(val["loss"])
-                log.write({f"val_{k}": v for k, v in val.items()}, state.step)
+                run.log.write({f"val_{k}": v for k, v in val.items()}, state.step)
                 if cfg.ckpt.keep_best:
-                    save_best(ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
-                stop = cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience)
-            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started) and not stop:
-                break  # a signal: every rank stops at this update
-            if stop:
-                print(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} epochs")
-                break
-    end_loop(ckpt_dir, state, signals, log)  # last.pt; after a signal, exit 75
-    log.close()
+                    save_best(run.ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
+                if cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience):
+                    run.stop(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} "
+                             "epochs")
+    # left the run: last.pt saved (after a signal: exit 75)
+    run.log.close()
     final_digest = params_digest(model)
 
-    best = best_checkpoints(ckpt_dir)
+    best = best_checkpoints(run.ckpt_dir)
     if best:  # score the test block with the weights that did best on validation
-        best_file = ckpt_dir / best[0]["file"]
+        best_file = run.ckpt_dir / best[0]["file"]
         if dist.is_sharded(model):  # FSDP2: the best checkpoint is a folder of shards
             load_sharded(best_file.with_suffix(SHARDED_SUFFIX), state)
         else:
@@ -280,11 +237,8 @@ def main(cfg: Config) -> dict:
     shared = ridge_regression(*fit_args)  # one alpha for every voxel, beside it
     r_ridge = pearson_per_voxel(ridge(flat(test_t)), series["fmri"][test_t].double())
     r_shared = pearson_per_voxel(shared(flat(test_t)), series["fmri"][test_t].double())
-    summary = {
-        "steps": state.step,
-        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
+    summary = run.summary(**{
         "best_step": best[0]["step"] if best else state.step,
-        "wall_s": round(time.perf_counter() - started, 3),
         **{k: v for k, v in test.items() if k.startswith("voxel_corr")},
         **{f"test_{k}": v for k, v in test.items() if not k.startswith("voxel_corr")},
         **{f"{k}_ridge": float(v) for k, v in voxel_corr_summary(r_ridge).items()},
@@ -292,12 +246,11 @@ def main(cfg: Config) -> dict:
         "voxel_corr_ridge_shared_alpha": float(r_shared.mean()),
         "ridge_shared_alpha": shared.alpha,
         "params_digest": final_digest,
-        "run_id": state.run_id,
-    }
+    })
     if "fmri_clean" in series:  # the synthetic set knows its noise-free responses: the ceiling
         ceiling = pearson_per_voxel(series["fmri_clean"][test_t], series["fmri"][test_t])
         summary["voxel_corr_ceiling"] = float(ceiling.mean())
-    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
+    if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
     print(f"test voxel_corr {summary['voxel_corr']:.3f} (model, best step {summary['best_step']}) vs "
           f"{summary['voxel_corr_ridge']:.3f} (ridge, an alpha per voxel; one shared alpha "

@@ -25,7 +25,6 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -33,19 +32,7 @@ from typing import ClassVar, Literal
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from stepkit import (
-    LRSchedule,
-    TrainState,
-    WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    dist,
-    forward_loss,
-    lr_at,
-    param_groups,
-    wd_at,
-)
+from stepkit import dist
 from stepkit.augment import normalize, to_unit
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
@@ -66,37 +53,20 @@ from stepkit.data import (
     train_batches,
 )
 from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
-from stepkit.faults import NonFiniteWatch
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig
 from stepkit.losses.contrastive import clip_loss, embedding_mse, similarity_distillation_loss
 from stepkit.models import pretrained_image_stats
-from stepkit.models.text import (
-    minilm_path,
-    text_extra,
-)
+from stepkit.models.text import minilm_path, text_extra
 from stepkit.monitor import collapse_metrics
-from stepkit.run import (
-    continue_run,
-    end_loop,
-    finish_run,
-    open_run,
-    params_digest,
-    pick_device,
-    save_or_stop,
-    seed_everything,
-    set_threads,
-    stop_if_diverged,
-)
+from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
+from stepkit.schedules import LRSchedule, WDSchedule, lr_at, param_groups, wd_at
 from stepkit.seeds import seed_of
-from stepkit.signals import StopSignals
-from stepkit.step import adamw
+from stepkit.state import TrainState
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.two_tower import Renormalized, TwoTowerConfig, build_two_tower, init_towers, load_teacher
-from stepkit.weights import (
-    InitConfig,
-    describe_part,
-)
+from stepkit.weights import InitConfig, describe_part
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit
 
 
@@ -327,7 +297,7 @@ def main(cfg: Config) -> dict:
                                       init_temperature=cfg.loss.init_temperature,
                                       max_logit_scale=cfg.loss.max_logit_scale)
     inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if dist.is_main():
         for report in inits:
             print(report.line(), flush=True)
@@ -448,24 +418,13 @@ def main(cfg: Config) -> dict:
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
-    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
-
-    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
-    train_loader, positions = train_batches(train_source, state, batch_size=cfg.batch_size,
-                                            seed=cfg.train.seed, workers=workers, shards=shards,
-                                            with_epoch=files, skip_unreadable=cfg.data.skip_unreadable,
-                                            timeout=cfg.data.timeout)
-    batches = iter(train_loader)
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
-            batch = next(batches)
-            state.data_position += 1
-            if shards is not None:  # ((crops, captions), places, skipped): where each reader is now
-                batch, places, unreadable = batch
-                positions.update(places, unreadable, state.data_position)
-            batch = to_device(batch)
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
+    # counted in the state as consumed.
+    batches = train_batches(train_source, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
+                            workers=workers, shards=shards, with_epoch=files, prepare=to_device,
+                            skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout)
+    with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
+        for batch in run.batches(batches):  # saved between updates; ends at the last step or a signal
             if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
                 images, _, rows = batch
                 loss, aux, due = gradcache(
@@ -483,35 +442,22 @@ def main(cfg: Config) -> dict:
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}
-            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
-            log(terms, step=state.step)
-            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
-                break  # a signal: every rank stops at this update
-    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
-    train_s = time.perf_counter() - started
+            run.after_update(terms)  # NaN watch (exit 65 after a storm), log
+    # left the run: last.pt saved (after a signal: exit 75)
 
     after = evaluate()
     n = len(relevant)
-    summary = {
-        "steps": state.step,
-        "wall_s": round(train_s, 3),
-        **after,
-        **{f"{k}_before": v for k, v in before.items()},
-        "recall_at_1_chance": chance_recall_at_k(n, n, 1, relevant=relevant),
-        "recall_at_5_chance": chance_recall_at_k(n, n, 5, relevant=relevant),
-        "logit_scale": float(model.logit_scale().detach()),
-        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": skipped + (positions.skipped if positions is not None else 0),
-        "params_digest": params_digest(model),
-        "ranks": dist.world_size(),
-        "run_id": state.run_id,
-        **({"init": [r.as_dict() for r in inits]} if inits else {}),
-    }
+    summary = run.summary(
+        **after, **{f"{k}_before": v for k, v in before.items()},
+        recall_at_1_chance=chance_recall_at_k(n, n, 1, relevant=relevant),
+        recall_at_5_chance=chance_recall_at_k(n, n, 5, relevant=relevant),
+        logit_scale=float(model.logit_scale().detach()), skipped_unreadable=skipped,
+        params_digest=params_digest(model), **({"init": [r.as_dict() for r in inits]} if inits else {}))
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
-    log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
-    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
+    run.log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
+    if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
     forth, back = ("anchor->positive", "positive->anchor") if text_only else ("image->text", "text->image")
     print(f"held-out recall@1 {forth} {after['recall_at_1_i2t']:.3f}, {back} "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -31,22 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from stepkit import (
-    LRSchedule,
-    MomentumSchedule,
-    TrainState,
-    WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    dist,
-    ema_update,
-    forward_loss,
-    lr_at,
-    momentum_at,
-    param_groups,
-    wd_at,
-)
+from stepkit import dist
 from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit, view_colors
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
@@ -54,7 +38,6 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import (
     CropPlan,
     ImageDataConfig,
-    Prefetch,
     ProbeImagesConfig,
     ShardCrops,
     image_sets,
@@ -62,9 +45,8 @@ from stepkit.data import (
     seeded_loader,
     train_batches,
 )
-from stepkit.ema import target_copy
+from stepkit.ema import ema_update, target_copy
 from stepkit.evaluation import knn_accuracy, loader_features
-from stepkit.faults import NonFiniteWatch
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
     dino_loss,
@@ -74,31 +56,23 @@ from stepkit.losses.dino import (
     teacher_temp_at,
     update_center,
 )
-from stepkit.models import (
-    DINOHead,
-    DINOModel,
-    SmallCNN,
-    VisionTransformer,
-    cancel_last_layer_gradients,
-)
+from stepkit.models import DINOHead, DINOModel, SmallCNN, VisionTransformer, cancel_last_layer_gradients
 from stepkit.monitor import CollapseWatch, collapse_metrics, mean_entropy
 from stepkit.probe import ProbeRecord
-from stepkit.run import (
-    continue_run,
-    end_loop,
-    finish_run,
-    open_run,
-    params_digest,
-    pick_device,
-    save_or_stop,
-    seed_everything,
-    set_threads,
-    stop_if_diverged,
+from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
+from stepkit.schedules import (
+    LRSchedule,
+    MomentumSchedule,
+    WDSchedule,
+    lr_at,
+    momentum_at,
+    param_groups,
+    scaled_lr,
+    wd_at,
 )
-from stepkit.schedules import scaled_lr
 from stepkit.seeds import seed_of
-from stepkit.signals import StopSignals
-from stepkit.step import adamw
+from stepkit.state import TrainState
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -330,7 +304,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
     backbone, dim = build_backbone(cfg, in_chans)
     init = cfg.init.load_into(backbone, part="teacher") if not cfg.resuming else None  # weights only
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if init and dist.is_main():
         print(init.line(), flush=True)
     size = cfg.crops.global_size if files else cfg.data.image_size
@@ -354,14 +328,13 @@ def main(cfg: Config) -> dict:
         images = images.to(device, non_blocking=True)  # pinned by the loader on CUDA
         return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
 
-    def prepare(batch) -> tuple[list[torch.Tensor], tuple | None]:
-        """A loader's batch -> (its normalised views on the device, the shard places it was read from)."""
+    def prepare(batch) -> list[torch.Tensor]:
+        """A loader's batch -> its normalised views on the device. Files and shards: ([crops], labels),
+        cut in the workers, colours drawn here; the digits: (images, labels), cropped here."""
         if not files:
-            return views_of(batch[0]), None
-        crops = batch[0] if shards is None else batch[0][0]  # cut in the workers; colours drawn here
-        views = [normalize(view_colors(to_unit(x.to(device, non_blocking=True)), cfg.crops, i), mean, std)
-                 for i, x in enumerate(crops)]
-        return views, (tuple(batch[1:]) if shards is not None else None)
+            return views_of(batch[0])
+        return [normalize(view_colors(to_unit(x.to(device, non_blocking=True)), cfg.crops, i), mean, std)
+                for i, x in enumerate(batch[0])]
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
@@ -431,36 +404,28 @@ def main(cfg: Config) -> dict:
         def make_batch(size: int) -> list[torch.Tensor]:
             idx = torch.randint(0, len(data.train), (size,)).tolist()
             if files:
-                return prepare(default_collate([data.train[(i, 0)] for i in idx]))[0]
+                return prepare(default_collate([data.train[(i, 0)] for i in idx]))
             return views_of(torch.stack([data.train[i][0] for i in idx]))
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
-    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
-
-    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
-    raw_batches, positions = train_batches(
-        ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
-        workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
-        timeout=cfg.data.timeout, with_epoch=files, pin_memory=device.type == "cuda")
-    # Colours (and the digits' crops) draw from the global RNG, which the checkpoint restores too.
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
+    # counted in the state as consumed. Colours (and the digits' crops) draw from the global RNG, which
+    # the checkpoint restores as of the consumed batch, prefetched or not.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
-    batches = Prefetch(raw_batches, prepare, device, enabled=prefetch)
+    batches = train_batches(ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed,
+                            batch_size=cfg.batch_size, workers=workers, shards=shards, with_epoch=files,
+                            skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout,
+                            prepare=prepare, prefetch=prefetch, device=device,
+                            pin_memory=device.type == "cuda")
     uniform = cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim)  # log K: every prototype alike
     rank = cfg.alarm.min_effective_rank
     watch = CollapseWatch(above={"teacher_entropy": uniform}, below={"feat_effective_rank": rank},
                           patience=cfg.alarm.patience)
-    started = time.perf_counter() - state.extras["wall_s"]
-    steps_at_start, wall_at_start = state.step, state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
+    with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
+        for views in run.batches(batches):  # saved between updates; ends at the last step or a signal
             if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            views, places = next(batches)  # crops made while the last step ran (Prefetch)
-            state.data_position += 1
-            if places is not None:  # where each shard reader is, for an exact resume
-                positions.update(*places, state.data_position)
             loss, aux = forward_loss(loss_fn, state, views, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue
@@ -471,34 +436,18 @@ def main(cfg: Config) -> dict:
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, state.model, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}
-            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
-            means = log(terms, step=state.step)
-            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
+            means = run.after_update(terms)  # NaN watch (exit 65 after a storm), log
+            watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
             if evaluate and cfg.eval.every and state.step % cfg.eval.every == 0:
-                log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
-                          state.step)
-            with batches.rng_as_consumed():  # the next batch's crops are drawn already
-                stop = save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started,
-                                    meta={"parts": parts})
-            if stop:
-                break  # a signal: every rank stops at this update
-    with batches.rng_as_consumed():
-        end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
-    train_s = time.perf_counter() - started
+                run.log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
+                              state.step)
+    # left the run: last.pt saved (after a signal: exit 75)
 
-    summary = {  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
-        "steps": state.step,
-        "wall_s": round(train_s, 3),
-        "images_per_s": round(cfg.batch_size * dist.world_size() * cfg.train.accum
-                              * (state.step - steps_at_start) / max(train_s - wall_at_start, 1e-9), 1),
-        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": data.skipped + (positions.skipped if positions is not None else 0),
-        "params_digest": params_digest(model),
-        "ranks": dist.world_size(),
-        "run_id": state.run_id,
-        "collapse_warning": watch.last,
-        **({"init": init.as_dict()} if init else {}),
-    }
+    images_per_update = cfg.batch_size * dist.world_size() * cfg.train.accum
+    summary = run.summary(  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
+        images_per_s=round(images_per_update * run.updates_per_s, 1), skipped_unreadable=data.skipped,
+        params_digest=params_digest(model), collapse_warning=watch.last,
+        **({"init": init.as_dict()} if init else {}))
     if evaluate:
         summary.update({
             "knn_acc": knn(teacher.backbone),
@@ -509,8 +458,8 @@ def main(cfg: Config) -> dict:
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
-    log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
-    if not finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
+    run.log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
+    if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
     if evaluate:
         print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -54,21 +53,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stepkit import (
-    LRSchedule,
-    MomentumSchedule,
-    TrainState,
-    WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    dist,
-    ema_update,
-    forward_loss,
-    lr_at,
-    momentum_at,
-    wd_at,
-)
+from stepkit import dist
 from stepkit.augment import normalize, random_resized_crop, to_unit
 from stepkit.check import fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
@@ -82,9 +67,8 @@ from stepkit.data import (
     seeded_loader,
     train_batches,
 )
-from stepkit.ema import target_copy
+from stepkit.ema import ema_update, target_copy
 from stepkit.evaluation import frozen_probes, loader_features, probes_line
-from stepkit.faults import NonFiniteWatch
 from stepkit.jepa import (
     JEPALoss,
     Levels,
@@ -110,20 +94,11 @@ from stepkit.models.jepa import (
 from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
 from stepkit.probe import ProbeRecord
-from stepkit.run import (
-    continue_run,
-    end_loop,
-    finish_run,
-    open_run,
-    params_digest,
-    pick_device,
-    save_or_stop,
-    seed_everything,
-    set_threads,
-    stop_if_diverged,
-)
+from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
+from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
 from stepkit.seeds import seed_of
-from stepkit.signals import StopSignals
+from stepkit.state import TrainState
+from stepkit.step import accumulate, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -352,7 +327,7 @@ def main(cfg: Config) -> dict:
     in_chans = data.channels
     encoder = build_encoder(cfg, in_chans=in_chans)
     init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if init and dist.is_main():
         print(init.line(), flush=True)
     facts = {"input": {"kind": "image", "size": cfg.data.image_size, "channels": in_chans, "mean": mean,
@@ -425,25 +400,15 @@ def main(cfg: Config) -> dict:
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
-    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
-
-    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint.
-    train_loader, positions = train_batches(
-        ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
-        workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
-        timeout=cfg.data.timeout, with_epoch=files)
-    batches = iter(train_loader)
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
+    # counted in the state as consumed. Files and shards: ([crop], label); the digits: (images, labels).
+    batches = train_batches(ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed,
+                            batch_size=cfg.batch_size, workers=workers, shards=shards, with_epoch=files,
+                            skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout,
+                            prepare=lambda b: b[0][0] if files else b[0])
     watch = target_collapse_watch(cfg.alarm, depths)
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
-            # (images, labels); image files: ([crop], index); shards: (([crop], class), places, skipped)
-            raw = next(batches)
-            state.data_position += 1
-            if shards is not None:  # where each shard reader is, for an exact resume
-                positions.update(raw[1], raw[2], state.data_position)
-            images = raw[0][0][0] if shards is not None else raw[0][0] if files else raw[0]
+    with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
+        for images in run.batches(batches):  # saved between updates; ends at the last step or a signal
             mask_rng.manual_seed(seed_of(cfg.train.seed, "masks", state.data_position, dist.rank()))
             loss_rng.manual_seed(seed_of(cfg.train.seed, "negatives", state.data_position, dist.rank()))
             batch = make_batch(images)
@@ -458,33 +423,20 @@ def main(cfg: Config) -> dict:
             ema_update(state.target, model.encoder, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
                      **level_terms}
-            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
-            means = log(terms, step=state.step)
-            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
+            means = run.after_update(terms)  # NaN watch (exit 65 after a storm), log
+            watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
             if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
-                log.image("masks", mask_image(*batch, encoder.patch_size), state.step)
-            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
-                break  # a signal: every rank stops at this update
-    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
-    train_s = time.perf_counter() - started
+                run.log.image("masks", mask_image(*batch, encoder.patch_size), state.step)
+    # left the run: last.pt saved (after a signal: exit 75)
 
     def features(net: nn.Module, layers: int):  # its last `layers` blocks' pooled patches, eval mode
         pool = partial(pooled_patches, net, pool=cfg.eval.pool, layers=layers)
         return tuple(loader_features(pool, loader(d), prep) for d in (data.probe, data.test))
 
-    summary = {
-        "steps": state.step,
-        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "skipped_unreadable": data.skipped + (positions.skipped if positions is not None else 0),
-        "wall_s": round(train_s, 3),
-        "params_digest": params_digest(model),
-        "ranks": dist.world_size(),
-        "run_id": state.run_id,
-        "collapse_warning": watch.last,
-        **({"init": init.as_dict()} if init else {}),
-    }
+    summary = run.summary(skipped_unreadable=data.skipped, params_digest=params_digest(model),
+                          collapse_warning=watch.last, **({"init": init.as_dict()} if init else {}))
     if data.probe is None:  # no labelled images: the reason was printed before training
-        if finish_run(cfg, log, summary):
+        if run.finish(summary):
             print(f"evaluation skipped (no labelled images); summary in {cfg.run_dir / 'summary.json'}")
         return summary
     pixels = tuple(loader_features(nn.Flatten(), loader(d), prep) for d in (data.probe, data.test))
@@ -498,8 +450,8 @@ def main(cfg: Config) -> dict:
     final = collapse_metrics(held_out[:256], "")
     summary.update({**scores, "effective_rank": float(final["effective_rank"]),
                     "feature_std": float(final["std"])})
-    log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
-    if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
+    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
+    if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"{probes_line(summary, baseline=start, raw_name='pixels', linear=cfg.eval.linear)}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary

@@ -35,7 +35,6 @@ baseline.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -44,21 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepkit import (
-    LRSchedule,
-    MomentumSchedule,
-    TrainState,
-    WDSchedule,
-    accumulate,
-    apply_update,
-    clip,
-    dist,
-    ema_update,
-    forward_loss,
-    lr_at,
-    momentum_at,
-    wd_at,
-)
+from stepkit import dist
 from stepkit.check import fail, in_range, integer_at_least, one_of
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
@@ -72,9 +57,8 @@ from stepkit.data import (
     ucr_uea,
     windowed_series,
 )
-from stepkit.ema import target_copy
+from stepkit.ema import ema_update, target_copy
 from stepkit.evaluation import frozen_probes, probes_line
-from stepkit.faults import NonFiniteWatch
 from stepkit.jepa import (
     JEPALoss,
     Levels,
@@ -94,20 +78,11 @@ from stepkit.models.jepa import layer_dims
 from stepkit.models.sequence import sequence_tokens
 from stepkit.monitor import collapse_metrics
 from stepkit.probe import ProbeRecord
-from stepkit.run import (
-    continue_run,
-    end_loop,
-    finish_run,
-    open_run,
-    params_digest,
-    pick_device,
-    save_or_stop,
-    seed_everything,
-    set_threads,
-    stop_if_diverged,
-)
+from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
+from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
 from stepkit.seeds import seed_of
-from stepkit.signals import StopSignals
+from stepkit.state import TrainState
+from stepkit.step import accumulate, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -314,7 +289,7 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
     encoder = build_encoder(cfg, seq)
     init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
-    ckpt_dir = open_run(cfg)  # a fresh or a resumed run, checked before any work
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if init and dist.is_main():
         print(init.line(), flush=True)
     depths, start_weights = cfg.levels.resolved(cfg.encoder_depth())
@@ -386,17 +361,11 @@ def main(cfg: Config) -> dict:
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    log = continue_run(cfg, state, ckpt_dir, total_steps=steps)  # resumed when asked; the run's log
-    nonfinite = NonFiniteWatch(cfg.train.max_skipped, state)  # a run whose updates stay NaN stops
-
-    # An epoch-seeded order that starts where the checkpoint left off
-    batches = iter(train_batches(train_set, state, batch_size=cfg.batch_size, seed=cfg.train.seed)[0])
+    # An epoch-seeded order, each batch counted in the state as consumed: a resume starts at the next
+    batches = train_batches(train_set, state, batch_size=cfg.batch_size, seed=cfg.train.seed)
     watch = target_collapse_watch(cfg.alarm, depths)
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:  # preemption, Ctrl-C
-        while state.step < steps:
-            x, _ = next(batches)
-            state.data_position += 1
+    with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
+        for x, _ in run.batches(batches):  # saved between updates; ends at the last step or a signal
             mask_rng.manual_seed(seed_of(cfg.train.seed, "masks", state.data_position, dist.rank()))
             loss_rng.manual_seed(seed_of(cfg.train.seed, "negatives", state.data_position, dist.rank()))
             loss, aux = forward_loss(loss_fn, state, make_batch(x), amp=cfg.amp)
@@ -410,13 +379,9 @@ def main(cfg: Config) -> dict:
             ema_update(state.target, model.encoder, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
                      **level_terms}
-            stop_if_diverged(nonfinite, state, terms, log)  # --train.max-skipped skipped in a row: exit 65
-            means = log(terms, step=state.step)
-            watch.report(means, log, state.step)  # a new collapse warning: printed and logged
-            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started, meta={"parts": parts}):
-                break  # a signal: every rank stops at this update
-    end_loop(ckpt_dir, state, signals, log, meta={"parts": parts})  # last.pt; after a signal, exit 75
-    train_s = time.perf_counter() - started
+            means = run.after_update(terms)  # NaN watch (exit 65 after a storm), log
+            watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
+    # left the run: last.pt saved (after a signal: exit 75)
 
     window = cfg.data.window if cfg.data.kind == "timeseries" else None  # None: sentences of token ids
     depth = cfg.encoder_depth()
@@ -435,21 +400,11 @@ def main(cfg: Config) -> dict:
         temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
     (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out items: the target's
     final = collapse_metrics(held_out[:256], "")
-    summary = {
-        "steps": state.step,
-        **nonfinite.summary(state),  # skipped_steps, first_nonfinite
-        "wall_s": round(train_s, 3),
-        **scores,
-        "params_digest": params_digest(model),
-        "ranks": dist.world_size(),
-        "run_id": state.run_id,
-        "effective_rank": float(final["effective_rank"]),
-        "feature_std": float(final["std"]),
-        "collapse_warning": watch.last,
-        **({"init": init.as_dict()} if init else {}),
-    }
-    log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
-    if finish_run(cfg, log, summary):  # summary.json written; only rank 0 prints
+    summary = run.summary(**scores, params_digest=params_digest(model),
+                          effective_rank=float(final["effective_rank"]), feature_std=float(final["std"]),
+                          collapse_warning=watch.last, **({"init": init.as_dict()} if init else {}))
+    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
+    if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"{probes_line(summary, baseline=start, raw_name=raw_name, linear=cfg.eval.linear)}; "
               f"summary in {cfg.run_dir / 'summary.json'}")
     return summary

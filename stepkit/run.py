@@ -1,32 +1,36 @@
-"""Run plumbing a recipe calls around its own loop: open the run, continue or start it, finish it.
+"""The run around the user's own loop: its directory, log, resume, signals, saves and summary.
 
 ::
 
-    ckpt_dir = open_run(cfg)                         # the run directory checked, before any work
+    run = Run(cfg)                                   # the run directory checked, before any work
     ...                                              # build data, model, TrainState
-    log = continue_run(cfg, state, ckpt_dir, total_steps=cfg.train.steps)
-    started = time.perf_counter() - state.extras["wall_s"]
-    with StopSignals(enabled=cfg.stop_on_signal) as signals:
-        while state.step < cfg.train.steps:
-            ...                                      # the recipe's step
-            if save_or_stop(ckpt_dir, state, signals, cfg.ckpt, started=started):
-                break                                # a signal: every rank stops at this update
-    end_loop(ckpt_dir, state, signals, log)          # last.pt; exits 75 after a signal
-    if finish_run(cfg, log, summary):                # rank 0 prints
+    batches = train_batches(source, state, batch_size=..., seed=...)
+    with run.start(state, steps=cfg.train.steps):    # resumed when asked; log; signals
+        for batch in run.batches(batches):           # ends at the last step, on a signal or run.stop()
+            loss, aux = forward_loss(loss_fn, state, batch)
+            if accumulate(state, loss):
+                ...                                  # clip, apply_update, ema_update
+                run.after_update({"loss": loss, **aux})   # watch, log; saved before the next batch
+    # left: last.pt saved; after a signal, exit 75
+    if run.finish(run.summary(...)):                 # summary.json; rank 0 prints
         print(...)
 
-No callbacks and no trainer: each is a plain function over the recipe's
-config (its ``RunArgs`` fields), the ``TrainState`` and the ``Logger``.
+No callbacks and no trainer: the loop is the user's; ``Run`` owns only what
+must happen around it, so leaving a part out cannot silently lose a save.
+The functions it composes (``open_run``, ``continue_run``, ``save_or_stop``,
+``stop_if_diverged``, ``end_loop``, ``finish_run``) stay public for loops of
+another shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from stepkit.rundir import CKPT_DIR, record_provenance, record_resume, run_of, s
 from stepkit.signals import StopSignals
 from stepkit.state import TrainState, unwrap
 
-__all__ = ["continue_run", "end_loop", "finish_run", "open_run", "params_digest", "pick_device",
+__all__ = ["Run", "continue_run", "end_loop", "finish_run", "open_run", "params_digest", "pick_device",
            "save_or_stop", "seed_everything", "set_threads", "stop_if_diverged", "stop_if_signalled"]
 
 
@@ -432,3 +436,166 @@ def finish_run(cfg: RunArgs, log: Logger, summary: Mapping[str, Any]) -> bool:
     main_process = dist.is_main()
     dist.shutdown()
     return main_process
+
+
+class Run:
+    """One training run around the user's loop: one construct instead of six calls in a fixed order.
+
+    ``Run(cfg)`` checks the run directory (``open_run``: a fresh run over an
+    old one, a resume without a checkpoint or with another config is one
+    ``ValueError``), before any work. ``with run.start(state, steps=...)``
+    resumes ``state`` when asked and opens the log (``continue_run``), and
+    turns SIGTERM / SIGUSR1 / Ctrl-C into a stop after the update in progress
+    (``StopSignals``). ``run.batches(batches)`` hands out the loop's batches
+    and, before each one after an update, saves when ``--ckpt.every`` says so
+    and asks every rank whether to stop; it ends at ``steps``, on a signal or
+    after ``run.stop()``. ``run.after_update(terms)`` follows each update: the
+    non-finite watch (``stop_if_diverged``) and the log. Leaving the ``with``
+    saves ``last`` (``end_loop``) and, after a signal, exits 75.
+
+    Updates that ``after_update`` did not follow are an error, raised at the
+    next batch or at the end of the loop: without it the run would neither log,
+    stop on a storm of NaNs, nor save what it did.
+
+    Args:
+        cfg: The recipe's config (``RunArgs`` fields, ``log``, ``ckpt``, ``train.max_skipped``).
+
+    Examples:
+        >>> import dataclasses, tempfile, pathlib
+        >>> from stepkit.config import TrainConfig
+        >>> from stepkit.log import LogConfig
+        >>> @dataclasses.dataclass
+        ... class Config(RunArgs):
+        ...     log: LogConfig = dataclasses.field(default_factory=lambda: LogConfig(console=False))
+        ...     ckpt: CkptConfig = dataclasses.field(default_factory=CkptConfig)
+        ...     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=3))
+        >>> cfg = Config(run_dir=pathlib.Path(tempfile.mkdtemp()) / "run")
+        >>> run = Run(cfg)
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> with run.start(state, steps=3):
+        ...     for x in run.batches(torch.ones(10, 1, 1)):
+        ...         state.model(x).sum().backward(); state.optimizer.step(); state.step += 1
+        ...         _ = run.after_update({"x": x.sum()})
+        >>> state.step, state.data_position, sorted(p.name for p in run.ckpt_dir.iterdir())
+        (3, 3, ['last.pt'])
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.ckpt_dir = open_run(cfg)
+        self.meta: dict | None = None
+        self.stopped = False
+        self.wall_s = 0.0
+
+    def start(self, state: TrainState, *, steps: int, meta: dict | None = None,
+              recipe: str | os.PathLike | None = None) -> Run:
+        """Resume ``state`` when the run continues a saved one and open the log; use in a ``with``.
+
+        Args:
+            state: The run's state, built and ready to train; loaded in place on a resume.
+            steps: The run's length in updates.
+            meta: What every checkpoint carries beside the state (e.g. ``{"parts": ...}``).
+            recipe: The script ``provenance.jsonl`` records (None: the caller's file, the recipe).
+        """
+        if recipe is None:
+            caller = sys._getframe(1).f_code.co_filename
+            recipe = caller if os.path.isfile(caller) else None
+        self.state, self.steps, self.meta = state, steps, meta
+        state.extras.setdefault("wall_s", 0.0)
+        self.log = continue_run(self.cfg, state, self.ckpt_dir, total_steps=steps, recipe=recipe)
+        self.nonfinite = NonFiniteWatch(self.cfg.train.max_skipped, state)
+        self._source: Any = None
+        return self
+
+    def __enter__(self) -> Run:
+        if not hasattr(self, "log"):
+            raise RuntimeError("enter a run with `with run.start(state, steps=...):`, not `with run:`")
+        self.signals = StopSignals(enabled=self.cfg.stop_on_signal).__enter__()
+        self.started = time.perf_counter() - self.state.extras["wall_s"]
+        self.first_step, self.first_wall_s = self.state.step, self.state.extras["wall_s"]
+        self._reported = self._saved = self.state.step
+        return self
+
+    def batches(self, batches: Any) -> Iterator[Any]:
+        """The loop's batches, until ``steps`` updates, a signal or ``stop()``; saves between updates.
+
+        ``batches`` is best a ``stepkit.data.train_batches`` (it records each batch as consumed);
+        any other iterable has ``state.data_position`` counted here.
+        """
+        self._source = batches
+        records = hasattr(batches, "rng_as_consumed")
+        it = iter(batches)
+        while True:
+            self._check_reported()
+            if self.state.step != self._saved:  # an update since the last save point
+                self._saved = self.state.step
+                with self._as_consumed():  # a prefetched batch's draws are not the checkpoint's
+                    if save_or_stop(self.ckpt_dir, self.state, self.signals, self.cfg.ckpt,
+                                    started=self.started, meta=self.meta):
+                        self.stopped = True  # a signal: every rank stops at this update
+            if self.stopped or self.state.step >= self.steps:
+                return
+            batch = next(it)
+            if not records:
+                self.state.data_position += 1
+            yield batch
+
+    def after_update(self, terms: Mapping[str, Any]) -> dict[str, float | str | bool] | None:
+        """After each update: watch its terms for non-finite values, log them; return the logged means
+        (at the end of a log interval, on the main process; else None).
+
+        Raises:
+            Diverged: after ``--train.max-skipped`` skipped updates in a row (``stop_if_diverged``).
+            RuntimeError: when no update happened since the last call.
+        """
+        if self.state.step == self._reported:
+            raise RuntimeError(f"run.after_update was called again at step {self.state.step} with no update "
+                               "since: call it once after each apply_update")
+        self._reported = self.state.step
+        stop_if_diverged(self.nonfinite, self.state, terms, self.log)
+        return self.log(terms, step=self.state.step)
+
+    def stop(self, reason: str = "") -> None:
+        """End the loop after this update (an early stop); printed on the main process."""
+        self.stopped = True
+        if reason and dist.is_main():
+            print(reason, flush=True)
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        self.signals.__exit__(kind, error, traceback)
+        self.wall_s = time.perf_counter() - self.started
+        if kind is not None:  # the error goes on; the checkpoints saved before it stay
+            return
+        self._check_reported()
+        self.state.extras["wall_s"] = self.wall_s
+        with self._as_consumed():
+            end_loop(self.ckpt_dir, self.state, self.signals, self.log, meta=self.meta)  # 75 after a signal
+
+    def _check_reported(self) -> None:
+        if self.state.step != self._reported:
+            raise RuntimeError(f"update {self.state.step} was not followed by run.after_update(terms): "
+                               "without it the run neither logs, stops on NaNs nor saves; call it once "
+                               "after each apply_update")
+
+    def _as_consumed(self) -> Any:
+        source = self._source
+        return source.rng_as_consumed() if hasattr(source, "rng_as_consumed") else contextlib.nullcontext()
+
+    @property
+    def updates_per_s(self) -> float:
+        """This session's updates per second of training (a resumed run's earlier time left out)."""
+        return (self.state.step - self.first_step) / max(self.wall_s - self.first_wall_s, 1e-9)
+
+    def summary(self, **more: Any) -> dict[str, Any]:
+        """The numbers every run reports (steps, wall time, skipped updates and samples, ranks, run id),
+        then ``more``."""
+        skipped = getattr(self._source, "skipped", 0)
+        return {"steps": self.state.step, "wall_s": round(self.wall_s, 3),
+                **self.nonfinite.summary(self.state),  # skipped_steps, first_nonfinite
+                "skipped_unreadable": skipped + more.pop("skipped_unreadable", 0),
+                "ranks": dist.world_size(), "run_id": self.state.run_id, **more}
+
+    def finish(self, summary: Mapping[str, Any]) -> bool:
+        """Close the log, write ``summary.json``, leave the process group; True on the main process."""
+        return finish_run(self.cfg, self.log, summary)

@@ -138,7 +138,8 @@ def test_run_directory_contract(tmp_path):
     run = tmp_path / "run"
     run_digits("--run-dir", str(run), "--train.steps", "60", "--eval-every", "20", "--log.every", "10",
                "--ckpt.every", "20", "--log.tensorboard")
-    expected = {"config.json", "metrics.jsonl", "checkpoints", "tb", "summary.json"}
+    expected = {"config.json", "metrics.jsonl", "checkpoints", "tb", "summary.json", "provenance.jsonl",
+                "recipe.py"}  # the run's own script, copied (stepkit.rundir.record_provenance)
     assert {p.name for p in run.iterdir()} == expected
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] == 60 and config["optim"]["lr"] == 3e-3
@@ -200,3 +201,118 @@ def test_a_short_run_needs_no_warmup_flag_but_an_explicit_one_is_checked(name, d
     assert warmup_steps_of(cfg.optim, 1500) == default  # the recipe's warm-up once the run is long enough
     with pytest.raises(ValueError, match=r"optim.warmup_steps=21 .*at most train.steps=20"):
         parse(["--run-dir", str(tmp_path / "r"), "--train.steps", "20", "--optim.warmup-steps", "21"])
+
+
+# --- the Run construct: one `with`, one call after each update --------------------------------------------
+
+def _run_config(tmp_path, steps=4, every=2, **flags):
+    import dataclasses
+
+    from stepkit.config import RunArgs
+    from stepkit.log import LogConfig
+
+    @dataclasses.dataclass
+    class Config(RunArgs):
+        log: LogConfig = dataclasses.field(default_factory=lambda: LogConfig(console=False, every=1))
+        ckpt: CkptConfig = dataclasses.field(default_factory=lambda: CkptConfig(every=every))
+        train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=steps))
+
+    return Config(run_dir=tmp_path / "run", **flags)
+
+
+def _train(cfg, *, forget_after=None, stop_at=None, noisy=True):
+    """A run of a linear model over a seeded sampler whose batches draw noise when prepared (prefetched)."""
+    from stepkit import TrainState, apply_update, forward_loss
+    from stepkit.data import train_batches
+    from stepkit.run import Run, seed_everything
+
+    run = Run(cfg)
+    seed_everything(0)
+    model = nn.Linear(3, 1)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    data = torch.utils.data.TensorDataset(torch.arange(24.0).reshape(8, 3) / 24)
+    noise = (lambda b: b[0] + torch.rand_like(b[0])) if noisy else (lambda b: b[0])
+    batches = train_batches(data, state, batch_size=2, seed=0, prepare=noise, prefetch=True)
+    seen = []
+    with run.start(state, steps=cfg.train.steps):
+        for x in run.batches(batches):
+            seen.append(x.clone())
+            loss, _ = forward_loss(lambda s, b: (s.model(b).square().mean(), {}), state, x)
+            loss.backward()
+            apply_update(state, lr=0.1)
+            if state.step != forget_after:
+                run.after_update({"loss": loss})
+            if state.step == stop_at:
+                run.stop("stopped early, on purpose")
+    return run, state, seen
+
+
+def test_a_run_resumed_through_run_and_train_batches_sees_the_very_same_batches(tmp_path):
+    _, whole, seen_whole = _train(_run_config(tmp_path / "a", steps=6, every=3))
+    with pytest.raises(SystemExit) as stopped:  # as if a signal came at step 3: saved, exit 75
+        from stepkit import run as run_module
+
+        original = run_module.save_or_stop
+
+        def signal_at_3(ckpt_dir, state, signals, *args, **kwargs):
+            if state.step == 3:
+                signals.signal_name = "SIGUSR1"  # what the handler records (tests/test_signals.py)
+            return original(ckpt_dir, state, signals, *args, **kwargs) or state.step == 3
+
+        run_module.save_or_stop = signal_at_3
+        try:
+            _train(_run_config(tmp_path / "b", steps=6, every=3))
+        finally:
+            run_module.save_or_stop = original
+    assert stopped.value.code == 75
+    cfg = _run_config(tmp_path / "b", steps=6, every=3, resume=True)
+    _, resumed, seen_after = _train(cfg)
+    assert resumed.data_position == whole.data_position == 6
+    assert all(torch.equal(a, b) for a, b in zip(seen_after, seen_whole[3:], strict=True))  # noise included
+    assert params_digest(resumed.model) == params_digest(whole.model)
+
+
+def test_an_update_without_after_update_is_an_error_at_the_next_batch(tmp_path):
+    with pytest.raises(RuntimeError, match=r"^update 2 was not followed by run.after_update\(terms\)"):
+        _train(_run_config(tmp_path), forget_after=2)
+    with pytest.raises(RuntimeError, match=r"^update 4 was not followed"):  # the last one: at the end
+        _train(_run_config(tmp_path / "last"), forget_after=4)
+
+
+def test_run_stop_ends_the_loop_after_saving_and_a_plain_iterable_is_counted(tmp_path, capsys):
+    run, state, seen = _train(_run_config(tmp_path, steps=10, every=1), stop_at=3)
+    assert state.step == 3 and len(seen) == 3 and "stopped early, on purpose" in capsys.readouterr().out
+    names = sorted(p.name for p in run.ckpt_dir.iterdir())
+    assert names == ["last.pt", "step_00000003.pt"]  # saved at the stop (--ckpt.keep-last 1)
+    summary = run.summary(extra=1)
+    assert (summary["steps"], summary["skipped_unreadable"], summary["extra"]) == (3, 0, 1)
+
+    from stepkit import TrainState
+    from stepkit.run import Run
+
+    plain = Run(_run_config(tmp_path / "plain", steps=2))
+    model = nn.Linear(1, 1)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with plain.start(state, steps=2):
+        for _ in plain.batches(iter(range(100))):
+            state.step += 1
+            plain.after_update({})
+    assert state.data_position == 2  # no train_batches: the run counts what it handed out
+
+
+def test_run_refuses_a_second_after_update_and_a_bare_with(tmp_path):
+    from stepkit import TrainState
+    from stepkit.run import Run
+
+    run = Run(_run_config(tmp_path))
+    with pytest.raises(RuntimeError, match=r"with run.start\(state, steps=...\)"):
+        with run:
+            pass
+    model = nn.Linear(1, 1)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="^run.after_update was called again at step 1"):
+        with run.start(state, steps=4):
+            for _ in run.batches(range(10)):
+                state.step += 1
+                run.after_update({})
+                run.after_update({})

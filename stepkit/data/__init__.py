@@ -23,6 +23,7 @@ from stepkit.data.arrays import (
 from stepkit.data.batches import (
     Prefetch,
     ResumableSampler,
+    TrainBatches,
     train_batches,
 )
 from stepkit.data.bundled import (
@@ -182,5 +183,6 @@ __all__ = [
     "read_shard_pairs",
     "ResumableSampler",
     "train_batches",
+    "TrainBatches",
     "Prefetch",
 ]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from stepkit import check as _check
 from stepkit.data.loader import seeded_loader
 from stepkit.seeds import torch_generator
 
-__all__ = ["ResumableSampler", "train_batches", "Prefetch"]
+__all__ = ["ResumableSampler", "train_batches", "TrainBatches", "Prefetch"]
 
 
 class ResumableSampler:
@@ -59,16 +59,21 @@ class ResumableSampler:
 
 def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
                   shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
-                  timeout: float = 0, **loader_kwargs: Any) -> tuple[Any, Any]:
-    """A run's training batches, starting where ``state`` left off: a ``seeded_loader`` over an
-    epoch-seeded ``ResumableSampler`` of ``source``, or over this rank's shard stream.
+                  timeout: float = 0, prepare: Callable[[Any], Any] | None = None, prefetch: bool = False,
+                  device: Any = "cpu", **loader_kwargs: Any) -> TrainBatches:
+    """A run's training batches, from where ``state`` left off, each recorded in ``state`` as it is
+    consumed: iterate it, and resume is exact whatever the source.
 
-    Without shards, rank ``r`` of ``world`` takes its share of each epoch's permutation from sample
-    ``state.data_position x batch_size`` on (incomplete batches dropped). With ``shards``, ``source``
+    Without shards: a ``seeded_loader`` over an epoch-seeded ``ResumableSampler`` of ``source`` (rank
+    ``r`` of ``world`` takes its share of each epoch's permutation, from sample
+    ``state.data_position x batch_size`` on; incomplete batches dropped). With ``shards``: ``source``
     makes each sample (``(fields, rng, where) -> sample``, e.g. ``stepkit.data.ShardCrops``) and every
-    worker reads on from its place in the checkpoint (``stepkit.data.resumable_stream``); the loop
-    calls ``positions.update(places, skipped, state.data_position)`` after each consumed batch, which
-    comes as ``(samples, places, skipped)``.
+    worker reads on from its place in the checkpoint (``stepkit.data.resumable_stream``). Either way a
+    batch comes out as the dataset's collated samples, and each one handed to the loop adds one to
+    ``state.data_position`` and (shards) moves its reader's place in ``state.rank_extras``: the loop
+    never tests where its data came from, and keeps no bookkeeping of its own.
+
+    The loader is made when iteration starts, so a state resumed after this call still counts.
 
     Args:
         source: A map-style dataset, or with ``shards`` the sample maker.
@@ -80,10 +85,14 @@ def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, worker
         skip_unreadable: Shards: count and skip unreadable samples instead of stopping.
         with_epoch: The sampler yields ``(index, epoch)`` (``stepkit.data.TrainImages``).
         timeout: Seconds to wait for a batch before ``stepkit.faults.DataStalled`` (0: forever).
+        prepare: ``batch -> what the step consumes`` (device copies, augmentation), run on each batch.
+        prefetch: Prepare the next batch while the step runs (``Prefetch``; a CUDA side stream).
+        device: Where ``prepare`` runs.
         **loader_kwargs: Any other ``DataLoader`` argument (``pin_memory``, ...).
 
     Returns:
-        ``(loader, positions)``: positions is a ``stepkit.data.ShardPositions``, or None without shards.
+        A ``TrainBatches``: iterable (endless, epoch after epoch), with ``rng_as_consumed()`` for saving
+        and ``skipped`` (unreadable shard samples skipped so far).
 
     Examples:
         >>> import torch
@@ -92,27 +101,90 @@ def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, worker
         >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
         >>> from itertools import islice
         >>> data = torch.utils.data.TensorDataset(torch.arange(6))
-        >>> loader, _ = train_batches(data, state, batch_size=2, seed=0)  # endless: epoch after epoch
-        >>> first = [b.tolist() for b, in islice(loader, 3)]
-        >>> state.data_position = 1  # one batch consumed: a resumed run starts at the second
-        >>> again, _ = train_batches(data, state, batch_size=2, seed=0)
+        >>> first = [b.tolist() for b, in islice(train_batches(data, state, batch_size=2, seed=0), 3)]
+        >>> state.data_position  # each batch handed out is counted as consumed
+        3
+        >>> state.data_position = 1  # as saved after one batch: a resumed run starts at the second
+        >>> again = train_batches(data, state, batch_size=2, seed=0)
         >>> [b.tolist() for b, in islice(again, 2)] == first[1:]
         True
     """
-    from stepkit import dist
+    return TrainBatches(source, state, batch_size=batch_size, seed=seed, workers=workers, shards=shards,
+                        skip_unreadable=skip_unreadable, with_epoch=with_epoch, timeout=timeout,
+                        prepare=prepare, prefetch=prefetch, device=device, **loader_kwargs)
 
-    if shards is not None:
-        from stepkit.data.streams import resumable_stream
 
-        stream, positions = resumable_stream(shards, source, state, seed=seed, workers=workers,
-                                             skip_unreadable=skip_unreadable)
-        loader = seeded_loader(stream, seed=seed, workers=workers, batch_size=batch_size, timeout=timeout,
-                               **loader_kwargs)
-        return loader, positions
-    sampler = ResumableSampler(len(source), seed=seed, start=state.data_position * batch_size,
-                               rank=dist.rank(), world=dist.world_size(), with_epoch=with_epoch)
-    return seeded_loader(source, seed=seed, workers=workers, batch_size=batch_size, sampler=sampler,
-                         drop_last=True, timeout=timeout, **loader_kwargs), None
+class TrainBatches:
+    """What ``train_batches`` returns: a run's batches that record their own consumption in the state.
+
+    Each batch handed out has ``state.data_position`` counted and, from shards, its reader's place kept
+    (``stepkit.data.ShardPositions``); with ``prefetch`` the batch after it is prepared already, so a
+    checkpoint is saved inside ``rng_as_consumed()`` (``stepkit.run.Run`` does this).
+
+    Examples:
+        >>> import torch
+        >>> from stepkit import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> data = torch.utils.data.TensorDataset(torch.arange(4.0))
+        >>> doubled = TrainBatches(data, state, batch_size=2, seed=0, prepare=lambda b: b[0] * 2)
+        >>> batch = next(iter(doubled))
+        >>> batch.shape, state.data_position, doubled.skipped
+        (torch.Size([2]), 1, 0)
+    """
+
+    def __init__(self, source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
+                 shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
+                 timeout: float = 0, prepare: Callable[[Any], Any] | None = None, prefetch: bool = False,
+                 device: Any = "cpu", **loader_kwargs: Any) -> None:
+        _check.integer_at_least("batch_size", batch_size, 1)
+        self.source, self.state, self.shards = source, state, shards
+        self.options = dict(batch_size=batch_size, seed=seed, workers=workers, timeout=timeout,
+                            **loader_kwargs)
+        self.skip_unreadable, self.with_epoch = skip_unreadable, with_epoch
+        self.prepare = prepare or (lambda batch: batch)
+        self.prefetch, self.device = prefetch, device
+        self.positions: Any = None  # ShardPositions, once iteration starts on shards
+        self._prefetch: Prefetch | None = None
+
+    def _loader(self) -> Any:
+        from stepkit import dist
+
+        o = dict(self.options)
+        if self.shards is not None:
+            from stepkit.data.streams import resumable_stream
+
+            stream, self.positions = resumable_stream(self.shards, self.source, self.state,
+                                                      seed=o["seed"], workers=o["workers"],
+                                                      skip_unreadable=self.skip_unreadable)
+            return seeded_loader(stream, **o)
+        sampler = ResumableSampler(len(self.source), seed=o["seed"], rank=dist.rank(),
+                                   world=dist.world_size(), start=self.state.data_position * o["batch_size"],
+                                   with_epoch=self.with_epoch)
+        return seeded_loader(self.source, sampler=sampler, drop_last=True, **o)
+
+    def _prepared(self, batch: Any) -> tuple[Any, Any]:
+        if self.shards is None:
+            return self.prepare(batch), None
+        samples, places, skipped = batch  # where each sample was read: the readers' places
+        return self.prepare(samples), (places, skipped)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._prefetch = Prefetch(self._loader(), self._prepared, self.device, enabled=self.prefetch)
+        for batch, read_at in self._prefetch:
+            self.state.data_position += 1
+            if read_at is not None:
+                self.positions.update(*read_at, self.state.data_position)
+            yield batch
+
+    def rng_as_consumed(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the global RNG is as the last batch handed out left it (for saving)."""
+        return self._prefetch.rng_as_consumed() if self._prefetch is not None else contextlib.nullcontext()
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable shard samples skipped so far, this run and the runs it resumed (0 without shards)."""
+        return self.positions.skipped if self.positions is not None else 0
 
 
 class Prefetch:
