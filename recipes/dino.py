@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from stepkit import dist
-from stepkit.augment import MultiCrop, multi_crop, normalize, to_unit, view_colors
+from stepkit.augment import MultiCrop, normalize, to_unit, view_colors
 from stepkit.check import at_least, fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
@@ -39,7 +39,6 @@ from stepkit.data import (
     CropPlan,
     ImageDataConfig,
     ProbeImagesConfig,
-    ShardCrops,
     image_sets,
     random_images,
     seeded_loader,
@@ -323,18 +322,14 @@ def main(cfg: Config) -> dict:
     model = DINOModel(backbone, head).to(device)
     prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
 
-    def views_of(images: torch.Tensor) -> list[torch.Tensor]:
-        """A batch of decoded images -> its normalised multi-crop views, on the device."""
-        images = images.to(device, non_blocking=True)  # pinned by the loader on CUDA
-        return [normalize(v, mean, std) for v in multi_crop(to_unit(images), cfg.crops)]
+    def augment(view: torch.Tensor, i: int) -> torch.Tensor:
+        """View ``i`` of a batch (0, 1: global; 2...: local), cropped, in [0, 1], on the device -> what the
+        networks see. Every source's views pass here: the place for an augmentation of your own."""
+        return normalize(view_colors(view, cfg.crops, i), mean, std)
 
     def prepare(batch) -> list[torch.Tensor]:
-        """A loader's batch -> its normalised views on the device. Files and shards: ([crops], labels),
-        cut in the workers, colours drawn here; the digits: (images, labels), cropped here."""
-        if not files:
-            return views_of(batch[0])
-        return [normalize(view_colors(to_unit(x.to(device, non_blocking=True)), cfg.crops, i), mean, std)
-                for i, x in enumerate(batch[0])]
+        """A loader's batch -> its views, cut in the workers (files, shards) or here (memory), augmented."""
+        return [augment(view, i) for i, view in enumerate(data.crops(batch, plan, device))]
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
@@ -403,9 +398,7 @@ def main(cfg: Config) -> dict:
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> list[torch.Tensor]:
             idx = torch.randint(0, len(data.train), (size,)).tolist()
-            if files:
-                return prepare(default_collate([data.train[(i, 0)] for i in idx]))
-            return views_of(torch.stack([data.train[i][0] for i in idx]))
+            return prepare(default_collate([data.train[i] for i in idx]))  # files: epoch 0's crops
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
@@ -413,8 +406,8 @@ def main(cfg: Config) -> dict:
     # counted in the state as consumed. Colours (and the digits' crops) draw from the global RNG, which
     # the checkpoint restores as of the consumed batch, prefetched or not.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
-    batches = train_batches(ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed,
-                            batch_size=cfg.batch_size, workers=workers, shards=shards, with_epoch=files,
+    batches = train_batches(data.train, state, seed=cfg.train.seed,
+                            batch_size=cfg.batch_size, workers=workers, shards=shards,
                             skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout,
                             prepare=prepare, prefetch=prefetch, device=device,
                             pin_memory=device.type == "cuda")

@@ -51,10 +51,10 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from stepkit import dist
-from stepkit.augment import normalize, random_resized_crop, to_unit
+from stepkit.augment import normalize, to_unit
 from stepkit.check import fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
@@ -62,7 +62,6 @@ from stepkit.data import (
     CropPlan,
     ImageDataConfig,
     ProbeImagesConfig,
-    ShardCrops,
     image_sets,
     seeded_loader,
     train_batches,
@@ -73,7 +72,8 @@ from stepkit.jepa import (
     JEPALoss,
     Levels,
     TargetAlarm,
-    jepa_train_state,
+    head_level,
+    jepa_shard_units,
     level_losses,
     level_lr_scales,
     level_values_at,
@@ -95,10 +95,18 @@ from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
-from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
+from stepkit.schedules import (
+    LRSchedule,
+    MomentumSchedule,
+    WDSchedule,
+    lr_at,
+    momentum_at,
+    param_groups,
+    wd_at,
+)
 from stepkit.seeds import seed_of
 from stepkit.state import TrainState
-from stepkit.step import accumulate, apply_update, clip, forward_loss
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -357,9 +365,13 @@ def main(cfg: Config) -> dict:
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
                              timeout=cfg.data.timeout, batch_size=cfg.batch_size, **kw)
 
-    # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
-    state, group_level = jepa_train_state(model, target_encoder, strategy=cfg.dist.strategy, device=device,
-                                          amp=cfg.amp, accum=cfg.train.accum)
+    # AdamW with a group per level's head (its lr follows its own schedule); DDP / FSDP2 under torchrun
+    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
+    group_level = [head_level(g["names"][0]) for g in groups]
+    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
+    state = TrainState(model=wrap(model), optimizer=adamw(groups, device=device), target=wrap(target_encoder),
+                       scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+                       accum=cfg.train.accum, extras={"wall_s": 0.0})
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
@@ -368,13 +380,10 @@ def main(cfg: Config) -> dict:
     loss_rng = torch.Generator()  # the contrastive loss's negatives
     levels = cfg.levels
 
-    def make_batch(x: torch.Tensor):
-        """(images, context_idx, target_idx): a random resized crop of each image, and its masks."""
-        if files:  # cut from the full image in the workers already
-            images = prep(x)
-        else:
-            images = random_resized_crop(prep(x), cfg.data.image_size, scale=cfg.data.crop_scale,
-                                         flip_p=cfg.data.flip_p)
+    def make_batch(batch):
+        """A loader's batch -> (images, context_idx, target_idx): one random resized crop of each image (cut
+        in the workers from files and shards, here from images in memory), normalised, and its masks."""
+        images = normalize(next(data.crops(batch, plan, device)), mean, std)
         context_idx, target_idx = multi_block_masks(len(images), grid, cfg.mask, mask_rng)
         return images, context_idx.to(device), target_idx.to(device)
 
@@ -394,24 +403,21 @@ def main(cfg: Config) -> dict:
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def tune_batch(size: int):
             idx = torch.randint(0, len(data.train), (size,)).tolist()
-            if files:  # the one crop of each sample, cut as the workers cut it
-                return make_batch(torch.stack([data.train[(i, 0)][0][0] for i in idx]))
-            return make_batch(torch.stack([data.train[i][0] for i in idx]))
+            return make_batch(default_collate([data.train[i] for i in idx]))  # files: epoch 0's crops
 
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, tune_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
-    # counted in the state as consumed. Files and shards: ([crop], label); the digits: (images, labels).
-    batches = train_batches(ShardCrops(plan) if shards else data.train, state, seed=cfg.train.seed,
-                            batch_size=cfg.batch_size, workers=workers, shards=shards, with_epoch=files,
-                            skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout,
-                            prepare=lambda b: b[0][0] if files else b[0])
+    # counted in the state as consumed.
+    batches = train_batches(data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
+                            workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+                            timeout=cfg.data.timeout)
     watch = target_collapse_watch(cfg.alarm, depths)
     with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
-        for images in run.batches(batches):  # saved between updates; ends at the last step or a signal
+        for raw in run.batches(batches):  # saved between updates; ends at the last step or a signal
             mask_rng.manual_seed(seed_of(cfg.train.seed, "masks", state.data_position, dist.rank()))
             loss_rng.manual_seed(seed_of(cfg.train.seed, "negatives", state.data_position, dist.rank()))
-            batch = make_batch(images)
+            batch = make_batch(raw)
             loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):
                 continue

@@ -63,7 +63,8 @@ from stepkit.jepa import (
     JEPALoss,
     Levels,
     TargetAlarm,
-    jepa_train_state,
+    head_level,
+    jepa_shard_units,
     level_losses,
     level_lr_scales,
     level_values_at,
@@ -79,10 +80,18 @@ from stepkit.models.sequence import sequence_tokens
 from stepkit.monitor import collapse_metrics
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
-from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
+from stepkit.schedules import (
+    LRSchedule,
+    MomentumSchedule,
+    WDSchedule,
+    lr_at,
+    momentum_at,
+    param_groups,
+    wd_at,
+)
 from stepkit.seeds import seed_of
 from stepkit.state import TrainState
-from stepkit.step import accumulate, apply_update, clip, forward_loss
+from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
 from stepkit.weights import InitConfig, describe_part
 
@@ -316,9 +325,13 @@ def main(cfg: Config) -> dict:
                                       about="the context encoder")}
     target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
-    # DDP / FSDP2 under torchrun; AdamW with a group per level's head, whose lr follows its own schedule
-    state, group_level = jepa_train_state(model, target_encoder, strategy=cfg.dist.strategy, device=device,
-                                          amp=cfg.amp, accum=cfg.train.accum)
+    # AdamW with a group per level's head (its lr follows its own schedule); DDP / FSDP2 under torchrun
+    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
+    group_level = [head_level(g["names"][0]) for g in groups]
+    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
+    state = TrainState(model=wrap(model), optimizer=adamw(groups, device=device), target=wrap(target_encoder),
+                       scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+                       accum=cfg.train.accum, extras={"wall_s": 0.0})
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))

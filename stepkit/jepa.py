@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stepkit import dist
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.data import series_windows
 from stepkit.losses.jepa import (
@@ -38,12 +37,10 @@ from stepkit.models.sequence import TokenTransformer, sequence_tokens
 from stepkit.models.text import masked_mean
 from stepkit.models.vit import VisionTransformer
 from stepkit.monitor import CollapseWatch, collapse_metrics
-from stepkit.schedules import param_groups, warmup_decay
-from stepkit.state import TrainState
-from stepkit.step import adamw
+from stepkit.schedules import warmup_decay
 
 __all__ = ["JEPALoss", "Levels", "TargetAlarm", "head_level", "level_lr_scales", "jepa_shard_units",
-           "jepa_train_state", "level_losses", "level_values_at", "prediction_loss", "raw_sequence_features",
+           "level_losses", "level_values_at", "prediction_loss", "raw_sequence_features",
            "sequence_features", "target_collapse_watch"]
 
 
@@ -189,45 +186,6 @@ def jepa_shard_units(module: nn.Module) -> list[nn.Module]:
         predictor_blocks = cast(nn.ModuleList, module.predictor.blocks)
         return [*jepa_shard_units(module.encoder), module.encoder, *predictor_blocks]
     return list(module.blocks) if isinstance(module, (VisionTransformer, TokenTransformer)) else []
-
-
-def jepa_train_state(model: nn.Module, target: nn.Module, *, strategy: dist.Strategy, device: torch.device,
-                     amp: str = "none", accum: int = 1) -> tuple[TrainState, list[int]]:
-    """The ``TrainState`` of a JEPA run, and each optimizer group's level.
-
-    The model and its EMA target encoder are wrapped for ``strategy`` (``dist.parallelize``: DDP, or
-    FSDP2 over ``jepa_shard_units``; as they are in one process); AdamW gets a parameter group per
-    level's head (``head_level``; the encoder and predictor trunk in group 0), so each head's lr can
-    follow its own schedule (``level_lr_scales``); a GradScaler under fp16.
-
-    Args:
-        model: A ``JEPA`` or ``SequenceJEPA`` on its device.
-        target: The EMA target encoder (``stepkit.ema.target_copy`` of the encoder).
-        strategy: ``--dist.strategy`` (``ddp`` or ``fsdp``).
-        device: This rank's device.
-        amp: ``none``, ``bf16`` or ``fp16``.
-        accum: Micro-batches per update.
-
-    Returns:
-        ``(state, group_levels)``; ``state.target`` is the wrapped target.
-
-    Examples:
-        >>> from stepkit.models import JEPA, MaskedCNN, ConvPredictor
-        >>> encoder = MaskedCNN(img_size=8, in_chans=1, widths=(4, 8), strides=(1, 2))
-        >>> model = JEPA(encoder, ConvPredictor(encoder.grid, encoder.dim, 8, 1, 3, out_dim=8), [])
-        >>> state, levels = jepa_train_state(model, MaskedCNN(img_size=8, in_chans=1, widths=(4, 8),
-        ...                                  strides=(1, 2)), strategy="ddp", device=torch.device("cpu"))
-        >>> levels, state.scaler is None  # weights with and without decay, both in the trunk's level
-        ([0, 0], True)
-    """
-    wrapped = dist.parallelize(model, strategy, device, shard=jepa_shard_units)
-    target = dist.parallelize(target, strategy, device, shard=jepa_shard_units)
-    heads = cast(nn.ModuleList, model.heads)
-    groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(heads)))
-    state = TrainState(model=wrapped, optimizer=adamw(groups, device=device), target=target,
-                       scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, accum=accum,
-                       extras={"wall_s": 0.0})
-    return state, [head_level(g["names"][0]) for g in groups]
 
 
 @dataclass

@@ -1,5 +1,10 @@
-"""The contrastive recipe's two-tower model: its settings, builder, initialisation and distillation
-teacher (an image or text tower and a text tower, projected to one space and L2-normalised)."""
+"""Two-tower encoders: any two towers projected to one space and L2-normalised, and builders of the towers.
+
+``TwoTower`` pairs any query tower (images, or text) with a text tower; ``text_tower`` and
+``image_tower`` build the towers ``TwoTowerConfig`` names (``--model.*``: from scratch, MiniLM or a
+Hugging Face model with LoRA, a timm ViT, locks); a recipe composes them in its own code. Also the
+weights' entry points: ``init_towers`` (``--init.from``) and ``load_teacher`` (a finished run, frozen).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from stepkit.weights import InitConfig, InitReport, checkpoint_parts, find_check
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit, timm_vit_arguments
 
 __all__ = ["Renormalized", "TwoTower", "TwoTowerConfig", "build_two_tower", "hugging_face_name",
-           "init_towers", "load_teacher"]
+           "image_tower", "init_towers", "load_teacher", "lock_image_tower", "text_tower"]
 
 
 @dataclass
@@ -143,80 +148,105 @@ class TwoTower(nn.Module):
         return queries, self.text(**tokens)
 
 
+def text_tower(cfg: TwoTowerConfig, captions: list[str]) -> tuple[nn.Module, Callable]:
+    """The text tower ``cfg`` names and its tokenizer (``texts -> {"input_ids", "attention_mask"}``).
+
+    A from-scratch tower (``text="scratch"``) gets a word vocabulary of ``captions``; a pretrained one
+    (MiniLM, or a Hugging Face folder) its own tokenizer, with LoRA adapters under ``cfg.lora``.
+
+    Examples:
+        >>> tower, tokenize = text_tower(TwoTowerConfig(text="scratch"), ["a digit"])
+        >>> sorted(tokenize(["a digit"])), type(tower).__name__
+        (['attention_mask', 'input_ids'], 'TinyTextEncoder')
+    """
+    pretrained = None if cfg.text == "minilm" else cfg.text  # None: MiniLM, offline
+    if cfg.text == "scratch":
+        tokenize = WordTokenizer(captions)
+        return TinyTextEncoder(len(tokenize), dim=cfg.text_dim, max_len=cfg.max_len,
+                               dropout=cfg.text_dropout), tokenize
+    tokenize = pretrained_tokenizer(pretrained, max_len=cfg.max_len)
+    return _text_encoder(cfg, pretrained), tokenize
+
+
+def _text_encoder(cfg: TwoTowerConfig, pretrained: str | None) -> nn.Module:
+    text = PretrainedTextEncoder(pretrained)
+    if cfg.lora:
+        text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              targets=cfg.lora_targets)
+    if cfg.grad_checkpointing:
+        text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return text
+
+
+def image_tower(cfg: TwoTowerConfig, in_chans: int, *, image: nn.Module | None = None) -> nn.Module:
+    """The image tower ``cfg`` names: a small CNN, a Hugging Face image model, or a timm ViT (``image``:
+    one built already, e.g. with its hub weights), with LoRA adapters under ``cfg.image_lora``.
+
+    Examples:
+        >>> type(image_tower(TwoTowerConfig(text="scratch"), 1)).__name__
+        'SmallCNN'
+    """
+    if cfg.image == "cnn":
+        return SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
+                        grad_checkpointing=cfg.grad_checkpointing)
+    encoder: Any
+    if image is not None:
+        encoder = image
+    elif cfg.image.startswith(TIMM_PREFIX):
+        encoder = timm_vit(cfg.image, pretrained=False)[0]  # the weights come from a checkpoint
+    else:
+        folder = Path(cfg.image).expanduser()
+        encoder = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
+    net: Any = getattr(encoder, "model", encoder)  # a Hugging Face model inside, or stepkit's ViT
+    if cfg.image_lora:
+        names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
+        default = next(t for t in (("qkv",), ("query", "value"), ("q_proj", "v_proj")) if t[0] in names)
+        wrapped = add_lora(net, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=cfg.image_lora_targets or default)
+        if net is not encoder:
+            encoder.model = wrapped  # stepkit's ViT holds its adapters in place, as it is
+    if cfg.grad_checkpointing:
+        if hasattr(encoder, "grad_checkpointing"):
+            encoder.grad_checkpointing = True
+        elif getattr(net, "supports_gradient_checkpointing", False):
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return encoder
+
+
+def lock_image_tower(model: TwoTower, cfg: TwoTowerConfig) -> None:
+    """LiT: freeze the image tower's encoder as loaded (``--model.lock-image``), or its embeddings and
+    first ``--model.lock-image-blocks`` blocks; its projection still trains.
+
+    Examples:
+        >>> from stepkit.models import SmallCNN, TinyTextEncoder
+        >>> model = TwoTower(SmallCNN(1, (8,)), TinyTextEncoder(10, dim=8, max_len=4), 4)
+        >>> lock_image_tower(model, TwoTowerConfig(text="scratch"))  # nothing asked: nothing locked
+        >>> all(p.requires_grad for p in model.parameters())
+        True
+    """
+    if cfg.lock_image:
+        lock(model.image.encoder)
+    elif cfg.lock_image_blocks:
+        encoder = model.image.encoder
+        lock(getattr(encoder, "model", encoder), blocks=cfg.lock_image_blocks)
+
+
 def build_two_tower(cfg: TwoTowerConfig, captions: list[str], in_chans: int, *, text_only: bool = False,
                     image: nn.Module | None = None, init_temperature: float = 0.07,
                     max_logit_scale: float = 100.0) -> tuple[TwoTower, Callable]:
-    """The two-tower model of ``cfg`` and its tokenizer (``texts -> {"input_ids", "attention_mask"}``).
-
-    Args:
-        cfg: The towers' settings.
-        captions: The training texts (a from-scratch tower's vocabulary is built from their words).
-        in_chans: The images' channels (the CNN's input).
-        text_only: Two text towers, for text-text pairs.
-        image: The image encoder, built already (e.g. a timm ViT with its hub weights).
-        init_temperature: The logit scale's starting temperature.
-        max_logit_scale: Its clamp.
-
-    Returns:
-        ``(model, tokenize)``.
+    """The whole two-tower model of ``cfg`` and its tokenizer, composed as the contrastive recipe composes
+    it (the query tower first, then the text tower; locks last): for rebuilding a saved run.
 
     Examples:
         >>> model, tokenize = build_two_tower(TwoTowerConfig(text="scratch"), ["a digit"], 1)
         >>> sorted(tokenize(["a digit"]))
         ['attention_mask', 'input_ids']
     """
-    pretrained_text = None if cfg.text == "minilm" else cfg.text  # None: MiniLM, offline
-    if cfg.text == "scratch":
-        tokenize = WordTokenizer(captions)
-    else:
-        tokenize = pretrained_tokenizer(pretrained_text, max_len=cfg.max_len)
-
-    def text_tower() -> nn.Module:
-        if cfg.text == "scratch":
-            return TinyTextEncoder(len(tokenize), dim=cfg.text_dim, max_len=cfg.max_len,
-                                   dropout=cfg.text_dropout)
-        text = PretrainedTextEncoder(pretrained_text)
-        if cfg.lora:
-            text.model = add_lora(text.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=cfg.lora_targets)
-        if cfg.grad_checkpointing:
-            text.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return text
-
-    def image_tower() -> nn.Module:
-        if cfg.image == "cnn":
-            return SmallCNN(in_chans, cfg.cnn_widths, cfg.cnn_pool, cfg.cnn_norm,
-                            grad_checkpointing=cfg.grad_checkpointing)
-        encoder: Any
-        if image is not None:
-            encoder = image
-        elif cfg.image.startswith(TIMM_PREFIX):
-            encoder = timm_vit(cfg.image, pretrained=False)[0]  # the weights come from a checkpoint
-        else:
-            folder = Path(cfg.image).expanduser()
-            encoder = PretrainedImageEncoder(str(folder) if folder.is_dir() else cfg.image)
-        net: Any = getattr(encoder, "model", encoder)  # a Hugging Face model inside, or stepkit's ViT
-        if cfg.image_lora:
-            names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
-            default = next(t for t in (("qkv",), ("query", "value"), ("q_proj", "v_proj")) if t[0] in names)
-            wrapped = add_lora(net, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               targets=cfg.image_lora_targets or default)
-            if net is not encoder:
-                encoder.model = wrapped  # stepkit's ViT holds its adapters in place, as it is
-        if cfg.grad_checkpointing:
-            if hasattr(encoder, "grad_checkpointing"):
-                encoder.grad_checkpointing = True
-            elif getattr(net, "supports_gradient_checkpointing", False):
-                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return encoder
-
-    model = TwoTower(text_tower() if text_only else image_tower(), text_tower(), cfg.embed_dim,
-                     init_temperature=init_temperature, max_logit_scale=max_logit_scale)
-    if cfg.lock_image:  # LiT: the image encoder as it was loaded, for the whole run
-        lock(model.image.encoder)
-    elif cfg.lock_image_blocks:
-        encoder = model.image.encoder
-        lock(getattr(encoder, "model", encoder), blocks=cfg.lock_image_blocks)
+    queries = text_tower(cfg, captions)[0] if text_only else image_tower(cfg, in_chans, image=image)
+    text, tokenize = text_tower(cfg, captions)
+    model = TwoTower(queries, text, cfg.embed_dim, init_temperature=init_temperature,
+                     max_logit_scale=max_logit_scale)
+    lock_image_tower(model, cfg)
     return model, tokenize
 
 

@@ -110,7 +110,7 @@ def test_no_import_circle_anywhere_in_stepkit():
 def test_the_data_package_flows_from_sources_to_samples_to_loading():
     import stepkit.data
 
-    layers = [("arrays", "bundled", "folders", "pairs", "shards"), ("crops", "sequences", "images"),
+    layers = [("arrays", "bundled", "folders", "pairs", "shards"), ("crops", "sequences", "images", "paired"),
               ("loader", "streams", "batches")]
     rank = {f"stepkit.data.{m}": i for i, layer in enumerate(layers) for m in layer}
     modules = {m.rpartition(".")[2] for m in _import_graph() if m.startswith("stepkit.data.")}

@@ -233,3 +233,53 @@ def test_collapse_alarm_names_teacher_entropy_near_uniform(recipe, tmp_path, cap
     assert summary["collapse_warning"].startswith("collapse warning: teacher_entropy")
     cfg = recipe.parse(["--run-dir", str(tmp_path / "r")])  # the default: 98% of log(out_dim)
     assert cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim) == pytest.approx(0.98 * math.log(128))
+
+
+# docs/recipes/dino.md, "Your own augmentation": the edit, as a user makes it in a copied recipe.
+ROTATION = '''
+def rotate_quarter(view: torch.Tensor) -> torch.Tensor:
+    """Each image turned by 0, 90, 180 or 270 degrees (its own draw)."""
+    turns = torch.randint(0, 4, (len(view),)).tolist()
+    print("rotated", tuple(view.shape), flush=True)
+    return torch.stack([torch.rot90(image, k, dims=(-2, -1)) for image, k in zip(view, turns)])
+
+
+def build_backbone('''
+
+
+def with_rotated_local_crops(tmp_path: Path) -> Path:
+    """recipes/dino.py copied, with one function and one call added: the local crops rotated."""
+    text = SCRIPT.read_text()
+    call = "        return normalize(view_colors(view, cfg.crops, i), mean, std)\n"
+    assert text.count(call) == 1 and text.count("\ndef build_backbone(") == 1
+    text = text.replace("\ndef build_backbone(", ROTATION, 1)
+    rotate = "        view = rotate_quarter(view) if i >= 2 else view  # local crops only\n"
+    text = text.replace(call, rotate + call)
+    path = tmp_path / "my_dino.py"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["digits", "files", "shards"])
+def test_an_augmentation_added_in_the_copied_recipe_runs_for_every_source(tmp_path, source):
+    from imagefiles import write_folder, write_shards
+
+    flags = ["--train.steps", "2", "--batch-size", "8", "--crops.local-crops", "2", "--model.out-dim", "16",
+             "--model.head-hidden", "16", "--eval.no-knn", "--log.no-console", "--device", "cpu"]
+    if source == "files":
+        write_folder(tmp_path / "images", 4)
+        flags += ["--data.root", str(tmp_path / "images"), "--data.workers", "0"]
+    elif source == "shards":
+        flags += ["--data.shards", write_shards(tmp_path / "shards", 2, 8), "--data.workers", "0"]
+    digests = {}
+    for script in (SCRIPT, with_rotated_local_crops(tmp_path)):
+        run_dir = tmp_path / script.stem
+        out = subprocess.run([sys.executable, str(script), "--run-dir", str(run_dir), *flags],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rotated = [line for line in out.stdout.splitlines() if line.startswith("rotated")]
+        assert len(rotated) == (2 * 2 if script != SCRIPT else 0)  # 2 local crops x 2 steps
+        assert all(line.endswith(", 16, 16)") for line in rotated)  # the local crops' size, not the global
+        digests[script.stem] = json.loads((run_dir / "summary.json").read_text())["params_digest"]
+    assert digests["dino"] != digests["my_dino"]  # the rotation changed what the networks learned

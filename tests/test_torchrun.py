@@ -218,7 +218,8 @@ def test_autoencoder_two_ranks_reloads_its_best_checkpoint(strategy, tmp_path):
 
 
 # hjepa covers tiny-cpu's CNN (and adds the heads); the ViT's FSDP2 hooks are the risky part of vit-toy.
-# Both JEPA recipes wrap through stepkit.jepa.jepa_train_state: the sequences run one kind per strategy
+# Both JEPA recipes wrap the same way (dist.parallelize over stepkit.jepa.jepa_shard_units): the sequences
+# run one kind per strategy
 # (text under DDP: timeseries' module structure; timeseries' CNN under FSDP2: hjepa's).
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "preset", "strategy"), [

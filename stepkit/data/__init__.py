@@ -66,6 +66,8 @@ from stepkit.data.images import (
     ImageDataConfig,
     ImageSets,
     ProbeImagesConfig,
+    ShardCrops,
+    ShardPairs,
     TrainImages,
     find_image_data,
     image_sets,
@@ -76,6 +78,13 @@ from stepkit.data.loader import (
     end_loader_workers,
     end_workers,
     seeded_loader,
+)
+from stepkit.data.paired import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PairDataConfig,
+    PairSets,
+    pair_sets,
 )
 from stepkit.data.pairs import (
     PAIR_FILE_KINDS,
@@ -97,16 +106,14 @@ from stepkit.data.shards import (
     class_field,
     expand_shards,
     image_field,
+    read_shard_pairs,
     shard_samples,
     text_field,
 )
 from stepkit.data.streams import (
-    ShardCrops,
-    ShardPairs,
     ShardPositions,
     ShardStream,
     epoch_shards,
-    read_shard_pairs,
     resumable_stream,
 )
 
@@ -183,6 +190,11 @@ __all__ = [
     "read_shard_pairs",
     "ResumableSampler",
     "train_batches",
+    "PairDataConfig",
+    "PairSets",
+    "pair_sets",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "TrainBatches",
     "Prefetch",
 ]

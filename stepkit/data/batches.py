@@ -58,7 +58,7 @@ class ResumableSampler:
 
 
 def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
-                  shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
+                  shards: Any = None, skip_unreadable: bool = False, with_epoch: bool | None = None,
                   timeout: float = 0, prepare: Callable[[Any], Any] | None = None, prefetch: bool = False,
                   device: Any = "cpu", **loader_kwargs: Any) -> TrainBatches:
     """A run's training batches, from where ``state`` left off, each recorded in ``state`` as it is
@@ -83,7 +83,8 @@ def train_batches(source: Any, state: Any, *, batch_size: int, seed: int, worker
         workers: DataLoader workers.
         shards: The shard files (None: ``source`` is the dataset).
         skip_unreadable: Shards: count and skip unreadable samples instead of stopping.
-        with_epoch: The sampler yields ``(index, epoch)`` (``stepkit.data.TrainImages``).
+        with_epoch: The sampler yields ``(index, epoch)``; None: when ``source.with_epoch`` says so
+            (``stepkit.data.TrainImages``: each sample's crops drawn from its epoch).
         timeout: Seconds to wait for a batch before ``stepkit.faults.DataStalled`` (0: forever).
         prepare: ``batch -> what the step consumes`` (device copies, augmentation), run on each batch.
         prefetch: Prepare the next batch while the step runs (``Prefetch``; a CUDA side stream).
@@ -134,14 +135,15 @@ class TrainBatches:
     """
 
     def __init__(self, source: Any, state: Any, *, batch_size: int, seed: int, workers: int = 0,
-                 shards: Any = None, skip_unreadable: bool = False, with_epoch: bool = False,
+                 shards: Any = None, skip_unreadable: bool = False, with_epoch: bool | None = None,
                  timeout: float = 0, prepare: Callable[[Any], Any] | None = None, prefetch: bool = False,
                  device: Any = "cpu", **loader_kwargs: Any) -> None:
         _check.integer_at_least("batch_size", batch_size, 1)
         self.source, self.state, self.shards = source, state, shards
         self.options = dict(batch_size=batch_size, seed=seed, workers=workers, timeout=timeout,
                             **loader_kwargs)
-        self.skip_unreadable, self.with_epoch = skip_unreadable, with_epoch
+        self.skip_unreadable = skip_unreadable
+        self.with_epoch = getattr(source, "with_epoch", False) if with_epoch is None else with_epoch
         self.prepare = prepare or (lambda batch: batch)
         self.prefetch, self.device = prefetch, device
         self.positions: Any = None  # ShardPositions, once iteration starts on shards

@@ -7,7 +7,7 @@ sets DINO and I-JEPA read; ``random_images`` is its stand-in for tests and bench
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,11 @@ from stepkit.data.folders import (
     labelled_folder,
     unreadable_error,
 )
+from stepkit.data.shards import class_field, image_field, text_field
 
-__all__ = ["TrainImages", "EvalImages", "ImageData", "find_image_data", "ImageDataConfig",
-           "ProbeImagesConfig", "IMAGENET_MEAN", "IMAGENET_STD", "ImageSets", "image_sets", "random_images"]
+__all__ = ["TrainImages", "ShardCrops", "ShardPairs", "EvalImages", "ImageData", "find_image_data",
+           "ImageDataConfig", "ProbeImagesConfig", "IMAGENET_MEAN", "IMAGENET_STD", "ImageSets", "image_sets",
+           "random_images"]
 
 
 class TrainImages:
@@ -53,18 +55,79 @@ class TrainImages:
         ((3, 16, 16), 0)
     """
 
+    with_epoch = True  # train_batches: sample (index, epoch) pairs
+
     def __init__(self, paths: Sequence[Path], plan: CropPlan, *, seed: int, flag: str = "data.root") -> None:
         self.paths, self.plan, self.seed, self.flag = list(paths), plan, seed, flag
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[list[Any], int]:
-        index, epoch = item
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[list[Any], int]:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)  # an index alone: epoch 0's crops
         try:
             return read_crops(self.paths[index], self.plan, sample_rng(self.seed, epoch, index)), index
         except DECODE_ERRORS as err:
             raise unreadable_error(self.paths[index], err, self.flag) from None
+
+
+class ShardCrops:
+    """``make_sample`` for image shards: ``(crops of the image, its .cls class or -1)``.
+
+    A picklable callable (DataLoader workers may be started by spawning).
+
+    Examples:
+        >>> import io
+        >>> from PIL import Image
+        >>> from stepkit.data import CropPlan
+        >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
+        >>> crops, label = ShardCrops(CropPlan(views=((16, (0.5, 1.0)),)))(
+        ...     {"png": buffer.getvalue(), "cls": b"3"}, sample_rng(0, 0, 0), "s.tar:a")
+        >>> tuple(crops[0].shape), label
+        ((3, 16, 16), 3)
+    """
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+
+    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], int]:
+        return _crops(fields, self.plan, rng, where), class_field(fields, where)
+
+
+def _crops(fields: dict[str, bytes], plan: Any, rng: Any, where: str) -> list[Any]:
+    """The sample's image decoded once and cut into ``plan``'s crops; ValueError naming it if unreadable."""
+    image = image_field(fields, where)
+    try:
+        return read_crops(image, plan, rng)
+    except DECODE_ERRORS as err:
+        raise ValueError(
+            f"{where}: not a readable image ({type(err).__name__}: {err}); pass "
+            "--data.skip-unreadable to skip such samples (from --data.shards)"
+        ) from None
+
+
+class ShardPairs:
+    """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``.
+
+    The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``.
+
+    Examples:
+        >>> import io
+        >>> from PIL import Image
+        >>> from stepkit.data import CropPlan
+        >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
+        >>> crops, caption = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)))(
+        ...     {"png": buffer.getvalue(), "txt": b"a black square"}, sample_rng(0, 0, 0), "s.tar:a")
+        >>> tuple(crops[0].shape), caption
+        ((3, 16, 16), 'a black square')
+    """
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+
+    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:
+        caption = text_field(fields, where)  # before decoding: a sample without one is refused cheaply
+        return _crops(fields, self.plan, rng, where), caption
 
 
 class EvalImages:
@@ -351,8 +414,9 @@ class ImageSets:
     """
 
     train: Any
-    """Training samples: a ``TensorDataset`` of ``(image, label)`` (the embedded digits), ``TrainImages``
-    (``(index, epoch) -> (crops, index)``), or None (shards)."""
+    """What ``stepkit.data.train_batches`` reads: a ``TensorDataset`` of ``(image, label)`` (the embedded
+    digits), ``TrainImages`` (``(index, epoch) -> (crops, index)``), or with ``shards`` the sample maker
+    ``ShardCrops``."""
     probe: Any | None
     """Labelled images the probes fit on (None: no labels; evaluation is skipped)."""
     test: Any | None
@@ -368,6 +432,33 @@ class ImageSets:
     """Where the probes' images come from: recorded with each checkpoint's parts (``stepkit eval``)."""
     skipped: int
     """Unreadable files left out before training."""
+
+    def crops(self, batch: Any, plan: CropPlan, device: Any = "cpu") -> Iterator[Any]:
+        """A training batch's crops, one ``(B, C, size, size)`` float tensor in [0, 1] on ``device`` per
+        view of ``plan``, whatever the source: the crops the DataLoader workers cut from files and
+        shards, or crops cut here from the images in memory (``stepkit.augment.random_resized_crop``
+        with the plan's scale, ratio and flip, drawn from the global RNG).
+
+        A generator: each view is cut when it is asked for, so a recipe that augments each view as it
+        comes draws crop, colours, crop, colours... in one order for every run.
+
+        Examples:
+            >>> import torch
+            >>> sets = random_images(4, 16, seed=0)
+            >>> plan = CropPlan(views=((8, (0.5, 1.0)), (4, (0.1, 0.5))))
+            >>> batch = (torch.stack([sets.train[i][0] for i in range(2)]), None)
+            >>> [tuple(view.shape) for view in sets.crops(batch, plan)]
+            [(2, 3, 8, 8), (2, 3, 4, 4)]
+        """
+        from stepkit.augment import random_resized_crop, to_unit
+
+        if self.files:  # ([crop of each view], labels), cut in the workers
+            for crop in batch[0]:
+                yield to_unit(crop.to(device, non_blocking=True))
+            return
+        images = to_unit(batch[0].to(device, non_blocking=True))  # (images, labels)
+        for size, scale in plan.views:
+            yield random_resized_crop(images, size, scale=scale, ratio=plan.ratio, flip_p=plan.flip_p)
 
 
 def image_sets(
@@ -449,7 +540,7 @@ def image_sets(
             probe_data = {"kind": "folders", "train_root": os.path.abspath(found.eval_train.root),
                           "val_root": os.path.abspath(found.eval_val.root), "size": eval_size,
                           "resize": eval_resize if eval_resize is not None else eval_size}
-        train = TrainImages(found.train, plan, seed=seed) if root is not None else None
+        train = TrainImages(found.train, plan, seed=seed) if root is not None else ShardCrops(plan)
         sets = ImageSets(train=train, probe=fit, test=test, shards=shard_files, files=True, channels=3,
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, probe_data=probe_data,
                          skipped=len(found.skipped))

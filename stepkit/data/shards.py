@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from stepkit import check as _check
+from stepkit.data.pairs import Pairs
 
 __all__ = ["ShardError", "expand_shards", "shard_samples", "check_readers", "image_field", "text_field",
-           "class_field"]
+           "class_field", "read_shard_pairs"]
 
 
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
@@ -272,3 +273,48 @@ def class_field(fields: dict[str, bytes], where: str) -> int:
         return int(fields["cls"].decode().strip())
     except ValueError:
         raise ValueError(f"{where}.cls: not an integer class ({fields['cls'][:20]!r})") from None
+
+
+def read_shard_pairs(shards: Sequence[Path], *, skip_unreadable: bool = False,
+                     flag: str = "data.val_shards") -> Any:
+    """Every image-text sample of ``shards``, in order, as ``stepkit.data.Pairs`` holding the images'
+    bytes (a held-out set, read once into memory; ``stepkit.data.EvalImages`` takes bytes too).
+
+    Raises:
+        ValueError: naming the shard and member, for a sample without an image or a caption (or, without
+            ``skip_unreadable``, a shard that is cut off); ``skip_unreadable`` counts them in ``skipped``.
+
+    Examples:
+        >>> import io, tarfile, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "0.tar"
+        >>> with tarfile.open(path, "w") as tar:
+        ...     for name, data in [("a.jpg", b"1"), ("a.txt", b"cat"), ("b.jpg", b"2"), ("b.txt", b"dog")]:
+        ...         info = tarfile.TarInfo(name); info.size = len(data)
+        ...         tar.addfile(info, io.BytesIO(data))
+        >>> pairs = read_shard_pairs([path])
+        >>> pairs.texts, pairs.ids, pairs.images[0]
+        (['cat', 'dog'], [0, 1], b'1')
+    """
+    images: list[Any] = []
+    texts: list[str] = []
+    skipped: list[str] = []
+    for shard in shards:
+        try:
+            for _, key, fields in shard_samples(shard, flag=flag):
+                where = f"{shard}:{key}"
+                try:
+                    images.append(image_field(fields, where))
+                    texts.append(text_field(fields, where))
+                except ValueError as err:
+                    if not skip_unreadable:
+                        raise
+                    del images[len(texts):]
+                    skipped.append(str(err))
+        except ShardError as err:
+            if not skip_unreadable:
+                raise
+            skipped.append(str(err))
+    if not texts:
+        raise ValueError(f"{flag}: no image-text sample in {', '.join(map(str, shards[:3]))}"
+                         f"{', ...' if len(shards) > 3 else ''}")
+    return Pairs(images, texts, list(range(len(texts))), skipped)

@@ -27,11 +27,10 @@ from torch.utils.data import IterableDataset
 
 from stepkit import check as _check
 from stepkit.data.crops import sample_rng
-from stepkit.data.shards import ShardError, class_field, image_field, shard_samples, text_field
+from stepkit.data.shards import ShardError, shard_samples
 from stepkit.seeds import numpy_rng
 
-__all__ = ["epoch_shards", "ShardPositions", "resumable_stream", "ShardStream", "ShardCrops", "ShardPairs",
-           "read_shard_pairs"]
+__all__ = ["epoch_shards", "ShardPositions", "resumable_stream", "ShardStream"]
 
 
 def epoch_shards(n: int, seed: int, epoch: int) -> list[int]:
@@ -149,115 +148,6 @@ def resumable_stream(shards: Sequence[Path], make_sample: Callable[[dict[str, by
                          first_worker=state.data_position % positions.workers,
                          skip_unreadable=skip_unreadable, flag=flag)
     return stream, positions
-
-
-class ShardCrops:
-    """``make_sample`` for image shards: ``(crops of the image, its .cls class or -1)``.
-
-    A picklable callable (DataLoader workers may be started by spawning).
-
-    Examples:
-        >>> import io
-        >>> from PIL import Image
-        >>> from stepkit.data import CropPlan
-        >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
-        >>> crops, label = ShardCrops(CropPlan(views=((16, (0.5, 1.0)),)))(
-        ...     {"png": buffer.getvalue(), "cls": b"3"}, sample_rng(0, 0, 0), "s.tar:a")
-        >>> tuple(crops[0].shape), label
-        ((3, 16, 16), 3)
-    """
-
-    def __init__(self, plan: Any) -> None:
-        self.plan = plan
-
-    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], int]:
-        return _crops(fields, self.plan, rng, where), class_field(fields, where)
-
-
-def _crops(fields: dict[str, bytes], plan: Any, rng: Any, where: str) -> list[Any]:
-    """The sample's image decoded once and cut into ``plan``'s crops; ValueError naming it if unreadable."""
-    from stepkit.data.crops import read_crops
-    from stepkit.data.folders import DECODE_ERRORS
-
-    image = image_field(fields, where)
-    try:
-        return read_crops(image, plan, rng)
-    except DECODE_ERRORS as err:
-        raise ValueError(
-            f"{where}: not a readable image ({type(err).__name__}: {err}); pass "
-            "--data.skip-unreadable to skip such samples (from --data.shards)"
-        ) from None
-
-
-class ShardPairs:
-    """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``.
-
-    The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``.
-
-    Examples:
-        >>> import io
-        >>> from PIL import Image
-        >>> from stepkit.data import CropPlan
-        >>> buffer = io.BytesIO(); Image.new("RGB", (40, 30)).save(buffer, format="PNG")
-        >>> crops, caption = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)))(
-        ...     {"png": buffer.getvalue(), "txt": b"a black square"}, sample_rng(0, 0, 0), "s.tar:a")
-        >>> tuple(crops[0].shape), caption
-        ((3, 16, 16), 'a black square')
-    """
-
-    def __init__(self, plan: Any) -> None:
-        self.plan = plan
-
-    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:
-        caption = text_field(fields, where)  # before decoding: a sample without one is refused cheaply
-        return _crops(fields, self.plan, rng, where), caption
-
-
-def read_shard_pairs(shards: Sequence[Path], *, skip_unreadable: bool = False,
-                     flag: str = "data.val_shards") -> Any:
-    """Every image-text sample of ``shards``, in order, as ``stepkit.data.Pairs`` holding the images'
-    bytes (a held-out set, read once into memory; ``stepkit.data.EvalImages`` takes bytes too).
-
-    Raises:
-        ValueError: naming the shard and member, for a sample without an image or a caption (or, without
-            ``skip_unreadable``, a shard that is cut off); ``skip_unreadable`` counts them in ``skipped``.
-
-    Examples:
-        >>> import io, tarfile, tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "0.tar"
-        >>> with tarfile.open(path, "w") as tar:
-        ...     for name, data in [("a.jpg", b"1"), ("a.txt", b"cat"), ("b.jpg", b"2"), ("b.txt", b"dog")]:
-        ...         info = tarfile.TarInfo(name); info.size = len(data)
-        ...         tar.addfile(info, io.BytesIO(data))
-        >>> pairs = read_shard_pairs([path])
-        >>> pairs.texts, pairs.ids, pairs.images[0]
-        (['cat', 'dog'], [0, 1], b'1')
-    """
-    from stepkit.data.pairs import Pairs
-
-    images: list[Any] = []
-    texts: list[str] = []
-    skipped: list[str] = []
-    for shard in shards:
-        try:
-            for _, key, fields in shard_samples(shard, flag=flag):
-                where = f"{shard}:{key}"
-                try:
-                    images.append(image_field(fields, where))
-                    texts.append(text_field(fields, where))
-                except ValueError as err:
-                    if not skip_unreadable:
-                        raise
-                    del images[len(texts):]
-                    skipped.append(str(err))
-        except ShardError as err:
-            if not skip_unreadable:
-                raise
-            skipped.append(str(err))
-    if not texts:
-        raise ValueError(f"{flag}: no image-text sample in {', '.join(map(str, shards[:3]))}"
-                         f"{', ...' if len(shards) > 3 else ''}")
-    return Pairs(images, texts, list(range(len(texts))), skipped)
 
 
 class ShardStream(IterableDataset):
