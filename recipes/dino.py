@@ -21,8 +21,8 @@ and raw pixels.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader, default_collate
 
 from stepkit import dist
 from stepkit.augment import MultiCrop, normalize, to_unit, view_colors
-from stepkit.check import at_least, fail, in_range, integer_at_least
+from stepkit.check import fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import (
     CropPlan,
     ImageDataConfig,
+    ImageSets,
     ProbeImagesConfig,
     image_sets,
     random_images,
@@ -48,6 +49,7 @@ from stepkit.ema import ema_update, target_copy
 from stepkit.evaluation import knn_accuracy, loader_features
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
+    DINOLossConfig,
     dino_loss,
     koleo_loss,
     sinkhorn_knopp,
@@ -56,7 +58,7 @@ from stepkit.losses.dino import (
     update_center,
 )
 from stepkit.models import DINOHead, DINOModel, SmallCNN, VisionTransformer, cancel_last_layer_gradients
-from stepkit.monitor import CollapseWatch, collapse_metrics, mean_entropy
+from stepkit.monitor import DistillationAlarm, collapse_metrics, mean_entropy
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import (
@@ -132,27 +134,6 @@ class Model:
 
 
 @dataclass
-class Loss:
-    targets: Literal["centering", "sinkhorn"] = "sinkhorn"
-    """Teacher targets: DINO's centred softmax, or Sinkhorn-Knopp balanced (DINOv2)."""
-    student_temp: float = 0.1
-    teacher_temp: float = 0.02
-    warmup_teacher_temp: float = 0.02
-    teacher_temp_warmup_steps: int = 0
-    center_momentum: float = 0.9
-    koleo_weight: float = 0.3
-    """KoLeo spreading term on the student's global-view features (DINOv2; 0: off)."""
-
-    def __post_init__(self) -> None:
-        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            at_least(name, getattr(self, name), 1e-4)
-        integer_at_least("teacher_temp_warmup_steps", self.teacher_temp_warmup_steps, 0)
-        at_least("koleo_weight", self.koleo_weight, 0.0)
-        if not 0.0 <= self.center_momentum <= 1.0:
-            fail("center_momentum", self.center_momentum, "a number in [0, 1]")
-
-
-@dataclass
 class Optim(LRSchedule, WDSchedule):
     lr: float = 3e-3
     min_lr: float = 1e-5
@@ -179,24 +160,6 @@ class Eval(ProbeImagesConfig):  # k, temperature, train_root, val_root
 
 
 @dataclass
-class Alarm:
-    """A collapse warning (``--alarm.*``), printed and logged, for DINO's two collapses."""
-
-    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True  # a warning only: it never changes the run
-
-    max_entropy_fraction: float = 0.98
-    """Uniform collapse: the teacher's entropy stays above this fraction of log(model.out_dim)..."""
-    min_effective_rank: float = 1.5
-    """...or dimensional collapse: the backbone features' effective rank stays below this..."""
-    patience: int = 12
-    """...for this many log intervals in a row (the first few hundred updates start near uniform)."""
-
-    def __post_init__(self) -> None:
-        in_range("alarm.max_entropy_fraction", self.max_entropy_fraction, 0.0, 1.0)
-        integer_at_least("alarm.patience", self.patience, 1)
-
-
-@dataclass
 class Config(RunArgs):
     run_dir: Path = Path("runs/dino")
     init: InitConfig = field(default_factory=InitConfig)
@@ -215,7 +178,7 @@ class Config(RunArgs):
                                           global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), solarize_p=0.0,
                                           blur_relative=True)
     )
-    loss: Loss = field(default_factory=Loss)
+    loss: DINOLossConfig = field(default_factory=DINOLossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500))
     optim: Optim = field(default_factory=Optim)
     # Not DINO's cosine to 1.0: in a run this short a teacher frozen for the last few hundred
@@ -224,7 +187,7 @@ class Config(RunArgs):
     ema: MomentumSchedule = field(
         default_factory=lambda: MomentumSchedule(momentum=0.99, momentum_final=0.996))
     eval: Eval = field(default_factory=Eval)
-    alarm: Alarm = field(default_factory=Alarm)
+    alarm: DistillationAlarm = field(default_factory=DistillationAlarm)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=25))
     ckpt: CkptConfig = field(default_factory=lambda: CkptConfig(every=100))
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -255,7 +218,7 @@ PRESETS = {
                         head_batch_norm=False, norm_last_layer=True, freeze_last_layer_steps=2502,
                         weight_init="dino"),
             crops=MultiCrop(global_size=224, local_size=96, local_crops=8),
-            loss=Loss(targets="centering", teacher_temp=0.04, warmup_teacher_temp=0.04,
+            loss=DINOLossConfig(targets="centering", teacher_temp=0.04, warmup_teacher_temp=0.04,
                       teacher_temp_warmup_steps=0, koleo_weight=0.0),
             train=TrainConfig(steps=250200),
             optim=Optim(lr=5e-4, lr_per_batch=256, min_lr=1e-6, warmup_steps=25020, wd=0.04,
@@ -268,59 +231,105 @@ PRESETS = {
 }
 
 
-def build_backbone(cfg: Config, in_chans: int) -> tuple[nn.Module, int]:
-    if cfg.model.arch == "cnn":
-        net = SmallCNN(in_chans, cfg.model.cnn_widths, cfg.model.cnn_pool)
-        return net, net.dim
-    preset = cfg.model.arch.removeprefix("vit-")
-    overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
-    net = VisionTransformer.preset(preset, img_size=cfg.crops.global_size, in_chans=in_chans,
-                                   drop_path=cfg.model.drop_path, init=cfg.model.weight_init,
-                                   grad_checkpointing=cfg.model.grad_checkpointing, **overrides)
-    return net, net.dim
+def build_model(cfg: Config, in_chans: int) -> DINOModel:
+    """The student: a backbone (the small CNN or a ViT) and DINO's projection head over its features."""
+    m = cfg.model
+    if m.arch == "cnn":
+        backbone: nn.Module = SmallCNN(in_chans, m.cnn_widths, m.cnn_pool)
+    else:
+        overrides = {"patch_size": m.patch_size} if m.patch_size else {}
+        backbone = VisionTransformer.preset(m.arch.removeprefix("vit-"), img_size=cfg.crops.global_size,
+                                            in_chans=in_chans, drop_path=m.drop_path, init=m.weight_init,
+                                            grad_checkpointing=m.grad_checkpointing, **overrides)
+    head = DINOHead(backbone.dim, m.out_dim, hidden=m.head_hidden, bottleneck=m.bottleneck,
+                    batch_norm=m.head_batch_norm, norm_last_layer=m.norm_last_layer,
+                    last_layer_init=m.weight_init)
+    return DINOModel(backbone, head)
+
+
+def load_images(cfg: Config, plan: CropPlan) -> ImageSets:
+    """The training images and the k-NN probe's labelled ones: image files (crops cut from the full image in
+    DataLoader workers), shards, the digits, or --data.synthetic random images (only speed means anything)."""
+    need = cfg.eval.k if cfg.eval.knn else 1
+    if cfg.data.synthetic:
+        return random_images(cfg.data.synthetic, cfg.data.image_size, seed=cfg.data.seed,
+                             min_probe_images=need)
+    return image_sets(cfg.data, cfg.eval, plan=plan, seed=cfg.train.seed, eval_size=cfg.crops.global_size,
+                      eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size, min_probe_images=need)
+
+
+def describe_parts(cfg: Config, backbone: nn.Module, data: ImageSets) -> dict:
+    """The teacher's and the student's backbones as checkpoints describe them (stepkit export / eval)."""
+    size = cfg.crops.global_size if data.files else cfg.data.image_size
+    facts = {"input": {"kind": "image", "size": size, "channels": data.channels, "mean": data.mean,
+                       "std": data.std},
+             "features": "the class token (ViT) or pooled grid (CNN), (B, dim): what the k-NN probe uses"}
+    # what `stepkit eval` reproduces; a change to main's evaluation changes it too
+    probe = ProbeRecord("forward", k=cfg.eval.k, temperature=cfg.eval.temperature, linear=False,
+                        batch_size=cfg.batch_size, seed=cfg.train.seed, data=data.probe_data).as_dict()
+    return {"teacher": describe_part(backbone, source="target", prefix="backbone.", **facts, probe=probe,
+                                     about="the EMA teacher's backbone (what DINO evaluates)"),
+            "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,
+                                     about="the student's backbone")}
+
+
+def dino_objective(cfg: Config, student: nn.Module, teacher: nn.Module, state: TrainState,
+                   views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """DINO's loss of a batch's views: the student's distributions over every view against the teacher's
+    sharpened, centred (or Sinkhorn-Knopp) targets of the global ones, plus KoLeo on the global features."""
+    features, student_out = student(views)
+    with torch.no_grad():
+        _, teacher_out = teacher(views[:2])
+    temp = teacher_temp_at(state.step, warmup_temp=cfg.loss.warmup_teacher_temp,
+                           temp=cfg.loss.teacher_temp, warmup_steps=cfg.loss.teacher_temp_warmup_steps)
+    if cfg.loss.targets == "sinkhorn":
+        targets = sinkhorn_knopp(teacher_out, temp)
+    else:
+        targets = teacher_softmax(teacher_out, state.extras["center"], temp)
+        update_center(state.extras["center"], teacher_out, cfg.loss.center_momentum)
+    distill = dino_loss(student_out, targets, student_temp=cfg.loss.student_temp, n_student_views=len(views))
+    n_global = 2 * len(views[0])
+    koleo = sum(koleo_loss(f) for f in features[:n_global].chunk(2)) / 2
+    student_p = torch.softmax(student_out[:n_global].float() / cfg.loss.student_temp, dim=-1)
+    aux = {"dino": distill, "koleo": koleo, "teacher_entropy": mean_entropy(targets),
+           "student_entropy": mean_entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
+    return distill + cfg.loss.koleo_weight * koleo, aux
+
+
+def lr_schedule(cfg: Config) -> Optim:
+    """--optim, with --optim.lr-per-batch's lr scaled to this run's global batch (DINO's linear rule)."""
+    if not cfg.optim.lr_per_batch:
+        return cfg.optim
+    images = cfg.batch_size * dist.world_size() * cfg.train.accum
+    schedule = dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim.lr, images, cfg.optim.lr_per_batch))
+    if dist.is_main():
+        print(f"lr {cfg.optim.lr:g} x {images} images per update / {cfg.optim.lr_per_batch} = "
+              f"{schedule.lr:g} (--optim.lr-per-batch)", flush=True)
+    return schedule
 
 
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
-    c = cfg.crops
+    c = cfg.crops  # 2 global views, then the local ones
     plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
                     + ((c.local_size, c.local_scale),) * c.local_crops)
-    if cfg.data.synthetic:  # random images: only the step's speed means anything
-        data = random_images(cfg.data.synthetic, cfg.data.image_size, seed=cfg.data.seed,
-                             min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
-    else:  # image files (crops cut from the full image in DataLoader workers), shards, or the digits
-        data = image_sets(cfg.data, cfg.eval, plan=plan, seed=cfg.train.seed, eval_size=c.global_size,
-                          eval_resize=cfg.data.image_size, digits_size=cfg.data.image_size,
-                          min_probe_images=cfg.eval.k if cfg.eval.knn else 1)
-    files, shards, mean, std = data.files, data.shards, data.mean, data.std
-    workers = cfg.data.workers if files else 0  # tensors in memory are read by the main process
+    data = load_images(cfg, plan)
+    shards, mean, std = data.shards, data.mean, data.std
+    workers = cfg.data.workers if data.files else 0  # tensors in memory are read by the main process
     set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
     evaluate = cfg.eval.knn and data.probe is not None
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
-    in_chans = data.channels
 
     seed_everything(cfg.train.seed)
-    backbone, dim = build_backbone(cfg, in_chans)
+    model = build_model(cfg, data.channels)
+    backbone = model.backbone
     init = cfg.init.load_into(backbone, part="teacher") if not cfg.resuming else None  # weights only
     run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if init and dist.is_main():
         print(init.line(), flush=True)
-    size = cfg.crops.global_size if files else cfg.data.image_size
-    facts = {"input": {"kind": "image", "size": size, "channels": in_chans, "mean": mean, "std": std},
-             "features": "the class token (ViT) or pooled grid (CNN), (B, dim): what the k-NN probe uses"}
-    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
-    probe = ProbeRecord("forward", k=cfg.eval.k, temperature=cfg.eval.temperature, linear=False,
-                        batch_size=cfg.batch_size, seed=cfg.train.seed, data=data.probe_data).as_dict()
-    parts = {"teacher": describe_part(backbone, source="target", prefix="backbone.", **facts, probe=probe,
-                                      about="the EMA teacher's backbone (what DINO evaluates)"),
-             "student": describe_part(backbone, source="model", prefix="backbone.", **facts, probe=probe,
-                                      about="the student's backbone")}
-    head = DINOHead(dim, cfg.model.out_dim, hidden=cfg.model.head_hidden, bottleneck=cfg.model.bottleneck,
-                    batch_norm=cfg.model.head_batch_norm, norm_last_layer=cfg.model.norm_last_layer,
-                    last_layer_init=cfg.model.weight_init)
-    model = DINOModel(backbone, head).to(device)
-    prep = lambda x: normalize(x.to(device), mean, std)  # noqa: E731
+    parts = describe_parts(cfg, backbone, data)  # what each checkpoint says of its backbones
+    model = model.to(device)
 
     def augment(view: torch.Tensor, i: int) -> torch.Tensor:
         """View ``i`` of a batch (0, 1: global; 2...: local), cropped, in [0, 1], on the device -> what the
@@ -337,7 +346,7 @@ def main(cfg: Config) -> dict:
                              pin_memory=device.type == "cuda", **kw)
 
     def knn(net: nn.Module) -> float:  # the frozen net's features of the labelled images, eval mode
-        fit, held = (loader_features(net, loader(d), lambda x: prep(to_unit(x)))
+        fit, held = (loader_features(net, loader(d), lambda x: normalize(to_unit(x).to(device), mean, std))
                      for d in (data.probe, data.test))
         return knn_accuracy(*fit, *held, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
@@ -353,68 +362,30 @@ def main(cfg: Config) -> dict:
     teacher = dist.parallelize(teacher, cfg.dist.strategy, device, shard=shard, param_dtype=dtype)
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own crops
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
-    state = TrainState(
-        model=wrapped,
-        optimizer=adamw(param_groups(model), device=device),  # fused: no host read per update
-        target=teacher,
-        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-        accum=cfg.train.accum,
-        extras={"center": torch.zeros(1, cfg.model.out_dim, device=device), "wall_s": 0.0},
-    )
-    steps = cfg.train.steps
-    schedule = cfg.optim  # under --optim.lr-per-batch, the lr scaled to this run's global batch
-    if cfg.optim.lr_per_batch:
-        images = cfg.batch_size * dist.world_size() * cfg.train.accum
-        lr = scaled_lr(cfg.optim.lr, images, cfg.optim.lr_per_batch)
-        schedule = dataclasses.replace(cfg.optim, lr=lr)
-        if dist.is_main():
-            print(f"lr {cfg.optim.lr:g} x {images} images per update / {cfg.optim.lr_per_batch} = "
-                  f"{schedule.lr:g} (--optim.lr-per-batch)", flush=True)
-
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    state = TrainState(model=wrapped, optimizer=adamw(param_groups(model), device=device),  # fused
+                       target=teacher, scaler=scaler, accum=cfg.train.accum,
+                       extras={"center": torch.zeros(1, cfg.model.out_dim, device=device)})
+    steps, schedule = cfg.train.steps, lr_schedule(cfg)  # --optim.lr-per-batch: scaled to the global batch
     mode = None if cfg.compile == "default" else cfg.compile
     run_student = wrapped if cfg.compile == "none" else torch.compile(wrapped, mode=mode)
     run_teacher = teacher if cfg.compile == "none" else torch.compile(teacher, mode=mode)
-
-    def loss_fn(state: TrainState, views: list[torch.Tensor]):
-        features, student_out = run_student(views)
-        with torch.no_grad():
-            _, teacher_out = run_teacher(views[:2])
-        temp = teacher_temp_at(state.step, warmup_temp=cfg.loss.warmup_teacher_temp,
-                               temp=cfg.loss.teacher_temp, warmup_steps=cfg.loss.teacher_temp_warmup_steps)
-        if cfg.loss.targets == "sinkhorn":
-            targets = sinkhorn_knopp(teacher_out, temp)
-        else:
-            targets = teacher_softmax(teacher_out, state.extras["center"], temp)
-            update_center(state.extras["center"], teacher_out, cfg.loss.center_momentum)
-        distill = dino_loss(student_out, targets, student_temp=cfg.loss.student_temp,
-                            n_student_views=len(views))
-        n_global = 2 * len(views[0])
-        koleo = sum(koleo_loss(f) for f in features[:n_global].chunk(2)) / 2
-        student_p = torch.softmax(student_out[:n_global].float() / cfg.loss.student_temp, dim=-1)
-        aux = {"dino": distill, "koleo": koleo, "teacher_entropy": mean_entropy(targets),
-               "student_entropy": mean_entropy(student_p), **collapse_metrics(features[:n_global], "feat_")}
-        return distill + cfg.loss.koleo_weight * koleo, aux
+    loss_fn = partial(dino_objective, cfg, run_student, run_teacher)  # (state, views) -> (loss, aux)
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
-        def make_batch(size: int) -> list[torch.Tensor]:
+        def make_batch(size: int) -> list[torch.Tensor]:  # files: epoch 0's crops
             idx = torch.randint(0, len(data.train), (size,)).tolist()
-            return prepare(default_collate([data.train[i] for i in idx]))  # files: epoch 0's crops
-
+            return prepare(default_collate([data.train[i] for i in idx]))
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
-    # counted in the state as consumed. Colours (and the digits' crops) draw from the global RNG, which
-    # the checkpoint restores as of the consumed batch, prefetched or not.
+    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; each batch
+    # counted in the state as consumed, with the global RNG (colours, crops) as of it, prefetched or not.
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
-    batches = train_batches(data.train, state, seed=cfg.train.seed,
-                            batch_size=cfg.batch_size, workers=workers, shards=shards,
-                            skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout,
-                            prepare=prepare, prefetch=prefetch, device=device,
+    batches = train_batches(data.train, state, seed=cfg.train.seed, batch_size=cfg.batch_size,
+                            workers=workers, shards=shards, skip_unreadable=cfg.data.skip_unreadable,
+                            timeout=cfg.data.timeout, prepare=prepare, prefetch=prefetch, device=device,
                             pin_memory=device.type == "cuda")
-    uniform = cfg.alarm.max_entropy_fraction * math.log(cfg.model.out_dim)  # log K: every prototype alike
-    rank = cfg.alarm.min_effective_rank
-    watch = CollapseWatch(above={"teacher_entropy": uniform}, below={"feat_effective_rank": rank},
-                          patience=cfg.alarm.patience)
+    watch = cfg.alarm.watch(cfg.model.out_dim)  # the teacher's uniform collapse, the features' dimensional
     with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
         for views in run.batches(batches):  # saved between updates; ends at the last step or a signal
             if cfg.compile == "reduce-overhead":  # the graphs' outputs of the last step may be overwritten
@@ -441,26 +412,20 @@ def main(cfg: Config) -> dict:
         images_per_s=round(images_per_update * run.updates_per_s, 1), skipped_unreadable=data.skipped,
         params_digest=params_digest(model), collapse_warning=watch.last,
         **({"init": init.as_dict()} if init else {}))
-    if evaluate:
-        summary.update({
-            "knn_acc": knn(teacher.backbone),
-            "knn_acc_student": knn(model.backbone),
-            ("knn_acc_init" if init else "knn_acc_random_init"): knn_start,
-            "knn_acc_pixels": knn(nn.Flatten()),  # the same images, unlearned: the bar to clear
-        })
+    if evaluate:  # the raw pixels: the same images, unlearned, the bar to clear
+        summary.update({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone),
+                        ("knn_acc_init" if init else "knn_acc_random_init"): knn_start,
+                        "knn_acc_pixels": knn(nn.Flatten())})
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
     run.log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
     if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
-    if evaluate:
-        print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
-              f"{'at init' if init else 'untrained'} {knn_start:.3f}, "
-              f"pixels {summary['knn_acc_pixels']:.3f}; "
-              f"summary in {cfg.run_dir / 'summary.json'}")
-    else:
-        print(f"{summary['images_per_s']} images/s; summary in {cfg.run_dir / 'summary.json'}")
+    where = f"summary in {cfg.run_dir / 'summary.json'}"
+    print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
+          f"{'at init' if init else 'untrained'} {knn_start:.3f}, pixels {summary['knn_acc_pixels']:.3f}; "
+          f"{where}" if evaluate else f"{summary['images_per_s']} images/s; {where}")
     return summary
 
 

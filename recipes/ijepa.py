@@ -12,32 +12,12 @@
     python recipes/ijepa.py vit-h14 --run-dir runs/h14 --data.root /data/imagenet/train   # the paper, GPUs
     python recipes/ijepa.py --help
 
-Each batch gets I-JEPA's multi-block masks: one context block and M target
-blocks on the patch grid, disjoint. The context encoder sees only the context
-patches: a ViT encodes just those tokens; the masked CNN (``--model.arch
-cnn``, CNN-JEPA) zeroes everything else at its input and after every stage.
-A predictor (a narrow transformer for the ViT, depthwise-separable
-convolutions for the CNN) reads the context plus a mask token at every unseen
-patch and predicts what the target encoder (an EMA of the context encoder,
-seeing the whole image) makes of the target patches, layer-normed; the loss
-(smooth L1 or MSE) covers the target patches only.
-
-``--levels.depths`` picks the encoder blocks (ViT) or stages (CNN) whose
-outputs are the targets: one level (the default: the last) is I-JEPA; several
-are hierarchical JEPA, one predictor trunk with a linear head per level, each
-level's loss weight and head learning rate on their own cosine schedule.
-Optional guard against collapse: VICReg's variance / covariance terms on the
-context encoder's pooled embeddings (``--loss.var-weight``,
-``--loss.cov-weight``). Every level's loss and collapse metrics are logged, and
-a warning is printed and logged when the targets' effective rank or std stays
-low (``--alarm.*``). Time series and text: ``recipes/jepa_sequences.py``.
-
-The run ends with I-JEPA's evaluation on held-out images: a linear probe
-(logistic regression on standardised, average-pooled patch tokens of the
-target encoder, its regularisation chosen on a validation split of the
-training set) on the last layer and on the last ``--eval.layers`` layers
-concatenated, the better one reported, and a k-NN classifier beside it; each
-also for the same network untrained and for raw pixels.
+Each batch gets I-JEPA's multi-block masks; the context encoder sees only the
+context, and a predictor regresses what the EMA target encoder makes of the
+target patches (``--levels.depths``: one level, I-JEPA; several, hierarchical
+JEPA). The run ends with linear and k-NN probes on held-out images, beside
+the network untrained and raw pixels. Series and text: recipes/jepa_sequences.py;
+the method, its options and measurements: docs/recipes/ijepa.md.
 """
 
 from __future__ import annotations
@@ -53,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from stepkit import dist
+from stepkit import dist, param_groups
 from stepkit.augment import normalize, to_unit
 from stepkit.check import fail, in_range, integer_at_least
 from stepkit.cli import cli, run_main
@@ -61,6 +41,7 @@ from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_ch
 from stepkit.data import (
     CropPlan,
     ImageDataConfig,
+    ImageSets,
     ProbeImagesConfig,
     image_sets,
     seeded_loader,
@@ -81,29 +62,13 @@ from stepkit.jepa import (
 )
 from stepkit.log import LogConfig
 from stepkit.masking import MultiBlock, mask_image, multi_block_masks
-from stepkit.models import JEPA, VisionTransformer
-from stepkit.models.jepa import (
-    ConvPredictor,
-    JEPAPredictor,
-    MaskedCNN,
-    jepa_targets,
-    layer_dims,
-    patch_tokens,
-    pooled_patches,
-)
+from stepkit.models import JEPA, ConvPredictor, JEPAPredictor, MaskedCNN, VisionTransformer
+from stepkit.models.jepa import jepa_targets, layer_dims, patch_tokens, pooled_patches
 from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
-from stepkit.schedules import (
-    LRSchedule,
-    MomentumSchedule,
-    WDSchedule,
-    lr_at,
-    momentum_at,
-    param_groups,
-    wd_at,
-)
+from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
 from stepkit.seeds import seed_of
 from stepkit.state import TrainState
 from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
@@ -254,10 +219,8 @@ class Config(RunArgs):
 
 
 def _vit_h14(**overrides) -> Config:
-    """I-JEPA's ViT-H/14 run (Assran et al. 2023; facebookresearch/ijepa configs/in1k_vith14_ep300.yaml):
-    300 epochs of ImageNet, 128 images per GPU on 16 GPUs (2,048; 625 updates an epoch), no flip, no
-    class token, the predictor with the encoder's 16 heads, lr warmed up from 2e-4 over 40 epochs, EMA
-    0.996 -> 1 linear."""
+    """I-JEPA's ViT-H/14 run (Assran et al. 2023; ijepa's in1k_vith14_ep300.yaml): 300 ImageNet epochs, 128
+    images x 16 GPUs (625 updates an epoch), no flip, no class token, lr warmed up from 2e-4, EMA to 1."""
     settings = dict(
         device="cuda", amp="bf16", batch_size=128,
         data=Data(image_size=224, crop_scale=(0.3, 1.0), flip_p=0.0),
@@ -310,13 +273,54 @@ def build_encoder(cfg: Config, in_chans: int) -> nn.Module:
                                     **overrides)
 
 
-def build_predictor(cfg: Config, encoder: nn.Module, out_dim: int) -> nn.Module:
-    m = cfg.model
+def build_model(cfg: Config, in_chans: int) -> JEPA:
+    """The context encoder and the predictor: one level's, or a trunk and a head per level (hjepa)."""
+    encoder = build_encoder(cfg, in_chans)
+    depths, _ = cfg.levels.resolved(cfg.model.depth())
+    dims = layer_dims(encoder, tuple(d - 1 for d in depths))
+    hierarchical = len(depths) > 1  # a trunk of predictor_dim, then one head per level
+    m, out_dim = cfg.model, cfg.model.predictor_dim if hierarchical else dims[0]
     if m.arch == "cnn":
-        return ConvPredictor(encoder.grid, encoder.dim, m.predictor_dim, m.predictor_depth,
-                             m.predictor_kernel, out_dim=out_dim)
-    return JEPAPredictor(encoder.grid**2, encoder.dim, m.predictor_dim, m.predictor_depth,
-                         m.predictor_heads, out_dim=out_dim, pos_embed=m.pos_embed, init=m.weight_init)
+        predictor: nn.Module = ConvPredictor(encoder.grid, encoder.dim, m.predictor_dim, m.predictor_depth,
+                                             m.predictor_kernel, out_dim=out_dim)
+    else:
+        predictor = JEPAPredictor(encoder.grid**2, encoder.dim, m.predictor_dim, m.predictor_depth,
+                                  m.predictor_heads, out_dim=out_dim, pos_embed=m.pos_embed,
+                                  init=m.weight_init)
+    return JEPA(encoder, predictor, dims if hierarchical else [])
+
+
+def describe_parts(cfg: Config, encoder: nn.Module, data: ImageSets) -> dict:
+    """The target and context encoders as checkpoints describe them (stepkit export / eval)."""
+    facts = {"input": {"kind": "image", "size": cfg.data.image_size, "channels": data.channels,
+                       "mean": data.mean, "std": data.std},
+             "features": f"patch tokens; the probes average them over a {cfg.eval.pool}x{cfg.eval.pool} grid "
+                         "(stepkit.models.pooled_patches)"}
+    # what `stepkit eval` reproduces; a change to probe_scores changes it too
+    probe = ProbeRecord("pooled_patches", pool=cfg.eval.pool, layers=cfg.eval.layers, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, linear=cfg.eval.linear, batch_size=cfg.batch_size,
+                        seed=cfg.train.seed, data=data.probe_data).as_dict()
+    return {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
+                                    about="the EMA target encoder (what I-JEPA evaluates)"),
+            "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
+                                     about="the context encoder")}
+
+
+def probe_scores(cfg: Config, nets: dict, data: ImageSets, loader, prep) -> dict:
+    """I-JEPA's evaluation: linear and k-NN probes on each net's pooled patches (its last layer and last
+    --eval.layers), beside raw pixels; the target's collapse metrics on held-out images."""
+    def features(net: nn.Module, layers: int):  # its last `layers` blocks' pooled patches, eval mode
+        pool = partial(pooled_patches, net, pool=cfg.eval.pool, layers=layers)
+        return tuple(loader_features(pool, loader(d), prep) for d in (data.probe, data.test))
+
+    pixels = tuple(loader_features(nn.Flatten(), loader(d), prep) for d in (data.probe, data.test))
+    last_width = lambda net: cfg.eval.pool ** 2 * layer_dims(net, (cfg.model.depth() - 1,))[0]  # noqa: E731
+    scores, last_layer_features = frozen_probes(
+        nets, features, last_width, pixels, "pixels", layers=min(cfg.eval.layers, cfg.model.depth()),
+        k=cfg.eval.k, temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
+    (_, _), (held_out, _) = last_layer_features[""]  # the target's features of held-out images
+    final = collapse_metrics(held_out[:256], "")
+    return {**scores, "effective_rank": float(final["effective_rank"]), "feature_std": float(final["std"])}
 
 
 def main(cfg: Config) -> dict:
@@ -332,31 +336,17 @@ def main(cfg: Config) -> dict:
     if cfg.tune.measures and shards is not None:
         fail("data.shards", cfg.data.shards, "None with --tune.* (tune on a folder of them: --data.root)")
     seed_everything(cfg.train.seed)
-    in_chans = data.channels
-    encoder = build_encoder(cfg, in_chans=in_chans)
+    model = build_model(cfg, data.channels)
+    encoder = model.encoder
     init = cfg.init.load_into(encoder, part="target") if not cfg.resuming else None  # weights only
     run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     if init and dist.is_main():
         print(init.line(), flush=True)
-    facts = {"input": {"kind": "image", "size": cfg.data.image_size, "channels": in_chans, "mean": mean,
-                       "std": std},
-             "features": f"patch tokens; the probes average them over a {cfg.eval.pool}x{cfg.eval.pool} grid "
-                         "(stepkit.models.pooled_patches)"}
-    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
-    probe = ProbeRecord("pooled_patches", pool=cfg.eval.pool, layers=cfg.eval.layers, k=cfg.eval.k,
-                        temperature=cfg.eval.temperature, linear=cfg.eval.linear, batch_size=cfg.batch_size,
-                        seed=cfg.train.seed, data=data.probe_data).as_dict()
-    parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
-                                     about="the EMA target encoder (what I-JEPA evaluates)"),
-             "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
-                                      about="the context encoder")}
+    parts = describe_parts(cfg, encoder, data)  # what each checkpoint says of its encoders
     grid = (encoder.grid, encoder.grid)
     depths, start_weights = cfg.levels.resolved(cfg.model.depth())
     blocks = tuple(d - 1 for d in depths)  # 0-based, for patch_tokens(layers=...)
-    dims = layer_dims(encoder, blocks)
-    hierarchical = len(depths) > 1  # a trunk of predictor_dim, then one head per level
-    out_dim = cfg.model.predictor_dim if hierarchical else dims[0]
-    model = JEPA(encoder, build_predictor(cfg, encoder, out_dim), dims if hierarchical else []).to(device)
+    model = model.to(device)
     target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation (or --init's weights)
     prep = lambda x: normalize(to_unit(x.to(device)), mean, std)  # noqa: E731
@@ -435,27 +425,15 @@ def main(cfg: Config) -> dict:
                 run.log.image("masks", mask_image(*batch, encoder.patch_size), state.step)
     # left the run: last.pt saved (after a signal: exit 75)
 
-    def features(net: nn.Module, layers: int):  # its last `layers` blocks' pooled patches, eval mode
-        pool = partial(pooled_patches, net, pool=cfg.eval.pool, layers=layers)
-        return tuple(loader_features(pool, loader(d), prep) for d in (data.probe, data.test))
-
     summary = run.summary(skipped_unreadable=data.skipped, params_digest=params_digest(model),
                           collapse_warning=watch.last, **({"init": init.as_dict()} if init else {}))
     if data.probe is None:  # no labelled images: the reason was printed before training
         if run.finish(summary):
             print(f"evaluation skipped (no labelled images); summary in {cfg.run_dir / 'summary.json'}")
         return summary
-    pixels = tuple(loader_features(nn.Flatten(), loader(d), prep) for d in (data.probe, data.test))
-    last_width = lambda net: cfg.eval.pool ** 2 * layer_dims(net, (cfg.model.depth() - 1,))[0]  # noqa: E731
     start = "_init" if init else "_random_init"  # the weights it started from
     nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}
-    scores, last_layer_features = frozen_probes(
-        nets, features, last_width, pixels, "pixels", layers=min(cfg.eval.layers, cfg.model.depth()),
-        k=cfg.eval.k, temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
-    (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out images: the target's
-    final = collapse_metrics(held_out[:256], "")
-    summary.update({**scores, "effective_rank": float(final["effective_rank"]),
-                    "feature_std": float(final["std"])})
+    summary.update(probe_scores(cfg, nets, data, loader, prep))
     run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"{probes_line(summary, baseline=start, raw_name='pixels', linear=cfg.eval.linear)}; "

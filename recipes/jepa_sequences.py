@@ -280,17 +280,59 @@ def build_encoder(cfg: Config, seq: dict) -> nn.Module:
                             depth=m.transformer_depth, heads=m.transformer_heads)
 
 
-def main(cfg: Config) -> dict:
-    device = dist.init_from_env(pick_device(cfg.device).type)
-    set_threads(cfg.threads, device=device, workers=0)  # --threads
+def load_sequences(cfg: Config) -> dict:
+    """The windows of a UCR / UEA set (or your .npz), or tokenized topic sentences: train and held-out."""
     if cfg.data.kind == "timeseries":
         source = str(cfg.data.path) if cfg.data.path is not None else cfg.data.name
         raw = load_series_npz(cfg.data.path) if cfg.data.path is not None else ucr_uea(cfg.data.name)
-        seq = windowed_series(raw, window=cfg.data.window, stride=cfg.data.stride, source=source)
-    else:
-        sentences = chat_topics(cfg.data.topics, per_topic=cfg.data.per_topic, seed=cfg.data.seed)
-        seq = tokenized_sentences(sentences, tokenizer=cfg.data.tokenizer, max_len=cfg.data.max_len,
-                                  unlabelled=cfg.data.unlabelled)
+        return windowed_series(raw, window=cfg.data.window, stride=cfg.data.stride, source=source)
+    sentences = chat_topics(cfg.data.topics, per_topic=cfg.data.per_topic, seed=cfg.data.seed)
+    return tokenized_sentences(sentences, tokenizer=cfg.data.tokenizer, max_len=cfg.data.max_len,
+                               unlabelled=cfg.data.unlabelled)
+
+
+def describe_parts(cfg: Config, encoder: nn.Module, seq: dict) -> dict:
+    """The target and context encoders as checkpoints describe them (stepkit export / eval)."""
+    facts = {"input": {"kind": cfg.data.kind, "length": seq["length"]},
+             "features": "token features (B, length, dim), pooled by stepkit.jepa.sequence_features"}
+    d = cfg.data  # the items the probes read, rebuilt by stepkit eval from the same library loaders
+    data = {"kind": d.kind, "name": d.name, "path": str(d.path) if d.path else None, "window": d.window,
+            "stride": d.stride} if d.kind == "timeseries" else {
+        "kind": d.kind, "topics": list(d.topics), "per_topic": d.per_topic, "seed": d.seed,
+        "tokenizer": d.tokenizer, "max_len": d.max_len, "unlabelled": d.unlabelled}
+    # what `stepkit eval` reproduces; a change to main's evaluation changes it too
+    probe = ProbeRecord("sequence", layers=cfg.eval.layers, k=cfg.eval.k, data=data, linear=cfg.eval.linear,
+                        temperature=cfg.eval.temperature, seed=cfg.train.seed).as_dict()
+    return {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
+                                    about="the EMA target encoder (what the probes evaluate)"),
+            "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
+                                     about="the context encoder")}
+
+
+def probe_scores(cfg: Config, nets: dict, seq: dict, device: torch.device) -> dict:
+    """The evaluation: linear and k-NN probes on each net's pooled tokens (last layer, last --eval.layers),
+    beside the raw windows (series) or a bag of words (text); the target's collapse metrics."""
+    window = cfg.data.window if cfg.data.kind == "timeseries" else None  # None: sentences of token ids
+    depth = cfg.encoder_depth()
+
+    def features(net: nn.Module, layers: int):
+        return sequence_features(net, seq, tuple(range(depth - layers, depth)), window=window,
+                                 stride=cfg.data.stride, device=device)
+
+    raw = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
+    last_width = lambda net: layer_dims(net, (depth - 1,))[0]  # noqa: E731
+    scores, last_layer_features = frozen_probes(
+        nets, features, last_width, raw, "raw" if window else "bow", layers=min(cfg.eval.layers, depth),
+        k=cfg.eval.k, temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
+    (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out items: the target's
+    final = collapse_metrics(held_out[:256], "")
+    return {**scores, "effective_rank": float(final["effective_rank"]), "feature_std": float(final["std"])}
+
+
+def main(cfg: Config) -> dict:
+    device = dist.init_from_env(pick_device(cfg.device).type)
+    set_threads(cfg.threads, device=device, workers=0)  # --threads
+    seq = load_sequences(cfg)
     train_set = seq["train_set"]
     if cfg.eval.k > len(seq["train"][1]):  # found now, not after training
         fail("eval.k", cfg.eval.k, f"at most the number of training {cfg.data.kind} items "
@@ -309,20 +351,7 @@ def main(cfg: Config) -> dict:
     predictor = SequencePredictor(seq["length"], encoder.dim, m.predictor_dim, m.predictor_depth,
                                   m.predictor_heads, out_dim=m.predictor_dim if hierarchical else dims[0])
     model = SequenceJEPA(encoder, predictor, dims if hierarchical else []).to(device)
-    facts = {"input": {"kind": cfg.data.kind, "length": seq["length"]},
-             "features": "token features (B, length, dim), pooled by stepkit.jepa.sequence_features"}
-    d = cfg.data  # the items the probes read, rebuilt by stepkit eval from the same library loaders
-    data = {"kind": d.kind, "name": d.name, "path": str(d.path) if d.path else None, "window": d.window,
-            "stride": d.stride} if d.kind == "timeseries" else {
-        "kind": d.kind, "topics": list(d.topics), "per_topic": d.per_topic, "seed": d.seed,
-        "tokenizer": d.tokenizer, "max_len": d.max_len, "unlabelled": d.unlabelled}
-    # what `stepkit eval` reproduces; a change to the evaluation below changes it too
-    probe = ProbeRecord("sequence", layers=cfg.eval.layers, k=cfg.eval.k, data=data, linear=cfg.eval.linear,
-                        temperature=cfg.eval.temperature, seed=cfg.train.seed).as_dict()
-    parts = {"target": describe_part(encoder, source="target", prefix="", **facts, probe=probe,
-                                     about="the EMA target encoder (what the probes evaluate)"),
-             "context": describe_part(encoder, source="model", prefix="encoder.", **facts, probe=probe,
-                                      about="the context encoder")}
+    parts = describe_parts(cfg, encoder, seq)  # what each checkpoint says of its encoders
     target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
     # AdamW with a group per level's head (its lr follows its own schedule); DDP / FSDP2 under torchrun
@@ -396,26 +425,11 @@ def main(cfg: Config) -> dict:
             watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
     # left the run: last.pt saved (after a signal: exit 75)
 
-    window = cfg.data.window if cfg.data.kind == "timeseries" else None  # None: sentences of token ids
-    depth = cfg.encoder_depth()
-
-    def features(net: nn.Module, layers: int):
-        return sequence_features(net, seq, tuple(range(depth - layers, depth)), window=window,
-                                 stride=cfg.data.stride, device=device)
-
-    raw_name = "raw" if cfg.data.kind == "timeseries" else "bow"
-    raw = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
-    last_width = lambda net: layer_dims(net, (depth - 1,))[0]  # noqa: E731
     start = "_init" if init else "_random_init"  # the weights it started from
     nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}
-    scores, last_layer_features = frozen_probes(
-        nets, features, last_width, raw, raw_name, layers=min(cfg.eval.layers, depth), k=cfg.eval.k,
-        temperature=cfg.eval.temperature, linear=cfg.eval.linear, seed=cfg.train.seed)
-    (_, _), (held_out, _) = last_layer_features[""]  # collapse check on held-out items: the target's
-    final = collapse_metrics(held_out[:256], "")
-    summary = run.summary(**scores, params_digest=params_digest(model),
-                          effective_rank=float(final["effective_rank"]), feature_std=float(final["std"]),
+    summary = run.summary(**probe_scores(cfg, nets, seq, device), params_digest=params_digest(model),
                           collapse_warning=watch.last, **({"init": init.as_dict()} if init else {}))
+    raw_name = "raw" if cfg.data.kind == "timeseries" else "bow"
     run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
     if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"{probes_line(summary, baseline=start, raw_name=raw_name, linear=cfg.eval.linear)}; "

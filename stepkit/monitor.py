@@ -6,12 +6,14 @@ The tensor-valued metrics stay on the device (no host sync); hand them to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +23,7 @@ from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 
 __all__ = ["collapse_metrics", "mean_entropy", "layer_group", "norms_by_group", "system_metrics",
-           "host_rss_bytes", "SavedActivations", "collapse_alarm", "CollapseWatch"]
+           "host_rss_bytes", "SavedActivations", "collapse_alarm", "CollapseWatch", "DistillationAlarm"]
 
 
 @torch.no_grad()
@@ -294,3 +296,36 @@ class CollapseWatch:
             print(f"step {step}: {warning}", flush=True)
             log.write({"collapse_warning": warning}, step, kind="alarm")
         return warning
+
+
+@dataclass
+class DistillationAlarm:
+    """A collapse warning for self-distillation (DINO, iBOT; ``--alarm.*``), printed and logged, for its
+    two collapses: every prototype alike (uniform), or features squeezed to a line (dimensional).
+
+    ``watch(prototypes)`` is the ``CollapseWatch`` over ``teacher_entropy`` (above this fraction of
+    log K) and ``feat_effective_rank`` (below ``min_effective_rank``).
+
+    Examples:
+        >>> watch = DistillationAlarm(patience=1).watch(prototypes=128)
+        >>> round(watch.above["teacher_entropy"], 3), watch.below["feat_effective_rank"]
+        (4.755, 1.5)
+    """
+
+    MAY_CHANGE_ON_RESUME: ClassVar[bool] = True  # a warning only: it never changes the run
+
+    max_entropy_fraction: float = 0.98
+    """Uniform collapse: the teacher's entropy stays above this fraction of log(model.out_dim)..."""
+    min_effective_rank: float = 1.5
+    """...or dimensional collapse: the backbone features' effective rank stays below this..."""
+    patience: int = 12
+    """...for this many log intervals in a row (the first few hundred updates start near uniform)."""
+
+    def __post_init__(self) -> None:
+        _check.in_range("alarm.max_entropy_fraction", self.max_entropy_fraction, 0.0, 1.0)
+        _check.integer_at_least("alarm.patience", self.patience, 1)
+
+    def watch(self, prototypes: int) -> CollapseWatch:
+        uniform = self.max_entropy_fraction * math.log(prototypes)  # log K: every prototype alike
+        return CollapseWatch(above={"teacher_entropy": uniform},
+                             below={"feat_effective_rank": self.min_effective_rank}, patience=self.patience)

@@ -244,15 +244,15 @@ def rotate_quarter(view: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.rot90(image, k, dims=(-2, -1)) for image, k in zip(view, turns)])
 
 
-def build_backbone('''
+def build_model('''
 
 
 def with_rotated_local_crops(tmp_path: Path) -> Path:
     """recipes/dino.py copied, with one function and one call added: the local crops rotated."""
     text = SCRIPT.read_text()
     call = "        return normalize(view_colors(view, cfg.crops, i), mean, std)\n"
-    assert text.count(call) == 1 and text.count("\ndef build_backbone(") == 1
-    text = text.replace("\ndef build_backbone(", ROTATION, 1)
+    assert text.count(call) == 1 and text.count("\ndef build_model(") == 1
+    text = text.replace("\ndef build_model(", ROTATION, 1)
     rotate = "        view = rotate_quarter(view) if i >= 2 else view  # local crops only\n"
     text = text.replace(call, rotate + call)
     path = tmp_path / "my_dino.py"
@@ -261,25 +261,24 @@ def with_rotated_local_crops(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["digits", "files", "shards"])
-def test_an_augmentation_added_in_the_copied_recipe_runs_for_every_source(tmp_path, source):
+def test_an_augmentation_added_in_the_copied_recipe_runs_for_every_source(tmp_path):
     from imagefiles import write_folder, write_shards
 
-    flags = ["--train.steps", "2", "--batch-size", "8", "--crops.local-crops", "2", "--model.out-dim", "16",
-             "--model.head-hidden", "16", "--eval.no-knn", "--log.no-console", "--device", "cpu"]
-    if source == "files":
-        write_folder(tmp_path / "images", 4)
-        flags += ["--data.root", str(tmp_path / "images"), "--data.workers", "0"]
-    elif source == "shards":
-        flags += ["--data.shards", write_shards(tmp_path / "shards", 2, 8), "--data.workers", "0"]
+    common = ["--train.steps", "2", "--batch-size", "8", "--crops.local-crops", "2", "--model.out-dim", "16",
+              "--model.head-hidden", "16", "--eval.no-knn", "--log.no-console", "--device", "cpu"]
+    write_folder(tmp_path / "images", 4)
+    sources = {"digits": [], "files": ["--data.root", str(tmp_path / "images"), "--data.workers", "0"],
+               "shards": ["--data.shards", write_shards(tmp_path / "shards", 2, 8), "--data.workers", "0"]}
+    edited = with_rotated_local_crops(tmp_path)
+    runs = [(edited, name) for name in sources] + [(SCRIPT, "digits")]  # and the recipe as shipped
     digests = {}
-    for script in (SCRIPT, with_rotated_local_crops(tmp_path)):
-        run_dir = tmp_path / script.stem
-        out = subprocess.run([sys.executable, str(script), "--run-dir", str(run_dir), *flags],
-                             capture_output=True, text=True, timeout=300)
+    for script, source in runs:
+        run_dir = tmp_path / f"{script.stem}-{source}"
+        command = [sys.executable, str(script), "--run-dir", str(run_dir), *common, *sources[source]]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         rotated = [line for line in out.stdout.splitlines() if line.startswith("rotated")]
-        assert len(rotated) == (2 * 2 if script != SCRIPT else 0)  # 2 local crops x 2 steps
+        assert len(rotated) == (2 * 2 if script == edited else 0)  # 2 local crops x 2 steps
         assert all(line.endswith(", 16, 16)") for line in rotated)  # the local crops' size, not the global
-        digests[script.stem] = json.loads((run_dir / "summary.json").read_text())["params_digest"]
-    assert digests["dino"] != digests["my_dino"]  # the rotation changed what the networks learned
+        digests[script.stem, source] = json.loads((run_dir / "summary.json").read_text())["params_digest"]
+    assert digests["dino", "digits"] != digests["my_dino", "digits"]  # the rotation changed what was learned

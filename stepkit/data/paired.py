@@ -184,34 +184,42 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
         import torch
         from torch.utils.data import TensorDataset
 
-        columns = {"anchor_column": data.anchor_column, "positive_column": data.positive_column,
-                   "skip_unreadable": data.skip_unreadable}
-        pairs = read_text_pairs(data.pairs, **columns)
+        assert data.pairs is not None  # PairDataConfig refuses text-text without pairs
+        text_columns: dict[str, Any] = {"anchor_column": data.anchor_column,
+                                        "positive_column": data.positive_column,
+                                        "skip_unreadable": data.skip_unreadable}
+        texts = read_text_pairs(data.pairs, **text_columns)
         if data.val_pairs is None:
-            train, held = split_pairs(pairs, data.val_fraction, seed)
+            fit_texts, held_texts = split_pairs(texts, data.val_fraction, seed)
         else:
-            train, held = pairs, read_text_pairs(data.val_pairs, flag="data.val_pairs", **columns)
-        skipped = len(pairs.skipped) + len(held.skipped)
+            fit_texts = texts
+            held_texts = read_text_pairs(data.val_pairs, flag="data.val_pairs", **text_columns)
+        skipped = len(texts.skipped) + len(held_texts.skipped)
         return PairSets(
-            train=TensorDataset(torch.arange(len(train))), shards=None, train_texts=train.positives,
-            train_anchors=train.anchors, test=None, test_texts=held.positives, test_anchors=held.anchors,
-            test_pairs=(held.anchors, held.positives), channels=0, mean=None, std=None, files=False,
-            skipped=skipped, about=f"data.pairs {str(data.pairs)!r}: {len(train)} training text pairs, "
-                                   f"{len(held)} held-out" + (f"; {skipped} rows skipped" if skipped else ""))
-    columns = {"image_column": data.image_column, "text_column": data.text_column,
+            train=TensorDataset(torch.arange(len(fit_texts))), shards=None, train_texts=fit_texts.positives,
+            train_anchors=fit_texts.anchors, test=None, test_texts=held_texts.positives,
+            test_anchors=held_texts.anchors, test_pairs=(held_texts.anchors, held_texts.positives),
+            channels=0, mean=None, std=None, files=False, skipped=skipped,
+            about=f"data.pairs {str(data.pairs)!r}: {len(fit_texts)} training text pairs, {len(held_texts)} "
+                  "held-out" + (f"; {skipped} rows skipped" if skipped else ""))
+    columns: dict[str, Any] = {"image_column": data.image_column, "text_column": data.text_column,
                "skip_unreadable": data.skip_unreadable}
     plan = CropPlan(views=((data.image_size, data.crop_scale),), flip_p=0.0)
     shards = expand_shards(data.shards) if data.shards is not None else None
+    train: Any
+    train_texts: list[str]
     if shards is not None:  # captions stream with their images, tokenized a batch at a time
         check_readers(len(shards), world=dist.world_size(), workers=data.workers)
         train_texts, train, about = [], ShardPairs(plan), f"{len(shards)} shards"
         if data.val_shards is None:
+            assert data.val_pairs is not None  # PairDataConfig asks for one of the two
             held = read_pairs(data.val_pairs, flag="data.val_pairs", **columns)
         else:
             held = read_shard_pairs(expand_shards(data.val_shards, flag="data.val_shards"),
                                     skip_unreadable=data.skip_unreadable)
         skipped = len(held.skipped)
     else:
+        assert data.pairs is not None  # neither shards nor pairs: the digits, above
         pairs = read_pairs(data.pairs, **columns)
         if data.val_pairs is None:
             fit, held = split_pairs(pairs, data.val_fraction, seed)

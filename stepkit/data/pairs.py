@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from stepkit import check as _check
 from stepkit.seeds import numpy_rng
@@ -298,7 +299,10 @@ def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
     return TextPairs(anchors, positives, ids, skipped, path)
 
 
-def split_pairs(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+AnyPairs = TypeVar("AnyPairs", Pairs, TextPairs)
+
+
+def split_pairs(pairs: AnyPairs, fraction: float, seed: int) -> tuple[AnyPairs, AnyPairs]:
     """A seeded held-out split by id (image, or positive text): about ``fraction`` of them, with all
     their pairs (``Pairs`` or ``TextPairs``).
 

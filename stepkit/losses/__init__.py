@@ -14,6 +14,7 @@ from stepkit.losses.correlation import (
     voxel_corr_summary,
 )
 from stepkit.losses.dino import (
+    DINOLossConfig,
     dino_loss,
     koleo_loss,
     sinkhorn_knopp,
@@ -34,6 +35,7 @@ __all__ = [
     "LogitScale",
     "UncertaintyWeighting",
     "clip_loss",
+    "DINOLossConfig",
     "dino_loss",
     "koleo_loss",
     "sinkhorn_knopp",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -12,7 +14,36 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
-__all__ = ["dino_loss", "teacher_softmax", "update_center", "teacher_temp_at", "sinkhorn_knopp", "koleo_loss"]
+__all__ = ["DINOLossConfig", "dino_loss", "teacher_softmax", "update_center", "teacher_temp_at",
+           "sinkhorn_knopp", "koleo_loss"]
+
+
+@dataclass
+class DINOLossConfig:
+    """Self-distillation's settings (a recipe's ``--loss.*``): the teacher's targets and temperatures,
+    the centre's momentum, and the KoLeo weight; checked when made.
+
+    Examples:
+        >>> DINOLossConfig().targets, DINOLossConfig(targets="centering", koleo_weight=0.0).koleo_weight
+        ('sinkhorn', 0.0)
+    """
+
+    targets: Literal["centering", "sinkhorn"] = "sinkhorn"
+    """Teacher targets: DINO's centred softmax, or Sinkhorn-Knopp balanced (DINOv2)."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.02
+    warmup_teacher_temp: float = 0.02
+    teacher_temp_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    koleo_weight: float = 0.3
+    """KoLeo spreading term on the student's global-view features (DINOv2; 0: off)."""
+
+    def __post_init__(self) -> None:
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _check.at_least(name, getattr(self, name), 1e-4)
+        _check.integer_at_least("teacher_temp_warmup_steps", self.teacher_temp_warmup_steps, 0)
+        _check.at_least("koleo_weight", self.koleo_weight, 0.0)
+        _check.in_range("center_momentum", self.center_momentum, 0.0, 1.0)
 
 
 def dino_loss(
