@@ -355,20 +355,21 @@ def main(cfg: Config) -> dict:
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers,
                              timeout=cfg.data.timeout, batch_size=cfg.batch_size, **kw)
 
-    # AdamW with a group per level's head (its lr follows its own schedule); DDP / FSDP2 under torchrun
+    # DDP / FSDP2 under torchrun (first: FSDP2 swaps in the sharded parameters the optimizer must hold);
+    # AdamW with a group per level's head, whose lr follows its own schedule
+    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
+    wrapped, target = wrap(model), wrap(target_encoder)
     groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
     group_level = [head_level(g["names"][0]) for g in groups]
-    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
-    state = TrainState(model=wrap(model), optimizer=adamw(groups, device=device), target=wrap(target_encoder),
+    state = TrainState(model=wrapped, optimizer=adamw(groups, device=device), target=target,
                        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                       accum=cfg.train.accum, extras={"wall_s": 0.0})
+                       accum=cfg.train.accum)
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
-    levels = cfg.levels
 
     def make_batch(batch):
         """A loader's batch -> (images, context_idx, target_idx): one random resized crop of each image (cut
@@ -385,7 +386,7 @@ def main(cfg: Config) -> dict:
         b, m, k = target_idx.shape  # one row per target block: multiscale pools within a block
         pairs = [(p.reshape(b * m, k, -1), jepa_targets(o, target_idx).reshape(b * m, k, -1), None)
                  for p, o in zip(preds, outputs)]
-        weights = level_values_at(state.step, start_weights, levels.weights_final, steps)
+        weights = level_values_at(state.step, start_weights, cfg.levels.weights_final, steps)
         loss, aux = level_losses(pairs, pooled, depths=depths, weights=weights, loss=cfg.loss,
                                  generator=loss_rng)
         return loss, {"context_patches": float(context_idx.shape[1]), **aux}
@@ -413,7 +414,7 @@ def main(cfg: Config) -> dict:
                 continue
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
-            scales, level_terms = level_lr_scales(state.step, levels, depths, group_level, steps)  # per head
+            scales, level_terms = level_lr_scales(state.step, cfg.levels, depths, group_level, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)

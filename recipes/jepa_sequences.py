@@ -354,20 +354,21 @@ def main(cfg: Config) -> dict:
     parts = describe_parts(cfg, encoder, seq)  # what each checkpoint says of its encoders
     target_encoder = target_copy(encoder).to(device)  # deterministic: no stochastic depth, no dropout
     untrained = copy.deepcopy(target_encoder)  # the baseline of the final evaluation
-    # AdamW with a group per level's head (its lr follows its own schedule); DDP / FSDP2 under torchrun
+    # DDP / FSDP2 under torchrun (first: FSDP2 swaps in the sharded parameters the optimizer must hold);
+    # AdamW with a group per level's head, whose lr follows its own schedule
+    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
+    wrapped, target = wrap(model), wrap(target_encoder)
     groups = param_groups(model, layer_of=head_level, layer_scales=[1.0] * (1 + len(model.heads)))
     group_level = [head_level(g["names"][0]) for g in groups]
-    wrap = lambda m: dist.parallelize(m, cfg.dist.strategy, device, shard=jepa_shard_units)  # noqa: E731
-    state = TrainState(model=wrap(model), optimizer=adamw(groups, device=device), target=wrap(target_encoder),
+    state = TrainState(model=wrapped, optimizer=adamw(groups, device=device), target=target,
                        scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                       accum=cfg.train.accum, extras={"wall_s": 0.0})
+                       accum=cfg.train.accum)
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     steps = cfg.train.steps
     mask_rng = torch.Generator()
     loss_rng = torch.Generator()  # the contrastive loss's negatives
-    levels = cfg.levels
 
     # What each kind masks, picked once: (clean input for the target encoder, the context encoder's
     # input, visible (B, L), masked (B, L)).
@@ -391,7 +392,7 @@ def main(cfg: Config) -> dict:
             _, outputs = sequence_tokens(state.target, clean, layers=blocks)
         preds, pooled = state.model(inputs, visible, masked)
         pairs = [(p, F.layer_norm(o, o.shape[-1:]), masked) for p, o in zip(preds, outputs)]
-        weights = level_values_at(state.step, start_weights, levels.weights_final, steps)
+        weights = level_values_at(state.step, start_weights, cfg.levels.weights_final, steps)
         loss, aux = level_losses(pairs, pooled, depths=depths, weights=weights, loss=cfg.loss,
                                  generator=loss_rng)
         return loss, {"masked_fraction": masked.float().mean(), **aux}
@@ -415,7 +416,7 @@ def main(cfg: Config) -> dict:
                 continue
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
-            scales, level_terms = level_lr_scales(state.step, levels, depths, group_level, steps)  # per head
+            scales, level_terms = level_lr_scales(state.step, cfg.levels, depths, group_level, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps), group_scales=scales)
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
