@@ -523,6 +523,9 @@ class Run:
         ``batches`` is best a ``stepkit.data.train_batches`` (it records each batch as consumed);
         any other iterable has ``state.data_position`` counted here.
         """
+        if not hasattr(self, "signals"):
+            raise RuntimeError("iterate run.batches(...) inside `with run.start(state, steps=...):` "
+                               "(it saves, logs and stops on signals there)")
         self._source = batches
         records = hasattr(batches, "rng_as_consumed")
         it = iter(batches)

@@ -308,6 +308,8 @@ def test_run_refuses_a_second_after_update_and_a_bare_with(tmp_path):
     with pytest.raises(RuntimeError, match=r"with run.start\(state, steps=...\)"):
         with run:
             pass
+    with pytest.raises(RuntimeError, match=r"^iterate run.batches\(...\) inside `with run.start"):
+        next(iter(run.batches(range(3))))
     model = nn.Linear(1, 1)
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="^run.after_update was called again at step 1"):
