@@ -2,6 +2,7 @@
 
 - ``multi_block_masks``: I-JEPA's context and target blocks on a patch grid;
 - ``random_masks``: a random subset of tokens kept per sample (MAE);
+- ``block_mask`` / ``ibot_masks``: BEiT's blockwise masks, drawn per image as DINOv2's iBOT does;
 - ``span_masks``: contiguous spans over time (speech, fMRI, any series);
 - ``token_masks``: BERT-style masking of text token ids.
 
@@ -20,8 +21,8 @@ from torch import Tensor
 
 from stepkit import check as _check
 
-__all__ = ["MultiBlock", "block_size", "multi_block_masks", "random_masks", "span_masks", "token_masks",
-           "mask_image"]
+__all__ = ["MultiBlock", "block_size", "multi_block_masks", "random_masks", "block_mask", "ibot_masks",
+           "span_masks", "token_masks", "mask_image"]
 
 
 @dataclass
@@ -235,6 +236,101 @@ def random_masks(batch: int, tokens: int, ratio: float, generator: torch.Generat
     n_masked = round(ratio * tokens)
     order = torch.rand(batch, tokens, generator=generator).argsort(dim=1)
     return order[:, n_masked:].sort(dim=1).values, order[:, :n_masked].sort(dim=1).values
+
+
+def block_mask(grid: tuple[int, int], count: int, generator: torch.Generator, *, min_block: int = 4,
+               max_block: int | None = None, min_aspect: float = 0.3) -> Tensor:
+    """About ``count`` patches of a ``grid`` masked in rectangles (BEiT's blockwise masking, as in DINOv2).
+
+    Rectangles are added until ``count`` patches are masked: each of area
+    ``U(min_block, min(max_block, count left))`` and aspect ``exp(U(log min_aspect, -log min_aspect))``,
+    placed uniformly; a rectangle that would add nothing or more than the patches left is drawn
+    again, up to 10 times, after which the mask stays as it is (so it may fall a little short, as the
+    reference's does).
+
+    Args:
+        grid: ``(h, w)`` patches.
+        count: Patches to mask, at least 0.
+        generator: The draw.
+        min_block: The smallest rectangle's area (BEiT, DINOv2: 4).
+        max_block: The largest rectangle's area (DINOv2: half the grid); None: ``count``.
+        min_aspect: The narrowest aspect (DINOv2: 0.3; the widest is its inverse).
+
+    Returns:
+        ``(h * w,)`` booleans, row-major, True where masked.
+
+    Examples:
+        >>> mask = block_mask((8, 8), 20, torch.Generator().manual_seed(0))
+        >>> mask.shape, 0 < int(mask.sum()) <= 20
+        (torch.Size([64]), True)
+    """
+    _check.integer_at_least("count", count, 0)
+    h, w = grid
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    largest = count if max_block is None else max_block
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    done = 0
+    while done < count:
+        added = _add_block(mask, min(count - done, largest), min_block, log_aspect, generator)
+        if added == 0:
+            break
+        done += added
+    return mask.flatten()
+
+
+def _add_block(mask: Tensor, at_most: float, min_block: int, log_aspect: tuple[float, float],
+               g: torch.Generator) -> int:
+    grid_h, grid_w = mask.shape
+    for _ in range(10):
+        area = _uniform(min_block, at_most, g)
+        aspect = math.exp(_uniform(*log_aspect, g))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if w < grid_w and h < grid_h:
+            top = int(torch.randint(0, grid_h - h + 1, (), generator=g))
+            left = int(torch.randint(0, grid_w - w + 1, (), generator=g))
+            region = mask[top:top + h, left:left + w]
+            new = h * w - int(region.sum())
+            if 0 < new <= at_most:
+                region.fill_(True)
+                return new
+    return 0
+
+
+def ibot_masks(images: int, grid: tuple[int, int], generator: torch.Generator, *, probability: float = 0.5,
+               ratio: tuple[float, float] = (0.1, 0.5)) -> Tensor:
+    """iBOT's masks for a batch of global crops, drawn as DINOv2's collate draws them.
+
+    ``int(images * probability)`` crops are masked; their mask ratios are stratified over ``ratio``
+    (crop ``i`` draws its ratio in the ``i``-th of as many equal slices), each a ``block_mask`` of
+    ``int(N * ratio)`` patches with rectangles of at most half the grid; the others are not masked;
+    the crops' order is then shuffled.
+
+    Args:
+        images: Global crops in the batch (DINOv2: 2 x the images).
+        grid: ``(h, w)`` patches of a global crop.
+        generator: The draw.
+        probability: The fraction of crops masked (DINOv2: 0.5).
+        ratio: The range of a masked crop's mask ratio (DINOv2: (0.1, 0.5)).
+
+    Returns:
+        ``(images, h * w)`` booleans, True where the student sees the mask token.
+
+    Examples:
+        >>> masks = ibot_masks(8, (6, 6), torch.Generator().manual_seed(0))
+        >>> masks.shape, int((masks.sum(dim=1) > 0).sum())  # half of the crops masked
+        (torch.Size([8, 36]), 4)
+    """
+    _check.in_range("probability", probability, 0.0, 1.0)
+    if not 0.0 <= ratio[0] <= ratio[1] <= 1.0:
+        _check.fail("ratio", ratio, "(low, high) with 0 <= low <= high <= 1")
+    n = grid[0] * grid[1]
+    masked = int(images * probability)
+    edges = torch.linspace(ratio[0], ratio[1], masked + 1).tolist()
+    masks = [block_mask(grid, int(n * _uniform(edges[i], edges[i + 1], generator)), generator,
+                        max_block=int(0.5 * n)) for i in range(masked)]
+    masks += [torch.zeros(n, dtype=torch.bool)] * (images - masked)
+    order = torch.randperm(images, generator=generator).tolist()
+    return torch.stack([masks[i] for i in order]) if masks else torch.zeros(0, n, dtype=torch.bool)
 
 
 def span_masks(batch: int, length: int, span: int, ratio: float, generator: torch.Generator) -> Tensor:

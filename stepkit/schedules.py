@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from stepkit import check as _check
 
 __all__ = ["Decay", "DECAYS", "Step", "warmup_decay", "LRSchedule", "WDSchedule", "MomentumSchedule",
-           "warmup_steps_of", "lr_at", "wd_at", "momentum_at", "layer_decay_scales", "no_decay_by_default",
+           "warmup_steps_of", "lr_at", "wd_at", "momentum_at", "layer_decay_scales", "vit_layer_id",
+           "no_decay_by_default", "no_decay_dinov2",
            "param_groups", "scaled_lr"]
 
 Decay = Literal["cosine", "linear", "step", "constant"]
@@ -178,18 +179,27 @@ def _post_init_next(obj: object, cls: type) -> None:
         after()
 
 
-def scaled_lr(lr: float, global_batch: int, per_batch: int) -> float:
-    """The linear scaling rule (Goyal et al. 2017; DINO's ``lr * batch / 256``): ``lr`` is given for
-    ``per_batch`` images per update, the run updates on ``global_batch`` (per-rank batch x ranks x
-    accumulation).
+LR_RULES = ("linear", "sqrt")
+"""How the lr grows with the batch: ``linear`` (Goyal et al. 2017; DINO's ``lr * batch / 256``) or
+``sqrt`` (DINOv2's ``sqrt_wrt_1024``: ``lr * sqrt(batch / 1024)``)."""
+
+
+def scaled_lr(lr: float, global_batch: int, per_batch: int, rule: str = "linear") -> float:
+    """``lr`` given for ``per_batch`` images per update, scaled to the run's ``global_batch`` (per-rank
+    batch x ranks x accumulation) by ``rule``, one of ``LR_RULES``.
+
+    ``linear``: ``lr * global_batch / per_batch``; ``sqrt``: ``lr * sqrt(global_batch / per_batch)``.
 
     Examples:
         >>> [scaled_lr(5e-4, 64 * ranks, 256) for ranks in (1, 2, 4, 8)]
         [0.000125, 0.00025, 0.0005, 0.001]
+        >>> scaled_lr(4e-3, 2048, 1024, rule="sqrt")  # DINOv2's default on 32 GPUs x 64 images
+        0.005656854249492381
     """
     _check.integer_at_least("global_batch", global_batch, 1)
     _check.integer_at_least("per_batch", per_batch, 1)
-    return lr * global_batch / per_batch
+    _check.one_of("rule", rule, LR_RULES)
+    return lr * global_batch / per_batch if rule == "linear" else lr * math.sqrt(global_batch / per_batch)
 
 
 @dataclass
@@ -437,6 +447,37 @@ def layer_decay_scales(num_layers: int, decay: float) -> list[float]:
     return [decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
 
 
+def vit_layer_id(name: str, depth: int) -> int:
+    """A ViT parameter's layer id for ``layer_decay_scales`` (BEiT's and DINOv2's rule).
+
+    0: the embeddings (``patch_embed``, ``pos_embed``, ``cls_token``, ``register_tokens``, ``mask_token``);
+    ``i + 1``: block ``i``; ``depth + 1``: everything else (the final norm, heads). Names may carry a
+    prefix (``backbone.blocks.3.attn.qkv.weight``).
+
+    Examples:
+        >>> [vit_layer_id(n, 12) for n in ("backbone.pos_embed", "blocks.0.norm1.weight", "norm.bias", "w")]
+        [0, 1, 13, 13]
+    """
+    parts = name.split(".")
+    if any(p in ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token") for p in parts):
+        return 0
+    for i, part in enumerate(parts[:-1]):
+        if part == "blocks" and parts[i + 1].isdigit():
+            return int(parts[i + 1]) + 1
+    return depth + 1
+
+
+def no_decay_dinov2(name: str, param: Tensor) -> bool:
+    """DINOv2's rule: no weight decay for biases, norms and LayerScale (``gamma``); the class, register
+    and mask tokens and the position embeddings decay.
+
+    Examples:
+        >>> [no_decay_dinov2(n, torch.zeros(1)) for n in ("blocks.0.ls1.gamma", "cls_token", "norm.weight")]
+        [True, False, True]
+    """
+    return name.endswith(".bias") or "norm" in name or "gamma" in name
+
+
 def no_decay_by_default(name: str, param: Tensor) -> bool:
     """Biases, norm weights and other 0-d/1-d tensors are usually excluded from weight decay.
 
@@ -453,6 +494,7 @@ def param_groups(
     no_weight_decay: Callable[[str, Tensor], bool] = no_decay_by_default,
     layer_of: Callable[[str], int] | None = None,
     layer_scales: Sequence[float] | None = None,
+    lr_scale_of: Callable[[str], float] | None = None,
 ) -> list[dict]:
     """Optimizer parameter groups carrying ``lr_scale`` and ``wd_scale`` for ``apply_update``.
 
@@ -468,6 +510,8 @@ def param_groups(
             weight decay (default: every 0-d or 1-d tensor: biases, norms).
         layer_of: ``name -> layer id``, for layer-wise lr decay.
         layer_scales: The lr scale of each layer id (``layer_decay_scales``).
+        lr_scale_of: ``name -> factor`` multiplying the lr scale (DINOv2's patch embedding at 0.2:
+            ``lambda n: 0.2 if "patch_embed" in n else 1.0``).
 
     Returns:
         A list of dicts ``{"params", "lr_scale", "wd_scale"}`` for any torch optimizer.
@@ -483,7 +527,7 @@ def param_groups(
     """
     if (layer_of is None) != (layer_scales is None):
         raise ValueError("layer_of and layer_scales go together: give both or neither")
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -491,12 +535,13 @@ def param_groups(
         if layer_scales is not None and not 0 <= layer < len(layer_scales):
             _check.fail(f"layer_of({name!r})", layer, f"a layer id in [0, {len(layer_scales) - 1}]")
         decays = not no_weight_decay(name, param)
+        factor = 1.0 if lr_scale_of is None else float(lr_scale_of(name))
         group = groups.setdefault(
-            (layer, decays),
+            (layer, decays, factor),
             {
                 "params": [],
                 "names": [],
-                "lr_scale": 1.0 if layer_scales is None else float(layer_scales[layer]),
+                "lr_scale": (1.0 if layer_scales is None else float(layer_scales[layer])) * factor,
                 "wd_scale": 1.0 if decays else 0.0,
             },
         )

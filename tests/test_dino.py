@@ -133,3 +133,64 @@ def test_dino_last_layer_init_is_nn_linears_default():
     torch.manual_seed(0)
     ours = DINOHead(64, 4096, hidden=64, bottleneck=256).last_layer.weight_v
     assert abs(ours.std().item() / 0.02 - 1) < 0.01  # stepkit's: a truncated normal, std 0.02
+
+
+# iBOT's masked-patch loss (DINOv2)
+
+
+def ibot_reference(student_all, teacher_all, masks, temp=0.1):
+    """DINOv2's iBOTPatchLoss.forward on whole (B, N, K) tensors: per image, the mean over its masked
+    patches, then the mean over images."""
+    per_patch = torch.sum(teacher_all * F.log_softmax(student_all / temp, dim=-1), dim=-1)
+    per_image = torch.sum(per_patch * masks.float(), dim=-1) / masks.sum(dim=-1).clamp(min=1.0)
+    return -per_image.mean()
+
+
+def test_ibot_patch_loss_equals_the_reference_on_masked_rows():
+    from stepkit.losses.dino import ibot_patch_loss
+
+    torch.manual_seed(0)
+    masks = torch.rand(6, 16) < 0.3
+    masks[2] = False  # an image without masked patches still counts in the mean
+    student = torch.randn(6, 16, 32)
+    teacher = torch.randn(6, 16, 32).softmax(-1)
+    ours = ibot_patch_loss(student[masks], teacher[masks], masks, student_temp=0.1)
+    torch.testing.assert_close(ours, ibot_reference(student, teacher, masks), atol=1e-6, rtol=1e-6)
+    # by hand: one image of two, one masked patch with uniform targets and logits -> log K / 2
+    one = torch.tensor([[True, False, False], [False, False, False]])
+    assert ibot_patch_loss(torch.zeros(1, 4), torch.full((1, 4), 0.25), one).item() == pytest.approx(
+        math.log(4) / 2, abs=1e-7)
+
+
+def test_ibot_patch_loss_gradients_reach_only_the_masked_rows_and_mixed_dtypes_meet():
+    from stepkit.losses.dino import ibot_patch_loss
+
+    masks = torch.tensor([[True, True, False], [False, True, False]])
+    student = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5).softmax(-1)  # float32 targets beside float64 logits
+    loss = ibot_patch_loss(student, teacher, masks)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    # rows of image 0 weigh 1/2 each, image 1's row 1, all over B = 2
+    expected = (F.softmax(student.detach() / 0.1, -1) - teacher.double()) / 0.1 * torch.tensor(
+        [0.25, 0.25, 0.5], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(student.grad, expected)
+    with pytest.raises(ValueError, match="3 student rows and 2 teacher rows"):
+        ibot_patch_loss(student, teacher[:2], masks)
+
+
+def test_dino_loss_takes_float64_logits_beside_float32_targets():
+    student = torch.randn(4, 3, dtype=torch.float64)
+    teacher = torch.randn(4, 3).softmax(-1)
+    loss = dino_loss(student, teacher, n_student_views=2)
+    assert loss.dtype == torch.float64
+    same = dino_loss(student, teacher.double(), n_student_views=2)
+    assert loss.item() == pytest.approx(same.item(), abs=1e-12)
+
+
+def test_the_patch_center_averages_each_ranks_mean():
+    from stepkit.losses.dino import update_patch_center
+
+    center = torch.ones(1, 2)
+    update_patch_center(center, torch.tensor([[2.0, 0.0], [4.0, 2.0], [0.0, 1.0]]), momentum=0.9)
+    torch.testing.assert_close(center, 0.9 * torch.ones(1, 2) + 0.1 * torch.tensor([[2.0, 1.0]]))

@@ -189,3 +189,49 @@ def test_the_ijepa_sampler_never_touches_the_last_row_or_column_and_shares_one_d
     ratio = 0.75 + r * 0.75
     assert _ijepa_block_size((14, 14), (0.15, 0.2), (0.75, 1.5), g) == (
         min(13, round(math.sqrt(area * ratio))), min(13, round(math.sqrt(area / ratio))))
+
+
+# BEiT's blockwise masks, drawn per crop as DINOv2's iBOT draws them
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 16), st.integers(2, 16), st.integers(0, 200), st.integers(0, 2**31 - 1))
+def test_a_block_mask_never_exceeds_its_count(h, w, count, seed):
+    from stepkit.masking import block_mask
+
+    mask = block_mask((h, w), count, torch.Generator().manual_seed(seed), max_block=int(0.5 * h * w))
+    assert mask.shape == (h * w,) and mask.dtype == torch.bool
+    assert int(mask.sum()) <= count
+
+
+def test_block_masks_come_in_rectangles_and_reach_their_count_on_a_roomy_grid():
+    from stepkit.masking import block_mask
+
+    g = torch.Generator().manual_seed(0)
+    counts = [int(block_mask((14, 14), 60, g, max_block=98).sum()) for _ in range(50)]
+    assert min(counts) >= 50 and max(counts) <= 60  # BEiT's loop stops within a rectangle of the count
+    # rectangles: nearly every masked patch has a masked neighbour (about a third would, scattered at random)
+    mask = torch.stack([block_mask((14, 14), 60, g, max_block=98).reshape(14, 14) for _ in range(20)])
+    padded = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    assert (neighbours[mask] > 0).float().mean() > 0.95
+
+
+def test_ibot_masks_mask_half_the_crops_with_stratified_ratios():
+    from stepkit.masking import ibot_masks
+
+    g = torch.Generator().manual_seed(0)
+    n = 14 * 14
+    sizes = []
+    for _ in range(20):
+        masks = ibot_masks(16, (14, 14), g, probability=0.5, ratio=(0.1, 0.5))
+        counts = masks.sum(dim=1)
+        assert masks.shape == (16, n) and int((counts > 0).sum()) == 8
+        sizes.append(sorted(counts[counts > 0].tolist()))
+    # the 8 masked crops draw their ratios from 8 slices of [0.1, 0.5]: crop i masks at most
+    # int(n * (0.1 + 0.05 (i + 1))) patches
+    for ordered in sizes:
+        assert all(c <= int(n * (0.1 + 0.05 * (i + 1))) + 0 for i, c in enumerate(ordered))
+    assert ibot_masks(3, (4, 4), g, probability=0.0).sum() == 0
+    with pytest.raises(ValueError, match="ratio=.*0.6, 0.2.* is not allowed"):
+        ibot_masks(3, (4, 4), g, ratio=(0.6, 0.2))

@@ -286,3 +286,40 @@ def test_a_warmup_left_none_is_the_default_capped_at_a_tenth_of_the_run():
     assert warmup_steps_of(LRSchedule(warmup_steps=None), 100) == 0  # no default_warmup: none
     assert lr_at(1, optim, 20) == 0.5  # half-way through a 2-update warm-up
     assert lr_at(15, optim, 1500) == 0.5
+
+
+# DINOv2's optimizer rules: sqrt lr scaling, ViT layer ids for layer-wise decay, the patch embedding's factor
+
+
+def test_dinov2_lr_rule_is_sqrt_wrt_1024():
+    from stepkit.schedules import scaled_lr
+
+    # ssl_default_config: base lr 0.004 for 1024 images; vitl16_short runs 64 per GPU on 32 GPUs (2048)
+    assert scaled_lr(0.004, 2048, 1024, rule="sqrt") == pytest.approx(0.004 * 2 ** 0.5, rel=1e-15)
+    assert scaled_lr(0.004, 1024, 1024, rule="sqrt") == 0.004
+    assert scaled_lr(5e-4, 1024, 256) == 2e-3  # DINO's linear rule, unchanged
+    with pytest.raises(ValueError, match="rule='log' is not allowed"):
+        scaled_lr(1e-3, 8, 8, rule="log")
+
+
+def test_vit_layer_ids_and_dinov2s_groups_by_hand():
+    from stepkit.models import VisionTransformer
+    from stepkit.schedules import layer_decay_scales, no_decay_dinov2, param_groups, vit_layer_id
+
+    vit = VisionTransformer(dim=16, depth=2, heads=2, patch_size=4, img_size=16, layer_scale=1e-5,
+                            registers=1, mask_token=True)
+    ids = {n: vit_layer_id(n, 2) for n, _ in vit.named_parameters()}
+    assert {n for n, i in ids.items() if i == 0} == {"cls_token", "register_tokens", "mask_token",
+                                                     "pos_embed",
+                                                     "patch_embed.weight", "patch_embed.bias"}
+    assert ids["blocks.0.ls1.gamma"] == 1 and ids["blocks.1.mlp.2.weight"] == 2 and ids["norm.weight"] == 3
+    scales = layer_decay_scales(2, 0.9)  # [0.729, 0.81, 0.9, 1.0]
+    groups = param_groups(vit, no_weight_decay=no_decay_dinov2, layer_of=lambda n: vit_layer_id(n, 2),
+                          layer_scales=scales, lr_scale_of=lambda n: 0.2 if "patch_embed" in n else 1.0)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["patch_embed.weight"]["lr_scale"] == pytest.approx(0.729 * 0.2)
+    assert by_name["cls_token"]["lr_scale"] == pytest.approx(0.729)
+    assert by_name["cls_token"]["wd_scale"] == 1.0 and by_name["blocks.0.ls1.gamma"]["wd_scale"] == 0.0
+    assert by_name["blocks.1.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.9)
+    assert by_name["norm.bias"]["lr_scale"] == 1.0 and by_name["norm.bias"]["wd_scale"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(vit.parameters()))

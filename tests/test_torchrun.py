@@ -134,6 +134,7 @@ def test_two_ranks_stop_at_the_same_update_when_one_is_signalled(whole, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("whole", ["ddp"], indirect=True)  # FSDP2: test_dino_two_ranks_resume_bit_exact
 def test_a_rank_killed_under_max_restarts_is_restarted_and_resumes_bit_exact(whole, tmp_path):
     """torchrun --max-restarts restarts the group; --resume-or-start continues from the last checkpoint."""
     strategy, whole_dir = whole

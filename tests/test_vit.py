@@ -192,3 +192,106 @@ def test_ijepa_init_patch_std_002_and_residual_outputs_divided_by_sqrt_2_depth()
 def test_an_unknown_init_is_refused():
     with pytest.raises(ValueError, match="init='xavier' is not allowed"):
         small("xavier")
+
+
+# DINOv2's pieces: LayerScale, registers, the mask token, SwiGLU, uniform drop path, offset interpolation
+
+
+def reference_tokens(model, x, mask=None):
+    """The DINOv2 forward written out by hand from the paper's / reference's equations."""
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    p = model.patch_size
+    patches = F.conv2d(x, model.patch_embed.weight, model.patch_embed.bias, stride=p)
+    patches = patches.flatten(2).transpose(1, 2)
+    if mask is not None:
+        patches = torch.where(mask[..., None], model.mask_token[None], patches)
+    tokens = torch.cat([model.cls_token.expand(b, -1, -1), patches], dim=1) + model.pos_embed
+    if hasattr(model, "register_tokens"):
+        tokens = torch.cat([tokens[:, :1], model.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
+    for block in model.blocks:
+        h = block.norm1(tokens)
+        n, d, heads = h.shape[1], h.shape[2], block.attn.heads
+        q, k, v = block.attn.qkv(h).reshape(b, n, 3, heads, d // heads).unbind(2)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
+        out = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(b, n, d)
+        tokens = tokens + block.ls1.gamma * block.attn.proj(out)
+        h = block.norm2(tokens)
+        if hasattr(block.mlp, "w12"):
+            hidden = block.mlp.w12(h)
+            half = hidden.shape[-1] // 2
+            ffn = block.mlp.w3(F.silu(hidden[..., :half]) * hidden[..., half:])
+        else:
+            ffn = block.mlp[2](F.gelu(block.mlp[0](h)))
+        tokens = tokens + block.ls2.gamma * ffn
+    return model.norm(tokens)
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_vit_equals_the_reference_forward(ffn, registers):
+    model = toy(layer_scale=1e-5, registers=registers, mask_token=True, ffn=ffn).eval()
+    with torch.no_grad():  # move every tensor off its initial value, so each one matters
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    x = torch.randn(2, 1, 32, 32)
+    mask = torch.rand(2, 64) < 0.3
+    for m in (None, mask):
+        ours = model.tokens(x, mask=m)
+        assert ours.shape == (2, 1 + registers + 64, 64) and model.prefix == 1 + registers
+        torch.testing.assert_close(ours, reference_tokens(model, x, m), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model(x), model.tokens(x)[:, 0])
+
+
+def test_layer_scale_starts_at_its_value_and_swiglu_has_dinov2s_width():
+    from stepkit.models.vit import SwiGLU, swiglu_hidden
+
+    model = toy(layer_scale=1e-5, ffn="swiglu")
+    assert all(torch.equal(b.ls1.gamma, torch.full((64,), 1e-5)) for b in model.blocks)
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, SwiGLU) and mlp.w12.weight.shape == (2 * 176, 64)  # (int(256 * 2/3) + 7) // 8 * 8
+    assert [swiglu_hidden(d, 4.0) for d in (384, 768, 1024, 1536)] == [1024, 2048, 2736, 4096]
+    # ViT-g/14's released SwiGLU width (dinov2_vitg14: w12 (8192, 1536), w3 (1536, 4096))
+    assert VisionTransformer(dim=1536, depth=1, heads=24, patch_size=14, img_size=56,
+                             ffn="swiglu").blocks[0].mlp.w3.weight.shape == (1536, 4096)
+
+
+def test_the_defaults_have_none_of_dinov2s_tensors():
+    names = set(toy().state_dict())
+    assert not any("ls1" in n or "w12" in n for n in names)
+    assert not {"register_tokens", "mask_token"} & names
+
+
+def test_a_mask_without_a_mask_token_or_of_the_wrong_shape_is_refused():
+    x = torch.randn(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="no mask token; build it with mask_token=True"):
+        toy()(x, mask=torch.zeros(2, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask: shape \(2, 16\), expected \(2, 64\)"):
+        toy(mask_token=True)(x, mask=torch.zeros(2, 16, dtype=torch.bool))
+
+
+def test_drop_path_uniform_or_rising_with_depth():
+    assert [b.drop_path.p for b in toy(drop_path=0.3, drop_path_uniform=True).blocks] == [0.3] * 4
+    assert [round(b.drop_path.p, 6) for b in toy(drop_path=0.3).blocks] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_dinov2_offset_interpolation_samples_at_scale_factors():
+    import torch.nn.functional as F
+
+    model = toy(pos_offset=0.1).eval()
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, 64).permute(0, 3, 1, 2)
+    by_hand = F.interpolate(grid, scale_factor=(5.1 / 8, 6.1 / 8), mode="bicubic", align_corners=False)
+    ours = model.pos_embed_for(5, 6)
+    assert ours.shape == (1, 1 + 30, 64)
+    assert torch.equal(ours[:, 1:], by_hand.permute(0, 2, 3, 1).reshape(1, 30, 64))
+    plain = toy().pos_embed_for(5, 6)
+    assert not torch.allclose(ours, plain)  # the offset moves the samples, not only the size
+    with pytest.raises(ValueError, match=r"pos_offset=1.0 is not allowed: expected in \[0, 1\)"):
+        toy(pos_offset=1.0)
+
+
+def test_dinov2_init_puts_the_class_token_and_registers_near_zero():
+    model = toy(init="dinov2", registers=4)
+    assert model.cls_token.std() < 1e-5 and model.register_tokens.std() < 1e-5
+    assert 0.005 < toy(registers=4).register_tokens.std() < 0.05

@@ -257,7 +257,121 @@ def test_timm_loads_the_export_strictly_and_init_takes_timm_weights(tmp_path):
     result = json.loads(out.read_text())
     if result["status"] == "skipped":
         pytest.skip(result["why"])
-    assert len(result["cases"]) == 2
+    assert len(result["cases"]) == 4
     for case in result["cases"].values():
         assert case["export_max_abs_diff"] < 1e-5 and case["init_max_abs_diff"] < 1e-5
         assert case["init_missing"] == [] and case["init_unexpected"] == []
+
+
+# DINOv2: Hugging Face folders and the original state dicts in, Hugging Face and timm folders out
+
+DINOV2_KINDS = [dict(registers=0, ffn="mlp"), dict(registers=4, ffn="mlp"), dict(registers=2, ffn="swiglu")]
+
+
+def dinov2_vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    model = vit(layer_scale=1e-5, mask_token=True, **kw).eval()
+    with torch.no_grad():  # every tensor away from its initial value (LayerScale, tokens) so each one counts
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_model(config: dict):
+    transformers = pytest.importorskip("transformers")
+    config = dict(config)
+    name = config.pop("architectures")[0]
+    config.pop("model_type")
+    registers = "Registers" in name
+    config_class = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
+    return getattr(transformers, name)(config_class(**config)).eval()
+
+
+@pytest.mark.parametrize("kind", DINOV2_KINDS, ids=lambda k: f"{k['registers']}reg-{k['ffn']}")
+def test_a_hugging_face_dinov2_folder_goes_in_strictly_with_its_features(kind, tmp_path):
+    from stepkit.weights import hf_dinov2_config
+
+    torch.manual_seed(1)
+    hf = hf_model(hf_dinov2_config({"dim": 64, "depth": 4, "heads": 4, "patch_size": 4, "img_size": 16,
+                                    "layer_scale": 1e-5, **kind}))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = vit(layer_scale=1e-5, mask_token=True, **kind).eval()
+    report = init_from(ours, tmp_path / "hf", part="")
+    assert report.missing == [] and report.unexpected == [] and report.loaded == len(ours.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.rand(2, 16) < 0.4
+    with torch.no_grad():
+        theirs = hf(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+        assert (ours(x, all_tokens=True, mask=mask) - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", DINOV2_KINDS, ids=lambda k: f"{k['registers']}reg-{k['ffn']}")
+def test_a_vit_exports_as_a_hugging_face_dinov2_model_with_its_features(kind, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    backbone = dinov2_vit(**kind)
+    run, model, _ = saved_run(tmp_path, backbone)
+    model.backbone = backbone
+    out = export(run, "student", tmp_path / "hf", format="hf")
+    name = "Dinov2WithRegistersModel" if kind["registers"] else "Dinov2Model"
+    hf, info = getattr(transformers, name).from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (hf.eval()(pixel_values=x).pooler_output - backbone(x)).abs().max() < 1e-5
+    again = vit(layer_scale=1e-5, mask_token=True, **kind)
+    report = init_from(again, out, part="")  # and back: the export's own description
+    assert report.missing == [] and report.unexpected == []
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_a_plain_vit_exports_as_dinov2_with_unit_scales(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run, model, _ = saved_run(tmp_path, vit())
+    hf = transformers.Dinov2Model.from_pretrained(str(export(run, "student", tmp_path / "hf", format="hf")))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (hf.eval()(pixel_values=x).pooler_output - model.backbone.eval()(x)).abs().max() < 1e-5
+    sincos, _, _ = saved_run(tmp_path / "s", vit(pos_embed="sincos", class_token=False))
+    with pytest.raises(ValueError, match="format='hf' needs a ViT with a class token and learned positions"):
+        export(sincos, "student", tmp_path / "hf2", format="hf")
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_dinov2s_original_training_checkpoint_goes_in_with_chunked_blocks_and_registers(tmp_path):
+    """dinov2's train checkpoints: teacher.backbone.blocks.<chunk>.<block>.*, register_tokens, mask_token."""
+    source = dinov2_vit(registers=4, ffn="swiglu")
+    chunked = {}
+    for name, value in source.state_dict().items():
+        if name.startswith("blocks."):
+            index = int(name.split(".")[1])
+            name = f"blocks.{index // 2}." + name.split(".", 1)[1]  # two chunks of two blocks
+        chunked["backbone." + name.replace("patch_embed.", "patch_embed.proj.")] = value
+    torch.save({"teacher": chunked, "iteration": 10}, tmp_path / "model_0000009.rank_0.pth")
+    ours = vit(layer_scale=1e-5, mask_token=True, registers=4, ffn="swiglu").eval()
+    report = init_from(ours, tmp_path / "model_0000009.rank_0.pth", part="")
+    assert report.missing == [] and report.unexpected == []
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(ours(x, all_tokens=True), source(x, all_tokens=True))
+
+
+def test_timms_dinov2_layout_with_registers_goes_in_and_out(tmp_path):
+    """timm's vit_*_reg4_dinov2: reg_token, no position on the class token (folded into it)."""
+    source = dinov2_vit(registers=4)
+    timm_state = to_timm(source.state_dict())
+    assert "reg_token" in timm_state and timm_state["pos_embed"].shape == (1, 16, 64)
+    assert "mask_token" not in timm_state
+    ours = vit(layer_scale=1e-5, registers=4).eval()
+    report = init_from(ours, _saved(tmp_path / "timm.pth", timm_state), part="")
+    assert report.missing == [] and report.unexpected == []
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (ours(x, all_tokens=True) - source(x, all_tokens=True)).abs().max() < 1e-5
+
+
+def _saved(path: Path, state: dict) -> Path:
+    torch.save(state, path)
+    return path

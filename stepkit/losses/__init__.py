@@ -16,11 +16,13 @@ from stepkit.losses.correlation import (
 from stepkit.losses.dino import (
     DINOLossConfig,
     dino_loss,
+    ibot_patch_loss,
     koleo_loss,
     sinkhorn_knopp,
     teacher_softmax,
     teacher_temp_at,
     update_center,
+    update_patch_center,
 )
 from stepkit.losses.jepa import (
     jepa_contrastive_loss,
@@ -37,11 +39,13 @@ __all__ = [
     "clip_loss",
     "DINOLossConfig",
     "dino_loss",
+    "ibot_patch_loss",
     "koleo_loss",
     "sinkhorn_knopp",
     "teacher_softmax",
     "teacher_temp_at",
     "update_center",
+    "update_patch_center",
     "embedding_mse",
     "info_nce",
     "jepa_contrastive_loss",

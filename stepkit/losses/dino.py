@@ -1,4 +1,4 @@
-"""DINO's self-distillation loss and the pieces around it (centering, temperatures, Sinkhorn, KoLeo)."""
+"""DINO's self-distillation loss and the pieces around it (centering, temperatures, Sinkhorn, KoLeo, iBOT)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from torch import Tensor
 from stepkit import check as _check
 from stepkit.step import at_least_float32
 
-__all__ = ["DINOLossConfig", "dino_loss", "teacher_softmax", "update_center", "teacher_temp_at",
-           "sinkhorn_knopp", "koleo_loss"]
+__all__ = ["DINOLossConfig", "dino_loss", "ibot_patch_loss", "teacher_softmax", "update_center",
+           "update_patch_center", "teacher_temp_at", "sinkhorn_knopp", "koleo_loss"]
 
 
 @dataclass
@@ -73,7 +73,7 @@ def dino_loss(
         n_teacher_views: ``T`` (the global crops).
 
     Returns:
-        A 0-d tensor, at least float32.
+        A 0-d tensor in the wider of the two inputs' dtypes, at least float32.
 
     Raises:
         ValueError: when the row counts are not ``S`` and ``T`` views of the same batch, or ``T > S``.
@@ -89,11 +89,70 @@ def dino_loss(
         raise ValueError(f"dino_loss: {rows_s} student rows as {n_student_views} views and {rows_t} teacher "
                          f"rows as {n_teacher_views} views are not views of one batch (the teacher's "
                          "views are the student's first ones)")
-    log_p = F.log_softmax(at_least_float32(student_out) / student_temp, dim=-1).chunk(n_student_views)
-    q = at_least_float32(teacher_probs).chunk(n_teacher_views)
+    dtype = _common_float(student_out, teacher_probs)
+    log_p = F.log_softmax(student_out.to(dtype) / student_temp, dim=-1).chunk(n_student_views)
+    q = teacher_probs.to(dtype).chunk(n_teacher_views)
     ce = -torch.einsum("ibk,jbk->ij", torch.stack(q), torch.stack(log_p)) / q[0].shape[0]
     pairs = ~torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)
     return ce[pairs].mean()
+
+
+def _common_float(*tensors: Tensor) -> torch.dtype:
+    """The dtype every input is computed in: the widest of theirs, at least float32 (bf16 / fp16 logits
+    beside float32 targets, or float64 logits beside float32 targets, meet in one dtype)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def ibot_patch_loss(
+    student_patches: Tensor,
+    teacher_probs: Tensor,
+    masks: Tensor,
+    *,
+    student_temp: float = 0.1,
+) -> Tensor:
+    """iBOT's masked-patch loss: each image's masked patches predict the teacher's view of them.
+
+    The student saw the masked patches as the mask token; the teacher saw the image whole. With
+    ``p = softmax(s / student_temp)``, ``q`` the teacher's targets for the same patch and ``M_b`` the
+    masked patches of image ``b`` among ``B`` images (DINOv2's ``iBOTPatchLoss.forward_masked``)::
+
+        loss = 1/B sum_b 1/max(|M_b|, 1) sum_{n in M_b} -sum_k q[n, k] log p[n, k]
+
+    An image without masked patches adds 0 and still counts in ``B``. DINOv2 adds this loss with
+    weight 1 beside DINO's (its ``ibot_loss_weight``; the sum over the two global crops times 1/2).
+
+    Args:
+        student_patches: ``(M, K)`` student logits of the masked patches, in the order of
+            ``masks.flatten().nonzero()`` (image by image, patch by patch).
+        teacher_probs: ``(M, K)`` teacher targets of the same patches (``teacher_softmax`` with the
+            patch center, or ``sinkhorn_knopp``).
+        masks: ``(B, N)`` booleans, True where the student's patch was masked; ``M = masks.sum()``.
+        student_temp: The student's softmax temperature.
+
+    Returns:
+        A 0-d tensor in the wider of the inputs' dtypes, at least float32.
+
+    Raises:
+        ValueError: when the rows are not one per masked patch.
+
+    Examples:
+        >>> masks = torch.tensor([[True, False], [False, False]])  # one masked patch, in image 0
+        >>> q = torch.tensor([[0.5, 0.5]])
+        >>> round(ibot_patch_loss(torch.zeros(1, 2), q, masks).item(), 6)  # log 2 / 2 images
+        0.346574
+    """
+    rows = masks.sum(dim=1)
+    if student_patches.shape[0] != teacher_probs.shape[0]:
+        raise ValueError(f"ibot_patch_loss: {student_patches.shape[0]} student rows and "
+                         f"{teacher_probs.shape[0]} teacher rows; expected one per masked patch")
+    dtype = _common_float(student_patches, teacher_probs)
+    log_p = F.log_softmax(student_patches.to(dtype) / student_temp, dim=-1)
+    cross = -(teacher_probs.to(dtype) * log_p).sum(dim=-1)  # (M,)
+    weights = (1.0 / rows.clamp(min=1).to(dtype))[:, None].expand_as(masks)[masks]  # 1 / |M_b| per row
+    return (cross * weights).sum() / masks.shape[0]
 
 
 def teacher_softmax(teacher_out: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
@@ -135,6 +194,32 @@ def update_center(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) ->
         dist.all_reduce(batch)
         count *= dist.get_world_size()
     center.mul_(momentum).add_(batch / count, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def update_patch_center(center: Tensor, teacher_patches: Tensor, momentum: float = 0.9) -> None:
+    """iBOT's patch center: ``center = m * center + (1 - m) * mean over ranks of each rank's mean``, in place.
+
+    DINOv2's ``iBOTPatchLoss.update_center``: each rank averages its own masked patches' teacher logits
+    and the ranks' averages are averaged, so a rank with fewer masked patches weighs as much as
+    another (``update_center``, for the class token, weighs every row alike).
+
+    Args:
+        center: ``(1, K)`` buffer, updated in place.
+        teacher_patches: ``(M, K)`` this rank's teacher logits of the masked patches.
+        momentum: ``m``.
+
+    Examples:
+        >>> center = torch.zeros(1, 2)
+        >>> update_patch_center(center, torch.tensor([[2.0, 0.0], [4.0, 2.0]]), momentum=0.5)
+        >>> center
+        tensor([[1.5000, 0.5000]])
+    """
+    mean = at_least_float32(teacher_patches.detach()).mean(dim=0, keepdim=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    center.mul_(momentum).add_(mean, alpha=1.0 - momentum)
 
 
 def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps: int) -> float:

@@ -33,7 +33,7 @@ from stepkit.models.text import (
     pretrained_vocab,
 )
 from stepkit.models.tower import ProjectedTower
-from stepkit.models.vit import VisionTransformer, sincos_pos_embed_2d
+from stepkit.models.vit import LayerScale, SwiGLU, VisionTransformer, sincos_pos_embed_2d, swiglu_hidden
 
 # The classes exported weights may rebuild (stepkit.weights.load_exported): these and no others.
 ARCHITECTURES.update({cls.__name__: cls for cls in (VisionTransformer, SmallCNN, MaskedCNN, MaskedTemporalCNN,
@@ -66,6 +66,8 @@ __all__ = [
     "TinyTextEncoder",
     "TokenTransformer",
     "VisionTransformer",
+    "LayerScale",
+    "SwiGLU",
     "WordTokenizer",
     "add_lora",
     "cancel_last_layer_gradients",
@@ -79,4 +81,5 @@ __all__ = [
     "pretrained_vocab",
     "sequence_tokens",
     "sincos_pos_embed_2d",
+    "swiglu_hidden",
 ]

@@ -16,9 +16,12 @@ Formats:
 - ``sentence-transformers`` (text towers on a Hugging Face encoder): a folder
   ``SentenceTransformer(PATH)`` loads, giving the tower's embeddings
   (encoder, mean pooling, the projection, L2 normalisation).
-- ``hf`` (the same towers): the encoder alone as ``AutoModel.from_pretrained``
+- ``hf``: for those towers, the encoder alone as ``AutoModel.from_pretrained``
   reads it (with its tokenizer), and the projection beside it in
-  ``projection.safetensors``.
+  ``projection.safetensors``; for a ViT with a class token and learned
+  positions, a ``Dinov2Model`` (``Dinov2WithRegistersModel`` with registers)
+  folder under the hub's names, giving the ViT's features (a ViT without
+  LayerScale gets scales of one).
 
 Nothing is ever written over an existing path unless ``force``.
 """
@@ -32,12 +35,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from stepkit._atomic import atomic_write_bytes
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import read_part
-from stepkit.weights.vit_keys import from_timm, timm_model_name, to_timm
+from stepkit.weights.vit_keys import (
+    from_hf_dinov2,
+    from_timm,
+    hf_dinov2_config,
+    timm_model_name,
+    to_hf_dinov2,
+    to_timm,
+)
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported", "read_exported"]
 
@@ -94,11 +105,19 @@ def export(source: str | os.PathLike, part: str, out: str | os.PathLike, *, form
     if format == "timm" and arch["class"] != "VisionTransformer":
         raise ValueError(f"format='timm' needs a ViT part; {part!r} is a {arch['class']} "
                          "(use --format safetensors)")
-    if format in ("sentence-transformers", "hf") and not _hf_text_tower(arch):
-        raise ValueError(f"format={format!r} needs a text tower on a Hugging Face encoder; {part!r} is a "
+    vit = arch["class"] == "VisionTransformer"
+    if format == "timm" and vit and arch["arguments"].get("ffn", "mlp") != "mlp":
+        raise ValueError(f"format='timm': {part!r} has a SwiGLU feed-forward, which timm builds only under "
+                         "its DINOv2 giant's name; use --format hf or safetensors")
+    if (format == "sentence-transformers" or (format == "hf" and not vit)) and not _hf_text_tower(arch):
+        raise ValueError(f"format={format!r} needs a text tower on a Hugging Face encoder"
+                         f"{' or a ViT' if format == 'hf' else ''}; {part!r} is a "
                          f"{_describe_arch(arch)} (use --format safetensors)")
+    if format == "hf" and vit:
+        hf_dinov2_config(arch["arguments"])  # refuses a ViT DINOv2's model cannot be, before any writing
     writer = {"safetensors": _write_safetensors, "timm": _write_timm,
-              "sentence-transformers": _write_sentence_transformers, "hf": _write_hf}[format]
+              "sentence-transformers": _write_sentence_transformers,
+              "hf": _write_hf_dinov2 if vit else _write_hf}[format]
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         written = writer(state, info, staging / out.name)
@@ -152,7 +171,8 @@ def _write_safetensors(state: dict[str, Tensor], info: dict[str, Any], path: Pat
 def _write_timm(state: dict[str, Tensor], info: dict[str, Any], folder: Path) -> Path:
     folder.mkdir()
     a = info["arch"]["arguments"]
-    name = timm_model_name(a["dim"], a["depth"], a["heads"], a["patch_size"], a["img_size"])
+    name = timm_model_name(a["dim"], a["depth"], a["heads"], a["patch_size"], a["img_size"],
+                           dinov2=a.get("layer_scale") is not None, registers=a.get("registers", 0))
     class_token = a.get("class_token", True)
     # without a class token: the mean of the normed patch tokens, timm's "avg" pool with no fc_norm
     pool = {"global_pool": "token"} if class_token else {"global_pool": "avg", "class_token": False,
@@ -160,6 +180,10 @@ def _write_timm(state: dict[str, Tensor], info: dict[str, Any], folder: Path) ->
     model_args = {"img_size": a["img_size"], "patch_size": a["patch_size"], "in_chans": a["in_chans"],
                   "embed_dim": a["dim"], "depth": a["depth"], "num_heads": a["heads"],
                   "mlp_ratio": a["mlp_ratio"], **pool}
+    if a.get("layer_scale") is not None:
+        model_args["init_values"] = a["layer_scale"]
+    if a.get("registers", 0):  # as timm's DINOv2 ViTs with registers: no position on the prefix tokens
+        model_args.update(reg_tokens=a["registers"], no_embed_class=True)
     facts = info.get("input", {})
     size = facts.get("size", a["img_size"])
     pretrained_cfg = {"input_size": [a["in_chans"], size, size], "mean": facts.get("mean"),
@@ -169,6 +193,16 @@ def _write_timm(state: dict[str, Tensor], info: dict[str, Any], folder: Path) ->
               "model_args": model_args,
               "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if v is not None}}
     atomic_write_bytes(folder / "model.safetensors", _safetensors_bytes(to_timm(state)))
+    atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode() + b"\n")
+    atomic_write_bytes(folder / "stepkit.json", json.dumps(info, indent=2).encode() + b"\n")
+    return folder
+
+
+def _write_hf_dinov2(state: dict[str, Tensor], info: dict[str, Any], folder: Path) -> Path:
+    folder.mkdir()
+    config = hf_dinov2_config(info["arch"]["arguments"], image_size=info.get("input", {}).get("size"))
+    weights = _safetensors_bytes(to_hf_dinov2(state), {"format": "pt"})
+    atomic_write_bytes(folder / "model.safetensors", weights)
     atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode() + b"\n")
     atomic_write_bytes(folder / "stepkit.json", json.dumps(info, indent=2).encode() + b"\n")
     return folder
@@ -224,7 +258,7 @@ def _write_sentence_transformers(state: dict[str, Tensor], info: dict[str, Any],
 
 def read_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """An exported part's tensors (stepkit's names) and description: a ``safetensors`` file, or a
-    ``timm`` folder that ``export`` wrote.
+    ``timm`` or ViT ``hf`` folder that ``export`` wrote.
 
     Raises:
         ValueError: naming the path, for a file that is not an export of stepkit's (or cannot be read).
@@ -262,7 +296,22 @@ def read_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
         info = json.loads(text)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not weights exported by stepkit ({type(err).__name__}: {err})") from None
-    return (from_timm(state) if timm_folder else state), info
+    return (_vit_from_folder(state, info["arch"]) if timm_folder else state), info
+
+
+def _vit_from_folder(state: dict[str, Tensor], arch: dict[str, Any]) -> dict[str, Tensor]:
+    """A ``timm`` or ``hf`` folder's ViT tensors under stepkit's names, as the recorded ViT has them: the
+    scales of one and the zero mask token an ``hf`` export adds dropped, the mask token timm has no place
+    for back at zero."""
+    a = arch.get("arguments", {})
+    state = from_timm(from_hf_dinov2(state), swiglu=a.get("ffn", "mlp") == "swiglu")
+    if a.get("layer_scale") is None:
+        state = {k: v for k, v in state.items() if not k.endswith((".ls1.gamma", ".ls2.gamma"))}
+    if not a.get("mask_token", False):
+        state.pop("mask_token", None)
+    elif "mask_token" not in state:
+        state["mask_token"] = torch.zeros(1, a["dim"])
+    return state
 
 
 def load_exported(path: str | os.PathLike) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Start a run from weights: a finished run's part, an export, or a timm / DINO / I-JEPA state dict.
+"""Start a run from weights: a finished run's part, an export, or a timm / DINO / I-JEPA / DINOv2 state dict.
 
 Weights only: the optimizer, the schedules and the step start fresh (to
 continue a run use ``--resume``). A recipe loads them into its online
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from stepkit.checkpoint import FORMAT, CheckpointError
 from stepkit.weights.export import read_exported
 from stepkit.weights.parts import WRAPPER_PREFIXES, read_part, strip_prefixes
-from stepkit.weights.vit_keys import from_timm, resize_pos_embed
+from stepkit.weights.vit_keys import from_hf_dinov2, from_timm, resize_pos_embed
 
 try:  # tyro's flag name: --init.from (``from`` is a Python keyword, so the field is ``from_``)
     from tyro.conf import arg as _flag_name
@@ -48,8 +48,9 @@ class InitConfig:
     MAY_CHANGE_ON_RESUME: ClassVar[bool] = True  # a resumed run reads its checkpoint instead
 
     from_: Annotated[Path | None, _FROM] = None
-    """A run directory, a stepkit checkpoint, an exported .safetensors or timm folder, or a state dict
-    (.pth/.pt/.bin/.safetensors) in timm's, DINO's or I-JEPA's layout; None: random init."""
+    """A run directory, a stepkit checkpoint, an exported .safetensors or timm folder, a Hugging Face
+    DINOv2 folder, or a state dict (.pth/.pt/.bin/.safetensors) in timm's, DINO's, I-JEPA's or
+    DINOv2's layout; None: random init."""
     part: str = ""
     """The part of a run or checkpoint to take ('' : the recipe's own, e.g. DINO's teacher)."""
     checkpoint: str = "last"
@@ -198,7 +199,7 @@ def init_from(module: nn.Module, source: str | os.PathLike, *, part: str, checkp
     A foreign state dict is matched to the module's names: wrapper prefixes
     (``module.``, ``_orig_mod.``) dropped, the one leading prefix kept that
     matches most names (DINO's ``backbone.``), timm's ViT names mapped to
-    stepkit's. ViT position embeddings are resized to the module's grid (a
+    stepkit's, as are Hugging Face's DINOv2 names. ViT position embeddings are resized to the module's grid (a
     saved grid without a class-token row, as I-JEPA's, gets the module's
     own); a ViT with fixed sine-cosine positions keeps its own.
 
@@ -295,8 +296,10 @@ def _hits(state: dict[str, Tensor], module: nn.Module) -> int:
 
 def _matched(state: dict[str, Tensor], own: dict[str, Tensor], *, vit: bool) -> dict[str, Tensor]:
     """``state`` under the module's names: the leading prefix (or none) that matches most names."""
+    swiglu = any(".mlp.w12." in k for k in own)
+
     def convert(s: dict[str, Tensor]) -> dict[str, Tensor]:
-        return from_timm(s) if vit else s
+        return from_timm(from_hf_dinov2(s), swiglu=swiglu) if vit else s
 
     firsts = {k.split(".", 1)[0] + "." for k in state if "." in k}
     best, best_hits = convert(state), sum(k in own for k in convert(state))
@@ -316,7 +319,7 @@ def _positions(module: nn.Module, saved: Tensor, own: Tensor) -> tuple[Tensor | 
     n_saved = saved.shape[1]
     with_class = n_saved != int(round(n_saved ** 0.5)) ** 2  # 1 + side^2 rows, or side^2
     resized = resize_pos_embed(saved, (grid, grid), class_token=with_class)
-    has_class = bool(getattr(module, "prefix", 1))
+    has_class = bool(getattr(module, "pos_prefix", 1))
     if has_class and not with_class:  # I-JEPA's grid into a ViT with a class token: its own position
         resized = torch.cat([own[:, :1].to(resized), resized], dim=1)
     if with_class and not has_class:  # the other way: the class token's position has no place
