@@ -285,11 +285,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         if class_token:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
-        if layer_scale is not None:  # _init_weights leaves LayerScale alone; say so rather than rely on it
-            for module in self.modules():
-                if isinstance(module, LayerScale):
-                    nn.init.constant_(module.gamma, layer_scale)
+        self.apply(_init_weights)  # leaves LayerScale at its initial value
         if init in ("dino", "dinov2"):  # PyTorch's Conv2d default for the patch embedding (as timm does)
             self.patch_embed.reset_parameters()
         if init == "dinov2":  # DINOv2: the class token and registers start near zero, std 1e-6

@@ -25,9 +25,11 @@ from stepkit.weights.vit_keys import (
     timm_model_name,
     to_hf_dinov2,
     to_timm,
+    vit_names,
 )
 
 __all__ = ["EXPORT_FORMATS", "InitConfig", "InitReport", "checkpoint_parts", "describe_part", "export",
            "find_checkpoint", "from_hf_dinov2", "from_timm", "hf_dinov2_config", "init_from", "load_exported",
            "merge_lora_state", "read_exported",
-           "read_part", "read_weights", "resize_pos_embed", "timm_model_name", "to_hf_dinov2", "to_timm"]
+           "read_part", "read_weights", "resize_pos_embed", "timm_model_name", "to_hf_dinov2", "to_timm",
+           "vit_names"]

@@ -41,14 +41,7 @@ from torch import Tensor, nn
 from stepkit._atomic import atomic_write_bytes
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import read_part
-from stepkit.weights.vit_keys import (
-    from_hf_dinov2,
-    from_timm,
-    hf_dinov2_config,
-    timm_model_name,
-    to_hf_dinov2,
-    to_timm,
-)
+from stepkit.weights.vit_keys import hf_dinov2_config, timm_model_name, to_hf_dinov2, to_timm, vit_names
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported", "read_exported"]
 
@@ -304,7 +297,7 @@ def _vit_from_folder(state: dict[str, Tensor], arch: dict[str, Any]) -> dict[str
     scales of one and the zero mask token an ``hf`` export adds dropped, the mask token timm has no place
     for back at zero."""
     a = arch.get("arguments", {})
-    state = from_timm(from_hf_dinov2(state), swiglu=a.get("ffn", "mlp") == "swiglu")
+    state = vit_names(state, swiglu=a.get("ffn", "mlp") == "swiglu")
     if a.get("layer_scale") is None:
         state = {k: v for k, v in state.items() if not k.endswith((".ls1.gamma", ".ls2.gamma"))}
     if not a.get("mask_token", False):

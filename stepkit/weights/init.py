@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from stepkit.checkpoint import FORMAT, CheckpointError
 from stepkit.weights.export import read_exported
 from stepkit.weights.parts import WRAPPER_PREFIXES, read_part, strip_prefixes
-from stepkit.weights.vit_keys import from_hf_dinov2, from_timm, resize_pos_embed
+from stepkit.weights.vit_keys import resize_pos_embed, vit_names
 
 try:  # tyro's flag name: --init.from (``from`` is a Python keyword, so the field is ``from_``)
     from tyro.conf import arg as _flag_name
@@ -299,10 +299,11 @@ def _matched(state: dict[str, Tensor], own: dict[str, Tensor], *, vit: bool) -> 
     swiglu = any(".mlp.w12." in k for k in own)
 
     def convert(s: dict[str, Tensor]) -> dict[str, Tensor]:
-        return from_timm(from_hf_dinov2(s), swiglu=swiglu) if vit else s
+        return vit_names(s, swiglu=swiglu) if vit else s
 
     firsts = {k.split(".", 1)[0] + "." for k in state if "." in k}
-    best, best_hits = convert(state), sum(k in own for k in convert(state))
+    best = convert(state)
+    best_hits = sum(k in own for k in best)
     for prefix in sorted(firsts):
         under = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         hits = sum(k in own for k in under)

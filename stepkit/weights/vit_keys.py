@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["TIMM_NAMES", "from_hf_dinov2", "from_timm", "hf_dinov2_config", "resize_pos_embed",
-           "timm_model_name", "to_hf_dinov2", "to_timm"]
+           "timm_model_name", "to_hf_dinov2", "to_timm", "vit_names"]
 
 _TO_TIMM = ((r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"),
             (r"^(blocks\.\d+\.mlp)\.0\.", r"\1.fc1."),
@@ -37,6 +37,7 @@ _FROM_TIMM = ((r"^patch_embed\.proj\.(weight|bias)$", r"patch_embed.\1"),
               (r"^(blocks\.\d+\.mlp)\.fc1\.", r"\1.0."),
               (r"^(blocks\.\d+\.mlp)\.fc2\.", r"\1.2."))
 _SWIGLU = ((r"^(blocks\.\d+\.mlp)\.0\.", r"\1.w12."), (r"^(blocks\.\d+\.mlp)\.2\.", r"\1.w3."))
+_SWIGLU_TO_TIMM = ((r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1."), (r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2."))
 
 # timm's names for the standard widths: (dim, depth, heads) -> the name's stem
 TIMM_NAMES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base",
@@ -71,8 +72,7 @@ def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
         pos = state.pop("pos_embed")
         state["cls_token"] = state["cls_token"] + pos[:, :1]
         state["pos_embed"] = pos[:, 1:]
-    swiglu = ((r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1."), (r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2."))
-    return _renamed(state, _TO_TIMM + swiglu)
+    return _renamed(state, _TO_TIMM + _SWIGLU_TO_TIMM)
 
 
 def from_timm(state: dict[str, Tensor], *, swiglu: bool = False) -> dict[str, Tensor]:
@@ -104,10 +104,11 @@ _HF_EMBEDDINGS = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": 
                   "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
                   "embeddings.patch_embeddings.projection.bias": "patch_embed.bias",
                   "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
-_HF_LAYER = {"norm1": "norm1", "norm2": "norm2", "layer_scale1.lambda1": "ls1.gamma",
-             "layer_scale2.lambda1": "ls2.gamma", "attention.output.dense": "attn.proj",
-             "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2",
-             "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3", "mlp.down_proj": "mlp.w3"}
+_HF_HUB_LAYER = {"norm1": "norm1", "norm2": "norm2", "layer_scale1.lambda1": "ls1.gamma",
+                 "layer_scale2.lambda1": "ls2.gamma", "attention.output.dense": "attn.proj",
+                 "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2", "mlp.weights_in": "mlp.w12",
+                 "mlp.weights_out": "mlp.w3"}  # the hub files' names, which to_hf_dinov2 writes
+_HF_LAYER = {**_HF_HUB_LAYER, "attention.o_proj": "attn.proj", "mlp.down_proj": "mlp.w3"}  # + transformers 5
 _HF_QKV = (("attention.attention.query", "attention.attention.key", "attention.attention.value"),  # hub files
            ("attention.q_proj", "attention.k_proj", "attention.v_proj"))  # transformers 5's own names
 
@@ -157,6 +158,17 @@ def from_hf_dinov2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def vit_names(state: dict[str, Tensor], *, swiglu: bool = False) -> dict[str, Tensor]:
+    """A ViT state dict in any layout this module reads (stepkit's, timm's, DINO / I-JEPA / DINOv2
+    releases, Hugging Face's DINOv2) under stepkit's names; other names unchanged.
+
+    Examples:
+        >>> sorted(vit_names({"encoder.layer.0.mlp.fc1.bias": 0, "blocks.1.mlp.fc2.bias": 1}))
+        ['blocks.0.mlp.0.bias', 'blocks.1.mlp.2.bias']
+    """
+    return from_timm(from_hf_dinov2(state), swiglu=swiglu)
+
+
 def to_hf_dinov2(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A ``VisionTransformer`` state dict under the names of the Hugging Face hub's DINOv2 files.
 
@@ -169,10 +181,7 @@ def to_hf_dinov2(state: dict[str, Tensor]) -> dict[str, Tensor]:
         ['key', 'query', 'value']
     """
     to_embeddings = {v: k for k, v in _HF_EMBEDDINGS.items()}
-    to_layer = {"norm1": "norm1", "norm2": "norm2", "ls1.gamma": "layer_scale1.lambda1",
-                "ls2.gamma": "layer_scale2.lambda1", "attn.proj": "attention.output.dense",
-                "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2", "mlp.w12": "mlp.weights_in",
-                "mlp.w3": "mlp.weights_out"}
+    to_layer = {v: k for k, v in _HF_HUB_LAYER.items()}
     out: dict[str, Tensor] = {}
     layers = set()
     for name, value in state.items():
