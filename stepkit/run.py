@@ -568,12 +568,17 @@ class Run:
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         self.signals.__exit__(kind, error, traceback)
         self.wall_s = time.perf_counter() - self.started
-        if kind is not None:  # the error goes on; the checkpoints saved before it stay
-            return
-        self._check_reported()
-        self.state.extras["wall_s"] = self.wall_s
-        with self._as_consumed():
-            end_loop(self.ckpt_dir, self.state, self.signals, self.log, meta=self.meta)  # 75 after a signal
+        try:
+            if kind is not None:  # the error goes on; the checkpoints saved before it stay
+                return
+            self._check_reported()
+            self.state.extras["wall_s"] = self.wall_s
+            with self._as_consumed():
+                end_loop(self.ckpt_dir, self.state, self.signals, self.log, meta=self.meta)  # 75 on a signal
+        finally:  # the loader's workers end with the loop, not whenever the loader is collected
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
 
     def _check_reported(self) -> None:
         if self.state.step != self._reported:

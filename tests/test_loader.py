@@ -119,6 +119,24 @@ def test_end_loader_workers_ends_every_live_iterator():
     assert alive(pids) == []
 
 
+def test_an_iterator_collected_in_a_reference_cycle_ends_its_workers_at_once():
+    # the cycle's queue finalizers run before the iterator's own: torch's polite shutdown then took
+    # 20 s and left workers that ignore SIGTERM alive, holding the process's exit forever
+    import gc
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.itself, holder.batches = holder, iter(seeded_loader(Samples(), seed=0, workers=2, batch_size=2))
+    next(holder.batches)
+    pids = [w.pid for w in holder.batches._inner._workers]
+    del holder
+    started = time.monotonic()
+    gc.collect()
+    assert alive(pids) == [] and time.monotonic() - started < 4  # torch's own shutdown waits >= 10 s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "sys.exit(3)"])
 def test_a_process_that_leaves_with_workers_mid_epoch_exits_at_once(how, tmp_path):

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import signal
 import subprocess
@@ -318,3 +319,29 @@ def test_run_refuses_a_second_after_update_and_a_bare_with(tmp_path):
                 state.step += 1
                 run.after_update({})
                 run.after_update({})
+
+
+@pytest.mark.parametrize("ends", ["at its steps", "on an error"])
+def test_a_run_ends_its_loader_workers_when_its_loop_ends(ends, tmp_path):
+    from test_loader import alive
+
+    from stepkit import TrainState
+    from stepkit.data import train_batches
+    from stepkit.run import Run
+
+    run = Run(_run_config(tmp_path, steps=2))
+    model = nn.Linear(1, 1)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    batches = train_batches(torch.utils.data.TensorDataset(torch.ones(16, 1)), state, batch_size=2, seed=0,
+                            workers=1)
+    failing = ends == "on an error"
+    with pytest.raises(RuntimeError, match="the loop failed") if failing else contextlib.nullcontext():
+        with run.start(state, steps=2):
+            for _ in run.batches(batches):
+                pids = [w.pid for w in batches._prefetch.batches._inner._workers]
+                assert alive(pids) == pids
+                state.step += 1
+                run.after_update({})
+                if failing:
+                    raise RuntimeError("the loop failed")
+    assert alive(pids) == []  # the epoch had batches left: only the run's end ended them

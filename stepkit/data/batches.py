@@ -183,6 +183,11 @@ class TrainBatches:
         """A context in which the global RNG is as the last batch handed out left it (for saving)."""
         return self._prefetch.rng_as_consumed() if self._prefetch is not None else contextlib.nullcontext()
 
+    def close(self) -> None:
+        """End the loader's worker processes now (``stepkit.run.Run`` does this when its loop ends)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+
     @property
     def skipped(self) -> int:
         """Unreadable shard samples skipped so far, this run and the runs it resumed (0 without shards)."""
@@ -262,6 +267,12 @@ class Prefetch:
             batch = self.prepare(raw)
         ready = self.stream.record_event() if self.stream is not None else None
         return batch, ready, before
+
+    def close(self) -> None:
+        """Close ``batches`` when it can be (a ``WatchedLoader``'s iterator ends its workers)."""
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
 
     @contextlib.contextmanager
     def rng_as_consumed(self) -> Iterator[None]:

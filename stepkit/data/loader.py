@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from stepkit.faults import DataError, DataStalled, error_line
 from stepkit.seeds import torch_generator
@@ -86,6 +87,28 @@ class WatchedLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch's iterator, wrapped
         return _WatchedIterator(super().__iter__(), self.stall_timeout)
 
+    def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _ReapedIterator(self)
+
+
+class _ReapedIterator(_MultiProcessingDataLoaderIter):
+    """Torch's multi-worker iterator, whose workers are killed when it is collected.
+
+    Torch's own ``__del__`` asks them to leave through their index queues, then
+    ``terminate()``s the rest. An iterator collected in a reference cycle has had
+    those queues' feeder threads closed by their finalizers first, so the
+    request never arrives, and ``terminate()`` cannot end workers that ignore
+    SIGTERM: the collection took 20 s, and the workers outlived it, holding the
+    process's exit forever.
+    """
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit modules may be gone
+            end_workers(self)
+
 
 class _WatchedIterator:
     def __init__(self, inner: Any, timeout: float) -> None:
@@ -95,6 +118,10 @@ class _WatchedIterator:
 
     def __iter__(self) -> _WatchedIterator:
         return self
+
+    def close(self) -> None:
+        """End the workers now (``end_workers``): a loop that stops early need not wait for collection."""
+        end_workers(self._inner)
 
     def __len__(self) -> int:
         return len(self._inner)
