@@ -49,6 +49,10 @@ JEPA_IMAGES = (  # ijepa and hjepa: the same columns
     "| {seed} | **{linear_acc:.3f}** ({linear_acc_last_layer:.3f} / {linear_acc_last_layers:.3f}) "
     "| {linear_acc_context_encoder:.3f} | {linear_acc_random_init:.3f} | {linear_acc_pixels:.3f} "
     "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_pixels:.3f} | {wall} |")
+DISTILLATION = (  # dino and dinov2
+    "| seed | knn_acc (teacher) | student | untrained | raw pixels | whole command |",
+    "| {seed} | {knn_acc:.3f} | {knn_acc_student:.3f} | {knn_acc_random_init:.3f} "
+    "| {knn_acc_pixels:.3f} | {wall} |")
 RETRIEVAL = (  # both contrastive presets
     "| seed | recall@1 i→t / t→i | recall@5 i→t / t→i | before training, recall@1 | chance, recall@1 "
     "| whole command |",
@@ -57,10 +61,8 @@ RETRIEVAL = (  # both contrastive presets
     "| {recall_at_1_i2t_before:.3f} / {recall_at_1_t2i_before:.3f} | {recall_at_1_chance:.3f} | {wall} |")
 
 TABLES = [
-    Table("dino", "dino", None,
-          "| seed | knn_acc (teacher) | student | untrained | raw pixels | whole command |",
-          "| {seed} | {knn_acc:.3f} | {knn_acc_student:.3f} | {knn_acc_random_init:.3f} "
-          "| {knn_acc_pixels:.3f} | {wall} |"),
+    Table("dino", "dino", None, *DISTILLATION),
+    Table("dinov2", "dinov2", None, *DISTILLATION),
     Table("ijepa", "ijepa", None, *JEPA_IMAGES),
     Table("hjepa", "ijepa", "hjepa", *JEPA_IMAGES),
     Table("timeseries", "jepa_sequences", "timeseries",

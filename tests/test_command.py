@@ -33,7 +33,7 @@ def test_cp_copies_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["cp", "dino", str(target), "--force"]) == 0 and target.stat().st_size > 1000
     assert main(["cp", "ijepa", str(tmp_path)]) == 0 and (tmp_path / "ijepa.py").is_file()  # into a folder
     assert main(["cp", "dnio", str(tmp_path / "x.py")]) == 2
-    assert ("unknown recipe 'dnio'; recipes: autoencoder, contrastive, dino, ijepa, jepa_sequences"
+    assert ("unknown recipe 'dnio'; recipes: autoencoder, contrastive, dino, dinov2, ijepa, jepa_sequences"
             in capsys.readouterr().err)
 
 

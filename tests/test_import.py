@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,21 @@ def test_every_module_and_package_has_its_test_file():
     missing = [name for name in names if not (tests / elsewhere.get(name, f"test_{name}.py")).exists()]
     assert missing == []
     assert (tests / elsewhere["__main__"]).exists()
+
+
+def test_every_recipe_reads_in_one_sitting():
+    """At most 450 lines a recipe, 120 its main, 30 its training loop's body (issue 42's bar)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for path in sorted(p for p in root.glob("*.py") if p.stem != "__init__"):
+        text = path.read_text()
+        tree = ast.parse(text)
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        loops = [n for n in ast.walk(main) if isinstance(n, ast.For) and isinstance(n.iter, ast.Call)
+                 and isinstance(n.iter.func, ast.Attribute) and n.iter.func.attr == "batches"]
+        assert len(text.splitlines()) <= 450, path.name
+        assert main.end_lineno - main.lineno + 1 <= 120, path.name
+        assert len(loops) == 1, f"{path.name}: one `for batch in run.batches(...)` loop"
+        body = loops[0].body
+        assert body[-1].end_lineno - body[0].lineno + 1 <= 30, path.name

@@ -28,6 +28,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=192, depth=12, heads=3, patch_size=16),
     "small": dict(dim=384, depth=12, heads=6, patch_size=16),
     "base": dict(dim=768, depth=12, heads=12, patch_size=16),
+    "large": dict(dim=1024, depth=24, heads=16, patch_size=16),  # ViT-L/16 (DINOv2's default)
     "huge": dict(dim=1280, depth=32, heads=16, patch_size=14),  # ViT-H/14 (I-JEPA's)
 }
 
