@@ -124,6 +124,7 @@ def _restart_store() -> dist.Store | None:
         return None
     if shared.check([_DATA_ERROR_KEY]):
         noted = shared.get(_DATA_ERROR_KEY).decode()
+        _refuse_together(shared, int(os.environ["WORLD_SIZE"]))
         raise ValueError(f"not started again after torchrun's restart: {noted}; it would stop the run at "
                          "the same sample again: fix the data (or pass "
                          "--data.skip-unreadable), then start torchrun again with --resume")
@@ -133,6 +134,24 @@ def _restart_store() -> dist.Store | None:
 
 
 _DATA_ERROR_KEY = "stepkit/data_error"
+_REFUSED_KEY = "stepkit/refused_after_data_error"
+
+
+def _refuse_together(store: dist.Store, world: int, timeout_s: float = 30.0) -> None:
+    """Wait until every rank of this group has met the noted data error (at most ``timeout_s``).
+
+    The first rank to exit makes torchrun end the others; without the wait a
+    rank still starting was ended before it said why it stops. The counter
+    outlives the group: this group's ranks are the arrivals up to the next
+    multiple of ``world``.
+    """
+    import time
+
+    arrived = store.add(_REFUSED_KEY, 1)
+    everyone = -(-arrived // world) * world
+    deadline = time.monotonic() + timeout_s
+    while store.add(_REFUSED_KEY, 0) < everyone and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _agent_store(timeout_s: float) -> dist.Store | None:

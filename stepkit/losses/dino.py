@@ -202,7 +202,9 @@ def update_patch_center(center: Tensor, teacher_patches: Tensor, momentum: float
 
     DINOv2's ``iBOTPatchLoss.update_center``: each rank averages its own masked patches' teacher logits
     and the ranks' averages are averaged, so a rank with fewer masked patches weighs as much as
-    another (``update_center``, for the class token, weighs every row alike).
+    another (``update_center``, for the class token, weighs every row alike). A rank without masked
+    patches is left out of the average (DINOv2's would divide by zero); with none on any rank the
+    center stays as it is.
 
     Args:
         center: ``(1, K)`` buffer, updated in place.
@@ -214,12 +216,18 @@ def update_patch_center(center: Tensor, teacher_patches: Tensor, momentum: float
         >>> update_patch_center(center, torch.tensor([[2.0, 0.0], [4.0, 2.0]]), momentum=0.5)
         >>> center
         tensor([[1.5000, 0.5000]])
+        >>> update_patch_center(center, torch.zeros(0, 2))  # no masked patch: no change, no NaN
+        >>> center
+        tensor([[1.5000, 0.5000]])
     """
-    mean = at_least_float32(teacher_patches.detach()).mean(dim=0, keepdim=True)
+    patches = at_least_float32(teacher_patches.detach())
+    mean = patches.sum(dim=0, keepdim=True) / max(len(patches), 1)
+    summed = torch.cat([mean, mean.new_full((1, 1), float(len(patches) > 0))], dim=1)  # + ranks with patches
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(mean)
-        mean /= dist.get_world_size()
-    center.mul_(momentum).add_(mean, alpha=1.0 - momentum)
+        dist.all_reduce(summed)
+    ranks = summed[:, -1:]
+    updated = center * momentum + (1.0 - momentum) * summed[:, :-1] / ranks.clamp(min=1)
+    center.copy_(torch.where(ranks > 0, updated, center))
 
 
 def teacher_temp_at(step: int, *, warmup_temp: float, temp: float, warmup_steps: int) -> float:
