@@ -41,6 +41,7 @@ class Table:
     header: str
     row: str  # a format string over the summary's keys, plus seed and wall
     data_seed: bool = False  # the recipe's embedded data follows --train.seed (--data.seed too)
+    flags: tuple[str, ...] = ()  # after the preset
 
 
 JEPA_IMAGES = (  # ijepa and hjepa: the same columns
@@ -59,6 +60,11 @@ RETRIEVAL = (  # both contrastive presets
     "| {seed} | {recall_at_1_i2t:.3f} / {recall_at_1_t2i:.3f} "
     "| {recall_at_5_i2t:.3f} / {recall_at_5_t2i:.3f} "
     "| {recall_at_1_i2t_before:.3f} / {recall_at_1_t2i_before:.3f} | {recall_at_1_chance:.3f} | {wall} |")
+MATRYOSHKA = (  # recall at each width the matryoshka preset trains
+    "| seed | recall@1 i→t at 128 / 16 / 8 / 4 dims | recall@1 t→i at 128 / 16 / 8 / 4 | whole command |",
+    "| {seed} | {recall_at_1_i2t:.3f} / {recall_at_1_i2t_d16:.3f} / {recall_at_1_i2t_d8:.3f} "
+    "/ {recall_at_1_i2t_d4:.3f} | {recall_at_1_t2i:.3f} / {recall_at_1_t2i_d16:.3f} "
+    "/ {recall_at_1_t2i_d8:.3f} / {recall_at_1_t2i_d4:.3f} | {wall} |")
 
 TABLES = [
     Table("dino", "dino", None, *DISTILLATION),
@@ -79,6 +85,11 @@ TABLES = [
           "| {knn_acc:.3f} / {knn_acc_random_init:.3f} / {knn_acc_bow:.3f} | {wall} |"),
     Table("contrastive", "contrastive", None, *RETRIEVAL),
     Table("contrastive-tiny", "contrastive", "tiny", *RETRIEVAL),
+    Table("contrastive-siglip", "contrastive", "siglip", *RETRIEVAL),
+    Table("contrastive-matryoshka", "contrastive", "matryoshka", *MATRYOSHKA),
+    # the same run with the narrower widths' weights at 0: tiny's training, read at each width
+    Table("contrastive-matryoshka-off", "contrastive", "matryoshka", *MATRYOSHKA,
+          flags=("--loss.matryoshka-weights", "1", "0", "0", "0")),
     Table("autoencoder", "autoencoder", None,
           "| `--data.seed` = `--train.seed` | voxel_corr (model) | ridge, alpha per voxel | ridge, one alpha "
           "| noise ceiling | stopped / best step | whole command |",
@@ -102,7 +113,7 @@ def machine_line() -> str:
 def run_one(table: Table, seed: int, steps: int | None, work: Path) -> dict:
     run_dir = work / f"{table.name}_seed{seed}"
     cmd = [sys.executable, f"recipes/{table.recipe}.py", *([table.preset] if table.preset else []),
-           "--run-dir", str(run_dir), "--train.seed", str(seed), "--log.no-console"]
+           *table.flags, "--run-dir", str(run_dir), "--train.seed", str(seed), "--log.no-console"]
     if table.data_seed:
         cmd += ["--data.seed", str(seed)]
     if steps is not None:
@@ -139,7 +150,8 @@ on (the same command gives other numbers on a CPU that differs in its kernels: s
 
 def section(table: Table, machine: str, rows: list[str]) -> str:
     """One table of the measurements page: its command, the machine and date, the rows."""
-    command = f"python recipes/{table.recipe}.py {table.preset + ' ' if table.preset else ''}--train.seed S"
+    command = " ".join(["python", f"recipes/{table.recipe}.py", *([table.preset] if table.preset else []),
+                        *table.flags, "--train.seed", "S"])
     if table.data_seed:
         command += " --data.seed S"
     rule = "|" + " --- |" * (table.header.count(" | ") + 1)

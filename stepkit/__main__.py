@@ -7,6 +7,7 @@
     stepkit export runs/dino                # the parts a run can export
     stepkit export runs/dino --part teacher --out teacher.safetensors   # --format timm|hf|...
     stepkit eval runs/dino [--all] [--train-root L --val-root V] [--linear]   # probe saved checkpoints
+    stepkit mine runs/qa --pairs qa.jsonl --out qa_negatives.jsonl   # hard negatives for text pairs
     torchrun --nproc_per_node=2 -m stepkit run dino --run-dir runs/d
 
 The recipes are the repository's ``recipes/`` folder, installed as
@@ -255,12 +256,36 @@ def _eval_command(args: argparse.Namespace) -> int:
         dist.shutdown()
     if not main_process:
         return 0
-    keys = [k for k in rows[0] if k.endswith("_acc")]
+    headline = ("recall_at_1_", "mrr_at_10_", "ndcg_at_10_")  # a two-tower run's, each way, full width
+    keys = [k for k in rows[0] if k.endswith("_acc") or k.startswith(headline) and k.count("_") == 3]
     print(f"{'checkpoint':24} {'step':>8} " + " ".join(f"{k:>12}" for k in keys))
     for row in rows:
         print(f"{Path(row['checkpoint']).name:24} {row['step']:>8} "
               + " ".join(f"{row.get(k, float('nan')):12.4f}" for k in keys))
     print(f"results in {Path(rows[-1]['file']).parent}")
+    return 0
+
+
+def _mine_command(args: argparse.Namespace) -> int:
+    """``stepkit mine``: hard negatives for text pairs; errors in one line, nothing written on one."""
+    from stepkit.checkpoint import CheckpointError
+    from stepkit.mine import mine_run
+
+    try:
+        if Path(args.out).exists() and not args.force:
+            raise ValueError(f"--out={args.out!r} exists: pass --force to replace it")
+        done = mine_run(args.run, args.pairs, args.out, negatives=args.negatives,
+                        rank_range=tuple(args.range), margin=args.margin, checkpoint=args.checkpoint,
+                        anchor_column=args.anchor_column, positive_column=args.positive_column,
+                        device=args.device)
+    except (ValueError, CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    columns = " ".join(f"negative_{j + 1}" for j in range(args.negatives))
+    print(f"wrote {args.out}: {done['rows']} pairs with {args.negatives} hard negatives each"
+          + (f" ({done['dropped']} left out: fewer candidates)" if done["dropped"] else "")
+          + f"; train on them with --data.pairs {args.out} --data.kind text-text "
+            f"--data.negative-columns {columns}")
     return 0
 
 
@@ -311,7 +336,25 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--linear", action="store_true", default=None, help="add the linear probe")
     probe.add_argument("--batch-size", type=int, help="images per forward (default: the run's)")
     probe.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    mine = commands.add_parser("mine", help="hard negatives for text pairs, mined with a text-text run's "
+                                            "towers (sentence-transformers' mine_hard_negatives)")
+    mine.add_argument("run", help="a text-text run of the contrastive recipe")
+    mine.add_argument("--pairs", required=True, help="the text pairs file (.jsonl, .csv, .tsv, .parquet)")
+    mine.add_argument("--out", required=True,
+                      help="the pairs with negative_1 ... columns (.jsonl, .csv, .tsv)")
+    mine.add_argument("--negatives", type=int, default=3, help="negatives a pair (default 3)")
+    mine.add_argument("--range", type=int, nargs=2, default=(0, 50), metavar=("MIN", "MAX"),
+                      help="candidate ranks picked from, positives not counted (default 0 50)")
+    mine.add_argument("--margin", type=float, default=None,
+                      help="a negative is at most the positive's similarity minus this (default: no test)")
+    mine.add_argument("--anchor-column", default="anchor")
+    mine.add_argument("--positive-column", default="positive")
+    mine.add_argument("--checkpoint", default="last", help="last (default), best or step_N")
+    mine.add_argument("--force", action="store_true", help="replace --out if it exists")
+    mine.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "mine":
+        return _mine_command(args)
     if args.command == "export":
         return _export_command(args)
     if args.command == "eval":

@@ -27,7 +27,8 @@ __all__ = ["Strategy", "DistConfig", "launched_by_torchrun", "init_from_env", "n
            "noted_data_error", "is_initialized", "rank",
            "world_size", "is_main", "barrier", "shutdown", "any_rank", "gather_to_main",
            "same_on_all_ranks", "broadcast_buffers",
-           "all_reduce_mean", "all_gather_with_grad", "parallelize", "dtensor_type", "is_sharded"]
+           "all_reduce_mean", "all_gather_with_grad", "pass_to_next_rank", "parallelize", "dtensor_type",
+           "is_sharded"]
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -422,6 +423,44 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     return _AllGather.apply(x)
 
 
+def _exchange(x: Tensor, to: int, source: int) -> Tensor:
+    x, received = x.contiguous(), torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, to), dist.P2POp(dist.irecv, received, source)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _PassToNext(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.before, ctx.after = (rank() - 1) % world_size(), (rank() + 1) % world_size()
+        return _exchange(x, ctx.after, ctx.before)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # The next rank's loss used our rows: its gradient comes back the way they went.
+        return _exchange(grad, ctx.before, ctx.after)
+
+
+def pass_to_next_rank(x: Tensor) -> Tensor:
+    """Send ``x`` to rank ``r + 1`` and return what rank ``r - 1`` sent (around a ring), keeping the
+    autograd graph: the backward pass sends the gradient back to the rank the rows came from.
+
+    ``W - 1`` calls show every rank every other rank's rows, one block at a
+    time, so a loss over all pairs never holds more than two blocks (SigLIP's
+    chunked form, ``siglip_loss``). A world of one returns ``x`` itself.
+
+    Examples:
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> pass_to_next_rank(x) is x  # a world of one
+        True
+    """
+    if not is_initialized() or world_size() == 1:
+        return x
+    return _PassToNext.apply(x)
+
+
 def parallelize(
     model: nn.Module,
     strategy: Strategy,
@@ -480,7 +519,8 @@ def parallelize(
 
     reduce_dtype = torch.float32 if param_dtype else None
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for module in (shard(model) if shard else ()):
+    units = {id(m): m for m in (shard(model) if shard else ())}  # a module named twice (a shared tower) once
+    for module in units.values():
         fully_shard(module, mp_policy=policy)
     named = dict(model.named_parameters())
     # FSDP2 would keep a root's parameters gathered after its forward, for the backward that

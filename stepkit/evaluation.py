@@ -22,7 +22,8 @@ from stepkit.step import at_least_float32
 __all__ = ["DEFAULT_ALPHAS", "RidgeFit", "ridge_regression", "extract_features", "loader_features",
            "knn_accuracy", "PROBE_CS", "validation_split", "linear_probe", "fit_logistic",
            "linear_probe_accuracy", "recall_at_k", "paired_relevance", "repeated_targets_line",
-           "chance_recall_at_k", "retrieval_metrics", "frozen_probes", "probes_line"]
+           "chance_recall_at_k", "ranking_metrics", "retrieval_metrics", "held_out_retrieval",
+           "frozen_probes", "probes_line"]
 
 DEFAULT_ALPHAS = tuple(10.0**k for k in range(-2, 7))
 
@@ -562,6 +563,46 @@ def recall_at_k(
     return out
 
 
+@torch.no_grad()
+def ranking_metrics(
+    similarity: Tensor, k: int = 10, *, query_ids: Tensor | None = None, key_ids: Tensor | None = None,
+    relevant: Tensor | None = None,
+) -> dict[str, float]:
+    """MRR@k and NDCG@k of a ``(queries, keys)`` similarity matrix, with binary relevance, as
+    sentence-transformers' ``InformationRetrievalEvaluator`` computes them.
+
+    MRR@k: the mean over queries of ``1 / rank`` of the first relevant key among the ``k`` most similar
+    (0 if none). NDCG@k: ``DCG / IDCG`` with ``DCG = sum_{r <= k} rel_r / log2(r + 1)`` over the ranked
+    keys and ``IDCG`` the same for the query's relevant keys ranked first. Relevance as in
+    ``recall_at_k`` (ids, ``relevant``, or key i for query i).
+
+    Args:
+        similarity: ``(queries, keys)`` scores.
+        k: The cut-off.
+        query_ids: ``(queries,)`` ids, with ``key_ids``.
+        key_ids: ``(keys,)`` ids.
+        relevant: ``(queries, keys)`` bool, instead of ids.
+
+    Returns:
+        ``{"mrr": ..., "ndcg": ...}``.
+
+    Examples:
+        >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.2]])  # query 0's match ranks first, query 1's second
+        >>> {name: round(v, 4) for name, v in ranking_metrics(scores, k=2).items()}  # (1 + 1/2) / 2
+        {'mrr': 0.75, 'ndcg': 0.8155}
+    """
+    _check.integer_at_least("k", k, 1)
+    relevant = _relevance(similarity.shape[0], similarity.shape[1], query_ids, key_ids, relevant)
+    k = min(k, similarity.shape[1])
+    top = similarity.float().cpu().topk(k, dim=1).indices
+    hits = relevant.gather(1, top).double()  # (queries, k): 1 where the r-th ranked key is relevant
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    first = torch.where(hits.any(dim=1), hits.argmax(dim=1).double() + 1, torch.inf)
+    ideal = (torch.arange(k).unsqueeze(0) < relevant.sum(dim=1, keepdim=True)).double() @ discount
+    ndcg = torch.where(ideal > 0, (hits @ discount) / ideal.clamp_min(1e-12), 0.0)
+    return {"mrr": (1.0 / first).mean().item(), "ndcg": ndcg.mean().item()}
+
+
 def chance_recall_at_k(
     n_queries: int, n_keys: int, k: int = 1, *, query_ids: Tensor | None = None,
     key_ids: Tensor | None = None, relevant: Tensor | None = None,
@@ -593,7 +634,7 @@ def chance_recall_at_k(
 
 def retrieval_metrics(
     image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), *, ids: Tensor | None = None,
-    relevant: Tensor | None = None,
+    relevant: Tensor | None = None, ranked_at: int | None = None,
 ) -> dict[str, float]:
     """Recall@k both ways between paired embeddings: ``recall_at_{k}_i2t`` (images query captions) and
     ``recall_at_{k}_t2i``. Rows are L2-normalised here; ``ids`` marks rows that match each other
@@ -606,9 +647,10 @@ def retrieval_metrics(
         ks: The cut-offs.
         ids: ``(N,)`` ids of matching rows (None: row i matches row i only).
         relevant: ``(N, N)`` bool, image rows by text rows, instead of ``ids``.
+        ranked_at: Also MRR and NDCG at this cut-off (``ranking_metrics``): ``mrr_at_10_i2t`` ...
 
     Returns:
-        ``{"recall_at_{k}_i2t": ..., "recall_at_{k}_t2i": ...}``.
+        ``{"recall_at_{k}_i2t": ..., "recall_at_{k}_t2i": ...}`` (and the ranking metrics).
 
     Examples:
         >>> retrieval_metrics(torch.eye(3), torch.eye(3), ks=(1,))
@@ -616,14 +658,37 @@ def retrieval_metrics(
     """
     image, text = F.normalize(at_least_float32(image), dim=-1), F.normalize(at_least_float32(text), dim=-1)
     similarity = image @ text.T
-    if relevant is not None:
-        i2t = recall_at_k(similarity, ks, relevant=relevant)
-        t2i = recall_at_k(similarity.T, ks, relevant=relevant.T)
-    else:
-        kw = {} if ids is None else {"query_ids": ids, "key_ids": ids}
-        i2t, t2i = recall_at_k(similarity, ks, **kw), recall_at_k(similarity.T, ks, **kw)
-    return {**{f"recall_at_{k}_i2t": v for k, v in i2t.items()},
-            **{f"recall_at_{k}_t2i": v for k, v in t2i.items()}}
+    if relevant is None:
+        relevant = _relevance(len(image), len(text), ids, ids)
+    out: dict[str, float] = {}
+    for way, scores, hits in (("i2t", similarity, relevant), ("t2i", similarity.T, relevant.T)):
+        out |= {f"recall_at_{k}_{way}": v for k, v in recall_at_k(scores, ks, relevant=hits).items()}
+        if ranked_at is not None:
+            out |= {f"{name}_at_{ranked_at}_{way}": v
+                    for name, v in ranking_metrics(scores, ranked_at, relevant=hits).items()}
+    return dict(sorted(out.items(), key=lambda item: item[0].endswith("t2i")))
+
+
+def held_out_retrieval(queries: Tensor, texts: Tensor, relevant: Tensor, *, widths: Sequence[int] = (),
+                       text_only: bool = False) -> dict[str, float]:
+    """A two-tower run's held-out numbers (the contrastive recipe's and ``stepkit eval``'s): recall@1/5/10
+    both ways and MRR@10 / NDCG@10 (``retrieval_metrics``), and recall at each narrower Matryoshka
+    width in ``widths`` (the leading dimensions, renormalised: ``recall_at_1_i2t_d64`` ...). Text-text
+    (``text_only``) names the ways ``a2p`` (anchor to positive) and ``p2a``.
+
+    Examples:
+        >>> same = torch.eye(4, dtype=torch.bool)
+        >>> numbers = held_out_retrieval(torch.eye(4), torch.eye(4), same, widths=(2,), text_only=True)
+        >>> numbers["recall_at_1_a2p"], numbers["mrr_at_10_p2a"], "recall_at_1_a2p_d2" in numbers
+        (1.0, 1.0, True)
+    """
+    out = retrieval_metrics(queries, texts, (1, 5, 10), relevant=relevant, ranked_at=10)
+    for d in (d for d in widths if d < queries.shape[1]):
+        out |= {f"{k}_d{d}": v for k, v in
+                retrieval_metrics(queries[:, :d], texts[:, :d], (1, 5, 10), relevant=relevant).items()}
+    if text_only:  # no images: anchor -> positive and back
+        out = {k.replace("_i2t", "_a2p").replace("_t2i", "_p2a"): v for k, v in out.items()}
+    return out
 
 
 @torch.no_grad()

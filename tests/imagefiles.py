@@ -138,3 +138,22 @@ def write_text_pairs(folder: Path, n: int, fmt: str = "jsonl", *, seed: int = 0)
             writer.writeheader()
             writer.writerows(rows)
     return out
+
+
+def write_tiny_text_model(folder: Path) -> str:
+    """A Hugging Face BERT folder with MiniLM's tokenizer and a 1-layer, 16-wide encoder drawn at random:
+    what ``--model.text FOLDER`` reads, at a fraction of MiniLM's cost (for tests of plumbing, not
+    learning)."""
+    import torch
+    import transformers
+
+    from stepkit.models.text import minilm_path
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32,
+                                         max_position_embeddings=64)
+        transformers.BertModel(config).save_pretrained(folder)
+        transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return str(folder)

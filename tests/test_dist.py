@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from stepkit import dist as sk_dist
-from stepkit.losses.contrastive import clip_loss
+from stepkit.losses.contrastive import clip_loss, siglip_loss
 
 WORLD, ROWS, DIM = 2, 4, 6
 
 
 def batch(seed):
+    """Every rank's images, texts and one hard-negative text per image, as one process would see them."""
     g = torch.Generator().manual_seed(seed)
-    image = F.normalize(torch.randn(WORLD * ROWS, DIM, generator=g, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(WORLD * ROWS, DIM, generator=g, dtype=torch.float64), dim=-1)
-    return image, text
+    return tuple(F.normalize(torch.randn(WORLD * ROWS, DIM, generator=g, dtype=torch.float64), dim=-1)
+                 for _ in range(3))
 
 
 def two_ranks(tmp_path, mode: str, arg: str) -> None:
@@ -33,55 +33,69 @@ def two_ranks(tmp_path, mode: str, arg: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def _clip_worker(out_dir, local_loss):
+LOSSES = {  # name -> loss of (images, texts, negatives) on this process's rows
+    "clip_local": lambda i, t, n: clip_loss(i, t, 10.0),
+    "clip_full": lambda i, t, n: clip_loss(i, t, 10.0, local_loss=False),
+    "clip_negatives": lambda i, t, n: clip_loss(i, t, 10.0, negatives=n),
+    "siglip": lambda i, t, n: siglip_loss(i, t, 10.0, -10.0),
+    "siglip_negatives": lambda i, t, n: siglip_loss(i, t, 10.0, -5.0, negatives=n),
+}
+
+
+def losses_and_gradients(rows: slice) -> dict:
+    """Each loss of ``LOSSES`` on the rows ``rows`` of ``batch(0)`` and its gradient to them."""
+    out = {}
+    for name, loss_fn in LOSSES.items():
+        parts = [t[rows].clone().requires_grad_() for t in batch(0)]
+        loss = loss_fn(*parts)
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "grads": [t.grad for t in parts]}
+    return out
+
+
+def _losses_worker(out_dir):
     rank = sk_dist.rank()
     try:
-        image, text = batch(0)
-        mine = slice(rank * ROWS, (rank + 1) * ROWS)
-        image, text = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
-        loss = clip_loss(image, text, 10.0, local_loss=local_loss)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad,
-                    "mean": sk_dist.all_reduce_mean(torch.tensor([float(rank)]))},
-                   f"{out_dir}/rank{rank}.pt")
+        result = losses_and_gradients(slice(rank * ROWS, (rank + 1) * ROWS))
+        result["mean"] = sk_dist.all_reduce_mean(torch.tensor([float(rank)]))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         sk_dist.shutdown()
 
 
-def run_clip(tmp_path, local_loss):
-    two_ranks(tmp_path, "clip", "local" if local_loss else "full")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-
-def single_process_reference():
-    image, text = (t.requires_grad_() for t in batch(0))
-    loss = clip_loss(image, text, 10.0)
-    loss.backward()
-    return loss.detach(), image.grad, text.grad
+@pytest.fixture(scope="module")
+def two_rank_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("losses")
+    two_ranks(out, "losses", "-")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.mark.slow
-def test_gathered_local_loss_gives_every_rank_the_full_batch_gradient(tmp_path):
-    loss, image_grad, text_grad = single_process_reference()
-    ranks = run_clip(tmp_path, local_loss=True)
-    # The mean of the ranks' losses is the full-batch loss; each rank's rows get the sum
-    # over ranks of the gradients, which DDP's averaging divides by the world size.
-    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, rtol=1e-12, atol=0)
+@pytest.mark.parametrize("name", ["clip_local", "clip_negatives", "siglip", "siglip_negatives"])
+def test_each_rank_scoring_its_rows_gives_the_full_batch_loss_and_gradient(two_rank_losses, name):
+    whole = losses_and_gradients(slice(None))[name]  # one process, the concatenated batch
+    # The mean of the ranks' losses is the full-batch loss; each rank's rows get the sum over ranks of the
+    # gradients (the gather's or the ring's backward), which DDP's averaging divides by the world size.
+    ranks = [r[name] for r in two_rank_losses]
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, whole["loss"], rtol=1e-12, atol=0)
     for rank, r in enumerate(ranks):
         mine = slice(rank * ROWS, (rank + 1) * ROWS)
-        torch.testing.assert_close(r["image"] / WORLD, image_grad[mine], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(r["text"] / WORLD, text_grad[mine], rtol=1e-10, atol=1e-12)
-        assert float(r["mean"]) == 0.5  # all_reduce_mean of ranks 0 and 1
+        for got, want in zip(r["grads"], whole["grads"]):
+            if want is None:  # no negatives in this loss
+                assert got is None
+                continue
+            torch.testing.assert_close(got / WORLD, want[mine], rtol=1e-10, atol=1e-12)
+    assert [float(r["mean"]) for r in two_rank_losses] == [0.5, 0.5]  # all_reduce_mean of ranks 0 and 1
 
 
 @pytest.mark.slow
-def test_full_matrix_variant_computes_the_whole_loss_on_every_rank(tmp_path):
-    loss, image_grad, _ = single_process_reference()
-    ranks = run_clip(tmp_path, local_loss=False)
-    for rank, r in enumerate(ranks):
-        torch.testing.assert_close(r["loss"], loss, rtol=1e-12, atol=0)
+def test_full_matrix_variant_computes_the_whole_loss_on_every_rank(two_rank_losses):
+    whole = losses_and_gradients(slice(None))["clip_full"]
+    for rank, r in enumerate(two_rank_losses):
+        torch.testing.assert_close(r["clip_full"]["loss"], whole["loss"], rtol=1e-12, atol=0)
         mine = slice(rank * ROWS, (rank + 1) * ROWS)
-        torch.testing.assert_close(r["image"] / WORLD, image_grad[mine], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r["clip_full"]["grads"][0] / WORLD, whole["grads"][0][mine],
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_world_of_one_without_torchrun():
@@ -175,8 +189,8 @@ def test_sinkhorn_knopp_over_two_ranks_equals_one_process_with_the_whole_batch(t
 if __name__ == "__main__":  # a rank under torchrun
     mode, out_dir, arg = sys.argv[1:4]
     sk_dist.init_from_env("cpu")
-    if mode == "clip":
-        _clip_worker(out_dir, arg == "local")
+    if mode == "losses":
+        _losses_worker(out_dir)
     elif mode == "sinkhorn":
         _sinkhorn_worker(out_dir, int(arg))
     else:

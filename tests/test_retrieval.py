@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from stepkit.evaluation import (
     chance_recall_at_k,
     paired_relevance,
+    ranking_metrics,
     recall_at_k,
     repeated_targets_line,
     retrieval_metrics,
@@ -96,3 +97,35 @@ def test_an_image_captioned_twice_is_found_by_either_caption_and_finds_either():
         recall_at_k(torch.zeros(3, 3), relevant=relevant, query_ids=torch.arange(3), key_ids=torch.arange(3))
     with pytest.raises(ValueError, match=r"relevant \(3, 3\) must match the similarity matrix's 2 x 2"):
         recall_at_k(torch.zeros(2, 2), relevant=relevant)
+
+
+def st_ranking(similarity, relevant, k):
+    """sentence-transformers' InformationRetrievalEvaluator, written out per query: the top-k keys by
+    score, MRR from the first relevant one, NDCG with binary gains against the ideal ordering."""
+    mrr = ndcg = 0.0
+    for scores, rel in zip(similarity.tolist(), relevant.tolist()):
+        ranked = sorted(range(len(scores)), key=lambda j: -scores[j])[:k]
+        gains = [1.0 if rel[j] else 0.0 for j in ranked]
+        mrr += next((1.0 / (r + 1) for r, g in enumerate(gains) if g), 0.0)
+        dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+        idcg = sum(1.0 / math.log2(r + 2) for r in range(min(k, sum(rel))))
+        ndcg += dcg / idcg if idcg else 0.0
+    return mrr / len(similarity), ndcg / len(similarity)
+
+
+@given(queries=st.integers(1, 9), keys=st.integers(1, 12), k=st.integers(1, 12), seed=st.integers(0, 999))
+def test_mrr_and_ndcg_equal_sentence_transformers_formulas(queries, keys, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    similarity = torch.randn(queries, keys, generator=g)  # ties have probability 0
+    relevant = torch.rand(queries, keys, generator=g) < 0.3
+    got = ranking_metrics(similarity, k, relevant=relevant)
+    mrr, ndcg = st_ranking(similarity, relevant, k)
+    assert got["mrr"] == pytest.approx(mrr, abs=1e-12) and got["ndcg"] == pytest.approx(ndcg, abs=1e-12)
+
+
+def test_retrieval_metrics_rank_both_ways_when_asked():
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.8, 0.6]])  # texts 1 and 2 swap their best
+    m = retrieval_metrics(torch.eye(3), text, ks=(1,), ranked_at=10)
+    assert list(m) == ["recall_at_1_i2t", "mrr_at_10_i2t", "ndcg_at_10_i2t",
+                       "recall_at_1_t2i", "mrr_at_10_t2i", "ndcg_at_10_t2i"]
+    assert m["mrr_at_10_i2t"] == pytest.approx((1 + 0.5 + 0.5) / 3)

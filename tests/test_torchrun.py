@@ -45,9 +45,9 @@ def rewind_to_step_4(ckpt: Path) -> None:
 def strategy_flags(strategy: str) -> list[str]:
     """DDP in fp32; FSDP2 in fp16, whose first updates overflow on these digits: the GradScaler backs
     off and skips them, so a resume that lost the scaler's state (the old sharded format) would drift.
-    fp16 on a CPU is slow (about 5x fp32 here): 6 updates instead of 12 (the saves of step 4 and 6, a resume
-    between)."""
-    fp16 = ["--amp", "fp16", "--train.steps", "6"] if strategy == "fsdp" else []
+    fp16 on a CPU is slow (about 5x fp32 here): 6 updates of 8 images a rank instead of 12 of 16 (the saves of
+    step 4 and 6, a resume between)."""
+    fp16 = ["--amp", "fp16", "--train.steps", "6", "--batch-size", "8"] if strategy == "fsdp" else []
     return ["--dist.strategy", strategy, *fp16]
 
 
@@ -56,7 +56,9 @@ def whole(request, tmp_path_factory):
     """An uninterrupted 2-rank DINO run: (strategy, its run directory), made once per session."""
     def build(folder: Path) -> None:
         out = run([*TORCHRUN, *DINO, "--run-dir", str(folder / "whole"), *strategy_flags(request.param)])
-        assert "lr 0.003 x 32 images per update / 32 = 0.003 (--optim.lr-per-batch)" in out.stdout  # 2 x 16
+        rule = ("32 images per update / 32 = 0.003" if request.param == "ddp"  # 2 ranks x 16
+                else "16 images per update / 32 = 0.0015")
+        assert f"lr 0.003 x {rule} (--optim.lr-per-batch)" in out.stdout
 
     return request.param, run_once(tmp_path_factory, f"dino-{request.param}", build) / "whole"
 
@@ -189,20 +191,23 @@ def test_fsdp_checkpoint_continues_in_one_process(whole, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(whole[1], run_dir)
     out = run([sys.executable, *DINO, *NO_KNN, "--run-dir", str(run_dir), "--resume", "--train.steps", "10",
-               "--amp", "fp16", "--resume-allow", "train.steps"])
+               "--amp", "fp16", "--batch-size", "8", "--resume-allow", "train.steps"])
     assert summary(run_dir)["steps"] == 10 and summary(run_dir)["ranks"] == 1
-    assert "lr 0.003 x 16 images per update / 32 = 0.0015" in out.stdout  # the rule, on the new world
+    assert "lr 0.003 x 8 images per update / 32 = 0.00075" in out.stdout  # the rule, on the new world
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_contrastive_two_ranks_with_gradcache(strategy, tmp_path):
+    # DDP with SigLIP's ring and Matryoshka widths: the bias, outside DDP, averaged by the recipe
+    siglip = ["--loss.kind", "siglip", "--loss.matryoshka-dims", "128", "32"] if strategy == "ddp" else []
     run([*TORCHRUN, "recipes/contrastive.py", "tiny", "--run-dir", str(tmp_path / "run"),
          "--train.steps", "4", "--optim.warmup-steps", "1", "--batch-size", "16", "--gradcache.chunk", "8",
-         "--log.no-console", "--dist.strategy", strategy])
+         "--log.no-console", "--dist.strategy", strategy, *siglip])
     result = summary(tmp_path / "run")
     assert result["ranks"] == 2 and result["steps"] == 4
     assert result.get("replicas_identical", True) is True
+    assert ("logit_bias" in result) == ("recall_at_1_i2t_d32" in result) == (strategy == "ddp")
 
 
 @pytest.mark.slow
@@ -241,8 +246,9 @@ def test_jepa_two_ranks(recipe, strategy, preset, tmp_path):
 @pytest.fixture(scope="session")
 def user_files(tmp_path_factory):
     """A folder of 24 photos, 4 shards of 12 (image, class, caption), a pairs file of 24, held-out
-    image-text shards (read by the default contrastive preset: its MiniLM tokenizer): what a user brings."""
-    from imagefiles import write_folder, write_pairs, write_shards
+    image-text shards (read with MiniLM's tokenizer, by a tiny random text model in its folder): what a user
+    brings."""
+    from imagefiles import write_folder, write_pairs, write_shards, write_tiny_text_model
 
     root = tmp_path_factory.mktemp("files")
     write_folder(root / "photos", 8, labelled=False, nested=True)
@@ -252,7 +258,8 @@ def user_files(tmp_path_factory):
     return {"shards": [*dino, "--data.shards", shards],
             "photos": [*dino, "--data.root", str(root / "photos")],
             "pairs": ["recipes/contrastive.py", "tiny", "--data.pairs", str(write_pairs(root / "pairs", 8))],
-            "pair shards": ["recipes/contrastive.py", "--data.shards", shards, "--data.val-shards", held_out]}
+            "pair shards": ["recipes/contrastive.py", "--data.shards", shards, "--data.val-shards", held_out,
+                            "--model.text", write_tiny_text_model(root / "text-model")]}
 
 
 @pytest.mark.slow

@@ -85,6 +85,8 @@ from stepkit.data.paired import (
     PairDataConfig,
     PairSets,
     pair_sets,
+    pairs_from_record,
+    pairs_record,
 )
 from stepkit.data.pairs import (
     PAIR_FILE_KINDS,
@@ -192,6 +194,8 @@ __all__ = [
     "train_batches",
     "PairDataConfig",
     "PairSets",
+    "pairs_record",
+    "pairs_from_record",
     "pair_sets",
     "CLIP_MEAN",
     "CLIP_STD",

@@ -16,7 +16,8 @@ from stepkit.config import may_change_on_resume
 from stepkit.data.crops import CropPlan
 from stepkit.data.images import EvalImages, ShardPairs, TrainImages
 
-__all__ = ["PairDataConfig", "PairSets", "pair_sets", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["PairDataConfig", "PairSets", "pair_sets", "pairs_record", "pairs_from_record", "CLIP_MEAN",
+           "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,6 +44,9 @@ class PairDataConfig:
     text tower of --model.text's kind."""
     anchor_column: str = "anchor"
     positive_column: str = "positive"
+    negative_columns: tuple[str, ...] = ()
+    """Text-text: columns of hard negatives, texts that answer no anchor of their row (e.g. negative_1
+    negative_2, as stepkit mine writes them); every one is a negative for every anchor of the batch."""
     shards: str | None = None
     """Your image-text pairs in tar shards (img2dataset's layout: key.jpg with key.txt, or the "caption"
     of key.json), a brace pattern such as 'data/{00000..00127}.tar': streamed in the DataLoader workers,
@@ -86,11 +90,51 @@ class PairDataConfig:
             fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
         if self.val_shards is not None and self.shards is None:
             fail("val_shards", self.val_shards, "None without --data.shards")
+        if self.negative_columns and self.kind != "text-text":
+            fail("negative_columns", self.negative_columns, "() with image-text pairs (hard negatives are "
+                 "read from text-text pairs files, --data.kind text-text)")
         if self.shards is not None and self.kind == "text-text":
             fail("kind", self.kind, "image-text with --data.shards (shards hold images and captions)")
         if self.shards is not None and (self.val_shards is None) == (self.val_pairs is None):
             fail("val_shards", self.val_shards, "one source of held-out pairs with --data.shards: "
                  "--data.val-shards PATTERN or --data.val-pairs FILE (the retrieval evaluation's)")
+
+
+_PATHS = ("pairs", "shards", "val_shards", "val_pairs")
+
+
+def pairs_record(data: PairDataConfig, seed: int) -> dict[str, Any]:
+    """What ``stepkit eval`` needs to rebuild a run's held-out pairs: the ``--data.*`` settings (paths
+    made absolute, so it may run from any folder) and the run's seed (``pair_sets``' split).
+
+    Examples:
+        >>> record = pairs_record(PairDataConfig(image_size=16), seed=3)
+        >>> record["kind"], record["seed"], pairs_from_record(record) == PairDataConfig(image_size=16)
+        ('pairs', 3, True)
+    """
+    import dataclasses
+
+    settings = dataclasses.asdict(data)
+    for name in _PATHS:
+        if settings[name] is not None:
+            settings[name] = str(Path(settings[name]).expanduser().absolute())
+    settings["crop_scale"] = list(settings["crop_scale"])
+    return {"kind": "pairs", "settings": settings, "seed": seed}
+
+
+def pairs_from_record(record: dict[str, Any]) -> PairDataConfig:
+    """The ``PairDataConfig`` a ``pairs_record`` describes (its held-out split from ``record["seed"]``).
+
+    Examples:
+        >>> given = PairDataConfig(val_fraction=0.2)
+        >>> pairs_from_record(pairs_record(given, seed=0)) == given
+        True
+    """
+    settings = dict(record["settings"])
+    for name in ("pairs", "val_pairs"):
+        settings[name] = Path(settings[name]) if settings[name] is not None else None
+    settings["crop_scale"] = tuple(settings["crop_scale"])
+    return PairDataConfig(**settings)
 
 
 @dataclass
@@ -129,6 +173,8 @@ class PairSets:
     """Rows left out (``--data.skip-unreadable``)."""
     about: str
     """One line saying what was read (printed by the recipe; empty for the digits)."""
+    train_negatives: list[list[str]] | None = None
+    """Text-text with --data.negative-columns: each training row's hard negatives."""
 
     def images(self, batch: Any) -> Any:
         """A training batch's images, whatever the source (the first crop from files and shards).
@@ -188,7 +234,7 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
         text_columns: dict[str, Any] = {"anchor_column": data.anchor_column,
                                         "positive_column": data.positive_column,
                                         "skip_unreadable": data.skip_unreadable}
-        texts = read_text_pairs(data.pairs, **text_columns)
+        texts = read_text_pairs(data.pairs, negative_columns=data.negative_columns, **text_columns)
         if data.val_pairs is None:
             fit_texts, held_texts = split_pairs(texts, data.val_fraction, seed)
         else:
@@ -197,11 +243,13 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
         skipped = len(texts.skipped) + len(held_texts.skipped)
         return PairSets(
             train=TensorDataset(torch.arange(len(fit_texts))), shards=None, train_texts=fit_texts.positives,
-            train_anchors=fit_texts.anchors, test=None, test_texts=held_texts.positives,
+            train_anchors=fit_texts.anchors, train_negatives=fit_texts.negatives or None,
+            test=None, test_texts=held_texts.positives,
             test_anchors=held_texts.anchors, test_pairs=(held_texts.anchors, held_texts.positives),
             channels=0, mean=None, std=None, files=False, skipped=skipped,
-            about=f"data.pairs {str(data.pairs)!r}: {len(fit_texts)} training text pairs, {len(held_texts)} "
-                  "held-out" + (f"; {skipped} rows skipped" if skipped else ""))
+            about=f"data.pairs {str(data.pairs)!r}: {len(fit_texts)} training text pairs"
+                  + (f" with {len(data.negative_columns)} hard negatives each" * bool(data.negative_columns))
+                  + f", {len(held_texts)} held-out" + (f"; {skipped} rows skipped" if skipped else ""))
     columns: dict[str, Any] = {"image_column": data.image_column, "text_column": data.text_column,
                "skip_unreadable": data.skip_unreadable}
     plan = CropPlan(views=((data.image_size, data.crop_scale),), flip_p=0.0)

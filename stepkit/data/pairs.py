@@ -67,6 +67,8 @@ class TextPairs:
     ids: list[int]
     skipped: list[str] = field(default_factory=list)
     source: Path = Path(".")
+    negatives: list[list[str]] = field(default_factory=list)
+    """Hard negatives: per row, the texts of its negative columns (empty: none read)."""
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -75,10 +77,11 @@ class TextPairs:
         """The pairs at ``rows`` (ids kept)."""
         rows = list(rows)
         return TextPairs([self.anchors[i] for i in rows], [self.positives[i] for i in rows],
-                         [self.ids[i] for i in rows], [], self.source)
+                         [self.ids[i] for i in rows], [], self.source,
+                         [self.negatives[i] for i in rows] if self.negatives else [])
 
 
-def _rows(path: Path, kind: str, columns: tuple[str, str], flag: str):
+def _rows(path: Path, kind: str, columns: tuple[str, ...], flag: str):
     """``(row label, {column: value})`` per row; raises ValueError for a malformed file or row."""
     try:
         yield from _records(path, kind, columns, flag)
@@ -99,7 +102,7 @@ def _not_utf8(path: Path) -> ValueError:
     return ValueError(f"{path}: not UTF-8; pairs files are read as UTF-8 (with or without a BOM)")
 
 
-def _records(path: Path, kind: str, columns: tuple[str, str], flag: str):
+def _records(path: Path, kind: str, columns: tuple[str, ...], flag: str):
     if kind in ("csv", "tsv"):
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM, as Excel writes
             reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
@@ -141,9 +144,9 @@ def _records(path: Path, kind: str, columns: tuple[str, str], flag: str):
             table = pq.read_table(path, columns=list(columns))
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
-        image, text = (table.column(c).to_pylist() for c in columns)
-        for number, (a, b) in enumerate(zip(image, text)):
-            yield f"row {number}", {columns[0]: a, columns[1]: b}
+        values = [table.column(c).to_pylist() for c in columns]
+        for number, row in enumerate(zip(*values)):
+            yield f"row {number}", dict(zip(columns, row))
 
 
 def _file_kind(path: Path, flag: str) -> str:
@@ -162,11 +165,12 @@ def _first_seen_ids(keys: list) -> list[int]:
     return [numbering.setdefault(key, len(numbering)) for key in keys]
 
 
-def _column_flag(columns: tuple[str, str], name: str, flag: str) -> str:
-    return f"--{flag.rsplit('.', 1)[0]}.{'image' if name == columns[0] else 'text'}-column".replace("_", "-")
+def _column_flag(columns: tuple[str, ...], name: str, flag: str) -> str:
+    which = {columns[0]: "image-column", columns[1]: "text-column"}.get(name, "negative-columns")
+    return f"--{flag.rsplit('.', 1)[0]}.{which}".replace("_", "-")
 
 
-def _check_columns(path: Path, header, columns: tuple[str, str], flag: str) -> None:
+def _check_columns(path: Path, header, columns: tuple[str, ...], flag: str) -> None:
     for name in columns:
         if name not in header:
             looks_like_text = {"anchor", "positive"} <= set(header)
@@ -258,10 +262,11 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
 
 
 def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
-                    positive_column: str = "positive", skip_unreadable: bool = False,
-                    flag: str = "data.pairs") -> TextPairs:
+                    positive_column: str = "positive", negative_columns: tuple[str, ...] = (),
+                    skip_unreadable: bool = False, flag: str = "data.pairs") -> TextPairs:
     """Read and check the text pairs of ``path`` (the formats of ``read_pairs``; sentence-transformers'
-    column names by default).
+    column names by default), and the hard negatives of ``negative_columns`` (``negative_1`` ... as
+    ``stepkit mine`` writes them): texts that answer no anchor of their row, each checked as a text.
 
     Raises:
         ValueError: naming the file, the row and the flag, for a missing column, a malformed row or an
@@ -276,8 +281,8 @@ def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
     """
     path = Path(path)
     kind = _file_kind(path, flag)
-    columns = (anchor_column, positive_column)
-    anchors, positives, skipped = [], [], []
+    columns = (anchor_column, positive_column, *negative_columns)
+    anchors, positives, negatives, skipped = [], [], [], []
     try:
         for where, record in _rows(path, kind, columns, flag):
             label = f"{path}:{where.split()[-1]}" if kind != "parquet" else f"{path} ({where})"
@@ -290,13 +295,15 @@ def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
                 continue
             anchors.append(record[anchor_column])
             positives.append(record[positive_column])
+            if negative_columns:
+                negatives.append([record[c] for c in negative_columns])
     except ValueError as err:  # name the text-pair flags, not the image ones
         named = str(err).replace(".image-column", ".anchor-column")
         raise ValueError(named.replace(".text-column", ".positive-column")) from None
     if not anchors:
         raise ValueError(f"{flag}={str(path)!r} is not allowed: it holds no usable pairs")
     ids = _first_seen_ids(positives)
-    return TextPairs(anchors, positives, ids, skipped, path)
+    return TextPairs(anchors, positives, ids, skipped, path, negatives)
 
 
 AnyPairs = TypeVar("AnyPairs", Pairs, TextPairs)

@@ -1,10 +1,13 @@
 """Losses, one module per family; each returns tensors and reads nothing on the host."""
 
 from stepkit.losses.contrastive import (
+    LogitBias,
     LogitScale,
     clip_loss,
     embedding_mse,
     info_nce,
+    matryoshka_loss,
+    siglip_loss,
     similarity_distillation_loss,
 )
 from stepkit.losses.correlation import (
@@ -34,7 +37,10 @@ from stepkit.losses.reconstruction import autoencoder_fmri_loss, weighted_mse
 from stepkit.losses.weighting import UncertaintyWeighting, fixed_weighting
 
 __all__ = [
+    "LogitBias",
     "LogitScale",
+    "matryoshka_loss",
+    "siglip_loss",
     "UncertaintyWeighting",
     "clip_loss",
     "DINOLossConfig",

@@ -7,16 +7,18 @@ products scaled by a learnable logit scale (CLIP, Radford et al. 2021).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stepkit import check as _check
-from stepkit.dist import all_gather_with_grad, rank, world_size
+from stepkit.dist import all_gather_with_grad, pass_to_next_rank, rank, world_size
 from stepkit.step import at_least_float32
 
-__all__ = ["LogitScale", "info_nce", "clip_loss", "similarity_distillation_loss", "embedding_mse"]
+__all__ = ["LogitScale", "LogitBias", "info_nce", "clip_loss", "siglip_loss", "matryoshka_loss",
+           "similarity_distillation_loss", "embedding_mse"]
 
 
 class LogitScale(nn.Module):
@@ -80,22 +82,28 @@ def info_nce(queries: Tensor, keys: Tensor, logit_scale: Tensor | float, offset:
 
 
 def clip_loss(
-    image: Tensor, text: Tensor, logit_scale: Tensor | float, *, gather: bool = True, local_loss: bool = True
+    image: Tensor, text: Tensor, logit_scale: Tensor | float, *, negatives: Tensor | None = None,
+    gather: bool = True, local_loss: bool = True,
 ) -> Tensor:
     """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropies.
 
     Row i of ``image`` and of ``text`` are a pair; every other row of the
-    batch is a negative. Under torch.distributed with ``gather`` the other
-    ranks' rows are gathered with their gradient, so every rank's negatives
-    count. ``local_loss`` (OpenCLIP's): each rank scores only its own rows
-    against all gathered columns (``B x W*B`` logits), which gives the same
-    gradient as the full ``W*B x W*B`` matrix on every rank, for ``1/W`` of
-    its cost; ``local_loss=False`` computes the full matrix.
+    batch is a negative. ``negatives`` (hard negatives: texts that must not
+    match any image) add columns to image->text only, as
+    sentence-transformers' ``MultipleNegativesRankingLoss`` scores them.
+    Under torch.distributed with ``gather`` the other ranks' rows (negatives
+    too) are gathered with their gradient, so every rank's negatives count;
+    the columns are every rank's texts, then every rank's negatives.
+    ``local_loss`` (OpenCLIP's): each rank scores only its own rows against
+    all gathered columns (``B x W*B`` logits), which gives the same gradient
+    as the full ``W*B x W*B`` matrix on every rank, for ``1/W`` of its cost;
+    ``local_loss=False`` computes the full matrix.
 
     Args:
         image: ``(B, D)`` image embeddings, L2-normalised by the caller.
         text: ``(B, D)`` text embeddings, L2-normalised.
         logit_scale: The inverse temperature (``LogitScale()``).
+        negatives: ``(M, D)`` hard-negative texts, L2-normalised (None: the batch's own only).
         gather: Under torch.distributed, use every rank's rows as negatives.
         local_loss: Score this rank's rows only (OpenCLIP's), else the full matrix.
 
@@ -107,14 +115,133 @@ def clip_loss(
         >>> round(clip_loss(e, e, 1.0).item(), 6)  # both directions as in info_nce
         0.313262
     """
+    offset = 0
     if gather and world_size() > 1:
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
+        negatives = None if negatives is None else all_gather_with_grad(negatives)
         if local_loss:
             offset = rank() * len(image)
-            return (info_nce(image, all_text, logit_scale, offset)
+            keys = all_text if negatives is None else torch.cat([all_text, negatives])
+            return (info_nce(image, keys, logit_scale, offset)
                     + info_nce(text, all_image, logit_scale, offset)) / 2
         image, text = all_image, all_text
-    return (info_nce(image, text, logit_scale) + info_nce(text, image, logit_scale)) / 2
+    keys = text if negatives is None else torch.cat([text, negatives])
+    return (info_nce(image, keys, logit_scale) + info_nce(text, image, logit_scale)) / 2
+
+
+class LogitBias(nn.Module):
+    """A learnable logit bias ``b`` (SigLIP's; the paper starts it at -10, so that the many negative
+    pairs start near their target and the first updates are not spent pushing them down).
+
+    Examples:
+        >>> LogitBias()().item()
+        -10.0
+    """
+
+    def __init__(self, init: float = -10.0) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self) -> Tensor:
+        return self.bias
+
+
+def _sigmoid_pairs(image: Tensor, keys: Tensor, scale: Tensor | float, bias: Tensor | float,
+                   positives: int) -> Tensor:
+    """``-sum log sigmoid(z_ij (s x_i.y_j + b))`` over a block, z = +1 on its first ``positives``
+    diagonal entries, -1 elsewhere."""
+    logits = scale * at_least_float32(image) @ at_least_float32(keys).T + bias
+    signs = -torch.ones_like(logits)
+    signs.diagonal()[:positives] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+def siglip_loss(
+    image: Tensor, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *,
+    negatives: Tensor | None = None, gather: bool = True,
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023): every image-text pair is its own binary
+    decision, so no softmax normalises over the batch.
+
+    ``-1/B sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b))`` with ``z_ij = 1``
+    for a pair (``i = j``) and ``-1`` otherwise, over this rank's ``B``
+    images ``x`` and every text ``y`` (the batch's, ``negatives``' rows, and
+    under torch.distributed with ``gather`` every other rank's). The other
+    ranks' texts come one rank at a time around a ring (``pass_to_next_rank``,
+    with their gradient), as big_vision's chunked form and OpenCLIP's
+    ``SigLipLoss`` do: no rank holds more than a ``B x 2B`` block of
+    similarities. The mean of the ranks' losses equals the loss of one
+    process over the concatenated batch, and DDP's averaged gradient its
+    gradient.
+
+    Args:
+        image: ``(B, D)`` image embeddings, L2-normalised by the caller.
+        text: ``(B, D)`` text embeddings, L2-normalised; row i is image i's pair.
+        logit_scale: ``t`` (``LogitScale(init_temperature=0.1)``: the paper's ``log t = log 10``).
+        logit_bias: ``b`` (``LogitBias()``: the paper's -10).
+        negatives: ``(M, D)`` hard-negative texts, negatives for every image.
+        gather: Under torch.distributed, every rank's texts are negatives too.
+
+    Returns:
+        A 0-d tensor, at least float32.
+
+    Examples:
+        >>> e = torch.eye(2)  # two matching pairs, two non-matching: 2 log(1 + e^-1) + 2 log(1 + e^0)
+        >>> round(siglip_loss(e, e, 1.0, 0.0).item(), 6)
+        1.006409
+    """
+    keys = text if negatives is None else torch.cat([text, negatives])
+    total = _sigmoid_pairs(image, keys, logit_scale, logit_bias, positives=len(text))
+    if gather and world_size() > 1:
+        passing = keys
+        for _ in range(world_size() - 1):
+            passing = pass_to_next_rank(passing)
+            total = total + _sigmoid_pairs(image, passing, logit_scale, logit_bias, positives=0)
+    return total / len(image)
+
+
+def matryoshka_loss(
+    loss_fn: Callable[..., Tensor], *embeddings: Tensor, dims: Sequence[int],
+    weights: Sequence[float] | None = None, **kwargs,
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Matryoshka representation learning (Kusupati et al. 2022; sentence-transformers'
+    ``MatryoshkaLoss``): the loss of the embeddings' leading ``d`` dimensions, L2-normalised again,
+    summed over ``dims`` with ``weights``, so each prefix is an embedding of its own.
+
+    ``sum_d w_d loss_fn(normalize(e_1[:, :d]), normalize(e_2[:, :d]), ..., **kwargs)``; at the full
+    width the embeddings go in as given (the caller normalised them), so weights ``(1, 0, ...)`` train
+    exactly as ``loss_fn`` alone.
+
+    Args:
+        loss_fn: A loss of normalised embeddings, e.g. ``clip_loss`` or ``siglip_loss``.
+        *embeddings: Its embedding arguments (images, texts, negatives ...), each ``(N, D)``.
+        dims: The prefix widths, each in ``[1, D]``.
+        weights: One per width (None: 1 each).
+        **kwargs: Passed to ``loss_fn`` as they are (logit scale, bias ...).
+
+    Returns:
+        ``(weighted sum, {d: loss at d})``.
+
+    Raises:
+        ValueError: for a width outside ``[1, D]``, a repeated width, or weights of another length.
+
+    Examples:
+        >>> e = torch.tensor([[1.0, 1.0], [1.0, -1.0]]) / 2**0.5  # orthogonal; their first dimension equal
+        >>> total, each = matryoshka_loss(clip_loss, e, e, dims=(2, 1), logit_scale=1.0)
+        >>> round(each[2].item(), 4), round(each[1].item(), 4)  # at 1 dimension they cannot be told apart
+        (0.3133, 0.6931)
+    """
+    width = min(e.shape[-1] for e in embeddings)
+    weights = [1.0] * len(dims) if weights is None else list(weights)
+    if len(weights) != len(dims):
+        raise ValueError(f"{len(weights)} Matryoshka weights for {len(dims)} dims: give one per width")
+    if len(set(dims)) != len(dims) or not all(1 <= d <= width for d in dims):
+        raise ValueError(f"Matryoshka dims {tuple(dims)} must be distinct widths in [1, {width}]")
+    def cut(e: Tensor, d: int) -> Tensor:  # the full width as given: the loss of the embeddings themselves
+        return e if d == e.shape[-1] else F.normalize(e[..., :d], dim=-1)
+
+    each = {d: loss_fn(*(cut(e, d) for e in embeddings), **kwargs) for d in dims}
+    return sum(w * each[d] for d, w in zip(dims, weights)), each  # type: ignore[return-value]
 
 
 def similarity_distillation_loss(

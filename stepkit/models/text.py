@@ -18,7 +18,22 @@ from stepkit import check as _check
 from stepkit.models.arguments import records_arguments
 
 __all__ = ["masked_mean", "WordTokenizer", "TinyTextEncoder", "MINILM_DIM", "text_extra", "minilm_path",
-           "PretrainedTextEncoder", "pretrained_tokenizer", "pretrained_vocab", "add_lora", "merge_lora"]
+           "PretrainedTextEncoder", "pretrained_tokenizer", "pretrained_vocab", "add_lora", "merge_lora",
+           "tokens_of"]
+
+
+def tokens_of(rows, table: dict | None, tokenizer, device) -> dict[str, Tensor]:
+    """The rows' tokens on ``device``: taken from ``table`` (tokenized up front), or, with no table (streamed
+    captions: the rows are the texts), tokenized now.
+
+    Examples:
+        >>> tokenize = WordTokenizer(["a cat", "a dog"])
+        >>> table = tokenize(["a cat", "a dog"])
+        >>> tokens_of(torch.tensor([1]), table, tokenize, "cpu")["input_ids"].tolist()
+        [[2, 4]]
+    """
+    taken = tokenizer(list(rows)) if table is None else {k: v[rows] for k, v in table.items()}
+    return {k: v.to(device) for k, v in taken.items()}
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ class ProjectedTower(nn.Module):
 
     Args:
         encoder: Any encoder with a ``dim`` attribute (its output width).
-        embed_dim: The shared space's width.
+        embed_dim: The shared space's width (None: no projection, the encoder's own embeddings, as
+            sentence-transformers' models give them).
 
     Examples:
         >>> from stepkit.models import SmallCNN
@@ -27,9 +28,12 @@ class ProjectedTower(nn.Module):
         ((3, 4), True)
     """
 
-    def __init__(self, encoder: nn.Module, embed_dim: int) -> None:
+    def __init__(self, encoder: nn.Module, embed_dim: int | None) -> None:
         super().__init__()
-        self.encoder, self.proj = encoder, nn.Linear(int(encoder.dim), embed_dim)  # type: ignore[arg-type]
+        width = int(encoder.dim)  # type: ignore[arg-type]
+        self.encoder = encoder
+        self.proj = nn.Linear(width, embed_dim) if embed_dim is not None else nn.Identity()
+        self.dim = embed_dim or width
 
     def forward(self, *args, **kwargs) -> Tensor:
         return F.normalize(self.proj(self.encoder(*args, **kwargs)), dim=-1)

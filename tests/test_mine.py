@@ -1,0 +1,102 @@
+"""stepkit.mine: hard negatives as sentence-transformers' mine_hard_negatives picks them, and the command."""
+
+import json
+
+import pytest
+import torch
+from conftest import load_recipe
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stepkit.__main__ import main
+from stepkit.data.pairs import read_text_pairs
+from stepkit.mine import mine_hard_negatives
+
+
+def by_hand(similarity, positives, n, first, stop, margin):
+    """Per query: non-positive keys sorted by score, ranks first..stop-1, the margin test, the first n."""
+    picked = []
+    for scores, answers in zip(similarity.tolist(), positives.tolist()):
+        best = max(s for s, a in zip(scores, answers) if a)
+        ranked = sorted((k for k in range(len(scores)) if not answers[k]), key=lambda k: -scores[k])
+        picked.append([k for k in ranked[first:stop] if scores[k] <= best - margin][:n])
+    return picked
+
+
+@settings(max_examples=25, deadline=None)
+@given(queries=st.integers(1, 6), keys=st.integers(2, 12), n=st.integers(1, 4), first=st.integers(0, 3),
+       width=st.integers(1, 8), margin=st.floats(-0.5, 0.5), seed=st.integers(0, 999))
+def test_mining_picks_what_the_rule_says(queries, keys, n, first, width, margin, seed):
+    g = torch.Generator().manual_seed(seed)
+    similarity = torch.randn(queries, keys, generator=g)
+    positives = torch.zeros(queries, keys, dtype=torch.bool)
+    positives[torch.arange(queries), torch.randint(0, keys, (queries,), generator=g)] = True
+    got = mine_hard_negatives(similarity, positives, n, rank_range=(first, first + width), margin=margin)
+    assert got == by_hand(similarity, positives, n, first, first + width, margin)
+
+
+def test_bad_mining_settings_are_refused():
+    with pytest.raises(ValueError, match="0 <= first < stop"):
+        mine_hard_negatives(torch.zeros(1, 2), torch.eye(1, 2, dtype=torch.bool), 1, rank_range=(5, 5))
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A short text-text run of the contrastive recipe (tiny towers) and its pairs file."""
+    from imagefiles import write_text_pairs
+
+    root = tmp_path_factory.mktemp("mine")
+    qa = write_text_pairs(root, 60)
+    recipe = load_recipe("contrastive")
+    recipe.main(recipe.parse(["tiny", "--run-dir", str(root / "run"), "--data.pairs", str(qa), "--data.kind",
+                              "text-text", "--batch-size", "16", "--train.steps", "6", "--optim.warmup-steps",
+                              "2", "--log.no-console"]))
+    return root / "run", qa
+
+
+@pytest.mark.slow
+def test_mined_negatives_train_a_run_and_never_answer_their_anchor(text_run, tmp_path, capsys):
+    run, qa = text_run
+    out = tmp_path / "qa_negatives.csv"
+    assert main(["mine", str(run), "--pairs", str(qa), "--out", str(out), "--negatives", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: 60 pairs with 2 hard negatives each" in said
+    columns = ("negative_1", "negative_2")
+    assert "--data.negative-columns negative_1 negative_2" in said
+    mined = read_text_pairs(out, negative_columns=columns)
+    answers = {}
+    for anchor, positive in zip(mined.anchors, mined.positives):
+        answers.setdefault(anchor, set()).add(positive)
+    assert len(mined) == 60 and all(len(set(row)) == 2 for row in mined.negatives)
+    for anchor, row in zip(mined.anchors, mined.negatives):
+        assert not set(row) & answers[anchor] and set(row) <= set(mined.positives)
+    assert main(["mine", str(run), "--pairs", str(qa), "--out", str(out)]) == 2  # no --force: kept
+    assert "exists: pass --force" in capsys.readouterr().err
+    recipe = load_recipe("contrastive")
+    summary = recipe.main(recipe.parse([
+        "tiny", "--run-dir", str(tmp_path / "with"), "--data.pairs", str(out), "--data.kind", "text-text",
+        "--data.negative-columns", *columns, "--batch-size", "16", "--train.steps", "3",
+        "--optim.warmup-steps", "1", "--log.no-console"]))
+    assert "with 2 hard negatives each" in capsys.readouterr().out and summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_bad_negative_files_and_runs_are_one_line(text_run, tmp_path, capsys):
+    run, qa = text_run
+    rows = [json.loads(line) for line in qa.read_text().splitlines()]
+    (tmp_path / "missing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    empty = [{**r, "negative_1": "" if i == 3 else "x"} for i, r in enumerate(rows)]
+    (tmp_path / "empty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in empty))
+    recipe = load_recipe("contrastive")
+    for name, message in (("missing", "missing.jsonl:1: no 'negative_1' key"),
+                          ("empty", "empty.jsonl:4: empty text (column 'negative_1')")):
+        with pytest.raises(ValueError) as err:
+            recipe.main(recipe.parse(["tiny", "--run-dir", str(tmp_path / name), "--data.pairs",
+                                      str(tmp_path / f"{name}.jsonl"), "--data.kind", "text-text",
+                                      "--data.negative-columns", "negative_1"]))
+        assert message in str(err.value) and "\n" not in str(err.value)
+        assert not (tmp_path / name).exists()
+    assert "data.negative_columns=" in str(pytest.raises(ValueError, recipe.parse, [
+        "tiny", "--data.negative-columns", "negative_1"]).value)  # image-text pairs have none
+    assert main(["mine", str(run), "--pairs", str(qa), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "expected a file ending in .jsonl, .csv or .tsv" in capsys.readouterr().err
