@@ -106,7 +106,8 @@ class Loss:
 
     @property
     def temperature(self) -> float:
-        return self.init_temperature or (0.1 if self.kind == "siglip" else 0.07)
+        default = 0.1 if self.kind == "siglip" else 0.07
+        return default if self.init_temperature is None else self.init_temperature
 
 
 @dataclass
@@ -423,7 +424,6 @@ def main(cfg: Config) -> dict:
             lr = lr_at(state.step, cfg.optim, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             run.after_update({"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr})  # NaN watch, log
-    # left the run: last.pt saved (after a signal: exit 75)
 
     after, n = evaluate(), len(relevant)
     summary = run.summary(

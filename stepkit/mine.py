@@ -154,7 +154,14 @@ def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.Pat
         net = build_arch(info["arch"])
         net.load_state_dict(state)
         towers[name], tokenizers[name] = net.to(device).eval(), tokenizer_of(info)
-    read = read_text_pairs(pairs, anchor_column=anchor_column, positive_column=positive_column, flag="pairs")
+    try:
+        read = read_text_pairs(pairs, anchor_column=anchor_column, positive_column=positive_column,
+                               flag="pairs")
+    except ValueError as err:  # named with this command's flags, not a recipe's
+        said = str(err).replace("; pass --data.skip-unreadable to skip such rows", "")
+        for column in ("anchor-column", "positive-column"):
+            said = said.replace(f"--pairs.{column}", f"--{column}")
+        raise ValueError(said) from None
     corpus = list(dict.fromkeys(read.positives))  # every distinct positive once
     number = {text: i for i, text in enumerate(corpus)}
     answers: dict[str, set[int]] = {}  # an anchor's positives, over every row it appears in

@@ -100,3 +100,8 @@ def test_bad_negative_files_and_runs_are_one_line(text_run, tmp_path, capsys):
         "tiny", "--data.negative-columns", "negative_1"]).value)  # image-text pairs have none
     assert main(["mine", str(run), "--pairs", str(qa), "--out", str(tmp_path / "x.parquet")]) == 2
     assert "expected a file ending in .jsonl, .csv or .tsv" in capsys.readouterr().err
+    assert main(["mine", str(run), "--pairs", str(qa), "--out", str(tmp_path / "x.jsonl"), "--anchor-column",
+                 "question"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'question' key" in err and "name the key with --anchor-column" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.jsonl").exists()
