@@ -174,6 +174,15 @@ def test_contrastive_towers_export_with_their_embeddings(tmp_path):
     state, _ = read_part(run_dir, "image")
     assert all(torch.equal(image.state_dict()[k], v) for k, v in state.items())
     assert image.exported["input"]["channels"] == 1
+    # each export's model card: the run's numbers, its settings, how to load that format
+    summary = json.loads((run_dir / "summary.json").read_text())
+    card = (tmp_path / "st" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\ntags:\n- stepkit\n- contrastive\n---")
+    assert f"| `recall_at_1_i2t` | {summary['recall_at_1_i2t']:.4f} |" in card
+    assert f"| `mrr_at_10_t2i` | {summary['mrr_at_10_t2i']:.4f} |" in card
+    assert 'SentenceTransformer("st")' in card and '"max_len": 32' in card and '"steps": 3' in card
+    image_card = (tmp_path / "image.md").read_text()
+    assert 'load_exported("image.safetensors")' in image_card and '"channels": 1' in image_card
 
 
 @pytest.fixture(scope="session")

@@ -158,7 +158,20 @@ def test_export_makes_the_folders_of_a_new_path(tmp_path):
     run, _, _ = saved_run(tmp_path, SmallCNN(1, (8,)))
     out = export(run, "teacher", tmp_path / "new" / "dir" / "teacher")
     assert out == tmp_path / "new" / "dir" / "teacher.safetensors"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["teacher.json", "teacher.safetensors"]
+    written = sorted(p.name for p in out.parent.iterdir())
+    assert written == ["teacher.json", "teacher.md", "teacher.safetensors"]
+
+
+def test_a_card_says_what_a_run_without_a_summary_lacks_and_a_lone_checkpoint_carries_nothing(tmp_path):
+    run, _, _ = saved_run(tmp_path, SmallCNN(1, (8,)))  # config.json, no summary.json
+    card = export(run, "teacher", tmp_path / "t.safetensors").with_suffix(".md").read_text()
+    assert "# teacher of run" in card and "update 12" in card and "No evaluation numbers" in card
+    assert "The whole config (config.json)" in card and "`SmallCNN`" in card
+    (tmp_path / "lone").mkdir()
+    lone = tmp_path / "lone" / "ckpt.pt"
+    lone.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    card = export(lone, "teacher", tmp_path / "l.safetensors").with_suffix(".md").read_text()
+    assert "outside its run directory" in card and "config.json" not in card
 
 
 def test_find_checkpoint_names_what_a_run_holds(tmp_path):

@@ -2,7 +2,8 @@
 sentence-transformers), rebuilt without the recipe, and weights loaded into a new run.
 
 - ``parts``: what a recipe calls its parts, and one part's tensors read from a checkpoint.
-- ``export``: ``export(run, part, out, format=...)``, ``load_exported(path)``.
+- ``export``: ``export(run, part, out, format=...)``, ``load_exported(path)``; ``card``: the model
+  card written beside every export.
 - ``init``: ``init_from(module, source, ...)``: weights only, from a run, an export, or a timm /
   DINO / I-JEPA / DINOv2 (original or Hugging Face) state dict; position embeddings resized; missing
   and unexpected keys reported.

@@ -23,7 +23,8 @@ Formats:
   folder under the hub's names, giving the ViT's features (a ViT without
   LayerScale gets scales of one).
 
-Nothing is ever written over an existing path unless ``force``.
+Every export gets a model card (``stepkit.weights.card``): ``README.md`` in a folder, ``STEM.md``
+beside a file. Nothing is ever written over an existing path unless ``force``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 
 from stepkit._atomic import atomic_write_bytes
 from stepkit.models.arguments import build_arch
+from stepkit.weights.card import model_card
 from stepkit.weights.parts import read_part
 from stepkit.weights.vit_keys import hf_dinov2_config, timm_model_name, to_hf_dinov2, to_timm, vit_names
 
@@ -114,6 +116,8 @@ def export(source: str | os.PathLike, part: str, out: str | os.PathLike, *, form
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         written = writer(state, info, staging / out.name)
+        card = written / "README.md" if written.is_dir() else written.with_suffix(".md")
+        atomic_write_bytes(card, model_card(info, format, out.name).encode())
         _replace(written, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -126,8 +130,9 @@ def _replace(new: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(new, out)
-    if new.suffix == ".safetensors" and new.with_suffix(".json").exists():
-        os.replace(new.with_suffix(".json"), out.with_suffix(".json"))
+    for beside in (".json", ".md"):  # a file's description and card
+        if new.suffix == ".safetensors" and new.with_suffix(beside).exists():
+            os.replace(new.with_suffix(beside), out.with_suffix(beside))
     if old.is_dir():
         shutil.rmtree(old)
     elif old.exists():
