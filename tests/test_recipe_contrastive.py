@@ -191,6 +191,33 @@ def test_your_pairs_file_trains_and_reports_recall_before_after(recipe, pairs_fi
 
 
 @pytest.mark.slow
+def test_image_text_pairs_carry_hard_negative_captions(recipe, pairs_files, tmp_path, capsys):
+    import csv
+
+    rows = list(csv.DictReader(pairs_files["csv"].open()))
+    captions = sorted({r["title"] for r in rows})
+    for i, row in enumerate(rows):  # another caption, never the row's own
+        row["negative_1"] = next(c for c in captions[i % len(captions):] + captions if c != row["title"])
+    path = pairs_files["csv"].with_name("with_negatives.csv")
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    flags = ("--data.pairs", str(path), "--data.negative-columns", "negative_1", "--batch-size", "8",
+             "--data.workers", "0", "--train.steps", "3", "--optim.warmup-steps", "1")
+    summary = recipe.main(small(recipe, tmp_path / "run", *flags))
+    assert "images with 1 hard negatives each" in capsys.readouterr().out and summary["steps"] == 3
+    rows[4]["negative_1"] = " "
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"with_negatives.csv:6: empty caption \(column 'negative_1'\)"):
+        recipe.main(small(recipe, tmp_path / "bad", *flags))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
 def test_a_run_on_pairs_resumes_bit_exact(recipe, pairs_files, tmp_path, monkeypatch):
     from conftest import crash_after_step
 

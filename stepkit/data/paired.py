@@ -45,8 +45,8 @@ class PairDataConfig:
     anchor_column: str = "anchor"
     positive_column: str = "positive"
     negative_columns: tuple[str, ...] = ()
-    """Text-text: columns of hard negatives, texts that answer no anchor of their row (e.g. negative_1
-    negative_2, as stepkit mine writes them); every one is a negative for every anchor of the batch."""
+    """Columns of hard negatives in --data.pairs: texts that answer no query of their row (e.g. negative_1
+    negative_2, as stepkit mine writes them); every one is a negative for every query of the batch."""
     shards: str | None = None
     """Your image-text pairs in tar shards (img2dataset's layout: key.jpg with key.txt, or the "caption"
     of key.json), a brace pattern such as 'data/{00000..00127}.tar': streamed in the DataLoader workers,
@@ -90,9 +90,9 @@ class PairDataConfig:
             fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
         if self.val_shards is not None and self.shards is None:
             fail("val_shards", self.val_shards, "None without --data.shards")
-        if self.negative_columns and self.kind != "text-text":
-            fail("negative_columns", self.negative_columns, "() with image-text pairs (hard negatives are "
-                 "read from text-text pairs files, --data.kind text-text)")
+        if self.negative_columns and self.pairs is None:
+            fail("negative_columns", self.negative_columns, "() without --data.pairs (hard negatives are "
+                 "columns of a pairs file; the digits and shards carry none)")
         if self.shards is not None and self.kind == "text-text":
             fail("kind", self.kind, "image-text with --data.shards (shards hold images and captions)")
         if self.shards is not None and (self.val_shards is None) == (self.val_pairs is None):
@@ -174,7 +174,7 @@ class PairSets:
     about: str
     """One line saying what was read (printed by the recipe; empty for the digits)."""
     train_negatives: list[list[str]] | None = None
-    """Text-text with --data.negative-columns: each training row's hard negatives."""
+    """With --data.negative-columns: each training row's hard negatives."""
 
     def images(self, batch: Any) -> Any:
         """A training batch's images, whatever the source (the first crop from files and shards).
@@ -258,7 +258,7 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
     train_texts: list[str]
     if shards is not None:  # captions stream with their images, tokenized a batch at a time
         check_readers(len(shards), world=dist.world_size(), workers=data.workers)
-        train_texts, train, about = [], ShardPairs(plan), f"{len(shards)} shards"
+        train_texts, train, about, negatives = [], ShardPairs(plan), f"{len(shards)} shards", None
         if data.val_shards is None:
             assert data.val_pairs is not None  # PairDataConfig asks for one of the two
             held = read_pairs(data.val_pairs, flag="data.val_pairs", **columns)
@@ -268,18 +268,20 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
         skipped = len(held.skipped)
     else:
         assert data.pairs is not None  # neither shards nor pairs: the digits, above
-        pairs = read_pairs(data.pairs, **columns)
+        pairs = read_pairs(data.pairs, negative_columns=data.negative_columns, **columns)
         if data.val_pairs is None:
             fit, held = split_pairs(pairs, data.val_fraction, seed)
         else:
             fit, held = pairs, read_pairs(data.val_pairs, flag="data.val_pairs", **columns)
         train_texts = fit.texts
         train = TrainImages(fit.images, plan, seed=seed, flag="data.pairs")
-        about = f"{len(fit)} training pairs of {len(set(fit.ids))} images"
+        negatives = fit.negatives or None
+        about = f"{len(fit)} training pairs of {len(set(fit.ids))} images" + (
+            f" with {len(data.negative_columns)} hard negatives each" * bool(data.negative_columns))
         skipped = len(pairs.skipped) + len(held.skipped)
     source = f"data.{'shards' if shards else 'pairs'} {str(data.shards or data.pairs)!r}"
     return PairSets(
-        train=train, shards=shards, train_texts=train_texts, train_anchors=None,
+        train=train, shards=shards, train_texts=train_texts, train_anchors=None, train_negatives=negatives,
         test=EvalImages(held.images, held.ids, size=data.image_size, flag="data.pairs"),
         test_texts=held.texts, test_anchors=None, test_pairs=(held.ids, held.texts),  # ids number images
         channels=3, mean=CLIP_MEAN, std=CLIP_STD, files=True, skipped=skipped,

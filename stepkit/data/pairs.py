@@ -41,6 +41,8 @@ class Pairs:
     skipped: list[str] = field(default_factory=list)
     """One ``file:row: why`` per row left out (``skip_unreadable``)."""
     source: Path = Path(".")
+    negatives: list[list[str]] = field(default_factory=list)
+    """Hard negatives: per row, the captions of its negative columns (empty: none read)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -49,7 +51,8 @@ class Pairs:
         """The pairs at ``rows`` (ids kept)."""
         rows = list(rows)
         return Pairs([self.images[i] for i in rows], [self.texts[i] for i in rows],
-                     [self.ids[i] for i in rows], [], self.source)
+                     [self.ids[i] for i in rows], [], self.source,
+                     [self.negatives[i] for i in rows] if self.negatives else [])
 
 
 @dataclass
@@ -180,7 +183,8 @@ def _check_columns(path: Path, header, columns: tuple[str, ...], flag: str) -> N
 
 
 def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_column: str = "title",
-               skip_unreadable: bool = False, flag: str = "data.pairs", check_up_to: int = 10_000) -> Pairs:
+               negative_columns: tuple[str, ...] = (), skip_unreadable: bool = False,
+               flag: str = "data.pairs", check_up_to: int = 10_000) -> Pairs:
     """Read and check the image–text pairs of ``path`` (``.csv``, ``.tsv``, ``.jsonl`` or ``.parquet``).
 
     Image paths are relative to the file's folder (absolute ones stay).
@@ -191,6 +195,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
         path: The pairs file.
         image_column: The column (JSON key) holding the image path.
         text_column: The column (JSON key) holding the caption.
+        negative_columns: Columns of hard-negative captions (texts that describe no image of the row).
         skip_unreadable: Leave out rows with a missing or unreadable image or an empty caption (listed in
             ``skipped``) instead of stopping.
         flag: The CLI flag named in errors.
@@ -223,15 +228,16 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
 
     path = Path(path)
     kind = _file_kind(path, flag)
-    columns = (image_column, text_column)
-    images, texts, skipped = [], [], []
+    columns = (image_column, text_column, *negative_columns)
+    images, texts, negatives, skipped = [], [], [], []
     hint = "; pass --data.skip-unreadable to skip such rows"
     for where, record in _rows(path, kind, columns, flag):
         label = f"{path}:{where.split()[-1]}" if kind != "parquet" else f"{path} ({where})"
         image, text = record[image_column], record[text_column]
         problem = None
-        if not isinstance(text, str) or not text.strip():
-            problem = f"{label}: empty caption (column {text_column!r})"
+        empty = [c for c in columns[1:] if not isinstance(record[c], str) or not record[c].strip()]
+        if empty:
+            problem = f"{label}: empty caption (column {empty[0]!r})"
         elif not isinstance(image, str) or not image.strip():
             problem = f"{label}: no image path (column {image_column!r})"
         else:
@@ -245,6 +251,7 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
             continue
         images.append(file)
         texts.append(text)
+        negatives.append([record[c] for c in negative_columns])
     if len(images) <= check_up_to:
         readable = {}
         for file in images:
@@ -255,10 +262,11 @@ def read_pairs(path: str | os.PathLike, *, image_column: str = "filepath", text_
         keep = [i for i, file in enumerate(images) if readable[file] is None]
         skipped += [f"{images[i]}: {readable[images[i]]}" for i in range(len(images)) if readable[images[i]]]
         images, texts = [images[i] for i in keep], [texts[i] for i in keep]
+        negatives = [negatives[i] for i in keep]
     if not images:
         raise ValueError(f"{flag}={str(path)!r} is not allowed: it holds no usable pairs")
     ids = _first_seen_ids(images)
-    return Pairs(images, texts, ids, skipped, path)
+    return Pairs(images, texts, ids, skipped, path, negatives if negative_columns else [])
 
 
 def read_text_pairs(path: str | os.PathLike, *, anchor_column: str = "anchor",
