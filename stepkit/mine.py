@@ -136,9 +136,8 @@ def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.Pat
         ValueError: --out='qa_negatives.parquet' is not allowed: expected a file ending in .jsonl, ...
     """
     from stepkit.data.pairs import read_text_pairs
-    from stepkit.models.arguments import build_arch
-    from stepkit.probe import tokenizer_of
-    from stepkit.weights.parts import checkpoint_parts, find_checkpoint, read_part
+    from stepkit.probe import load_part, tokenizer_of
+    from stepkit.weights.parts import checkpoint_parts, find_checkpoint
 
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
@@ -150,10 +149,8 @@ def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.Pat
                          "anchor and text towers; train one with --data.kind text-text)")
     towers, tokenizers = {}, {}
     for name in ("image", "text"):
-        state, info = read_part(run, name, checkpoint=checkpoint)
-        net = build_arch(info["arch"])
-        net.load_state_dict(state)
-        towers[name], tokenizers[name] = net.to(device).eval(), tokenizer_of(info)
+        towers[name], info = load_part(run, name, checkpoint=checkpoint, device=device)
+        tokenizers[name] = tokenizer_of(info)
     try:
         read = read_text_pairs(pairs, anchor_column=anchor_column, positive_column=positive_column,
                                flag="pairs")

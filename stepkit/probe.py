@@ -36,8 +36,8 @@ from stepkit.evaluation import frozen_probes, knn_accuracy, linear_probe
 from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
 
-__all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "probe_data",
-           "tokenizer_of", "write_result"]
+__all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "load_part",
+           "probe_data", "tokenizer_of", "write_result"]
 
 Features = Literal["forward", "pooled_patches", "sequence", "retrieval"]
 
@@ -223,13 +223,10 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         >>> result["step"], 0.1 < result["knn_acc"] <= 1.0  # an untrained CNN is above chance already
         (3, True)
     """
-    state, info = read_part(source, part, checkpoint=checkpoint)
+    net, info = load_part(source, part, checkpoint=checkpoint, device=device)
     if not info.get("probe"):
         raise ValueError(f"part {part!r} records no probe (its recipe evaluates another part)")
     record = ProbeRecord.from_dict(info["probe"], where=f"{info['checkpoint']}: part {part!r}'s probe record")
-    net = build_arch(info["arch"])
-    net.load_state_dict(state)
-    net = net.to(device).eval()
     result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
     linear = record.linear if linear is None else linear
     if record.features == "retrieval":  # a two-tower run: its held-out pairs
@@ -306,6 +303,32 @@ def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, devic
     return {key: v for key, v in scores.items() if not key.endswith("_raw")}
 
 
+def load_part(source: str | os.PathLike, part: str, *, checkpoint: str = "last",
+              device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """One part of a checkpoint rebuilt from its architecture record, its weights loaded, in eval mode on
+    ``device``; and its description (``read_part``'s).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from stepkit import TrainState
+        >>> from stepkit.checkpoint import save_last
+        >>> from stepkit.models import SmallCNN
+        >>> from stepkit.weights import describe_part
+        >>> net = SmallCNN(1, (4,))
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> state = TrainState(net, torch.optim.SGD(net.parameters(), lr=0.1), step=2)
+        >>> meta = {"parts": {"encoder": describe_part(net, source="model", prefix="", about="a CNN")}}
+        >>> _ = save_last(run / "checkpoints", state, meta=meta)
+        >>> loaded, info = load_part(run, "encoder")
+        >>> info["step"], loaded.training, torch.equal(loaded.features[0].weight, net.features[0].weight)
+        (2, False, True)
+    """
+    state, info = read_part(source, part, checkpoint=checkpoint)
+    net = build_arch(info["arch"])
+    net.load_state_dict(state)
+    return net.to(device).eval(), info
+
+
 def tokenizer_of(facts: dict[str, Any]) -> Callable:
     """A part's tokenizer from its description (``tokenizer``: a Hugging Face folder, or a word list).
 
@@ -332,10 +355,7 @@ def _retrieval(texts_net: nn.Module, info: dict, record: ProbeRecord, source, ch
     from stepkit.evaluation import held_out_retrieval, paired_relevance
 
     assert record.queries is not None  # the record's check
-    state, query_info = read_part(source, record.queries, checkpoint=checkpoint)
-    queries_net = build_arch(query_info["arch"])
-    queries_net.load_state_dict(state)
-    queries_net = queries_net.to(device).eval()
+    queries_net, query_info = load_part(source, record.queries, checkpoint=checkpoint, device=device)
     data = pair_sets(pairs_from_record(record.data), seed=int(record.data["seed"]))
     to_device = lambda tokens: {k: v.to(device) for k, v in tokens.items()}  # noqa: E731
     texts = texts_net(**to_device(tokenizer_of(info)(data.test_texts)))

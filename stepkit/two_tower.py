@@ -40,10 +40,9 @@ from stepkit.weights import (
 )
 from stepkit.weights.hub import TIMM_PREFIX, timm_vit, timm_vit_arguments
 
-__all__ = ["Renormalized", "TwoTower", "TwoTowerConfig", "build_two_tower", "hugging_face_name",
-           "image_tower", "init_towers", "load_teacher", "lock_image_tower", "shares_text_tower",
-           "text_tower",
-           "tower_extras", "describe_towers"]
+__all__ = ["Renormalized", "TwoTower", "TwoTowerConfig", "build_two_tower", "describe_towers",
+           "hugging_face_name", "image_tower", "init_towers", "load_teacher", "lock_image_tower",
+           "shares_text_tower", "text_tower", "tower_extras"]
 
 
 @dataclass
@@ -168,8 +167,8 @@ class TwoTower(nn.Module):
     """
 
     def __init__(self, image: nn.Module | None, text: nn.Module, embed_dim: int, *,
-                 init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0, init_bias: float | None = None) -> None:
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 init_bias: float | None = None) -> None:
         super().__init__()
         if image is None:  # one text tower for both sides, unprojected (shares_text_tower)
             self.image = self.text = ProjectedTower(text, None)

@@ -115,7 +115,6 @@ def clip_loss(
         >>> round(clip_loss(e, e, 1.0).item(), 6)  # both directions as in info_nce
         0.313262
     """
-    offset = 0
     if gather and world_size() > 1:
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
         negatives = None if negatives is None else all_gather_with_grad(negatives)
