@@ -40,6 +40,7 @@ from stepkit.check import at_least, fail, integer_at_least
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, CkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
 from stepkit.data import PairDataConfig, PairSets, pair_sets, pairs_record, seeded_loader, train_batches
+from stepkit.data.paired import batch_negatives
 from stepkit.evaluation import chance_recall_at_k, held_out_retrieval, paired_relevance, repeated_targets_line
 from stepkit.gradcache import gradcache
 from stepkit.log import LogConfig
@@ -350,8 +351,8 @@ def main(cfg: Config) -> dict:
     teacher = distillation_teacher(cfg, data, vocabulary, device, mean, std)  # None: --distill off
     tokens = tokenize(train_texts) if data.shards is None else None  # every caption once; streamed: per batch
     anchor_tokens = tokenize(train_anchors) if text_only else None
-    n_negatives = len(cfg.data.negative_columns)  # hard negatives of each training row, tokenized once
-    negative_tokens = tokenize(list(chain.from_iterable(data.train_negatives or []))) if n_negatives else None
+    n_negatives = len(cfg.data.negative_columns)  # hard negatives a row: a pairs file's tokenized once
+    negative_tokens = tokenize(list(chain(*data.train_negatives))) if data.train_negatives else None
     workers = cfg.data.workers if data.files else 0  # tensors in memory are read by the main process
     set_threads(cfg.threads, device=device, workers=workers)  # the workers take cores from the model
 
@@ -383,9 +384,8 @@ def main(cfg: Config) -> dict:
         negatives' tokens or None) on the device."""
         rows = batch[-1]  # text-text: the anchors' tokens stand where the images would
         queries = tokens_of(rows, anchor_tokens, tokenize, device) if text_only else prep(data.images(batch))
-        negatives = None if negative_tokens is None else tokens_of(  # row r's are r * n ... r * n + n - 1
-            (rows.view(-1, 1) * n_negatives + torch.arange(n_negatives)).flatten(), negative_tokens, tokenize,
-            device)
+        negatives = tokens_of(batch_negatives(batch, n_negatives), negative_tokens, tokenize,  # shards: texts
+                              device) if n_negatives else None
         return queries, tokens_of(rows, tokens, tokenize, device), rows, negatives
 
     objective = partial(contrastive_objective, cfg, model, teacher)  # ((image, text[, negs]), images, rows)

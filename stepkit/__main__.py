@@ -7,7 +7,7 @@
     stepkit export runs/dino                # the parts a run can export
     stepkit export runs/dino --part teacher --out teacher.safetensors   # --format timm|hf|...
     stepkit eval runs/dino [--all] [--train-root L --val-root V] [--linear]   # probe saved checkpoints
-    stepkit mine runs/qa --pairs qa.jsonl --out qa_negatives.jsonl   # hard negatives for text pairs
+    stepkit mine runs/qa --pairs qa.jsonl --out qa_negatives.jsonl   # hard negatives for a pairs file
     torchrun --nproc_per_node=2 -m stepkit run dino --run-dir runs/d
 
 The recipes are the repository's ``recipes/`` folder, installed as
@@ -267,7 +267,8 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def _mine_command(args: argparse.Namespace) -> int:
-    """``stepkit mine``: hard negatives for text pairs; errors in one line, nothing written on one."""
+    """``stepkit mine``: hard negatives for a two-tower run's pairs; errors in one line, nothing written on
+    one."""
     from stepkit.checkpoint import CheckpointError
     from stepkit.mine import mine_run
 
@@ -277,15 +278,20 @@ def _mine_command(args: argparse.Namespace) -> int:
         done = mine_run(args.run, args.pairs, args.out, negatives=args.negatives,
                         rank_range=tuple(args.range), margin=args.margin, checkpoint=args.checkpoint,
                         anchor_column=args.anchor_column, positive_column=args.positive_column,
-                        device=args.device)
+                        image_column=args.image_column, text_column=args.text_column, device=args.device)
     except (ValueError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    flags = {"text-text": {"kind": "text-text", "anchor-column": args.anchor_column,
+                           "positive-column": args.positive_column},
+             "image-text": {"image-column": args.image_column, "text-column": args.text_column}}[done["kind"]]
+    defaults = {"anchor-column": "anchor", "positive-column": "positive", "image-column": "filepath",
+                "text-column": "title"}
+    said = "".join(f" --data.{k} {v}" for k, v in flags.items() if defaults.get(k) != v)
     columns = " ".join(f"negative_{j + 1}" for j in range(args.negatives))
     print(f"wrote {args.out}: {done['rows']} pairs with {args.negatives} hard negatives each"
           + (f" ({done['dropped']} left out: fewer candidates)" if done["dropped"] else "")
-          + f"; train on them with --data.pairs {args.out} --data.kind text-text "
-            f"--data.negative-columns {columns}")
+          + f"; train on them with --data.pairs {args.out}{said} --data.negative-columns {columns}")
     return 0
 
 
@@ -336,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--linear", action="store_true", default=None, help="add the linear probe")
     probe.add_argument("--batch-size", type=int, help="images per forward (default: the run's)")
     probe.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    mine = commands.add_parser("mine", help="hard negatives for text pairs, mined with a text-text run's "
+    mine = commands.add_parser("mine", help="hard negatives for a pairs file, mined with a contrastive run's "
                                             "towers (sentence-transformers' mine_hard_negatives)")
-    mine.add_argument("run", help="a text-text run of the contrastive recipe")
-    mine.add_argument("--pairs", required=True, help="the text pairs file (.jsonl, .csv, .tsv, .parquet)")
+    mine.add_argument("run", help="a run of the contrastive recipe (text-text, or image-text on your images)")
+    mine.add_argument("--pairs", required=True, help="the pairs file (.jsonl, .csv, .tsv, .parquet): text "
+                                                     "pairs for a text-text run, images, captions otherwise")
     mine.add_argument("--out", required=True,
                       help="the pairs with negative_1 ... columns (.jsonl, .csv, .tsv)")
     mine.add_argument("--negatives", type=int, default=3, help="negatives a pair (default 3)")
@@ -349,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="a negative is at most the positive's similarity minus this (default: no test)")
     mine.add_argument("--anchor-column", default="anchor")
     mine.add_argument("--positive-column", default="positive")
+    mine.add_argument("--image-column", default="filepath", help="an image-text run's image paths (default "
+                                                                   "filepath)")
+    mine.add_argument("--text-column", default="title", help="an image-text run's captions (default title)")
     mine.add_argument("--checkpoint", default="last", help="last (default), best or step_N")
     mine.add_argument("--force", action="store_true", help="replace --out if it exists")
     mine.add_argument("--device", default="cpu", help="cpu (default) or cuda")

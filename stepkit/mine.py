@@ -2,14 +2,17 @@
 
     stepkit mine runs/qa --pairs qa.jsonl --out qa_negatives.jsonl                 # 3 a pair, ranks 0-50
     stepkit mine runs/qa --pairs qa.jsonl --out qa_neg.csv --negatives 5 --range 10 100 --margin 0.05
+    stepkit mine runs/photos --pairs photos.csv --out photos_negatives.csv        # an image-text run
 
-The run's anchor tower embeds each pair's anchor, its text tower every distinct positive of the file;
-each anchor's hard negatives are the positives of other pairs it ranks highest, as
-sentence-transformers' ``mine_hard_negatives`` picks them: the anchor's own positives (every text equal
-to one) left out, the candidates ranked from ``--range`` MIN to MAX, and with ``--margin M`` none closer
-to the anchor than its positive less M (``absolute_margin``; no margin test by default, as there). The
-output is the pairs file with ``negative_1 ... negative_N`` columns, for
-``--data.negative-columns``; a pair with fewer candidates than ``--negatives`` is left out (counted).
+The run's query tower embeds each pair's query (a text-text run: the anchor; an image-text run: the
+image, its centre square as the held-out images are read), its text tower every distinct positive (caption)
+of the file; each query's hard negatives are the positives of other pairs it ranks highest, as
+sentence-transformers' ``mine_hard_negatives`` picks them: the query's own positives (every text equal
+to one; for an image, every caption it has in the file) left out, the candidates ranked from ``--range``
+MIN to MAX, and with ``--margin M`` none closer to the query than its positive less M
+(``absolute_margin``; no margin test by default, as there). The output is the pairs file with
+``negative_1 ... negative_N`` columns, for ``--data.negative-columns``; a pair with fewer candidates than
+``--negatives`` is left out (counted).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["mine_hard_negatives", "mine_run", "write_text_pairs"]
+__all__ = ["mine_hard_negatives", "mine_run", "write_pairs"]
 
 
 @torch.no_grad()
@@ -74,14 +78,14 @@ def mine_hard_negatives(similarity: Tensor, positives: Tensor, n: int, *,
     return picked
 
 
-def write_text_pairs(path: Path, rows: Sequence[dict[str, str]]) -> None:
-    """Text pairs (and their negatives) to ``.jsonl``, ``.csv`` or ``.tsv`` (written whole, then moved
-    into place).
+def write_pairs(path: Path, rows: Sequence[dict[str, str]]) -> None:
+    """Pairs (texts, or image paths and captions) and their negatives to ``.jsonl``, ``.csv`` or ``.tsv``
+    (written whole, then moved into place).
 
     Examples:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "qa.csv"
-        >>> write_text_pairs(out, [{"anchor": "a?", "positive": "b", "negative_1": "c"}])
+        >>> write_pairs(out, [{"anchor": "a?", "positive": "b", "negative_1": "c"}])
         >>> out.read_text().splitlines()
         ['anchor,positive,negative_1', 'a?,b,c']
     """
@@ -114,20 +118,52 @@ def _embed(net, tokenize, texts: list[str], batch_size: int, device: torch.devic
     return torch.cat(out)
 
 
+@torch.no_grad()
+def _embed_images(net, facts: dict, files: list[Path], batch_size: int, device: torch.device) -> Tensor:
+    """The image tower's embedding of each file: its centre square at the run's size and normalisation,
+    as the recipe's held-out images are embedded."""
+    from torch.utils.data import DataLoader
+
+    from stepkit.augment import normalize, to_unit
+    from stepkit.data.images import EvalImages
+
+    out = []
+    dataset: Any = EvalImages(files, [0] * len(files), size=int(facts["size"]), flag="pairs")
+    for images, _ in DataLoader(dataset, batch_size=batch_size):
+        images = to_unit(images.to(device))
+        out.append(net(normalize(images, facts["mean"], facts["std"]) if "mean" in facts else images)
+                   .float().cpu())
+    return torch.cat(out)
+
+
+def _one_line(err: ValueError) -> ValueError:
+    """A pairs-file error named with this command's flags, not a recipe's."""
+    said = str(err).replace("; pass --data.skip-unreadable to skip such rows", "")
+    said = said.replace("; for text pairs, --data.kind text-text", "")
+    for column in ("anchor-column", "positive-column", "image-column", "text-column"):
+        said = said.replace(f"--pairs.{column}", f"--{column}")
+    return ValueError(said)
+
+
 def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.PathLike, *,
              negatives: int = 3, rank_range: tuple[int, int] = (0, 50), margin: float | None = None,
-             checkpoint: str = "last",
-             anchor_column: str = "anchor", positive_column: str = "positive", batch_size: int = 256,
-             device: str = "cpu") -> dict[str, int]:
-    """Mine hard negatives for the text pairs of ``pairs`` with a text-text run's towers and write them
-    to ``out`` (``mine_hard_negatives``; the module's docstring says how they are picked).
+             checkpoint: str = "last", anchor_column: str = "anchor", positive_column: str = "positive",
+             image_column: str = "filepath", text_column: str = "title", batch_size: int = 256,
+             device: str = "cpu") -> dict[str, Any]:
+    """Mine hard negatives for the pairs of ``pairs`` with a two-tower run's towers and write them to
+    ``out`` (``mine_hard_negatives``; the module's docstring says how they are picked).
+
+    A text-text run reads text pairs (``anchor_column``, ``positive_column``): each anchor is a query. An
+    image-text run reads image-text pairs (``image_column``, ``text_column``): each image is a query, every
+    caption of it a positive; the images are written relative to ``out``'s folder.
 
     Returns:
-        ``{"rows": written, "dropped": pairs with too few candidates}``.
+        ``{"rows": written, "dropped": pairs with too few candidates, "kind": "text-text" or
+        "image-text"}``.
 
     Raises:
-        ValueError: one line, for a run that is not a text-text two-tower run, a bad pairs file, or bad
-            settings; ``stepkit.checkpoint.CheckpointError`` for a missing checkpoint.
+        ValueError: one line, for a run that is not a two-tower run, a bad pairs file, or bad settings;
+            ``stepkit.checkpoint.CheckpointError`` for a missing checkpoint.
 
     Examples:
         >>> mine_run("runs/qa", "qa.jsonl", "qa_negatives.parquet")  # doctest: +ELLIPSIS
@@ -135,7 +171,7 @@ def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.Pat
         ...
         ValueError: --out='qa_negatives.parquet' is not allowed: expected a file ending in .jsonl, ...
     """
-    from stepkit.data.pairs import read_text_pairs
+    from stepkit.data.pairs import read_pairs, read_text_pairs
     from stepkit.probe import load_part, tokenizer_of
     from stepkit.weights.parts import checkpoint_parts, find_checkpoint
 
@@ -144,39 +180,53 @@ def mine_run(run: str | os.PathLike, pairs: str | os.PathLike, out: str | os.Pat
         raise ValueError(f"--out={str(out)!r} is not allowed: expected a file ending in .jsonl, .csv or "
                          ".tsv")
     parts = checkpoint_parts(find_checkpoint(run, checkpoint))
-    if not {"image", "text"} <= set(parts) or "tokenizer" not in parts["image"]:
-        raise ValueError(f"{run}: not a text-text run of the contrastive recipe (stepkit mine needs its "
-                         "anchor and text towers; train one with --data.kind text-text)")
+    if not {"image", "text"} <= set(parts):
+        raise ValueError(f"{run}: not a run of the contrastive recipe (stepkit mine needs its two towers)")
+    text_only = "tokenizer" in parts["image"]
+    facts = parts["image"].get("input", {})
+    if not text_only and facts.get("channels") != 3:
+        raise ValueError(f"{run}: its image tower reads {facts.get('channels')}-channel images (the embedded "
+                         "digits); stepkit mine embeds a pairs file's RGB images: mine with a run trained on "
+                         "--data.pairs or --data.shards")
     towers, tokenizers = {}, {}
     for name in ("image", "text"):
         towers[name], info = load_part(run, name, checkpoint=checkpoint, device=device)
-        tokenizers[name] = tokenizer_of(info)
-    try:
-        read = read_text_pairs(pairs, anchor_column=anchor_column, positive_column=positive_column,
-                               flag="pairs")
-    except ValueError as err:  # named with this command's flags, not a recipe's
-        said = str(err).replace("; pass --data.skip-unreadable to skip such rows", "")
-        for column in ("anchor-column", "positive-column"):
-            said = said.replace(f"--pairs.{column}", f"--{column}")
-        raise ValueError(said) from None
-    corpus = list(dict.fromkeys(read.positives))  # every distinct positive once
-    number = {text: i for i, text in enumerate(corpus)}
-    answers: dict[str, set[int]] = {}  # an anchor's positives, over every row it appears in
-    for anchor, positive in zip(read.anchors, read.positives):
-        answers.setdefault(anchor, set()).add(number[positive])
-    positives = torch.zeros(len(read), len(corpus), dtype=torch.bool)
-    for row, anchor in enumerate(read.anchors):
-        positives[row, sorted(answers[anchor])] = True
+        tokenizers[name] = tokenizer_of(info) if name == "text" or text_only else None
     dev = torch.device(device)
-    queries = _embed(towers["image"], tokenizers["image"], read.anchors, batch_size, dev)
+    groups: list[Any]  # rows of one group share their positives: an anchor's, or an image's
+    try:
+        if text_only:
+            texts = read_text_pairs(pairs, anchor_column=anchor_column, positive_column=positive_column,
+                                    flag="pairs")
+            groups, positive_texts = list(texts.anchors), texts.positives
+            queries = _embed(towers["image"], tokenizers["image"], texts.anchors, batch_size, dev)
+            rows = [{anchor_column: a, positive_column: p} for a, p in zip(texts.anchors, texts.positives)]
+        else:
+            images = read_pairs(pairs, image_column=image_column, text_column=text_column, flag="pairs")
+            groups, positive_texts = list(images.ids), images.texts
+            files = list(dict.fromkeys(images.images))  # ids number the images in this order
+            queries = _embed_images(towers["image"], facts, files, batch_size, dev)[torch.tensor(images.ids)]
+            folder = out.absolute().parent
+            rows = [{image_column: os.path.relpath(image.absolute(), folder), text_column: text}
+                    for image, text in zip(images.images, images.texts)]
+    except ValueError as err:
+        raise _one_line(err) from None
+    corpus = list(dict.fromkeys(positive_texts))  # every distinct positive once
+    number = {text: i for i, text in enumerate(corpus)}
+    answers: dict = {}  # a query's positives, over every row it appears in
+    for group, positive in zip(groups, positive_texts):
+        answers.setdefault(group, set()).add(number[positive])
+    positives = torch.zeros(len(groups), len(corpus), dtype=torch.bool)
+    for row, group in enumerate(groups):
+        positives[row, sorted(answers[group])] = True
     keys = _embed(towers["text"], tokenizers["text"], corpus, batch_size, dev)
     picked = mine_hard_negatives(queries @ keys.T, positives, negatives, rank_range=rank_range, margin=margin)
-    rows = [{anchor_column: a, positive_column: p,
-             **{f"negative_{j + 1}": corpus[k] for j, k in enumerate(keep)}}
-            for a, p, keep in zip(read.anchors, read.positives, picked) if len(keep) == negatives]
+    rows = [{**row, **{f"negative_{j + 1}": corpus[k] for j, k in enumerate(keep)}}
+            for row, keep in zip(rows, picked) if len(keep) == negatives]
     if not rows:
         raise ValueError(f"no pair of {pairs} has {negatives} negatives in ranks {rank_range[0]}-"
                          f"{rank_range[1]} with margin {margin}: lower --negatives or --margin, or widen "
                          "--range")
-    write_text_pairs(out, rows)
-    return {"rows": len(rows), "dropped": len(read) - len(rows)}
+    write_pairs(out, rows)
+    return {"rows": len(rows), "dropped": len(groups) - len(rows),
+            "kind": "text-text" if text_only else "image-text"}

@@ -7,6 +7,7 @@ noisy background, so a probe can tell the classes apart only by content.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, shards: int, per_shard: int, *, seed: int = 0, captions: bool = True) -> str:
-    """``folder/{0000..}.tar`` of ``key.jpg`` + ``key.cls`` (+ ``key.txt``); returns the brace pattern."""
+def write_shards(folder: Path, shards: int, per_shard: int, *, seed: int = 0, captions: bool = True,
+                 negatives: int = 0) -> str:
+    """``folder/{0000..}.tar`` of ``key.jpg`` + ``key.cls`` (+ ``key.txt``, + ``key.json`` holding
+    ``negative_1 ...``: the captions of the next classes); returns the brace pattern."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
@@ -81,6 +84,10 @@ def write_shards(folder: Path, shards: int, per_shard: int, *, seed: int = 0, ca
                 add_member(tar, f"{key}.cls", str(label).encode())
                 if captions:
                     add_member(tar, f"{key}.txt", f"a {CLASSES[label]} on a grey background".encode())
+                if negatives:
+                    others = {f"negative_{j}": f"a {CLASSES[(label + j) % len(CLASSES)]} on a grey background"
+                              for j in range(1, negatives + 1)}
+                    add_member(tar, f"{key}.json", json.dumps(others).encode())
     return str(folder / f"{{0000..{shards - 1:04d}}}.tar")
 
 

@@ -105,3 +105,66 @@ def test_bad_negative_files_and_runs_are_one_line(text_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no 'question' key" in err and "name the key with --anchor-column" in err and err.count("\n") == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_an_image_text_run_mines_the_nearest_captions_of_other_images(tmp_path, capsys):
+    import csv
+
+    from imagefiles import write_pairs
+
+    from stepkit.augment import normalize, to_unit
+    from stepkit.data.crops import center_view
+    from stepkit.data.pairs import read_pairs
+    from stepkit.probe import load_part, tokenizer_of
+
+    pairs = write_pairs(tmp_path / "photos", 5)  # 15 images, one caption each
+    rows = list(csv.DictReader(pairs.open()))
+    rows.append({"filepath": rows[0]["filepath"], "title": rows[1]["title"]})  # image 0 has image 1's too
+    with pairs.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["filepath", "title"])
+        writer.writeheader()
+        writer.writerows(rows)
+    run = tmp_path / "run"
+    recipe = load_recipe("contrastive")
+    recipe.main(recipe.parse(["tiny", "--run-dir", str(run), "--data.pairs", str(pairs), "--batch-size", "8",
+                              "--data.workers", "0", "--train.steps", "3", "--optim.warmup-steps", "1",
+                              "--log.no-console"]))
+    capsys.readouterr()
+    out = tmp_path / "elsewhere" / "negatives.csv"  # another folder: image paths rewritten relative to it
+    out.parent.mkdir()
+    assert main(["mine", str(run), "--pairs", str(pairs), "--out", str(out), "--negatives", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: 16 pairs with 2 hard negatives each" in said and "--data.kind" not in said
+    mined, given = read_pairs(out, negative_columns=("negative_1", "negative_2")), read_pairs(pairs)
+    assert [p.resolve() for p in mined.images] == [p.resolve() for p in given.images]
+    assert mined.texts == given.texts
+    captions_of: dict = {}
+    for image, text in zip(given.images, given.texts):
+        captions_of.setdefault(image, set()).add(text)
+    # by hand: every caption of the file scored against each image's centre square, its own left out
+    image_net, image_info = load_part(run, "image")
+    text_net, text_info = load_part(run, "text")
+    facts = image_info["input"]
+    corpus = sorted(set(given.texts))
+    with torch.no_grad():
+        keys = text_net(**tokenizer_of(text_info)(corpus))
+        for image, negatives in zip(given.images, mined.negatives):
+            pixels = normalize(to_unit(center_view(image, facts["size"])[None]), facts["mean"], facts["std"])
+            scores = (image_net(pixels) @ keys.T)[0]
+            others = sorted((c for c in corpus if c not in captions_of[image]),
+                            key=lambda c: -scores[corpus.index(c)].item())
+            assert negatives == others[:2]
+    assert set(mined.negatives[0]).isdisjoint({rows[0]["title"], rows[1]["title"]})
+    recipe.main(recipe.parse(["tiny", "--run-dir", str(tmp_path / "with"), "--data.pairs", str(out),
+                              "--data.negative-columns", "negative_1", "negative_2", "--batch-size", "8",
+                              "--data.workers", "0", "--train.steps", "2", "--optim.warmup-steps", "1",
+                              "--log.no-console"]))
+    assert "with 2 hard negatives each" in capsys.readouterr().out
+    digits = tmp_path / "digits"
+    recipe.main(recipe.parse(["tiny", "--run-dir", str(digits), "--train.steps", "1", "--optim.warmup-steps",
+                              "1", "--batch-size", "8", "--log.no-console"]))
+    capsys.readouterr()
+    assert main(["mine", str(digits), "--pairs", str(pairs), "--out", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "1-channel images (the embedded digits)" in err and err.count("\n") == 1

@@ -54,6 +54,33 @@ def test_shards_stream_their_captions_and_hold_out_shards(tmp_path):
     assert sets.about.startswith(f"data.shards {train!r}: 2 shards, 5 held-out pairs")
 
 
+def test_shard_negatives_come_with_their_sample_query_by_query(tmp_path):
+    import tarfile
+
+    from stepkit.data import batch_negatives, sample_rng, shard_samples
+
+    train = write_shards(tmp_path / "train", 1, 6, negatives=2)
+    held = write_shards(tmp_path / "held", 1, 2, seed=1)
+    sets = pair_sets(PairDataConfig(shards=train, val_shards=held, image_size=16, workers=0,
+                                    negative_columns=("negative_1", "negative_2")), seed=0)
+    assert sets.about.startswith(f"data.shards {train!r}: 1 shards with 2 hard negatives a sample")
+    shard = sets.shards[0]
+    samples = [sets.train(fields, sample_rng(0, 0, i), f"{shard}:{key}")
+               for i, (_, key, fields) in enumerate(shard_samples(shard))]
+    batch = default_collate(samples)  # as the DataLoader collates them: [crops], negatives, captions
+    assert list(batch[-1]) == [caption for _, _, caption in samples]
+    expected = [text for _, negatives, _ in samples for text in negatives]  # query 0's two, query 1's, ...
+    assert batch_negatives(batch, 2) == expected and len(set(expected)) == 3  # not every query alike
+    for (_, negatives, caption) in samples:
+        assert caption not in negatives
+    with tarfile.open(shard) as tar:  # a sample without a key: one line naming it and the flag
+        first = [m for m in tar.getmembers() if m.name.startswith(tar.getmembers()[0].name.split(".")[0])]
+        fields = {m.name.split(".")[-1]: tar.extractfile(m).read() for m in first}
+    said = r"^s.tar:k.json: no text under 'negative_3' \(--data.negative-columns\)$"
+    with pytest.raises(ValueError, match=said):
+        ShardPairs(sets.train.plan, ("negative_1", "negative_3"))(fields, sample_rng(0, 0, 0), "s.tar:k")
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"kind": "text-text"}, "kind='text-text' is not allowed: expected image-text without --data.pairs"),
     ({"shards": "a/{0..1}.tar"}, "val_shards=None is not allowed: expected one source of held-out pairs"),

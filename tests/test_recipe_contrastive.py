@@ -310,3 +310,26 @@ def test_a_pretrained_text_tower_is_shared_and_starts_at_its_zero_shot_recall(re
 def test_text_pairs_need_a_pairs_file(recipe, tmp_path):
     with pytest.raises(ValueError, match="data.kind='text-text' is not allowed: expected image-text without"):
         recipe.parse(["tiny", "--run-dir", str(tmp_path), "--data.kind", "text-text"])
+
+
+@pytest.mark.slow
+def test_shards_carry_hard_negatives_in_their_json(recipe, tmp_path, capsys):
+    from imagefiles import write_shards, write_tiny_text_model
+
+    train = write_shards(tmp_path / "train", 2, 8, negatives=2)
+    flags = ("--data.shards", train, "--data.val-shards", write_shards(tmp_path / "held", 1, 6, seed=1),
+             "--model.text", write_tiny_text_model(tmp_path / "text"), "--data.workers", "2",
+             "--batch-size", "8", "--train.steps", "2", "--optim.warmup-steps", "1", "--log.every", "1")
+    negatives = ("--data.negative-columns", "negative_1", "negative_2")
+    recipe.main(small(recipe, tmp_path / "with", *flags, *negatives))
+    assert "2 shards with 2 hard negatives a sample" in capsys.readouterr().out
+    recipe.main(small(recipe, tmp_path / "without", *flags))
+
+    def first_loss(run):
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    # the same weights and batches: 16 more columns for each image, the same text -> image rows
+    assert first_loss(tmp_path / "with") > first_loss(tmp_path / "without")
+    with pytest.raises(ValueError, match=r"\.json: no text under 'negative_3' \(--data.negative-columns\)"):
+        recipe.main(small(recipe, tmp_path / "bad", *flags, "--data.negative-columns", "negative_3",
+                          "--data.workers", "0"))

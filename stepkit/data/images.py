@@ -23,7 +23,7 @@ from stepkit.data.folders import (
     labelled_folder,
     unreadable_error,
 )
-from stepkit.data.shards import class_field, image_field, text_field
+from stepkit.data.shards import class_field, image_field, json_texts, text_field
 
 __all__ = ["TrainImages", "ShardCrops", "ShardPairs", "EvalImages", "ImageData", "find_image_data",
            "ImageDataConfig", "ProbeImagesConfig", "IMAGENET_MEAN", "IMAGENET_STD", "ImageSets", "image_sets",
@@ -107,9 +107,11 @@ def _crops(fields: dict[str, bytes], plan: Any, rng: Any, where: str) -> list[An
 
 
 class ShardPairs:
-    """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``.
+    """``make_sample`` for image-text shards (img2dataset's layout): ``(crops of the image, its caption)``,
+    or ``(crops, its hard negatives, its caption)`` with ``negative_keys``.
 
-    The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``.
+    The caption is the sample's ``.txt``, else the ``"caption"`` of its ``.json``; the hard negatives are
+    the texts under ``negative_keys`` of its ``.json``.
 
     Examples:
         >>> import io
@@ -120,14 +122,21 @@ class ShardPairs:
         ...     {"png": buffer.getvalue(), "txt": b"a black square"}, sample_rng(0, 0, 0), "s.tar:a")
         >>> tuple(crops[0].shape), caption
         ((3, 16, 16), 'a black square')
+        >>> sample = {"png": buffer.getvalue(), "json": b'{"caption": "a black square", "neg": "a dog"}'}
+        >>> with_negatives = ShardPairs(CropPlan(views=((16, (0.5, 1.0)),)), negative_keys=("neg",))
+        >>> with_negatives(sample, sample_rng(0, 0, 0), "s.tar:a")[1:]
+        (('a dog',), 'a black square')
     """
 
-    def __init__(self, plan: Any) -> None:
-        self.plan = plan
+    def __init__(self, plan: Any, negative_keys: Sequence[str] = ()) -> None:
+        self.plan, self.negative_keys = plan, tuple(negative_keys)
 
-    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[list[Any], str]:
+    def __call__(self, fields: dict[str, bytes], rng: Any, where: str) -> tuple[Any, ...]:
         caption = text_field(fields, where)  # before decoding: a sample without one is refused cheaply
-        return _crops(fields, self.plan, rng, where), caption
+        if not self.negative_keys:
+            return _crops(fields, self.plan, rng, where), caption
+        negatives = tuple(json_texts(fields, self.negative_keys, where))
+        return _crops(fields, self.plan, rng, where), negatives, caption
 
 
 class EvalImages:

@@ -16,8 +16,8 @@ from stepkit.config import may_change_on_resume
 from stepkit.data.crops import CropPlan
 from stepkit.data.images import EvalImages, ShardPairs, TrainImages
 
-__all__ = ["PairDataConfig", "PairSets", "pair_sets", "pairs_record", "pairs_from_record", "CLIP_MEAN",
-           "CLIP_STD"]
+__all__ = ["PairDataConfig", "PairSets", "pair_sets", "pairs_record", "pairs_from_record", "batch_negatives",
+           "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,8 +45,9 @@ class PairDataConfig:
     anchor_column: str = "anchor"
     positive_column: str = "positive"
     negative_columns: tuple[str, ...] = ()
-    """Columns of hard negatives in --data.pairs: texts that answer no query of their row (e.g. negative_1
-    negative_2, as stepkit mine writes them); every one is a negative for every query of the batch."""
+    """Columns of hard negatives in --data.pairs (keys of each sample's .json in --data.shards): texts that
+    answer no query of their row (e.g. negative_1 negative_2, as stepkit mine writes them); every one is a
+    negative for every query of the batch."""
     shards: str | None = None
     """Your image-text pairs in tar shards (img2dataset's layout: key.jpg with key.txt, or the "caption"
     of key.json), a brace pattern such as 'data/{00000..00127}.tar': streamed in the DataLoader workers,
@@ -90,9 +91,10 @@ class PairDataConfig:
             fail("val_pairs", str(self.val_pairs), "None without --data.pairs (the digits have a split)")
         if self.val_shards is not None and self.shards is None:
             fail("val_shards", self.val_shards, "None without --data.shards")
-        if self.negative_columns and self.pairs is None:
-            fail("negative_columns", self.negative_columns, "() without --data.pairs (hard negatives are "
-                 "columns of a pairs file; the digits and shards carry none)")
+        if self.negative_columns and self.pairs is None and self.shards is None:
+            fail("negative_columns", self.negative_columns, "() without --data.pairs or --data.shards (hard "
+                 "negatives are columns of a pairs file or keys of a shard sample's .json; the digits carry "
+                 "none)")
         if self.shards is not None and self.kind == "text-text":
             fail("kind", self.kind, "image-text with --data.shards (shards hold images and captions)")
         if self.shards is not None and (self.val_shards is None) == (self.val_pairs is None):
@@ -150,7 +152,8 @@ class PairSets:
     train: Any
     """What ``stepkit.data.train_batches`` reads; a sample is ``(images, row)``: ``[crop]`` from files
     and shards, an image tensor from the digits, nothing but the row for text pairs. Streamed pairs carry
-    their caption where the row would be."""
+    their caption where the row would be, and their hard negatives between (``(images, negatives,
+    caption)``; ``batch_negatives`` reads either)."""
     shards: list[Path] | None
     train_texts: list[str]
     """The training captions (positives), row by row ([] for shards: they stream)."""
@@ -258,7 +261,9 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
     train_texts: list[str]
     if shards is not None:  # captions stream with their images, tokenized a batch at a time
         check_readers(len(shards), world=dist.world_size(), workers=data.workers)
-        train_texts, train, about, negatives = [], ShardPairs(plan), f"{len(shards)} shards", None
+        train_texts, train, negatives = [], ShardPairs(plan, data.negative_columns), None
+        about = f"{len(shards)} shards" + (f" with {len(data.negative_columns)} hard negatives a sample"
+                                          * bool(data.negative_columns))
         if data.val_shards is None:
             assert data.val_pairs is not None  # PairDataConfig asks for one of the two
             held = read_pairs(data.val_pairs, flag="data.val_pairs", **columns)
@@ -287,3 +292,24 @@ def pair_sets(data: PairDataConfig, *, seed: int) -> PairSets:
         channels=3, mean=CLIP_MEAN, std=CLIP_STD, files=True, skipped=skipped,
         about=f"{source}: {about}, {len(held)} held-out pairs of {len(set(held.ids))} images"
               + (f"; {skipped} rows skipped" if skipped else ""))
+
+
+def batch_negatives(batch: Any, n: int) -> Any:
+    """Where a training batch's hard negatives are, query by query (``n`` a query, in column order): the
+    rows of a table tokenized up front (a pairs file's: row ``r``'s are ``r * n ... r * n + n - 1``), or
+    the texts themselves (shards: streamed with their samples). ``stepkit.models.text.tokens_of`` takes
+    either.
+
+    Examples:
+        >>> import torch
+        >>> batch_negatives((torch.zeros(2, 1), torch.tensor([4, 1])), 2).tolist()  # rows 4 and 1
+        [8, 9, 2, 3]
+        >>> batch_negatives(([None], [("x1", "y1"), ("x2", "y2")], ["x", "y"]), 2)  # collated from shards
+        ['x1', 'x2', 'y1', 'y2']
+    """
+    rows = batch[-1]
+    if not isinstance(rows, (list, tuple)):  # row numbers
+        import torch
+
+        return (rows.view(-1, 1) * n + torch.arange(n)).flatten()
+    return [text for per_query in zip(*batch[-2]) for text in per_query]

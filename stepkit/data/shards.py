@@ -41,7 +41,7 @@ from stepkit import check as _check
 from stepkit.data.pairs import Pairs
 
 __all__ = ["ShardError", "expand_shards", "shard_samples", "check_readers", "image_field", "text_field",
-           "class_field", "read_shard_pairs"]
+           "json_texts", "class_field", "read_shard_pairs"]
 
 
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
@@ -258,6 +258,38 @@ def text_field(fields: dict[str, bytes], where: str, *, json_key: str = "caption
     if not text.strip():
         raise ValueError(f"{where}: empty caption")
     return text
+
+
+def json_texts(fields: dict[str, bytes], keys: Sequence[str], where: str,
+               flag: str = "data.negative_columns") -> list[str]:
+    """The texts under ``keys`` of a sample's ``.json`` (a shard's hard negatives); ValueError naming the
+    sample, the key and ``flag`` where one is missing or empty.
+
+    Examples:
+        >>> json_texts({"json": b'{"negative_1": "a cat"}'}, ["negative_1"], "s.tar:a")
+        ['a cat']
+        >>> json_texts({"txt": b"a dog"}, ["negative_1"], "s.tar:a")
+        Traceback (most recent call last):
+        ...
+        ValueError: s.tar:a: no .json member holding 'negative_1' (--data.negative-columns)
+    """
+    if not keys:
+        return []
+    said = f"--{flag.replace('_', '-')}"
+    if "json" not in fields:
+        raise ValueError(f"{where}: no .json member holding {keys[0]!r} ({said})")
+    try:
+        record = json.loads(fields["json"])
+    except ValueError as err:
+        raise ValueError(f"{where}.json: not a JSON object ({err})") from None
+    texts = []
+    for key in keys:
+        value = record.get(key) if isinstance(record, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            problem = "an empty text under" if isinstance(value, str) else "no text under"
+            raise ValueError(f"{where}.json: {problem} {key!r} ({said})")
+        texts.append(value)
+    return texts
 
 
 def class_field(fields: dict[str, bytes], where: str) -> int:
