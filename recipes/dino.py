@@ -59,6 +59,7 @@ from stepkit.losses.dino import (
 )
 from stepkit.models import DINOHead, DINOModel, SmallCNN, VisionTransformer, cancel_last_layer_gradients
 from stepkit.monitor import DistillationAlarm, collapse_metrics, mean_entropy
+from stepkit.online_probe import OnlineProbe
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import (
@@ -345,14 +346,13 @@ def main(cfg: Config) -> dict:
                              timeout=cfg.data.timeout, batch_size=cfg.batch_size,
                              pin_memory=device.type == "cuda", **kw)
 
+    probe_prep = lambda x: normalize(to_unit(x).to(device), mean, std)  # noqa: E731  the probes' images
+
     def knn(net: nn.Module) -> float:  # the frozen net's features of the labelled images, eval mode
-        fit, held = (loader_features(net, loader(d), lambda x: normalize(to_unit(x).to(device), mean, std))
-                     for d in (data.probe, data.test))
+        fit, held = (loader_features(net, loader(d), probe_prep) for d in (data.probe, data.test))
         return knn_accuracy(*fit, *held, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
-    backbone.eval()
     knn_start = knn(backbone) if evaluate else None  # same architecture and seed, untrained (or --init)
-    backbone.train()
     teacher = target_copy(model)  # no stochastic depth: DINO's teacher is deterministic
     # Under torchrun: DDP, or FSDP2 with the backbone's blocks, the backbone and the head sharded on
     # their own (so evaluation can call the backbone alone); the teacher sharded the same way.
@@ -371,6 +371,8 @@ def main(cfg: Config) -> dict:
     run_student = wrapped if cfg.compile == "none" else torch.compile(wrapped, mode=mode)
     run_teacher = teacher if cfg.compile == "none" else torch.compile(teacher, mode=mode)
     loss_fn = partial(dino_objective, cfg, run_student, run_teacher)  # (state, views) -> (loss, aux)
+    probe = OnlineProbe(data.probe, features=teacher.backbone, prep=probe_prep, state=state,  # the teacher's
+                        seed=cfg.train.seed, enabled=cfg.eval.online)
 
     if cfg.tune.measures:  # measure instead of training: no run, no checkpoint, no log
         def make_batch(size: int) -> list[torch.Tensor]:  # files: epoch 0's crops
@@ -399,19 +401,19 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, state.model, momentum)
-            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
+                     **probe.update(state.step)}  # online_train_acc
             means = run.after_update(terms)  # NaN watch (exit 65 after a storm), log
             watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
             if evaluate and cfg.eval.every and state.step % cfg.eval.every == 0:
                 run.log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                               state.step)
-    # left the run: last.pt saved (after a signal: exit 75)
 
     images_per_update = cfg.batch_size * dist.world_size() * cfg.train.accum
     summary = run.summary(  # knn_acc is the teacher's, as DINO evaluates it; the student's is beside it
         images_per_s=round(images_per_update * run.updates_per_s, 1), skipped_unreadable=data.skipped,
         params_digest=params_digest(model), collapse_warning=watch.last,
-        **({"init": init.as_dict()} if init else {}))
+        **({"init": init.as_dict()} if init else {}), **probe.summary(data.test))  # online_acc: held out
     if evaluate:  # the raw pixels: the same images, unlearned, the bar to clear
         summary.update({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone),
                         ("knn_acc_init" if init else "knn_acc_random_init"): knn_start,
@@ -419,7 +421,7 @@ def main(cfg: Config) -> dict:
     if cfg.dist.strategy == "ddp":  # every replica must hold the same parameters (buffers differ:
         weights = dict(model.named_parameters())  # each rank's last BatchNorm statistics are its own)
         summary["replicas_identical"] = dist.same_on_all_ranks(params_digest(weights))
-    run.log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
+    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "online"))}, state.step)
     if not run.finish(summary):  # summary.json written; only rank 0 prints
         return summary
     where = f"summary in {cfg.run_dir / 'summary.json'}"

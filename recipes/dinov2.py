@@ -4,14 +4,13 @@
     python recipes/dinov2.py vitl16-short --data.root /data/imagenet/train   # the official default, GPUs
     python recipes/dinov2.py vitl14 --data.root /data/imagenet22k  # the released ViT-L/14's run
     python recipes/dinov2.py --init.from released.safetensors --continued.head-warmup-steps 500
-    python recipes/dinov2.py --help
 
 The student sees 2 global crops (some patches swapped for a mask token) and N local ones; the teacher,
 an EMA of the student, sees the global crops whole. DINO's loss matches class tokens across views, iBOT's
 each masked patch to the teacher's view of it, KoLeo spreads the global features. Released weights come
 without heads: --continued.head-warmup-steps trains fresh heads on the frozen backbone first, then sets
-the teacher to the student; --continued.backbone-lr keeps the backbone's steps small. The run ends with a
-k-NN evaluation of the frozen backbone on held-out images.
+the teacher to the student; --continued.backbone-lr keeps the backbone's steps small. An online linear
+probe is logged as it trains; the run ends with a k-NN evaluation of the frozen backbone on held-out images.
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ from stepkit.losses.dino import (
 from stepkit.masking import ibot_masks
 from stepkit.models import DINOHead, VisionTransformer, cancel_last_layer_gradients
 from stepkit.monitor import DistillationAlarm, collapse_metrics, mean_entropy
+from stepkit.online_probe import OnlineProbe
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import (
@@ -376,14 +376,13 @@ def main(cfg: Config) -> dict:
         return seeded_loader(dataset, seed=cfg.train.seed, workers=workers, timeout=cfg.data.timeout,
                              batch_size=cfg.batch_size, pin_memory=device.type == "cuda")
 
+    prep = lambda x: normalize(to_unit(x).to(device), data.mean, data.std)  # noqa: E731  the probes' images
+
     def knn(net: nn.Module) -> float:  # the frozen net's features of the labelled images, eval mode
-        prep = lambda x: normalize(to_unit(x).to(device), data.mean, data.std)  # noqa: E731
         fit, held = (loader_features(net, loader(d), prep) for d in (data.probe, data.test))
         return knn_accuracy(*fit, *held, k=cfg.eval.k, temperature=cfg.eval.temperature)
 
-    backbone.eval()
     knn_start = knn(backbone)  # same architecture and seed, untrained (or --init.from's weights)
-    backbone.train()
     teacher = target_copy(model)  # no stochastic depth
     shard = lambda m: [*m.backbone.blocks, m.backbone, m.head, *filter(None, [m.patch_head])]  # noqa: E731
     dtype = torch.bfloat16 if cfg.amp == "bf16" else None
@@ -392,12 +391,13 @@ def main(cfg: Config) -> dict:
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own crops and masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    m = cfg.model
-    patch_dim = m.ibot_out_dim if m.separate_ibot_head else m.out_dim
-    centers = {"center": torch.zeros(1, m.out_dim, device=device),
-               "patch_center": torch.zeros(1, patch_dim, device=device)}
+    m = cfg.model  # the centres of DINO's and iBOT's teacher outputs (iBOT's own width with its own head)
+    centers = {k: torch.zeros(1, d, device=device) for k, d in (
+        ("center", m.out_dim), ("patch_center", m.ibot_out_dim if m.separate_ibot_head else m.out_dim))}
     state = TrainState(model=wrapped, optimizer=adamw(optimizer_groups(cfg, model), device=device),
                        target=teacher, scaler=scaler, accum=cfg.train.accum, extras=centers)
+    probe = OnlineProbe(data.probe, features=teacher.backbone, prep=prep, state=state, seed=cfg.train.seed,
+                        enabled=cfg.eval.online)  # a linear head on the teacher's features, beside
     steps, schedule, warmup = cfg.train.steps, lr_schedule(cfg), cfg.continued.head_warmup_steps
     loss_fn = partial(dinov2_objective, cfg, wrapped, teacher)  # (state, (views, masks)) -> (loss, aux)
     prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and device.type == "cuda")
@@ -420,12 +420,12 @@ def main(cfg: Config) -> dict:
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
             momentum = momentum_at(state.step, cfg.ema, steps) if state.step != warmup else 0.0
             ema_update(state.target, state.model, momentum)  # at the switch: the teacher is the student
-            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum}
+            terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
+                     **probe.update(state.step)}  # online_train_acc
             watch.report(run.after_update(terms), run.log, state.step)  # NaN watch, log, collapse warning
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 run.log.write({"knn_acc": knn(teacher.backbone), "knn_acc_student": knn(model.backbone)},
                               state.step)
-    # left the run: last.pt saved (after a signal: exit 75)
 
     images_per_update = cfg.batch_size * dist.world_size() * cfg.train.accum
     summary = run.summary(images_per_s=round(images_per_update * run.updates_per_s, 1),
@@ -433,8 +433,8 @@ def main(cfg: Config) -> dict:
                           collapse_warning=watch.last, knn_acc=knn(teacher.backbone),
                           knn_acc_student=knn(model.backbone), knn_acc_pixels=knn(nn.Flatten()),
                           **{"knn_acc_init" if init else "knn_acc_random_init": knn_start},
-                          **({"init": init.as_dict()} if init else {}))
-    run.log.write({k: v for k, v in summary.items() if k.startswith("knn")}, state.step)
+                          **({"init": init.as_dict()} if init else {}), **probe.summary(data.test))
+    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "online"))}, state.step)
     if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"k-NN accuracy: trained {summary['knn_acc']:.3f} (student {summary['knn_acc_student']:.3f}), "
               f"{'at init' if init else 'untrained'} {knn_start:.3f}, pixels "

@@ -10,7 +10,6 @@
     python recipes/ijepa.py vit-s16 --init.from vit_s16.pth ...    # from a timm / I-JEPA / DINO ViT
     python recipes/ijepa.py vit-s16 --run-dir runs/s16 --data.root /data/imagenet/train   # one GPU
     python recipes/ijepa.py vit-h14 --run-dir runs/h14 --data.root /data/imagenet/train   # the paper, GPUs
-    python recipes/ijepa.py --help
 
 Each batch gets I-JEPA's multi-block masks; the context encoder sees only the
 context, and a predictor regresses what the EMA target encoder makes of the
@@ -66,6 +65,7 @@ from stepkit.models import JEPA, ConvPredictor, JEPAPredictor, MaskedCNN, Vision
 from stepkit.models.jepa import jepa_targets, layer_dims, patch_tokens, pooled_patches
 from stepkit.models.vit import PRESETS as VIT_PRESETS
 from stepkit.monitor import collapse_metrics
+from stepkit.online_probe import OnlineProbe
 from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import LRSchedule, MomentumSchedule, WDSchedule, lr_at, momentum_at, wd_at
@@ -264,13 +264,11 @@ def build_encoder(cfg: Config, in_chans: int) -> nn.Module:
     if cfg.model.arch == "cnn":
         return MaskedCNN(img_size=cfg.data.image_size, in_chans=in_chans, widths=cfg.model.widths,
                          strides=cfg.model.strides, dilations=cfg.model.dilations or None)
-    preset = cfg.model.arch.removeprefix("vit-")
-    overrides = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
-    overrides["pos_embed"] = cfg.model.pos_embed
-    return VisionTransformer.preset(preset, img_size=cfg.data.image_size, in_chans=in_chans,
-                                    grad_checkpointing=cfg.model.grad_checkpointing,
+    patch = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}  # else the preset's
+    return VisionTransformer.preset(cfg.model.arch.removeprefix("vit-"), img_size=cfg.data.image_size,
+                                    in_chans=in_chans, grad_checkpointing=cfg.model.grad_checkpointing,
                                     class_token=cfg.model.class_token, init=cfg.model.weight_init,
-                                    **overrides)
+                                    pos_embed=cfg.model.pos_embed, **patch)
 
 
 def build_model(cfg: Config, in_chans: int) -> JEPA:
@@ -367,13 +365,14 @@ def main(cfg: Config) -> dict:
     target_encoder = state.target
     if dist.world_size() > 1:  # the same initial weights everywhere; each rank its own masks
         seed_everything(seed_of(cfg.train.seed, "rank", dist.rank()))
+    probe = OnlineProbe(data.probe, features=partial(pooled_patches, target_encoder, pool=cfg.eval.pool),
+                        module=target_encoder, prep=prep, state=state, seed=cfg.train.seed,  # as evaluated
+                        enabled=cfg.eval.online)
     steps = cfg.train.steps
-    mask_rng = torch.Generator()
-    loss_rng = torch.Generator()  # the contrastive loss's negatives
+    mask_rng, loss_rng = torch.Generator(), torch.Generator()  # the masks; the contrastive loss's negatives
 
     def make_batch(batch):
-        """A loader's batch -> (images, context_idx, target_idx): one random resized crop of each image (cut
-        in the workers from files and shards, here from images in memory), normalised, and its masks."""
+        """A loader's batch -> (images, context_idx, target_idx): a crop of each image, normalised; masks."""
         images = normalize(next(data.crops(batch, plan, device)), mean, std)
         context_idx, target_idx = multi_block_masks(len(images), grid, cfg.mask, mask_rng)
         return images, context_idx.to(device), target_idx.to(device)
@@ -419,7 +418,7 @@ def main(cfg: Config) -> dict:
             momentum = momentum_at(state.step, cfg.ema, steps)
             ema_update(state.target, model.encoder, momentum)
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,
-                     **level_terms}
+                     **level_terms, **probe.update(state.step)}  # online_train_acc
             means = run.after_update(terms)  # NaN watch (exit 65 after a storm), log
             watch.report(means, run.log, state.step)  # a new collapse warning: printed and logged
             if cfg.mask_image_every and (state.step == 1 or state.step % cfg.mask_image_every == 0):
@@ -434,8 +433,8 @@ def main(cfg: Config) -> dict:
         return summary
     start = "_init" if init else "_random_init"  # the weights it started from
     nets = {"": target_encoder, "_context_encoder": model.encoder, start: untrained}
-    summary.update(probe_scores(cfg, nets, data, loader, prep))
-    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear"))}, state.step)
+    summary.update(probe_scores(cfg, nets, data, loader, prep), **probe.summary(data.test))
+    run.log.write({k: v for k, v in summary.items() if k.startswith(("knn", "linear", "online"))}, state.step)
     if run.finish(summary):  # summary.json written; only rank 0 prints
         print(f"{probes_line(summary, baseline=start, raw_name='pixels', linear=cfg.eval.linear)}; "
               f"summary in {cfg.run_dir / 'summary.json'}")

@@ -6,8 +6,10 @@
     stepkit run dino [PRESET] [--flags]     # the shipped recipe, as python recipes/dino.py would run
     stepkit export runs/dino                # the parts a run can export
     stepkit export runs/dino --part teacher --out teacher.safetensors   # --format timm|hf|...
-    stepkit eval runs/dino [--all] [--train-root L --val-root V] [--linear]   # probe saved checkpoints
+    stepkit eval runs/dino [--all] [--train-root L --val-root V] [--linear] [--plot]   # probe checkpoints
+    stepkit eval runs/ijepa --attentive     # an attentive probe on the target's tokens, beside the linear
     stepkit mine runs/qa --pairs qa.jsonl --out qa_negatives.jsonl   # hard negatives for a pairs file
+    stepkit plot runs/dino                  # its curves: plots/curves.png and curves.html
     torchrun --nproc_per_node=2 -m stepkit run dino --run-dir runs/d
 
 The recipes are the repository's ``recipes/`` folder, installed as
@@ -241,10 +243,12 @@ def _eval_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{targets[-1]}: no part records a probe; name one with --part")
         rows = []
         for path in targets:
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            name = path.name.removesuffix(".pt").removesuffix(".dcp")
+            drawn = run_dir / "eval" / f"{name}_map.png" if args.plot and dist.is_main() else None
             result = evaluate_checkpoint(path, part, train_root=args.train_root, val_root=args.val_root,
                                          knn=not args.no_knn, linear=args.linear, batch_size=args.batch_size,
-                                         device=args.device)
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+                                         device=args.device, map_to=drawn, attentive=args.attentive)
             if dist.is_main():
                 result["file"] = str(write_result(run_dir, result))
             rows.append(result)
@@ -262,7 +266,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{Path(row['checkpoint']).name:24} {row['step']:>8} "
               + " ".join(f"{row.get(k, float('nan')):12.4f}" for k in keys))
-    print(f"results in {Path(rows[-1]['file']).parent}")
+    maps = ", maps beside them (*_map.png)" if args.plot else ""
+    print(f"results in {Path(rows[-1]['file']).parent}{maps}")
     return 0
 
 
@@ -342,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--linear", action="store_true", default=None, help="add the linear probe")
     probe.add_argument("--batch-size", type=int, help="images per forward (default: the run's)")
     probe.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    probe.add_argument("--attentive", action="store_true",
+                       help="add an attentive probe on the last layer's tokens (I-JEPA, jepa_sequences)")
+    probe.add_argument("--plot", action="store_true",
+                       help="also a 2-D map (PCA; UMAP with umap-learn) of the held-out embeddings: "
+                            "RUN/eval/NAME_map.png")
     mine = commands.add_parser("mine", help="hard negatives for a pairs file, mined with a contrastive run's "
                                             "towers (sentence-transformers' mine_hard_negatives)")
     mine.add_argument("run", help="a run of the contrastive recipe (text-text, or image-text on your images)")
@@ -362,7 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     mine.add_argument("--checkpoint", default="last", help="last (default), best or step_N")
     mine.add_argument("--force", action="store_true", help="replace --out if it exists")
     mine.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    plot = commands.add_parser("plot",
+                               help="a run's curves as one PNG and one HTML page, and a PNG a metric")
+    plot.add_argument("run", help="a run directory holding metrics.jsonl")
+    plot.add_argument("--out", help="where to write (default RUN/plots)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "plot":
+        from stepkit.plot import main as plot_main
+
+        try:
+            plot_main([args.run, *(["--out", args.out] if args.out else [])])
+        except SystemExit as err:  # its one line
+            print(err, file=sys.stderr)
+            return 2
+        return 0
     if args.command == "mine":
         return _mine_command(args)
     if args.command == "export":

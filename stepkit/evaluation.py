@@ -154,15 +154,16 @@ def extract_features(encoder, images: Tensor, *, batch_size: int = 256, device=N
 
 @contextlib.contextmanager
 def _eval_mode(encoder):
-    """A module in eval mode for the block, its mode restored after (a plain function: nothing to do)."""
-    was_training = getattr(encoder, "training", False)
-    if hasattr(encoder, "eval"):
+    """A module in eval mode for the block, each of its modules' mode restored after (a plain function:
+    nothing to do)."""
+    modes = [(m, m.training) for m in encoder.modules()] if isinstance(encoder, torch.nn.Module) else []
+    if modes:
         encoder.eval()
     try:
         yield
     finally:
-        if was_training:
-            encoder.train()
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()

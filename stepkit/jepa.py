@@ -41,7 +41,7 @@ from stepkit.schedules import warmup_decay
 
 __all__ = ["JEPALoss", "Levels", "TargetAlarm", "head_level", "level_lr_scales", "jepa_shard_units",
            "level_losses", "level_values_at", "prediction_loss", "raw_sequence_features",
-           "sequence_features", "target_collapse_watch"]
+           "sequence_features", "sequence_token_sets", "target_collapse_watch"]
 
 
 @dataclass
@@ -410,6 +410,44 @@ def sequence_features(net: nn.Module, splits: dict[str, Any], layers: tuple[int,
             f = torch.stack([pooled(w, torch.ones(w.shape[0], w.shape[-1], dtype=torch.bool)).mean(dim=0)
                              for w in cut])
         out.append((f, labels))
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def sequence_token_sets(net: nn.Module, splits: dict[str, Any], layer: int, *, window: int | None,
+                        stride: int, device: torch.device) -> tuple[Any, Any]:
+    """Each item's tokens of ``layer`` for an attentive probe: a sentence's real tokens (``window`` None:
+    token ids, 0 = padding), or every token of every window of a series (every ``stride`` steps), padded
+    to the longest item (``stepkit.attentive_probe.pad_tokens``).
+
+    Returns:
+        ``((train_tokens, train_padding, train_labels), (test_tokens, test_padding, test_labels))``:
+        ``(N, T, dim)`` tokens on the CPU, ``(N, T)`` True where padded.
+
+    Examples:
+        >>> from stepkit.models import TokenTransformer
+        >>> net = TokenTransformer(vocab_size=10, length=4, dim=8, depth=2, heads=2).eval()
+        >>> ids = torch.tensor([[3, 4, 0, 0], [5, 6, 7, 0]])
+        >>> splits = {"train": (ids, torch.tensor([0, 1])), "test": (ids, torch.tensor([0, 1]))}
+        >>> (tokens, padding, _), _ = sequence_token_sets(net, splits, 1, window=None, stride=1,
+        ...                                               device=torch.device("cpu"))
+        >>> tuple(tokens.shape), padding.sum(dim=1).tolist()  # the longest sentence's 3 real tokens
+        ((2, 3, 8), [1, 0])
+    """
+    from stepkit.attentive_probe import pad_tokens
+
+    def tokens_of(x: Tensor) -> Tensor:
+        return sequence_tokens(net, x.to(device), None, layers=(layer,))[1][0].float().cpu()
+
+    out = []
+    for split in ("train", "test"):
+        items, labels = splits[split]
+        if window is None:
+            sets = [t[ids != 0] for chunk in items.split(256) for t, ids in zip(tokens_of(chunk), chunk)]
+        else:
+            sets = [tokens_of(series_windows(x, window, stride)).flatten(0, 1) for x in items]
+        tokens, padding = pad_tokens(sets)
+        out.append((tokens, padding, torch.as_tensor(labels)))
     return out[0], out[1]
 
 

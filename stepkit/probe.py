@@ -189,7 +189,8 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
                         train_root: str | os.PathLike | None = None,
                         val_root: str | os.PathLike | None = None,
                         knn: bool = True, linear: bool | None = None, batch_size: int | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", map_to: str | os.PathLike | None = None,
+                        attentive: bool = False) -> dict[str, Any]:
     """The probes' numbers for one part of one checkpoint (the keys ``summary.json`` uses).
 
     Args:
@@ -202,6 +203,11 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
         linear: Run the linear probe (None: as the run did).
         batch_size: Images per forward (None: as the run did).
         device: Where the features are computed.
+        map_to: Also write a 2-D map of the held-out embeddings there (``stepkit.plot.embedding_map``: a
+            PNG, coloured by class; a two-tower run's by side: images or anchors against texts); its path
+            is the result's ``map``.
+        attentive: Also fit an attentive probe (``stepkit.attentive_probe``) on the last layer's tokens:
+            ``attentive_acc`` (I-JEPA's and the sequence recipe's parts: they keep their tokens).
 
     Raises:
         CheckpointError: for a missing checkpoint or part; ValueError for a part without a probe.
@@ -229,15 +235,21 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
     record = ProbeRecord.from_dict(info["probe"], where=f"{info['checkpoint']}: part {part!r}'s probe record")
     result: dict[str, Any] = {"checkpoint": info["checkpoint"], "step": info["step"], "part": part}
     linear = record.linear if linear is None else linear
+    if attentive and record.features not in ("pooled_patches", "sequence"):
+        raise ValueError(f"--attentive reads a part's patch or sequence tokens; part {part!r} gives one "
+                         "vector an input (attentive probes: I-JEPA's and jepa_sequences' runs)")
     if record.features == "retrieval":  # a two-tower run: its held-out pairs
         if train_root is not None or val_root is not None:
             raise ValueError("--train-root / --val-root are labelled images; this run is scored on its "
                              "held-out pairs")
-        return {**result, **_retrieval(net, info, record, source, checkpoint, torch.device(device))}
+        scores, (both, sides, names) = _retrieval(net, info, record, source, checkpoint, torch.device(device))
+        return {**result, **scores, **_map(map_to, (both, sides), result, names=names)}
     if record.features == "sequence":  # time series or sentences, as jepa_sequences probes them
         if train_root is not None or val_root is not None:
             raise ValueError("--train-root / --val-root are image folders; this part encodes sequences")
-        return {**result, **_sequence_probes(net, record, linear=linear, device=torch.device(device))}
+        scores, held = _sequence_probes(net, record, linear=linear, attentive=attentive,
+                                        device=torch.device(device))
+        return {**result, **scores, **_map(map_to, held, result)}
     facts = info.get("input", {})
     mean, std = facts.get("mean", (0.5,)), facts.get("std", (0.5,))
     train_set, test_set = probe_data({"data": record.data, "input_size": facts.get("size")}, train_root,
@@ -258,23 +270,44 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
             pooled = partial(pooled_patches, model, pool=pool, layers=n)
             return embed(pooled, train_set), embed(pooled, test_set)
 
-        scores, _ = frozen_probes({"": net}, features, lambda m: pool ** 2 * layer_dims(m, (depth - 1,))[0],
-                                  (embed(nn.Flatten(), train_set), embed(nn.Flatten(), test_set)), "pixels",
-                                  layers=min(layers, depth), k=k, temperature=temperature, linear=linear,
-                                  seed=record.seed)
-        return {**result, **{key: v for key, v in scores.items() if not key.endswith("_pixels")}}
+        pixels = (embed(nn.Flatten(), train_set), embed(nn.Flatten(), test_set))
+        width = lambda m: pool ** 2 * layer_dims(m, (depth - 1,))[0]  # noqa: E731
+        scores, last = frozen_probes({"": net}, features, width, pixels, "pixels", layers=min(layers, depth),
+                                     k=k, temperature=temperature, linear=linear, seed=record.seed)
+        if attentive:  # the last layer's patch tokens, every one
+            from stepkit.attentive_probe import attentive_probe
+            from stepkit.models.jepa import patch_tokens
+
+            tokens = lambda x: patch_tokens(net, x)[0]  # noqa: E731
+            (fit_x, fit_y), (held_x, held_y) = embed(tokens, train_set), embed(tokens, test_set)
+            scores["attentive_acc"] = attentive_probe(fit_x, fit_y, held_x, held_y, seed=record.seed,
+                                                      device=device)["acc"]
+        return {**result, **{key: v for key, v in scores.items() if not key.endswith("_pixels")},
+                **_map(map_to, last[""][1], result)}
     (train_f, train_y), (test_f, test_y) = embed(net, train_set), embed(net, test_set)
     if knn:
         result["knn_acc"] = knn_accuracy(train_f, train_y, test_f, test_y, k=k, temperature=temperature)
     if linear:
         fitted = linear_probe(train_f, train_y, test_f, test_y, seed=record.seed)
         result["linear_acc"] = fitted["acc"]
-    return result
+    return {**result, **_map(map_to, (test_f, test_y), result)}
 
 
-def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, device: torch.device
-                     ) -> dict[str, float]:
-    """The JEPA sequence recipe's probes, on the items it evaluated (rebuilt from ``probe["data"]``)."""
+def _map(path: str | os.PathLike | None, held: tuple[Tensor, Tensor], result: dict[str, Any],
+         names: dict[int, str] | None = None) -> dict[str, str]:
+    """``{"map": path}`` after writing the held-out ``(features, labels)``' map there; {} without a path."""
+    if path is None:
+        return {}
+    from stepkit.plot import embedding_map
+
+    title = f"{Path(result['checkpoint']).name}, step {result['step']}: {result['part']}"
+    return {"map": str(embedding_map(held[0], held[1], path, title=title, names=names))}
+
+
+def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, device: torch.device,
+                     attentive: bool = False) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
+    """The JEPA sequence recipe's probes, on the items it evaluated (rebuilt from ``probe["data"]``), and
+    the held-out items' last-layer features and labels."""
     from stepkit.data import chat_topics, load_series_npz, tokenized_sentences, ucr_uea, windowed_series
     from stepkit.jepa import raw_sequence_features, sequence_features
     from stepkit.models.jepa import encoder_depth, layer_dims
@@ -297,10 +330,19 @@ def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, devic
                                  stride=int(data.get("stride", 1)), device=device)
 
     raw_features = raw_sequence_features(seq, window=window, vocab_size=seq.get("vocab_size", 0))
-    scores, _ = frozen_probes({"": net}, features, lambda m: layer_dims(m, (depth - 1,))[0], raw_features,
-                              "raw", layers=min(int(record.layers or 1), depth), k=record.k,
-                              temperature=record.temperature, linear=linear, seed=record.seed)
-    return {key: v for key, v in scores.items() if not key.endswith("_raw")}
+    scores, last = frozen_probes({"": net}, features, lambda m: layer_dims(m, (depth - 1,))[0], raw_features,
+                                 "raw", layers=min(int(record.layers or 1), depth), k=record.k,
+                                 temperature=record.temperature, linear=linear, seed=record.seed)
+    if attentive:  # every token of the last layer
+        from stepkit.attentive_probe import attentive_probe
+        from stepkit.jepa import sequence_token_sets
+
+        (fit_x, fit_pad, fit_y), (held_x, held_pad, held_y) = sequence_token_sets(
+            net, seq, depth - 1, window=window, stride=int(data.get("stride", 1)), device=device)
+        fitted = attentive_probe(fit_x, fit_y, held_x, held_y, train_padding=fit_pad, test_padding=held_pad,
+                                 seed=record.seed, device=device)
+        scores["attentive_acc"] = fitted["acc"]
+    return {key: v for key, v in scores.items() if not key.endswith("_raw")}, last[""][1]
 
 
 def load_part(source: str | os.PathLike, part: str, *, checkpoint: str = "last",
@@ -348,9 +390,10 @@ def tokenizer_of(facts: dict[str, Any]) -> Callable:
 
 @torch.no_grad()
 def _retrieval(texts_net: nn.Module, info: dict, record: ProbeRecord, source, checkpoint: str,
-               device: torch.device) -> dict[str, float]:
+               device: torch.device) -> tuple[dict[str, float], tuple[Tensor, Tensor, dict[int, str]]]:
     """The contrastive recipe's held-out retrieval, recomputed: both towers rebuilt from the checkpoint,
-    the held-out pairs from the run's ``--data.*`` (``pairs_from_record``), embedded as the recipe does."""
+    the held-out pairs from the run's ``--data.*`` (``pairs_from_record``), embedded as the recipe does;
+    and both sides' embeddings, labelled 0 (the images or anchors) and 1 (the texts), and those names."""
     from stepkit.data import pair_sets, pairs_from_record
     from stepkit.evaluation import held_out_retrieval, paired_relevance
 
@@ -368,8 +411,12 @@ def _retrieval(texts_net: nn.Module, info: dict, record: ProbeRecord, source, ch
         loader = DataLoader(data.test, batch_size=record.batch_size)  # type: ignore[arg-type]
         queries = torch.cat([queries_net(prep(x)) for x, _ in loader])
     relevant = paired_relevance(*data.test_pairs)
-    return held_out_retrieval(queries.float().cpu(), texts.float().cpu(), relevant,
-                              widths=record.widths or (), text_only=data.test_anchors is not None)
+    queries, texts = queries.float().cpu(), texts.float().cpu()
+    sides = torch.cat([torch.zeros(len(queries)), torch.ones(len(texts))]).long()
+    text_only = data.test_anchors is not None
+    names = {0: "anchors" if text_only else "images", 1: "texts"}
+    return held_out_retrieval(queries, texts, relevant, widths=record.widths or (),
+                              text_only=text_only), (torch.cat([queries, texts]), sides, names)
 
 
 def embed_split(features: Callable[[Tensor], Tensor], dataset: Any, prep: Callable[[Tensor], Tensor],

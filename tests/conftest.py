@@ -81,3 +81,17 @@ def crash_after_step(recipe, monkeypatch, cfg, step: int = 3) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         recipe.main(cfg)
     monkeypatch.setattr(stepkit.run, "maybe_save", real_maybe_save)
+
+
+def assert_map(result: dict, path, *, classes: int) -> None:
+    """``stepkit eval --plot``'s map: named in the result, a PNG holding the first ``classes`` colours of
+    matplotlib's tab10 (one a label: the points are there, coloured by label)."""
+    import numpy as np
+    from PIL import Image
+
+    assert result["map"] == str(path)
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    seen = {tuple(p) for p in np.unique(pixels, axis=0)}
+    tab10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    assert all(colour in seen for colour in tab10[:min(classes, 10)]), path

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe
+from conftest import assert_map, load_recipe
 
 from stepkit.two_tower import TwoTowerConfig, build_two_tower
 
@@ -23,10 +23,11 @@ def assert_eval_reproduces(run_dir: Path, summary: dict) -> None:
     """stepkit eval's retrieval on the last checkpoint gives the run's own held-out numbers, exactly."""
     from stepkit.probe import evaluate_checkpoint
 
-    result = evaluate_checkpoint(run_dir, "text")
+    result = evaluate_checkpoint(run_dir, "text", map_to=run_dir / "map.png")
     keys = [k for k in summary if k.startswith(("recall_at_", "mrr_at_", "ndcg_at_"))
             and not k.endswith(("_before", "_chance"))]
     assert len(keys) >= 10 and {k: result[k] for k in keys} == {k: summary[k] for k in keys}
+    assert_map(result, run_dir / "map.png", classes=2)  # queries and texts
 
 
 def small(recipe, run_dir, *flags, preset="tiny"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe, run_once
+from conftest import assert_map, load_recipe, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -84,10 +84,13 @@ def test_dino_export_loads_and_eval_reproduces_the_summary(dino_run, tmp_path):
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in teacher.items())
     assert exported.exported["input"] == {"kind": "image", "size": 32, "channels": 1, "mean": [0.5],
                                           "std": [0.5]}
-    table = stepkit("eval", dino_run, "--all").stdout
-    assert "step_00000012.pt" in table and "last.pt" in table
+    table = stepkit("eval", dino_run, "--all", "--plot").stdout
+    assert "step_00000012.pt" in table and "last.pt" in table and "maps beside them" in table
     result = json.loads((dino_run / "eval" / "last.json").read_text())
     assert result["knn_acc"] == summary(dino_run)["knn_acc"] and result["step"] == 24
+    assert_map(result, dino_run / "eval" / "last_map.png", classes=10)
+    assert_map(json.loads((dino_run / "eval" / "step_00000012.json").read_text()),
+               dino_run / "eval" / "step_00000012_map.png", classes=10)
 
 
 def test_bad_export_and_eval_input_is_one_line_and_writes_nothing(dino_run, tmp_path):
@@ -99,6 +102,9 @@ def test_bad_export_and_eval_input_is_one_line_and_writes_nothing(dino_run, tmp_
     assert "needs a ViT part" in timm.stderr
     empty = stepkit("eval", tmp_path, ok=False)
     assert empty.returncode == 2 and "no checkpoints here" in empty.stderr
+    pooled = stepkit("eval", dino_run, "--attentive", ok=False)  # a CNN's one vector an image: no tokens
+    assert pooled.returncode == 2 and "--attentive reads a part's patch or sequence tokens" in pooled.stderr
+    assert pooled.stderr.count("\n") == 1
     (tmp_path / "not_weights.pt").write_text("hello")
     bad = run("recipes/dino.py", "--run-dir", tmp_path / "r", "--init.from", tmp_path / "not_weights.pt",
               ok=False)
@@ -129,8 +135,10 @@ def test_ijepa_eval_reproduces_knn_and_init_starts_there(tmp_path):
     run_dir = tmp_path / "run"
     run("recipes/ijepa.py", "--run-dir", run_dir, "--train.steps", "12", "--log.no-console",
         "--eval.no-linear")
-    stepkit("eval", run_dir)
-    assert json.loads((run_dir / "eval" / "last.json").read_text())["knn_acc"] == summary(run_dir)["knn_acc"]
+    stepkit("eval", run_dir, "--plot", "--attentive")
+    result = json.loads((run_dir / "eval" / "last.json").read_text())
+    assert result["knn_acc"] == summary(run_dir)["knn_acc"] and 0.1 < result["attentive_acc"] <= 1.0
+    assert_map(result, run_dir / "eval" / "last_map.png", classes=10)
     run("recipes/ijepa.py", "--run-dir", tmp_path / "next", "--train.steps", "2", "--log.no-console",
         "--eval.no-linear", "--init.from", run_dir)
     assert summary(tmp_path / "next")["knn_acc_init"] == summary(run_dir)["knn_acc"]
@@ -140,10 +148,11 @@ def test_sequence_eval_reproduces_knn_and_linear(tmp_path):
     """The text preset (the time-series one differs only in the loader stepkit eval calls)."""
     run_dir = tmp_path / "run"
     run("recipes/jepa_sequences.py", "text", "--run-dir", run_dir, "--train.steps", "8", "--log.no-console")
-    stepkit("eval", run_dir)
+    stepkit("eval", run_dir, "--plot", "--attentive")  # sentences of several lengths: padded tokens
     result = json.loads((run_dir / "eval" / "last.json").read_text())
-    assert result["knn_acc"] == summary(run_dir)["knn_acc"]
+    assert result["knn_acc"] == summary(run_dir)["knn_acc"] and 0.0 < result["attentive_acc"] <= 1.0
     assert result["linear_acc"] == summary(run_dir)["linear_acc"]
+    assert_map(result, run_dir / "eval" / "last_map.png", classes=2)
     run("recipes/jepa_sequences.py", "text", "--run-dir", tmp_path / "next", "--train.steps", "2",
         "--log.no-console", "--eval.no-linear", "--init.from", run_dir)
     assert summary(tmp_path / "next")["knn_acc_init"] == summary(run_dir)["knn_acc"]
