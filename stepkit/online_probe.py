@@ -132,6 +132,7 @@ class OnlineProbe:
                  prep: Callable[[Tensor], Tensor], state: Any, seed: int, module: Any = None,
                  batch_size: int = 8, solve_every: int = 200, memory: int = 500, max_images: int = 4096,
                  enabled: bool = True) -> None:
+        from stepkit import dist
         from stepkit.evaluation import validation_split
         from stepkit.seeds import seed_of
 
@@ -152,10 +153,12 @@ class OnlineProbe:
             example = features(prep(self.images[:2])).flatten(1)
         dim, device = example.shape[1], example.device
         zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        pending = max(128, batch_size) * dist.world_size()  # rows held before the Gram matrix takes them
         self.tensors = {"count": zeros(()), "sum": zeros(dim), "gram": zeros(dim, dim),
                         "sum_xy": zeros(dim, self.classes), "sum_y": zeros(self.classes),
                         "weight": zeros(self.classes, dim), "bias": zeros(self.classes), "alpha": zeros(()),
-                        "since_solve": zeros(())}
+                        "since_solve": zeros(()), "pending": zeros(pending, dim),
+                        "pending_labels": zeros(pending), "pending_rows": zeros(())}
         state.extras.update({f"online_probe.{k}": v for k, v in self.tensors.items()})
 
     def _embed(self, images: Tensor) -> Tensor:
@@ -182,20 +185,35 @@ class OnlineProbe:
         if dist.world_size() > 1:  # every rank adds every rank's batch: the same sums everywhere
             with torch.no_grad():
                 feats, labels = dist.all_gather_with_grad(feats), dist.all_gather_with_grad(labels)
-        onehot = torch.nn.functional.one_hot(labels, self.classes).float()
-        t["count"] += len(feats)
-        t["sum"] += feats.sum(dim=0)
-        t["gram"].addmm_(feats.T, feats)  # in place: one pass over dim x dim, no temporary
-        t["sum_xy"].addmm_(feats.T, onehot)
-        t["sum_y"] += onehot.sum(dim=0)
+        rows = int(t["pending_rows"])
+        if rows + len(feats) > len(t["pending"]):
+            self._flush()
+            rows = 0
+        t["pending"][rows:rows + len(feats)] = feats  # the Gram matrix takes them a block at a time:
+        t["pending_labels"][rows:rows + len(feats)] = labels  # one pass over it, not one an update
+        t["pending_rows"] += len(feats)
         t["since_solve"] += 1
         if int(t["since_solve"]) >= self.solve_every:
             logged["online_acc"] = self._solve()
         return logged
 
+    def _flush(self) -> None:
+        """Add the pending features to the sums."""
+        t = self.tensors
+        rows = int(t["pending_rows"])
+        feats = t["pending"][:rows]
+        onehot = torch.nn.functional.one_hot(t["pending_labels"][:rows].long(), self.classes).float()
+        t["count"] += rows
+        t["sum"] += feats.sum(dim=0)
+        t["gram"].addmm_(feats.T, feats)  # in place: one pass over dim x dim, no temporary
+        t["sum_xy"].addmm_(feats.T, onehot)
+        t["sum_y"] += onehot.sum(dim=0)
+        t["pending_rows"].zero_()
+
     def _solve(self) -> float:
         """Solve the head for each alpha, keep the best on the held-back images (their accuracy), then
         down-weight the sums by the updates since the last solve."""
+        self._flush()
         t = self.tensors
         held = self._embed(self.images[self.held])
         labels = self.labels[self.held]
