@@ -1,6 +1,7 @@
 """The online probe (``--eval.online``): what it costs a step, and how close it ends to the end-of-run probes.
 
     python benchmarks/online_probe.py                              # DINO and I-JEPA defaults, seeds 0 1 2
+    python benchmarks/online_probe.py --seeds --cost-steps 400 --cost-repeats 2   # the cost alone
     python benchmarks/online_probe.py --seeds 0 --steps 100 --cost-steps 40 --cost-repeats 1   # smoke
 
 Cost: each recipe's default runs ``--cost-steps`` updates with the probe and with ``--eval.no-online``,
