@@ -2,19 +2,19 @@
 
 solo-learn and lightly users watch a linear classifier learn while the run trains instead of refitting
 one at the end. ``OnlineProbe`` does that without touching the training. Each update it embeds a small
-batch of the labelled probe images with the network the recipe evaluates (no gradients, eval mode, so
-no dropout draw and no BatchNorm statistic changes) and adds the batch (every rank's, gathered: a few
+batch of the labelled probe images with the network the recipe evaluates (no gradients, eval mode, so no
+dropout draw and no BatchNorm statistic changes) and adds the batch (every rank's, gathered: a few
 kilobytes) to the running sums of a ridge regression onto the one-hot labels: the features' count, sum,
-Gram matrix and products with the labels (a ``dim x dim`` matrix in every checkpoint: 16 MB for DINO's
-2,048-wide CNN features). Every ``solve_every`` updates the sums are down-weighted (``memory``: about
-the updates a batch counts for, so the head follows features that move) and the head is solved in
-closed form, ``W = (C + lambda I)^-1 C_xy`` on the centred sums, ``lambda = alpha x trace(C) / dim``,
-for each ``alpha`` of ``ALPHAS`` at the first solve, for the kept one and its two neighbours after; the
-one with the best accuracy on a held-back fifth of the probe images is kept and that accuracy logged
-(``online_acc``). A closed form instead of a few
-hundred SGD steps: I-JEPA's pooled features are ill-conditioned, and an Adam head on them ended at 0.19
-where the end-of-run logistic regression reads 0.59 (measured); the best ``alpha`` differs by three
-orders of magnitude between DINO's and I-JEPA's features, hence the choice.
+Gram matrix and products with the labels (a ``dim x dim`` matrix and a 128-row buffer in every
+checkpoint: 17 MB for DINO's 2,048-wide CNN features). Every ``solve_every`` updates the sums are
+down-weighted (``memory``: about the updates a batch counts for, so the head follows features that move)
+and the head is solved in closed form, ``W = (C + lambda I)^-1 C_xy`` on the centred sums, ``lambda =
+alpha x trace(C) / dim``, for each ``alpha`` of ``ALPHAS`` at the first solve, for the kept one and its
+two neighbours after; the one with the best accuracy on a held-back fifth of the probe images is kept
+and that accuracy logged (``online_acc``). A closed form instead of a few hundred SGD steps: I-JEPA's
+pooled features are ill-conditioned, and an Adam head on them ended at 0.19 where the end-of-run
+logistic regression reads 0.59 (measured); the best ``alpha`` differs by three orders of magnitude
+between DINO's and I-JEPA's features, hence the choice.
 
 The batches come from a generator seeded by the step alone, never the global RNG, so a run with the
 probe trains exactly as one without it (tested: equal ``params_digest``). Its sums and head live in
@@ -117,9 +117,9 @@ class OnlineProbe:
         >>> x = torch.randn(200, 4); y = (x[:, 0] > 0).long(); x[:, 0] += 2 * y - 1  # apart by 2
         >>> probe = OnlineProbe(TensorDataset(x, y), features=lambda v: v, prep=lambda v: v, state=state,
         ...                     seed=0, solve_every=10)
-        >>> sorted(k for k in state.extras if k.startswith("online_probe"))[:3]
-        ['online_probe.alpha', 'online_probe.bias', 'online_probe.count']
         >>> logged = [probe.update(step) for step in range(1, 31)]
+        >>> sorted(k for k in state.extras if k.startswith("online_probe"))[:3]  # saved with the run
+        ['online_probe.alpha', 'online_probe.bias', 'online_probe.count']
         >>> sorted(logged[9]), logged[-1]["online_acc"] > 0.9
         (['online_acc', 'online_train_acc'], True)
         >>> probe.summary(TensorDataset(x, y))["online_acc"] > 0.9
@@ -149,17 +149,33 @@ class OnlineProbe:
         fit, held = validation_split(self.labels, 0.2, seed)
         self.fit, self.held = fit, held[:512]
         self.classes = int(self.labels.max()) + 1
-        with torch.no_grad(), _eval_mode(self.module):
-            example = features(prep(self.images[:2])).flatten(1)
-        dim, device = example.shape[1], example.device
-        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
-        pending = max(128, batch_size) * dist.world_size()  # rows held before the Gram matrix takes them
-        self.tensors = {"count": zeros(()), "sum": zeros(dim), "gram": zeros(dim, dim),
-                        "sum_xy": zeros(dim, self.classes), "sum_y": zeros(self.classes),
-                        "weight": zeros(self.classes, dim), "bias": zeros(self.classes), "alpha": zeros(()),
-                        "since_solve": zeros(()), "pending": zeros(pending, dim),
-                        "pending_labels": zeros(pending), "pending_rows": zeros(())}
-        state.extras.update({f"online_probe.{k}": v for k, v in self.tensors.items()})
+        self.pending = max(128, batch_size) * dist.world_size()  # rows held before the Gram matrix takes them
+        self.state = state
+        self._tensors: dict[str, Tensor] | None = None  # made at the first update: no forward before the
+        # run's own (FSDP2 wants its root module's forward first); a resumed run's from state.extras
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        if self._tensors is None:
+            self._make(self._embed(self.images[:2]))
+        assert self._tensors is not None
+        return self._tensors
+
+    def _make(self, feats: Tensor) -> None:
+        """The sums and the head: a resumed run's (from ``state.extras``, on the features' device), else
+        zeros; kept in ``state.extras`` so every checkpoint saves them."""
+        dim, device = feats.shape[1], feats.device
+        shapes = {"count": (), "sum": (dim,), "gram": (dim, dim), "sum_xy": (dim, self.classes),
+                  "sum_y": (self.classes,), "weight": (self.classes, dim), "bias": (self.classes,),
+                  "alpha": (), "since_solve": (), "pending": (self.pending, dim),
+                  "pending_labels": (self.pending,), "pending_rows": ()}
+        extras = self.state.extras
+        saved = {k: extras.get(f"online_probe.{k}") for k in shapes}
+        if all(isinstance(v, Tensor) and tuple(v.shape) == shapes[k] for k, v in saved.items()):
+            self._tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in saved.items()}
+        else:
+            self._tensors = {k: torch.zeros(shape, device=device) for k, shape in shapes.items()}
+        extras.update({f"online_probe.{k}": v for k, v in self._tensors.items()})
 
     def _embed(self, images: Tensor) -> Tensor:
         with torch.no_grad(), _eval_mode(self.module):
@@ -179,8 +195,11 @@ class OnlineProbe:
             return {}
         g = torch.Generator().manual_seed(seed_of(self.seed, "probe", step, dist.rank()))
         pick = self.fit[torch.randint(0, len(self.fit), (self.batch_size,), generator=g)]
-        feats, labels = self._embed(self.images[pick]), self.labels[pick].to(self.tensors["sum"].device)
+        feats = self._embed(self.images[pick])
+        if self._tensors is None:
+            self._make(feats)
         t = self.tensors
+        labels = self.labels[pick].to(t["sum"].device)
         logged = {"online_train_acc": self._accuracy(feats, labels.cpu(), t["weight"], t["bias"])}
         if dist.world_size() > 1:  # every rank adds every rank's batch: the same sums everywhere
             with torch.no_grad():

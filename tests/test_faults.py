@@ -133,7 +133,7 @@ def test_a_failed_write_raises_save_failed_and_keeps_the_old_checkpoint(tmp_path
 @pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_74_and_the_last_checkpoint_whole(tmp_path):
     """A real failing write: the process may write files of at most 1 MB (RLIMIT_FSIZE), a checkpoint
-    needs about 23 MB; the log and the config stay small enough."""
+    needs about 40 MB (the online probe's sums are 17 of them); the log and the config stay small enough."""
     import resource
     import subprocess
     import sys
@@ -158,7 +158,8 @@ def test_a_full_disk_ends_the_run_with_74_and_the_last_checkpoint_whole(tmp_path
     assert out.returncode == EXIT_SAVE_FAILED, out.stderr[-3000:]
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert f"error: {run_dir / 'checkpoints'}: could not save last.pt (File too large)" in out.stderr
-    assert "it needs about 22 MB" in out.stderr or "it needs about 23 MB" in out.stderr
+    needs = round(len(saved) / 2**20)  # the checkpoint of step 2 (the online probe's sums included)
+    assert any(f"it needs about {n} MB" in out.stderr for n in (needs - 1, needs, needs + 1)), needs
     assert last.read_bytes() == saved and not list(last.parent.glob(".*.tmp"))
 
 

@@ -118,3 +118,23 @@ def test_the_record_fields_are_the_ones_the_docs_list():
     names = [f.name for f in dataclasses.fields(ProbeRecord)]
     assert names == ["features", "data", "k", "temperature", "linear", "batch_size", "seed", "pool", "layers",
                      "queries", "widths", "version"]
+
+
+def test_attentive_reads_a_vits_patch_tokens_and_its_map_is_drawn(tmp_path):
+    """``stepkit eval --attentive --plot`` on a pooled_patches part (I-JEPA's), here a toy ViT on 16 px."""
+    from conftest import assert_map
+
+    from stepkit.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer.preset("toy", img_size=16, in_chans=1)
+    record = ProbeRecord("pooled_patches", pool=1, layers=1, k=10, linear=False,
+                         data={"kind": "digits_canvas", "seed": 0, "size": 16})
+    parts = {"target": describe_part(vit, source="model", prefix="", about="a ViT", probe=record.as_dict(),
+                                     input={"kind": "image", "size": 16, "channels": 1, "mean": [0.5],
+                                            "std": [0.5]})}
+    state = TrainState(vit, torch.optim.SGD(vit.parameters(), lr=0.1), step=1)
+    save_last(tmp_path / "checkpoints", state, meta={"parts": parts})
+    result = evaluate_checkpoint(tmp_path, "target", attentive=True, map_to=tmp_path / "map.png")
+    assert 0.1 < result["attentive_acc"] <= 1.0 and 0.0 < result["knn_acc"] <= 1.0
+    assert_map(result, tmp_path / "map.png", classes=10)

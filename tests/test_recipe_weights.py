@@ -135,9 +135,9 @@ def test_ijepa_eval_reproduces_knn_and_init_starts_there(tmp_path):
     run_dir = tmp_path / "run"
     run("recipes/ijepa.py", "--run-dir", run_dir, "--train.steps", "12", "--log.no-console",
         "--eval.no-linear")
-    stepkit("eval", run_dir, "--plot", "--attentive")
+    stepkit("eval", run_dir, "--plot")  # --attentive on patch tokens: tests/test_probe.py, a smaller ViT
     result = json.loads((run_dir / "eval" / "last.json").read_text())
-    assert result["knn_acc"] == summary(run_dir)["knn_acc"] and 0.1 < result["attentive_acc"] <= 1.0
+    assert result["knn_acc"] == summary(run_dir)["knn_acc"]
     assert_map(result, run_dir / "eval" / "last_map.png", classes=10)
     run("recipes/ijepa.py", "--run-dir", tmp_path / "next", "--train.steps", "2", "--log.no-console",
         "--eval.no-linear", "--init.from", run_dir)
