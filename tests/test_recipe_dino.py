@@ -38,6 +38,7 @@ def small(recipe, run_dir, *flags):
             "32",
             "--model.head-hidden",
             "32",
+            "--eval.no-online",  # the online probe: tests/test_online_probe.py and the torchrun tests
             *flags,
         ]
     )
