@@ -176,15 +176,18 @@ class OnlineProbe:
         else:
             self._tensors = {k: torch.zeros(shape, device=device) for k, shape in shapes.items()}
         extras.update({f"online_probe.{k}": v for k, v in self._tensors.items()})
+        # the counters the loop branches on, read from the device once: none is read an update
+        self._rows, self._since = int(self._tensors["pending_rows"]), int(self._tensors["since_solve"])
 
     def _embed(self, images: Tensor) -> Tensor:
         with torch.no_grad(), _eval_mode(self.module):
             return self.features(self.prep(images)).flatten(1).float()
 
-    def _accuracy(self, feats: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> float:
-        return float(((feats @ weight.T + bias).argmax(dim=1).cpu() == labels).float().mean())
+    def _accuracy(self, feats: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """A 0-d tensor on the features' device (the logger reads it once an interval)."""
+        return ((feats @ weight.T + bias).argmax(dim=1) == labels.to(feats.device)).float().mean()
 
-    def update(self, step: int) -> dict[str, float]:
+    def update(self, step: int) -> dict[str, Tensor | float]:
         """Add a batch drawn for ``step`` to the sums; returns ``online_train_acc`` (the current head on
         that batch, before it is added) and, on a solve, ``online_acc`` (the new head on the held-back
         probe images); ``{}`` when the probe is off."""
@@ -200,26 +203,28 @@ class OnlineProbe:
             self._make(feats)
         t = self.tensors
         labels = self.labels[pick].to(t["sum"].device)
-        logged = {"online_train_acc": self._accuracy(feats, labels.cpu(), t["weight"], t["bias"])}
+        logged: dict[str, Tensor | float] = {"online_train_acc": self._accuracy(feats, labels, t["weight"],
+                                                                                t["bias"])}
         if dist.world_size() > 1:  # every rank adds every rank's batch: the same sums everywhere
             with torch.no_grad():
                 feats, labels = dist.all_gather_with_grad(feats), dist.all_gather_with_grad(labels)
-        rows = int(t["pending_rows"])
-        if rows + len(feats) > len(t["pending"]):
+        if self._rows + len(feats) > len(t["pending"]):
             self._flush()
-            rows = 0
+        rows = self._rows
         t["pending"][rows:rows + len(feats)] = feats  # the Gram matrix takes them a block at a time:
         t["pending_labels"][rows:rows + len(feats)] = labels  # one pass over it, not one an update
-        t["pending_rows"] += len(feats)
-        t["since_solve"] += 1
-        if int(t["since_solve"]) >= self.solve_every:
+        self._rows += len(feats)
+        self._since += 1
+        t["pending_rows"].fill_(self._rows)  # saved with the run; filled, never read back
+        t["since_solve"].fill_(self._since)
+        if self._since >= self.solve_every:
             logged["online_acc"] = self._solve()
         return logged
 
     def _flush(self) -> None:
         """Add the pending features to the sums."""
         t = self.tensors
-        rows = int(t["pending_rows"])
+        rows = self._rows
         feats = t["pending"][:rows]
         onehot = torch.nn.functional.one_hot(t["pending_labels"][:rows].long(), self.classes).float()
         t["count"] += rows
@@ -227,6 +232,7 @@ class OnlineProbe:
         t["gram"].addmm_(feats.T, feats)  # in place: one pass over dim x dim, no temporary
         t["sum_xy"].addmm_(feats.T, onehot)
         t["sum_y"] += onehot.sum(dim=0)
+        self._rows = 0
         t["pending_rows"].zero_()
 
     def _solve(self) -> float:
@@ -242,15 +248,16 @@ class OnlineProbe:
         centred = _centred(t)
         for alpha in candidates:
             weight, bias = _ridge(centred, t["sum_y"], alpha)
-            acc = self._accuracy(held, labels, weight, bias)
+            acc = float(self._accuracy(held, labels, weight, bias))  # once a solve
             if acc > best[0]:
                 best = (acc, alpha, weight, bias)
         t["weight"].copy_(best[2])
         t["bias"].copy_(best[3])
         t["alpha"].fill_(best[1])
-        decay = (1 - 1 / self.memory) ** float(t["since_solve"])
+        decay = (1 - 1 / self.memory) ** self._since
         for name in _SUMS:
             t[name].mul_(decay)
+        self._since = 0
         t["since_solve"].zero_()
         return best[0]
 
