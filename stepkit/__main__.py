@@ -231,7 +231,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     """``stepkit eval``: probe one checkpoint or every one; a result file each; errors in one line."""
     from stepkit import dist
     from stepkit.checkpoint import CheckpointError
-    from stepkit.probe import checkpoints_of, evaluate_checkpoint, write_result
+    from stepkit.probe import checkpoints_of, evaluate_checkpoint, result_path, write_result
     from stepkit.weights import checkpoint_parts, find_checkpoint
 
     dist.init_from_env("cuda" if args.device == "cuda" else "cpu")  # torchrun: batches dealt out to ranks
@@ -244,8 +244,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         rows = []
         for path in targets:
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-            name = path.name.removesuffix(".pt").removesuffix(".dcp")
-            drawn = run_dir / "eval" / f"{name}_map.png" if args.plot and dist.is_main() else None
+            drawn = result_path(run_dir, path, "_map.png") if args.plot and dist.is_main() else None
             result = evaluate_checkpoint(path, part, train_root=args.train_root, val_root=args.val_root,
                                          knn=not args.no_knn, linear=args.linear, batch_size=args.batch_size,
                                          device=args.device, map_to=drawn, attentive=args.attentive)

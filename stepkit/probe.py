@@ -37,7 +37,7 @@ from stepkit.models.arguments import build_arch
 from stepkit.weights.parts import find_checkpoint, read_part
 
 __all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "load_part",
-           "probe_data", "tokenizer_of", "write_result"]
+           "probe_data", "result_path", "tokenizer_of", "write_result"]
 
 Features = Literal["forward", "pooled_patches", "sequence", "retrieval"]
 
@@ -449,6 +449,17 @@ def embed_split(features: Callable[[Tensor], Tensor], dataset: Any, prep: Callab
     return torch.cat([f for f, _ in ordered]), torch.cat([y for _, y in ordered])
 
 
+def result_path(run: str | os.PathLike, checkpoint: str | os.PathLike, suffix: str = ".json") -> Path:
+    """Where ``stepkit eval`` writes what it found of ``checkpoint``: ``RUN/eval/<its name><suffix>``.
+
+    Examples:
+        >>> result_path("runs/d", "runs/d/checkpoints/step_00000012.pt", "_map.png").as_posix()
+        'runs/d/eval/step_00000012_map.png'
+    """
+    name = Path(checkpoint).name.removesuffix(".pt").removesuffix(SHARDED_SUFFIX)
+    return Path(run) / "eval" / f"{name}{suffix}"
+
+
 def write_result(run: str | os.PathLike, result: dict[str, Any]) -> Path:
     """Write ``result`` to ``RUN/eval/<checkpoint name>.json``; return that path.
 
@@ -457,7 +468,6 @@ def write_result(run: str | os.PathLike, result: dict[str, Any]) -> Path:
         >>> write_result(tempfile.mkdtemp(), {"checkpoint": "x/checkpoints/last.dcp", "knn_acc": 0.5}).name
         'last.json'
     """
-    name = Path(result["checkpoint"]).name.removesuffix(".pt").removesuffix(SHARDED_SUFFIX)
-    path = Path(run) / "eval" / f"{name}.json"
+    path = result_path(run, result["checkpoint"])
     atomic_write_bytes(path, json.dumps(result, indent=2).encode() + b"\n")
     return path
