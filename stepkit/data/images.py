@@ -403,9 +403,9 @@ class ProbeImagesConfig:
     val_root: Path | None = may_change_on_resume(None)
     """Image files: held-out labelled images; None: a 'val' folder beside --data.root."""
     online: bool = may_change_on_resume(True)
-    """An online linear probe: a ridge-regression head fitted beside the model on its features of 8 probe
-    images an update, solved every 200 (never changing the training); online_acc in the log (on held-back
-    probe images) and in the summary (on the held-out images): stepkit.online_probe."""
+    """An online linear probe: a ridge-regression head fitted every 200 updates on the latest features of
+    the probe images, 8 of them embedded an update in turn (never changing the training); online_acc in
+    the log (on held-back probe images) and in the summary (on the held-out images): stepkit.online_probe."""
 
     def __post_init__(self) -> None:
         _check.integer_at_least("eval.k", self.k, 1)
