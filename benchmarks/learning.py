@@ -27,6 +27,7 @@ Prints a table (mean and spread over the seeds); writes benchmarks/results/learn
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -44,7 +45,6 @@ sys.path.insert(0, str(HERE))
 from dino_step import run_facts  # noqa: E402
 from peers import import_lightly  # noqa: E402
 
-from stepkit.__main__ import load_recipe  # noqa: E402
 from stepkit.data import CropPlan, seeded_loader  # noqa: E402
 from stepkit.evaluation import knn_accuracy, loader_features  # noqa: E402
 from stepkit.run import seed_everything, set_threads  # noqa: E402
@@ -71,7 +71,11 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, run_dir: P
 
     from stepkit.augment import MultiCrop, normalize, to_unit, view_colors
 
-    dino = load_recipe(ROOT / "recipes" / "dino.py")
+    spec = importlib.util.spec_from_file_location("dino_recipe", ROOT / "recipes" / "dino.py")
+    assert spec is not None and spec.loader is not None
+    dino = importlib.util.module_from_spec(spec)
+    sys.modules["dino_recipe"] = dino  # its dataclasses look their module up
+    spec.loader.exec_module(dino)
     cfg = dino.parse(["--run-dir", str(run_dir), "--train.seed", str(seed)])
     c: MultiCrop = cfg.crops
     plan = CropPlan(views=((c.global_size, c.global_scale),) * 2

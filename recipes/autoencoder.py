@@ -32,16 +32,25 @@ from stepkit.check import at_least, fail, integer_at_least
 from stepkit.checkpoint import SHARDED_SUFFIX, best_checkpoints, load_checkpoint, load_sharded, save_best
 from stepkit.cli import cli, run_main
 from stepkit.config import Amp, BestCkptConfig, Device, RunArgs, TrainConfig, may_change_on_resume
-from stepkit.data import MODALITIES, load_fmri_npz, synthetic_fmri, time_blocks, train_batches
+from stepkit.data import (
+    MODALITIES,
+    load_fmri_npz,
+    stimulus_windows,
+    synthetic_fmri,
+    time_blocks,
+    train_batches,
+)
 from stepkit.evaluation import ridge_regression
 from stepkit.log import LogConfig, should_stop
 from stepkit.losses import autoencoder_fmri_loss, pearson_per_voxel, voxel_corr_summary
 from stepkit.models import MultimodalAutoencoder
+from stepkit.probe import ProbeRecord
 from stepkit.run import Run, params_digest, pick_device, seed_everything, set_threads
 from stepkit.schedules import LRSchedule, WDSchedule, lr_at, param_groups, wd_at
 from stepkit.state import TrainState
 from stepkit.step import accumulate, adamw, apply_update, clip, forward_loss
 from stepkit.tuning import TuneConfig, tune
+from stepkit.weights import describe_part
 
 
 @dataclass
@@ -132,10 +141,20 @@ PRESETS = {
 }
 
 
-def windows(series: dict[str, torch.Tensor], t: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
-    """Each modality's features at ``t - window + 1 .. t`` for every index in ``t``: ``(B, W, d)``."""
-    offsets = torch.arange(window - 1, -1, -1, device=t.device)
-    return {m: series[m][t[:, None] - offsets] for m in MODALITIES}
+def flat_windows(series: dict[str, torch.Tensor], t: torch.Tensor, window: int) -> torch.Tensor:
+    """Every modality's window, flattened and concatenated: ``(B, window x sum(d))``."""
+    return torch.cat([w.flatten(1) for w in stimulus_windows(series, t, window).values()], 1)
+
+
+def describe_parts(cfg: Config, model: MultimodalAutoencoder) -> dict:
+    """The model as checkpoints describe it: ``stepkit eval`` rebuilds the series and scores the test block
+    (``--checkpoint best`` gives the summary's voxel_corr; ``--plot`` maps the predicted responses)."""
+    data = ({"kind": "fmri_npz", "path": str(cfg.data.path.resolve())} if cfg.data.path else
+            {"kind": "synthetic_fmri", "seed": cfg.data.seed, "time_points": cfg.data.time_points,
+             "voxels": cfg.data.voxels})
+    probe = ProbeRecord("voxels", data=data, window=cfg.data.window).as_dict()
+    return {"autoencoder": describe_part(model, source="model", prefix="", probe=probe,
+                                         about="stimulus windows -> voxel responses, and back")}
 
 
 def main(cfg: Config) -> dict:
@@ -166,7 +185,7 @@ def main(cfg: Config) -> dict:
     recon_weights = {m: getattr(cfg.loss, f"{m}_weight") for m in MODALITIES}
 
     def losses(model, t):
-        inputs = windows(series, t, cfg.data.window)
+        inputs = stimulus_windows(series, t, cfg.data.window)
         fmri_pred, recon = model(inputs)
         loss, parts = autoencoder_fmri_loss(
             recon, inputs, fmri_pred, series["fmri"][t],
@@ -199,7 +218,8 @@ def main(cfg: Config) -> dict:
                             prepare=lambda b: train_t[b[0].to(device)])  # this rank's share of the epoch
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
-    with run.start(state, steps=steps):  # resumed when asked; log; signals
+    meta = {"parts": describe_parts(cfg, model)}  # in every checkpoint, the best ones too: stepkit eval
+    with run.start(state, steps=steps, meta=meta):  # resumed when asked; log; signals
         for batch in run.batches(batches):  # saved between updates; ends at the last step, a signal or stop()
             loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
             if not accumulate(state, loss):
@@ -214,7 +234,7 @@ def main(cfg: Config) -> dict:
                 state.extras["val_losses"].append(val["loss"])
                 run.log.write({f"val_{k}": v for k, v in val.items()}, state.step)
                 if cfg.ckpt.keep_best:
-                    save_best(run.ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, mode="min")
+                    save_best(run.ckpt_dir, state, val["loss"], keep_best=cfg.ckpt.keep_best, meta=meta)
                 if cfg.patience > 0 and should_stop(state.extras["val_losses"], patience=cfg.patience):
                     run.stop(f"early stop at step {state.step}: no lower validation loss in {cfg.patience} "
                              "epochs")
@@ -231,7 +251,7 @@ def main(cfg: Config) -> dict:
             model.load_state_dict(load_checkpoint(best_file)["state"]["model"])
     test = evaluate(test_t)
 
-    flat = lambda t: torch.cat([w.flatten(1) for w in windows(series, t, cfg.data.window).values()], 1)  # noqa: E731
+    flat = lambda t: flat_windows(series, t, cfg.data.window)  # noqa: E731  ridge's input
     fit_args = (flat(train_t), series["fmri"][train_t], flat(val_t), series["fmri"][val_t])
     ridge = ridge_regression(*fit_args, per_target=True)  # the field's standard: an alpha per voxel
     shared = ridge_regression(*fit_args)  # one alpha for every voxel, beside it

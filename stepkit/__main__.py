@@ -260,11 +260,12 @@ def _eval_command(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     headline = ("recall_at_1_", "mrr_at_10_", "ndcg_at_10_")  # a two-tower run's, each way, full width
-    keys = [k for k in rows[0] if k.endswith("_acc") or k.startswith(headline) and k.count("_") == 3]
+    keys = [k for k in rows[0] if k.endswith("_acc") or k.startswith(headline) and k.count("_") == 3
+            or k in ("voxel_corr", "voxel_corr_median")]  # the autoencoder's test block
     print(f"{'checkpoint':24} {'step':>8} " + " ".join(f"{k:>12}" for k in keys))
     for row in rows:
         print(f"{Path(row['checkpoint']).name:24} {row['step']:>8} "
-              + " ".join(f"{row.get(k, float('nan')):12.4f}" for k in keys))
+              + " ".join(f"{row.get(k, float('nan')):{max(12, len(k))}.4f}" for k in keys))
     maps = ", maps beside them (*_map.png)" if args.plot else ""
     print(f"results in {Path(rows[-1]['file']).parent}{maps}")
     return 0

@@ -39,7 +39,7 @@ from stepkit.weights.parts import find_checkpoint, read_part
 __all__ = ["ProbeRecord", "checkpoints_of", "embed_split", "evaluate_checkpoint", "load_part",
            "probe_data", "result_path", "tokenizer_of", "write_result"]
 
-Features = Literal["forward", "pooled_patches", "sequence", "retrieval"]
+Features = Literal["forward", "pooled_patches", "sequence", "retrieval", "voxels"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class ProbeRecord:
     averaged over a ``pool x pool`` grid, the last 1 and ``layers`` blocks: I-JEPA's protocol) or
     ``"sequence"`` (token features of series or sentences, the last 1 and ``layers`` blocks) or
     ``"retrieval"`` (a two-tower run: this part embeds the texts, part ``queries`` the images or anchor
-    texts, scored on the run's held-out pairs by ``stepkit.evaluation.held_out_retrieval``).
+    texts, scored on the run's held-out pairs by ``stepkit.evaluation.held_out_retrieval``) or
+    ``"voxels"`` (the autoencoder: stimulus windows of ``window`` time points -> predicted voxel
+    responses, scored by their Pearson r with the measured ones on the test block of the run's series).
 
     Examples:
         >>> record = ProbeRecord("pooled_patches", data={"kind": "digits_canvas", "seed": 0, "size": 32},
@@ -71,9 +73,9 @@ class ProbeRecord:
 
     features: Features
     data: dict[str, Any]
-    """What the probes fit and score on: ``{"kind": "digits_canvas" | "folders" | "timeseries" | "text",
-    ...}``; ``{}``: the run had no labelled data (``stepkit eval`` asks for ``--train-root`` and
-    ``--val-root``)."""
+    """What the probes fit and score on: ``{"kind": "digits_canvas" | "folders" | "timeseries" | "text" |
+    "synthetic_fmri" | "fmri_npz", ...}``; ``{}``: the run had no labelled data (``stepkit eval`` asks
+    for ``--train-root`` and ``--val-root``)."""
     k: int = 20
     temperature: float = 0.07
     linear: bool = False
@@ -87,11 +89,14 @@ class ProbeRecord:
     """``retrieval``: the part that embeds the queries (images, or anchor texts)."""
     widths: list[int] | None = None
     """``retrieval``: narrower Matryoshka widths scored too."""
+    window: int | None = None
+    """``voxels``: the time points of stimulus each sample reads."""
     version: int = 1
 
     VERSION: ClassVar[int] = 1
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {"forward": (), "pooled_patches": ("pool", "layers"),
-                                                   "sequence": ("layers",), "retrieval": ("queries",)}
+                                                   "sequence": ("layers",), "retrieval": ("queries",),
+                                                   "voxels": ("window",)}
 
     def __post_init__(self) -> None:
         if self.version != self.VERSION:
@@ -244,6 +249,11 @@ def evaluate_checkpoint(source: str | os.PathLike, part: str, *, checkpoint: str
                              "held-out pairs")
         scores, (both, sides, names) = _retrieval(net, info, record, source, checkpoint, torch.device(device))
         return {**result, **scores, **_map(map_to, (both, sides), result, names=names)}
+    if record.features == "voxels":  # the autoencoder: its test block's predicted responses
+        if train_root is not None or val_root is not None:
+            raise ValueError("--train-root / --val-root are image folders; this part predicts voxels")
+        scores, (codes, segments, names) = _voxel_scores(net, record, torch.device(device))
+        return {**result, **scores, **_map(map_to, (codes, segments), result, names=names)}
     if record.features == "sequence":  # time series or sentences, as jepa_sequences probes them
         if train_root is not None or val_root is not None:
             raise ValueError("--train-root / --val-root are image folders; this part encodes sequences")
@@ -302,6 +312,29 @@ def _map(path: str | os.PathLike | None, held: tuple[Tensor, Tensor], result: di
 
     title = f"{Path(result['checkpoint']).name}, step {result['step']}: {result['part']}"
     return {"map": str(embedding_map(held[0], held[1], path, title=title, names=names))}
+
+
+def _voxel_scores(net: nn.Module, record: ProbeRecord, device: torch.device
+                  ) -> tuple[dict[str, float], tuple[Tensor, Tensor, dict[int, str]]]:
+    """The autoencoder's test-block scores as its recipe reports them (``voxel_corr``, its median, the
+    share above 0.1), on the series rebuilt from ``record.data``; and the predicted responses with the
+    fifth of the block each time point is in, for the map."""
+    from stepkit.data import MODALITIES, load_fmri_npz, stimulus_windows, synthetic_fmri, time_blocks
+    from stepkit.losses import pearson_per_voxel, voxel_corr_summary
+
+    data, window = record.data, int(record.window or 1)
+    arrays = (load_fmri_npz(data["path"]) if data["kind"] == "fmri_npz"
+              else synthetic_fmri(seed=data["seed"], time_points=data["time_points"], voxels=data["voxels"]))
+    series = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    test = torch.from_numpy(time_blocks(len(arrays["fmri"]), window=window)[2]).to(device)
+    with torch.no_grad():  # the whole block at once, as the recipe scores it: r over all its time points
+        predicted, _ = net(stimulus_windows(series, test, window, MODALITIES))
+    r = pearson_per_voxel(predicted, series["fmri"][test])
+    scores = {k: float(v) for k, v in voxel_corr_summary(r).items()}
+    fifth = torch.arange(len(test)) * 5 // len(test)  # no labels: the map is coloured by time
+    times = test.cpu()
+    names = {i: f"time {int(times[fifth == i][0])}-{int(times[fifth == i][-1])}" for i in range(5)}
+    return scores, (predicted.float().cpu(), fifth, names)
 
 
 def _sequence_probes(net: nn.Module, record: ProbeRecord, *, linear: bool, device: torch.device,

@@ -43,12 +43,13 @@ def test_a_record_written_before_versions_is_version_1():
     ({"version": 2}, "where: version 2, this stepkit reads version 1 (upgrade stepkit to evaluate this run)"),
     ({"features": "attentive"},
      "where: features='attentive' is not one stepkit eval knows: forward | pooled_patches | sequence | "
-     "retrieval"),
+     "retrieval | voxels"),
     ({"features": "pooled_patches", "layers": 4}, "where: features='pooled_patches' needs pool"),
     ({"features": "sequence"}, "where: features='sequence' needs layers"),
+    ({"features": "voxels"}, "where: features='voxels' needs window"),
     ({"pool_size": 2}, "where: unknown field(s) pool_size: written by a newer stepkit or an edited recipe; "
                        "this stepkit reads batch_size, data, features, k, layers, linear, pool, queries, "
-                       "seed, temperature, version, widths"),
+                       "seed, temperature, version, widths, window"),
     ({"data": {"seed": 0}}, "where: data must say its kind, e.g. {'kind': 'digits_canvas', ...}"),
     ({"data": None}, "where: data must say its kind, e.g. {'kind': 'digits_canvas', ...}"),
 ])
@@ -117,7 +118,7 @@ def test_stepkit_eval_names_the_part_and_refuses_a_record_of_another_version(sav
 def test_the_record_fields_are_the_ones_the_docs_list():
     names = [f.name for f in dataclasses.fields(ProbeRecord)]
     assert names == ["features", "data", "k", "temperature", "linear", "batch_size", "seed", "pool", "layers",
-                     "queries", "widths", "version"]
+                     "queries", "widths", "window", "version"]
 
 
 def test_attentive_reads_a_vits_patch_tokens_and_its_map_is_drawn(tmp_path):

@@ -78,6 +78,29 @@ def test_few_step_run_on_a_users_npz(recipe, tmp_path):
     assert all(g["fused"] for g in saved["state"]["optimizer"]["param_groups"])  # no host read per update
 
 
+def test_stepkit_eval_scores_the_best_checkpoint_as_the_run_did_and_maps_it(recipe, tmp_path):
+    from conftest import assert_map
+
+    from stepkit.probe import evaluate_checkpoint
+
+    arrays = synthetic_fmri(seed=5, time_points=500, voxels=6)
+    np.savez(tmp_path / "subject.npz", **{k: arrays[k] for k in ("video", "audio", "text", "fmri")})
+    for name, path in (("synthetic", None), ("npz", tmp_path / "subject.npz")):
+        cfg = config(recipe, tmp_path / name, steps=24)
+        cfg.data.path = path
+        summary = recipe.main(cfg)
+        result = evaluate_checkpoint(tmp_path / name, "autoencoder", checkpoint="best",
+                                     map_to=tmp_path / f"{name}.png")
+        assert result["step"] == summary["best_step"]
+        for key in ("voxel_corr", "voxel_corr_median", "voxel_corr_frac_above_0.1"):
+            assert result[key] == pytest.approx(summary[key], abs=1e-6), key
+        assert_map(result, tmp_path / f"{name}.png", classes=5)  # the test block's fifths, by time
+    out = subprocess.run([sys.executable, "-m", "stepkit", "eval", str(tmp_path / "npz"), "--train-root",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "this part predicts voxels" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 

@@ -99,6 +99,7 @@ from stepkit.data.pairs import (
 )
 from stepkit.data.sequences import (
     series_windows,
+    stimulus_windows,
     time_blocks,
     tokenized_sentences,
     windowed_series,
@@ -170,6 +171,7 @@ __all__ = [
     "series_windows",
     "windowed_series",
     "tokenized_sentences",
+    "stimulus_windows",
     "time_blocks",
     "TrainImages",
     "EvalImages",

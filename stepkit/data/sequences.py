@@ -8,7 +8,7 @@ import numpy as np
 
 from stepkit import check as _check
 
-__all__ = ["series_windows", "windowed_series", "tokenized_sentences", "time_blocks"]
+__all__ = ["series_windows", "windowed_series", "tokenized_sentences", "time_blocks", "stimulus_windows"]
 
 
 def series_windows(series: Any, window: int, stride: int) -> Any:
@@ -171,3 +171,30 @@ def time_blocks(
             raise ValueError(f"the {name} block holds {len(block)} samples: too few time points "
                              f"({time_points}) for fractions {fractions} and window {window}")
     return blocks[0], blocks[1], blocks[2]
+
+
+def stimulus_windows(series: dict[str, Any], t: Any, window: int,
+                     modalities: tuple[str, ...] = ("video", "audio", "text")) -> dict[str, Any]:
+    """Each modality's features at ``t - window + 1 .. t`` for every index in ``t``: ``(B, window, d)``.
+
+    What the autoencoder recipe feeds its model (and ``stepkit eval`` again, on the test block).
+
+    Args:
+        series: ``{modality: (time, d)}`` tensors.
+        t: ``(B,)`` time indices, each at least ``window - 1``.
+        window: Time points a sample reads.
+        modalities: The keys of ``series`` to cut.
+
+    Returns:
+        ``{modality: (B, window, d)}``, the latest time point last.
+
+    Examples:
+        >>> import torch
+        >>> series = {"video": torch.arange(6.0)[:, None]}
+        >>> stimulus_windows(series, torch.tensor([2, 5]), 3, ("video",))["video"][..., 0].tolist()
+        [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    """
+    import torch
+
+    offsets = torch.arange(window - 1, -1, -1, device=t.device)
+    return {m: series[m][t[:, None] - offsets] for m in modalities}

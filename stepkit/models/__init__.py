@@ -38,7 +38,7 @@ from stepkit.models.vit import LayerScale, SwiGLU, VisionTransformer, sincos_pos
 # The classes exported weights may rebuild (stepkit.weights.load_exported): these and no others.
 ARCHITECTURES.update({cls.__name__: cls for cls in (VisionTransformer, SmallCNN, MaskedCNN, MaskedTemporalCNN,
                                                     TokenTransformer, TinyTextEncoder, PretrainedTextEncoder,
-                                                    PretrainedImageEncoder,
+                                                    PretrainedImageEncoder, MultimodalAutoencoder,
                                                     ProjectedTower)})
 
 __all__ = [

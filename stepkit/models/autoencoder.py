@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from stepkit.models.arguments import records_arguments
+
 __all__ = ["TemporalEncoder", "MultimodalAutoencoder"]
 
 
@@ -29,6 +31,7 @@ class TemporalEncoder(nn.Module):
         return self.proj(self.conv(x.transpose(1, 2)))
 
 
+@records_arguments
 class MultimodalAutoencoder(nn.Module):
     """Per-modality encoders -> fused bottleneck of ``voxels`` units -> per-modality decoders.
 
