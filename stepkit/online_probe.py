@@ -220,12 +220,16 @@ class OnlineProbe:
     def _solve(self, refit_with_held: bool = False) -> float:
         """Fit the head on the buffer for each alpha and keep the best on the held-back images (their
         accuracy, returned); ``refit_with_held``: then fit the kept alpha again with those images added."""
+        from stepkit import dist
+
         t = self.tensors
         seen = t["seen"].cpu() > 0
         if not bool(seen.any()):
             return 0.0
         feats, labels = t["features"][seen.to(t["features"].device)], self.labels[self.fit[seen]]
         held = torch.cat([self._embed(self.images[rows]) for rows in self.held.split(128)])  # bounded memory
+        if dist.world_size() > 1:  # rank 0's (each rank's BatchNorm statistics are its own): one head
+            torch.distributed.broadcast(held, src=0)
         held_labels = self.labels[self.held]
         best = (-1.0, 0.0, t["weight"], t["bias"])
         for alpha, (weight, bias) in zip(ALPHAS, ridge_heads(feats, labels.to(feats.device), self.classes)):
