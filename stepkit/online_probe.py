@@ -7,10 +7,10 @@ draw and no BatchNorm statistic changes) and writes their features into a buffer
 image's latest features: the images are taken in turn, so after one pass every row is at most
 ``len(probe) / batch_size`` updates old (every rank's batch, gathered: a few kilobytes). Every
 ``solve_every`` updates a ridge regression onto the one-hot labels is fitted on the buffer in closed
-form, one SVD giving every ridge strength of ``ALPHAS`` (``ridge_heads``); the one with the best accuracy
-on a held-back fifth of the probe images (embedded afresh) is kept and that accuracy logged
-(``online_acc``). At the end (``summary``) the head is refitted with the held-back images added, as the
-end-of-run linear probe refits on all its images, and scored on the held-out set.
+form, one eigendecomposition giving every ridge strength of ``ALPHAS`` (``ridge_heads``); the one with
+the best accuracy on a held-back fifth of the probe images (embedded afresh) is kept and that accuracy
+logged (``online_acc``). At the end (``summary``) the head is refitted with the held-back images added,
+as the end-of-run linear probe refits on all its images, and scored on the held-out set.
 
 Why a buffer of recent features and not running sums: the decayed sums of a ridge regression (the
 design before) kept features of hundreds of updates before, and the head ended 7-9 points below the
@@ -53,10 +53,11 @@ def ridge_heads(features: Tensor, labels: Tensor, classes: int, alphas: Sequence
                 ) -> list[tuple[Tensor, Tensor]]:
     """Ridge regressions of one-hot labels on features, one ``(weight (C, D), bias (C,))`` per alpha.
 
-    With ``X`` the centred features, ``Y`` the centred one-hot labels and ``X = U S V^T``:
-    ``W^T = V diag(s / (s^2 + lambda)) U^T Y``, the minimiser of ``||X W^T - Y||^2 + lambda ||W||^2``,
-    with ``lambda = alpha trace(X^T X) / D`` (alpha relative to the mean eigenvalue, so one grid serves
-    features of any scale); ``b = mean(y) - W mean(x)``. One SVD serves every alpha. In float64.
+    With ``X`` the centred features ``(N, D)`` and ``Y`` the centred one-hot labels, the minimiser of
+    ``||X W^T - Y||^2 + lambda ||W||^2`` is ``W^T = (X^T X + lambda I)^-1 X^T Y = X^T (X X^T + lambda
+    I)^-1 Y``, with ``lambda = alpha trace(X^T X) / D`` (alpha relative to the mean eigenvalue, so one
+    grid serves features of any scale); ``b = mean(y) - W mean(x)``. One eigendecomposition of the
+    smaller of the two Gram matrices (``X X^T`` when ``N < D``) serves every alpha. In float64.
 
     Args:
         features: ``(N, D)``.
@@ -78,12 +79,16 @@ def ridge_heads(features: Tensor, labels: Tensor, classes: int, alphas: Sequence
     x = features.double()
     onehot = torch.nn.functional.one_hot(labels.long(), classes).to(x)
     mean_x, mean_y = x.mean(dim=0), onehot.mean(dim=0)
-    u, s, vh = torch.linalg.svd(x - mean_x, full_matrices=False)
-    projected = u.T @ (onehot - mean_y)
-    scale = s.square().sum().clamp_min(1e-12) / x.shape[1]  # trace(X^T X) / D
+    x, y = x - mean_x, onehot - mean_y
+    dual = x.shape[0] < x.shape[1]  # the N x N Gram matrix is the smaller one
+    eigenvalues, vectors = torch.linalg.eigh(x @ x.T if dual else x.T @ x)
+    eigenvalues = eigenvalues.clamp_min(0.0)  # rounding below zero on a rank-deficient Gram matrix
+    projected = vectors.T @ (y if dual else x.T @ y)
+    scale = eigenvalues.sum().clamp_min(1e-12) / x.shape[1]  # trace(X^T X) / D
     heads = []
     for alpha in alphas:
-        weight = (vh.T @ ((s / (s.square() + alpha * scale))[:, None] * projected)).T
+        solved = vectors @ (projected / (eigenvalues + alpha * scale)[:, None])
+        weight = (x.T @ solved if dual else solved).T
         heads.append((weight.float(), (mean_y - weight @ mean_x).float()))
     return heads
 
