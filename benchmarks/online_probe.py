@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cost-steps", type=int, default=150)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "online_probe.json")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the tracking runs in this folder")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the tracking runs in this folder (finished ones there are reused)")
     args = parser.parse_args(argv)
     result: dict = {"cost": {}, "tracking": []}
     with tempfile.TemporaryDirectory() as work:
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         for recipe in RECIPES:
             for seed in args.seeds:
                 run_dir = kept / f"{recipe}-{seed}"
-                summary = train(recipe, run_dir, seed, args.steps)
+                done = run_dir / "summary.json"  # a finished run kept before (--keep): read, not retrained
+                summary = (json.loads(done.read_text()) if done.exists()
+                           else train(recipe, run_dir, seed, args.steps))
                 row = {"recipe": recipe, "seed": seed, "steps": summary["steps"],
                        "online_acc": summary["online_acc"], "online_alpha": summary["online_alpha"],
                        "knn_acc": summary["knn_acc"],
