@@ -173,6 +173,7 @@ def main(cfg: Config) -> dict:
     voxels = series["fmri"].shape[1]
     model = MultimodalAutoencoder(dims, window=cfg.data.window, voxels=voxels,
                                   hidden=cfg.model.hidden, dropout=cfg.model.dropout).to(device)
+    meta = {"parts": describe_parts(cfg, model)}  # every checkpoint's (stepkit eval); before FSDP2 wraps it
     wrapped = dist.parallelize(model, cfg.dist.strategy, device)
     state = TrainState(
         model=wrapped,
@@ -218,7 +219,6 @@ def main(cfg: Config) -> dict:
                             prepare=lambda b: train_t[b[0].to(device)])  # this rank's share of the epoch
     per_epoch = len(train_t) // dist.world_size() // cfg.batch_size
     updates_per_epoch = max(per_epoch // cfg.train.accum, 1)
-    meta = {"parts": describe_parts(cfg, model)}  # in every checkpoint, the best ones too: stepkit eval
     with run.start(state, steps=steps, meta=meta):  # resumed when asked; log; signals
         for batch in run.batches(batches):  # saved between updates; ends at the last step, a signal or stop()
             loss, parts = forward_loss(loss_fn, state, batch, amp=cfg.amp)
