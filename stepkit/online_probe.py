@@ -205,12 +205,13 @@ class OnlineProbe:
         if not self.enabled:
             return {}
         rows = self._turn(step, dist.world_size(), dist.rank())
-        feats = self._embed(self.images[self.fit[rows]])
+        picked = self.fit[rows]
+        feats = self._embed(self.images[picked])
         if self._tensors is None:
             self._make(feats)
         t = self.tensors
         logged: dict[str, Tensor | float] = {
-            "online_train_acc": self._accuracy(feats, self.labels[self.fit[rows]], t["weight"], t["bias"])}
+            "online_train_acc": self._accuracy(feats, self.labels[picked], t["weight"], t["bias"])}
         if dist.world_size() > 1:  # every rank writes every rank's batch: the same buffer everywhere
             with torch.no_grad():
                 feats = dist.all_gather_with_grad(feats)

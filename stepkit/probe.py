@@ -319,7 +319,7 @@ def _voxel_scores(net: nn.Module, record: ProbeRecord, device: torch.device
     """The autoencoder's test-block scores as its recipe reports them (``voxel_corr``, its median, the
     share above 0.1), on the series rebuilt from ``record.data``; and the predicted responses with the
     fifth of the block each time point is in, for the map."""
-    from stepkit.data import MODALITIES, load_fmri_npz, stimulus_windows, synthetic_fmri, time_blocks
+    from stepkit.data import load_fmri_npz, stimulus_windows, synthetic_fmri, time_blocks
     from stepkit.losses import pearson_per_voxel, voxel_corr_summary
 
     data, window = record.data, int(record.window or 1)
@@ -328,7 +328,7 @@ def _voxel_scores(net: nn.Module, record: ProbeRecord, device: torch.device
     series = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
     test = torch.from_numpy(time_blocks(len(arrays["fmri"]), window=window)[2]).to(device)
     with torch.no_grad():  # the whole block at once, as the recipe scores it: r over all its time points
-        predicted, _ = net(stimulus_windows(series, test, window, MODALITIES))
+        predicted, _ = net(stimulus_windows(series, test, window))
     r = pearson_per_voxel(predicted, series["fmri"][test])
     scores = {k: float(v) for k, v in voxel_corr_summary(r).items()}
     fifth = torch.arange(len(test)) * 5 // len(test)  # no labels: the map is coloured by time

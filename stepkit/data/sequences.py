@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from stepkit import check as _check
+from stepkit.data.arrays import MODALITIES
 
 __all__ = ["series_windows", "windowed_series", "tokenized_sentences", "time_blocks", "stimulus_windows"]
 
@@ -174,7 +175,7 @@ def time_blocks(
 
 
 def stimulus_windows(series: dict[str, Any], t: Any, window: int,
-                     modalities: tuple[str, ...] = ("video", "audio", "text")) -> dict[str, Any]:
+                     modalities: tuple[str, ...] = MODALITIES) -> dict[str, Any]:
     """Each modality's features at ``t - window + 1 .. t`` for every index in ``t``: ``(B, window, d)``.
 
     What the autoencoder recipe feeds its model (and ``stepkit eval`` again, on the test block).
