@@ -24,12 +24,28 @@ on this machine, and probes both with the same code:
   run took; all three are scored by the recipe's own ``held_out_retrieval`` on the held-out pairs (a hit
   is any held-out line with the same text: "hits by caption"), recall@1 and MRR@10, line -> reply.
 
-lightly is a benchmark-time extra (``pip install --no-deps lightly``; its torchvision import is stood in
-for as in ``benchmarks/peers.py``); sentence-transformers' trainer needs ``datasets``. Issue #45 asks for
-more rows (open_clip, I-JEPA, an image set unlike the digits); they are not built yet.
+- ``pairs``: stepkit's contrastive recipe, ``tiny`` preset (CNN image tower and a text tower from scratch,
+  CLIP's loss, batch 64) on its embedded captioned digits, against open_clip's own training epoch
+  (``open_clip_train.train.train_one_epoch``: its ``ClipLoss``, step and logit-scale clamp to ln 100, with
+  ``cosine_lr`` and ``main``'s AdamW grouping and betas 0.9 / 0.98, eps 1e-6) over the same towers built
+  by the recipe's builder from the same seed, the same batches, and the recipe's lr, weight decay,
+  warm-up and clipping (open_clip's defaults are for ImageNet-sized runs: 10,000 warm-up steps). Scored
+  by the recipe's ``held_out_retrieval``: recall@1 image -> text and text -> image, and pairs per second.
 
-    python benchmarks/learning.py                            # both rows, seeds 0 1 2
-    python benchmarks/learning.py --rows dino --seeds 0 --steps 20 --text-steps 4   # smoke
+- ``ijepa``: stepkit's I-JEPA recipe, ``vit-toy`` preset (lightly's I-JEPA needs a ViT), against I-JEPA
+  as lightly ships it: its ``IJEPAMaskCollator`` at the recipe's mask settings, its ``IJEPAPredictorTIMM``
+  of the recipe's predictor sizes, and its example's smooth-L1 loss on layer-normed target tokens and
+  linear EMA from 0.996 to 1 (I-JEPA's own), over the recipe's encoder (the same seed), crops and AdamW
+  lr / weight-decay schedule. Scored by the recipe's ``probe_scores`` on the target encoder: the linear
+  probe and k-NN on the held-out digits, and images per second.
+
+lightly, open_clip and timm are benchmark-time extras (``pip install --no-deps lightly open-clip-torch
+timm ftfy``; the torchvision they import is stood in for as in ``benchmarks/peers.py``);
+sentence-transformers' trainer needs ``datasets``. A peer that cannot import gets a row saying why.
+Rows measured by an earlier invocation stay in the JSON unless rerun.
+
+    python benchmarks/learning.py                            # every row, seeds 0 1 2
+    python benchmarks/learning.py --rows dino --seeds 0 --steps 20   # smoke
 
 Prints a table (mean and spread over the seeds); writes benchmarks/results/learning.json.
 """
@@ -44,49 +60,53 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from dino_step import run_facts  # noqa: E402
-from peers import import_lightly  # noqa: E402
+from peers import allow_without_torchvision, import_lightly  # noqa: E402
 
+from stepkit.augment import MultiCrop, normalize, to_unit, view_colors  # noqa: E402
 from stepkit.data import CropPlan, seeded_loader  # noqa: E402
 from stepkit.evaluation import knn_accuracy, loader_features  # noqa: E402
 from stepkit.run import seed_everything, set_threads  # noqa: E402
 
+ROWS = ("dino", "text", "pairs", "ijepa")
 
-def stepkit_dino(seed: int, steps: int, run_dir: Path) -> dict:
-    """The recipe's defaults for ``steps`` updates (no online probe: lightly has none) -> its numbers."""
-    cmd = [sys.executable, "recipes/dino.py", "--run-dir", str(run_dir), "--train.seed", str(seed),
-           "--train.steps", str(steps), "--eval.no-online", "--log.no-console"]
+
+def run_recipe(recipe: str, run_dir: Path, seed: int, steps: int, *flags: str) -> dict:
+    """``python recipes/<recipe>.py FLAGS`` for ``steps`` updates from ``seed`` -> its summary.json, with
+    ``rate``: its samples (images, pairs) per second of its loop, a batch being 64."""
+    cmd = [sys.executable, f"recipes/{recipe}.py", *flags, "--run-dir", str(run_dir), "--train.seed",
+           str(seed), "--train.steps", str(steps), "--log.no-console"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    return {**summary, "rate": round(summary["steps"] * 64 / summary["wall_s"], 1)}
+
+
+def stepkit_dino(seed: int, steps: int, work: Path) -> dict:
+    """The recipe's defaults for ``steps`` updates (no online probe: lightly has none) -> its numbers."""
+    summary = run_recipe("dino", work / f"stepkit-dino-{seed}", seed, steps, "--eval.no-online")
     return {"knn_acc": summary["knn_acc"], "train_s": summary["wall_s"], "updates": summary["steps"],
             "images_per_s": summary["images_per_s"], "knn_acc_random_init": summary["knn_acc_random_init"]}
 
 
-def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, run_dir: Path) -> dict:
+def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path) -> dict:
     """lightly's example's training on the recipe's network, data and crops, for ``budget_s`` seconds of
     its loop (or ``epochs_of`` updates' worth of epochs, whichever ends first) -> its numbers."""
     import copy
 
-    from torch.utils.data import default_collate
-
-    from stepkit.augment import MultiCrop, normalize, to_unit, view_colors
-
-    spec = importlib.util.spec_from_file_location("dino_recipe", ROOT / "recipes" / "dino.py")
-    assert spec is not None and spec.loader is not None
-    dino = importlib.util.module_from_spec(spec)
-    sys.modules["dino_recipe"] = dino  # its dataclasses look their module up
-    spec.loader.exec_module(dino)
-    cfg = dino.parse(["--run-dir", str(run_dir), "--train.seed", str(seed)])
+    dino = load_recipe("dino")
+    cfg = dino.parse(["--run-dir", str(work / f"lightly-dino-{seed}"), "--train.seed", str(seed)])
     c: MultiCrop = cfg.crops
     plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
                     + ((c.local_size, c.local_scale),) * c.local_crops)
@@ -174,17 +194,10 @@ def write_dialogue_pairs(folder: Path, seed: int) -> tuple[Path, Path]:
 
 def stepkit_text(seed: int, steps: int, pairs: tuple[Path, Path], run_dir: Path) -> dict:
     """The contrastive recipe's defaults on the text pairs for ``steps`` updates -> its numbers."""
-    cmd = [sys.executable, "recipes/contrastive.py", "--run-dir", str(run_dir), "--data.pairs", str(pairs[0]),
-           "--data.val-pairs", str(pairs[1]), "--data.kind", "text-text", "--train.seed", str(seed),
-           "--train.steps", str(steps), "--log.no-console"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    batch = 64
+    summary = run_recipe("contrastive", run_dir, seed, steps, "--data.pairs", str(pairs[0]),
+                         "--data.val-pairs", str(pairs[1]), "--data.kind", "text-text")
     return {"recall_at_1": summary["recall_at_1_a2p"], "mrr_at_10": summary["mrr_at_10_a2p"],
-            "train_s": summary["wall_s"], "updates": summary["steps"],
-            "pairs_per_s": round(summary["steps"] * batch / summary["wall_s"], 1)}
+            "train_s": summary["wall_s"], "updates": summary["steps"], "pairs_per_s": summary["rate"]}
 
 
 def sentence_transformers_text(seed: int, budget_s: float, pairs: tuple[Path, Path], loss_name: str,
@@ -237,6 +250,226 @@ def sentence_transformers_text(seed: int, budget_s: float, pairs: tuple[Path, Pa
             "pairs_per_s": round(trained.global_step * 64 / train_s, 1)}
 
 
+def load_recipe(name: str):
+    """``recipes/<name>.py`` as a module (its builders, its parse), without running it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def stepkit_pairs(seed: int, steps: int, work: Path) -> dict:
+    """The contrastive recipe's ``tiny`` preset (towers from scratch) on its embedded captioned digits."""
+    summary = run_recipe("contrastive", work / f"stepkit-pairs-{seed}", seed, steps, "tiny")
+    return {"recall_at_1_i2t": summary["recall_at_1_i2t"], "recall_at_1_t2i": summary["recall_at_1_t2i"],
+            "train_s": summary["wall_s"], "updates": summary["steps"], "pairs_per_s": summary["rate"]}
+
+
+def import_open_clip() -> tuple[types.SimpleNamespace | None, str]:
+    """open_clip's loss, its training loop's epoch and its lr schedule, or None and why not."""
+    note = allow_without_torchvision()  # open_clip's transforms import torchvision at package import
+    try:
+        from open_clip.loss import ClipLoss
+        from open_clip_train.scheduler import cosine_lr
+        from open_clip_train.train import train_one_epoch
+    except Exception as err:  # noqa: BLE001
+        return None, (f"open_clip is not importable ({type(err).__name__}: {err}); "
+                      "pip install --no-deps open-clip-torch ftfy")
+    found = types.SimpleNamespace(ClipLoss=ClipLoss, cosine_lr=cosine_lr, train_one_epoch=train_one_epoch)
+    return found, note
+
+
+class OpenClipFace(torch.nn.Module):
+    """The recipe's two towers behind open_clip's model interface: ``model(images, texts)`` -> a dict of
+    both embeddings and the scale, ``logit_scale`` the log-scale parameter open_clip clamps after a step."""
+
+    def __init__(self, towers, tokens: dict) -> None:
+        super().__init__()
+        self.towers, self.tokens = towers, tokens
+        self.logit_scale = towers.logit_scale.log_scale  # the same Parameter (listed once by parameters())
+
+    def forward(self, images: torch.Tensor, rows: torch.Tensor) -> dict:
+        image, text = self.towers(images, {k: v[rows] for k, v in self.tokens.items()})
+        return {"image_features": image, "text_features": text, "logit_scale": self.logit_scale.exp()}
+
+
+class BudgetLoader:
+    """open_clip's ``data["train"]``: ``.dataloader`` (with ``num_batches``, ``num_samples``) and
+    ``set_epoch``; stops yielding once ``budget_s`` seconds have passed since ``started`` or after ``most``
+    batches."""
+
+    def __init__(self, loader, batch_size: int, budget_s: float, started: float, most: int) -> None:
+        self.loader, self.budget_s, self.started, self.most, self.yielded = loader, budget_s, started, most, 0
+        self.num_batches, self.num_samples = len(loader), len(loader) * batch_size
+        self.dataloader = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.generator.manual_seed(epoch)
+
+    def over(self) -> bool:
+        return time.perf_counter() - self.started >= self.budget_s or self.yielded >= self.most
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.over():
+                return
+            self.yielded += 1
+            yield batch
+
+
+def open_clip_pairs(oc, seed: int, budget_s: float, updates_of: int, work: Path) -> dict:
+    """open_clip's ``train_one_epoch`` (its ``ClipLoss``, step, logit-scale clamp; its AdamW grouping and
+    betas) with ``cosine_lr`` over the recipe's towers (``tiny``: built by the recipe's builder from the
+    same seed), data and lr / wd / warm-up / clip, for ``budget_s`` seconds -> its numbers."""
+    from torch.utils.data import DataLoader
+
+    from stepkit.data import pair_sets
+    from stepkit.evaluation import held_out_retrieval, paired_relevance
+
+    recipe = load_recipe("contrastive")
+    cfg = recipe.parse(["tiny", "--run-dir", str(work / f"open_clip-{seed}"), "--train.seed", str(seed)])
+    data = pair_sets(cfg.data, seed=seed)
+    device = torch.device("cpu")
+    set_threads(cfg.threads, device=device, workers=0)
+    seed_everything(seed)  # as the recipe, right before its towers are built
+    towers, tokenize = recipe.build_model(cfg, data.train_texts, data.channels, None)
+    model = OpenClipFace(towers, tokenize(data.train_texts))
+    decay = lambda n, p: p.ndim >= 2 and not any(k in n for k in ("bn", "ln", "bias", "logit_scale"))  # noqa: E731
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0},
+                                   {"params": [p for n, p in named if decay(n, p)],
+                                    "weight_decay": cfg.optim.wd}],
+                                  lr=cfg.optim.lr, betas=(0.9, 0.98), eps=1e-6)  # open_clip's main
+    scheduler = oc.cosine_lr(optimizer, cfg.optim.lr, cfg.optim.warmup_steps, updates_of)
+
+    def collate(items):
+        batch = default_collate(items)
+        return data.images(batch), batch[-1]
+
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate, generator=torch.Generator())
+    args = types.SimpleNamespace(device="cpu", precision="fp32", accum_freq=1, distill=False,
+                                 skip_scheduler=False, grad_clip_norm=cfg.optim.clip, horovod=False,
+                                 log_every_n_steps=10**9, batch_size=cfg.batch_size, world_size=1, rank=0,
+                                 local_rank=0, distributed=False, wandb=False)
+    loss = oc.ClipLoss()
+    started = time.perf_counter()
+    train = BudgetLoader(loader, cfg.batch_size, budget_s, started, updates_of)
+    epochs = -(-updates_of // len(loader))
+    for epoch in range(epochs):
+        oc.train_one_epoch(model, {"train": train}, loss, epoch, optimizer, None, scheduler, None, args)
+        if train.over():
+            break
+    train_s = time.perf_counter() - started
+    relevant = paired_relevance(*data.test_pairs)
+    prep = lambda x: x if data.mean is None else normalize(to_unit(x), data.mean, data.std)  # noqa: E731
+    probe = lambda dataset, batch_size: seeded_loader(dataset, seed=seed, batch_size=batch_size)  # noqa: E731
+    scores = held_out_retrieval(*recipe.held_out_embeddings(towers, data, tokenize, prep, probe), relevant)
+    return {"recall_at_1_i2t": scores["recall_at_1_i2t"], "recall_at_1_t2i": scores["recall_at_1_t2i"],
+            "train_s": round(train_s, 1), "updates": train.yielded,
+            "pairs_per_s": round(train.yielded * cfg.batch_size / train_s, 1)}
+
+
+def stepkit_ijepa(seed: int, steps: int, work: Path) -> dict:
+    """The I-JEPA recipe's ``vit-toy`` preset (a ViT, as lightly's I-JEPA needs) for ``steps`` updates."""
+    summary = run_recipe("ijepa", work / f"stepkit-ijepa-{seed}", seed, steps, "vit-toy", "--eval.no-online",
+                         "--mask-image-every", "0")
+    return {"linear_acc": summary["linear_acc"], "knn_acc": summary["knn_acc"], "train_s": summary["wall_s"],
+            "updates": summary["steps"], "images_per_s": summary["rate"],
+            "linear_acc_random_init": summary["linear_acc_random_init"]}
+
+
+def import_lightly_ijepa() -> tuple[types.SimpleNamespace | None, str]:
+    """lightly's I-JEPA mask collator and (timm-based) predictor, or None and why not."""
+    note = allow_without_torchvision()
+    try:
+        from lightly.data.ijepa_collate import IJEPAMaskCollator
+        from lightly.models import utils
+        from lightly.models.modules.ijepa_timm import IJEPAPredictorTIMM
+    except Exception as err:  # noqa: BLE001
+        return None, (f"lightly's I-JEPA is not importable ({type(err).__name__}: {err}); "
+                      "pip install --no-deps lightly timm")
+    return types.SimpleNamespace(IJEPAMaskCollator=IJEPAMaskCollator, IJEPAPredictorTIMM=IJEPAPredictorTIMM,
+                                 apply_masks=utils.apply_masks,
+                                 repeat_interleave_batch=utils.repeat_interleave_batch), note
+
+
+def lightly_ijepa(lj, seed: int, budget_s: float, updates_of: int, work: Path) -> dict:
+    """I-JEPA as lightly ships it (its ``IJEPAMaskCollator`` at the recipe's mask settings, its
+    ``IJEPAPredictorTIMM`` of the recipe's predictor sizes, its example's smooth-L1 loss on layer-normed
+    target tokens and linear EMA 0.996 -> 1, I-JEPA's own) on the recipe's encoder (built from the same
+    seed), crops and AdamW lr / wd schedule, for ``budget_s`` seconds -> the recipe's probes of the target."""
+    import copy
+
+    from stepkit.data import image_sets
+    from stepkit.models.jepa import patch_tokens
+    from stepkit.schedules import lr_at, wd_at
+
+    ij = load_recipe("ijepa")
+    cfg = ij.parse(["vit-toy", "--run-dir", str(work / f"lightly-ijepa-{seed}"), "--train.seed", str(seed)])
+    plan = CropPlan(views=((cfg.data.image_size, cfg.data.crop_scale),), flip_p=cfg.data.flip_p)
+    data = image_sets(cfg.data, cfg.eval, plan=plan, seed=seed, eval_size=cfg.data.image_size,  # the recipe's
+                      eval_resize=round(cfg.data.image_size / 0.875), digits_size=cfg.data.image_size,
+                      min_probe_images=cfg.eval.k)
+    device = torch.device("cpu")
+    set_threads(cfg.threads, device=device, workers=0)
+    seed_everything(seed)
+    encoder = ij.build_encoder(cfg, data.channels)  # the recipe builds its encoder first: the same weights
+    target = copy.deepcopy(encoder).requires_grad_(False)
+    m, k = cfg.model, cfg.mask
+    predictor = lj.IJEPAPredictorTIMM(num_patches=encoder.grid**2, depth=m.predictor_depth,
+                                      mlp_dim=encoder.dim, predictor_embed_dim=m.predictor_dim,
+                                      num_heads=m.predictor_heads)
+    collator = lj.IJEPAMaskCollator(input_size=cfg.data.image_size, patch_size=encoder.patch_size,
+                                    enc_mask_scale=k.context_scale, pred_mask_scale=k.target_scale,
+                                    aspect_ratio=k.target_aspect, nenc=1, npred=k.targets,
+                                    min_keep=k.min_keep)
+    params = [*encoder.parameters(), *predictor.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
+    criterion = torch.nn.SmoothL1Loss()
+    per_epoch = len(data.train) // cfg.batch_size
+    order = torch.Generator().manual_seed(seed)
+    updates, started, done = 0, time.perf_counter(), False
+    while not done:
+        perm = torch.randperm(len(data.train), generator=order).tolist()
+        for b in range(per_epoch):
+            if time.perf_counter() - started >= budget_s or updates >= updates_of:
+                done = True
+                break
+            batch, masks_enc, masks_pred = collator([data.train[i] for i in perm[b * cfg.batch_size:
+                                                                                 (b + 1) * cfg.batch_size]])
+            images = normalize(next(data.crops(batch, plan, device)), data.mean, data.std)
+            for group in optimizer.param_groups:  # the recipe's schedules, as a formula of the step
+                group["lr"], group["weight_decay"] = (lr_at(updates, cfg.optim, updates_of),
+                                                      wd_at(updates, cfg.optim, updates_of))
+            with torch.no_grad():  # the example's forward_target
+                h, _ = patch_tokens(target, images)
+                h = torch.nn.functional.layer_norm(h, (h.size(-1),))
+                h = lj.apply_masks(h, masks_pred)
+                h = lj.repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
+            z, _ = patch_tokens(encoder, images, keep=masks_enc[0])  # the context block's tokens alone
+            loss = criterion(predictor(z, masks_enc, masks_pred), h)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            momentum = 0.996 + updates * (1.0 - 0.996) / updates_of  # the example's linear schedule
+            with torch.no_grad():
+                for p_t, p in zip(target.parameters(), encoder.parameters()):
+                    p_t.mul_(momentum).add_((1.0 - momentum) * p.detach())
+            updates += 1
+    train_s = time.perf_counter() - started
+    prep = lambda x: normalize(to_unit(x), data.mean, data.std)  # noqa: E731
+
+    def loader(dataset):
+        return seeded_loader(dataset, seed=seed, batch_size=cfg.batch_size)
+
+    scores = ij.probe_scores(cfg, {"": target.eval()}, data, loader, prep)
+    return {"linear_acc": scores["linear_acc"], "knn_acc": scores["knn_acc"], "train_s": round(train_s, 1),
+            "updates": updates, "images_per_s": round(updates * cfg.batch_size / train_s, 1)}
+
+
 def spread(values: list[float], digits: int = 3) -> str:
     """``mean ± population std`` (the mean alone for one value)."""
     mean = statistics.fmean(values)
@@ -245,14 +478,18 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
-def dino_rows(seeds: list[int], steps: int, work: Path) -> list[dict]:
-    lightly, note = import_lightly()
+def side_by_side(seeds: list[int], steps: int, work: Path, ours, found: tuple, name: str,
+                 theirs) -> list[dict]:
+    """Each seed: ``ours(seed, steps, work)`` (stepkit's run), then ``theirs(peer, seed, its seconds, its
+    updates, work)`` where ``found`` = ``(peer, note)`` found the peer (else the row says why not) -> the
+    rows, each printed as it is made."""
+    peer, note = found
     rows = []
     for seed in seeds:
-        ours = stepkit_dino(seed, steps, work / f"stepkit-dino-{seed}")
-        peer = (lightly_dino(lightly, seed, ours["train_s"], ours["updates"], work / f"lightly-{seed}")
-                if lightly is not None else {"why_not": note})
-        rows.append({"seed": seed, "stepkit": ours, "lightly": peer, "note": note})
+        mine = ours(seed, steps, work)
+        other = (theirs(peer, seed, mine["train_s"], mine["updates"], work) if peer is not None
+                 else {"why_not": note})
+        rows.append({"seed": seed, "stepkit": mine, name: other, "note": note})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -289,18 +526,35 @@ def table(name: str, rows: list[dict], metrics: tuple[str, ...], rate: str) -> N
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=("dino", "text"), default=["dino", "text"])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="stepkit's DINO updates (sets the budget)")
     parser.add_argument("--text-steps", type=int, default=100, help="stepkit's text updates (the budget)")
+    parser.add_argument("--pair-steps", type=int, default=400, help="stepkit's image-text updates")
+    parser.add_argument("--ijepa-steps", type=int, default=300, help="stepkit's I-JEPA updates")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "learning.json")
     args = parser.parse_args(argv)
-    result: dict = {"facts": run_facts(torch.device("cpu")), "rows": {}}
-    with tempfile.TemporaryDirectory() as work:
+    result: dict = {"facts": {}, "rows": {}}  # facts: the machine each row ran on
+    if args.out.exists():  # rows measured by an earlier invocation stay unless rerun
+        result = {**result, **json.loads(args.out.read_text())}
+    facts = run_facts(torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
         if "dino" in args.rows:
-            result["rows"]["dino"] = dino_rows(args.seeds, args.steps, Path(work))
+            result["rows"]["dino"] = side_by_side(args.seeds, args.steps, work, stepkit_dino,
+                                                  import_lightly(), "lightly", lightly_dino)
+            result["facts"]["dino"] = facts
         if "text" in args.rows:
-            result["rows"]["text"] = text_rows(args.seeds, args.text_steps, Path(work))
+            result["rows"]["text"] = text_rows(args.seeds, args.text_steps, work)
+            result["facts"]["text"] = facts
+        if "ijepa" in args.rows:
+            result["rows"]["ijepa"] = side_by_side(args.seeds, args.ijepa_steps, work, stepkit_ijepa,
+                                                   import_lightly_ijepa(), "lightly", lightly_ijepa)
+            result["facts"]["ijepa"] = facts
+        if "pairs" in args.rows:
+            result["rows"]["pairs"] = side_by_side(args.seeds, args.pair_steps, work, stepkit_pairs,
+                                                   import_open_clip(), "open_clip", open_clip_pairs)
+            result["facts"]["pairs"] = facts
     if "dino" in result["rows"]:
         rows = result["rows"]["dino"]
         table("dino (digits)", rows, ("knn_acc",), "images_per_s")
@@ -308,6 +562,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "text" in result["rows"]:
         table("text pairs (chatterbot dialogues)", result["rows"]["text"], ("recall_at_1", "mrr_at_10"),
               "pairs_per_s")
+    if "ijepa" in result["rows"]:
+        rows = result["rows"]["ijepa"]
+        table("I-JEPA (digits, vit-toy)", rows, ("linear_acc", "knn_acc"), "images_per_s")
+        print(f"untrained (linear): {spread([r['stepkit']['linear_acc_random_init'] for r in rows])}")
+    if "pairs" in result["rows"]:
+        table("image-text pairs (captioned digits)", result["rows"]["pairs"],
+              ("recall_at_1_i2t", "recall_at_1_t2i"), "pairs_per_s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -102,6 +102,8 @@ class _AbsentTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         module.__path__, module.__version__ = [], "0.0.0"
+        if module.__name__ == "torchvision":  # lightly.data calls it at import (its video reader)
+            module.set_video_backend = lambda backend: None
 
 
 def allow_without_torchvision() -> str:

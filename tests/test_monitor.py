@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from stepkit.monitor import collapse_metrics, layer_group, norms_by_group, system_metrics
+from stepkit.monitor import collapse_metrics, layer_group, norms_by_group, singular_values, system_metrics
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 16])
@@ -86,3 +88,15 @@ def test_collapse_watch_warns_once_when_a_metric_newly_holds():
     both = watch({"std": 0.03, "entropy": 4.6})
     assert "entropy above 4 for 2 intervals" in both and "std below 0.1" in both
     assert watch({"std": 0.5, "entropy": 1.0}) is None and watch.last == ""  # recovered
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), rank=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_singular_values_are_the_svds_of_wide_tall_and_low_rank_batches(rows, cols, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    inner = min(rank, rows, cols)  # the batch's rank
+    z = torch.randn(rows, inner, generator=g) @ torch.randn(inner, cols, generator=g)
+    want = torch.linalg.svdvals(z.double()).flip(0)  # ascending, as eigvalsh gives them
+    got = singular_values(z)
+    assert got.dtype == z.dtype and got.shape == (min(rows, cols),)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.max()))
