@@ -71,7 +71,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from dino_step import run_facts  # noqa: E402
-from peers import allow_without_torchvision, import_lightly  # noqa: E402
+from peers import import_lightly, import_peer  # noqa: E402
 
 from stepkit.augment import MultiCrop, normalize, to_unit, view_colors  # noqa: E402
 from stepkit.data import CropPlan, seeded_loader  # noqa: E402
@@ -269,16 +269,9 @@ def stepkit_pairs(seed: int, steps: int, work: Path) -> dict:
 
 def import_open_clip() -> tuple[types.SimpleNamespace | None, str]:
     """open_clip's loss, its training loop's epoch and its lr schedule, or None and why not."""
-    note = allow_without_torchvision()  # open_clip's transforms import torchvision at package import
-    try:
-        from open_clip.loss import ClipLoss
-        from open_clip_train.scheduler import cosine_lr
-        from open_clip_train.train import train_one_epoch
-    except Exception as err:  # noqa: BLE001
-        return None, (f"open_clip is not importable ({type(err).__name__}: {err}); "
-                      "pip install --no-deps open-clip-torch ftfy")
-    found = types.SimpleNamespace(ClipLoss=ClipLoss, cosine_lr=cosine_lr, train_one_epoch=train_one_epoch)
-    return found, note
+    return import_peer({"ClipLoss": "open_clip.loss", "cosine_lr": "open_clip_train.scheduler",
+                        "train_one_epoch": "open_clip_train.train"},
+                       "open_clip", "pip install --no-deps open-clip-torch ftfy")
 
 
 class OpenClipFace(torch.nn.Module):
@@ -383,17 +376,11 @@ def stepkit_ijepa(seed: int, steps: int, work: Path) -> dict:
 
 def import_lightly_ijepa() -> tuple[types.SimpleNamespace | None, str]:
     """lightly's I-JEPA mask collator and (timm-based) predictor, or None and why not."""
-    note = allow_without_torchvision()
-    try:
-        from lightly.data.ijepa_collate import IJEPAMaskCollator
-        from lightly.models import utils
-        from lightly.models.modules.ijepa_timm import IJEPAPredictorTIMM
-    except Exception as err:  # noqa: BLE001
-        return None, (f"lightly's I-JEPA is not importable ({type(err).__name__}: {err}); "
-                      "pip install --no-deps lightly timm")
-    return types.SimpleNamespace(IJEPAMaskCollator=IJEPAMaskCollator, IJEPAPredictorTIMM=IJEPAPredictorTIMM,
-                                 apply_masks=utils.apply_masks,
-                                 repeat_interleave_batch=utils.repeat_interleave_batch), note
+    return import_peer({"IJEPAMaskCollator": "lightly.data.ijepa_collate",
+                        "IJEPAPredictorTIMM": "lightly.models.modules.ijepa_timm",
+                        "apply_masks": "lightly.models.utils",
+                        "repeat_interleave_batch": "lightly.models.utils"},
+                       "lightly's I-JEPA", "pip install --no-deps lightly timm")
 
 
 def lightly_ijepa(lj, seed: int, budget_s: float, updates_of: int, work: Path) -> dict:

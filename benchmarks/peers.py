@@ -118,20 +118,24 @@ def allow_without_torchvision() -> str:
     return ""
 
 
+def import_peer(names: dict[str, str], what: str, install: str) -> tuple[types.SimpleNamespace | None, str]:
+    """A peer's pieces, ``names`` mapping each name to the module it comes from, as one namespace (and
+    the note of ``allow_without_torchvision``), or None and why not: ``what`` is not importable, ``install``
+    brings it."""
+    note = allow_without_torchvision()  # peers' packages import torchvision for pieces never used here
+    try:
+        found = {name: getattr(importlib.import_module(module), name) for name, module in names.items()}
+    except Exception as err:  # noqa: BLE001
+        return None, f"{what} is not importable ({type(err).__name__}: {err}); {install}"
+    return types.SimpleNamespace(**found), note
+
+
 def import_lightly() -> tuple[types.SimpleNamespace | None, str]:
     """lightly's DINO pieces, or None and why not."""
-    # lightly's package __init__ imports torchvision for pieces the DINO step does not use.
-    note = allow_without_torchvision()
-    try:
-        from lightly.loss import DINOLoss
-        from lightly.models.modules import DINOProjectionHead
-        from lightly.models.utils import update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-    except Exception as err:  # noqa: BLE001
-        return None, (f"lightly is not importable ({type(err).__name__}: {err}); "
-                      "pip install --no-deps lightly")
-    return types.SimpleNamespace(DINOLoss=DINOLoss, DINOProjectionHead=DINOProjectionHead,
-                                 update_momentum=update_momentum, cosine_schedule=cosine_schedule), note
+    return import_peer({"DINOLoss": "lightly.loss", "DINOProjectionHead": "lightly.models.modules",
+                        "update_momentum": "lightly.models.utils",
+                        "cosine_schedule": "lightly.utils.scheduler"},
+                       "lightly", "pip install --no-deps lightly")
 
 
 class Student(nn.Module):
