@@ -39,7 +39,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -307,9 +306,11 @@ def largest_batch(name: str, base: nn.Module, size: dict, device: torch.device, 
 
 
 def run_facts(device: torch.device) -> dict:
-    """What every result JSON records about where it ran: device, CPU, threads, torch, date."""
+    """What every result JSON records about where it ran: device, CPU model, threads, torch, date."""
+    from stepkit.rundir import environment
+
     return dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpu=environment()["cpu"], threads=torch.get_num_threads(),
                 torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
 

@@ -14,6 +14,11 @@ on this machine, and probes both with the same code:
   updates make. Probe: the teacher backbone's k-NN accuracy on the held-out digits, the recipe's own
   (k=20, cosine, weighted), and the images per second of each loop.
 
+- ``files``: the same two on a folder of image files, ``benchmarks/shapes.py``'s shapes (its defaults:
+  1,600 training and 400 held-out PNGs of 160 x 120, unlike the digits), read through DataLoader
+  workers on both sides (the recipe's count; lightly's example's own DataLoader, kept between epochs),
+  the crops cut in the workers. Probe: k-NN on the held-out shapes.
+
 - ``text``: stepkit's contrastive recipe on text pairs (its defaults: MiniLM shared by both sides,
   LoRA adapters, symmetric InfoNCE with a learned temperature, batch 64) against sentence-transformers'
   own trainer (``SentenceTransformerTrainer``, full fine-tuning at its default lr 5e-5 with a tenth of
@@ -77,8 +82,9 @@ from stepkit.augment import MultiCrop, normalize, to_unit, view_colors  # noqa: 
 from stepkit.data import CropPlan, seeded_loader  # noqa: E402
 from stepkit.evaluation import knn_accuracy, loader_features  # noqa: E402
 from stepkit.run import seed_everything, set_threads  # noqa: E402
+from stepkit.seeds import seed_of  # noqa: E402
 
-ROWS = ("dino", "text", "pairs", "ijepa")
+ROWS = ("dino", "files", "text", "pairs", "ijepa")
 
 
 def run_recipe(recipe: str, run_dir: Path, seed: int, steps: int, *flags: str) -> dict:
@@ -93,26 +99,42 @@ def run_recipe(recipe: str, run_dir: Path, seed: int, steps: int, *flags: str) -
     return {**summary, "rate": round(summary["steps"] * 64 / summary["wall_s"], 1)}
 
 
-def stepkit_dino(seed: int, steps: int, work: Path) -> dict:
-    """The recipe's defaults for ``steps`` updates (no online probe: lightly has none) -> its numbers."""
-    summary = run_recipe("dino", work / f"stepkit-dino-{seed}", seed, steps, "--eval.no-online")
+def shapes_flags(work: Path) -> tuple[str, ...]:
+    """The DINO recipe's flags for a folder of image files: ``benchmarks/shapes.py``'s images (its
+    defaults, written once into ``work/shapes``), trained on and probed with train / val."""
+    from shapes import write_shapes
+
+    folder = work / "shapes"
+    if not folder.exists():
+        write_shapes(folder, per_class=400, val_per_class=100, size=(160, 120), seed=0)
+    return ("--data.root", str(folder / "train"), "--eval.train-root", str(folder / "train"),
+            "--eval.val-root", str(folder / "val"))
+
+
+def stepkit_dino(seed: int, steps: int, work: Path, *flags: str) -> dict:
+    """The recipe's defaults (and ``flags``) for ``steps`` updates (no online probe: lightly has none)."""
+    name = "files" if flags else "dino"
+    summary = run_recipe("dino", work / f"stepkit-{name}-{seed}", seed, steps, "--eval.no-online", *flags)
     return {"knn_acc": summary["knn_acc"], "train_s": summary["wall_s"], "updates": summary["steps"],
             "images_per_s": summary["images_per_s"], "knn_acc_random_init": summary["knn_acc_random_init"]}
 
 
-def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path) -> dict:
-    """lightly's example's training on the recipe's network, data and crops, for ``budget_s`` seconds of
-    its loop (or ``epochs_of`` updates' worth of epochs, whichever ends first) -> its numbers."""
+def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path, *flags: str) -> dict:
+    """lightly's example's training on the recipe's network, data (``flags``: its data flags) and crops,
+    for ``budget_s`` seconds of its loop (or ``epochs_of`` updates' worth of epochs, whichever ends
+    first) -> its numbers. Image files are read as the example reads them: a shuffling DataLoader with
+    the recipe's worker count (kept between epochs), the crops cut in the workers as stepkit's are."""
     import copy
 
     dino = load_recipe("dino")
-    cfg = dino.parse(["--run-dir", str(work / f"lightly-dino-{seed}"), "--train.seed", str(seed)])
+    cfg = dino.parse(["--run-dir", str(work / f"lightly-dino-{seed}"), "--train.seed", str(seed), *flags])
     c: MultiCrop = cfg.crops
     plan = CropPlan(views=((c.global_size, c.global_scale),) * 2
                     + ((c.local_size, c.local_scale),) * c.local_crops)
     data = dino.load_images(cfg, plan)
     device = torch.device("cpu")
-    set_threads(cfg.threads, device=device, workers=0)
+    workers = cfg.data.workers if data.files else 0
+    set_threads(cfg.threads, device=device, workers=workers)
     seed_everything(seed)
     backbone = dino.build_model(cfg, data.channels).backbone  # the recipe's, from the same seed
     m = cfg.model
@@ -132,19 +154,28 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path
     epochs = max(1, round(epochs_of / per_epoch))
     order = torch.Generator().manual_seed(seed)
 
-    def views_of(indices: list[int]) -> list[torch.Tensor]:  # the recipe's crops and colours
-        batch = default_collate([data.train[i] for i in indices])
-        return [normalize(view_colors(v, c, i), data.mean, data.std)
-                for i, v in enumerate(data.crops(batch, plan, device))]
+    files = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                        num_workers=workers, persistent_workers=workers > 0,
+                                        generator=order) if data.files else None
+
+    def epoch_batches():  # the recipe's crops (cut in the workers for files, here for the digits)
+        if files is not None:
+            yield from files
+            return
+        perm = torch.randperm(len(data.train), generator=order).tolist()
+        for b in range(per_epoch):
+            yield default_collate([data.train[i] for i in perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
 
     updates, started = 0, time.perf_counter()
     for epoch in range(epochs):
+        if time.perf_counter() - started >= budget_s:
+            break
         momentum = lightly.cosine_schedule(epoch, epochs, 0.996, 1)
-        perm = torch.randperm(len(data.train), generator=order).tolist()
-        for b in range(per_epoch):
+        for batch in epoch_batches():
             if time.perf_counter() - started >= budget_s:
                 break
-            views = views_of(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            views = [normalize(view_colors(v, c, i), data.mean, data.std)  # the recipe's colours
+                     for i, v in enumerate(data.crops(batch, plan, device))]
             lightly.update_momentum(student_backbone, teacher_backbone, m=momentum)
             lightly.update_momentum(student_head, teacher_head, m=momentum)
             teacher_out = [teacher_head(teacher_backbone(v).flatten(1)) for v in views[:2]]
@@ -197,7 +228,9 @@ def stepkit_text(seed: int, steps: int, pairs: tuple[Path, Path], run_dir: Path)
     summary = run_recipe("contrastive", run_dir, seed, steps, "--data.pairs", str(pairs[0]),
                          "--data.val-pairs", str(pairs[1]), "--data.kind", "text-text")
     return {"recall_at_1": summary["recall_at_1_a2p"], "mrr_at_10": summary["mrr_at_10_a2p"],
-            "train_s": summary["wall_s"], "updates": summary["steps"], "pairs_per_s": summary["rate"]}
+            "train_s": summary["wall_s"], "updates": summary["steps"], "pairs_per_s": summary["rate"],
+            "recall_at_1_zero_shot": summary["recall_at_1_a2p_before"],  # MiniLM as shipped: what both gain
+            "mrr_at_10_zero_shot": summary["mrr_at_10_a2p_before"]}
 
 
 def sentence_transformers_text(seed: int, budget_s: float, pairs: tuple[Path, Path], loss_name: str,
@@ -290,16 +323,18 @@ class OpenClipFace(torch.nn.Module):
 
 class BudgetLoader:
     """open_clip's ``data["train"]``: ``.dataloader`` (with ``num_batches``, ``num_samples``) and
-    ``set_epoch``; stops yielding once ``budget_s`` seconds have passed since ``started`` or after ``most``
-    batches."""
+    ``set_epoch`` (each epoch's order drawn from the run's seed and the epoch, as open_clip's own
+    ``seed + epoch``); stops yielding once ``budget_s`` seconds have passed since ``started`` or after
+    ``most`` batches."""
 
-    def __init__(self, loader, batch_size: int, budget_s: float, started: float, most: int) -> None:
+    def __init__(self, loader, batch_size: int, budget_s: float, started: float, most: int,
+                 seed: int) -> None:
         self.loader, self.budget_s, self.started, self.most, self.yielded = loader, budget_s, started, most, 0
         self.num_batches, self.num_samples = len(loader), len(loader) * batch_size
-        self.dataloader = self
+        self.dataloader, self.seed = self, seed
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.generator.manual_seed(epoch)
+        self.loader.generator.manual_seed(seed_of(self.seed, "epoch", epoch))
 
     def over(self) -> bool:
         return time.perf_counter() - self.started >= self.budget_s or self.yielded >= self.most
@@ -349,7 +384,7 @@ def open_clip_pairs(oc, seed: int, budget_s: float, updates_of: int, work: Path)
                                  local_rank=0, distributed=False, wandb=False)
     loss = oc.ClipLoss()
     started = time.perf_counter()
-    train = BudgetLoader(loader, cfg.batch_size, budget_s, started, updates_of)
+    train = BudgetLoader(loader, cfg.batch_size, budget_s, started, updates_of, seed)
     epochs = -(-updates_of // len(loader))
     for epoch in range(epochs):
         oc.train_one_epoch(model, {"train": train}, loss, epoch, optimizer, None, scheduler, None, args)
@@ -531,6 +566,12 @@ def main(argv: list[str] | None = None) -> dict:
             result["rows"]["dino"] = side_by_side(args.seeds, args.steps, work, stepkit_dino,
                                                   import_lightly(), "lightly", lightly_dino)
             result["facts"]["dino"] = facts
+        if "files" in args.rows:  # DINO on a folder of image files: the shapes, unlike the digits
+            flags = shapes_flags(work)
+            result["rows"]["files"] = side_by_side(
+                args.seeds, args.steps, work, lambda seed, steps, w: stepkit_dino(seed, steps, w, *flags),
+                import_lightly(), "lightly", lambda *a: lightly_dino(*a, *flags))
+            result["facts"]["files"] = facts
         if "text" in args.rows:
             result["rows"]["text"] = text_rows(args.seeds, args.text_steps, work)
             result["facts"]["text"] = facts
@@ -546,9 +587,16 @@ def main(argv: list[str] | None = None) -> dict:
         rows = result["rows"]["dino"]
         table("dino (digits)", rows, ("knn_acc",), "images_per_s")
         print(f"untrained: {spread([r['stepkit']['knn_acc_random_init'] for r in rows])}")
+    if "files" in result["rows"]:
+        rows = result["rows"]["files"]
+        table("dino (a folder of image files: benchmarks/shapes.py)", rows, ("knn_acc",), "images_per_s")
+        print(f"untrained: {spread([r['stepkit']['knn_acc_random_init'] for r in rows])}")
     if "text" in result["rows"]:
-        table("text pairs (chatterbot dialogues)", result["rows"]["text"], ("recall_at_1", "mrr_at_10"),
-              "pairs_per_s")
+        rows = result["rows"]["text"]
+        table("text pairs (chatterbot dialogues)", rows, ("recall_at_1", "mrr_at_10"), "pairs_per_s")
+        if all("recall_at_1_zero_shot" in r["stepkit"] for r in rows):
+            shipped = [r["stepkit"]["recall_at_1_zero_shot"] for r in rows]
+            print(f"MiniLM as shipped: recall@1 {spread(shipped)}")
     if "ijepa" in result["rows"]:
         rows = result["rows"]["ijepa"]
         table("I-JEPA (digits, vit-toy)", rows, ("linear_acc", "knn_acc"), "images_per_s")

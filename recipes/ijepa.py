@@ -243,8 +243,9 @@ PRESETS = {
                  Config()),
     "hjepa": ("Hierarchical JEPA on the CPU: the same network, targets at its last 3 stages.",
               Config(run_dir=Path("runs/hjepa"), levels=Levels(depths=(3, 4, 5), weights=(0.25, 0.5, 1.0)))),
-    "vit-toy": ("The earlier CPU default: a toy ViT and I-JEPA's transformer predictor on the digits.",
-                Config(model=Model(arch="vit-toy", predictor_dim=64, predictor_depth=2), eval=Eval(pool=2))),
+    "vit-toy": ("The earlier CPU default: a toy ViT, I-JEPA's transformer predictor and mask sampler.",
+                Config(model=Model(arch="vit-toy", predictor_dim=64, predictor_depth=2), eval=Eval(pool=2),
+                       mask=MultiBlock(sampler="ijepa"))),
     "vit-s16": (
         "One GPU: ViT-S/16 with I-JEPA's masks, predictor and schedules, batch 256 (set --data.root).",
         _vit_h14(batch_size=256,

@@ -123,12 +123,32 @@ def test_siglip_with_matryoshka_logs_each_width_and_teaches_a_student(recipe, tm
     (["--loss.matryoshka-dims", "64", "64"], "distinct widths"),
     (["--loss.matryoshka-dims", "128", "64", "--loss.matryoshka-weights", "1"], "one weight per"),
     (["--loss.kind", "sigmoid"], "--loss.kind"),
+    (["--optim.betas", "0.9", "1.5"], "optim.betas=(0.9, 1.5) is not allowed: expected two numbers in [0, 1"),
 ])
-def test_bad_loss_flags_name_the_flag(recipe, tmp_path, flags, message, capsys):
+def test_bad_loss_and_optimizer_flags_name_the_flag(recipe, tmp_path, flags, message, capsys):
     with pytest.raises((ValueError, SystemExit)) as raised:
         small(recipe, tmp_path / "run", *flags)
     said = str(raised.value) + capsys.readouterr().err
     assert message in said, said
+
+
+def test_tiny_trains_with_clips_adamw_betas_and_eps_and_the_flags_reach_the_optimizer(recipe, tmp_path):
+    seen = []
+    real = recipe.adamw
+
+    def spy(params, **kw):
+        seen.append(kw)
+        return real(params, **kw)
+
+    recipe.adamw = spy
+    try:
+        recipe.main(small(recipe, tmp_path / "tiny"))
+        recipe.main(small(recipe, tmp_path / "flags", "--optim.betas", "0.8", "0.9", "--optim.eps", "1e-5"))
+    finally:
+        recipe.adamw = real
+    assert [(kw["betas"], kw["eps"]) for kw in seen] == [((0.9, 0.98), 1e-6), ((0.8, 0.9), 1e-5)]
+    default = recipe.parse(["--run-dir", str(tmp_path / "default")]).optim
+    assert (default.betas, default.eps) == ((0.9, 0.999), 1e-8)  # torch's, as the measured default runs
 
 
 def test_cli_lr_reaches_the_optimizer(recipe, tmp_path):
