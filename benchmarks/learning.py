@@ -30,11 +30,12 @@ on this machine, and probes both with the same code:
   is any held-out line with the same text: "hits by caption"), recall@1 and MRR@10, line -> reply.
 
 - ``pairs``: stepkit's contrastive recipe, ``tiny`` preset (CNN image tower and a text tower from scratch,
-  CLIP's loss, batch 64) on its embedded captioned digits, against open_clip's own training epoch
-  (``open_clip_train.train.train_one_epoch``: its ``ClipLoss``, step and logit-scale clamp to ln 100, with
-  ``cosine_lr`` and ``main``'s AdamW grouping and betas 0.9 / 0.98, eps 1e-6) over the same towers built
-  by the recipe's builder from the same seed, the same batches, and the recipe's lr, weight decay,
-  warm-up and clipping (open_clip's defaults are for ImageNet-sized runs: 10,000 warm-up steps). Scored
+  CLIP's loss, AdamW betas 0.9 / 0.98 and eps 1e-6 as CLIP's, batch 64) on its embedded captioned digits,
+  against open_clip's own training epoch (``open_clip_train.train.train_one_epoch``: its ``ClipLoss``,
+  step and logit-scale clamp to ln 100, with ``cosine_lr`` and ``main``'s AdamW grouping and betas) over
+  the same towers built by the recipe's builder from the same seed, the same pairs (in an order drawn
+  from the seed and the epoch), and the recipe's lr, weight decay, warm-up and clipping (open_clip's
+  defaults are for ImageNet-sized runs: 10,000 warm-up steps). Scored
   by the recipe's ``held_out_retrieval``: recall@1 image -> text and text -> image, and pairs per second.
 
 - ``ijepa``: stepkit's I-JEPA recipe, ``vit-toy`` preset (lightly's I-JEPA needs a ViT), against I-JEPA
