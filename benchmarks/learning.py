@@ -100,6 +100,14 @@ def run_recipe(recipe: str, run_dir: Path, seed: int, steps: int, *flags: str) -
     return {**summary, "rate": round(summary["steps"] * 64 / summary["wall_s"], 1)}
 
 
+def shuffled_batches(n: int, batch_size: int, order: torch.Generator):
+    """One epoch of a peer's loop: the full batches of indices of a shuffle of ``range(n)`` drawn from
+    ``order`` (the last, partial one dropped)."""
+    perm = torch.randperm(n, generator=order).tolist()
+    for b in range(n // batch_size):
+        yield perm[b * batch_size:(b + 1) * batch_size]
+
+
 def shapes_flags(work: Path) -> tuple[str, ...]:
     """The DINO recipe's flags for a folder of image files: ``benchmarks/shapes.py``'s images (its
     defaults, written once into ``work/shapes``), trained on and probed with train / val."""
@@ -107,7 +115,7 @@ def shapes_flags(work: Path) -> tuple[str, ...]:
 
     folder = work / "shapes"
     if not folder.exists():
-        write_shapes(folder, per_class=400, val_per_class=100, size=(160, 120), seed=0)
+        write_shapes(folder)
     return ("--data.root", str(folder / "train"), "--eval.train-root", str(folder / "train"),
             "--eval.val-root", str(folder / "val"))
 
@@ -163,9 +171,8 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path
         if files is not None:
             yield from files
             return
-        perm = torch.randperm(len(data.train), generator=order).tolist()
-        for b in range(per_epoch):
-            yield default_collate([data.train[i] for i in perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
+        for indices in shuffled_batches(len(data.train), cfg.batch_size, order):
+            yield default_collate([data.train[i] for i in indices])
 
     updates, started = 0, time.perf_counter()
     for epoch in range(epochs):
@@ -452,17 +459,14 @@ def lightly_ijepa(lj, seed: int, budget_s: float, updates_of: int, work: Path) -
     params = [*encoder.parameters(), *predictor.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
     criterion = torch.nn.SmoothL1Loss()
-    per_epoch = len(data.train) // cfg.batch_size
     order = torch.Generator().manual_seed(seed)
     updates, started, done = 0, time.perf_counter(), False
     while not done:
-        perm = torch.randperm(len(data.train), generator=order).tolist()
-        for b in range(per_epoch):
+        for indices in shuffled_batches(len(data.train), cfg.batch_size, order):
             if time.perf_counter() - started >= budget_s or updates >= updates_of:
                 done = True
                 break
-            batch, masks_enc, masks_pred = collator([data.train[i] for i in perm[b * cfg.batch_size:
-                                                                                 (b + 1) * cfg.batch_size]])
+            batch, masks_enc, masks_pred = collator([data.train[i] for i in indices])
             images = normalize(next(data.crops(batch, plan, device)), data.mean, data.std)
             for group in optimizer.param_groups:  # the recipe's schedules, as a formula of the step
                 group["lr"], group["weight_decay"] = (lr_at(updates, cfg.optim, updates_of),

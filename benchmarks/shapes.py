@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("disc", "square", "triangle", "star")
+PER_CLASS, VAL_PER_CLASS, SIZE = 400, 100, (160, 120)  # train and val images a class; width x height
 
 
 def outline(kind: str, centre: tuple[float, float], radius: float, turn: float) -> list[tuple[float, float]]:
@@ -53,7 +54,8 @@ def draw(kind: str, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarr
     return noisy.clip(0, 255).astype(np.uint8)
 
 
-def write_shapes(out: Path, *, per_class: int, val_per_class: int, size: tuple[int, int], seed: int) -> None:
+def write_shapes(out: Path, *, per_class: int = PER_CLASS, val_per_class: int = VAL_PER_CLASS,
+                 size: tuple[int, int] = SIZE, seed: int = 0) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -88,9 +90,9 @@ def pixel_knn(out: Path, k: int = 20, side: int = 32) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--per-class", type=int, default=400)
-    parser.add_argument("--val-per-class", type=int, default=100)
-    parser.add_argument("--size", type=int, nargs=2, default=(160, 120), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--per-class", type=int, default=PER_CLASS)
+    parser.add_argument("--val-per-class", type=int, default=VAL_PER_CLASS)
+    parser.add_argument("--size", type=int, nargs=2, default=SIZE, metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_shapes(args.out, per_class=args.per_class, val_per_class=args.val_per_class,
