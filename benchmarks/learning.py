@@ -8,7 +8,8 @@ on this machine, and probes both with the same code:
   last layer frozen for the first epoch, ``DINOLoss`` with a 5-epoch teacher-temperature warm-up,
   ``update_momentum`` with ``cosine_schedule(epoch, epochs, 0.996, 1)``, Adam at 1e-3, batch 64). Both
   start from the same network (the recipe's backbone and a head of the recipe's sizes, built from the
-  same seed) and see the same crops (stepkit's multi-crop views: lightly's ``DINOTransform`` needs
+  same seed; the recipe keeps its CNN in channels-last layout, the example in torch's) and see the
+  same crops (stepkit's multi-crop views: lightly's ``DINOTransform`` needs
   torchvision, which does not import beside this CPU torch); lightly trains for the seconds stepkit's
   run took (its loop: ``wall_s``, checkpoints and logging included) and for as many epochs as stepkit's
   updates make. Probe: the teacher backbone's k-NN accuracy on the held-out digits, the recipe's own
@@ -145,7 +146,8 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path
     workers = cfg.data.workers if data.files else 0
     set_threads(cfg.threads, device=device, workers=workers)
     seed_everything(seed)
-    backbone = dino.build_model(cfg, data.channels).backbone  # the recipe's, from the same seed
+    backbone = dino.build_model(cfg, data.channels).backbone  # the recipe's, from the same seed,
+    backbone = backbone.to(memory_format=torch.contiguous_format)  # in torch's layout, as the example's
     m = cfg.model
 
     def head():  # the example builds the teacher's head apart, not as a copy of the student's

@@ -174,7 +174,7 @@ class Config(RunArgs):
             fail("model.text", "scratch", "a pretrained tokenizer (minilm or a Hugging Face folder) with "
                  "--data.shards: a from-scratch tower's vocabulary is built from every caption up front")
         if self.data.negative_columns and self.gradcache.chunk:
-            fail("gradcache.chunk", self.gradcache.chunk, "0 with --data.negative-columns")
+            fail("gradcache.chunk", self.gradcache.chunk, "0 with --data.negative-columns (not chunked)")
         if self.data.shards is not None and self.tune.measures:
             fail("data.shards", self.data.shards, "None with --tune.* (it tunes on --data.pairs or digits)")
         if not all(0 <= beta < 1 for beta in self.optim.betas):

@@ -107,6 +107,10 @@ class Model:
     cnn_pool: int = 4
     """CNN output: average-pooled to a pool x pool grid and flattened. A 4 x 4 grid keeps the
     coarse layout that tells digits apart (global pooling, 1, lost it: k-NN 0.41 instead of 0.67)."""
+    channels_last: bool = True
+    """CNN weights (so its activations) in channels-last layout: oneDNN's and cuDNN's faster kernels
+    (forward and backward ~20 % faster on 2 CPU cores); the numbers differ from torch's default by rounding.
+    Not under --dist.strategy fsdp (FSDP2 shards contiguous parameters only)."""
     patch_size: int = 0
     """ViT patch size (0: the preset's)."""
     drop_path: float = 0.1
@@ -237,6 +241,8 @@ def build_model(cfg: Config, in_chans: int) -> DINOModel:
     m = cfg.model
     if m.arch == "cnn":
         backbone: nn.Module = SmallCNN(in_chans, m.cnn_widths, m.cnn_pool)
+        if m.channels_last and cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous parameters only
+            backbone = backbone.to(memory_format=torch.channels_last)
     else:
         overrides = {"patch_size": m.patch_size} if m.patch_size else {}
         backbone = VisionTransformer.preset(m.arch.removeprefix("vit-"), img_size=cfg.crops.global_size,

@@ -215,6 +215,27 @@ def test_prefetched_crops_give_the_same_run_and_resume_exactly(recipe, tmp_path,
     assert resumed["params_digest"] == off["params_digest"]
 
 
+def test_the_cnn_is_built_channels_last_unless_turned_off_or_sharded(recipe, tmp_path):
+    def backbone(*flags):
+        return recipe.build_model(recipe.parse(["--run-dir", str(tmp_path / "r"), *flags]), 1).backbone
+
+    def conv_weights(net):  # the first conv has one input channel: both layouts at once
+        return [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)][1:]
+
+    torch.manual_seed(0)
+    fast = backbone()
+    torch.manual_seed(0)
+    plain = backbone("--model.no-channels-last")
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in conv_weights(fast))
+    assert all(w.is_contiguous() for w in conv_weights(plain))
+    assert all(w.is_contiguous() for w in conv_weights(backbone("--dist.strategy", "fsdp")))
+    # the same weights from the same seed; the same features up to the kernels' rounding
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+    x = torch.rand(4, 1, 32, 32)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
 def test_synthetic_images_without_knn_report_the_speed(recipe, tmp_path):
     summary = recipe.main(small(recipe, tmp_path / "s", "--data.synthetic", "64", "--eval.no-knn",
                                 "--train.steps", "3", "--optim.warmup-steps", "1"))
