@@ -146,8 +146,8 @@ def lightly_dino(lightly, seed: int, budget_s: float, epochs_of: int, work: Path
     workers = cfg.data.workers if data.files else 0
     set_threads(cfg.threads, device=device, workers=workers)
     seed_everything(seed)
-    backbone = dino.build_model(cfg, data.channels).backbone  # the recipe's, from the same seed,
-    backbone = backbone.to(memory_format=torch.contiguous_format)  # in torch's layout, as the example's
+    # the recipe's network from the same seed, in torch's layout (the example's; the recipe's: channels-last)
+    backbone = dino.build_model(cfg, data.channels).backbone.to(memory_format=torch.contiguous_format)
     m = cfg.model
 
     def head():  # the example builds the teacher's head apart, not as a copy of the student's
