@@ -8,9 +8,9 @@
 The student sees 2 global crops (some patches swapped for a mask token) and N local ones; the teacher,
 an EMA of the student, sees the global crops whole. DINO's loss matches class tokens across views, iBOT's
 each masked patch to the teacher's view of it, KoLeo spreads the global features. Released weights come
-without heads: --continued.head-warmup-steps trains fresh heads on the frozen backbone first, then sets
-the teacher to the student; --continued.backbone-lr keeps the backbone's steps small. An online linear
-probe is logged as it trains; the run ends with a k-NN evaluation of the frozen backbone on held-out images.
+without heads: --continued.head-warmup-steps trains fresh heads on the frozen backbone first, then sets the
+teacher to the student; --continued.backbone-lr and --continued.anchor keep the backbone near its start. An
+online linear probe is logged; the run ends with a k-NN evaluation of the frozen backbone on held-out images.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from stepkit.data import (
     seeded_loader,
     train_batches,
 )
-from stepkit.ema import ema_update, target_copy
+from stepkit.ema import ema_copy, ema_update, target_copy
 from stepkit.evaluation import knn_accuracy, loader_features
 from stepkit.log import LogConfig
 from stepkit.losses.dino import (
@@ -103,9 +103,7 @@ class Model:
     out_dim: int = 128  # prototypes of the DINO head (and of iBOT's, when shared)
     head_hidden: int = 512
     bottleneck: int = 64
-    head_batch_norm: bool = True
-    """BatchNorm in the heads' MLP (DINOv2's DINOHead use_bn, off in its configs; a toy ViT's near-identical
-    class tokens at the start need it to leave the uniform collapse)."""
+    head_batch_norm: bool = True  # BatchNorm in the heads (DINOv2's use_bn, off in its configs; toys need it)
     separate_ibot_head: bool = False  # iBOT's own head for the patches (vitl14) instead of DINO's
     ibot_out_dim: int = 128
     ibot_bottleneck: int = 64
@@ -137,8 +135,7 @@ class IBOT:
 class Optim(LRSchedule, WDSchedule):
     lr: float = 2e-3
     min_lr: float = 1e-5
-    warmup_steps: int | None = None
-    """Updates of linear warm-up; None: 30, or a tenth of --train.steps when that is shorter."""
+    warmup_steps: int | None = None  # linear warm-up's updates; None: 30, or a tenth of --train.steps if less
     default_warmup: ClassVar[int] = 30
     wd: float = 0.04
     wd_final: float | None = 0.4
@@ -153,14 +150,13 @@ class Optim(LRSchedule, WDSchedule):
 
 @dataclass
 class Continued:
-    head_warmup_steps: int = 0
-    """Updates with the backbone frozen while fresh heads learn its features (with --init.from: released
-    weights come without their heads). When it ends the teacher is set equal to the student."""
+    head_warmup_steps: int = 0  # updates of fresh heads on the frozen backbone; then teacher = student
     backbone_lr: float = 1.0  # the backbone's lr as a factor of --optim.lr (a released backbone: e.g. 0.1)
+    anchor: float = 0.0  # L2-SP, decoupled: each update also does w -= lr * anchor * (w - w_start); 0: off
 
     def __post_init__(self) -> None:
         integer_at_least("head_warmup_steps", self.head_warmup_steps, 0)
-        at_least("backbone_lr", self.backbone_lr, 0.0)
+        at_least("backbone_lr", self.backbone_lr, 0.0), at_least("anchor", self.anchor, 0.0)
 
 
 @dataclass
@@ -394,8 +390,10 @@ def main(cfg: Config) -> dict:
     m = cfg.model  # the centres of DINO's and iBOT's teacher outputs (iBOT's own width with its own head)
     centers = {k: torch.zeros(1, d, device=device) for k, d in (
         ("center", m.out_dim), ("patch_center", m.ibot_out_dim if m.separate_ibot_head else m.out_dim))}
+    start = {f"anchor.{k}": v for k, v in ema_copy(model.backbone).items()} if cfg.continued.anchor else {}
     state = TrainState(model=wrapped, optimizer=adamw(optimizer_groups(cfg, model), device=device),
-                       target=teacher, scaler=scaler, accum=cfg.train.accum, extras=centers)
+                       target=teacher, scaler=scaler, accum=cfg.train.accum, extras=centers | start)
+    anchor = {k.removeprefix("anchor."): v for k, v in start.items()}  # the same tensors: a resume fills them
     probe = OnlineProbe(data.probe, features=teacher.backbone, prep=prep, state=state, seed=cfg.train.seed,
                         enabled=cfg.eval.online)  # a linear head on the teacher's features, beside
     steps, schedule, warmup = cfg.train.steps, lr_schedule(cfg), cfg.continued.head_warmup_steps
@@ -418,6 +416,8 @@ def main(cfg: Config) -> dict:
             grad_norm = clip(state, max_norm=cfg.optim.clip)
             lr = lr_at(state.step, schedule, steps)
             apply_update(state, lr=lr, wd=wd_at(state.step, cfg.optim, steps))
+            if anchor:  # L2-SP; no change while the backbone is frozen at the anchor
+                ema_update(model.backbone, anchor, 1.0 - min(1.0, lr * cfg.continued.anchor))
             momentum = momentum_at(state.step, cfg.ema, steps) if state.step != warmup else 0.0
             ema_update(state.target, state.model, momentum)  # at the switch: the teacher is the student
             terms = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": lr, "momentum": momentum,

@@ -165,22 +165,36 @@ def test_a_crashed_run_resumes_bit_identical(recipe, tmp_path, monkeypatch):
     assert resumed["params_digest"] == whole["params_digest"]
 
 
+@pytest.fixture(scope="module")
+def released(recipe, tmp_path_factory):
+    """A finished 2-update run: its directory, its summary, its teacher's backbone (the weights released)."""
+    folder = tmp_path_factory.mktemp("released") / "run"
+    summary = recipe.main(small(recipe, folder, "--train.steps", "2"))
+    target = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["state"]["target"]
+    backbone = {k.removeprefix("backbone."): v for k, v in target.items() if k.startswith("backbone.")}
+    return folder, summary, backbone
+
+
+def continued(recipe, run_dir, released_dir, *flags):
+    return small(recipe, run_dir, "--init.from", str(released_dir), "--ckpt.every", "1", "--ckpt.keep-last",
+                 "9", "--continued.head-warmup-steps", "3", "--train.steps", "4", *flags)
+
+
+def saved_state(run_dir, step):
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["state"]
+
+
 @pytest.mark.slow
-def test_continued_pretraining_freezes_the_backbone_then_starts_the_teacher_at_the_student(recipe, tmp_path):
-    finished = recipe.main(small(recipe, tmp_path / "released", "--train.steps", "2"))
-    released = torch.load(tmp_path / "released" / "checkpoints" / "last.pt", weights_only=True)["state"]
-    cfg = small(recipe, tmp_path / "more", "--init.from", str(tmp_path / "released"), "--ckpt.every", "1",
-                "--ckpt.keep-last", "9", "--continued.head-warmup-steps", "3", "--train.steps", "4")
-    summary = recipe.main(cfg)
+def test_continued_pretraining_freezes_the_backbone_then_starts_the_teacher_at_the_student(recipe, released,
+                                                                                          tmp_path):
+    folder, finished, start = released
+    summary = recipe.main(continued(recipe, tmp_path / "more", folder))
     assert summary["knn_acc_init"] == pytest.approx(finished["knn_acc"], abs=1e-9)  # where the teacher ended
 
     def weights(step):
-        path = tmp_path / "more" / "checkpoints" / f"step_{step:08d}.pt"
-        saved = torch.load(path, weights_only=True)["state"]
+        saved = saved_state(tmp_path / "more", step)
         return saved["model"], saved["target"]
 
-    start = {k.removeprefix("backbone."): v for k, v in released["target"].items()
-             if k.startswith("backbone.")}
     for step in (1, 2):  # the backbone as released; the heads learning (update 1 is at lr 0: warm-up)
         student, teacher = weights(step)
         assert all(torch.equal(student[f"backbone.{k}"], v) for k, v in start.items())
@@ -190,3 +204,30 @@ def test_continued_pretraining_freezes_the_backbone_then_starts_the_teacher_at_t
     student, _ = weights(4)  # then the backbone moves
     assert not torch.equal(student["backbone.blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
     assert math.isfinite(summary["knn_acc"])
+
+
+@pytest.mark.slow
+def test_the_anchor_pulls_the_backbone_toward_the_released_weights_also_after_a_resume(recipe, released,
+                                                                                       tmp_path, monkeypatch):
+    # the same continuation with and without --continued.anchor: equal until update 4, which then also
+    # pulls the backbone toward the released weights by lr * anchor (L2-SP, decoupled)
+    folder, _, start = released
+    recipe.main(continued(recipe, tmp_path / "free", folder))
+    anchored = continued(recipe, tmp_path / "anchored", folder, "--continued.anchor", "50")
+    whole = recipe.main(anchored)
+    pull = recipe.lr_at(3, recipe.lr_schedule(anchored), 4) * 50
+    assert 0 < pull < 1
+    free, saved = saved_state(tmp_path / "free", 4)["model"], saved_state(tmp_path / "anchored", 4)
+    for name, w0 in start.items():
+        w = free[f"backbone.{name}"]
+        torch.testing.assert_close(saved["model"][f"backbone.{name}"], w + pull * (w0 - w), rtol=0, atol=1e-6)
+        assert torch.equal(saved["extras"][f"anchor.{name}"], w0)  # the released weights ride along
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(saved["model"][f"backbone.{qkv}"], start[qkv])  # pulled, not back at the start
+
+    # a resume without --init.from pulls toward the released weights its checkpoint holds, not a fresh init
+    crashed = continued(recipe, tmp_path / "crashed", folder, "--continued.anchor", "50")
+    crash_after_step(recipe, monkeypatch, crashed, step=3)
+    flags = ["--ckpt.every", "1", "--continued.head-warmup-steps", "3", "--train.steps", "4",
+             "--continued.anchor", "50", "--resume"]
+    assert recipe.main(small(recipe, tmp_path / "crashed", *flags))["params_digest"] == whole["params_digest"]
