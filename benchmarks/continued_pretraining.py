@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stepkit.probe import checkpoints_of
 
     results: dict = {"released": args.released, "steps": args.steps, "continue_steps": args.continue_steps,
-                     "warmup": args.warmup,
-                     "backbone_lr": args.backbone_lr, "anchor": args.anchor,
+                     "warmup": args.warmup, "backbone_lr": args.backbone_lr, "anchor": args.anchor,
                      "probe": f"k-NN, {FOLDS}-fold over every image", "seeds": {}}
     for seed_value in args.seeds:
         work = Path(tempfile.mkdtemp(prefix="stepkit-continued-"))
@@ -211,8 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # each seed as it ends
         print(f"seed {seed_value}: released backbone ({args.released}, {args.steps} updates on the original "
-              f"digits): k-NN "
-              f"original {start['original']:.3f}, shifted {start['shifted']:.3f}", flush=True)
+              f"digits): k-NN original {start['original']:.3f}, shifted {start['shifted']:.3f}", flush=True)
 
     print("| seed | continuation | original: start / lowest / end | shifted: start / end "
           "| within 1 point, new domain up |")
